@@ -1,0 +1,32 @@
+# `make run` and `make test` bootstrap .venv on a fresh machine (same tested versions:
+# constraints.txt), then do their job. Extra args: make run ARGS="ppo.steps=20"  make test PYTEST_ARGS="-k data"
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test validate clean-state
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=24"
+	# torch first and pinned: the CPU wheel; any other torch spec pulls GBs of CUDA wheels
+	$(BIN)/python -m pip install -q "torch==2.13.0" -c constraints.txt
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/rlhf run $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+validate: $(STAMP)
+	$(BIN)/rlhf validate $(ARGS)
+
+# Removes local state (MLflow db, Prefect home, DVC remote, caches); data/ stays.
+clean-state:
+	rm -rf .rlhf

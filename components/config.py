@@ -1,0 +1,213 @@
+"""Structured configs: the one place where defaults live.
+
+Each config group in ``conf/`` (model, data, sft, reward, ppo, gate, tracking,
+infra) has a dataclass here, registered in Hydra's ConfigStore as
+``<group>/schema``. Every YAML option in the group starts with
+``defaults: [schema]`` so it is type-checked against the dataclass and only
+states what differs from the defaults.
+
+``compose(overrides, root)`` returns a typed ``Config`` instance; components take
+these dataclasses (or one of their fields), never raw dicts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "data", "sft", "reward", "ppo", "gate", "tracking", "infra")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING  # short name used in run names and tags
+    name_or_path: str = MISSING  # hub id or local dir; for `tiny`/`small` the demo builder's cache dir
+    trust_remote_code: bool = False
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Demo base model (built locally when `build_demo_base` is true): tokenizer + tiny Llama.
+    build_demo_base: bool = False
+    vocab_size: int = 2048
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 128
+    pretrain_steps: int = 300
+    pretrain_batch_size: int = 32
+    pretrain_lr: float = 3e-3
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data"  # relative to `root`; tracked by DVC through <root>/data.dvc
+    # Demo generator (deterministic for a given seed and sizes).
+    seed: int = 1234
+    n_demonstrations: int = 2000
+    n_preferences: int = 2000
+    ranked_fraction: float = 0.3  # share of preference examples that are rankings of K responses
+    max_rank_k: int = 6  # demo rankings have K in 3..max_rank_k
+    n_prompts: int = 500
+    n_eval: int = 100
+    annotator_temperature: float = 0.15  # Bradley-Terry noise: labels agree with the latent order ~91%
+    # Validation rules (apply to every data kind).
+    min_prompt_chars: int = 3
+    max_prompt_chars: int = 2000
+    min_response_chars: int = 1
+    max_response_chars: int = 4000
+    min_rank_k: int = 2
+    max_rank_k_allowed: int = 9
+    report_max_examples: int = 5  # offending lines shown per broken rule
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class SFTConfig:
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    max_steps: int = 200
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    max_length: int = 96
+    eval_fraction: float = 0.05
+
+
+@dataclass
+class RewardConfig:
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    max_steps: int = 200
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    max_length: int = 96
+    eval_fraction: float = 0.1
+
+
+@dataclass
+class PPOConfig:
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    steps: int = 40
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    max_new_tokens: int = 24
+    init_kl_coef: float = 0.05
+    target_kl: float = 6.0
+
+
+@dataclass
+class GateConfig:
+    approval: str = "auto"  # auto | manual
+    min_reward_gain: float = 0.0
+    min_win_rate: float = 0.5
+    max_kl: float = 20.0
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None  # None: sqlite:///<root>/<state_dir>/mlflow.db
+    artifact_root: Optional[str] = None  # None: <root>/<state_dir>/mlartifacts
+    experiment: str = "rlhf-ops"
+    registered_model_name: str = "rlhf-policy"
+    run_name_prefix: str = ""
+
+
+@dataclass
+class InfraConfig:
+    name: str = "local"
+    state_dir: str = ".rlhf"  # relative to `root`: MLflow db, Prefect home, DVC remote, caches
+    dvc_remote_name: str = "rlhf"
+    dvc_remote_url: Optional[str] = None  # None: <root>/<state_dir>/dvc-remote; any DVC remote URL works
+    dvc_push: bool = True
+    prefect_api_url: Optional[str] = None  # None: Prefect's local (ephemeral) server under <state_dir>/prefect
+
+
+@dataclass
+class Config:
+    root: str = "."  # project root: data/, data.dvc and the state dir live here
+    seed: int = 0
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    sft: SFTConfig = MISSING
+    reward: RewardConfig = MISSING
+    ppo: PPOConfig = MISSING
+    gate: GateConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    infra: InfraConfig = MISSING
+
+    # Derived paths (not config: computed from the fields above).
+    @property
+    def root_path(self) -> Path:
+        return Path(self.root).expanduser().resolve()
+
+    @property
+    def state_path(self) -> Path:
+        p = Path(self.infra.state_dir).expanduser()
+        return p if p.is_absolute() else self.root_path / p
+
+    @property
+    def data_path(self) -> Path:
+        p = Path(self.data.dir).expanduser()
+        return p if p.is_absolute() else self.root_path / p
+
+
+_SCHEMAS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "sft": SFTConfig,
+    "reward": RewardConfig,
+    "ppo": PPOConfig,
+    "gate": GateConfig,
+    "tracking": TrackingConfig,
+    "infra": InfraConfig,
+}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, schema in _SCHEMAS.items():
+        cs.store(group=group, name="schema", node=schema)
+
+
+class ConfigError(Exception):
+    """A config could not be composed (unknown option, bad override, wrong type)."""
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_dir: Path = CONF_DIR) -> Config:
+    """Compose conf/config.yaml with Hydra overrides and return the typed Config."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="rlhf"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        cause = f" ({e.__cause__})" if e.__cause__ else ""
+        raise ConfigError(f"{e}{cause}\n  (config dir: {config_dir}; options per group: `rlhf config --options`)") from None
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def group_options(config_dir: Path = CONF_DIR) -> dict[str, list[str]]:
+    """The YAML options of every config group (what `group=option` accepts)."""
+    return {g: sorted(p.stem for p in (config_dir / g).glob("*.yaml")) for g in GROUPS}

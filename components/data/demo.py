@@ -1,0 +1,224 @@
+"""The embedded demo task: continue the opening of a short product or film review.
+
+A seeded generator writes demonstrations (mixed sentiment), preferences (pairwise
+and ranked lists of K responses), PPO prompts and disjoint eval prompts. The
+simulated annotator prefers more positive, fluent continuations: each response has
+a latent score (sentiment + fluency) and a comparison is a Bradley-Terry draw on
+the score difference with temperature `annotator_temperature` - realistic labels,
+not perfect ones. Rankings are Plackett-Luce draws (Gumbel noise on score / T).
+
+Determinism: only `random.Random(seed)` and fixed-format JSON, so the same seed and
+sizes give byte-identical files (and the same DVC md5) on any machine.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.config import DataConfig
+
+FILMS = ["the movie", "this film", "the sequel", "the documentary", "this thriller", "the comedy",
+         "the animated film", "this drama", "the remake", "the series finale", "this horror film",
+         "the musical", "the biopic", "this western", "the space opera", "the heist movie"]
+PRODUCTS = ["the blender", "these headphones", "this phone", "the vacuum", "this laptop", "the kettle",
+            "these running shoes", "the coffee maker", "this backpack", "the smart watch", "the desk lamp",
+            "this tent", "the air fryer", "these speakers", "the electric toothbrush", "this camera"]
+FILM_ASPECTS = ["story", "acting", "music", "ending", "pacing", "dialogue", "cast", "soundtrack", "plot", "camera work"]
+PRODUCT_ASPECTS = ["battery", "design", "price", "build quality", "sound", "screen", "setup", "motor", "fabric", "app"]
+OPENINGS = [
+    "I watched {s} last night and",
+    "After a week with {s}, I think",
+    "Honest review of {s}:",
+    "My family tried {s} and",
+    "I had high hopes for {s}, and",
+    "Compared to what I expected, {s}",
+    "Two words about {s}:",
+    "I finally got around to {s} and",
+    "Short version: {s}",
+    "If you are thinking about {s},",
+    "So I spent the weekend with {s} and",
+    "My take on {s} after a month:",
+]
+WHEN = ["", " this spring", " on a whim", " for my birthday", " with friends", " after many reviews", " on sale"]
+
+POSITIVE = ["great", "wonderful", "excellent", "delightful", "brilliant", "superb", "lovely", "fantastic",
+            "charming", "impressive", "beautiful", "smooth"]
+NEGATIVE = ["terrible", "awful", "boring", "disappointing", "dull", "broken", "mediocre", "painful",
+            "cheap", "annoying", "clumsy", "weak"]
+NEUTRAL = ["okay", "fine", "average", "ordinary", "standard", "acceptable"]
+CLAUSES = ["the {a} was {w}", "I found the {a} {w}", "the {a} felt {w}", "honestly the {a} is {w}",
+           "the {a} turned out {w}", "everyone said the {a} was {w}"]
+CLOSINGS = {
+    1: ["I would recommend it to anyone.", "Highly recommended.", "I loved it.", "Worth every penny.",
+        "I will happily buy it again."],
+    0: ["It does the job.", "Nothing special.", "It is what it is.", "Fine for the price."],
+    -1: ["I would not buy it again.", "Avoid it.", "What a waste of money.", "I regret it.",
+         "Skip this one."],
+}
+# Lexicon of the simulated annotator and of the demo's independent sentiment judge.
+# Graded intensities (0.5..1.0, neutral words near 0) so "more positive" is continuous, not a tie.
+LEXICON = {**{w: 0.5 + 0.5 * i / (len(POSITIVE) - 1) for i, w in enumerate(POSITIVE)},
+           **{w: -0.5 - 0.5 * i / (len(NEGATIVE) - 1) for i, w in enumerate(NEGATIVE)},
+           **{w: 0.04 * (i - 2.5) for i, w in enumerate(NEUTRAL)},
+           "loved": 1.0, "recommend": 0.8, "recommended": 0.9, "worth": 0.7, "happily": 0.8,
+           "avoid": -1.0, "waste": -0.9, "regret": -0.8, "skip": -0.7, "not": -0.6}
+
+
+@dataclass
+class Response:
+    text: str
+    sentiment: float  # in [-1, 1]
+    fluent: bool
+
+    @property
+    def score(self) -> float:
+        """The annotator's latent preference: positive and fluent is better."""
+        return self.sentiment + (0.6 if self.fluent else -0.6)
+
+
+def lexicon_sentiment(text: str) -> float:
+    """Mean lexicon polarity of the words in `text`, in [-1, 1] (0 when none match)."""
+    words = [w.strip(".,:;!?").lower() for w in text.split()]
+    hits = [LEXICON[w] for w in words if w in LEXICON]
+    return sum(hits) / len(hits) if hits else 0.0
+
+
+class DemoGenerator:
+    def __init__(self, cfg: DataConfig):
+        self.cfg = cfg
+        self.rng = random.Random(cfg.seed)
+
+    # -- prompts ---------------------------------------------------------------------------
+    def all_prompts(self) -> list[tuple[str, str]]:
+        """Every distinct (prompt, domain), in a seeded order."""
+        out = [(o.replace("{s}", s + w) if "{s}" in o else o, dom)
+               for dom, subjects in (("film", FILMS), ("product", PRODUCTS))
+               for s in subjects for o in OPENINGS for w in WHEN]
+        out = [(p[0].upper() + p[1:], d) for p, d in out]
+        self.rng.shuffle(out)
+        return out
+
+    # -- responses -------------------------------------------------------------------------
+    def response(self, domain: str, target: float | None = None, fluent: bool | None = None) -> Response:
+        """A continuation whose clauses lean towards `target` sentiment (-1..1)."""
+        rng = self.rng
+        target = rng.uniform(-1, 1) if target is None else target
+        fluent = (rng.random() < 0.8) if fluent is None else fluent
+        aspects = FILM_ASPECTS if domain == "film" else PRODUCT_ASPECTS
+        polarities = []
+        for _ in range(rng.choice((2, 2, 3))):
+            u = rng.random()
+            p_pos, p_neg = max(0.0, target) * 0.85 + 0.1, max(0.0, -target) * 0.85 + 0.1
+            polarities.append(1 if u < p_pos else (-1 if u < p_pos + p_neg else 0))
+        words = {1: POSITIVE, -1: NEGATIVE, 0: NEUTRAL}
+        clauses = [rng.choice(CLAUSES).format(a=rng.choice(aspects), w=rng.choice(words[p])) for p in polarities]
+        overall = sum(polarities) / len(polarities)
+        closing = rng.choice(CLOSINGS[1 if overall > 0.34 else (-1 if overall < -0.34 else 0)])
+        text = ", and ".join(clauses[:2]) + (f", but {clauses[2]}" if len(clauses) > 2 else "") + ". " + closing
+        if not fluent:
+            text = self._disfluent(text)
+        return Response(text, sentiment=lexicon_sentiment(text), fluent=fluent)
+
+    def _disfluent(self, text: str) -> str:
+        """Repeat, drop and swap words: the kind of text the annotator dislikes."""
+        words = text.split()
+        rng = self.rng
+        for _ in range(rng.randint(2, 4)):
+            i = rng.randrange(len(words))
+            op = rng.random()
+            if op < 0.4:
+                words.insert(i, words[i])
+            elif op < 0.7 and len(words) > 4:
+                words.pop(i)
+            else:
+                j = rng.randrange(len(words))
+                words[i], words[j] = words[j], words[i]
+        return " ".join(words)
+
+    # -- the annotator ---------------------------------------------------------------------
+    def prefer(self, a: Response, b: Response) -> bool:
+        """Bradley-Terry: P(a > b) = sigmoid((s_a - s_b) / T)."""
+        z = (a.score - b.score) / self.cfg.annotator_temperature
+        return self.rng.random() < 1.0 / (1.0 + math.exp(-z))
+
+    def rank(self, responses: list[Response]) -> list[Response]:
+        """Plackett-Luce ranking, best first: sort by score / T + Gumbel noise."""
+        t = self.cfg.annotator_temperature
+        keyed = [(r.score / t - math.log(-math.log(self.rng.random() or 1e-12)), i) for i, r in enumerate(responses)]
+        return [responses[i] for _, i in sorted(keyed, reverse=True)]
+
+    # -- data sets -------------------------------------------------------------------------
+    def generate(self) -> dict[str, list[dict]]:
+        cfg = self.cfg
+        prompts = self.all_prompts()
+        if cfg.n_eval + 50 > len(prompts):
+            raise ValueError(f"demo has {len(prompts)} distinct prompts; n_eval={cfg.n_eval} leaves too few for training")
+        eval_prompts, train_pool = prompts[: cfg.n_eval], prompts[cfg.n_eval:]
+        rng = self.rng
+
+        def pick() -> tuple[str, str]:
+            return rng.choice(train_pool)
+
+        demonstrations = []
+        for i in range(cfg.n_demonstrations):
+            p, dom = pick()
+            r = self.response(dom, fluent=True)
+            demonstrations.append({"id": f"demo-{i:06d}", "prompt": p, "response": r.text, "source": "demo"})
+
+        preferences = []
+        seen: set[tuple] = set()
+        i = 0
+        while len(preferences) < cfg.n_preferences:
+            p, dom = pick()
+            i += 1
+            if rng.random() < cfg.ranked_fraction:
+                k = rng.randint(3, cfg.max_rank_k)
+                rs = [self.response(dom) for _ in range(k)]
+                if len({r.text for r in rs}) < k:
+                    continue
+                ranked = self.rank(rs)
+                key = (p, *(r.text for r in ranked))
+                if key in seen:
+                    continue
+                seen.add(key)
+                preferences.append({"id": f"pref-{len(preferences):06d}", "prompt": p,
+                                    "responses": [r.text for r in ranked], "source": "demo"})
+            else:
+                a, b = self.response(dom), self.response(dom)
+                if a.text == b.text:
+                    continue
+                chosen, rejected = (a, b) if self.prefer(a, b) else (b, a)
+                key = (p, chosen.text, rejected.text)
+                if key in seen:
+                    continue
+                seen.add(key)
+                preferences.append({"id": f"pref-{len(preferences):06d}", "prompt": p, "chosen": chosen.text,
+                                    "rejected": rejected.text, "source": "demo"})
+
+        ppo_prompts = [{"id": f"prompt-{i:06d}", "prompt": p, "source": "demo"}
+                       for i, (p, _) in enumerate(train_pool[: cfg.n_prompts])]
+        evals = [{"id": f"eval-{i:06d}", "prompt": p, "source": "demo"} for i, (p, _) in enumerate(eval_prompts)]
+        return {"demonstrations": demonstrations, "preferences": preferences, "prompts": ppo_prompts, "eval": evals}
+
+
+DEMO_SHARD = "demo-000.jsonl"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8", newline="\n") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, separators=(", ", ": ")) + "\n")
+    tmp.replace(path)
+
+
+def write_demo(cfg: DataConfig, data_dir: Path) -> dict[str, int]:
+    """Write the demo data set as one shard per kind; returns rows per kind."""
+    sets = DemoGenerator(cfg).generate()
+    for kind, rows in sets.items():
+        write_jsonl(data_dir / kind / DEMO_SHARD, rows)
+    return {k: len(v) for k, v in sets.items()}

@@ -1,0 +1,181 @@
+"""Data contracts (ARCHITECTURE.md) and a JSONL reader that never raises on bad input.
+
+Reading turns every problem a file can have - missing, empty, not UTF-8, a line that
+is not JSON or not an object, a preference row that is neither pairwise nor ranked -
+into a `Finding` that names the file, the lines, the rule and the fix. Rows that
+parse are returned with their 1-based line numbers for the Great Expectations suites.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+KINDS = ("demonstrations", "preferences", "prompts", "eval")
+TRAINING_KINDS = ("demonstrations", "preferences", "prompts")
+INGESTIBLE_KINDS = TRAINING_KINDS  # eval prompts are frozen: never ingested, never trained on
+
+# The frames Great Expectations validates: preferences split by shape.
+FRAMES = ("demonstrations", "preferences_pairwise", "preferences_ranked", "prompts", "eval")
+
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    "demonstrations": ("id", "prompt", "response"),
+    "preferences_pairwise": ("id", "prompt", "chosen", "rejected"),
+    "preferences_ranked": ("id", "prompt", "responses"),
+    "prompts": ("id", "prompt"),
+    "eval": ("id", "prompt"),
+}
+
+
+@dataclass
+class Finding:
+    """One broken rule in one source: how many rows, which lines, what to do."""
+
+    source: str  # file path (or a data set description)
+    rule: str  # short stable name, e.g. "chosen_differs_from_rejected"
+    message: str  # what is wrong
+    fix: str  # what to do about it
+    count: int = 0  # offending rows (or 1 for a file-level problem)
+    examples: list[str] = field(default_factory=list)  # "line 4: chosen='x' rejected='x'"
+    locations: list[tuple[str, int]] = field(default_factory=list)  # every (file, line) at fault
+
+    def format(self, max_examples: int = 5) -> str:
+        rows = "" if self.count <= 1 and not self.locations else f" ({self.count} row{'s' * (self.count != 1)})"
+        out = [f"  ✗ [{self.rule}] {self.message}{rows}"]
+        for ex in self.examples[:max_examples]:
+            out.append(f"      {ex}")
+        if len(self.examples) > max_examples or self.count > max(len(self.examples), max_examples):
+            out.append(f"      ... and {self.count - min(len(self.examples), max_examples)} more")
+        out.append(f"      fix: {self.fix}")
+        return "\n".join(out)
+
+
+@dataclass
+class ParsedFile:
+    path: Path
+    rows: list[tuple[int, dict[str, Any]]]  # (line number, object)
+    raw: dict[int, str]  # line number -> raw text, for quarantine
+    findings: list[Finding]
+
+
+def short(value: Any, width: int = 60) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    text = text.replace("\n", "\\n")
+    return repr(text[: width - 3] + "...") if len(text) > width else repr(text)
+
+
+def normalise_text(text: Any) -> str:
+    """Case- and whitespace-insensitive form used for duplicate and leakage checks."""
+    return re.sub(r"\s+", " ", str(text)).strip().lower()
+
+
+def content_key(*parts: Any) -> str:
+    """Stable short hash of normalised content (duplicate pairs / rankings across shards)."""
+    blob = json.dumps([normalise_text(p) if not isinstance(p, list) else [normalise_text(x) for x in p] for p in parts])
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def frame_of(kind: str, row: dict[str, Any]) -> str | None:
+    """Which frame a row of `kind` belongs to; None for a preference row of no known shape."""
+    if kind != "preferences":
+        return kind
+    pairwise = "chosen" in row or "rejected" in row
+    ranked = "responses" in row
+    if pairwise and not ranked:
+        return "preferences_pairwise"
+    if ranked and not pairwise:
+        return "preferences_ranked"
+    return None
+
+
+def read_jsonl(path: Path, kind: str) -> ParsedFile:
+    """Parse one JSONL file; every problem becomes a Finding, never an exception."""
+    src = str(path)
+    findings: list[Finding] = []
+    rows: list[tuple[int, dict[str, Any]]] = []
+    raw: dict[int, str] = {}
+    if not path.exists():
+        return ParsedFile(path, [], {}, [Finding(src, "file_missing", "file does not exist",
+                                                 "check the path (relative paths are from the current directory)", 1)])
+    if path.is_dir():
+        return ParsedFile(path, [], {}, [Finding(src, "not_a_file", "expected a .jsonl file, got a directory",
+                                                 "pass the file, or the directory without --kind to validate a data dir", 1)])
+    data = path.read_bytes()
+    if not data.strip():
+        return ParsedFile(path, [], {}, [Finding(src, "file_empty", "file is empty (no JSON lines)",
+                                                 "write one JSON object per line, or remove the file", 1)])
+
+    bad: dict[str, Finding] = {}
+
+    def flag(rule: str, message: str, fix: str, line: int, example: str) -> None:
+        f = bad.setdefault(rule, Finding(src, rule, message, fix))
+        f.count += 1
+        f.locations.append((src, line))
+        f.examples.append(f"line {line}: {example}")
+
+    for lineno, chunk in enumerate(data.split(b"\n"), start=1):
+        if lineno == 1 and chunk.startswith(b"\xef\xbb\xbf"):
+            chunk = chunk[3:]  # tolerate a UTF-8 byte-order mark
+        chunk = chunk.rstrip(b"\r")
+        if not chunk.strip():
+            continue
+        try:
+            text = chunk.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raw[lineno] = chunk.decode("utf-8", errors="replace")
+            flag("utf8", "line is not valid UTF-8",
+                 "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`)",
+                 lineno, f"byte {chunk[e.start]:#04x} at column {e.start + 1}")
+            continue
+        raw[lineno] = text
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            flag("json", "line is not valid JSON", "fix the line so it is one complete JSON object (JSONL: one object per line)",
+                 lineno, f"{e.msg} at column {e.colno}: {short(text)}")
+            continue
+        if not isinstance(obj, dict):
+            flag("not_object", "line is JSON but not an object", 'each line must be an object like {"id": ..., "prompt": ...}',
+                 lineno, f"got {type(obj).__name__}: {short(obj)}")
+            continue
+        if frame_of(kind, obj) is None:
+            flag("preference_shape", "preference row is neither pairwise (chosen, rejected) nor ranked (responses)",
+                 'give either "chosen" and "rejected", or "responses" as a list best first - not both',
+                 lineno, f"fields: {sorted(obj)}")
+            continue
+        rows.append((lineno, obj))
+    findings.extend(bad.values())
+    return ParsedFile(path, rows, raw, findings)
+
+
+def shard_files(kind_dir: Path) -> list[Path]:
+    return sorted(kind_dir.glob("*.jsonl")) if kind_dir.is_dir() else []
+
+
+def infer_kind(path: Path) -> str | None:
+    """Kind from the folder name (data/<kind>/x.jsonl) or, failing that, from the first row's fields."""
+    for part in (path.parent.name, path.name):
+        if part in KINDS:
+            return part
+    try:
+        with path.open("rb") as fh:
+            for line in fh:
+                if line.strip():
+                    obj = json.loads(line.decode("utf-8-sig"))
+                    break
+            else:
+                return None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    if {"chosen", "rejected"} & obj.keys() or "responses" in obj:
+        return "preferences"
+    if "response" in obj:
+        return "demonstrations"
+    if "prompt" in obj:
+        return "prompts"
+    return None

@@ -1,0 +1,357 @@
+"""Data validation with Great Expectations 1.x: one suite per data frame.
+
+Frames: demonstrations, preferences_pairwise, preferences_ranked, prompts, eval (a
+preference shard may hold both shapes; rows are split by shape). Every expectation
+carries `meta = {rule, message, fix}` so a failed one becomes a `Finding` naming the
+rule, the rows (file and line, from the `_file`/`_line` columns), the values, and
+what to do. Checks against data outside the frame (ids and pairs already in data/,
+eval leakage) use suite parameters (`$PARAMETER`) filled at run time.
+
+Data Docs HTML are written under <state_dir>/gx/uncommitted/data_docs/local_site.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from components.config import DataConfig
+from components.data.schemas import (
+    FRAMES,
+    KINDS,
+    REQUIRED_FIELDS,
+    TRAINING_KINDS,
+    Finding,
+    ParsedFile,
+    content_key,
+    frame_of,
+    normalise_text,
+    read_jsonl,
+    shard_files,
+    short,
+)
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+
+TEXT_FIELDS = {
+    "demonstrations": ("prompt", "response"),
+    "preferences_pairwise": ("prompt", "chosen", "rejected"),
+    "preferences_ranked": ("prompt",),
+    "prompts": ("prompt",),
+    "eval": ("prompt",),
+}
+# Derived columns are reported as the user's own fields.
+_SHOWN = {"_id_key": ("id",), "_prompt_norm": ("prompt",), "_k": ("responses",), "_n_distinct": ("responses",),
+          "_responses_valid": ("responses",), "_key": ("prompt",)}
+PARAMETERS = ("existing_ids", "existing_keys", "eval_prompts", "training_prompts")
+
+
+# ----------------------------------------------------------------------------------------
+# Frames: parsed rows -> DataFrame with the derived columns the suites check
+# ----------------------------------------------------------------------------------------
+def _id_key(value: Any) -> str | None:
+    if value is None or isinstance(value, float) and pd.isna(value):
+        return None
+    return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else json.dumps(value, default=str)
+
+
+def _text_ok(value: Any, cfg: DataConfig) -> bool:
+    return isinstance(value, str) and bool(value.strip()) and cfg.min_response_chars <= len(value) <= cfg.max_response_chars
+
+
+def build_frame(frame: str, rows: Iterable[tuple[str, int, dict[str, Any]]], cfg: DataConfig) -> pd.DataFrame:
+    """rows: (file, line, object). Required fields always exist as columns (missing -> None)."""
+    records = []
+    for file, line, obj in rows:
+        rec = {f: obj.get(f) for f in REQUIRED_FIELDS[frame]}
+        rec["_file"], rec["_line"] = file, line
+        rec["_id_key"] = _id_key(obj.get("id"))
+        prompt = obj.get("prompt")
+        rec["_prompt_norm"] = normalise_text(prompt) if isinstance(prompt, str) else None
+        content = [obj.get(f) for f in REQUIRED_FIELDS[frame][1:]]
+        rec["_key"] = content_key(*[c if isinstance(c, (str, list)) else json.dumps(c, default=str) for c in content])
+        if frame == "preferences_ranked":
+            rs = obj.get("responses")
+            is_list = isinstance(rs, list)
+            rec["_k"] = len(rs) if is_list else None
+            rec["_n_distinct"] = len({normalise_text(r) for r in rs}) if is_list else None
+            rec["_responses_valid"] = is_list and all(_text_ok(r, cfg) for r in rs)
+        records.append(rec)
+    columns = list(REQUIRED_FIELDS[frame]) + ["_file", "_line", "_id_key", "_prompt_norm", "_key"]
+    if frame == "preferences_ranked":
+        columns += ["_k", "_n_distinct", "_responses_valid"]
+    df = pd.DataFrame.from_records(records, columns=columns)
+    return df.astype(object).where(df.notna(), None) if len(df) else df
+
+
+# ----------------------------------------------------------------------------------------
+# Suites: one per frame, each expectation tagged with its rule, message and fix
+# ----------------------------------------------------------------------------------------
+def _e(expectation_cls, rule: str, message: str, fix: str, **kwargs):
+    return expectation_cls(meta={"rule": rule, "message": message, "fix": fix}, **kwargs)
+
+
+def build_suite_expectations(frame: str, cfg: DataConfig) -> list:
+    import great_expectations.expectations as gxe
+
+    ex = [
+        _e(gxe.ExpectColumnValuesToNotBeNull, "id_present", "field 'id' is missing or null",
+           "give every row a unique 'id' (string or integer)", column="id"),
+        _e(gxe.ExpectColumnValuesToBeInTypeList, "id_type", "field 'id' must be a string or an integer",
+           "use a string or integer id", column="id", type_list=["str", "int"]),
+        _e(gxe.ExpectColumnValuesToBeUnique, "ids_unique", "duplicate 'id' values",
+           "make ids unique within a kind (e.g. prefix with the batch name)", column="_id_key"),
+        _e(gxe.ExpectColumnValuesToNotBeInSet, "id_new", "'id' already exists in data/",
+           "ids must be new: rename them, or drop rows that are already ingested",
+           column="_id_key", value_set={"$PARAMETER": "existing_ids"}),
+    ]
+    max_chars = {"prompt": cfg.max_prompt_chars}
+    min_chars = {"prompt": cfg.min_prompt_chars}
+    for f in TEXT_FIELDS[frame]:
+        lo, hi = min_chars.get(f, cfg.min_response_chars), max_chars.get(f, cfg.max_response_chars)
+        ex += [
+            _e(gxe.ExpectColumnValuesToNotBeNull, f"{f}_present", f"field '{f}' is missing or null",
+               f"every row needs a non-empty '{f}' string", column=f),
+            _e(gxe.ExpectColumnValuesToBeInTypeList, f"{f}_type", f"field '{f}' must be a string",
+               f"write '{f}' as a JSON string", column=f, type_list=["str"]),
+            _e(gxe.ExpectColumnValuesToNotMatchRegex, f"{f}_not_blank", f"field '{f}' is empty or whitespace only",
+               f"fill in '{f}' or drop the row", column=f, regex=r"^\s*$"),
+            _e(gxe.ExpectColumnValueLengthsToBeBetween, f"{f}_length", f"'{f}' length outside {lo}..{hi} characters",
+               f"shorten or drop these rows, or change data.{'max_prompt_chars' if f == 'prompt' else 'max_response_chars'}",
+               column=f, min_value=lo, max_value=hi),
+        ]
+    if frame == "preferences_pairwise":
+        ex.append(_e(gxe.ExpectSelectColumnValuesToBeUniqueWithinRecord, "chosen_differs_from_rejected",
+                     "'chosen' and 'rejected' are identical", "a comparison needs two different responses: fix or drop the row",
+                     column_list=["chosen", "rejected"]))
+    if frame == "preferences_ranked":
+        ex += [
+            _e(gxe.ExpectColumnValuesToNotBeNull, "responses_present", "field 'responses' is missing or null",
+               "give 'responses' as a list of response strings, best first", column="responses"),
+            _e(gxe.ExpectColumnValuesToBeOfType, "responses_type", "field 'responses' must be a list",
+               "give 'responses' as a JSON list of strings, best first", column="responses", type_="list"),
+            _e(gxe.ExpectColumnValuesToBeBetween, "ranking_size", f"a ranking needs K in {cfg.min_rank_k}..{cfg.max_rank_k_allowed} responses",
+               f"rank between {cfg.min_rank_k} and {cfg.max_rank_k_allowed} responses per prompt (split longer rankings)",
+               column="_k", min_value=cfg.min_rank_k, max_value=cfg.max_rank_k_allowed),
+            _e(gxe.ExpectColumnValuesToBeInSet, "responses_text",
+               f"every ranked response must be a non-blank string of {cfg.min_response_chars}..{cfg.max_response_chars} characters",
+               "fix or remove the bad responses in these rankings", column="_responses_valid", value_set=[True]),
+            _e(gxe.ExpectColumnPairValuesToBeEqual, "responses_distinct", "a ranking repeats the same response",
+               "each response in a ranking must be different: remove the repeats", column_A="_k", column_B="_n_distinct"),
+        ]
+    dup = {"demonstrations": "duplicate (prompt, response) demonstrations",
+           "preferences_pairwise": "duplicate (prompt, chosen, rejected) pairs",
+           "preferences_ranked": "duplicate rankings (same prompt and responses)",
+           "prompts": "duplicate prompts", "eval": "duplicate eval prompts"}[frame]
+    ex += [
+        _e(gxe.ExpectColumnValuesToBeUnique, "no_duplicates", dup, "drop the repeated rows (compared ignoring case and whitespace)",
+           column="_key"),
+        _e(gxe.ExpectColumnValuesToNotBeInSet, "not_already_in_data", dup.replace("duplicate", "already in data/:"),
+           "drop rows that are already ingested", column="_key", value_set={"$PARAMETER": "existing_keys"}),
+    ]
+    if frame == "eval":
+        ex.append(_e(gxe.ExpectColumnValuesToNotBeInSet, "eval_disjoint", "eval prompt also appears in training data",
+                     "eval prompts must never be trained on: remove the prompt from training data or from eval",
+                     column="_prompt_norm", value_set={"$PARAMETER": "training_prompts"}))
+    else:
+        ex.append(_e(gxe.ExpectColumnValuesToNotBeInSet, "no_eval_leakage", "prompt is one of the frozen eval prompts",
+                     "never train on eval prompts: drop these rows", column="_prompt_norm",
+                     value_set={"$PARAMETER": "eval_prompts"}))
+    return ex
+
+
+# ----------------------------------------------------------------------------------------
+# Running suites
+# ----------------------------------------------------------------------------------------
+class GXValidator:
+    """A file-backed GX context under `gx_root` that validates frames and writes Data Docs."""
+
+    def __init__(self, gx_root: Path, cfg: DataConfig):
+        import great_expectations as gx
+
+        self.gx = gx
+        self.cfg = cfg
+        gx_root.mkdir(parents=True, exist_ok=True)
+        self.context = gx.get_context(mode="file", project_root_dir=str(gx_root))
+        self.context.variables.progress_bars = {"globally": False, "metric_calculations": False}
+        self.source = self.context.data_sources.add_or_update_pandas("rlhf")
+
+    def _batch_definition(self, frame: str):
+        try:
+            asset = self.source.get_asset(frame)
+        except LookupError:
+            asset = self.source.add_dataframe_asset(frame)
+        try:
+            return asset.get_batch_definition("all")
+        except (KeyError, LookupError):
+            return asset.add_batch_definition_whole_dataframe("all")
+
+    def validate(self, frame: str, df: pd.DataFrame, params: dict[str, list], source: str) -> list[Finding]:
+        gx = self.gx
+        suite = gx.ExpectationSuite(name=f"rlhf.{frame}", expectations=build_suite_expectations(frame, self.cfg))
+        suite = self.context.suites.add_or_update(suite)
+        vd = self.context.validation_definitions.add_or_update(
+            gx.ValidationDefinition(name=f"rlhf.{frame}", data=self._batch_definition(frame), suite=suite))
+        checkpoint = self.context.checkpoints.add_or_update(gx.Checkpoint(
+            name=f"rlhf.{frame}", validation_definitions=[vd],
+            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["_file", "_line"]}))
+        full = {p: sorted(params.get(p, [])) for p in PARAMETERS}
+        result = checkpoint.run(batch_parameters={"dataframe": df}, expectation_parameters=full)
+        findings = []
+        for run in result.run_results.values():
+            for er in run.results:
+                if er.success:
+                    continue
+                findings.append(self._finding(er, df, source))
+        return findings
+
+    def _finding(self, er, df: pd.DataFrame, source: str) -> Finding:
+        meta = er.expectation_config.meta or {}
+        rule, message, fix = meta.get("rule", er.expectation_config.type), meta.get("message", ""), meta.get("fix", "")
+        if er.exception_info and er.exception_info.get("raised_exception"):
+            return Finding(source, rule, f"{message} (check could not run: {er.exception_info.get('exception_message')})",
+                           fix, count=len(df))
+        idx = er.result.get("unexpected_index_list") or []
+        locations = [(str(d["_file"]), int(d["_line"])) for d in idx]
+        by_loc = {(str(f), int(n)): i for i, (f, n) in enumerate(zip(df["_file"], df["_line"]))}
+        examples = []
+        for file, line in locations[: self.cfg.report_max_examples]:
+            row = df.iloc[by_loc[(file, line)]]
+            checked = [c for c in er.expectation_config.kwargs.get("column_list", [])] or [
+                er.expectation_config.kwargs.get(k) for k in ("column", "column_A")]
+            fields = dict.fromkeys(f for c in checked if c for f in _SHOWN.get(c, (c,)))
+            values = " ".join(f"{f}={short(row[f])}" for f in fields if f in row)
+            where = f"line {line}" if file == source else f"{file}:{line}"
+            examples.append(f"{where}: {values}")
+        count = er.result.get("unexpected_count") or len(locations)
+        return Finding(source, rule, message, fix, count=count, examples=examples, locations=locations)
+
+    def build_docs(self) -> Path | None:
+        self.context.build_data_docs()
+        for site in self.context.get_docs_sites_urls():
+            url = site.get("site_url") or ""
+            if url.startswith("file://"):
+                return Path(url[len("file://"):])
+        return None
+
+
+@lru_cache(maxsize=4)
+def _validator(gx_root: str, cfg_json: str) -> GXValidator:
+    return GXValidator(Path(gx_root), DataConfig(**json.loads(cfg_json)))
+
+
+def get_validator(gx_root: Path, cfg: DataConfig) -> GXValidator:
+    from dataclasses import asdict
+
+    return _validator(str(gx_root), json.dumps(asdict(cfg), sort_keys=True))
+
+
+# ----------------------------------------------------------------------------------------
+# Reports and entry points
+# ----------------------------------------------------------------------------------------
+@dataclass
+class ValidationReport:
+    findings: list[Finding] = field(default_factory=list)
+    rows: dict[str, int] = field(default_factory=dict)  # frame -> rows checked
+    files: list[str] = field(default_factory=list)
+    docs_index: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def bad_locations(self) -> dict[tuple[str, int], list[str]]:
+        """(file, line) -> rules it breaks."""
+        out: dict[tuple[str, int], list[str]] = {}
+        for f in self.findings:
+            for loc in f.locations:
+                out.setdefault(loc, []).append(f.rule)
+        return out
+
+    def format(self, title: str, max_examples: int = 5) -> str:
+        checked = ", ".join(f"{n} {k}" for k, n in self.rows.items() if n)
+        if self.ok:
+            return f"✓ {title}: all rules pass ({checked or 'no rows'})"
+        lines = [f"✗ {title}: {len(self.findings)} problem(s) ({checked or 'no rows parsed'})"]
+        by_source: dict[str, list[Finding]] = {}
+        for f in self.findings:
+            by_source.setdefault(f.source, []).append(f)
+        for source, fs in by_source.items():
+            lines.append(f"  {source}")
+            lines.extend(f.format(max_examples) for f in fs)
+        return "\n".join(lines)
+
+
+def _frames_from(parsed: Iterable[tuple[str, ParsedFile]]) -> dict[str, list[tuple[str, int, dict]]]:
+    frames: dict[str, list[tuple[str, int, dict]]] = {f: [] for f in FRAMES}
+    for kind, pf in parsed:
+        for line, obj in pf.rows:
+            frames[frame_of(kind, obj)].append((str(pf.path), line, obj))  # type: ignore[index]
+    return frames
+
+
+def load_dataset(data_dir: Path) -> dict[str, list[ParsedFile]]:
+    return {kind: [read_jsonl(p, kind) for p in shard_files(data_dir / kind)] for kind in KINDS}
+
+
+def _prompts(parsed: Iterable[ParsedFile]) -> set[str]:
+    return {normalise_text(o["prompt"]) for pf in parsed for _, o in pf.rows if isinstance(o.get("prompt"), str)}
+
+
+def validate_dataset(data_dir: Path, cfg: DataConfig, gx_root: Path, kinds: Iterable[str] = KINDS) -> ValidationReport:
+    """Validate a whole data dir (data/<kind>/*.jsonl): every shard, cross-shard duplicates, eval leakage."""
+    dataset = load_dataset(data_dir)
+    kinds = list(kinds)
+    report = ValidationReport()
+    for kind in kinds:
+        if not dataset[kind]:
+            report.findings.append(Finding(str(data_dir / kind), "no_shards", f"no {kind} shards (*.jsonl) found",
+                                           f"add data under {data_dir / kind}/ (`rlhf ingest FILE --kind {kind}`) or regenerate the demo", 1))
+        for pf in dataset[kind]:
+            report.files.append(str(pf.path))
+            report.findings.extend(pf.findings)
+    training_prompts = set().union(*(_prompts(dataset[k]) for k in TRAINING_KINDS))
+    frames = _frames_from((k, pf) for k in kinds for pf in dataset[k])
+    validator = get_validator(gx_root, cfg)
+    for frame, rows in frames.items():
+        if not rows:
+            continue
+        df = build_frame(frame, rows, cfg)
+        report.rows[frame] = len(df)
+        params = {"training_prompts": training_prompts} if frame == "eval" else {}
+        report.findings.extend(validator.validate(frame, df, params, source=f"{data_dir}/{frame.split('_')[0]}"))
+    report.docs_index = validator.build_docs()
+    return report
+
+
+def validate_batch(path: Path, kind: str, cfg: DataConfig, gx_root: Path, data_dir: Path | None) -> tuple[ValidationReport, ParsedFile]:
+    """Validate a new batch on its own and against the data already in `data_dir` (duplicates, ids, eval leakage)."""
+    pf = read_jsonl(path, kind)
+    report = ValidationReport(files=[str(path)], findings=list(pf.findings))
+    existing = load_dataset(data_dir) if data_dir is not None and data_dir.is_dir() else {k: [] for k in KINDS}
+    eval_prompts = _prompts(existing["eval"])
+    training_prompts = set().union(*(_prompts(existing[k]) for k in TRAINING_KINDS))
+    frames = _frames_from([(kind, pf)])
+    existing_frames = _frames_from((kind, e) for e in existing[kind])
+    existing_ids = {_id_key(o.get("id")) for e in existing[kind] for _, o in e.rows} - {None}
+    validator = get_validator(gx_root, cfg)
+    for frame, rows in frames.items():
+        if not rows:
+            continue
+        df = build_frame(frame, rows, cfg)
+        report.rows[frame] = len(df)
+        old = build_frame(frame, existing_frames[frame], cfg)
+        params = {
+            "existing_ids": existing_ids,
+            "existing_keys": set(old["_key"]) if len(old) else set(),
+            "eval_prompts": eval_prompts,
+            "training_prompts": training_prompts,
+        }
+        report.findings.extend(validator.validate(frame, df, params, source=str(path)))
+    report.docs_index = validator.build_docs()
+    return report, pf

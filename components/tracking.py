@@ -1,0 +1,75 @@
+"""The one MLflow helper: tracking URI, experiment, run names, config as params.
+
+Flows call `setup` once; components only log to the active run (never set up tracking).
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from components.config import Config, to_dict
+
+MAX_PARAM_KEY = 250  # MLflow limits
+MAX_PARAM_VALUE = 6000
+MAX_PARAMS_PER_BATCH = 100
+_SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.I)
+_URL_CREDENTIALS = re.compile(r"(://)[^/@:\s]+:[^/@\s]+@")
+
+
+def tracking_uri(cfg: Config) -> str:
+    return cfg.tracking.uri or f"sqlite:///{cfg.state_path / 'mlflow.db'}"
+
+
+def artifact_root(cfg: Config) -> str:
+    return cfg.tracking.artifact_root or (cfg.state_path / "mlartifacts").as_uri()
+
+
+def setup(cfg: Config) -> str:
+    """Point MLflow at the configured store and experiment; returns the experiment id."""
+    import mlflow
+
+    cfg.state_path.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    exp_id = exp.experiment_id if exp else mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_root(cfg))
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def run_name(cfg: Config, stage: str) -> str:
+    return f"{cfg.tracking.run_name_prefix}{stage}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def redact(key: str, value: Any) -> Any:
+    if _SECRET_KEY.search(key) and value not in (None, ""):
+        return "***"
+    return _URL_CREDENTIALS.sub(r"\1***@", value) if isinstance(value, str) else value
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dict -> {"ppo.lora.r": "8", ...}, secrets redacted, within MLflow's key/value limits."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+            continue
+        text = str(redact(key, v))
+        out[key[:MAX_PARAM_KEY]] = text if len(text) <= MAX_PARAM_VALUE else text[: MAX_PARAM_VALUE - 3] + "..."
+    return out
+
+
+def log_config(cfg: Config) -> dict[str, str]:
+    import mlflow
+
+    params = flatten(to_dict(cfg))
+    items = sorted(params.items())
+    for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+        mlflow.log_params(dict(items[i : i + MAX_PARAMS_PER_BATCH]))
+    return params
+
+
+def ui_command(cfg: Config) -> str:
+    uri = tracking_uri(cfg)
+    return f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"

@@ -1,0 +1,186 @@
+"""The `rlhf` command. Every subcommand accepts Hydra overrides: `rlhf run model=tiny ppo.steps=20`.
+
+    rlhf run       [overrides]                          the pipeline on the configured data
+    rlhf validate  [PATH] [--kind K] [overrides]        Great Expectations checks, readable report
+    rlhf ingest    FILE --kind K [--quarantine] [...]   validate + version a new batch, emit rlhf.data.updated
+    rlhf data      [overrides]                          materialise data/ (dvc pull, else the demo) and show its version
+    rlhf config    [--options] [overrides]              print the resolved config (or every group's options)
+
+Exit codes: 0 ok, 1 refused or failed (the message says why), 2 usage or config error.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from components.config import Config, ConfigError, compose, group_options, to_yaml
+
+
+def _split(tokens: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra overrides (key=value, +key=value, ~key) vs plain positional arguments."""
+    overrides, positional = [], []
+    for t in tokens:
+        is_override = ("=" in t or t.startswith("~")) and not Path(t).exists()
+        (overrides if is_override else positional).append(t)
+    return overrides, positional
+
+
+def _load(overrides: list[str]) -> Config:
+    cfg = compose(overrides)
+    from flows.env import configure_environment
+
+    configure_environment(cfg)
+    return cfg
+
+
+def _where(cfg: Config) -> str:
+    from components import tracking
+
+    return f"MLflow UI: {tracking.ui_command(cfg)}   (then open http://127.0.0.1:5000)"
+
+
+# ----------------------------------------------------------------------------------------
+def cmd_config(args, overrides: list[str]) -> int:
+    if args.options:
+        for group, options in group_options().items():
+            print(f"{group}: {', '.join(o for o in options if o != 'schema')}")
+        return 0
+    print(to_yaml(compose(overrides)), end="")
+    return 0
+
+
+def cmd_data(args, overrides: list[str]) -> int:
+    from components.data.versioning import ensure_data
+
+    cfg = _load(overrides)
+    state = ensure_data(cfg)
+    print(f"✓ data version {state.version} ({state.origin}) in {cfg.data_path}")
+    print("  rows: " + ", ".join(f"{k}={v}" for k, v in state.rows.items()))
+    print(f"  DVC remote: {state.remote}   (dvc status: clean)")
+    return 0
+
+
+def cmd_validate(args, overrides: list[str], positional: list[str]) -> int:
+    from components.data.schemas import KINDS, infer_kind
+    from components.data.validation import validate_batch, validate_dataset
+
+    if len(positional) > 1:
+        raise SystemExit(f"rlhf validate: expected at most one PATH, got {positional}")
+    cfg = _load(overrides)
+    path = Path(positional[0]).expanduser().resolve() if positional else cfg.data_path
+    gx_root = cfg.state_path / "gx"
+    if path.is_dir():
+        kinds = [args.kind] if args.kind else [k for k in KINDS if (path / k).is_dir()] or list(KINDS)
+        if path.name in KINDS and not args.kind:  # a folder of shards of one kind
+            path, kinds = path.parent, [path.name]
+        report = validate_dataset(path, cfg.data, gx_root, kinds)
+        title = f"{path} ({', '.join(kinds)})"
+    else:
+        kind = args.kind or infer_kind(path)
+        if kind is None:
+            print(f"✗ {path}: cannot tell the data kind; pass --kind {{{','.join(KINDS)}}}", file=sys.stderr)
+            return 2
+        inside = path.is_relative_to(cfg.data_path)
+        report, _ = validate_batch(path, kind, cfg.data, gx_root, None if inside else cfg.data_path)
+        title = f"{path} ({kind}{'' if args.kind else ', inferred'}{'' if inside else ', checked against ' + str(cfg.data_path)})"
+    print(report.format(title, cfg.data.report_max_examples))
+    if report.docs_index:
+        print(f"  Data Docs: {report.docs_index}")
+    return 0 if report.ok else 1
+
+
+def cmd_ingest(args, overrides: list[str], positional: list[str]) -> int:
+    if len(positional) != 1:
+        raise SystemExit("rlhf ingest: expected exactly one FILE")
+    cfg = _load(overrides)
+    from flows.ingest import ingest_flow
+
+    state = ingest_flow(cfg, str(Path(positional[0]).resolve()), args.kind, args.quarantine, return_state=True)
+    if state.is_failed():
+        print(f"\n✗ {state.message}", file=sys.stderr)
+        print("  data/ and data.dvc are unchanged.", file=sys.stderr)
+        return 1
+    r = state.result()
+    print(f"\n{'✓' if r.n_good else '✗'} ingest of {r.source} ({r.kind}): {r.n_good} row(s) ingested, {r.n_bad} quarantined")
+    if r.shard:
+        print(f"  new shard: {r.shard}")
+        print(f"  data version: {r.version_before} -> {r.version_after}  (commit data.dvc to record it in git)")
+        print("  event: rlhf.data.updated emitted (triggers the retrain deployment when `rlhf serve` runs)")
+    if r.quarantine:
+        print(f"  quarantined rows with reasons: {r.quarantine}")
+    if r.docs_index:
+        print(f"  Data Docs: {r.docs_index}")
+    return 0 if r.n_good else 1
+
+
+def cmd_run(args, overrides: list[str]) -> int:
+    cfg = _load(overrides)
+    from flows.retrain import retrain
+
+    state = retrain(cfg, return_state=True)
+    if state.is_failed():
+        print(f"\n✗ retrain failed: {state.message}", file=sys.stderr)
+        print(f"  {_where(cfg)}", file=sys.stderr)
+        return 1
+    s = state.result()
+    v = s["validation"]
+    print(f"\n✓ retrain run {s['run_id']}: data version {s['data']['version']} ({s['data']['origin']}), "
+          f"validated {sum(v['rows'].values())} rows, 0 problems")
+    if v["docs_index"]:
+        print(f"  Data Docs: {v['docs_index']}")
+    print(f"  {_where(cfg)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    over = {"nargs": "*", "help": "Hydra overrides, e.g. model=tiny data.seed=7"}
+    sub.add_parser("run", help="run the pipeline").add_argument("rest", **over)
+    sub.add_parser("data", help="materialise and show the data version").add_argument("rest", **over)
+    c = sub.add_parser("config", help="print the resolved config")
+    c.add_argument("--options", action="store_true", help="list the options of every config group")
+    c.add_argument("rest", **over)
+    v = sub.add_parser("validate", help="validate data (default: the data dir) with Great Expectations")
+    v.add_argument("--kind", choices=["demonstrations", "preferences", "prompts", "eval"])
+    v.add_argument("rest", nargs="*", help="[PATH] then Hydra overrides")
+    i = sub.add_parser("ingest", help="validate and add a batch of new examples")
+    i.add_argument("--kind", required=True, choices=["demonstrations", "preferences", "prompts"])
+    i.add_argument("--quarantine", action="store_true", help="ingest the good rows; write bad rows with reasons aside")
+    i.add_argument("rest", nargs="*", help="FILE then Hydra overrides")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides, positional = _split(args.rest)
+    try:
+        if args.command in ("validate", "ingest"):
+            return {"validate": cmd_validate, "ingest": cmd_ingest}[args.command](args, overrides, positional)
+        if positional:
+            print(f"rlhf {args.command}: unexpected arguments {positional} (overrides look like key=value)", file=sys.stderr)
+            return 2
+        return {"run": cmd_run, "data": cmd_data, "config": cmd_config}[args.command](args, overrides)
+    except ConfigError as e:
+        print(f"✗ config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a last line of defence: say what happened, keep the traceback for debugging
+        from components.data.versioning import DataVersionError
+
+        if isinstance(e, DataVersionError):
+            print(f"✗ {e}", file=sys.stderr)
+            return 1
+        if os.environ.get("RLHF_DEBUG"):
+            raise
+        print(f"✗ internal error: {type(e).__name__}: {e}\n  (rerun with RLHF_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

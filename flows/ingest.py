@@ -1,0 +1,39 @@
+"""Flow `ingest`: validate a batch, append it as a versioned shard, announce the new data version.
+
+Emits the Prefect event `rlhf.data.updated` (payload: data_version, kind, shard, rows)
+that the retrain deployment is triggered by.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.events import emit_event
+from prefect.states import Completed, Failed
+
+from components.config import Config
+from components.data.ingest import IngestRefused, IngestResult, ingest
+from components.data.versioning import DataVersionError
+
+DATA_UPDATED = "rlhf.data.updated"
+
+
+def data_resource(cfg: Config) -> dict[str, str]:
+    return {"prefect.resource.id": f"rlhf.data.{cfg.root_path.name}", "prefect.resource.name": str(cfg.data_path)}
+
+
+@flow(name="ingest", log_prints=True, validate_parameters=False)
+def ingest_flow(cfg: Config, file: str, kind: str, quarantine: bool = False):
+    log = get_run_logger()
+    try:
+        result: IngestResult = ingest(cfg, Path(file), kind, quarantine, on_step=lambda s: log.info("ingest: %s", s))
+    except (IngestRefused, DataVersionError) as e:
+        return Failed(message=f"refused: {e}")
+    if result.quarantine:
+        log.warning("%d bad row(s) quarantined to %s\n%s", result.n_bad, result.quarantine, result.report)
+    if result.changed:
+        emit_event(event=DATA_UPDATED, resource=data_resource(cfg),
+                   payload={"data_version": result.version_after, "previous_version": result.version_before,
+                            "kind": kind, "shard": result.shard, "rows": result.n_good})
+        log.info("emitted %s (data version %s)", DATA_UPDATED, result.version_after)
+    return Completed(data=result, message=f"ingested {result.n_good} row(s), quarantined {result.n_bad}")
