@@ -155,8 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    overrides, positional = _split(args.rest)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # overrides may come after options: `ingest F --kind k a=b`
+    unknown = [t for t in extra if t.startswith("-") and "=" not in t]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    overrides, positional = _split(args.rest + [t for t in extra if t not in unknown])
     try:
         if args.command in ("validate", "ingest"):
             return {"validate": cmd_validate, "ingest": cmd_ingest}[args.command](args, overrides, positional)

@@ -164,7 +164,7 @@ def infer_kind(path: Path) -> str | None:
         with path.open("rb") as fh:
             for line in fh:
                 if line.strip():
-                    obj = json.loads(line.decode("utf-8-sig"))
+                    obj = json.loads(line.decode("utf-8-sig", errors="replace"))
                     break
             else:
                 return None

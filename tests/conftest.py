@@ -1,0 +1,40 @@
+"""Shared fixtures: real tools everywhere - a git + DVC repo in a tmp dir, SQLite MLflow,
+one Prefect test server per session (prefect_test_harness), Great Expectations file contexts."""
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="rlhf-tests-"))
+for key, value in {
+    "GX_ANALYTICS_ENABLED": "False", "DVC_NO_ANALYTICS": "1", "MLFLOW_ENABLE_TELEMETRY": "false",
+    "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
+    "PREFECT_HOME": str(_SESSION_DIR / "prefect"), "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ[key] = value
+
+from components.config import Config, compose  # noqa: E402
+
+
+def make_project(root: Path, *overrides: str) -> Config:
+    """A fresh project dir: a git repo (as a clone would be) with the small demo config."""
+    root.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return compose([f"root={root}", "data=demo_small", *overrides])
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Config:
+    return make_project(tmp_path / "proj")
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,147 @@
+"""Ingest against a real DVC repo in a tmp dir: versions change only for good batches, never half-way."""
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from components.data.ingest import IngestRefused, ingest
+from components.data.versioning import DVC_FILE, Dvc, data_version, ensure_data, recover
+
+
+def snapshot(cfg) -> tuple[str, str]:
+    """(hash of every file under data/, bytes of data.dvc)"""
+    h = hashlib.sha256()
+    for p in sorted(cfg.data_path.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(cfg.data_path)).encode() + p.read_bytes())
+    return h.hexdigest(), (cfg.root_path / DVC_FILE).read_text()
+
+
+def batch(tmp_path: Path, rows: list, name: str = "batch.jsonl") -> Path:
+    p = tmp_path / name
+    p.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return p
+
+
+GOOD = [{"id": f"new-{i}", "prompt": f"A fresh prompt number {i}", "chosen": f"great answer {i}", "rejected": f"bad {i}"}
+        for i in range(5)]
+
+
+@pytest.fixture
+def versioned(project):
+    ensure_data(project)
+    return project
+
+
+def test_demo_is_generated_versioned_and_pushed(versioned):
+    cfg = versioned
+    assert data_version(cfg.root_path).endswith(".dir")
+    assert Dvc(cfg.root_path).status() == {}
+    assert any((cfg.state_path / "dvc-remote").rglob("*")), "dvc push did not reach the local remote"
+
+
+def test_fresh_clone_pulls_from_remote_else_regenerates(versioned):
+    cfg = versioned
+    version = data_version(cfg.root_path)
+    # a clone of the repo: data.dvc present, data/ and the DVC cache absent
+    shutil.rmtree(cfg.data_path)
+    shutil.rmtree(cfg.root_path / ".dvc" / "cache")
+    assert ensure_data(cfg).origin == "pulled"
+    # remote gone too: the deterministic generator reproduces the recorded version
+    shutil.rmtree(cfg.data_path)
+    shutil.rmtree(cfg.root_path / ".dvc" / "cache")
+    shutil.rmtree(cfg.state_path / "dvc-remote")
+    state = ensure_data(cfg)
+    assert (state.origin, state.version) == ("generated", version)
+    assert Dvc(cfg.root_path).status() == {}
+
+
+def test_good_batch_changes_version_and_adds_shard(versioned, tmp_path):
+    cfg = versioned
+    before = data_version(cfg.root_path)
+    result = ingest(cfg, batch(tmp_path, GOOD), "preferences")
+    assert result.n_good == 5 and result.n_bad == 0
+    assert result.version_before == before != result.version_after == data_version(cfg.root_path)
+    assert Path(result.shard).parent == cfg.data_path / "preferences"
+    assert [json.loads(l)["id"] for l in Path(result.shard).read_text().splitlines()] == [r["id"] for r in GOOD]
+    assert Dvc(cfg.root_path).status() == {}
+
+
+def test_bad_batch_changes_nothing(versioned, tmp_path):
+    cfg = versioned
+    before = snapshot(cfg)
+    bad = GOOD[:4] + [{**GOOD[0], "id": "dup-content"}]
+    with pytest.raises(IngestRefused) as e:
+        ingest(cfg, batch(tmp_path, bad), "preferences")
+    assert "no_duplicates" in str(e.value) and "line 5" in str(e.value)
+    assert snapshot(cfg) == before
+    with pytest.raises(IngestRefused):
+        ingest(cfg, batch(tmp_path, GOOD), "eval")  # eval prompts are frozen
+    assert snapshot(cfg) == before
+
+
+def test_quarantine_ingests_good_rows_and_keeps_bad_ones_with_reasons(versioned, tmp_path):
+    cfg = versioned
+    rows = GOOD[:3] + ["{broken", {**GOOD[3], "chosen": "same", "rejected": "same"}]
+    result = ingest(cfg, batch(tmp_path, rows), "preferences", quarantine=True)
+    assert (result.n_good, result.n_bad) == (3, 2)
+    q = [json.loads(l) for l in Path(result.quarantine).read_text().splitlines()]
+    assert {r["line"]: r["rules"] for r in q} == {4: ["json"], 5: ["chosen_differs_from_rejected"]}
+    assert q[0]["raw"] == "{broken"
+    assert not Path(result.quarantine).is_relative_to(cfg.data_path)
+    assert len(Path(result.shard).read_text().splitlines()) == 3
+
+
+def test_failure_between_shard_and_dvc_add_rolls_back(versioned, tmp_path):
+    cfg = versioned
+    before = snapshot(cfg)
+
+    def crash(step):
+        if step == "dvc add":
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        ingest(cfg, batch(tmp_path, GOOD), "preferences", on_step=crash)
+    assert snapshot(cfg) == before
+
+
+@pytest.mark.parametrize("kill_at", ["dvc add", "dvc push"])
+def test_kill_half_way_is_rolled_back_by_next_command(versioned, tmp_path, kill_at):
+    cfg = versioned
+    before = snapshot(cfg)
+    script = textwrap.dedent(f"""
+        import os, signal
+        from components.config import compose
+        from components.data.ingest import ingest
+        cfg = compose({[f"root={cfg.root_path}", "data=demo_small"]!r})
+        def step(s):
+            if s == {kill_at!r}:
+                os.kill(os.getpid(), signal.SIGKILL)
+        ingest(cfg, {str(batch(tmp_path, GOOD))!r}, "preferences", on_step=step)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert (cfg.state_path / "ingest-journal.json").exists()
+    assert list((cfg.data_path / "preferences").glob("ingest-*")), "the shard was written before the kill"
+    assert "rolled back" in recover(cfg)
+    assert snapshot(cfg) == before
+    assert Dvc(cfg.root_path).status() == {}
+    # and the batch can simply be ingested again
+    assert ingest(cfg, batch(tmp_path, GOOD), "preferences").n_good == 5
+
+
+def test_local_edits_to_data_are_refused(versioned, tmp_path):
+    cfg = versioned
+    with (cfg.data_path / "prompts" / "demo-000.jsonl").open("a") as fh:
+        fh.write(json.dumps({"id": "sneaky", "prompt": "hand edited"}) + "\n")
+    from components.data.versioning import DataVersionError
+
+    with pytest.raises(DataVersionError, match="does not match"):
+        ingest(cfg, batch(tmp_path, GOOD), "preferences")
+    with pytest.raises(DataVersionError, match="differs from data.dvc"):
+        ensure_data(cfg)

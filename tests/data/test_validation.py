@@ -1,0 +1,112 @@
+"""Each expectation catches its bad case, with the rule name and line number in the report."""
+import json
+from pathlib import Path
+
+import pytest
+
+from components.config import DataConfig
+from components.data.demo import write_demo
+from components.data.validation import validate_batch, validate_dataset
+
+CFG = DataConfig(n_demonstrations=150, n_preferences=150, n_prompts=60, n_eval=25)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    write_demo(CFG, root / "data")
+    return root
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines), encoding="utf-8")
+    return path
+
+
+GOOD_PAIR = {"id": "n1", "prompt": "A brand new prompt", "chosen": "good text", "rejected": "bad text"}
+# (kind, rows, rule, line of the offending row)
+CASES = [
+    ("preferences", [GOOD_PAIR, {**GOOD_PAIR, "id": "n2", "chosen": "same", "rejected": "same"}], "chosen_differs_from_rejected", 2),
+    ("preferences", [GOOD_PAIR, {**GOOD_PAIR, "chosen": "other"}], "ids_unique", 2),
+    ("preferences", [GOOD_PAIR, {**GOOD_PAIR, "id": "n2"}], "no_duplicates", 2),
+    ("preferences", [GOOD_PAIR, {"id": "n2", "prompt": "p p p", "rejected": "x"}], "chosen_present", 2),
+    ("preferences", [GOOD_PAIR, {**GOOD_PAIR, "id": "n2", "prompt": 42}], "prompt_type", 2),
+    ("preferences", [GOOD_PAIR, {**GOOD_PAIR, "id": "n2", "prompt": "   \t"}], "prompt_not_blank", 2),
+    ("preferences", [GOOD_PAIR, {**GOOD_PAIR, "id": "n2", "chosen": "x" * 5000}], "chosen_length", 2),
+    ("preferences", [GOOD_PAIR, {"id": "n2", "prompt": "p p p", "responses": ["only one"]}], "ranking_size", 2),
+    ("preferences", [GOOD_PAIR, {"id": "n2", "prompt": "p p p", "responses": [f"r{i}" for i in range(10)]}], "ranking_size", 2),
+    ("preferences", [GOOD_PAIR, {"id": "n2", "prompt": "p p p", "responses": ["a", "A ", "b"]}], "responses_distinct", 2),
+    ("preferences", [GOOD_PAIR, {"id": "n2", "prompt": "p p p", "responses": ["a", ""]}], "responses_text", 2),
+    ("preferences", [GOOD_PAIR, {"id": "n2", "prompt": "p p p", "responses": "a, b"}], "responses_type", 2),
+    ("preferences", [GOOD_PAIR, {**GOOD_PAIR, "id": "n2", "chosen": "c", "responses": ["a", "b"]}], "preference_shape", 2),
+    ("preferences", [GOOD_PAIR, {**GOOD_PAIR, "id": ["x"]}], "id_type", 2),
+    ("preferences", [GOOD_PAIR, {**GOOD_PAIR, "id": None, "chosen": "c2"}], "id_present", 2),
+    ("demonstrations", [{"id": "d1", "prompt": "Hello there", "response": "ok"}, {"id": "d2", "prompt": "Hello there"}], "response_present", 2),
+    ("prompts", [{"id": "p1", "prompt": "Hello there"}, {"id": "p2", "prompt": "hello   THERE"}], "no_duplicates", 2),
+    ("prompts", [{"id": "p1", "prompt": "Hello there"}, "{bad json"], "json", 2),
+    ("prompts", [{"id": "p1", "prompt": "Hello there"}, "[1, 2]"], "not_object", 2),
+]
+
+
+@pytest.mark.parametrize("kind,rows,rule,line", CASES, ids=[f"{c[2]}-{i}" for i, c in enumerate(CASES)])
+def test_each_rule_catches_its_case(tmp_path, demo, kind, rows, rule, line):
+    path = write_lines(tmp_path / "batch.jsonl", rows)
+    report, _ = validate_batch(path, kind, CFG, tmp_path / "gx", demo / "data")
+    assert not report.ok
+    found = {f.rule: f for f in report.findings}
+    assert rule in found, report.format("batch")
+    assert (str(path), line) in found[rule].locations
+    assert found[rule].fix  # every rule says what to do
+    assert f"line {line}" in report.format("batch")
+
+
+def test_good_batch_passes(tmp_path, demo):
+    path = write_lines(tmp_path / "batch.jsonl", [GOOD_PAIR, {"id": "n2", "prompt": "p p p", "responses": ["a", "b", "c"]}])
+    report, parsed = validate_batch(path, "preferences", CFG, tmp_path / "gx", demo / "data")
+    assert report.ok, report.format("batch")
+    assert len(parsed.rows) == 2
+
+
+def _first(demo: Path, kind: str) -> dict:
+    return json.loads((demo / "data" / kind / "demo-000.jsonl").read_text().splitlines()[0])
+
+
+def test_checks_against_existing_data(tmp_path, demo):
+    existing = _first(demo, "preferences")
+    eval_prompt = _first(demo, "eval")["prompt"]
+    rows = [{**existing, "id": "fresh-1"}, {**GOOD_PAIR, "id": existing["id"], "prompt": "another prompt"},
+            {**GOOD_PAIR, "id": "fresh-2", "prompt": eval_prompt.upper()}]
+    report, _ = validate_batch(write_lines(tmp_path / "b.jsonl", rows), "preferences", CFG, tmp_path / "gx", demo / "data")
+    rules = {f.rule: f.locations[0][1] for f in report.findings}
+    assert rules == {"not_already_in_data": 1, "id_new": 2, "no_eval_leakage": 3}, report.format("b")
+
+
+def test_file_level_problems(tmp_path, demo):
+    gx = tmp_path / "gx"
+    missing, _ = validate_batch(tmp_path / "nope.jsonl", "prompts", CFG, gx, None)
+    empty, _ = validate_batch(write_lines(tmp_path / "empty.jsonl", ["", "  "]), "prompts", CFG, gx, None)
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes('{"id": "1", "prompt": "café au lait"}\n'.encode("latin-1"))
+    enc, _ = validate_batch(latin, "prompts", CFG, gx, None)
+    assert [f.rule for f in missing.findings] == ["file_missing"]
+    assert [f.rule for f in empty.findings] == ["file_empty"]
+    assert [f.rule for f in enc.findings] == ["utf8"] and enc.findings[0].locations == [(str(latin), 1)]
+
+
+def test_demo_data_passes_and_writes_data_docs(tmp_path, demo):
+    report = validate_dataset(demo / "data", CFG, tmp_path / "gx")
+    assert report.ok, report.format("demo")
+    assert report.rows["demonstrations"] == CFG.n_demonstrations
+    assert report.docs_index is not None and report.docs_index.exists()
+
+
+def test_eval_leak_in_data_dir_is_caught(tmp_path, demo):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo / "data", data)
+    leak = _first(demo, "eval")["prompt"]
+    with (data / "prompts" / "demo-000.jsonl").open("a") as fh:
+        fh.write(json.dumps({"id": "leak", "prompt": leak}) + "\n")
+    report = validate_dataset(data, CFG, tmp_path / "gx")
+    assert [f.rule for f in report.findings] == ["eval_disjoint"]

@@ -1,0 +1,104 @@
+"""Flows under a real Prefect test server, MLflow on SQLite, DVC in a tmp repo."""
+import asyncio
+import json
+import time
+
+import mlflow
+import pytest
+
+from components.data.versioning import data_version
+from flows.cli import main
+from flows.ingest import DATA_UPDATED, ingest_flow
+from flows.retrain import retrain
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+async def _events(name: str) -> list[dict]:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        r = await client.request("POST", "/events/filter", json={"filter": {"event": {"name": [name]}}, "limit": 50})
+        return r.json()["events"]
+
+
+def wait_for_event(name: str, version: str, timeout: float = 30.0) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for e in asyncio.run(_events(name)):
+            if e["payload"].get("data_version") == version:
+                return e
+        time.sleep(1.0)
+    raise AssertionError(f"no {name} event with data_version={version}")
+
+
+def test_retrain_records_a_validation_run_in_mlflow(project):
+    state = retrain(project, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    parent = mlflow.get_run(summary["run_id"])
+    assert parent.data.tags["data_version"] == data_version(project.root_path)
+    assert parent.data.params["data.n_demonstrations"] == "300"
+    children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{summary['run_id']}'", output_format="list")
+    (child,) = [c for c in children if c.data.tags.get("stage") == "validate"]
+    assert child.data.metrics["data/valid"] == 1.0
+    assert child.data.metrics["data/rows_demonstrations"] == 300
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(child.info.run_id)}
+    assert {"data_docs", "validation_report.txt"} <= artifacts
+
+
+def test_retrain_stops_on_bad_data(project):
+    assert retrain(project, return_state=True).is_completed()
+    # a bad shard versioned with dvc directly (bypassing ingest) must not get past validation
+    with (project.data_path / "prompts" / "demo-000.jsonl").open("a") as fh:
+        fh.write(json.dumps({"id": "prompt-000000", "prompt": "dup id"}) + "\n")
+    from components.data.versioning import Dvc
+
+    Dvc(project.root_path).add("data")
+    state = retrain(project, return_state=True)
+    assert state.is_failed()
+    assert "ids_unique" in state.message and "no training ran" in state.message
+
+
+def test_ingest_flow_emits_data_updated_with_new_version(project, tmp_path):
+    from components.data.versioning import ensure_data
+
+    ensure_data(project)
+    rows = [{"id": f"x{i}", "prompt": f"Brand new review opening {i}", "response": "it was great."} for i in range(3)]
+    f = tmp_path / "new.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    state = ingest_flow(project, str(f), "demonstrations", return_state=True)
+    assert state.is_completed(), state.message
+    version = data_version(project.root_path)
+    assert state.result().version_after == version
+    event = wait_for_event(DATA_UPDATED, version)
+    assert event["payload"]["kind"] == "demonstrations" and event["payload"]["rows"] == 3
+
+
+def test_cli_ingest_refuses_bad_batch_without_traceback(project, tmp_path, capsys):
+    from components.data.versioning import ensure_data
+
+    ensure_data(project)
+    before = (project.root_path / "data.dvc").read_text()
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"id": "1", "prompt": "Hello there", "chosen": "a", "rejected": "a"}\nnot json\n')
+    code = main(["ingest", str(f), "--kind", "preferences", f"root={project.root_path}", "data=demo_small"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "chosen_differs_from_rejected" in err and "line 2" in err and "unchanged" in err
+    assert "Traceback" not in err
+    assert (project.root_path / "data.dvc").read_text() == before
+
+
+def test_cli_validate_exit_codes(project, tmp_path, capsys):
+    from components.data.versioning import ensure_data
+
+    ensure_data(project)
+    assert main(["validate", f"root={project.root_path}", "data=demo_small"]) == 0
+    assert "all rules pass" in capsys.readouterr().out
+    f = tmp_path / "b.jsonl"
+    f.write_bytes(b'{"id": "1", "prompt": "caf\xe9"}\n')
+    assert main(["validate", str(f), f"root={project.root_path}", "data=demo_small"]) == 1
+    out = capsys.readouterr().out
+    assert "[utf8]" in out and "line 1" in out and "Traceback" not in out
+    assert main(["validate", "data.n_eval=abc", f"root={project.root_path}"]) == 2
