@@ -99,7 +99,7 @@ def cmd_ingest(args, overrides: list[str], positional: list[str]) -> int:
 
     state = ingest_flow(cfg, str(Path(positional[0]).resolve()), args.kind, args.quarantine, return_state=True)
     if state.is_failed():
-        print(f"\n✗ {state.message}", file=sys.stderr)
+        print(f"\n{state.result(raise_on_failure=False)}", file=sys.stderr)
         print("  data/ and data.dvc are unchanged.", file=sys.stderr)
         return 1
     r = state.result()

@@ -28,7 +28,9 @@ def ingest_flow(cfg: Config, file: str, kind: str, quarantine: bool = False):
     try:
         result: IngestResult = ingest(cfg, Path(file), kind, quarantine, on_step=lambda s: log.info("ingest: %s", s))
     except (IngestRefused, DataVersionError) as e:
-        return Failed(message=f"refused: {e}")
+        problems = len(e.report.findings) if isinstance(e, IngestRefused) and e.report else 1
+        log.error("%s", e)
+        return Failed(message=f"ingest refused: {problems} problem(s) in {file}", data=str(e))
     if result.quarantine:
         log.warning("%d bad row(s) quarantined to %s\n%s", result.n_bad, result.quarantine, result.report)
     if result.changed:
