@@ -20,9 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from components.config import ModelConfig
-from components.data.schemas import KINDS, read_jsonl, shard_files
+from components.data.schemas import read_jsonl, shard_files
 
-BUILDER_VERSION = "1"  # bump when this module changes what it builds
+BUILDER_VERSION = "2"  # bump when this module changes what it builds
 SPECIAL = {"pad": "<|pad|>", "bos": "<|bos|>", "eos": "<|eos|>", "unk": "<|unk|>"}
 
 
@@ -34,12 +34,14 @@ class BaseModelResult:
     metrics: dict[str, float]
 
 
+PRETRAIN_KINDS = ("preferences", "prompts")
+
+
 def corpus_texts(data_dir: Path) -> list[str]:
-    """Every prompt + continuation in the training kinds (never the eval prompts)."""
+    """Prompt + continuation texts for pretraining: preferences (all sentiments, some disfluent) and
+    prompts. Not the demonstrations - those are what SFT teaches - and never the eval prompts."""
     texts = []
-    for kind in KINDS:
-        if kind == "eval":
-            continue
+    for kind in PRETRAIN_KINDS:
         for shard in shard_files(data_dir / kind):
             for _, row in read_jsonl(shard, kind).rows:
                 prompt = row.get("prompt", "")

@@ -1,0 +1,84 @@
+"""SFT stage: LoRA (peft) on demonstrations with TRL's SFTTrainer; loss on response tokens only.
+
+Entry: `train_sft(cfg, model_cfg, base_path, data_dir, out_dir)` -> SFTResult (paths + metrics).
+Held-out loss/perplexity before and after; checkpoints every `save_steps` and resumes from the
+last one when restarted with the same config and out_dir. Output: the adapter and the adapter
+merged into the base (the SFT model that the reward model and PPO start from).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.config import ModelConfig, SFTConfig
+from components.data.schemas import read_jsonl, shard_files
+from components.models.loading import load_causal_lm, load_tokenizer
+from components.training.callbacks import MlflowNamespaceCallback
+
+
+@dataclass
+class SFTResult:
+    adapter_dir: str
+    merged_dir: str
+    metrics: dict[str, float]
+
+
+def held_out(row_id: str, fraction: float) -> bool:
+    """Deterministic split by id hash: stable as data grows."""
+    return int(hashlib.sha1(str(row_id).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def demonstrations(data_dir: Path, eval_fraction: float) -> tuple[list[dict], list[dict]]:
+    train, evals = [], []
+    for shard in shard_files(data_dir / "demonstrations"):
+        for _, row in read_jsonl(shard, "demonstrations").rows:
+            ex = {"prompt": row["prompt"], "completion": " " + row["response"]}
+            (evals if held_out(row["id"], eval_fraction) else train).append(ex)
+    return train, evals
+
+
+def train_sft(cfg: SFTConfig, model_cfg: ModelConfig, base_path: str, data_dir: Path, out_dir: Path, seed: int = 0) -> SFTResult:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers.trainer_utils import get_last_checkpoint
+    from trl import SFTConfig as TrlSFTConfig
+    from trl import SFTTrainer
+
+    from components.models.loading import resolve_device
+
+    train, evals = demonstrations(data_dir, cfg.eval_fraction)
+    if not train or not evals:
+        raise ValueError(f"SFT needs demonstrations for training and held-out eval under {data_dir}/demonstrations")
+    tok = load_tokenizer(base_path, model_cfg, padding_side="right")
+    model = load_causal_lm(base_path, model_cfg)
+    ckpt_dir = out_dir / "checkpoints"
+    args = TrlSFTConfig(
+        output_dir=str(ckpt_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, lr_scheduler_type="cosine",
+        warmup_steps=min(10, cfg.max_steps // 10), max_length=cfg.max_length, completion_only_loss=True,
+        logging_steps=max(1, cfg.max_steps // 20), save_steps=cfg.save_steps, save_total_limit=2,
+        eval_strategy="no", report_to=[], seed=seed, use_cpu=resolve_device(model_cfg.device).type == "cpu",
+        dataloader_num_workers=0)
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
+                         eval_dataset=Dataset.from_list(evals), processing_class=tok, peft_config=lora,
+                         callbacks=[MlflowNamespaceCallback("sft")])
+    before = trainer.evaluate()["eval_loss"]
+    resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    out = trainer.train(resume_from_checkpoint=resume)
+    after = trainer.evaluate()["eval_loss"]
+
+    adapter_dir, merged_dir = out_dir / "adapter", out_dir / "merged"
+    trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
+    tok.save_pretrained(adapter_dir)
+    merged = trainer.model.merge_and_unload()
+    merged.save_pretrained(merged_dir, safe_serialization=True)
+    tok.save_pretrained(merged_dir)
+    metrics = {"sft/eval_loss_base": before, "sft/eval_loss": after, "sft/eval_perplexity_base": math.exp(before),
+               "sft/eval_perplexity": math.exp(after), "sft/train_loss": out.training_loss,
+               "sft/resumed_from_step": float(int(resume.rsplit("-", 1)[-1]) if resume else 0),
+               "sft/train_examples": float(len(train)), "sft/eval_examples": float(len(evals))}
+    return SFTResult(str(adapter_dir), str(merged_dir), metrics)
