@@ -317,16 +317,22 @@ def validate_dataset(data_dir: Path, cfg: DataConfig, gx_root: Path, kinds: Iter
             report.findings.extend(pf.findings)
     training_prompts = set().union(*(_prompts(dataset[k]) for k in TRAINING_KINDS))
     frames = _frames_from((k, pf) for k in kinds for pf in dataset[k])
+    _run_suites(report, frames, cfg, gx_root,
+                params=lambda frame: {"training_prompts": training_prompts} if frame == "eval" else {},
+                source=lambda frame: f"{data_dir}/{frame.split('_')[0]}")
+    return report
+
+
+def _run_suites(report: ValidationReport, frames: dict[str, list], cfg: DataConfig, gx_root: Path, params, source) -> None:
+    """Validate every non-empty frame with its suite; `params(frame)` fills the suite parameters."""
     validator = get_validator(gx_root, cfg)
     for frame, rows in frames.items():
         if not rows:
             continue
         df = build_frame(frame, rows, cfg)
         report.rows[frame] = len(df)
-        params = {"training_prompts": training_prompts} if frame == "eval" else {}
-        report.findings.extend(validator.validate(frame, df, params, source=f"{data_dir}/{frame.split('_')[0]}"))
+        report.findings.extend(validator.validate(frame, df, params(frame), source=source(frame)))
     report.docs_index = validator.build_docs()
-    return report
 
 
 def validate_batch(path: Path, kind: str, cfg: DataConfig, gx_root: Path, data_dir: Path | None) -> tuple[ValidationReport, ParsedFile]:
@@ -339,19 +345,11 @@ def validate_batch(path: Path, kind: str, cfg: DataConfig, gx_root: Path, data_d
     frames = _frames_from([(kind, pf)])
     existing_frames = _frames_from((kind, e) for e in existing[kind])
     existing_ids = {_id_key(o.get("id")) for e in existing[kind] for _, o in e.rows} - {None}
-    validator = get_validator(gx_root, cfg)
-    for frame, rows in frames.items():
-        if not rows:
-            continue
-        df = build_frame(frame, rows, cfg)
-        report.rows[frame] = len(df)
+
+    def params(frame: str) -> dict[str, set]:
         old = build_frame(frame, existing_frames[frame], cfg)
-        params = {
-            "existing_ids": existing_ids,
-            "existing_keys": set(old["_key"]) if len(old) else set(),
-            "eval_prompts": eval_prompts,
-            "training_prompts": training_prompts,
-        }
-        report.findings.extend(validator.validate(frame, df, params, source=str(path)))
-    report.docs_index = validator.build_docs()
+        return {"existing_ids": existing_ids, "existing_keys": set(old["_key"]) if len(old) else set(),
+                "eval_prompts": eval_prompts, "training_prompts": training_prompts}
+
+    _run_suites(report, frames, cfg, gx_root, params=params, source=lambda frame: str(path))
     return report, pf
