@@ -45,9 +45,12 @@ def corpus_texts(data_dir: Path) -> list[str]:
         for shard in shard_files(data_dir / kind):
             for _, row in read_jsonl(shard, kind).rows:
                 prompt = row.get("prompt", "")
-                outs = [row.get(k) for k in ("response", "chosen", "rejected")] + list(row.get("responses") or [])
+                outs = [row.get("chosen"), row.get("rejected"), *(row.get("responses") or [])]
                 outs = [o for o in outs if isinstance(o, str)]
-                texts.extend(f"{prompt} {o}" for o in outs) if outs else texts.append(prompt)
+                if outs:
+                    texts.extend(f"{prompt} {o}" for o in outs)
+                else:  # a PPO prompt on its own
+                    texts.append(prompt)
     return texts
 
 

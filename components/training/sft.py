@@ -14,7 +14,7 @@ from pathlib import Path
 
 from components.config import ModelConfig, SFTConfig
 from components.data.schemas import read_jsonl, shard_files
-from components.models.loading import load_causal_lm, load_tokenizer
+from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
 from components.training.callbacks import MlflowNamespaceCallback
 
 
@@ -45,8 +45,6 @@ def train_sft(cfg: SFTConfig, model_cfg: ModelConfig, base_path: str, data_dir: 
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
-
-    from components.models.loading import resolve_device
 
     train, evals = demonstrations(data_dir, cfg.eval_fraction)
     if not train or not evals:
