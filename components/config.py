@@ -80,7 +80,7 @@ class SFTConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     max_steps: int = 200
     batch_size: int = 16
-    learning_rate: float = 2e-3
+    learning_rate: float = 5e-3  # demo/tiny: held-out loss 1.090 -> 1.033 (2e-3 reached 1.051)
     max_length: int = 96
     eval_fraction: float = 0.05
     save_steps: int = 50  # checkpoint interval (resume picks up the last one)
@@ -89,11 +89,15 @@ class SFTConfig:
 @dataclass
 class RewardConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
-    max_steps: int = 200
-    batch_size: int = 16
-    learning_rate: float = 1e-3
+    max_steps: int = 400
+    batch_size: int = 16  # preference examples per step (a ranking expands to its C(K,2) pairs)
+    learning_rate: float = 5e-3  # demo/tiny: held-out accuracy 0.857 (1e-3 x 200 steps: 0.784)
     max_length: int = 96
     eval_fraction: float = 0.1
+    save_steps: int = 50  # checkpoint interval (resume picks up the last one)
+    max_grad_norm: float = 1.0
+    log_steps: int = 10
+    stats_max_responses: int = 2000  # training responses scored for the reward mean/std PPO normalises with
 
 
 @dataclass

@@ -179,3 +179,8 @@ def infer_kind(path: Path) -> str | None:
     if "prompt" in obj:
         return "prompts"
     return None
+
+
+def held_out(row_id: str, fraction: float) -> bool:
+    """Deterministic train/held-out split by id hash: a row stays on its side as data grows."""
+    return int(hashlib.sha1(str(row_id).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction

@@ -1,4 +1,4 @@
-"""Trainer callback that logs to the *active* MLflow run under a namespace (`sft/loss`).
+"""Metric logging from components to the *active* MLflow run, under a namespace (`sft/loss`).
 
 Components never set up tracking; when no run is active nothing is logged.
 """
@@ -9,16 +9,21 @@ import math
 from transformers import TrainerCallback
 
 
+def log_to_active_run(metrics: dict[str, float], step: int) -> None:
+    """Log finite metrics to the active MLflow run, if there is one."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
 class MlflowNamespaceCallback(TrainerCallback):
     def __init__(self, namespace: str):
         self.namespace = namespace
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        import mlflow
-
-        if not logs or mlflow.active_run() is None:
-            return
-        metrics = {f"{self.namespace}/{k.removeprefix('train_')}": float(v) for k, v in logs.items()
-                   if isinstance(v, (int, float)) and math.isfinite(v)}
-        if metrics:
-            mlflow.log_metrics(metrics, step=state.global_step)
+        if logs:
+            log_to_active_run({f"{self.namespace}/{k.removeprefix('train_')}": v for k, v in logs.items()}, state.global_step)

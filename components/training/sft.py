@@ -7,13 +7,12 @@ merged into the base (the SFT model that the reward model and PPO start from).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from components.config import ModelConfig, SFTConfig
-from components.data.schemas import read_jsonl, shard_files
+from components.data.schemas import held_out, read_jsonl, shard_files
 from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
 from components.training.callbacks import MlflowNamespaceCallback
 
@@ -23,11 +22,6 @@ class SFTResult:
     adapter_dir: str
     merged_dir: str
     metrics: dict[str, float]
-
-
-def held_out(row_id: str, fraction: float) -> bool:
-    """Deterministic split by id hash: stable as data grows."""
-    return int(hashlib.sha1(str(row_id).encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
 def demonstrations(data_dir: Path, eval_fraction: float) -> tuple[list[dict], list[dict]]:

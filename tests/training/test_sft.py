@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 from components.config import compose
 from components.data.demo import write_demo
 from components.models.demo_base import build_demo_base
-from components.training.sft import held_out, train_sft
+from components.data.schemas import held_out
+from components.training.sft import train_sft
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,103 @@
+"""LoRA roles on one shared base: named peft adapters plus scalar heads.
+
+The reward model and the PPO value function are "an adapter + a scalar head" on the SFT
+model; the policy is "an adapter + the LM head"; the reference is "adapters disabled".
+All roles run through the same base weights (peft multi-adapter), so the base is in
+memory once. This module holds the pieces every role shares:
+
+- `ScalarHead`: hidden state -> one number, saved as safetensors.
+- `hidden_states(model, ...)`: the backbone's last hidden states (no LM head, no vocab-size
+  logits) for whichever adapter is active.
+- `last_token_index`: where a sequence ends, for left or right padding.
+- `activate(model, name, trainable)`: switch the active adapter without peft's side effect
+  of changing which adapters train.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+HEAD_FILE = "head.safetensors"
+HEAD_META = "head.json"
+
+
+class ScalarHead(nn.Module):
+    """Linear(hidden, 1). Initialised small (std 1/sqrt(hidden+1)), as in summarize_from_feedback."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.linear.weight, std=1 / (hidden_size + 1) ** 0.5)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: (..., H) -> (...)
+        return self.linear(hidden).squeeze(-1)
+
+    def save(self, directory: Path, **meta) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(directory / HEAD_FILE))
+        (directory / HEAD_META).write_text(json.dumps({"hidden_size": self.linear.in_features, **meta}, indent=2))
+
+    @classmethod
+    def load(cls, directory: Path, device: torch.device | str = "cpu") -> tuple["ScalarHead", dict]:
+        meta = json.loads((Path(directory) / HEAD_META).read_text())
+        head = cls(meta["hidden_size"])
+        head.load_state_dict(load_file(str(Path(directory) / HEAD_FILE)))
+        return head.to(device), meta
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended token per row, for left or right padding.
+
+    attention_mask: (B, T) of 0/1 -> (B,) long
+    """
+    T = attention_mask.shape[1]
+    positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that start at 0 on the first real token (left padding must not shift them).
+
+    attention_mask: (B, T) -> (B, T) long
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer without its LM head, for a plain or peft-wrapped causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder()
+
+
+def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last-layer hidden states with the currently active adapter: (B, T) -> (B, T, H)."""
+    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids(attention_mask), use_cache=False)
+    return out.last_hidden_state
+
+
+def sequence_scores(model: nn.Module, head: ScalarHead, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One scalar per sequence, read at its last real token: (B, T) -> (B,)."""
+    h = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
+    idx = last_token_index(attention_mask)  # (B,)
+    return head(h[torch.arange(h.shape[0], device=h.device), idx])
+
+
+def activate(model, name: str, trainable: set[str] | frozenset[str] = frozenset()) -> None:
+    """Make `name` the active adapter; exactly the adapters in `trainable` keep requires_grad.
+
+    peft's `set_adapter` also flips requires_grad (active on, others off), which would silently
+    freeze the policy while the value adapter runs; this undoes that.
+    """
+    model.set_adapter(name)
+    names = set(model.peft_config)
+    if trainable:
+        model.set_requires_grad(sorted(trainable & names), True)
+    if names - set(trainable):
+        model.set_requires_grad(sorted(names - set(trainable)), False)

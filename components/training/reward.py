@@ -1,0 +1,245 @@
+"""Reward model stage: Bradley-Terry on preference pairs; a LoRA adapter + scalar head on the SFT model.
+
+Entry: `train_reward(cfg, model_cfg, sft_dir, data_dir, out_dir)` -> RewardResult (paths + metrics).
+
+A ranking of K responses (best first) becomes its C(K,2) ordered pairs, each weighted
+1/C(K,2), so one ranking counts as one example (InstructGPT, Ouyang et al. 2022, sec. 3.5).
+TRL's RewardTrainer has no per-pair weights, hence this short loop. The score of a text is
+the head applied to the last token's hidden state (the EOS that closes the response).
+
+Output (`out_dir`): `adapter/` (peft, safetensors), `head.safetensors` + `head.json` with the
+reward mean/std over training responses (PPO normalises with them) and the base it was
+trained on. Checkpoints every `save_steps` under `out_dir/checkpoints`, resumed when the
+stage is restarted with the same config and inputs.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from components.config import ModelConfig, RewardConfig
+from components.data.schemas import held_out, read_jsonl, shard_files
+from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
+from components.models.roles import ScalarHead, sequence_scores
+from components.training import checkpoint
+from components.training.callbacks import log_to_active_run
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    chosen: str
+    rejected: str
+    weight: float  # 1 for a pairwise example, 1/C(K,2) for a pair from a ranking of K
+
+
+@dataclass
+class RewardResult:
+    adapter_dir: str
+    head_dir: str  # head.safetensors + head.json (reward_mean, reward_std, base)
+    metrics: dict[str, float]
+
+
+# ---------------------------------------------------------------------------- pure functions
+
+def ranking_to_pairs(responses: list[str]) -> list[tuple[str, str, float]]:
+    """Best-first ranking of K responses -> C(K,2) (better, worse, weight) with weights summing to 1.
+
+    ["a", "b", "c"] -> [("a","b",1/3), ("a","c",1/3), ("b","c",1/3)]
+    """
+    k = len(responses)
+    if k < 2:
+        return []
+    w = 1.0 / math.comb(k, 2)
+    return [(responses[i], responses[j], w) for i in range(k) for j in range(i + 1, k)]
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean of -log sigmoid(r_chosen - r_rejected).
+
+    r_chosen, r_rejected, weights: (P,) -> scalar. Normalised by sum(weights): the mean over
+    examples, where a ranking's pairs together weigh as much as one pairwise example.
+    """
+    return -(weights * F.logsigmoid(r_chosen - r_rejected)).sum() / weights.sum()
+
+
+def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted share of pairs ranked correctly (a tie counts half): (P,) x3 -> scalar."""
+    correct = (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()
+    return (weights * correct).sum() / weights.sum()
+
+
+# ---------------------------------------------------------------------------- data
+
+def preference_examples(data_dir: Path, eval_fraction: float) -> tuple[list[list[Pair]], list[list[Pair]]]:
+    """Preference rows as lists of pairs (one list per example), split train / held out by id."""
+    train, evals = [], []
+    for shard in shard_files(data_dir / "preferences"):
+        for _, row in read_jsonl(shard, "preferences").rows:
+            if "responses" in row:
+                triples = ranking_to_pairs(row["responses"])
+            else:
+                triples = [(row["chosen"], row["rejected"], 1.0)]
+            pairs = [Pair(row["prompt"], c, r, w) for c, r, w in triples]
+            (evals if held_out(row["id"], eval_fraction) else train).append(pairs)
+    return train, evals
+
+
+def encode(tok, prompts: list[str], responses: list[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompt + " " + response + EOS, truncated to max_length (EOS kept), right-padded: -> (B, T) x2."""
+    ids = [tok(f"{p} {r}", add_special_tokens=False)["input_ids"][: max_length - 1] + [tok.eos_token_id]
+           for p, r in zip(prompts, responses)]
+    T = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), T), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def score_pairs(model, head, tok, pairs: list[Pair], max_length: int, device) -> tuple[torch.Tensor, ...]:
+    """Scores of chosen and rejected in one forward: -> r_chosen (P,), r_rejected (P,), weights (P,)."""
+    prompts = [p.prompt for p in pairs] * 2
+    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    ids, mask = encode(tok, prompts, responses, max_length, device)
+    scores = sequence_scores(model, head, ids, mask)
+    weights = torch.tensor([p.weight for p in pairs], device=device)
+    return scores[: len(pairs)], scores[len(pairs):], weights
+
+
+@torch.no_grad()
+def evaluate(model, head, tok, examples: list[list[Pair]], cfg: RewardConfig, device) -> dict[str, float]:
+    model.eval()
+    rc, rr, w = [], [], []
+    pairs = [p for ex in examples for p in ex]
+    for i in range(0, len(pairs), cfg.batch_size * 4):
+        c, r, wt = score_pairs(model, head, tok, pairs[i: i + cfg.batch_size * 4], cfg.max_length, device)
+        rc.append(c), rr.append(r), w.append(wt)
+    rc, rr, w = torch.cat(rc), torch.cat(rr), torch.cat(w)
+    single = w == 1.0
+    model.train()
+    return {"rm/eval_accuracy": pairwise_accuracy(rc, rr, w).item(),
+            "rm/eval_accuracy_pairwise": pairwise_accuracy(rc[single], rr[single], w[single]).item() if single.any() else float("nan"),
+            "rm/eval_margin": ((w * (rc - rr)).sum() / w.sum()).item(),
+            "rm/eval_loss": bradley_terry_loss(rc, rr, w).item(),
+            "rm/eval_examples": float(len(examples)), "rm/eval_pairs": float(len(pairs))}
+
+
+@torch.no_grad()
+def reward_stats(model, head, tok, examples: list[list[Pair]], cfg: RewardConfig, device) -> tuple[float, float]:
+    """Mean and std of the reward over (up to stats_max_responses) distinct training responses."""
+    model.eval()
+    seen = dict.fromkeys((p.prompt, r) for ex in examples for p in ex for r in (p.chosen, p.rejected))
+    texts = list(seen)[: cfg.stats_max_responses]
+    scores = []
+    for i in range(0, len(texts), cfg.batch_size * 4):
+        chunk = texts[i: i + cfg.batch_size * 4]
+        ids, mask = encode(tok, [p for p, _ in chunk], [r for _, r in chunk], cfg.max_length, device)
+        scores.append(sequence_scores(model, head, ids, mask))
+    s = torch.cat(scores)
+    model.train()
+    return s.mean().item(), s.std().clamp(min=1e-6).item()
+
+
+def batch_for_step(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Example indices for a step: a fresh seeded permutation per epoch, so a resumed run sees the
+    same batches as an uninterrupted one."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[k * batch_size: (k + 1) * batch_size]
+
+
+# ---------------------------------------------------------------------------- stage
+
+def train_reward(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_dir: Path, out_dir: Path,
+                 seed: int = 0) -> RewardResult:
+    from peft import LoraConfig, get_peft_model
+    from transformers import get_cosine_schedule_with_warmup
+
+    train, evals = preference_examples(data_dir, cfg.eval_fraction)
+    if not train or not evals:
+        raise ValueError(f"the reward model needs preferences for training and held-out eval under {data_dir}/preferences")
+    device = resolve_device(model_cfg.device)
+    torch.manual_seed(seed)
+    tok = load_tokenizer(sft_dir, model_cfg, padding_side="right")
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+    model = get_peft_model(load_causal_lm(sft_dir, model_cfg, device), lora)
+    head = ScalarHead(model.config.hidden_size).to(device)
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(10, cfg.max_steps // 10), cfg.max_steps)
+
+    ckpt_root = out_dir / "checkpoints"
+    fp = checkpoint.fingerprint(cfg, sft_dir=str(sft_dir), data=str(data_dir), seed=seed, n_train=len(train))
+    start = 0
+    found = checkpoint.latest(ckpt_root, fp)
+    if found:
+        ckpt, start = found
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
+        head = ScalarHead.load(ckpt, device)[0]
+        params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, min(10, cfg.max_steps // 10), cfg.max_steps)
+        state = checkpoint.load_trainer_state(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"])
+
+    def write(d: Path) -> None:
+        model.save_pretrained(d / "adapter", safe_serialization=True)
+        head.save(d)
+        checkpoint.save_trainer_state(d, optimizer=optimizer, scheduler=scheduler, rng=checkpoint.rng_state())
+
+    model.train()
+    running = {"loss": 0.0, "acc": 0.0, "n": 0}
+    bar = tqdm(range(start, cfg.max_steps), desc="reward model", initial=start, total=cfg.max_steps, unit="step")
+    for step in bar:
+        pairs = [p for i in batch_for_step(len(train), cfg.batch_size, step, seed) for p in train[i]]
+        rc, rr, w = score_pairs(model, head, tok, pairs, cfg.max_length, device)
+        loss = bradley_terry_loss(rc, rr, w)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"reward model loss is {loss.item()} at step {step}: lower reward.learning_rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        running["loss"] += loss.item()
+        running["acc"] += pairwise_accuracy(rc.detach(), rr.detach(), w).item()
+        running["n"] += 1
+        done = step + 1
+        if done % cfg.log_steps == 0 or done == cfg.max_steps:
+            n = running["n"]
+            log_to_active_run({"rm/loss": running["loss"] / n, "rm/accuracy": running["acc"] / n,
+                               "rm/learning_rate": scheduler.get_last_lr()[0]}, done)
+            bar.set_postfix(loss=f"{running['loss'] / n:.3f}", acc=f"{running['acc'] / n:.2f}")
+            running = {"loss": 0.0, "acc": 0.0, "n": 0}
+        if done % cfg.save_steps == 0 and done < cfg.max_steps:
+            checkpoint.save(ckpt_root, done, fp, write)
+    bar.close()
+
+    metrics = evaluate(model, head, tok, evals, cfg, device)
+    mean, std = reward_stats(model, head, tok, train, cfg, device)
+    metrics.update({"rm/reward_mean": mean, "rm/reward_std": std, "rm/resumed_from_step": float(start),
+                    "rm/train_examples": float(len(train)),
+                    "rm/train_pairs": float(sum(len(ex) for ex in train))})
+    log_to_active_run(metrics, cfg.max_steps)
+
+    adapter_dir = out_dir / "adapter"
+    model.save_pretrained(adapter_dir, safe_serialization=True)
+    head.save(out_dir, reward_mean=mean, reward_std=std, base=str(sft_dir), max_length=cfg.max_length)
+    checkpoint.save(ckpt_root, cfg.max_steps, fp, write)
+    return RewardResult(str(adapter_dir), str(out_dir), metrics)

@@ -1,0 +1,116 @@
+"""Reward model: hand-computed Bradley-Terry loss and ranking expansion; on the demo (tiny, CPU) a
+held-out pairwise accuracy well above 0.8; only the LoRA adapter and head train; exact resume."""
+import json
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from components.models.loading import load_causal_lm, load_tokenizer
+from components.models.roles import ScalarHead, last_token_index, sequence_scores
+from components.training.reward import (bradley_terry_loss, encode, pairwise_accuracy, preference_examples,
+                                        ranking_to_pairs, train_reward)
+
+
+def test_ranking_to_pairs_hand_computed():
+    assert ranking_to_pairs(["a", "b", "c"]) == [("a", "b", 1 / 3), ("a", "c", 1 / 3), ("b", "c", 1 / 3)]
+    four = ranking_to_pairs(["a", "b", "c", "d"])
+    assert [(c, r) for c, r, _ in four] == [("a", "b"), ("a", "c"), ("a", "d"), ("b", "c"), ("b", "d"), ("c", "d")]
+    assert all(w == pytest.approx(1 / 6) for _, _, w in four)
+    assert ranking_to_pairs(["a", "b"]) == [("a", "b", 1.0)]
+    assert ranking_to_pairs(["a"]) == []
+
+
+def test_bradley_terry_loss_hand_computed():
+    # pair 1: margin 1 -> -log sigmoid(1) = log(1 + e^-1) = 0.3132617; pair 2: margin 0 -> log 2 = 0.6931472
+    # weights 1 and 0.5 -> (0.3132617 + 0.5 * 0.6931472) / 1.5 = 0.4398902
+    loss = bradley_terry_loss(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.5]))
+    assert loss.item() == pytest.approx(0.4398902, abs=1e-6)
+    # a ranking's pairs (weights 1/3 each) weigh as much as one pairwise example
+    one = bradley_terry_loss(torch.tensor([2.0]), torch.tensor([0.0]), torch.tensor([1.0]))
+    three = bradley_terry_loss(torch.tensor([2.0] * 3), torch.tensor([0.0] * 3), torch.full((3,), 1 / 3))
+    assert one.item() == pytest.approx(math.log1p(math.exp(-2.0)), abs=1e-6) == pytest.approx(three.item())
+
+
+def test_pairwise_accuracy_hand_computed():
+    # right, wrong, tie (counts half); weights 1, 1, 2 -> (1 + 0 + 2 * 0.5) / 4 = 0.5
+    acc = pairwise_accuracy(torch.tensor([1.0, 0.0, 3.0]), torch.tensor([0.0, 1.0, 3.0]), torch.tensor([1.0, 1.0, 2.0]))
+    assert acc.item() == pytest.approx(0.5)
+
+
+def test_last_token_index_left_and_right_padding():
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 1, 1]])
+    assert last_token_index(mask).tolist() == [1, 3, 3]
+
+
+def test_each_ranking_weighs_one_example(stages):
+    train, evals = preference_examples(stages.cfg.data_path, 0.1)
+    assert len(train) + len(evals) == stages.cfg.data.n_preferences
+    for ex in train + evals:
+        assert sum(p.weight for p in ex) == pytest.approx(1.0)
+    assert any(len(ex) > 1 for ex in train), "the demo has rankings"
+
+
+@pytest.fixture(scope="module")
+def reward(stages):
+    return train_reward(stages.cfg.reward, stages.cfg.model, stages.sft_dir, stages.cfg.data_path,
+                        stages.root / "rm", seed=stages.cfg.seed)
+
+
+def test_reward_model_ranks_held_out_preferences(reward):
+    m = reward.metrics
+    # measured 0.853 (0.84-0.86 across settings) (demo labels agree with the latent preference only 91% of the time)
+    assert m["rm/eval_accuracy"] > 0.80, m
+    assert m["rm/eval_accuracy_pairwise"] > 0.78, m
+    assert m["rm/eval_margin"] > 0.5, m
+    assert m["rm/eval_pairs"] > m["rm/eval_examples"], "rankings expanded to pairs"
+
+
+def test_reward_stats_saved_with_the_model(stages, reward):
+    meta = json.loads((Path(reward.head_dir) / "head.json").read_text())
+    assert meta["reward_std"] > 0 and math.isfinite(meta["reward_mean"])
+    assert meta["reward_mean"] == pytest.approx(reward.metrics["rm/reward_mean"])
+    assert meta["base"] == stages.sft_dir
+
+
+def test_only_lora_and_head_train(stages, reward):
+    from peft import PeftModel
+
+    cfg = stages.cfg
+    adapter = load_file(str(Path(reward.adapter_dir) / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k), "LoRA B starts at zero: it must move"
+    sft_before = load_file(str(Path(stages.sft_dir) / "model.safetensors"))
+    base = load_causal_lm(stages.sft_dir, cfg.model)
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, sft_before.get(k, v)), f"base weight {k} changed"
+    # the trained scorer orders a clearly positive and a clearly negative continuation
+    model = PeftModel.from_pretrained(base, reward.adapter_dir)
+    head, _ = ScalarHead.load(Path(reward.head_dir))
+    tok = load_tokenizer(stages.sft_dir, cfg.model)
+    ids, mask = encode(tok, ["The film was"] * 2, ["wonderful and moving, a delight.", "dull and awful, a waste."], 96, "cpu")
+    with torch.no_grad():
+        good, bad = sequence_scores(model, head, ids, mask).tolist()
+    assert good > bad
+
+
+def test_resume_from_checkpoint_matches_uninterrupted_run(stages):
+    cfg = stages.cfg
+    short = replace(cfg.reward, max_steps=30, save_steps=10, log_steps=10, stats_max_responses=64)
+    full_dir, resumed_dir = stages.root / "rm-full", stages.root / "rm-resumed"
+    full = train_reward(short, cfg.model, stages.sft_dir, cfg.data_path, full_dir, seed=1)
+    # a run killed after step 20: only the checkpoints up to step 20 exist
+    shutil.copytree(full_dir / "checkpoints" / "step-0000020", resumed_dir / "checkpoints" / "step-0000020")
+    resumed = train_reward(short, cfg.model, stages.sft_dir, cfg.data_path, resumed_dir, seed=1)
+    assert resumed.metrics["rm/resumed_from_step"] == 20 and full.metrics["rm/resumed_from_step"] == 0
+    a = load_file(str(full_dir / "head.safetensors"))
+    b = load_file(str(resumed_dir / "head.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert resumed.metrics["rm/eval_accuracy"] == pytest.approx(full.metrics["rm/eval_accuracy"], abs=1e-6)
+    # a different config does not resume from these checkpoints
+    other = train_reward(replace(short, learning_rate=1e-4), cfg.model, stages.sft_dir, cfg.data_path, resumed_dir, seed=1)
+    assert other.metrics["rm/resumed_from_step"] == 0
