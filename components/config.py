@@ -102,13 +102,44 @@ class RewardConfig:
 
 @dataclass
 class PPOConfig:
+    """LoRA PPO on one shared base (policy, reference, value, reward): see components/training/ppo.py."""
     lora: LoraConfig = field(default_factory=LoraConfig)
-    steps: int = 40
-    batch_size: int = 32
+    steps: int = 40  # PPO iterations (rollout batch -> update)
+    batch_size: int = 32  # rollouts per iteration
+    minibatch_size: int = 8
+    ppo_epochs: int = 4
     learning_rate: float = 1e-3
+    max_grad_norm: float = 1.0
+    # rollouts
     max_new_tokens: int = 24
+    max_prompt_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    missing_eos_penalty: Optional[float] = 1.0  # subtracted from the score of a response that never emits EOS
+    # objective
+    kl_estimator: str = "k1"  # k1 | k3: per-token KL to the reference in the reward
     init_kl_coef: float = 0.05
-    target_kl: float = 6.0
+    adaptive_kl: bool = True  # Ziegler et al. 2019 controller; false: fixed init_kl_coef
+    target_kl: float = 6.0  # summed KL per response the controller steers to
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    whiten_scores: bool = False  # running whitening of the (RM-normalised) score on top of the RM statistics
+    max_approx_kl: Optional[float] = 0.1  # stop an epoch's minibatches early when approx-KL exceeds this
+    # rewards: the reward model (adapter + head from the RM stage) and/or a callable by import path
+    use_reward_model: bool = True
+    reward_fn: Optional[str] = None  # "package.module:function", called as f(prompts, responses) -> list[float]
+    reward_fn_weight: float = 1.0
+    value_init: str = "reward"  # reward: value adapter + head start from the reward model (InstructGPT) | fresh
+    # guards, checkpoints, logging
+    kl_ceiling: float = 50.0  # stop with an error when the mean KL per response exceeds this (divergence)
+    save_every: int = 10
+    sample_every: int = 10  # log a table of prompts and sampled responses every N iterations
+    merge: bool = False  # also write the policy merged into the SFT weights
+    eval_max_prompts: int = 200  # held-out eval prompts scored at the end (policy vs reference)
 
 
 @dataclass

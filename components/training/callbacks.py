@@ -20,6 +20,14 @@ def log_to_active_run(metrics: dict[str, float], step: int) -> None:
         mlflow.log_metrics(clean, step=step)
 
 
+def log_table_to_active_run(columns: dict[str, list], artifact_file: str) -> None:
+    """Log a table (column -> values) as an MLflow table artifact of the active run, if there is one."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_table(data=columns, artifact_file=artifact_file)
+
+
 class MlflowNamespaceCallback(TrainerCallback):
     def __init__(self, namespace: str):
         self.namespace = namespace

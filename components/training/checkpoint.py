@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import shutil
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -79,3 +80,13 @@ def save_trainer_state(directory: Path, **objects: Any) -> None:
 
 def load_trainer_state(directory: Path) -> dict[str, Any]:
     return torch.load(directory / STATE, weights_only=True)
+
+
+def batch_for_step(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Example indices for a step: a fresh seeded permutation per epoch, so a resumed run sees the
+    same batches as an uninterrupted one."""
+    per_epoch = max(1, n // batch_size)
+    epoch, k = divmod(step, per_epoch)
+    order = list(range(n))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order[k * batch_size: (k + 1) * batch_size]

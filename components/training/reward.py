@@ -15,7 +15,7 @@ stage is restarted with the same config and inputs.
 from __future__ import annotations
 
 import math
-import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,14 +104,15 @@ def encode(tok, prompts: list[str], responses: list[str], max_length: int, devic
     return input_ids.to(device), mask.to(device)
 
 
-def score_pairs(model, head, tok, pairs: list[Pair], max_length: int, device) -> tuple[torch.Tensor, ...]:
-    """Scores of chosen and rejected in one forward: -> r_chosen (P,), r_rejected (P,), weights (P,)."""
+def score_pairs(model, head, tok, pairs: list[Pair], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Scores of chosen and rejected in one forward: -> r_chosen (P,), r_rejected (P,), weights (P,),
+    and the number of non-padding tokens scored."""
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     ids, mask = encode(tok, prompts, responses, max_length, device)
     scores = sequence_scores(model, head, ids, mask)
     weights = torch.tensor([p.weight for p in pairs], device=device)
-    return scores[: len(pairs)], scores[len(pairs):], weights
+    return scores[: len(pairs)], scores[len(pairs):], weights, int(mask.sum())
 
 
 @torch.no_grad()
@@ -120,7 +121,7 @@ def evaluate(model, head, tok, examples: list[list[Pair]], cfg: RewardConfig, de
     rc, rr, w = [], [], []
     pairs = [p for ex in examples for p in ex]
     for i in range(0, len(pairs), cfg.batch_size * 4):
-        c, r, wt = score_pairs(model, head, tok, pairs[i: i + cfg.batch_size * 4], cfg.max_length, device)
+        c, r, wt, _ = score_pairs(model, head, tok, pairs[i: i + cfg.batch_size * 4], cfg.max_length, device)
         rc.append(c), rr.append(r), w.append(wt)
     rc, rr, w = torch.cat(rc), torch.cat(rr), torch.cat(w)
     single = w == 1.0
@@ -146,16 +147,6 @@ def reward_stats(model, head, tok, examples: list[list[Pair]], cfg: RewardConfig
     s = torch.cat(scores)
     model.train()
     return s.mean().item(), s.std().clamp(min=1e-6).item()
-
-
-def batch_for_step(n: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Example indices for a step: a fresh seeded permutation per epoch, so a resumed run sees the
-    same batches as an uninterrupted one."""
-    per_epoch = max(1, n // batch_size)
-    epoch, k = divmod(step, per_epoch)
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[k * batch_size: (k + 1) * batch_size]
 
 
 # ---------------------------------------------------------------------------- stage
@@ -205,10 +196,12 @@ def train_reward(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_d
 
     model.train()
     running = {"loss": 0.0, "acc": 0.0, "n": 0}
+    tokens, started = 0, time.perf_counter()
     bar = tqdm(range(start, cfg.max_steps), desc="reward model", initial=start, total=cfg.max_steps, unit="step")
     for step in bar:
-        pairs = [p for i in batch_for_step(len(train), cfg.batch_size, step, seed) for p in train[i]]
-        rc, rr, w = score_pairs(model, head, tok, pairs, cfg.max_length, device)
+        pairs = [p for i in checkpoint.batch_for_step(len(train), cfg.batch_size, step, seed) for p in train[i]]
+        rc, rr, w, n_tokens = score_pairs(model, head, tok, pairs, cfg.max_length, device)
+        tokens += n_tokens
         loss = bradley_terry_loss(rc, rr, w)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"reward model loss is {loss.item()} at step {step}: lower reward.learning_rate")
@@ -230,10 +223,12 @@ def train_reward(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_d
         if done % cfg.save_steps == 0 and done < cfg.max_steps:
             checkpoint.save(ckpt_root, done, fp, write)
     bar.close()
+    seconds = time.perf_counter() - started
 
     metrics = evaluate(model, head, tok, evals, cfg, device)
     mean, std = reward_stats(model, head, tok, train, cfg, device)
     metrics.update({"rm/reward_mean": mean, "rm/reward_std": std, "rm/resumed_from_step": float(start),
+                    "rm/train_seconds": seconds, "rm/tokens_per_second": tokens / seconds if seconds > 0 else float("nan"),
                     "rm/train_examples": float(len(train)),
                     "rm/train_pairs": float(sum(len(ex) for ex in train))})
     log_to_active_run(metrics, cfg.max_steps)

@@ -52,7 +52,7 @@ def train_sft(cfg: SFTConfig, model_cfg: ModelConfig, base_path: str, data_dir: 
         warmup_steps=min(10, cfg.max_steps // 10), max_length=cfg.max_length, completion_only_loss=True,
         logging_steps=max(1, cfg.max_steps // 20), save_steps=cfg.save_steps, save_total_limit=2,
         eval_strategy="no", report_to=[], seed=seed, use_cpu=resolve_device(model_cfg.device).type == "cpu",
-        dataloader_num_workers=0)
+        dataloader_num_workers=0, include_num_input_tokens_seen="non_padding")
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
@@ -72,5 +72,8 @@ def train_sft(cfg: SFTConfig, model_cfg: ModelConfig, base_path: str, data_dir: 
     metrics = {"sft/eval_loss_base": before, "sft/eval_loss": after, "sft/eval_perplexity_base": math.exp(before),
                "sft/eval_perplexity": math.exp(after), "sft/train_loss": out.training_loss,
                "sft/resumed_from_step": float(int(resume.rsplit("-", 1)[-1]) if resume else 0),
-               "sft/train_examples": float(len(train)), "sft/eval_examples": float(len(evals))}
+               "sft/train_examples": float(len(train)), "sft/eval_examples": float(len(evals)),
+               "sft/train_seconds": out.metrics["train_runtime"],
+               # tokens/s of this process's steps only (a resumed run's token count includes earlier ones)
+               "sft/tokens_per_second": trainer.state.num_input_tokens_seen / out.metrics["train_runtime"] if not resume else float("nan")}
     return SFTResult(str(adapter_dir), str(merged_dir), metrics)

@@ -1,0 +1,162 @@
+"""The RL math of PPO-RLHF as pure functions on tensors (no models, no I/O), each tested against
+hand-computed values. Shapes: B = rollouts, T = response tokens. `mask` marks the response
+tokens up to and including EOS (1) versus padding after it (0).
+
+References: Ziegler et al. 2019 (adaptive KL), Schulman et al. 2016 (GAE), 2017 (PPO);
+Schulman's "Approximating KL divergence" note (k1, k3); Huang et al. 2024, "The N+ implementation
+details of RLHF with PPO" (masking, whitening, reward at the last token).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x where mask is 1: (B, T) -> scalar, or (B,) with dim=1."""
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of x where mask is 1 (Bessel-corrected by default): (B, T) -> scalar."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    n = mask.sum()
+    if unbiased and n > 1:
+        var = var * n / (n - 1)
+    return var
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; padding positions come back as 0. (B, T) -> (B, T)"""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k1 estimator of KL(policy || ref) on samples from the policy: log p - log q. (B, T)"""
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator: (r - 1) - log r with r = q/p. Unbiased, always >= 0, lower variance. (B, T)"""
+    log_r = ref_logprobs - logprobs
+    return torch.expm1(log_r) - log_r
+
+
+KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
+
+
+def rewards_with_kl(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards: -beta * KL at every response token, plus the sequence score at the last one.
+
+    scores: (B,), kl: (B, T), mask: (B, T) -> rewards (B, T), non_score_reward (B, T)
+    """
+    non_score = -beta * kl * mask
+    rewards = non_score.clone()
+    last = (mask.sum(1).long() - 1).clamp(min=0)  # (B,) index of the last response token (EOS if emitted)
+    rewards[torch.arange(rewards.shape[0]), last] += scores
+    return rewards, non_score
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over response tokens; no bootstrap past the last token.
+
+    rewards, values, mask: (B, T) -> advantages (B, T), returns (B, T) (= advantages + values); 0 on padding.
+    """
+    values = values * mask
+    rewards = rewards * mask
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = delta + gamma * lam * last
+        advantages[:, t] = last
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                cliprange: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO clipped surrogate (to minimise). (B, T) x4 -> loss, clipfrac, approx_kl (all scalars).
+
+    approx_kl = 0.5 * mean((log ratio)^2), the estimator used to stop an epoch early.
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = 0.5 * masked_mean(log_ratio ** 2, mask)
+    return loss, clipfrac, approx_kl
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss 0.5 * max((v - R)^2, (v_clip - R)^2). (B, T) x4 -> loss, clipfrac."""
+    v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped, clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), mask)
+    return loss, masked_mean((clipped > unclipped).float(), mask)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-position entropy of softmax(logits): (B, T, V) -> (B, T)."""
+    logp = torch.log_softmax(logits, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) at the given tokens: (B, T, V), (B, T) -> (B, T)."""
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@dataclass
+class AdaptiveKLController:
+    """Ziegler et al. 2019: beta <- beta * (1 + clip(KL/target - 1, -0.2, 0.2) * n / horizon).
+
+    `target=None` keeps beta fixed. `kl` is the mean summed KL per sequence of the batch; n the batch size.
+    """
+    value: float
+    target: float | None = 6.0
+    horizon: int = 10000
+
+    def update(self, kl: float, n_steps: int) -> float:
+        if self.target is not None:
+            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+
+@dataclass
+class RunningMoments:
+    """Running mean/std over all values seen (Chan et al. parallel update), for score whitening."""
+    mean: float = 0.0
+    var: float = 1.0
+    count: float = 1e-8
+
+    def update(self, x: torch.Tensor) -> None:
+        n = x.numel()
+        if n == 0:
+            return
+        b_mean, b_var = x.mean().item(), x.var(unbiased=False).item()
+        total = self.count + n
+        delta = b_mean - self.mean
+        m2 = self.var * self.count + b_var * n + delta ** 2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var, self.count = m2 / total, total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.var, 1e-12))
