@@ -118,10 +118,10 @@ class PPOConfig:
     missing_eos_penalty: Optional[float] = 1.0  # subtracted from the score of a response that never emits EOS
     # objective
     kl_estimator: str = "k1"  # k1 | k3: per-token KL to the reference in the reward
-    init_kl_coef: float = 0.05
+    init_kl_coef: float = 0.1  # demo/tiny: 0.05 let the KL overshoot to ~13 before the controller caught up
     adaptive_kl: bool = True  # Ziegler et al. 2019 controller; false: fixed init_kl_coef
     target_kl: float = 6.0  # summed KL per response the controller steers to
-    kl_horizon: int = 10000
+    kl_horizon: int = 500  # Ziegler et al. used 10000 for long runs; a demo run is ~1300 rollouts
     gamma: float = 1.0
     lam: float = 0.95
     cliprange: float = 0.2
