@@ -130,6 +130,11 @@ def cmd_run(args, overrides: list[str]) -> int:
           f"validated {sum(v['rows'].values())} rows, 0 problems")
     if v["docs_index"]:
         print(f"  Data Docs: {v['docs_index']}")
+    m = s["ppo_metrics"]
+    if "ppo/eval_reward" in m:
+        print(f"  PPO on {int(m['ppo/eval_prompts'])} held-out prompts: reward {m['ppo/eval_reward']:+.2f} "
+              f"(SFT {m['ppo/eval_reward_ref']:+.2f}), KL to SFT {m['ppo/eval_kl']:.2f}")
+    print(f"  policy adapter: {s['policy']}\n  SFT model: {s['sft']}\n  reward model: {s['reward']}")
     print(f"  {_where(cfg)}")
     return 0
 

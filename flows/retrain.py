@@ -1,15 +1,23 @@
 """Flow `retrain`: the pipeline, one Prefect task per stage, one MLflow child run per stage.
 
-    prepare data (dvc pull or demo) -> validate (Great Expectations) -> ... training stages
+    prepare data (dvc pull or demo) -> validate (Great Expectations) -> [demo base] -> SFT (LoRA)
+    -> reward model (LoRA + head) -> PPO (LoRA, one shared base)
 
 Flows wire components; they hold no tensor code. A stage's child run is nested under
 one parent run per pipeline run; params are the flattened resolved config.
+
+Each training stage writes to `<state>/stages/<stage>-<key>`, the key a hash of the data version,
+the stage's config, the model config and the upstream stage's output: a killed run restarted with
+the same inputs resumes from the stage's last checkpoint.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 from prefect import flow, get_run_logger, task
@@ -19,6 +27,10 @@ from components import tracking
 from components.config import Config, to_yaml
 from components.data.validation import validate_dataset
 from components.data.versioning import DataState, DataVersionError, ensure_data
+from components.models.demo_base import build_demo_base
+from components.training.ppo import PPODivergence, train_ppo
+from components.training.reward import train_reward
+from components.training.sft import train_sft
 
 
 @dataclass
@@ -60,6 +72,94 @@ def validate(cfg: Config, data: DataState, parent_run_id: str) -> ValidationSumm
                                  str(report.docs_index) if report.docs_index else None, run.info.run_id)
 
 
+def stage_dir(cfg: Config, stage: str, **inputs: Any) -> Path:
+    blob = json.dumps(inputs, sort_keys=True, default=str)
+    return cfg.state_path / "stages" / f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+def start_stage_run(stage: str, parent_run_id: str, data: DataState, params: dict[str, Any]):
+    run = mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id)
+    mlflow.set_tags({"stage": stage, "data_version": data.version})
+    flat = tracking.flatten(params, prefix=f"{stage}.")
+    for i in range(0, len(flat), 100):
+        mlflow.log_params(dict(list(flat.items())[i: i + 100]))
+    return run
+
+
+@task(name="base-model")
+def base_model(cfg: Config, data: DataState, parent_run_id: str) -> str:
+    """The base weights: a hub id / local path as configured, or the demo base built (cached) on the corpus."""
+    if not cfg.model.build_demo_base:
+        return cfg.model.name_or_path
+    with start_stage_run("base", parent_run_id, data, asdict(cfg.model)):
+        result = build_demo_base(cfg.model, cfg.data_path, data.version, cfg.state_path / "models", seed=cfg.seed)
+        mlflow.log_metrics({"base/params": result.params, "base/built": float(result.built), **result.metrics})
+        mlflow.set_tag("base_path", result.path)
+        get_run_logger().info("base model %s (%s): %s", cfg.model.name, "built" if result.built else "cached", result.path)
+        return result.path
+
+
+@task(name="sft")
+def sft(cfg: Config, data: DataState, base_path: str, parent_run_id: str) -> str:
+    out = stage_dir(cfg, "sft", data=data.version, sft=asdict(cfg.sft), model=asdict(cfg.model), base=base_path, seed=cfg.seed)
+    with start_stage_run("sft", parent_run_id, data, asdict(cfg.sft)):
+        result = train_sft(cfg.sft, cfg.model, base_path, cfg.data_path, out, seed=cfg.seed)
+        mlflow.set_tags({"adapter_dir": result.adapter_dir, "merged_dir": result.merged_dir})
+        get_run_logger().info("SFT: held-out loss %.3f -> %.3f; adapter %s",
+                              result.metrics["sft/eval_loss_base"], result.metrics["sft/eval_loss"], result.adapter_dir)
+        return result.merged_dir
+
+
+@task(name="reward-model")
+def reward_model(cfg: Config, data: DataState, sft_dir: str, parent_run_id: str) -> str:
+    out = stage_dir(cfg, "reward", data=data.version, reward=asdict(cfg.reward), model=asdict(cfg.model), sft=sft_dir, seed=cfg.seed)
+    with start_stage_run("reward", parent_run_id, data, asdict(cfg.reward)):
+        result = train_reward(cfg.reward, cfg.model, sft_dir, cfg.data_path, out, seed=cfg.seed)
+        mlflow.set_tags({"adapter_dir": result.adapter_dir, "head_dir": result.head_dir})
+        get_run_logger().info("reward model: held-out pairwise accuracy %.3f, margin %.2f",
+                              result.metrics["rm/eval_accuracy"], result.metrics["rm/eval_margin"])
+        return result.head_dir
+
+
+@task(name="ppo")
+def ppo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str) -> dict[str, Any]:
+    out = stage_dir(cfg, "ppo", data=data.version, ppo=asdict(cfg.ppo), model=asdict(cfg.model), sft=sft_dir,
+                    reward=reward_dir, seed=cfg.seed)
+    with start_stage_run("ppo", parent_run_id, data, asdict(cfg.ppo)):
+        try:
+            result = train_ppo(cfg.ppo, cfg.model, sft_dir, reward_dir if cfg.ppo.use_reward_model else None,
+                               cfg.data_path, out, seed=cfg.seed)
+        except PPODivergence:
+            mlflow.set_tag("outcome", "diverged")
+            raise
+        mlflow.log_figure(curves(result.history), "ppo_curves.png")
+        mlflow.set_tags({"policy_dir": result.policy_dir, "value_dir": result.value_dir})
+        m = result.metrics
+        get_run_logger().info("PPO: eval reward %.2f (SFT %.2f), KL %.2f; policy %s", m.get("ppo/eval_reward", float("nan")),
+                              m.get("ppo/eval_reward_ref", float("nan")), m.get("ppo/eval_kl", float("nan")), result.policy_dir)
+        return {"policy_dir": result.policy_dir, "metrics": result.metrics}
+
+
+def curves(history: list[dict[str, float]]):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    steps = range(1, len(history) + 1)
+    for ax, keys, title in ((axes[0], ("ppo/score_mean",), "reward-model score"),
+                            (axes[1], ("ppo/kl", "ppo/kl_k3"), "KL to the reference (per response)"),
+                            (axes[2], ("ppo/beta",), "KL coefficient beta")):
+        for k in keys:
+            ax.plot(steps, [h[k] for h in history], label=k.split("/")[1])
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 @flow(name="retrain", log_prints=True, validate_parameters=False)
 def retrain(cfg: Config):
     """The pipeline. Returns a summary dict; a Failed state (with the reason) on bad data."""
@@ -80,5 +180,15 @@ def retrain(cfg: Config):
             mlflow.set_tag("outcome", "invalid data")
             return Failed(message=f"data validation failed ({validation.problems} problem(s)); no training ran.\n"
                                   f"{validation.report}", data=summary)
-        mlflow.set_tag("outcome", "validated")
-        return Completed(data=summary, message="data validated")
+        base_path = base_model(cfg, data, parent.info.run_id)
+        sft_dir = sft(cfg, data, base_path, parent.info.run_id)
+        reward_dir = reward_model(cfg, data, sft_dir, parent.info.run_id)
+        try:
+            policy = ppo(cfg, data, sft_dir, reward_dir, parent.info.run_id)
+        except PPODivergence as e:
+            mlflow.set_tag("outcome", "PPO diverged")
+            return Failed(message=str(e), data=summary)
+        summary.update(base=base_path, sft=sft_dir, reward=reward_dir, policy=policy["policy_dir"],
+                       ppo_metrics=policy["metrics"])
+        mlflow.set_tag("outcome", "trained")
+        return Completed(data=summary, message="trained")

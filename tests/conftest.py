@@ -20,11 +20,17 @@ for key, value in {
 from components.config import Config, compose  # noqa: E402
 
 
+# Flow tests exercise the wiring, not the learning (tests/training covers that): a few steps per stage.
+FAST_STAGES = ("model.pretrain_steps=30", "sft.max_steps=10", "sft.save_steps=10", "reward.max_steps=10",
+               "reward.save_steps=10", "reward.stats_max_responses=64", "ppo.steps=2", "ppo.batch_size=8",
+               "ppo.minibatch_size=4", "ppo.ppo_epochs=1", "ppo.eval_max_prompts=8")
+
+
 def make_project(root: Path, *overrides: str) -> Config:
-    """A fresh project dir: a git repo (as a clone would be) with the small demo config."""
+    """A fresh project dir: a git repo (as a clone would be) with the small demo config and fast stages."""
     root.mkdir(parents=True, exist_ok=True)
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    return compose([f"root={root}", "data=demo_small", *overrides])
+    return compose([f"root={root}", "data=demo_small", *FAST_STAGES, *overrides])
 
 
 @pytest.fixture

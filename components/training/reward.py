@@ -120,8 +120,8 @@ def evaluate(model, head, tok, examples: list[list[Pair]], cfg: RewardConfig, de
     model.eval()
     rc, rr, w = [], [], []
     pairs = [p for ex in examples for p in ex]
-    for i in range(0, len(pairs), cfg.batch_size * 4):
-        c, r, wt, _ = score_pairs(model, head, tok, pairs[i: i + cfg.batch_size * 4], cfg.max_length, device)
+    for i in range(0, len(pairs), cfg.micro_batch_pairs):
+        c, r, wt, _ = score_pairs(model, head, tok, pairs[i: i + cfg.micro_batch_pairs], cfg.max_length, device)
         rc.append(c), rr.append(r), w.append(wt)
     rc, rr, w = torch.cat(rc), torch.cat(rr), torch.cat(w)
     single = w == 1.0
@@ -140,8 +140,8 @@ def reward_stats(model, head, tok, examples: list[list[Pair]], cfg: RewardConfig
     seen = dict.fromkeys((p.prompt, r) for ex in examples for p in ex for r in (p.chosen, p.rejected))
     texts = list(seen)[: cfg.stats_max_responses]
     scores = []
-    for i in range(0, len(texts), cfg.batch_size * 4):
-        chunk = texts[i: i + cfg.batch_size * 4]
+    for i in range(0, len(texts), cfg.micro_batch_pairs):
+        chunk = texts[i: i + cfg.micro_batch_pairs]
         ids, mask = encode(tok, [p for p, _ in chunk], [r for _, r in chunk], cfg.max_length, device)
         scores.append(sequence_scores(model, head, ids, mask))
     s = torch.cat(scores)
@@ -200,18 +200,26 @@ def train_reward(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_d
     bar = tqdm(range(start, cfg.max_steps), desc="reward model", initial=start, total=cfg.max_steps, unit="step")
     for step in bar:
         pairs = [p for i in checkpoint.batch_for_step(len(train), cfg.batch_size, step, seed) for p in train[i]]
-        rc, rr, w, n_tokens = score_pairs(model, head, tok, pairs, cfg.max_length, device)
-        tokens += n_tokens
-        loss = bradley_terry_loss(rc, rr, w)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"reward model loss is {loss.item()} at step {step}: lower reward.learning_rate")
+        # A ranking of K expands to C(K,2) pairs, so a step's pair count varies; micro-batches of at most
+        # `micro_batch_pairs` keep memory bounded. Each chunk's loss is scaled by its share of the weight,
+        # so the accumulated gradient is exactly that of the whole batch.
+        total_w = sum(p.weight for p in pairs)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, correct = 0.0, 0.0
+        for i in range(0, len(pairs), cfg.micro_batch_pairs):
+            rc, rr, w, n_tokens = score_pairs(model, head, tok, pairs[i: i + cfg.micro_batch_pairs], cfg.max_length, device)
+            tokens += n_tokens
+            chunk = bradley_terry_loss(rc, rr, w) * (w.sum() / total_w)
+            if not torch.isfinite(chunk):
+                raise FloatingPointError(f"reward model loss is {chunk.item()} at step {step}: lower reward.learning_rate")
+            chunk.backward()
+            loss += chunk.item()
+            correct += (pairwise_accuracy(rc.detach(), rr.detach(), w) * w.sum() / total_w).item()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        running["loss"] += loss.item()
-        running["acc"] += pairwise_accuracy(rc.detach(), rr.detach(), w).item()
+        running["loss"] += loss
+        running["acc"] += correct
         running["n"] += 1
         done = step + 1
         if done % cfg.log_steps == 0 or done == cfg.max_steps:

@@ -14,7 +14,7 @@ from pathlib import Path
 from components.config import ModelConfig, SFTConfig
 from components.data.schemas import held_out, read_jsonl, shard_files
 from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
-from components.training.callbacks import MlflowNamespaceCallback
+from components.training.callbacks import MlflowNamespaceCallback, log_to_active_run
 
 
 @dataclass
@@ -76,4 +76,5 @@ def train_sft(cfg: SFTConfig, model_cfg: ModelConfig, base_path: str, data_dir: 
                "sft/train_seconds": out.metrics["train_runtime"],
                # tokens/s of this process's steps only (a resumed run's token count includes earlier ones)
                "sft/tokens_per_second": trainer.state.num_input_tokens_seen / out.metrics["train_runtime"] if not resume else float("nan")}
+    log_to_active_run(metrics, cfg.max_steps)
     return SFTResult(str(adapter_dir), str(merged_dir), metrics)

@@ -45,6 +45,23 @@ def test_retrain_records_a_validation_run_in_mlflow(project):
     assert child.data.metrics["data/rows_demonstrations"] == 300
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(child.info.run_id)}
     assert {"data_docs", "validation_report.txt"} <= artifacts
+    # every training stage is a child run with its metrics; PPO curves go to MLflow as a plot
+    stages = {c.data.tags.get("stage"): c for c in children}
+    assert {"validate", "base", "sft", "reward", "ppo"} <= set(stages)
+    assert "sft/eval_loss" in stages["sft"].data.metrics and "rm/eval_accuracy" in stages["reward"].data.metrics
+    assert {"ppo/kl", "ppo/eval_reward", "ppo/eval_reward_ref"} <= set(stages["ppo"].data.metrics)
+    assert stages["ppo"].data.params["ppo.steps"] == "2"
+    assert "ppo_curves.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(stages["ppo"].info.run_id)}
+    assert (project.root_path / summary["policy"] / "adapter_model.safetensors").is_file()
+
+
+def test_ppo_divergence_fails_the_run_with_the_reason(tmp_path):
+    from tests.conftest import make_project
+
+    project = make_project(tmp_path / "proj", "ppo.kl_ceiling=1e-6")
+    state = retrain(project, return_state=True)
+    assert state.is_failed()
+    assert "diverged" in state.message and "No policy was written" in state.message
 
 
 def test_retrain_stops_on_bad_data(project):

@@ -108,3 +108,11 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(stages):
     # a different config does not resume from these checkpoints
     other = train_reward(replace(short, learning_rate=1e-4), cfg.model, stages.sft_dir, cfg.data_path, resumed_dir, seed=1)
     assert other.metrics["rm/resumed_from_step"] == 0
+
+
+def test_micro_batches_add_up_to_the_whole_batch_loss():
+    # the training loop scales each chunk's loss by its share of the weight: the sum is the batch loss
+    torch.manual_seed(0)
+    rc, rr, w = torch.randn(10), torch.randn(10), torch.tensor([1.0, 1 / 3, 1 / 3, 1 / 3, 1.0, 0.1, 0.1, 0.1, 0.1, 1.0])
+    chunks = sum(bradley_terry_loss(rc[i:i + 4], rr[i:i + 4], w[i:i + 4]) * w[i:i + 4].sum() / w.sum() for i in range(0, 10, 4))
+    assert chunks.item() == pytest.approx(bradley_terry_loss(rc, rr, w).item(), abs=1e-6)
