@@ -160,7 +160,7 @@ def curves(history: list[dict[str, float]]):
     return fig
 
 
-@flow(name="retrain", log_prints=True, validate_parameters=False)
+@flow(name="retrain", validate_parameters=False)  # no log_prints: it turns library bytecode dumps (datasets hashing) into log lines
 def retrain(cfg: Config):
     """The pipeline. Returns a summary dict; a Failed state (with the reason) on bad data."""
     tracking.setup(cfg)
