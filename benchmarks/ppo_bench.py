@@ -15,20 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, rss_mb, spawn, write_results  # noqa: E402
 
 
 def prepare(model: str, work: Path):
@@ -67,12 +61,65 @@ def run_shared(cfg, sft_dir: str, rm_dir: str, iterations: int, work: Path) -> d
             "response_length": mean("ppo/response_length")}
 
 
-def run_separate(cfg, sft_dir: str, rm_dir: str, full: bool) -> dict:
-    """One PPO iteration's work with four separate models in memory."""
+def one_iteration(p, tok, prompts, policy, policy_logits, reference_logits, reward_scores, value_fwd, params) -> None:
+    """The memory-relevant work of one PPO iteration, the same for every design: sample, score with
+    reference / reward / value, then one epoch of minibatch updates of policy and value."""
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
 
     from components.models.generation import sample
+
+    opt = torch.optim.AdamW(params, lr=p.learning_rate)
+    ro = sample(policy, tok, prompts, p.max_new_tokens, p.temperature, p.top_p, p.max_prompt_tokens)
+    seq, mask, q = ro.sequence, ro.sequence_mask, ro.query.shape[1]
+    with torch.no_grad():
+        policy_logits(seq, mask), reference_logits(seq, mask), reward_scores(seq, mask), value_fwd(seq, mask)
+    for mb in torch.arange(len(prompts)).split(p.minibatch_size):
+        logits = policy_logits(seq[mb], mask[mb])[:, q - 1: -1]
+        v = value_fwd(seq[mb], mask[mb])[:, q - 1: -1]
+        loss = torch.log_softmax(logits, -1).mean() + v.pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def run_shared_iteration(cfg, sft_dir: str, rm_dir: str) -> dict:
+    """One iteration with the shared design: one base, adapters policy/value/reward, reference = adapters off."""
+    from components.models.roles import activate, hidden_states, position_ids, sequence_scores
+    from components.training.ppo import TRAINABLE, build_roles, prompts_of
+    from components.models.loading import resolve_device
+
+    roles = build_roles(cfg.ppo, cfg.model, sft_dir, rm_dir, resolve_device(cfg.model.device))
+    model = roles.model
+
+    def logits(seq, mask, adapter="policy"):
+        activate(model, adapter, TRAINABLE)
+        return model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
+
+    def reference(seq, mask):
+        with model.disable_adapter():
+            out = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
+        activate(model, "policy", TRAINABLE)
+        return out
+
+    def reward(seq, mask):
+        activate(model, "reward", TRAINABLE)
+        return sequence_scores(model, roles.reward_head, seq, mask)
+
+    def value(seq, mask):
+        activate(model, "value", TRAINABLE)
+        return roles.value_head(hidden_states(model, seq, mask))
+
+    params = [x for x in model.parameters() if x.requires_grad] + list(roles.value_head.parameters())
+    activate(model, "policy", TRAINABLE)
+    one_iteration(cfg.ppo, roles.tok, prompts_of(cfg.data_path, "prompts")[: cfg.ppo.batch_size], model, logits,
+                  reference, reward, value, params)
+    return {"copies": 1, "trainable_params": sum(x.numel() for x in params)}
+
+
+def run_separate(cfg, sft_dir: str, rm_dir: str, full: bool) -> dict:
+    """One PPO iteration's work with four separate models in memory."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
     from components.models.loading import load_causal_lm, load_tokenizer
     from components.models.roles import ScalarHead, hidden_states, position_ids, sequence_scores
     from components.training.ppo import prompts_of
@@ -89,21 +136,11 @@ def run_separate(cfg, sft_dir: str, rm_dir: str, full: bool) -> dict:
     reward_head, _ = ScalarHead.load(Path(rm_dir))
     value_head = ScalarHead(policy.config.hidden_size)
     params = [x for m in (policy, value, value_head) for x in m.parameters() if x.requires_grad]
-    opt = torch.optim.AdamW(params, lr=p.learning_rate)
-    prompts = prompts_of(cfg.data_path, "prompts")[: p.batch_size]
-    ro = sample(policy, tok, prompts, p.max_new_tokens, p.temperature, p.top_p, p.max_prompt_tokens)
-    seq, mask, q = ro.sequence, ro.sequence_mask, ro.query.shape[1]
-    with torch.no_grad():
-        reference(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
-        sequence_scores(reward, reward_head, seq, mask)
-        value_head(hidden_states(value, seq, mask))
-    for mb in torch.arange(len(prompts)).split(p.minibatch_size):
-        logits = policy(input_ids=seq[mb], attention_mask=mask[mb], position_ids=position_ids(mask[mb])).logits[:, q - 1: -1]
-        v = value_head(hidden_states(value, seq[mb], mask[mb])[:, q - 1: -1])
-        loss = torch.log_softmax(logits, -1).mean() + v.pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    one_iteration(p, tok, prompts_of(cfg.data_path, "prompts")[: p.batch_size], policy,
+                  lambda seq, mask: policy(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits,
+                  lambda seq, mask: reference(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits,
+                  lambda seq, mask: sequence_scores(reward, reward_head, seq, mask),
+                  lambda seq, mask: value_head(hidden_states(value, seq, mask)), params)
     return {"copies": 4, "trainable_params": sum(x.numel() for x in params)}
 
 
@@ -120,6 +157,8 @@ def one(kind: str, model: str, iterations: int, work: Path) -> dict:
     t = time.perf_counter()
     if kind == "shared":
         out = run_shared(cfg, sft_dir, rm_dir, iterations, work)
+    elif kind == "shared-iteration":
+        out = run_shared_iteration(cfg, sft_dir, rm_dir)
     else:
         out = run_separate(cfg, sft_dir, rm_dir, full=kind == "separate-full")
     out.update(kind=kind, model=model, seconds=time.perf_counter() - t, baseline_rss_mb=baseline, peak_rss_mb=rss_mb())
@@ -127,15 +166,6 @@ def one(kind: str, model: str, iterations: int, work: Path) -> dict:
     if torch.cuda.is_available():
         out.update(cuda_peak_mb=torch.cuda.max_memory_allocated() / 2**20, gpu=torch.cuda.get_device_name())
     return out
-
-
-def spawn(kind: str, model: str, iterations: int, work: Path) -> dict:
-    cmd = [sys.executable, __file__, "--one", kind, model, "--iterations", str(iterations), "--work", str(work)]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if proc.returncode or line is None:
-        sys.exit(f"{kind}/{model} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(line.removeprefix("RESULT "))
 
 
 def main() -> None:
@@ -151,32 +181,26 @@ def main() -> None:
         print("RESULT " + json.dumps(one(*args.one, args.iterations, work)))
         return
 
-    import torch
-
     for model in sorted(set(args.models) | {args.memory_model}):  # build inputs once, outside the measurements
         subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
-                        f"from benchmarks.ppo_bench import prepare; from pathlib import Path; prepare({model!r}, Path({str(work)!r}))"],
+                        f"sys.path.insert(0, {str(REPO / 'benchmarks')!r}); from ppo_bench import prepare; from pathlib import Path; prepare({model!r}, Path({str(work)!r}))"],
                        cwd=REPO, check=True, capture_output=True, env={**os.environ, "TQDM_DISABLE": "1"})
     speed = []
     for model in args.models:
-        r = spawn("shared", model, args.iterations, work)
+        r = spawn(__file__, ["--one", "shared", model, "--iterations", str(args.iterations), "--work", str(work)])
         speed.append(r)
         print(f"{model:>6} PPO iteration (batch {r['batch_size']}, <= {r['max_new_tokens']} new tokens): "
               f"generate {r['time_generate']:.2f} s, score {r['time_score']:.2f} s, train {r['time_train']:.2f} s; "
               f"{r['tokens_per_second']:,.0f} tokens/s overall, {r['generate_tokens_per_second']:,.0f} generated tokens/s", flush=True)
-    memory = {kind: spawn(kind, args.memory_model, 2, work) for kind in ("shared", "separate-lora", "separate-full")}
-    key = "cuda_peak_mb" if "cuda_peak_mb" in memory["shared"] else "peak_over_baseline_mb"
+    memory = {kind: spawn(__file__, ["--one", kind, args.memory_model, "--iterations", "2", "--work", str(work)])
+              for kind in ("shared-iteration", "separate-lora", "separate-full")}
+    key = "cuda_peak_mb" if "cuda_peak_mb" in memory["shared-iteration"] else "peak_over_baseline_mb"
     for kind, r in memory.items():
-        print(f"{args.memory_model:>6} {kind:>13}: peak {r[key]:,.0f} MB ({key}), "
-              f"x{r[key] / memory['shared'][key]:.2f} of shared", flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "ppo_bench.json"
-    path.write_text(json.dumps({"host": {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                                         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-                                "speed": speed, "memory": memory, "memory_metric": key,
-                                "memory_ratio_separate_lora": memory["separate-lora"][key] / memory["shared"][key],
-                                "memory_ratio_separate_full": memory["separate-full"][key] / memory["shared"][key]}, indent=2))
-    print(f"wrote {path.relative_to(REPO)}")
+        print(f"{args.memory_model:>6} {kind:>16}: peak {r[key]:,.0f} MB ({key}), "
+              f"x{r[key] / memory['shared-iteration'][key]:.2f} of shared", flush=True)
+    write_results("ppo_bench", {"speed": speed, "memory": memory, "memory_metric": key,
+                                "memory_ratio_separate_lora": memory["separate-lora"][key] / memory["shared-iteration"][key],
+                                "memory_ratio_separate_full": memory["separate-full"][key] / memory["shared-iteration"][key]})
 
 
 if __name__ == "__main__":

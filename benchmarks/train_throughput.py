@@ -12,20 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-
-
-def rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import rss_mb, spawn, write_results  # noqa: E402
 
 
 def one(model: str, stage: str, steps: int, work: Path) -> dict:
@@ -80,27 +73,14 @@ def main() -> None:
     rows = []
     for model in args.models:
         for stage in ("base", "sft", "rm"):
-            cmd = [sys.executable, __file__, "--one", model, stage, "--steps", str(args.steps), "--work", str(work)]
-            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-            line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if proc.returncode or line is None:
-                sys.exit(f"{model}/{stage} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-            row = json.loads(line.removeprefix("RESULT "))
+            row = spawn(__file__, ["--one", model, stage, "--steps", str(args.steps), "--work", str(work)])
             rows.append(row)
             if stage != "base":
                 print(f"{model:>6} {stage:>4}: {row['tokens_per_second']:>9,.0f} tokens/s  {row['seconds']:6.1f} s "
                       f"for {row['steps']} steps  peak RSS {row['peak_rss_mb']:,.0f} MB "
                       f"(runtime baseline {row['baseline_rss_mb']:,.0f} MB)"
                       + (f"  CUDA peak {row['cuda_peak_mb']:,.0f} MB" if "cuda_peak_mb" in row else ""), flush=True)
-    import torch
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "train_throughput.json"
-    path.write_text(json.dumps({"host": {"machine": platform.machine(), "cpus": os.cpu_count(),
-                                         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                                         "torch": torch.__version__},
-                                "steps": args.steps, "rows": rows}, indent=2))
-    print(f"wrote {path.relative_to(REPO)}")
+    write_results("train_throughput", {"steps": args.steps, "rows": rows})
 
 
 if __name__ == "__main__":
