@@ -95,6 +95,8 @@ def base_model(cfg: Config, data: DataState, parent_run_id: str) -> str:
         result = build_demo_base(cfg.model, cfg.data_path, data.version, cfg.state_path / "models", seed=cfg.seed)
         mlflow.log_metrics({"base/params": result.params, "base/built": float(result.built), **result.metrics})
         mlflow.set_tag("base_path", result.path)
+        if result.built:  # the first run that builds it keeps a copy in MLflow; later runs point at the cache
+            mlflow.log_artifacts(result.path, artifact_path="base_model")
         get_run_logger().info("base model %s (%s): %s", cfg.model.name, "built" if result.built else "cached", result.path)
         return result.path
 

@@ -118,7 +118,19 @@ def test_divergence_stops_with_a_clear_error_and_writes_no_policy(stages, reward
 def test_programmatic_reward_without_reward_model(stages):
     cfg = small(stages.cfg.ppo, use_reward_model=False, value_init="fresh", steps=2,
                 reward_fn="components.evaluation.judges:sentiment")
-    result = train_ppo(cfg, stages.cfg.model, stages.sft_dir, None, stages.cfg.data_path, stages.root / "ppo-fn")
+    result = train_ppo(replace(cfg, merge=True), stages.cfg.model, stages.sft_dir, None, stages.cfg.data_path,
+                       stages.root / "ppo-fn")
     assert len(result.history) == 2 and all(-3 < h["ppo/reward_mean"] < 3 for h in result.history)
+    # the merged policy is the SFT base + policy adapter folded in: same logits as the adapter model
+    from peft import PeftModel
+
+    from components.models.loading import load_causal_lm
+
+    ids = torch.tensor([[5, 17, 42, 99, 7]])
+    with torch.no_grad():
+        merged = load_causal_lm(result.merged_dir, stages.cfg.model)(input_ids=ids).logits
+        adapter = PeftModel.from_pretrained(load_causal_lm(stages.sft_dir, stages.cfg.model), result.policy_dir)(input_ids=ids).logits
+        base = load_causal_lm(stages.sft_dir, stages.cfg.model)(input_ids=ids).logits
+    assert torch.allclose(merged, adapter, atol=1e-4) and not torch.allclose(merged, base, atol=1e-4)
     with pytest.raises(ValueError, match="needs a reward"):
         train_ppo(replace(cfg, reward_fn=None), stages.cfg.model, stages.sft_dir, None, stages.cfg.data_path, stages.root / "x")
