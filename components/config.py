@@ -145,10 +145,20 @@ class PPOConfig:
 
 @dataclass
 class GateConfig:
+    """Evaluation on the frozen eval prompts, then the thresholds a candidate must meet to be registered."""
     approval: str = "auto"  # auto | manual
-    min_reward_gain: float = 0.0
-    min_win_rate: float = 0.5
-    max_kl: float = 20.0
+    # thresholds: candidate vs the champion (vs the SFT policy when there is no champion)
+    min_reward_gain: float = 0.0  # mean reward-model score (RM std units), candidate minus baseline
+    min_win_rate: float = 0.5  # share of eval prompts where the RM prefers the candidate's response
+    min_judge_gain: Optional[float] = 0.0  # mean independent-judge score, candidate minus baseline (None: not gated)
+    max_kl: float = 20.0  # the candidate's KL to its SFT reference (nats per response)
+    # evaluation
+    judge: Optional[str] = "components.evaluation.judges:sentiment"  # f(prompts, responses) -> scores; not the RM
+    max_prompts: int = 200
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    samples_per_prompt: int = 1
+    seed: int = 1234
 
 
 @dataclass

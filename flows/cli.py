@@ -135,6 +135,20 @@ def cmd_run(args, overrides: list[str]) -> int:
         print(f"  PPO on {int(m['ppo/eval_prompts'])} held-out prompts: reward {m['ppo/eval_reward']:+.2f} "
               f"(SFT {m['ppo/eval_reward_ref']:+.2f}), KL to SFT {m['ppo/eval_kl']:.2f}")
     print(f"  policy adapter: {s['policy']}\n  SFT model: {s['sft']}\n  reward model: {s['reward']}")
+    print("\n" + s["gate"]["summary"])
+    reg = s.get("registered")
+    if reg:
+        print(f"\n✓ registered {reg['name']} version {reg['version']}, alias {reg['alias']}"
+              + (f" (previous champion v{reg['previous_champion']})" if reg.get("previous_champion") else ""))
+        from components import tracking
+
+        venv = Path(sys.executable).parent  # `mlflow models serve` starts uvicorn from PATH
+        print(f"  serve it: PATH={venv}:$PATH MLFLOW_TRACKING_URI={tracking.tracking_uri(cfg)} mlflow models serve "
+              f"-m models:/{reg['name']}@{reg['alias']} --env-manager local -p 5001")
+        print("  then:     curl -s localhost:5001/invocations -H 'Content-Type: application/json' "
+              "-d '{\"inputs\": [\"The film was\"], \"params\": {\"max_new_tokens\": 24}}'")
+    else:
+        print(f"\n✗ not promoted because {'; '.join(s['gate']['reasons'])} (the registry is unchanged)")
     print(f"  {_where(cfg)}")
     return 0
 

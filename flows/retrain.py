@@ -1,7 +1,8 @@
 """Flow `retrain`: the pipeline, one Prefect task per stage, one MLflow child run per stage.
 
     prepare data (dvc pull or demo) -> validate (Great Expectations) -> [demo base] -> SFT (LoRA)
-    -> reward model (LoRA + head) -> PPO (LoRA, one shared base)
+    -> reward model (LoRA + head) -> PPO (LoRA, one shared base) -> evaluate vs champion -> gate
+    -> register (alias challenger) -> promote (alias champion, gate.approval=auto)
 
 Flows wire components; they hold no tensor code. A stage's child run is nested under
 one parent run per pipeline run; params are the flattened resolved config.
@@ -27,8 +28,11 @@ from components import tracking
 from components.config import Config, to_yaml
 from components.data.validation import validate_dataset
 from components.data.versioning import DataState, DataVersionError, ensure_data
+from components.evaluation.evaluate import PolicySpec, evaluate_policies, generations_table, win_rate
+from components.evaluation.gate import decide
+from components.registry import registry
 from components.models.demo_base import build_demo_base
-from components.training.ppo import PPODivergence, train_ppo
+from components.training.ppo import PPODivergence, prompts_of, train_ppo
 from components.training.reward import train_reward
 from components.training.sft import train_sft
 
@@ -142,6 +146,50 @@ def ppo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_
         return {"policy_dir": result.policy_dir, "metrics": result.metrics}
 
 
+def champion_spec(cfg: Config) -> tuple[PolicySpec | None, str | None]:
+    """The current champion's own base + adapter, from its registered (self-contained) model."""
+    version = registry.alias_version(cfg.tracking.registered_model_name, registry.CHAMPION)
+    if version is None:
+        return None, None
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{cfg.tracking.registered_model_name}/{version}"))
+    paths = registry.artifact_paths(local)
+    return PolicySpec("champion", paths["base"], paths.get("adapter")), version
+
+
+@task(name="evaluate")
+def evaluate(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, policy_dir: str, parent_run_id: str) -> dict[str, Any]:
+    """Candidate vs champion (vs the SFT policy when there is none) on the frozen eval prompts, then the gate."""
+    with start_stage_run("evaluate", parent_run_id, data, asdict(cfg.gate)):
+        champion, champion_version = champion_spec(cfg)
+        specs = [PolicySpec("sft", sft_dir), PolicySpec("candidate", sft_dir, policy_dir)] + ([champion] if champion else [])
+        evals = evaluate_policies(specs, sft_dir, reward_dir, prompts_of(cfg.data_path, "eval"), cfg.gate, cfg.model)
+        baseline = "champion" if champion else "sft"
+        verdict = decide(evals["candidate"].metrics, evals[baseline].metrics,
+                         win_rate(evals["candidate"].rewards, evals[baseline].rewards),
+                         f"champion v{champion_version}" if champion else "the SFT policy", cfg.gate)
+        mlflow.log_metrics({f"eval/{name}/{k}": v for name, e in evals.items() for k, v in e.metrics.items()
+                            if v == v} | verdict.metrics())
+        mlflow.log_table(generations_table(evals), "eval_generations.json")
+        mlflow.log_text(verdict.summary(), "gate_verdict.txt")
+        mlflow.set_tags({"gate": "passed" if verdict.passed else "failed", "champion_compared": champion_version or "none"})
+        get_run_logger().info("%s", verdict.summary())
+        return {"passed": verdict.passed, "summary": verdict.summary(), "reasons": verdict.reasons,
+                "gate_metrics": verdict.metrics(), "champion_version": champion_version,
+                "eval": {name: e.metrics for name, e in evals.items()}}
+
+
+@task(name="register")
+def register(cfg: Config, data: DataState, sft_dir: str, policy_dir: str, gate: dict[str, Any], parent_run_id: str) -> dict[str, str]:
+    with start_stage_run("register", parent_run_id, data, {}):
+        reg = registry.log_and_register(
+            cfg.tracking.registered_model_name, sft_dir, policy_dir,
+            {"data_version": data.version, "git_commit": git_commit(cfg.root_path), "base_model": cfg.model.name,
+             "champion_compared": gate["champion_version"] or "none", "pipeline_run_id": parent_run_id,
+             **{k: f"{v:.4f}" for k, v in gate["gate_metrics"].items()}})
+        get_run_logger().info("registered %s version %s (alias %s)", reg.name, reg.version, registry.CHALLENGER)
+        return {"name": reg.name, "version": reg.version}
+
+
 def curves(history: list[dict[str, float]]):
     import matplotlib
 
@@ -192,5 +240,21 @@ def retrain(cfg: Config):
             return Failed(message=str(e), data=summary)
         summary.update(base=base_path, sft=sft_dir, reward=reward_dir, policy=policy["policy_dir"],
                        ppo_metrics=policy["metrics"])
-        mlflow.set_tag("outcome", "trained")
-        return Completed(data=summary, message="trained")
+        gate = evaluate(cfg, data, sft_dir, reward_dir, policy["policy_dir"], parent.info.run_id)
+        summary["gate"] = gate
+        mlflow.set_tag("champion_compared", gate["champion_version"] or "none")
+        if not gate["passed"]:
+            mlflow.set_tag("outcome", "not promoted")
+            return Completed(data=summary, message="not promoted because " + "; ".join(gate["reasons"]))
+        reg = register(cfg, data, sft_dir, policy["policy_dir"], gate, parent.info.run_id)
+        summary["registered"] = reg
+        if cfg.gate.approval == "auto":
+            previous = registry.promote(reg["name"], reg["version"], approver="auto (gate passed)")
+            summary["registered"]["previous_champion"] = previous
+            summary["registered"]["alias"] = registry.CHAMPION
+            mlflow.set_tag("outcome", f"promoted v{reg['version']}")
+            return Completed(data=summary, message=f"promoted {reg['name']} v{reg['version']} to {registry.CHAMPION}")
+        summary["registered"]["alias"] = registry.CHALLENGER
+        mlflow.set_tag("outcome", f"registered v{reg['version']} awaiting approval")
+        return Completed(data=summary, message=f"registered {reg['name']} v{reg['version']} as {registry.CHALLENGER}; "
+                                               "manual approval is not wired yet: promote it with the MLflow client")

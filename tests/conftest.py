@@ -17,6 +17,8 @@ for key, value in {
 }.items():
     os.environ[key] = value
 
+from dataclasses import dataclass  # noqa: E402
+
 from components.config import Config, compose  # noqa: E402
 
 
@@ -44,3 +46,35 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# ---- trained stages on the full demo (session-scoped: built once, only when a test asks) ----
+@dataclass
+class Stages:
+    cfg: Config
+    root: Path
+    base_dir: str
+    sft_dir: str  # merged SFT weights: the base of every later role
+
+
+@pytest.fixture(scope="session")
+def stages(tmp_path_factory) -> Stages:
+    """Default demo data, the tiny base, SFT with default settings (what `make run` trains)."""
+    from components.data.demo import write_demo
+    from components.models.demo_base import build_demo_base
+    from components.training.sft import train_sft
+
+    root = tmp_path_factory.mktemp("stages")
+    cfg = compose([f"root={root}"])  # default stage settings: what `make run` trains
+    write_demo(cfg.data, cfg.data_path)
+    base = build_demo_base(cfg.model, cfg.data_path, "v1", cfg.state_path / "models")
+    sft = train_sft(cfg.sft, cfg.model, base.path, cfg.data_path, root / "sft", seed=cfg.seed)
+    return Stages(cfg, root, base.path, sft.merged_dir)
+
+
+@pytest.fixture(scope="session")
+def reward(stages):
+    from components.training.reward import train_reward
+
+    return train_reward(stages.cfg.reward, stages.cfg.model, stages.sft_dir, stages.cfg.data_path,
+                        stages.root / "rm", seed=stages.cfg.seed)

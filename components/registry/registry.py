@@ -1,0 +1,99 @@
+"""The model registry: log a policy as a self-contained pyfunc, register it, move aliases.
+
+Lifecycle (ARCHITECTURE.md): a candidate that passes the gate becomes a registered version with
+alias `challenger`; approval moves `champion` to it (recording the previous champion on the
+version, so `rollback` can move `champion` back). Uses the active tracking URI; no setup here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+POLICY_MODEL_FILE = Path(__file__).with_name("policy_model.py")
+CHALLENGER, CHAMPION = "challenger", "champion"
+EXAMPLE_PROMPTS = ["The film was", "After a week with these headphones, I think"]
+
+
+@dataclass
+class Registered:
+    name: str
+    version: str
+    model_uri: str  # models:/<name>/<version>
+
+
+def log_and_register(registered_name: str, base_dir: str, adapter_dir: str | None, tags: dict[str, str]) -> Registered:
+    """Log the pyfunc (base + adapter + tokenizer) to the active run, register it, alias `challenger`."""
+    import mlflow
+    import pandas as pd
+    import peft
+    import torch
+    import transformers
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types import ColSpec, DataType, Schema
+
+    from components.registry.policy_model import DEFAULT_PARAMS
+
+    example = pd.DataFrame({"prompt": EXAMPLE_PROMPTS})
+    # One string column matched by position, not by name: a DataFrame with a `prompt` column and a plain
+    # list of strings (`inputs`) both pass schema enforcement.
+    params = infer_signature(example, params=DEFAULT_PARAMS).params
+    signature = ModelSignature(inputs=Schema([ColSpec(DataType.string)]),
+                               outputs=Schema([ColSpec(DataType.string, "response")]), params=params)
+    artifacts = {"base": base_dir, **({"adapter": adapter_dir} if adapter_dir else {})}
+    info = mlflow.pyfunc.log_model(
+        name="policy", python_model=str(POLICY_MODEL_FILE), artifacts=artifacts, signature=signature,
+        input_example=example, registered_model_name=registered_name,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
+                          f"peft=={peft.__version__}", f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}"])
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_name, version, key, str(value))
+    client.set_registered_model_alias(registered_name, CHALLENGER, version)
+    return Registered(registered_name, version, f"models:/{registered_name}/{version}")
+
+
+def alias_version(registered_name: str, alias: str) -> str | None:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(mlflow.MlflowClient().get_model_version_by_alias(registered_name, alias).version)
+    except MlflowException:
+        return None
+
+
+def promote(registered_name: str, version: str, approver: str) -> str | None:
+    """Move `champion` to `version`; returns the previous champion (recorded on the version for rollback)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    previous = alias_version(registered_name, CHAMPION)
+    if previous and previous != version:
+        client.set_model_version_tag(registered_name, version, "previous_champion", previous)
+    client.set_model_version_tag(registered_name, version, "approver", approver)
+    client.set_registered_model_alias(registered_name, CHAMPION, version)
+    return previous
+
+
+def rollback(registered_name: str) -> tuple[str, str]:
+    """Move `champion` back to the version it replaced: -> (from, to). ValueError when there is none."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    current = alias_version(registered_name, CHAMPION)
+    if current is None:
+        raise ValueError(f"registered model {registered_name!r} has no champion to roll back")
+    previous = client.get_model_version(registered_name, current).tags.get("previous_champion")
+    if not previous:
+        raise ValueError(f"champion v{current} of {registered_name!r} replaced no earlier champion: nothing to roll back to")
+    client.set_registered_model_alias(registered_name, CHAMPION, previous)
+    return current, previous
+
+
+def artifact_paths(model_dir: Path) -> dict[str, str]:
+    """Where a downloaded policy model keeps its artifacts: {"base": ..., "adapter": ...} (from its MLmodel)."""
+    from mlflow.models import Model
+
+    conf = Model.load(str(model_dir)).flavors["python_function"]["artifacts"]
+    return {key: str(Path(model_dir) / entry["path"]) for key, entry in conf.items()}

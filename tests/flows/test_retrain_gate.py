@@ -1,0 +1,42 @@
+"""The retrain flow's tail under a real Prefect test server and SQLite MLflow: evaluate -> gate ->
+register -> promote. Fast stages (the learning itself is tested in tests/training)."""
+import mlflow
+import pytest
+
+from components.config import compose
+from components.registry.registry import CHAMPION, alias_version
+from flows.retrain import retrain
+from tests.conftest import FAST_STAGES, make_project
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+OPEN_GATE = ("gate.min_reward_gain=-100", "gate.min_win_rate=0", "gate.min_judge_gain=null", "gate.max_kl=1e9",
+             "gate.max_prompts=8")
+
+
+def test_passing_candidate_is_registered_and_promoted_then_a_failing_one_changes_nothing(tmp_path):
+    project = make_project(tmp_path / "proj", "tracking.registered_model_name=gate-test", *OPEN_GATE)
+    state = retrain(project, return_state=True)
+    assert state.is_completed(), state.message
+    s = state.result()
+    assert s["gate"]["passed"] and s["gate"]["champion_version"] is None  # first run: compared with the SFT policy
+    assert s["registered"] == {"name": "gate-test", "version": "1", "previous_champion": None, "alias": CHAMPION}
+    assert alias_version("gate-test", CHAMPION) == "1"
+    version = mlflow.MlflowClient().get_model_version("gate-test", "1")
+    assert version.tags["data_version"] == s["data"]["version"] and "gate/win_rate" in version.tags
+    evaluate_run = [c for c in mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{s['run_id']}'",
+                                                  output_format="list") if c.data.tags.get("stage") == "evaluate"][0]
+    assert {"eval/candidate/reward_mean", "eval/sft/judge_mean", "gate/passed"} <= set(evaluate_run.data.metrics)
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(evaluate_run.info.run_id)}
+    assert {"eval_generations.json", "gate_verdict.txt"} <= artifacts
+
+    # a gate no candidate can pass: compared against champion v1, nothing registered, champion unchanged
+    strict = compose([f"root={project.root}", "data=demo_small", *FAST_STAGES, "tracking.registered_model_name=gate-test",
+                      *OPEN_GATE, "gate.min_win_rate=1.01"])
+    state = retrain(strict, return_state=True)
+    assert state.is_completed() and state.message.startswith("not promoted because win_rate"), state.message
+    s = state.result()
+    assert s["gate"]["champion_version"] == "1" and "champion" in s["gate"]["eval"]
+    assert "registered" not in s
+    assert [str(v.version) for v in mlflow.MlflowClient().search_model_versions("name='gate-test'")] == ["1"]
+    assert alias_version("gate-test", CHAMPION) == "1"
