@@ -130,6 +130,10 @@ def cmd_run(args, overrides: list[str]) -> int:
           f"validated {sum(v['rows'].values())} rows, 0 problems")
     if v["docs_index"]:
         print(f"  Data Docs: {v['docs_index']}")
+    if s.get("nothing_new"):
+        print(f"  {state.message}: no stage ran, the champion stays v{s['nothing_new']}")
+        print(f"  {_where(cfg)}")
+        return 0
     m = s["ppo_metrics"]
     if "ppo/eval_reward" in m:
         print(f"  PPO on {int(m['ppo/eval_prompts'])} held-out prompts: reward {m['ppo/eval_reward']:+.2f} "

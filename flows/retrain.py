@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.states import Completed, Failed
 
 from components import tracking
-from components.config import Config, to_yaml
+from components.config import Config, to_dict, to_yaml
 from components.data.validation import validate_dataset
 from components.data.versioning import DataState, DataVersionError, ensure_data
 from components.evaluation.evaluate import PolicySpec, evaluate_policies, generations_table, win_rate
@@ -146,6 +146,22 @@ def ppo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_
         return {"policy_dir": result.policy_dir, "metrics": result.metrics}
 
 
+def config_hash(cfg: Config) -> str:
+    """What the pipeline trains from, besides the data: the resolved config minus where results go."""
+    body = {k: v for k, v in to_dict(cfg).items() if k not in ("tracking", "infra", "root")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def nothing_new(cfg: Config, data: DataState) -> str | None:
+    """The champion's version when it was trained on this data version with this config, else None."""
+    name = cfg.tracking.registered_model_name
+    version = registry.alias_version(name, registry.CHAMPION)
+    if version is None:
+        return None
+    tags = mlflow.MlflowClient().get_model_version(name, version).tags
+    return version if tags.get("data_version") == data.version and tags.get("config_hash") == config_hash(cfg) else None
+
+
 def champion_spec(cfg: Config) -> tuple[PolicySpec | None, str | None]:
     """The current champion's own base + adapter, from its registered (self-contained) model."""
     version = registry.alias_version(cfg.tracking.registered_model_name, registry.CHAMPION)
@@ -183,7 +199,8 @@ def register(cfg: Config, data: DataState, sft_dir: str, policy_dir: str, gate: 
     with start_stage_run("register", parent_run_id, data, {}):
         reg = registry.log_and_register(
             cfg.tracking.registered_model_name, sft_dir, policy_dir,
-            {"data_version": data.version, "git_commit": git_commit(cfg.root_path), "base_model": cfg.model.name,
+            {"data_version": data.version, "config_hash": config_hash(cfg), "git_commit": git_commit(cfg.root_path),
+             "base_model": cfg.model.name,
              "champion_compared": gate["champion_version"] or "none", "pipeline_run_id": parent_run_id,
              **{k: f"{v:.4f}" for k, v in gate["gate_metrics"].items()}})
         get_run_logger().info("registered %s version %s (alias %s)", reg.name, reg.version, registry.CHALLENGER)
@@ -230,6 +247,10 @@ def retrain(cfg: Config):
             mlflow.set_tag("outcome", "invalid data")
             return Failed(message=f"data validation failed ({validation.problems} problem(s)); no training ran.\n"
                                   f"{validation.report}", data=summary)
+        if (champion := nothing_new(cfg, data)) is not None:
+            mlflow.set_tag("outcome", "nothing new")
+            return Completed(data=summary | {"nothing_new": champion},
+                             message=f"nothing new: champion v{champion} was trained on data {data.version} with this config")
         base_path = base_model(cfg, data, parent.info.run_id)
         sft_dir = sft(cfg, data, base_path, parent.info.run_id)
         reward_dir = reward_model(cfg, data, sft_dir, parent.info.run_id)

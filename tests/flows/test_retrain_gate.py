@@ -30,6 +30,10 @@ def test_passing_candidate_is_registered_and_promoted_then_a_failing_one_changes
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(evaluate_run.info.run_id)}
     assert {"eval_generations.json", "gate_verdict.txt"} <= artifacts
 
+    # the same data and config again: nothing new to train
+    again = retrain(project, return_state=True)
+    assert again.is_completed() and again.message.startswith("nothing new: champion v1"), again.message
+
     # a gate no candidate can pass: compared against champion v1, nothing registered, champion unchanged
     strict = compose([f"root={project.root}", "data=demo_small", *FAST_STAGES, "tracking.registered_model_name=gate-test",
                       *OPEN_GATE, "gate.min_win_rate=1.01"])
