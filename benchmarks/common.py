@@ -18,6 +18,16 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def memory(baseline_mb: float) -> dict:
+    """Peak memory of this process: RSS (and above the runtime baseline), plus CUDA's peak on a GPU."""
+    import torch
+
+    out = {"baseline_rss_mb": baseline_mb, "peak_rss_mb": rss_mb(), "peak_over_baseline_mb": rss_mb() - baseline_mb}
+    if torch.cuda.is_available():
+        out.update(cuda_peak_mb=torch.cuda.max_memory_allocated() / 2**20, gpu=torch.cuda.get_device_name())
+    return out
+
+
 def spawn(script: str, args: list[str]) -> dict:
     """Run `script --one ...` in a fresh process (so its peak memory is its own); return its RESULT line."""
     proc = subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True)

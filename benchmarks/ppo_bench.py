@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, rss_mb, spawn, write_results  # noqa: E402
+from common import REPO, memory, rss_mb, spawn, write_results  # noqa: E402
 
 
 def prepare(model: str, work: Path):
@@ -161,10 +161,7 @@ def one(kind: str, model: str, iterations: int, work: Path) -> dict:
         out = run_shared_iteration(cfg, sft_dir, rm_dir)
     else:
         out = run_separate(cfg, sft_dir, rm_dir, full=kind == "separate-full")
-    out.update(kind=kind, model=model, seconds=time.perf_counter() - t, baseline_rss_mb=baseline, peak_rss_mb=rss_mb())
-    out["peak_over_baseline_mb"] = out["peak_rss_mb"] - baseline
-    if torch.cuda.is_available():
-        out.update(cuda_peak_mb=torch.cuda.max_memory_allocated() / 2**20, gpu=torch.cuda.get_device_name())
+    out.update(kind=kind, model=model, seconds=time.perf_counter() - t, **memory(baseline))
     return out
 
 

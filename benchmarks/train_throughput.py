@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import rss_mb, spawn, write_results  # noqa: E402
+from common import memory, rss_mb, spawn, write_results  # noqa: E402
 
 
 def one(model: str, stage: str, steps: int, work: Path) -> dict:
@@ -52,9 +52,7 @@ def one(model: str, stage: str, steps: int, work: Path) -> dict:
         r = train_reward(cfg.reward, cfg.model, str(sft_dir), cfg.data_path, work / f"rm-{model}", seed=0)
         out.update(steps=steps, batch_size=cfg.reward.batch_size, seconds=r.metrics["rm/train_seconds"],
                    tokens_per_second=r.metrics["rm/tokens_per_second"])
-    out.update(baseline_rss_mb=baseline, peak_rss_mb=rss_mb())
-    if torch.cuda.is_available():
-        out.update(cuda_peak_mb=torch.cuda.max_memory_allocated() / 2**20, gpu=torch.cuda.get_device_name())
+    out.update(memory(baseline))
     return out
 
 
