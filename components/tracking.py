@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 from components.config import Config, to_dict
@@ -73,3 +74,16 @@ def log_config(cfg: Config) -> dict[str, str]:
 def ui_command(cfg: Config) -> str:
     uri = tracking_uri(cfg)
     return f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
+
+
+def log_data_input(data_path: Path, version: str, rows: dict[str, int], remote: str | None) -> None:
+    """Record the DVC-versioned training data as the active run's input (MLflow datasets):
+    source = the data dir, digest = the DVC md5 of data/ (what `data.dvc` pins)."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    dataset = MetaDataset(resolve_dataset_source(str(data_path)), name=f"data@{version}", digest=version[:36])
+    tags = {"dvc_path": "data", "dvc_md5": version, "dvc_remote": remote or "none",
+            **{f"rows_{k}": str(v) for k, v in rows.items()}}
+    mlflow.log_input(dataset, context="training", tags=tags)

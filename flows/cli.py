@@ -157,6 +157,24 @@ def cmd_run(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_rollback(args, overrides: list[str]) -> int:
+    cfg = _load(overrides)
+    from components import tracking
+    from components.registry import registry
+
+    tracking.setup(cfg)
+    name = cfg.tracking.registered_model_name
+    try:
+        current, previous = registry.rollback(name)
+    except ValueError as e:
+        print(f"✗ rollback: {e}", file=sys.stderr)
+        return 1
+    print(f"✓ {name}: alias {registry.CHAMPION} moved from v{current} back to v{previous}")
+    print(f"  a running `mlflow models serve -m models:/{name}@{registry.CHAMPION}` picks it up on restart")
+    print(f"  {_where(cfg)}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     over = {"nargs": "*", "help": "Hydra overrides, e.g. model=tiny data.seed=7"}
     sub.add_parser("run", help="run the pipeline").add_argument("rest", **over)
     sub.add_parser("data", help="materialise and show the data version").add_argument("rest", **over)
+    sub.add_parser("rollback", help="move the champion alias back to the previous champion").add_argument("rest", **over)
     c = sub.add_parser("config", help="print the resolved config")
     c.add_argument("--options", action="store_true", help="list the options of every config group")
     c.add_argument("rest", **over)
@@ -190,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if positional:
             print(f"rlhf {args.command}: unexpected arguments {positional} (overrides look like key=value)", file=sys.stderr)
             return 2
-        return {"run": cmd_run, "data": cmd_data, "config": cmd_config}[args.command](args, overrides)
+        return {"run": cmd_run, "data": cmd_data, "config": cmd_config, "rollback": cmd_rollback}[args.command](args, overrides)
     except ConfigError as e:
         print(f"✗ config error: {e}", file=sys.stderr)
         return 2

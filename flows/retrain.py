@@ -241,6 +241,7 @@ def retrain(cfg: Config):
             mlflow.set_tag("outcome", "data unavailable")
             return Failed(message=f"data unavailable: {e}")
         mlflow.set_tag("data_version", data.version)
+        tracking.log_data_input(cfg.data_path, data.version, data.rows, data.remote)
         validation = validate(cfg, data, parent.info.run_id)
         summary = {"run_id": parent.info.run_id, "data": asdict(data), "validation": asdict(validation)}
         if not validation.ok:

@@ -39,6 +39,9 @@ def test_retrain_records_a_validation_run_in_mlflow(project):
     parent = mlflow.get_run(summary["run_id"])
     assert parent.data.tags["data_version"] == data_version(project.root_path)
     assert parent.data.params["data.n_demonstrations"] == "300"
+    (data_input,) = parent.inputs.dataset_inputs  # the DVC-versioned data, digest = the md5 in data.dvc
+    assert data_input.dataset.digest == data_version(project.root_path)[:36]
+    assert {t.key: t.value for t in data_input.tags}["dvc_md5"] == data_version(project.root_path)
     children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{summary['run_id']}'", output_format="list")
     (child,) = [c for c in children if c.data.tags.get("stage") == "validate"]
     assert child.data.metrics["data/valid"] == 1.0

@@ -47,6 +47,20 @@ def test_register_promote_and_rollback(registry):
     assert alias_version(NAME, CHAMPION) == v1.version
 
 
+def test_cli_rollback(registry, capsys):
+    from flows.cli import main
+
+    stages, (v1, v2) = registry
+    overrides = [f"root={stages.root}", f"tracking.registered_model_name={NAME}"]
+    promote(NAME, v1.version, approver="a")
+    assert main(["rollback", *overrides]) == 1  # v1 replaced no earlier champion
+    assert "nothing to roll back to" in capsys.readouterr().err
+    promote(NAME, v2.version, approver="b")
+    assert main(["rollback", *overrides]) == 0
+    assert f"moved from v{v2.version} back to v{v1.version}" in capsys.readouterr().out
+    assert alias_version(NAME, CHAMPION) == v1.version
+
+
 def test_registered_model_is_self_contained_and_generates(registry):
     _, (v1, _) = registry
     model = mlflow.pyfunc.load_model(v1.model_uri)
