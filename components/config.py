@@ -146,7 +146,8 @@ class PPOConfig:
 @dataclass
 class GateConfig:
     """Evaluation on the frozen eval prompts, then the thresholds a candidate must meet to be registered."""
-    approval: str = "auto"  # auto | manual
+    approval: str = "auto"  # auto | manual (the flow pauses for an Approval input; needs a reachable Prefect server)
+    approval_timeout_s: int = 3600  # manual: no decision within this time -> nothing is promoted
     # thresholds: candidate vs the champion (vs the SFT policy when there is no champion)
     min_reward_gain: float = 0.0  # mean reward-model score (RM std units), candidate minus baseline
     min_win_rate: float = 0.5  # share of eval prompts where the RM prefers the candidate's response

@@ -175,6 +175,22 @@ def cmd_rollback(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_approve(args, overrides: list[str], positional: list[str]) -> int:
+    """Answer a retrain paused for approval (gate.approval=manual)."""
+    from uuid import UUID
+
+    from prefect.flow_runs import resume_flow_run
+
+    _load(overrides)  # the environment (Prefect home / API URL) the paused run's server is reached through
+    if len(positional) != 1:
+        print("usage: rlhf approve FLOW_RUN_ID [--reject] [--approver NAME] [--comment TEXT]", file=sys.stderr)
+        return 2
+    resume_flow_run(UUID(positional[0]), run_input={"approve": not args.reject, "approver": args.approver,
+                                                    "comment": args.comment})
+    print(f"✓ flow run {positional[0]}: {'rejected' if args.reject else 'approved'} by {args.approver}")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run the pipeline").add_argument("rest", **over)
     sub.add_parser("data", help="materialise and show the data version").add_argument("rest", **over)
     sub.add_parser("rollback", help="move the champion alias back to the previous champion").add_argument("rest", **over)
+    a = sub.add_parser("approve", help="approve (or --reject) a retrain paused for approval")
+    a.add_argument("--reject", action="store_true")
+    a.add_argument("--approver", default=os.environ.get("USER", "unknown"))
+    a.add_argument("--comment", default="")
+    a.add_argument("rest", nargs="*", help="FLOW_RUN_ID then Hydra overrides")
     c = sub.add_parser("config", help="print the resolved config")
     c.add_argument("--options", action="store_true", help="list the options of every config group")
     c.add_argument("rest", **over)
@@ -204,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     overrides, positional = _split(args.rest + [t for t in extra if t not in unknown])
     try:
-        if args.command in ("validate", "ingest"):
-            return {"validate": cmd_validate, "ingest": cmd_ingest}[args.command](args, overrides, positional)
+        if args.command in ("validate", "ingest", "approve"):
+            return {"validate": cmd_validate, "ingest": cmd_ingest, "approve": cmd_approve}[args.command](args, overrides, positional)
         if positional:
             print(f"rlhf {args.command}: unexpected arguments {positional} (overrides look like key=value)", file=sys.stderr)
             return 2

@@ -22,6 +22,9 @@ from typing import Any
 
 import mlflow
 from prefect import flow, get_run_logger, task
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
 from prefect.states import Completed, Failed
 
 from components import tracking
@@ -207,6 +210,35 @@ def register(cfg: Config, data: DataState, sft_dir: str, policy_dir: str, gate: 
         return {"name": reg.name, "version": reg.version}
 
 
+class Approval(RunInput):
+    """What a person answers to a paused retrain (Prefect UI form, or `rlhf approve`)."""
+    approve: bool = True
+    approver: str = "unknown"
+    comment: str = ""
+
+
+def await_approval(cfg: Config, reg: dict[str, str]) -> Approval | None:
+    """Pause this flow run until an Approval arrives; None when the timeout passes first."""
+    from prefect.runtime import flow_run
+
+    get_run_logger().warning(
+        "%s v%s passed the gate and waits for approval (timeout %ss): resume flow run %s in the Prefect UI, or run "
+        "`rlhf approve %s [--reject] --approver NAME`", reg["name"], reg["version"], cfg.gate.approval_timeout_s,
+        flow_run.id, flow_run.id)
+    try:
+        return pause_flow_run(wait_for_input=Approval, timeout=cfg.gate.approval_timeout_s,
+                              poll_interval=min(5, cfg.gate.approval_timeout_s), key=f"approve-v{reg['version']}")
+    except FlowPauseTimeout:
+        # Prefect leaves the run Paused after a timeout, and a Paused run cannot complete; take it back
+        # to Running so the flow ends with its own "not promoted because ..." message.
+        from prefect.client.orchestration import get_client
+        from prefect.states import Running
+
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run.id, Running(), force=True)
+        return None
+
+
 def curves(history: list[dict[str, float]]):
     import matplotlib
 
@@ -277,6 +309,15 @@ def retrain(cfg: Config):
             mlflow.set_tag("outcome", f"promoted v{reg['version']}")
             return Completed(data=summary, message=f"promoted {reg['name']} v{reg['version']} to {registry.CHAMPION}")
         summary["registered"]["alias"] = registry.CHALLENGER
-        mlflow.set_tag("outcome", f"registered v{reg['version']} awaiting approval")
-        return Completed(data=summary, message=f"registered {reg['name']} v{reg['version']} as {registry.CHALLENGER}; "
-                                               "manual approval is not wired yet: promote it with the MLflow client")
+        decision = await_approval(cfg, reg)
+        if decision is None or not decision.approve:
+            why = (f"no approval within {cfg.gate.approval_timeout_s}s" if decision is None
+                   else f"rejected by {decision.approver}" + (f": {decision.comment}" if decision.comment else ""))
+            mlflow.set_tag("outcome", f"v{reg['version']} not promoted ({why})")
+            return Completed(data=summary, message=f"not promoted because {why}; {reg['name']} v{reg['version']} "
+                                                   f"stays {registry.CHALLENGER}")
+        previous = registry.promote(reg["name"], reg["version"], approver=decision.approver)
+        summary["registered"].update(alias=registry.CHAMPION, previous_champion=previous, approver=decision.approver)
+        mlflow.set_tag("outcome", f"promoted v{reg['version']} (approved by {decision.approver})")
+        return Completed(data=summary, message=f"promoted {reg['name']} v{reg['version']} to {registry.CHAMPION} "
+                                               f"(approved by {decision.approver})")
