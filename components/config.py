@@ -179,6 +179,8 @@ class InfraConfig:
     dvc_remote_url: Optional[str] = None  # None: <root>/<state_dir>/dvc-remote; any DVC remote URL works
     dvc_push: bool = True
     prefect_api_url: Optional[str] = None  # None: Prefect's local (ephemeral) server under <state_dir>/prefect
+    retrain_cron: Optional[str] = "0 3 * * *"  # `rlhf serve`: scheduled retrain (None: no schedule)
+    retrain_on_new_data: bool = True  # `rlhf serve`: retrain on each `rlhf.data.updated` event
 
 
 @dataclass

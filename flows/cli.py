@@ -191,6 +191,17 @@ def cmd_approve(args, overrides: list[str], positional: list[str]) -> int:
     return 0
 
 
+def cmd_serve(args, overrides: list[str]) -> int:
+    cfg = _load(overrides)
+    from flows.serve import DEPLOYMENT, serve
+
+    print(f"serving deployment retrain-service/{DEPLOYMENT}: schedule {cfg.infra.retrain_cron or 'none'}, "
+          f"{'retrain on every rlhf.data.updated event' if cfg.infra.retrain_on_new_data else 'no event trigger'}, "
+          "one run at a time (Ctrl-C stops)")
+    serve(cfg, overrides)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     over = {"nargs": "*", "help": "Hydra overrides, e.g. model=tiny data.seed=7"}
     sub.add_parser("run", help="run the pipeline").add_argument("rest", **over)
     sub.add_parser("data", help="materialise and show the data version").add_argument("rest", **over)
+    sub.add_parser("serve", help="run retrain as a long-lived deployment: cron schedule + new-data trigger").add_argument("rest", **over)
     sub.add_parser("rollback", help="move the champion alias back to the previous champion").add_argument("rest", **over)
     a = sub.add_parser("approve", help="approve (or --reject) a retrain paused for approval")
     a.add_argument("--reject", action="store_true")
@@ -230,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         if positional:
             print(f"rlhf {args.command}: unexpected arguments {positional} (overrides look like key=value)", file=sys.stderr)
             return 2
-        return {"run": cmd_run, "data": cmd_data, "config": cmd_config, "rollback": cmd_rollback}[args.command](args, overrides)
+        return {"run": cmd_run, "data": cmd_data, "config": cmd_config, "rollback": cmd_rollback,
+                "serve": cmd_serve}[args.command](args, overrides)
     except ConfigError as e:
         print(f"✗ config error: {e}", file=sys.stderr)
         return 2
