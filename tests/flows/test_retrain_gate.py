@@ -44,3 +44,29 @@ def test_passing_candidate_is_registered_and_promoted_then_a_failing_one_changes
     assert "registered" not in s
     assert [str(v.version) for v in mlflow.MlflowClient().search_model_versions("name='gate-test'")] == ["1"]
     assert alias_version("gate-test", CHAMPION) == "1"
+
+
+def test_new_data_trains_again_and_compares_against_the_champion(tmp_path):
+    import json
+
+    from components.data.versioning import data_version
+    from flows.ingest import ingest_flow
+
+    project = make_project(tmp_path / "proj", "tracking.registered_model_name=ingest-test", *OPEN_GATE)
+    assert retrain(project, return_state=True).is_completed()
+    assert alias_version("ingest-test", CHAMPION) == "1"
+    before = data_version(project.root_path)
+    new = tmp_path / "batch.jsonl"
+    new.write_text("".join(json.dumps({"id": f"fresh-{i}", "prompt": f"A fresh prompt number {i}",
+                                       "chosen": f"a wonderful answer {i}", "rejected": f"a dull answer {i}"}) + "\n"
+                           for i in range(5)))
+    assert ingest_flow(project, str(new), "preferences", return_state=True).is_completed()
+    assert data_version(project.root_path) != before
+
+    state = retrain(project, return_state=True)
+    assert state.is_completed(), state.message
+    s = state.result()
+    assert "nothing_new" not in s and s["data"]["version"] != before  # the new data version trained again
+    assert s["gate"]["champion_version"] == "1"  # ... and was compared with the champion,
+    assert "champion" in s["gate"]["eval"]  # loaded from its own registered model (its own base and tokenizer)
+    assert s["registered"]["version"] == "2" and s["registered"]["previous_champion"] == "1"
