@@ -34,6 +34,7 @@ from components.data.versioning import DataState, DataVersionError, ensure_data
 from components.evaluation.evaluate import PolicySpec, evaluate_policies, generations_table, win_rate
 from components.evaluation.gate import decide
 from components.registry import registry
+from components.registry.model_card import model_card
 from components.models.demo_base import build_demo_base
 from components.training.ppo import PPODivergence, prompts_of, train_ppo
 from components.training.reward import train_reward
@@ -206,6 +207,9 @@ def register(cfg: Config, data: DataState, sft_dir: str, policy_dir: str, gate: 
              "base_model": cfg.model.name,
              "champion_compared": gate["champion_version"] or "none", "pipeline_run_id": parent_run_id,
              **{k: f"{v:.4f}" for k, v in gate["gate_metrics"].items()}})
+        card = model_card(reg.name, cfg.model.name, data.version, git_commit(cfg.root_path), gate)
+        mlflow.log_text(card, "model_card.md")
+        mlflow.MlflowClient().update_model_version(reg.name, reg.version, description=card)
         get_run_logger().info("registered %s version %s (alias %s)", reg.name, reg.version, registry.CHALLENGER)
         return {"name": reg.name, "version": reg.version}
 

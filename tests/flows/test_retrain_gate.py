@@ -24,6 +24,7 @@ def test_passing_candidate_is_registered_and_promoted_then_a_failing_one_changes
     assert alias_version("gate-test", CHAMPION) == "1"
     version = mlflow.MlflowClient().get_model_version("gate-test", "1")
     assert version.tags["data_version"] == s["data"]["version"] and "gate/win_rate" in version.tags
+    assert s["data"]["version"] in version.description and "| candidate |" in version.description  # the model card
     evaluate_run = [c for c in mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{s['run_id']}'",
                                                   output_format="list") if c.data.tags.get("stage") == "evaluate"][0]
     assert {"eval/candidate/reward_mean", "eval/sft/judge_mean", "gate/passed"} <= set(evaluate_run.data.metrics)
