@@ -56,14 +56,31 @@ def git_commit(root: Path) -> str:
     return proc.stdout.strip() if proc.returncode == 0 else "unknown"
 
 
-@task(name="prepare-data")
+def transient(task, task_run, state) -> bool:
+    """Retry only what may succeed on a second try (I/O, network, a busy database) - never bad data,
+    a bad config or a diverged PPO run."""
+    try:
+        state.result()
+    except (ConnectionError, TimeoutError) as e:
+        return not isinstance(e, FlowPauseTimeout)
+    except OSError as e:
+        return e.errno is not None  # real I/O errors carry an errno; library errors subclassing OSError do not
+    except Exception:
+        return False
+    return False
+
+
+RETRY = {"retries": 2, "retry_delay_seconds": 10, "retry_condition_fn": transient}
+
+
+@task(name="prepare-data", **RETRY)
 def prepare_data(cfg: Config) -> DataState:
     state = ensure_data(cfg)
     get_run_logger().info("data version %s (%s): %s", state.version, state.origin, state.rows)
     return state
 
 
-@task(name="validate")
+@task(name="validate", **RETRY)
 def validate(cfg: Config, data: DataState, parent_run_id: str) -> ValidationSummary:
     log = get_run_logger()
     with mlflow.start_run(run_name="validate", nested=True, parent_run_id=parent_run_id) as run:
@@ -80,9 +97,23 @@ def validate(cfg: Config, data: DataState, parent_run_id: str) -> ValidationSumm
                                  str(report.docs_index) if report.docs_index else None, run.info.run_id)
 
 
+def code_version() -> str:
+    """Hash of the components' source: changed training code invalidates every stage's outputs."""
+    import components
+
+    h = hashlib.sha256()
+    for path in sorted(Path(components.__file__).parent.rglob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def stage_dir(cfg: Config, stage: str, **inputs: Any) -> Path:
-    blob = json.dumps(inputs, sort_keys=True, default=str)
+    """Keyed on data version + the stage's config + upstream outputs + code: an unchanged stage is reused
+    (resumed at its last checkpoint, i.e. done), any change upstream gets a fresh dir."""
+    blob = json.dumps({**inputs, "code": code_version()}, sort_keys=True, default=str)
     return cfg.state_path / "stages" / f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
 
 
 def start_stage_run(stage: str, parent_run_id: str, data: DataState, params: dict[str, Any]):
@@ -94,7 +125,7 @@ def start_stage_run(stage: str, parent_run_id: str, data: DataState, params: dic
     return run
 
 
-@task(name="base-model")
+@task(name="base-model", **RETRY)
 def base_model(cfg: Config, data: DataState, parent_run_id: str) -> str:
     """The base weights: a hub id / local path as configured, or the demo base built (cached) on the corpus."""
     if not cfg.model.build_demo_base:
@@ -109,7 +140,7 @@ def base_model(cfg: Config, data: DataState, parent_run_id: str) -> str:
         return result.path
 
 
-@task(name="sft")
+@task(name="sft", **RETRY)
 def sft(cfg: Config, data: DataState, base_path: str, parent_run_id: str) -> str:
     out = stage_dir(cfg, "sft", data=data.version, sft=asdict(cfg.sft), model=asdict(cfg.model), base=base_path, seed=cfg.seed)
     with start_stage_run("sft", parent_run_id, data, asdict(cfg.sft)):
@@ -120,7 +151,7 @@ def sft(cfg: Config, data: DataState, base_path: str, parent_run_id: str) -> str
         return result.merged_dir
 
 
-@task(name="reward-model")
+@task(name="reward-model", **RETRY)
 def reward_model(cfg: Config, data: DataState, sft_dir: str, parent_run_id: str) -> str:
     out = stage_dir(cfg, "reward", data=data.version, reward=asdict(cfg.reward), model=asdict(cfg.model), sft=sft_dir, seed=cfg.seed)
     with start_stage_run("reward", parent_run_id, data, asdict(cfg.reward)):
@@ -131,7 +162,7 @@ def reward_model(cfg: Config, data: DataState, sft_dir: str, parent_run_id: str)
         return result.head_dir
 
 
-@task(name="ppo")
+@task(name="ppo", **RETRY)
 def ppo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str) -> dict[str, Any]:
     out = stage_dir(cfg, "ppo", data=data.version, ppo=asdict(cfg.ppo), model=asdict(cfg.model), sft=sft_dir,
                     reward=reward_dir, seed=cfg.seed)
@@ -176,7 +207,7 @@ def champion_spec(cfg: Config) -> tuple[PolicySpec | None, str | None]:
     return PolicySpec("champion", paths["base"], paths.get("adapter")), version
 
 
-@task(name="evaluate")
+@task(name="evaluate", **RETRY)
 def evaluate(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, policy_dir: str, parent_run_id: str) -> dict[str, Any]:
     """Candidate vs champion (vs the SFT policy when there is none) on the frozen eval prompts, then the gate."""
     with start_stage_run("evaluate", parent_run_id, data, asdict(cfg.gate)):
@@ -198,7 +229,7 @@ def evaluate(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, policy
                 "eval": {name: e.metrics for name, e in evals.items()}}
 
 
-@task(name="register")
+@task(name="register", **RETRY)
 def register(cfg: Config, data: DataState, sft_dir: str, policy_dir: str, gate: dict[str, Any], parent_run_id: str) -> dict[str, str]:
     with start_stage_run("register", parent_run_id, data, {}):
         reg = registry.log_and_register(
