@@ -294,10 +294,35 @@ def curves(history: list[dict[str, float]]):
     return fig
 
 
+RETRAIN_LIMIT = "rlhf-retrain"
+
+
+def one_retrain_at_a_time():
+    """A Prefect global concurrency limit with one slot, created on first use; the flow holds it for its
+    whole run (a second `rlhf run`, or a scheduled/triggered one, waits). Every process of a project
+    shares the Prefect database under <state>/prefect, so this holds across processes."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=RETRAIN_LIMIT, limit=1))
+        except ObjectAlreadyExists:
+            pass
+    return concurrency(RETRAIN_LIMIT, occupy=1, strict=True)
+
+
 @flow(name="retrain", validate_parameters=False)  # no log_prints: it turns library bytecode dumps (datasets hashing) into log lines
 def retrain(cfg: Config):
-    """The pipeline. Returns a summary dict; a Failed state (with the reason) on bad data."""
+    """The pipeline, one run at a time. Returns a summary dict; a Failed state (with the reason) on bad data."""
     tracking.setup(cfg)
+    with one_retrain_at_a_time():
+        return pipeline(cfg)
+
+
+def pipeline(cfg: Config):
     with mlflow.start_run(run_name=tracking.run_name(cfg, "retrain")) as parent:
         tracking.log_config(cfg)
         mlflow.log_text(to_yaml(cfg), "config.yaml")
