@@ -150,7 +150,8 @@ class GateConfig:
     approval_timeout_s: int = 3600  # manual: no decision within this time -> nothing is promoted
     # thresholds: candidate vs the champion (vs the SFT policy when there is no champion)
     min_reward_gain: float = 0.0  # mean reward-model score (RM std units), candidate minus baseline
-    min_win_rate: float = 0.5  # share of eval prompts where the RM prefers the candidate's response
+    min_win_rate: float = 0.52  # share of eval prompts where the RM prefers the candidate (ties count half):
+    # above 0.5, so a candidate identical to the champion (all ties: 0.5) is not promoted again
     min_judge_gain: Optional[float] = 0.0  # mean independent-judge score, candidate minus baseline (None: not gated)
     max_kl: float = 20.0  # the candidate's KL to its SFT reference (nats per response)
     # evaluation

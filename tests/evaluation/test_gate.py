@@ -35,3 +35,9 @@ def test_win_rate_and_distinct_n_hand_computed():
     assert distinct_n(["a b a b"], 1) == pytest.approx(0.5)
     assert distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)
     assert distinct_n([""], 2) == 0.0
+
+
+def test_a_copy_of_the_champion_is_not_promoted_again_by_default():
+    # the same policy evaluated twice: equal means, every prompt a tie -> win rate exactly 0.5
+    v = decide(dict(BASE, kl=2.0), BASE, 0.5, "champion v1", GateConfig())
+    assert not v.passed and v.reasons == ["win_rate 0.500 < 0.52"]
