@@ -13,6 +13,7 @@ the same inputs resumes from the stage's last checkpoint.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import subprocess
@@ -97,6 +98,7 @@ def validate(cfg: Config, data: DataState, parent_run_id: str) -> ValidationSumm
                                  str(report.docs_index) if report.docs_index else None, run.info.run_id)
 
 
+@functools.cache  # the loaded code cannot change within a process
 def code_version() -> str:
     """Hash of the components' source: changed training code invalidates every stage's outputs."""
     import components

@@ -195,8 +195,9 @@ def train_ppo(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: 
     start = 0
     if found := checkpoint.latest(ckpt_root, fp):
         ckpt, start = found
-        restore(ckpt, roles, optimizer)
         state = checkpoint.load_trainer_state(ckpt)
+        restore(ckpt, roles)
+        optimizer.load_state_dict(state["optimizer"])
         kl_ctl.value = state["kl_coef"]
         moments = RunningMoments(**state["moments"])
         history = list(state["history"])
@@ -313,7 +314,8 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def restore(ckpt: Path, roles: Roles, optimizer) -> None:
+def restore(ckpt: Path, roles: Roles) -> None:
+    """The trainable adapters and the value head, in place, from a checkpoint."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -322,7 +324,6 @@ def restore(ckpt: Path, roles: Roles, optimizer) -> None:
                                   adapter_name=name)
     head, _ = ScalarHead.load(ckpt / "value_head")
     roles.value_head.load_state_dict(head.state_dict())
-    optimizer.load_state_dict(checkpoint.load_trainer_state(ckpt)["optimizer"])
 
 
 @torch.no_grad()

@@ -180,10 +180,7 @@ def train_reward(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_d
         from safetensors.torch import load_file
 
         set_peft_model_state_dict(model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
-        head = ScalarHead.load(ckpt, device)[0]
-        params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, min(10, cfg.max_steps // 10), cfg.max_steps)
+        head.load_state_dict(ScalarHead.load(ckpt, device)[0].state_dict())  # in place: the optimizer keeps its params
         state = checkpoint.load_trainer_state(ckpt)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
