@@ -134,6 +134,8 @@ def cmd_run(args, overrides: list[str]) -> int:
         print(f"  {state.message}: no stage ran, the champion stays v{s['nothing_new']}")
         print(f"  {_where(cfg)}")
         return 0
+    if s.get("cached"):
+        print(f"  reused from earlier runs (unchanged inputs, Prefect cache): {', '.join(s['cached'])}")
     m = s["ppo_metrics"]
     if "ppo/eval_reward" in m:
         print(f"  PPO on {int(m['ppo/eval_prompts'])} held-out prompts: reward {m['ppo/eval_reward']:+.2f} "

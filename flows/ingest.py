@@ -5,6 +5,7 @@ that the retrain deployment is triggered by.
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -19,7 +20,9 @@ DATA_UPDATED = "rlhf.data.updated"
 
 
 def data_resource(cfg: Config) -> dict[str, str]:
-    return {"prefect.resource.id": f"rlhf.data.{cfg.root_path.name}", "prefect.resource.name": str(cfg.data_path)}
+    """The project's data as a Prefect event resource; the id is unique per data dir (name + path hash)."""
+    digest = hashlib.sha256(str(cfg.data_path.resolve()).encode()).hexdigest()[:8]
+    return {"prefect.resource.id": f"rlhf.data.{cfg.root_path.name}-{digest}", "prefect.resource.name": str(cfg.data_path)}
 
 
 @flow(name="ingest", log_prints=True, validate_parameters=False)

@@ -7,9 +7,12 @@
 Flows wire components; they hold no tensor code. A stage's child run is nested under
 one parent run per pipeline run; params are the flattened resolved config.
 
-Each training stage writes to `<state>/stages/<stage>-<key>`, the key a hash of the data version,
-the stage's config, the model config and the upstream stage's output: a killed run restarted with
-the same inputs resumes from the stage's last checkpoint.
+SFT, reward model and PPO are cached by Prefect (`cache_key_fn`): the key hashes the data version,
+the stage's config sections, the upstream stages' outputs, the seed and the components' code, so an
+unchanged stage is skipped on the next run (state Cached, no new child run: the parent run's tag
+`cached.<stage>` names the run that computed it) and any change upstream recomputes everything
+downstream. The key also names the stage's output dir `<state>/stages/<key>`: a killed run restarted
+with the same inputs resumes the stage from its last checkpoint.
 """
 from __future__ import annotations
 
@@ -109,13 +112,46 @@ def code_version() -> str:
     return h.hexdigest()[:12]
 
 
-def stage_dir(cfg: Config, stage: str, **inputs: Any) -> Path:
-    """Keyed on data version + the stage's config + upstream outputs + code: an unchanged stage is reused
-    (resumed at its last checkpoint, i.e. done), any change upstream gets a fresh dir."""
-    blob = json.dumps({**inputs, "code": code_version()}, sort_keys=True, default=str)
-    return cfg.state_path / "stages" / f"{stage}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+# Training stages are cached by Prefect across runs. The key is the stage's inputs: the data version,
+# the config sections it reads, the upstream stages' outputs (every other task parameter but the parent
+# run id), the seed, the components' code and the project. The same key names the stage's output dir, so
+# a killed run restarted with the same inputs also resumes the stage from its last checkpoint.
+STAGE_CONFIG = {"sft": ("sft", "model"), "reward-model": ("reward", "model"), "ppo": ("ppo", "model")}
 
 
+def stage_key(stage: str, cfg: Config, data: DataState, **upstream: Any) -> str:
+    blob = {"stage": stage, "data": data.version, "seed": cfg.seed, "code": code_version(),
+            "project": str(cfg.state_path), **{s: asdict(getattr(cfg, s)) for s in STAGE_CONFIG[stage]}, **upstream}
+    return f"{stage}-{hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]}"
+
+
+def stage_cache_key(context, parameters: dict[str, Any]) -> str:
+    """Prefect `cache_key_fn`: a task whose key has a stored result is not run again (state Cached)."""
+    upstream = {k: v for k, v in parameters.items() if k not in ("cfg", "data", "parent_run_id")}
+    return stage_key(context.task.name, parameters["cfg"], parameters["data"], **upstream)
+
+
+def stage_dir(cfg: Config, stage: str, data: DataState, **upstream: Any) -> Path:
+    return cfg.state_path / "stages" / stage_key(stage, cfg, data, **upstream)
+
+
+# Results are small JSON dicts (output dir, child run id, metrics) in Prefect's local result storage,
+# <PREFECT_HOME>/storage, i.e. <state>/prefect/storage for a project.
+CACHED = {"cache_key_fn": stage_cache_key, "persist_result": True, "result_serializer": "json"}
+
+
+def run_stage(stage_task, *args: Any) -> dict[str, Any]:
+    """Run a cached stage task. A cache hit adds no child run: the parent run gets the tag
+    `cached.<stage>` = the run that computed it. A hit whose output dir is gone is recomputed."""
+    state = stage_task(*args, return_state=True)
+    out = state.result()  # raises the task's exception (e.g. PPODivergence) on failure
+    if state.name == "Cached" and not Path(out["dir"]).exists():
+        get_run_logger().warning("%s: cached output %s is gone; recomputing", stage_task.name, out["dir"])
+        return stage_task.with_options(refresh_cache=True)(*args)
+    if state.name == "Cached":
+        get_run_logger().info("%s: unchanged inputs, reusing run %s (%s)", stage_task.name, out["run_id"], out["dir"])
+        mlflow.set_tag(f"cached.{stage_task.name}", out["run_id"])
+    return out | {"cached": state.name == "Cached"}
 
 
 def start_stage_run(stage: str, parent_run_id: str, data: DataState, params: dict[str, Any]):
@@ -142,33 +178,32 @@ def base_model(cfg: Config, data: DataState, parent_run_id: str) -> str:
         return result.path
 
 
-@task(name="sft", **RETRY)
-def sft(cfg: Config, data: DataState, base_path: str, parent_run_id: str) -> str:
-    out = stage_dir(cfg, "sft", data=data.version, sft=asdict(cfg.sft), model=asdict(cfg.model), base=base_path, seed=cfg.seed)
-    with start_stage_run("sft", parent_run_id, data, asdict(cfg.sft)):
+@task(name="sft", **RETRY, **CACHED)
+def sft(cfg: Config, data: DataState, base_path: str, parent_run_id: str) -> dict[str, Any]:
+    out = stage_dir(cfg, "sft", data, base_path=base_path)
+    with start_stage_run("sft", parent_run_id, data, asdict(cfg.sft)) as run:
         result = train_sft(cfg.sft, cfg.model, base_path, cfg.data_path, out, seed=cfg.seed)
         mlflow.set_tags({"adapter_dir": result.adapter_dir, "merged_dir": result.merged_dir})
         get_run_logger().info("SFT: held-out loss %.3f -> %.3f; adapter %s",
                               result.metrics["sft/eval_loss_base"], result.metrics["sft/eval_loss"], result.adapter_dir)
-        return result.merged_dir
+        return {"dir": result.merged_dir, "run_id": run.info.run_id, "metrics": result.metrics}
 
 
-@task(name="reward-model", **RETRY)
-def reward_model(cfg: Config, data: DataState, sft_dir: str, parent_run_id: str) -> str:
-    out = stage_dir(cfg, "reward", data=data.version, reward=asdict(cfg.reward), model=asdict(cfg.model), sft=sft_dir, seed=cfg.seed)
-    with start_stage_run("reward", parent_run_id, data, asdict(cfg.reward)):
+@task(name="reward-model", **RETRY, **CACHED)
+def reward_model(cfg: Config, data: DataState, sft_dir: str, parent_run_id: str) -> dict[str, Any]:
+    out = stage_dir(cfg, "reward-model", data, sft_dir=sft_dir)
+    with start_stage_run("reward", parent_run_id, data, asdict(cfg.reward)) as run:
         result = train_reward(cfg.reward, cfg.model, sft_dir, cfg.data_path, out, seed=cfg.seed)
         mlflow.set_tags({"adapter_dir": result.adapter_dir, "head_dir": result.head_dir})
         get_run_logger().info("reward model: held-out pairwise accuracy %.3f, margin %.2f",
                               result.metrics["rm/eval_accuracy"], result.metrics["rm/eval_margin"])
-        return result.head_dir
+        return {"dir": result.head_dir, "run_id": run.info.run_id, "metrics": result.metrics}
 
 
-@task(name="ppo", **RETRY)
+@task(name="ppo", **RETRY, **CACHED)
 def ppo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str) -> dict[str, Any]:
-    out = stage_dir(cfg, "ppo", data=data.version, ppo=asdict(cfg.ppo), model=asdict(cfg.model), sft=sft_dir,
-                    reward=reward_dir, seed=cfg.seed)
-    with start_stage_run("ppo", parent_run_id, data, asdict(cfg.ppo)):
+    out = stage_dir(cfg, "ppo", data, sft_dir=sft_dir, reward_dir=reward_dir)
+    with start_stage_run("ppo", parent_run_id, data, asdict(cfg.ppo)) as run:
         try:
             result = train_ppo(cfg.ppo, cfg.model, sft_dir, reward_dir if cfg.ppo.use_reward_model else None,
                                cfg.data_path, out, seed=cfg.seed)
@@ -180,7 +215,7 @@ def ppo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_
         m = result.metrics
         get_run_logger().info("PPO: eval reward %.2f (SFT %.2f), KL %.2f; policy %s", m.get("ppo/eval_reward", float("nan")),
                               m.get("ppo/eval_reward_ref", float("nan")), m.get("ppo/eval_kl", float("nan")), result.policy_dir)
-        return {"policy_dir": result.policy_dir, "metrics": result.metrics}
+        return {"dir": result.policy_dir, "run_id": run.info.run_id, "metrics": result.metrics}
 
 
 def config_hash(cfg: Config) -> str:
@@ -347,22 +382,26 @@ def pipeline(cfg: Config):
             return Completed(data=summary | {"nothing_new": champion},
                              message=f"nothing new: champion v{champion} was trained on data {data.version} with this config")
         base_path = base_model(cfg, data, parent.info.run_id)
-        sft_dir = sft(cfg, data, base_path, parent.info.run_id)
-        reward_dir = reward_model(cfg, data, sft_dir, parent.info.run_id)
+        sft_out = run_stage(sft, cfg, data, base_path, parent.info.run_id)
+        sft_dir = sft_out["dir"]
+        reward_out = run_stage(reward_model, cfg, data, sft_dir, parent.info.run_id)
+        reward_dir = reward_out["dir"]
         try:
-            policy = ppo(cfg, data, sft_dir, reward_dir, parent.info.run_id)
+            policy = run_stage(ppo, cfg, data, sft_dir, reward_dir, parent.info.run_id)
         except PPODivergence as e:
             mlflow.set_tag("outcome", "PPO diverged")
             return Failed(message=str(e), data=summary)
-        summary.update(base=base_path, sft=sft_dir, reward=reward_dir, policy=policy["policy_dir"],
-                       ppo_metrics=policy["metrics"])
-        gate = evaluate(cfg, data, sft_dir, reward_dir, policy["policy_dir"], parent.info.run_id)
+        summary.update(base=base_path, sft=sft_dir, reward=reward_dir, policy=policy["dir"],
+                       ppo_metrics=policy["metrics"],
+                       cached=[name for name, out in (("sft", sft_out), ("reward-model", reward_out), ("ppo", policy))
+                               if out["cached"]])
+        gate = evaluate(cfg, data, sft_dir, reward_dir, policy["dir"], parent.info.run_id)
         summary["gate"] = gate
         mlflow.set_tag("champion_compared", gate["champion_version"] or "none")
         if not gate["passed"]:
             mlflow.set_tag("outcome", "not promoted")
             return Completed(data=summary, message="not promoted because " + "; ".join(gate["reasons"]))
-        reg = register(cfg, data, sft_dir, policy["policy_dir"], gate, parent.info.run_id)
+        reg = register(cfg, data, sft_dir, policy["dir"], gate, parent.info.run_id)
         summary["registered"] = reg
         if cfg.gate.approval == "auto":
             previous = registry.promote(reg["name"], reg["version"], approver="auto (gate passed)")

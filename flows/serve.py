@@ -1,7 +1,8 @@
 """`rlhf serve`: the retrain flow as a long-lived Prefect deployment (`Flow.serve`).
 
 - schedule: `infra.retrain_cron` (default nightly at 03:00);
-- trigger: every `rlhf.data.updated` event that `rlhf ingest` emits (`infra.retrain_on_new_data`);
+- trigger: every `rlhf.data.updated` event that `rlhf ingest` emits for this project's data
+  (`infra.retrain_on_new_data`);
 - at most one retrain at a time (deployment concurrency limit 1; later runs queue).
 
 The deployment's parameter is the list of Hydra overrides, so a scheduled or triggered run
@@ -15,7 +16,7 @@ from prefect import flow
 
 from components.config import Config, compose
 from flows.env import configure_environment
-from flows.ingest import DATA_UPDATED
+from flows.ingest import DATA_UPDATED, data_resource
 from flows.retrain import retrain
 
 DEPLOYMENT = "rlhf-retrain"
@@ -32,7 +33,9 @@ def retrain_service(overrides: list[str] | None = None):
 def deployment(cfg: Config, overrides: list[str]):
     from prefect.events import DeploymentEventTrigger
 
+    # only this project's data: events from other projects on a shared server do not retrain this one
     triggers = [DeploymentEventTrigger(name="retrain on new data", expect={DATA_UPDATED},
+                                       match={"prefect.resource.id": data_resource(cfg)["prefect.resource.id"]},
                                        parameters={"overrides": overrides})] if cfg.infra.retrain_on_new_data else []
     return retrain_service.to_deployment(
         name=DEPLOYMENT, cron=cfg.infra.retrain_cron, parameters={"overrides": overrides}, triggers=triggers,

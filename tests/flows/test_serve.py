@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from components.config import compose
-from flows.ingest import DATA_UPDATED
+from flows.ingest import DATA_UPDATED, data_resource
 from flows.serve import DEPLOYMENT, deployment
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -29,6 +29,9 @@ def test_deployment_has_schedule_trigger_and_concurrency_limit(tmp_path):
     assert [s.schedule.cron for s in dep.schedules] == ["15 4 * * *"]
     assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
     assert automations and DATA_UPDATED in automations[0].trigger.expect
+    # only this project's data events: the resource id ingest emits for this data dir
+    assert automations[0].trigger.match.model_dump()["prefect.resource.id"] == \
+        data_resource(compose(overrides))["prefect.resource.id"]
     assert automations[0].actions[0].parameters == {"overrides": overrides}
 
 
@@ -36,3 +39,80 @@ def test_no_schedule_and_no_trigger_when_configured_off(tmp_path):
     overrides = [f"root={tmp_path}", "infra.retrain_cron=null", "infra.retrain_on_new_data=false"]
     d = deployment(compose(overrides), overrides)
     assert d.schedules in (None, []) and d.triggers == []
+
+
+def test_an_ingest_event_runs_the_served_deployment(tmp_path):
+    """`rlhf serve` in its own process against the test server; `ingest` emits rlhf.data.updated; the
+    automation starts the deployment; the served process runs the retrain, which registers a champion."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import mlflow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL
+
+    from components.data.versioning import data_version, ensure_data
+    from components.tracking import tracking_uri
+    from components.registry.registry import CHAMPION, alias_version
+    from flows.ingest import ingest_flow
+    from tests.conftest import FAST_STAGES, make_project
+
+    root = tmp_path / "proj"
+    overrides = [f"root={root}", "data=demo_small", *FAST_STAGES, "infra.retrain_cron=null",
+                 f"infra.prefect_api_url={PREFECT_API_URL.value()}", "tracking.registered_model_name=served-test",
+                 "gate.min_reward_gain=-100", "gate.min_win_rate=0", "gate.min_judge_gain=null", "gate.max_kl=1e9",
+                 "gate.max_prompts=8"]
+    project = make_project(root, *overrides[1:])
+    ensure_data(project)  # `rlhf data`: the demo data, versioned
+
+    log = (tmp_path / "serve.log").open("w")
+    serve = subprocess.Popen([str(Path(sys.executable).with_name("rlhf")), "serve", *overrides], stdout=log,
+                             stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"}, start_new_session=True)
+    try:
+        with get_client(sync_client=True) as client:
+            deadline = time.time() + 120
+            while True:  # the served process registers the deployment and its automation
+                try:
+                    dep = client.read_deployment_by_name(f"retrain-service/{DEPLOYMENT}")
+                    if dep.parameters == {"overrides": overrides} and client.read_automations_by_name("retrain on new data"):
+                        break
+                except Exception:
+                    pass
+                assert serve.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(1)
+            time.sleep(3)  # let the server's trigger service load the new automation
+
+            batch = tmp_path / "batch.jsonl"
+            batch.write_text("".join(json.dumps({"id": f"served-{i}", "prompt": f"A served prompt {i}",
+                                                 "chosen": f"a lovely answer {i}", "rejected": f"a bad answer {i}"}) + "\n"
+                                     for i in range(5)))
+            assert ingest_flow(project, str(batch), "preferences", return_state=True).is_completed()
+            version = data_version(root)
+
+            deadline = time.time() + 420
+            while True:  # the triggered run, executed by the served process
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+                if runs and runs[0].state.is_final():
+                    break
+                assert serve.poll() is None and time.time() < deadline, \
+                    f"runs: {[(r.name, r.state_name) for r in runs]}\n" + (tmp_path / "serve.log").read_text()[-3000:]
+                time.sleep(2)
+        (run,) = runs  # no cron: the event was the only thing that started it
+        assert run.state.is_completed(), f"{run.state.message}\n" + (tmp_path / "serve.log").read_text()[-3000:]
+        assert run.parameters == {"overrides": overrides}
+    finally:
+        os.killpg(serve.pid, signal.SIGINT)
+        try:
+            serve.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+        log.close()
+    mlflow.set_tracking_uri(tracking_uri(project))
+    assert alias_version("served-test", CHAMPION) == "1"
+    assert mlflow.MlflowClient().get_model_version("served-test", "1").tags["data_version"] == version

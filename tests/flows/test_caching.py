@@ -1,0 +1,63 @@
+"""Cross-run caching of the training stages by Prefect (`cache_key_fn`), under the session's Prefect test
+server: an unchanged stage is not recomputed, a changed stage and everything downstream of it is, and a
+cached result whose files are gone is recomputed. A gate nobody passes keeps the registry empty, so the
+"nothing new" shortcut (same data + config as the champion) never hides the stages."""
+import shutil
+
+import mlflow
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.retrain import retrain
+from tests.conftest import make_project
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+STAGES = ("sft", "reward-model", "ppo")
+CLOSED_GATE = ("gate.min_win_rate=1.01", "gate.max_prompts=8", "tracking.registered_model_name=cache-test")
+
+
+def run(tmp_path, *overrides):
+    """One retrain; returns its summary, {stage task: Prefect state name}, and the stage child runs in MLflow."""
+    state = retrain(make_project(tmp_path / "proj", *CLOSED_GATE, *overrides), return_state=True)
+    assert state.is_completed() and state.message.startswith("not promoted"), state.message
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    states = {t.name.rsplit("-", 1)[0]: t.state.name for t in task_runs if t.name.rsplit("-", 1)[0] in STAGES}
+    s = state.result()
+    children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{s['run_id']}'", output_format="list")
+    return s, states, {c.data.tags["stage"]: c.info.run_id for c in children}
+
+
+def test_unchanged_stages_are_cached_and_changes_recompute_downstream(tmp_path):
+    first, states, children = run(tmp_path)
+    assert states == {"sft": "Completed", "reward-model": "Completed", "ppo": "Completed"}
+    assert {"sft", "reward", "ppo", "evaluate"} <= set(children)
+
+    # same inputs: Prefect skips all three stages; the parent run points at the runs that computed them
+    again, states, children2 = run(tmp_path)
+    assert states == {"sft": "Cached", "reward-model": "Cached", "ppo": "Cached"}
+    assert not {"sft", "reward", "ppo"} & set(children2) and "evaluate" in children2  # the gate always runs
+    tags = mlflow.get_run(again["run_id"]).data.tags
+    assert tags["cached.sft"] == children["sft"] and tags["cached.ppo"] == children["ppo"]
+    assert (again["sft"], again["reward"], again["policy"]) == (first["sft"], first["reward"], first["policy"])
+    assert again["ppo_metrics"] == first["ppo_metrics"] and again["cached"] == ["sft", "reward-model", "ppo"]
+
+    # a PPO setting changed: SFT and RM reused, PPO recomputed into a new dir
+    ppo_changed, states, _ = run(tmp_path, "ppo.learning_rate=5e-4")
+    assert states == {"sft": "Cached", "reward-model": "Cached", "ppo": "Completed"}
+    assert ppo_changed["reward"] == first["reward"] and ppo_changed["policy"] != first["policy"]
+
+    # an SFT setting changed: everything downstream of it is recomputed too
+    sft_changed, states, _ = run(tmp_path, "sft.learning_rate=1e-3")
+    assert states == {"sft": "Completed", "reward-model": "Completed", "ppo": "Completed"}
+    assert len({sft_changed["sft"], first["sft"]}) == 2 and sft_changed["reward"] != first["reward"]
+
+    # a cached result whose output was deleted is recomputed, in place
+    shutil.rmtree(first["policy"])
+    restored, states, children5 = run(tmp_path)
+    assert states["sft"] == "Cached" and states["reward-model"] == "Cached"
+    assert "ppo" in children5 and restored["policy"] == first["policy"]
+    assert (tmp_path / "proj" / first["policy"] / "adapter_model.safetensors").is_file()
