@@ -145,13 +145,21 @@ def run_stage(stage_task, *args: Any) -> dict[str, Any]:
     `cached.<stage>` = the run that computed it. A hit whose output dir is gone is recomputed."""
     state = stage_task(*args, return_state=True)
     out = state.result()  # raises the task's exception (e.g. PPODivergence) on failure
-    if state.name == "Cached" and not Path(out["dir"]).exists():
+    cached = state.name == "Cached"
+    if cached and not Path(out["dir"]).exists():
         get_run_logger().warning("%s: cached output %s is gone; recomputing", stage_task.name, out["dir"])
-        return stage_task.with_options(refresh_cache=True)(*args)
-    if state.name == "Cached":
+        out, cached = stage_task.with_options(refresh_cache=True)(*args), False
+    if cached:
         get_run_logger().info("%s: unchanged inputs, reusing run %s (%s)", stage_task.name, out["run_id"], out["dir"])
         mlflow.set_tag(f"cached.{stage_task.name}", out["run_id"])
-    return out | {"cached": state.name == "Cached"}
+    log_on_parent(out["metrics"])
+    return out | {"cached": cached}
+
+
+def log_on_parent(metrics: dict[str, float]) -> None:
+    """The stages' final metrics also go on the parent run (cached or not), so that retrains of different
+    data versions and configs compare side by side in the MLflow UI's run table."""
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v == v})
 
 
 def start_stage_run(stage: str, parent_run_id: str, data: DataState, params: dict[str, Any]):
@@ -341,13 +349,16 @@ def one_retrain_at_a_time():
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
     with get_client(sync_client=True) as client:
         try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=RETRAIN_LIMIT, limit=1))
-        except ObjectAlreadyExists:
-            pass
+            client.read_global_concurrency_limit_by_name(RETRAIN_LIMIT)
+        except ObjectNotFound:
+            try:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=RETRAIN_LIMIT, limit=1))
+            except ObjectAlreadyExists:  # another process created it in between
+                pass
     return concurrency(RETRAIN_LIMIT, occupy=1, strict=True)
 
 
@@ -397,6 +408,7 @@ def pipeline(cfg: Config):
                                if out["cached"]])
         gate = evaluate(cfg, data, sft_dir, reward_dir, policy["dir"], parent.info.run_id)
         summary["gate"] = gate
+        log_on_parent(gate["gate_metrics"] | {f"eval/{name}/{k}": v for name, m in gate["eval"].items() for k, v in m.items()})
         mlflow.set_tag("champion_compared", gate["champion_version"] or "none")
         if not gate["passed"]:
             mlflow.set_tag("outcome", "not promoted")

@@ -40,7 +40,12 @@ def test_unchanged_stages_are_cached_and_changes_recompute_downstream(tmp_path):
     again, states, children2 = run(tmp_path)
     assert states == {"sft": "Cached", "reward-model": "Cached", "ppo": "Cached"}
     assert not {"sft", "reward", "ppo"} & set(children2) and "evaluate" in children2  # the gate always runs
-    tags = mlflow.get_run(again["run_id"]).data.tags
+    parent = mlflow.get_run(again["run_id"]).data
+    tags = parent.tags
+    # the stages' metrics are on the parent run even when cached: runs compare side by side in the UI
+    assert {"sft/eval_loss", "rm/eval_accuracy", "ppo/eval_reward", "gate/win_rate", "eval/candidate/judge_mean"} \
+        <= set(parent.metrics)
+    assert parent.metrics["rm/eval_accuracy"] == mlflow.get_run(first["run_id"]).data.metrics["rm/eval_accuracy"]
     assert tags["cached.sft"] == children["sft"] and tags["cached.ppo"] == children["ppo"]
     assert (again["sft"], again["reward"], again["policy"]) == (first["sft"], first["reward"], first["policy"])
     assert again["ppo_metrics"] == first["ppo_metrics"] and again["cached"] == ["sft", "reward-model", "ppo"]
@@ -59,5 +64,5 @@ def test_unchanged_stages_are_cached_and_changes_recompute_downstream(tmp_path):
     shutil.rmtree(first["policy"])
     restored, states, children5 = run(tmp_path)
     assert states["sft"] == "Cached" and states["reward-model"] == "Cached"
-    assert "ppo" in children5 and restored["policy"] == first["policy"]
+    assert "ppo" in children5 and restored["policy"] == first["policy"] and restored["cached"] == ["sft", "reward-model"]
     assert (tmp_path / "proj" / first["policy"] / "adapter_model.safetensors").is_file()
