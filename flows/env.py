@@ -5,11 +5,15 @@ Must run before prefect is imported (Prefect reads its settings at import time).
 from __future__ import annotations
 
 import os
+import warnings
 
 from components.config import Config
 
 
 def configure_environment(cfg: Config) -> None:
+    # TRL and peft still read transformers' deprecated `is_gradient_checkpointing`: not ours to fix, and
+    # the warning repeats on every stage
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     state = cfg.state_path
     state.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))

@@ -47,7 +47,9 @@ class PolicyModel(PythonModel):
         self.model = model.to(self.device).eval()
 
     @torch.no_grad()
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        # pd.DataFrame: MLflow does no type-hint validation (the signature, logged explicitly, governs), and
+        # a plain list of strings (`inputs`) still arrives here, converted by the signature
         p = {**DEFAULT_PARAMS, **(params or {})}
         prompts = prompts_of(model_input)
         if int(p["seed"]) >= 0:
