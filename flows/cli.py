@@ -198,9 +198,17 @@ def cmd_serve(args, overrides: list[str]) -> int:
     from flows.serve import DEPLOYMENT, serve
 
     print(f"serving deployment retrain-service/{DEPLOYMENT}: schedule {cfg.infra.retrain_cron or 'none'}, "
-          f"{'retrain on every rlhf.data.updated event' if cfg.infra.retrain_on_new_data else 'no event trigger'}, "
-          "one run at a time (Ctrl-C stops)")
+          f"{'retrain on every rlhf.data.updated event for ' + str(cfg.data_path) if cfg.infra.retrain_on_new_data else 'no event trigger'}, "
+          "one run at a time (Ctrl-C or SIGTERM stops)")
+    if cfg.infra.prefect_api_url:
+        print(f"  Prefect server: {cfg.infra.prefect_api_url} (runs, schedule and automation in its UI)")
+    else:
+        print("  no shared Prefect server configured: this process starts a temporary one, so events from `rlhf "
+              "ingest` in other processes do not reach it.\n  For the event trigger run `prefect server start` and "
+              "pass infra.prefect_api_url=http://127.0.0.1:4200/api to both commands.")
     serve(cfg, overrides)
+    print(f"stopped serving retrain-service/{DEPLOYMENT} (its schedule is paused until the next `rlhf serve`)")
+    print(f"  {_where(cfg)}")
     return 0
 
 

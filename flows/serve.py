@@ -44,6 +44,22 @@ def deployment(cfg: Config, overrides: list[str]):
 
 
 def serve(cfg: Config, overrides: list[str]) -> None:
-    from prefect import serve as prefect_serve
+    """`prefect.serve` of the deployment until Ctrl-C or SIGTERM (both: pause the schedule, exit 0)."""
+    import asyncio
+    import os
+    import signal
 
-    prefect_serve(deployment(cfg, overrides))
+    from prefect.runner import Runner
+
+    class _Runner(Runner):
+        def handle_sigterm(self, *args, **kwargs):
+            # Prefect 3.8's handler deadlocks (it waits, inside the signal handler, on the event loop the
+            # handler interrupted); take the Ctrl-C path instead, which shuts down cleanly
+            os.kill(os.getpid(), signal.SIGINT)
+
+    runner = _Runner(pause_on_shutdown=True)
+    runner.add_deployment(deployment(cfg, overrides))
+    try:
+        asyncio.run(runner.start())
+    except KeyboardInterrupt:
+        pass

@@ -106,11 +106,11 @@ def test_an_ingest_event_runs_the_served_deployment(tmp_path):
         (run,) = runs  # no cron: the event was the only thing that started it
         assert run.state.is_completed(), f"{run.state.message}\n" + (tmp_path / "serve.log").read_text()[-3000:]
         assert run.parameters == {"overrides": overrides}
+        serve.send_signal(signal.SIGTERM)  # as a service manager stops it: a clean exit
+        assert serve.wait(timeout=60) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        assert "stopped serving" in (tmp_path / "serve.log").read_text()
     finally:
-        os.killpg(serve.pid, signal.SIGINT)
-        try:
-            serve.wait(timeout=30)
-        except subprocess.TimeoutExpired:
+        if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGKILL)
         log.close()
     mlflow.set_tracking_uri(tracking_uri(project))
