@@ -182,6 +182,7 @@ class InfraConfig:
     prefect_api_url: Optional[str] = None  # None: Prefect's local (ephemeral) server under <state_dir>/prefect
     retrain_cron: Optional[str] = "0 3 * * *"  # `rlhf serve`: scheduled retrain (None: no schedule)
     retrain_on_new_data: bool = True  # `rlhf serve`: retrain on each `rlhf.data.updated` event
+    keep_stage_outputs: Optional[int] = 3  # per stage, the most recently used output dirs kept (None: all)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -154,6 +155,33 @@ def run_stage(stage_task, *args: Any) -> dict[str, Any]:
         mlflow.set_tag(f"cached.{stage_task.name}", out["run_id"])
     log_on_parent(out["metrics"])
     return out | {"cached": cached}
+
+
+def stage_root(cfg: Config, path: str) -> Path:
+    """The `<state>/stages/<stage>-<key>` dir that holds a stage output path."""
+    stages = cfg.state_path / "stages"
+    return stages / Path(path).resolve().relative_to(stages.resolve()).parts[0]
+
+
+def prune_stage_outputs(stages: Path, keep: int | None, in_use: set[Path]) -> list[Path]:
+    """Delete all but the `keep` most recently used output dirs of each stage (never one in `in_use`).
+    Registered models are self-contained in MLflow, so stage dirs only serve caching and resume; a cached
+    result whose dir was pruned is recomputed when next needed. Returns the deleted dirs."""
+    import shutil
+
+    if keep is None or not stages.is_dir():
+        return []
+    by_stage: dict[str, list[Path]] = {}
+    for d in stages.iterdir():
+        if d.is_dir():
+            by_stage.setdefault(d.name.rsplit("-", 1)[0], []).append(d)
+    removed = []
+    for dirs in by_stage.values():
+        dirs.sort(key=lambda d: (d.resolve() in in_use, d.stat().st_mtime), reverse=True)
+        for d in dirs[max(keep, 0, sum(x.resolve() in in_use for x in dirs)):]:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
 
 
 def log_on_parent(metrics: dict[str, float]) -> None:
@@ -402,6 +430,13 @@ def pipeline(cfg: Config):
         except PPODivergence as e:
             mlflow.set_tag("outcome", "PPO diverged")
             return Failed(message=str(e), data=summary)
+        in_use = {stage_root(cfg, d).resolve() for d in (sft_dir, reward_dir, policy["dir"])}
+        for d in in_use:
+            os.utime(d)  # "recently used" is what pruning keeps
+        if pruned := prune_stage_outputs(cfg.state_path / "stages", cfg.infra.keep_stage_outputs, in_use):
+            get_run_logger().info("pruned %d stage output dir(s) beyond the %d most recently used per stage "
+                                  "(infra.keep_stage_outputs): %s", len(pruned), cfg.infra.keep_stage_outputs,
+                                  ", ".join(d.name for d in pruned))
         summary.update(base=base_path, sft=sft_dir, reward=reward_dir, policy=policy["dir"],
                        ppo_metrics=policy["metrics"],
                        cached=[name for name, out in (("sft", sft_out), ("reward-model", reward_out), ("ppo", policy))

@@ -3,6 +3,7 @@ server: an unchanged stage is not recomputed, a changed stage and everything dow
 cached result whose files are gone is recomputed. A gate nobody passes keeps the registry empty, so the
 "nothing new" shortcut (same data + config as the champion) never hides the stages."""
 import shutil
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -66,3 +67,33 @@ def test_unchanged_stages_are_cached_and_changes_recompute_downstream(tmp_path):
     assert states["sft"] == "Cached" and states["reward-model"] == "Cached"
     assert "ppo" in children5 and restored["policy"] == first["policy"] and restored["cached"] == ["sft", "reward-model"]
     assert (tmp_path / "proj" / first["policy"] / "adapter_model.safetensors").is_file()
+
+    # keep one output dir per stage: the other runs' dirs go, this run's (cached) dirs stay
+    pruned, states, _ = run(tmp_path, "infra.keep_stage_outputs=1")
+    assert set(states.values()) == {"Cached"}
+    stages = tmp_path / "proj" / ".rlhf" / "stages"
+    assert len(list(stages.iterdir())) == 3
+    assert all(Path(p).exists() for p in (first["sft"], first["reward"], first["policy"]))
+    assert not any(Path(p).exists() for p in (ppo_changed["policy"], sft_changed["sft"], sft_changed["reward"]))
+
+
+def test_prune_keeps_the_most_recently_used_outputs_per_stage_and_never_one_in_use(tmp_path):
+    import os
+
+    from flows.retrain import prune_stage_outputs
+
+    stages = tmp_path / "stages"
+    dirs = {}
+    for i, name in enumerate(["sft-a", "sft-b", "sft-c", "sft-d", "ppo-a", "ppo-b", "reward-model-a"]):
+        d = stages / name
+        (d / "final").mkdir(parents=True)
+        os.utime(d, (1000 + i, 1000 + i))  # later in the list = used more recently
+        dirs[name] = d
+    in_use = {dirs["sft-a"].resolve(), dirs["ppo-a"].resolve()}  # the oldest ones, but this run's
+
+    removed = prune_stage_outputs(stages, 2, in_use)
+    assert sorted(d.name for d in removed) == ["sft-b", "sft-c"]  # kept: sft-a (in use) and sft-d (newest)
+    assert sorted(d.name for d in stages.iterdir()) == ["ppo-a", "ppo-b", "reward-model-a", "sft-a", "sft-d"]
+    assert len(prune_stage_outputs(stages, 0, in_use)) == 3  # 0: only what this run uses survives
+    assert sorted(d.name for d in stages.iterdir()) == ["ppo-a", "sft-a"]
+    assert prune_stage_outputs(stages, None, set()) == []  # None keeps everything
