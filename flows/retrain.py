@@ -113,10 +113,7 @@ def code_version() -> str:
     return h.hexdigest()[:12]
 
 
-# Training stages are cached by Prefect across runs. The key is the stage's inputs: the data version,
-# the config sections it reads, the upstream stages' outputs (every other task parameter but the parent
-# run id), the seed, the components' code and the project. The same key names the stage's output dir, so
-# a killed run restarted with the same inputs also resumes the stage from its last checkpoint.
+# The config sections each cached stage reads (the key and output dir: see the module docstring).
 STAGE_CONFIG = {"sft": ("sft", "model"), "reward-model": ("reward", "model"), "ppo": ("ppo", "model")}
 
 
@@ -177,8 +174,9 @@ def prune_stage_outputs(stages: Path, keep: int | None, in_use: set[Path]) -> li
             by_stage.setdefault(d.name.rsplit("-", 1)[0], []).append(d)
     removed = []
     for dirs in by_stage.values():
-        dirs.sort(key=lambda d: (d.resolve() in in_use, d.stat().st_mtime), reverse=True)
-        for d in dirs[max(keep, 0, sum(x.resolve() in in_use for x in dirs)):]:
+        dirs.sort(key=lambda d: (d.resolve() in in_use, d.stat().st_mtime), reverse=True)  # in use, then newest
+        n_in_use = sum(d.resolve() in in_use for d in dirs)
+        for d in dirs[max(keep, 0, n_in_use):]:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed
@@ -430,7 +428,8 @@ def pipeline(cfg: Config):
         except PPODivergence as e:
             mlflow.set_tag("outcome", "PPO diverged")
             return Failed(message=str(e), data=summary)
-        in_use = {stage_root(cfg, d).resolve() for d in (sft_dir, reward_dir, policy["dir"])}
+        outs = ((sft, sft_out), (reward_model, reward_out), (ppo, policy))
+        in_use = {stage_root(cfg, out["dir"]).resolve() for _, out in outs}
         for d in in_use:
             os.utime(d)  # "recently used" is what pruning keeps
         if pruned := prune_stage_outputs(cfg.state_path / "stages", cfg.infra.keep_stage_outputs, in_use):
@@ -439,8 +438,7 @@ def pipeline(cfg: Config):
                                   ", ".join(d.name for d in pruned))
         summary.update(base=base_path, sft=sft_dir, reward=reward_dir, policy=policy["dir"],
                        ppo_metrics=policy["metrics"],
-                       cached=[name for name, out in (("sft", sft_out), ("reward-model", reward_out), ("ppo", policy))
-                               if out["cached"]])
+                       cached=[stage.name for stage, out in outs if out["cached"]])
         gate = evaluate(cfg, data, sft_dir, reward_dir, policy["dir"], parent.info.run_id)
         summary["gate"] = gate
         log_on_parent(gate["gate_metrics"] | {f"eval/{name}/{k}": v for name, m in gate["eval"].items() for k, v in m.items()})

@@ -27,6 +27,10 @@ FAST_STAGES = ("model.pretrain_steps=30", "sft.max_steps=10", "sft.save_steps=10
                "reward.save_steps=10", "reward.stats_max_responses=64", "ppo.steps=2", "ppo.batch_size=8",
                "ppo.minibatch_size=4", "ppo.ppo_epochs=1", "ppo.eval_max_prompts=8")
 
+# A gate every candidate passes: flow tests exercise registration and promotion, not model quality.
+OPEN_GATE = ("gate.min_reward_gain=-100", "gate.min_win_rate=0", "gate.min_judge_gain=null", "gate.max_kl=1e9",
+             "gate.max_prompts=8")
+
 
 def make_project(root: Path, *overrides: str) -> Config:
     """A fresh project dir: a git repo (as a clone would be) with the small demo config and fast stages."""

@@ -9,12 +9,11 @@ import pytest
 from components.registry.registry import CHALLENGER, CHAMPION, alias_version
 from flows.cli import main
 from flows.retrain import retrain
-from tests.conftest import make_project
+from tests.conftest import OPEN_GATE, make_project
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
-OPEN_GATE = ("gate.min_reward_gain=-100", "gate.min_win_rate=0", "gate.min_judge_gain=null", "gate.max_kl=1e9",
-             "gate.max_prompts=8", "gate.approval=manual")
+MANUAL_GATE = (*OPEN_GATE, "gate.approval=manual")
 
 
 async def _paused_runs() -> list:
@@ -42,7 +41,7 @@ def approve_when_paused(argv_tail: list[str], timeout: float = 300) -> threading
 
 
 def test_manual_approval_pauses_then_promotes(tmp_path):
-    project = make_project(tmp_path / "proj", "tracking.registered_model_name=approval-test", *OPEN_GATE,
+    project = make_project(tmp_path / "proj", "tracking.registered_model_name=approval-test", *MANUAL_GATE,
                            "gate.approval_timeout_s=300")
     approver = approve_when_paused(["--approver", "alice", f"root={project.root}"])
     state = retrain(project, return_state=True)
@@ -56,7 +55,7 @@ def test_manual_approval_pauses_then_promotes(tmp_path):
 
 
 def test_no_approval_before_the_timeout_promotes_nothing(tmp_path):
-    project = make_project(tmp_path / "proj", "tracking.registered_model_name=timeout-test", *OPEN_GATE,
+    project = make_project(tmp_path / "proj", "tracking.registered_model_name=timeout-test", *MANUAL_GATE,
                            "gate.approval_timeout_s=3")
     state = retrain(project, return_state=True)
     assert state.is_completed() and "no approval within 3s" in state.message, state.message

@@ -6,12 +6,9 @@ import pytest
 from components.config import compose
 from components.registry.registry import CHAMPION, alias_version
 from flows.retrain import retrain
-from tests.conftest import FAST_STAGES, make_project
+from tests.conftest import FAST_STAGES, OPEN_GATE, make_project
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
-
-OPEN_GATE = ("gate.min_reward_gain=-100", "gate.min_win_rate=0", "gate.min_judge_gain=null", "gate.max_kl=1e9",
-             "gate.max_prompts=8")
 
 
 def test_passing_candidate_is_registered_and_promoted_then_a_failing_one_changes_nothing(tmp_path):

@@ -61,13 +61,12 @@ def test_an_ingest_event_runs_the_served_deployment(tmp_path):
     from components.tracking import tracking_uri
     from components.registry.registry import CHAMPION, alias_version
     from flows.ingest import ingest_flow
-    from tests.conftest import FAST_STAGES, make_project
+    from tests.conftest import FAST_STAGES, OPEN_GATE, make_project
 
     root = tmp_path / "proj"
     overrides = [f"root={root}", "data=demo_small", *FAST_STAGES, "infra.retrain_cron=null",
                  f"infra.prefect_api_url={PREFECT_API_URL.value()}", "tracking.registered_model_name=served-test",
-                 "gate.min_reward_gain=-100", "gate.min_win_rate=0", "gate.min_judge_gain=null", "gate.max_kl=1e9",
-                 "gate.max_prompts=8"]
+                 *OPEN_GATE]
     project = make_project(root, *overrides[1:])
     ensure_data(project)  # `rlhf data`: the demo data, versioned
 
