@@ -14,7 +14,13 @@ from components.config import Config, to_dict
 MAX_PARAM_KEY = 250  # MLflow limits
 MAX_PARAM_VALUE = 6000
 MAX_PARAMS_PER_BATCH = 100
-_SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.I)
+# A secret-looking *word* of a key: `hf_token`, `PREFECT_API_KEY`, `db_passwd`, `client_secret`, `auth_string`
+# (words are split on `.`, `_`, `-`, digits and camelCase), never a word that merely contains one:
+# `max_new_tokens`, `tokenizer`, `tokens_per_second` are settings, not secrets.
+_SECRET_KEY = re.compile(
+    r"(?<![a-z])(passwords?|passwd|passphrase|secrets?|token|credentials?|o?auth|authorization|bearer"
+    r"|(api|access|private|secret)[_-]?key)(?![a-z])", re.I)
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _URL_CREDENTIALS = re.compile(r"(://)[^/@:\s]+:[^/@\s]+@")
 
 
@@ -42,8 +48,13 @@ def run_name(cfg: Config, stage: str) -> str:
     return f"{cfg.tracking.run_name_prefix}{stage}-{cfg.model.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def is_secret_key(key: str) -> bool:
+    """True when a word of `key` names a secret (`ppo.hf_token`, `apiKey`), not for `ppo.max_new_tokens`."""
+    return bool(_SECRET_KEY.search(_CAMEL_BOUNDARY.sub("_", key)))
+
+
 def redact(key: str, value: Any) -> Any:
-    if _SECRET_KEY.search(key) and value not in (None, ""):
+    if is_secret_key(key) and value not in (None, ""):
         return "***"
     return _URL_CREDENTIALS.sub(r"\1***@", value) if isinstance(value, str) else value
 

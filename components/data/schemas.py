@@ -1,7 +1,8 @@
 """Data contracts (ARCHITECTURE.md) and a JSONL reader that never raises on bad input.
 
 Reading turns every problem a file can have - missing, empty, not UTF-8, a line that
-is not JSON or not an object, a preference row that is neither pairwise nor ranked -
+is not JSON or not an object, text that is not valid Unicode (a lone `\\ud800` escape),
+a preference row that is neither pairwise nor ranked -
 into a `Finding` that names the file, the lines, the rule and the fix. Rows that
 parse are returned with their 1-based line numbers for the Great Expectations suites.
 """
@@ -91,6 +92,29 @@ def frame_of(kind: str, row: dict[str, Any]) -> str | None:
     return None
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(value: Any, path: str = "") -> tuple[str, str] | None:
+    """(where, what) for the first string or key holding a lone UTF-16 surrogate, e.g. ("field 'prompt'",
+    "\\ud83d at character 14"); None when all text is valid Unicode. JSON allows the escape `"\\ud800"`, Python
+    parses it to a str, and only encoding it to UTF-8 later fails."""
+    def at(text: str) -> str | None:
+        m = _SURROGATE.search(text)
+        return f"\\u{ord(m.group()):04x} at character {m.start() + 1}" if m else None
+
+    if isinstance(value, str):
+        return (f"field '{path}'" if path else "value", what) if (what := at(value)) else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        sub = f"{path}[{k}]" if isinstance(value, list) else f"{path}.{k}" if path else str(k)
+        if isinstance(k, str) and (what := at(k)):
+            return (f"a field name{f' in {path!r}' if path else ''}", what)
+        if (found := lone_surrogate(v, sub)) is not None:
+            return found
+    return None
+
+
 def read_jsonl(path: Path, kind: str) -> ParsedFile:
     """Parse one JSONL file; every problem becomes a Finding, never an exception."""
     src = str(path)
@@ -140,6 +164,14 @@ def read_jsonl(path: Path, kind: str) -> ParsedFile:
         if not isinstance(obj, dict):
             flag("not_object", "line is JSON but not an object", 'each line must be an object like {"id": ..., "prompt": ...}',
                  lineno, f"got {type(obj).__name__}: {short(obj)}")
+            continue
+        if (where := lone_surrogate(obj)) is not None:
+            field_name, what = where
+            flag("valid_unicode", "text has a lone surrogate escape (\\ud800-\\udfff without its pair): "
+                 "not valid Unicode, it cannot be saved as UTF-8",
+                 "fix the text at the source (often an emoji cut in half): use the whole pair, e.g. \\ud83d\\ude00, "
+                 "the character itself, or drop the escape",
+                 lineno, f"{field_name}: {what}")
             continue
         if frame_of(kind, obj) is None:
             flag("preference_shape", "preference row is neither pairwise (chosen, rejected) nor ranked (responses)",

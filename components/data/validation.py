@@ -7,7 +7,9 @@ rule, the rows (file and line, from the `_file`/`_line` columns), the values, an
 what to do. Checks against data outside the frame (ids and pairs already in data/,
 eval leakage) use suite parameters (`$PARAMETER`) filled at run time.
 
-Data Docs HTML are written under <state_dir>/gx/uncommitted/data_docs/local_site.
+Data Docs HTML are written under <state_dir>/gx/uncommitted/data_docs/local_site: the site
+(index.html) lists every past result; `ValidationReport.docs_pages` are this run's own result
+pages (one self-contained HTML file per frame validated, under the site's validations/ dir).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
+from urllib.parse import unquote
 
 import pandas as pd
 
@@ -191,7 +194,8 @@ class GXValidator:
         except (KeyError, LookupError):
             return asset.add_batch_definition_whole_dataframe("all")
 
-    def validate(self, frame: str, df: pd.DataFrame, params: dict[str, list], source: str) -> list[Finding]:
+    def validate(self, frame: str, df: pd.DataFrame, params: dict[str, list], source: str) -> tuple[list[Finding], list]:
+        """Findings, and the identifiers of the validation results this run stored (for their Data Docs pages)."""
         gx = self.gx
         suite = gx.ExpectationSuite(name=f"rlhf.{frame}", expectations=build_suite_expectations(frame, self.cfg))
         suite = self.context.suites.add_or_update(suite)
@@ -208,7 +212,7 @@ class GXValidator:
                 if er.success:
                     continue
                 findings.append(self._finding(er, df, source))
-        return findings
+        return findings, list(result.run_results)
 
     def _finding(self, er, df: pd.DataFrame, source: str) -> Finding:
         meta = er.expectation_config.meta or {}
@@ -232,11 +236,21 @@ class GXValidator:
         return Finding(source, rule, message, fix, count=count, examples=examples, locations=locations)
 
     def build_docs(self) -> Path | None:
+        """Build the whole site; the path of its index.html (None without a local site)."""
         self.context.build_data_docs()
-        for site in self.context.get_docs_sites_urls():
+        return self._local_page(None)
+
+    def docs_page(self, result_id) -> Path | None:
+        """The built HTML page of one validation result (`validations/<suite>/<run>/<time>/<batch>.html`)."""
+        page = self._local_page(result_id)
+        return page if page is not None and page.is_file() else None
+
+    def _local_page(self, resource_id) -> Path | None:
+        for site in self.context.get_docs_sites_urls(resource_identifier=resource_id):
             url = site.get("site_url") or ""
             if url.startswith("file://"):
-                return Path(url[len("file://"):])
+                path = Path(url[len("file://"):])
+                return path if path.exists() else Path(unquote(str(path)))  # GX %-quotes the part under the site
         return None
 
 
@@ -259,7 +273,10 @@ class ValidationReport:
     findings: list[Finding] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)  # frame -> rows checked
     files: list[str] = field(default_factory=list)
-    docs_index: Path | None = None
+    docs_index: Path | None = None  # the Data Docs site (index.html): every result ever validated here
+    # This run's own result page per frame validated: self-contained HTML (styles inline, scripts from CDNs);
+    # its only local links are back to the site (index, suite pages, favicon), not needed to read it.
+    docs_pages: dict[str, Path] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -326,13 +343,19 @@ def validate_dataset(data_dir: Path, cfg: DataConfig, gx_root: Path, kinds: Iter
 def _run_suites(report: ValidationReport, frames: dict[str, list], cfg: DataConfig, gx_root: Path, params, source) -> None:
     """Validate every non-empty frame with its suite; `params(frame)` fills the suite parameters."""
     validator = get_validator(gx_root, cfg)
+    result_ids: dict[str, list] = {}
     for frame, rows in frames.items():
         if not rows:
             continue
         df = build_frame(frame, rows, cfg)
         report.rows[frame] = len(df)
-        report.findings.extend(validator.validate(frame, df, params(frame), source=source(frame)))
+        findings, result_ids[frame] = validator.validate(frame, df, params(frame), source=source(frame))
+        report.findings.extend(findings)
     report.docs_index = validator.build_docs()
+    for frame, ids in result_ids.items():
+        pages = [p for p in map(validator.docs_page, ids) if p is not None]
+        if pages:
+            report.docs_pages[frame] = pages[0]  # one validation definition per frame: one result
 
 
 def validate_batch(path: Path, kind: str, cfg: DataConfig, gx_root: Path, data_dir: Path | None) -> tuple[ValidationReport, ParsedFile]:

@@ -97,6 +97,31 @@ def test_quarantine_ingests_good_rows_and_keeps_bad_ones_with_reasons(versioned,
     assert len(Path(result.shard).read_text().splitlines()) == 3
 
 
+# Valid JSON holding the six characters \ud83d: Python parses it to a lone surrogate that no UTF-8 writer can encode.
+HALF_EMOJI = '{"id": "new-half", "prompt": "A prompt with half an emoji \\ud83d", "chosen": "good", "rejected": "bad"}'
+
+
+def test_lone_surrogate_row_is_refused_and_changes_nothing(versioned, tmp_path):
+    cfg = versioned
+    before = snapshot(cfg)
+    with pytest.raises(IngestRefused) as e:
+        ingest(cfg, batch(tmp_path, GOOD[:2] + [HALF_EMOJI] + GOOD[2:]), "preferences")
+    assert "valid_unicode" in str(e.value) and "line 3" in str(e.value)
+    assert [loc for f in e.value.report.findings for loc in f.locations] == [(str(tmp_path / "batch.jsonl"), 3)]
+    assert snapshot(cfg) == before
+
+
+def test_quarantine_ingests_good_rows_around_a_lone_surrogate(versioned, tmp_path):
+    cfg = versioned
+    result = ingest(cfg, batch(tmp_path, GOOD[:2] + [HALF_EMOJI] + GOOD[2:]), "preferences", quarantine=True)
+    assert (result.n_good, result.n_bad, result.changed) == (5, 1, True)
+    q = [json.loads(l) for l in Path(result.quarantine).read_text(encoding="utf-8").splitlines()]
+    assert [(r["line"], r["rules"], r["raw"]) for r in q] == [(3, ["valid_unicode"], HALF_EMOJI)]
+    shard = Path(result.shard).read_text(encoding="utf-8").splitlines()
+    assert [json.loads(l)["id"] for l in shard] == [r["id"] for r in GOOD]
+    assert Dvc(cfg.root_path).status() == {}
+
+
 def test_failure_between_shard_and_dvc_add_rolls_back(versioned, tmp_path):
     cfg = versioned
     before = snapshot(cfg)

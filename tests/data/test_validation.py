@@ -45,6 +45,9 @@ CASES = [
     ("prompts", [{"id": "p1", "prompt": "Hello there"}, {"id": "p2", "prompt": "hello   THERE"}], "no_duplicates", 2),
     ("prompts", [{"id": "p1", "prompt": "Hello there"}, "{bad json"], "json", 2),
     ("prompts", [{"id": "p1", "prompt": "Hello there"}, "[1, 2]"], "not_object", 2),
+    # the six characters \ud83d: valid JSON, but half an emoji that no UTF-8 writer can encode
+    ("prompts", [{"id": "p1", "prompt": "Hello there"}, '{"id": "p2", "prompt": "half an emoji \\ud83d"}'], "valid_unicode", 2),
+    ("preferences", [GOOD_PAIR, '{"id": "n2", "prompt": "p p p", "responses": ["a", "b\\udc00"]}'], "valid_unicode", 2),
 ]
 
 
@@ -58,6 +61,19 @@ def test_each_rule_catches_its_case(tmp_path, demo, kind, rows, rule, line):
     assert (str(path), line) in found[rule].locations
     assert found[rule].fix  # every rule says what to do
     assert f"line {line}" in report.format("batch")
+
+
+def test_lone_surrogate_row_is_refused_with_a_finding_among_good_rows(tmp_path, demo):
+    bad = '{"id": "n2", "prompt": "A new prompt \\ud800 cut", "chosen": "good text", "rejected": "bad text"}'
+    assert "\\ud800" in bad and len("\\ud800") == 6  # the escape as written in the file, not the character
+    path = write_lines(tmp_path / "batch.jsonl", [GOOD_PAIR, bad, {**GOOD_PAIR, "id": "n3", "prompt": "Third prompt"}])
+    report, parsed = validate_batch(path, "preferences", CFG, tmp_path / "gx", demo / "data")
+    assert [f.rule for f in report.findings] == ["valid_unicode"], report.format("batch")
+    (finding,) = report.findings
+    assert finding.locations == [(str(path), 2)] and finding.source == str(path)
+    assert finding.fix and "field 'prompt'" in finding.examples[0] and "\\ud800" in finding.examples[0]
+    assert [line for line, _ in parsed.rows] == [1, 3]  # the good rows still parse
+    report.format("batch").encode("utf-8")  # the report itself is printable
 
 
 def test_good_batch_passes(tmp_path, demo):
@@ -110,3 +126,19 @@ def test_eval_leak_in_data_dir_is_caught(tmp_path, demo):
         fh.write(json.dumps({"id": "leak", "prompt": leak}) + "\n")
     report = validate_dataset(data, CFG, tmp_path / "gx")
     assert [f.rule for f in report.findings] == ["eval_disjoint"]
+
+
+def test_docs_page_is_this_runs_own_result_and_does_not_grow(tmp_path, demo):
+    gx = tmp_path / "gx"
+    path = write_lines(tmp_path / "batch.jsonl", [GOOD_PAIR, {**GOOD_PAIR, "id": "n2", "chosen": "zz-same", "rejected": "zz-same"}])
+    reports = [validate_batch(path, "preferences", CFG, gx, demo / "data")[0] for _ in range(3)]
+    assert all(list(r.docs_pages) == ["preferences_pairwise"] for r in reports)  # one page per frame validated
+    pages = [r.docs_pages["preferences_pairwise"] for r in reports]
+    site = reports[-1].docs_index.parent
+    assert all(p.is_file() and p.suffix == ".html" and p.is_relative_to(site / "validations") for p in pages)
+    assert len(set(pages)) == 3  # each run its own page; earlier pages stay in the site
+    assert "zz-same" in pages[-1].read_text()  # it shows this run's failing values
+    sizes = [p.stat().st_size for p in pages]
+    assert max(sizes) - min(sizes) < 0.02 * min(sizes), sizes  # a page holds one result, not the history
+    site_pages = sum(p.stat().st_size for p in (site / "validations").rglob("*.html"))
+    assert site_pages >= 2.9 * sizes[-1]  # ...while the whole site keeps every result
