@@ -183,6 +183,9 @@ class InfraConfig:
     retrain_cron: Optional[str] = "0 3 * * *"  # `rlhf serve`: scheduled retrain (None: no schedule)
     retrain_on_new_data: bool = True  # `rlhf serve`: retrain on each `rlhf.data.updated` event
     keep_stage_outputs: Optional[int] = 3  # per stage, the most recently used output dirs kept (None: all)
+    # a retrain slot holder on another host with no heartbeat (every 15 s) for this long is taken as crashed
+    retrain_slot_stale_s: float = 120.0
+    data_lock_timeout_s: float = 1800.0  # an ingest or retrain waits this long for another writer of data/
 
 
 @dataclass

@@ -5,6 +5,7 @@
     rlhf ingest    FILE --kind K [--quarantine] [...]   validate + version a new batch, emit rlhf.data.updated
     rlhf data      [overrides]                          materialise data/ (dvc pull, else the demo) and show its version
     rlhf config    [--options] [overrides]              print the resolved config (or every group's options)
+    rlhf status    [overrides]                          who holds the retrain slot; the last runs and outcomes
 
 Exit codes: 0 ok, 1 refused or failed (the message says why), 2 usage or config error.
 """
@@ -27,12 +28,19 @@ def _split(tokens: list[str]) -> tuple[list[str], list[str]]:
     return overrides, positional
 
 
-def _load(overrides: list[str]) -> Config:
+def _load(overrides: list[str], prefect: bool = True) -> Config:
+    """The config, and the process environment set from it (before Prefect is imported)."""
     cfg = compose(overrides)
-    from flows.env import configure_environment
+    from flows.env import configure_environment, temporary_server_notice
 
     configure_environment(cfg)
+    if prefect and (notice := temporary_server_notice(cfg)):
+        print(notice, file=sys.stderr)
     return cfg
+
+
+def _prefect_server(cfg: Config) -> str:
+    return cfg.infra.prefect_api_url or os.environ.get("PREFECT_API_URL") or "(a temporary one of this command)"
 
 
 def _where(cfg: Config) -> str:
@@ -54,7 +62,7 @@ def cmd_config(args, overrides: list[str]) -> int:
 def cmd_data(args, overrides: list[str]) -> int:
     from components.data.versioning import ensure_data
 
-    cfg = _load(overrides)
+    cfg = _load(overrides, prefect=False)
     state = ensure_data(cfg)
     print(f"✓ data version {state.version} ({state.origin}) in {cfg.data_path}")
     print("  rows: " + ", ".join(f"{k}={v}" for k, v in state.rows.items()))
@@ -68,7 +76,7 @@ def cmd_validate(args, overrides: list[str], positional: list[str]) -> int:
 
     if len(positional) > 1:
         raise SystemExit(f"rlhf validate: expected at most one PATH, got {positional}")
-    cfg = _load(overrides)
+    cfg = _load(overrides, prefect=False)
     path = Path(positional[0]).expanduser().resolve() if positional else cfg.data_path
     gx_root = cfg.state_path / "gx"
     if path.is_dir():
@@ -160,7 +168,7 @@ def cmd_run(args, overrides: list[str]) -> int:
 
 
 def cmd_rollback(args, overrides: list[str]) -> int:
-    cfg = _load(overrides)
+    cfg = _load(overrides, prefect=False)
     from components import tracking
     from components.registry import registry
 
@@ -181,15 +189,36 @@ def cmd_approve(args, overrides: list[str], positional: list[str]) -> int:
     """Answer a retrain paused for approval (gate.approval=manual)."""
     from uuid import UUID
 
-    from prefect.flow_runs import resume_flow_run
-
-    _load(overrides)  # the environment (Prefect home / API URL) the paused run's server is reached through
     if len(positional) != 1:
         print("usage: rlhf approve FLOW_RUN_ID [--reject] [--approver NAME] [--comment TEXT]", file=sys.stderr)
         return 2
-    resume_flow_run(UUID(positional[0]), run_input={"approve": not args.reject, "approver": args.approver,
-                                                    "comment": args.comment})
+    # the environment (Prefect home / API URL) first: Prefect reads its settings when first imported
+    cfg = _load(overrides)
+    from prefect.exceptions import ObjectNotFound
+    from prefect.flow_runs import resume_flow_run
+
+    try:
+        run_id = UUID(positional[0])
+        resume_flow_run(run_id, run_input={"approve": not args.reject, "approver": args.approver,
+                                           "comment": args.comment})
+    except (ValueError, ObjectNotFound):
+        print(f"✗ no flow run {positional[0]} on the Prefect server {_prefect_server(cfg)}: check the id "
+              "(the retrain's log names it) and infra.prefect_api_url", file=sys.stderr)
+        return 1
     print(f"✓ flow run {positional[0]}: {'rejected' if args.reject else 'approved'} by {args.approver}")
+    return 0
+
+
+def cmd_status(args, overrides: list[str]) -> int:
+    """Who holds the retrain slot (and whether it is alive), and the last runs with their outcomes."""
+    cfg = _load(overrides)
+    from components import tracking
+    from flows.lifecycle import status_lines
+
+    tracking.setup(cfg)
+    print(f"project {cfg.root_path}, Prefect server {_prefect_server(cfg)}")
+    print("\n".join(status_lines(cfg)))
+    print(f"  {_where(cfg)}")
     return 0
 
 
@@ -221,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("data", help="materialise and show the data version").add_argument("rest", **over)
     sub.add_parser("serve", help="run retrain as a long-lived deployment: cron schedule + new-data trigger").add_argument("rest", **over)
     sub.add_parser("rollback", help="move the champion alias back to the previous champion").add_argument("rest", **over)
+    sub.add_parser("status", help="who holds the retrain slot; the last runs and their outcomes").add_argument("rest", **over)
     a = sub.add_parser("approve", help="approve (or --reject) a retrain paused for approval")
     a.add_argument("--reject", action="store_true")
     a.add_argument("--approver", default=os.environ.get("USER", "unknown"))
@@ -253,12 +283,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"rlhf {args.command}: unexpected arguments {positional} (overrides look like key=value)", file=sys.stderr)
             return 2
         return {"run": cmd_run, "data": cmd_data, "config": cmd_config, "rollback": cmd_rollback,
-                "serve": cmd_serve}[args.command](args, overrides)
+                "serve": cmd_serve, "status": cmd_status}[args.command](args, overrides)
     except ConfigError as e:
         print(f"✗ config error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+        print("\ninterrupted (Ctrl-C): a killed retrain resumes from its checkpoints on the next `rlhf run`", file=sys.stderr)
         return 130
     except Exception as e:  # a last line of defence: say what happened, keep the traceback for debugging
         from components.data.versioning import DataVersionError
@@ -270,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"✗ internal error: {type(e).__name__}: {e}\n  (rerun with RLHF_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    except BaseException as e:  # Prefect turns SIGTERM into TerminationSignal (a BaseException)
+        if type(e).__name__ != "TerminationSignal":
+            raise
+        print("\nstopped by SIGTERM: a killed retrain resumes from its checkpoints on the next `rlhf run`", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

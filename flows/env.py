@@ -6,8 +6,22 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 from components.config import Config
+
+
+EPHEMERAL_STARTUP_TIMEOUT_S = 180
+
+
+def temporary_server_notice(cfg: Config) -> str | None:
+    """What a command without a shared Prefect server says before it starts its temporary one."""
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    home = Path(os.environ.get("PREFECT_HOME", cfg.state_path / "prefect"))
+    fresh = not (home / "prefect.db").exists()
+    return (f"Prefect: starting a temporary server on {home}"
+            + (f" (first start: setting up its database, up to {EPHEMERAL_STARTUP_TIMEOUT_S} s)" if fresh else ""))
 
 
 def configure_environment(cfg: Config) -> None:
@@ -19,6 +33,9 @@ def configure_environment(cfg: Config) -> None:
     os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
     if cfg.infra.prefect_api_url:
         os.environ["PREFECT_API_URL"] = cfg.infra.prefect_api_url
+    # A new Prefect home migrates its database on the temporary server's first start: on a busy 2-core
+    # machine that took longer than Prefect's default 20 s and failed the first `rlhf run` (issue 10)
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S))
     for key, value in {
         "GX_ANALYTICS_ENABLED": "False",
         "DVC_NO_ANALYTICS": "1",

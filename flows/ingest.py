@@ -15,6 +15,7 @@ from prefect.states import Completed, Failed
 from components.config import Config
 from components.data.ingest import IngestRefused, IngestResult, ingest
 from components.data.versioning import DataVersionError
+from flows import lifecycle
 
 DATA_UPDATED = "rlhf.data.updated"
 
@@ -28,6 +29,7 @@ def data_resource(cfg: Config) -> dict[str, str]:
 @flow(name="ingest", log_prints=True, validate_parameters=False)
 def ingest_flow(cfg: Config, file: str, kind: str, quarantine: bool = False):
     log = get_run_logger()
+    lifecycle.claim_run(cfg)  # a killed ingest's flow run is ended as Crashed by the next command
     try:
         result: IngestResult = ingest(cfg, Path(file), kind, quarantine, on_step=lambda s: log.info("ingest: %s", s))
     except (IngestRefused, DataVersionError) as e:

@@ -35,7 +35,7 @@ from prefect.states import Completed, Failed
 from components import tracking
 from components.config import Config, to_dict, to_yaml
 from components.data.validation import validate_dataset
-from components.data.versioning import DataState, DataVersionError, ensure_data
+from components.data.versioning import DataState, DataVersionError, pinned_data
 from components.evaluation.evaluate import PolicySpec, evaluate_policies, generations_table, win_rate
 from components.evaluation.gate import decide
 from components.registry import registry
@@ -44,6 +44,7 @@ from components.models.demo_base import build_demo_base
 from components.training.ppo import PPODivergence, prompts_of, train_ppo
 from components.training.reward import train_reward
 from components.training.sft import train_sft
+from flows import lifecycle
 
 
 @dataclass
@@ -80,23 +81,25 @@ RETRY = {"retries": 2, "retry_delay_seconds": 10, "retry_condition_fn": transien
 
 @task(name="prepare-data", **RETRY)
 def prepare_data(cfg: Config) -> DataState:
-    state = ensure_data(cfg)
-    get_run_logger().info("data version %s (%s): %s", state.version, state.origin, state.rows)
+    state = pinned_data(cfg, cfg.infra.keep_stage_outputs)  # later ingests do not change what this run reads
+    get_run_logger().info("data version %s (%s): %s; this run reads its snapshot %s", state.version, state.origin,
+                          state.rows, state.path)
     return state
 
 
 @task(name="validate", **RETRY)
 def validate(cfg: Config, data: DataState, parent_run_id: str) -> ValidationSummary:
     log = get_run_logger()
-    with mlflow.start_run(run_name="validate", nested=True, parent_run_id=parent_run_id) as run:
+    with mlflow.start_run(run_name="validate", nested=True, parent_run_id=parent_run_id,
+                          tags=lifecycle.mlflow_owner_tags()) as run:
         mlflow.set_tags({"stage": "validate", "data_version": data.version})
-        report = validate_dataset(cfg.data_path, cfg.data, cfg.state_path / "gx")
+        report = validate_dataset(Path(data.path), cfg.data, cfg.state_path / "gx")
         mlflow.log_metrics({"data/rows_" + k: v for k, v in report.rows.items()}
                            | {"data/problems": len(report.findings), "data/valid": float(report.ok)})
         text = report.format(f"data {data.version}", cfg.data.report_max_examples)
         mlflow.log_text(text, "validation_report.txt")
-        if report.docs_index:
-            mlflow.log_artifacts(str(report.docs_index.parent), artifact_path="data_docs")
+        for page in report.docs_pages.values():  # this run's result pages, not the whole site's history
+            mlflow.log_artifact(str(page), artifact_path="data_docs")
         (log.info if report.ok else log.error)("%s", text)
         return ValidationSummary(report.ok, report.rows, len(report.findings), text,
                                  str(report.docs_index) if report.docs_index else None, run.info.run_id)
@@ -189,7 +192,7 @@ def log_on_parent(metrics: dict[str, float]) -> None:
 
 
 def start_stage_run(stage: str, parent_run_id: str, data: DataState, params: dict[str, Any]):
-    run = mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id)
+    run = mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id, tags=lifecycle.mlflow_owner_tags())
     mlflow.set_tags({"stage": stage, "data_version": data.version})
     flat = tracking.flatten(params, prefix=f"{stage}.")
     for i in range(0, len(flat), 100):
@@ -203,7 +206,7 @@ def base_model(cfg: Config, data: DataState, parent_run_id: str) -> str:
     if not cfg.model.build_demo_base:
         return cfg.model.name_or_path
     with start_stage_run("base", parent_run_id, data, asdict(cfg.model)):
-        result = build_demo_base(cfg.model, cfg.data_path, data.version, cfg.state_path / "models", seed=cfg.seed)
+        result = build_demo_base(cfg.model, Path(data.path), data.version, cfg.state_path / "models", seed=cfg.seed)
         mlflow.log_metrics({"base/params": result.params, "base/built": float(result.built), **result.metrics})
         mlflow.set_tag("base_path", result.path)
         if result.built:  # the first run that builds it keeps a copy in MLflow; later runs point at the cache
@@ -216,7 +219,7 @@ def base_model(cfg: Config, data: DataState, parent_run_id: str) -> str:
 def sft(cfg: Config, data: DataState, base_path: str, parent_run_id: str) -> dict[str, Any]:
     out = stage_dir(cfg, "sft", data, base_path=base_path)
     with start_stage_run("sft", parent_run_id, data, asdict(cfg.sft)) as run:
-        result = train_sft(cfg.sft, cfg.model, base_path, cfg.data_path, out, seed=cfg.seed)
+        result = train_sft(cfg.sft, cfg.model, base_path, Path(data.path), out, seed=cfg.seed)
         mlflow.set_tags({"adapter_dir": result.adapter_dir, "merged_dir": result.merged_dir})
         get_run_logger().info("SFT: held-out loss %.3f -> %.3f; adapter %s",
                               result.metrics["sft/eval_loss_base"], result.metrics["sft/eval_loss"], result.adapter_dir)
@@ -227,7 +230,7 @@ def sft(cfg: Config, data: DataState, base_path: str, parent_run_id: str) -> dic
 def reward_model(cfg: Config, data: DataState, sft_dir: str, parent_run_id: str) -> dict[str, Any]:
     out = stage_dir(cfg, "reward-model", data, sft_dir=sft_dir)
     with start_stage_run("reward", parent_run_id, data, asdict(cfg.reward)) as run:
-        result = train_reward(cfg.reward, cfg.model, sft_dir, cfg.data_path, out, seed=cfg.seed)
+        result = train_reward(cfg.reward, cfg.model, sft_dir, Path(data.path), out, seed=cfg.seed)
         mlflow.set_tags({"adapter_dir": result.adapter_dir, "head_dir": result.head_dir})
         get_run_logger().info("reward model: held-out pairwise accuracy %.3f, margin %.2f",
                               result.metrics["rm/eval_accuracy"], result.metrics["rm/eval_margin"])
@@ -240,7 +243,7 @@ def ppo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_
     with start_stage_run("ppo", parent_run_id, data, asdict(cfg.ppo)) as run:
         try:
             result = train_ppo(cfg.ppo, cfg.model, sft_dir, reward_dir if cfg.ppo.use_reward_model else None,
-                               cfg.data_path, out, seed=cfg.seed)
+                               Path(data.path), out, seed=cfg.seed)
         except PPODivergence:
             mlflow.set_tag("outcome", "diverged")
             raise
@@ -284,7 +287,7 @@ def evaluate(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, policy
     with start_stage_run("evaluate", parent_run_id, data, asdict(cfg.gate)):
         champion, champion_version = champion_spec(cfg)
         specs = [PolicySpec("sft", sft_dir), PolicySpec("candidate", sft_dir, policy_dir)] + ([champion] if champion else [])
-        evals = evaluate_policies(specs, sft_dir, reward_dir, prompts_of(cfg.data_path, "eval"), cfg.gate, cfg.model)
+        evals = evaluate_policies(specs, sft_dir, reward_dir, prompts_of(Path(data.path), "eval"), cfg.gate, cfg.model)
         baseline = "champion" if champion else "sft"
         verdict = decide(evals["candidate"].metrics, evals[baseline].metrics,
                          win_rate(evals["candidate"].rewards, evals[baseline].rewards),
@@ -365,39 +368,20 @@ def curves(history: list[dict[str, float]]):
     return fig
 
 
-RETRAIN_LIMIT = "rlhf-retrain"
-
-
-def one_retrain_at_a_time():
-    """A Prefect global concurrency limit with one slot, created on first use; the flow holds it for its
-    whole run (a second `rlhf run`, or a scheduled/triggered one, waits). Every process of a project
-    shares the Prefect database under <state>/prefect, so this holds across processes."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-    from prefect.concurrency.sync import concurrency
-    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(RETRAIN_LIMIT)
-        except ObjectNotFound:
-            try:
-                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=RETRAIN_LIMIT, limit=1))
-            except ObjectAlreadyExists:  # another process created it in between
-                pass
-    return concurrency(RETRAIN_LIMIT, occupy=1, strict=True)
-
-
 @flow(name="retrain", validate_parameters=False)  # no log_prints: it turns library bytecode dumps (datasets hashing) into log lines
 def retrain(cfg: Config):
-    """The pipeline, one run at a time. Returns a summary dict; a Failed state (with the reason) on bad data."""
+    """The pipeline, one run at a time. Returns a summary dict; a Failed state (with the reason) on bad data.
+    First ends what a crashed earlier run left behind (flows/lifecycle.py), then waits for the slot."""
     tracking.setup(cfg)
-    with one_retrain_at_a_time():
+    log = get_run_logger()
+    lifecycle.claim_run(cfg)
+    lifecycle.reap_orphans(cfg, log.warning)
+    with lifecycle.RetrainSlot(cfg, log.warning):
         return pipeline(cfg)
 
 
 def pipeline(cfg: Config):
-    with mlflow.start_run(run_name=tracking.run_name(cfg, "retrain")) as parent:
+    with mlflow.start_run(run_name=tracking.run_name(cfg, "retrain"), tags=lifecycle.mlflow_owner_tags()) as parent:
         tracking.log_config(cfg)
         mlflow.log_text(to_yaml(cfg), "config.yaml")
         mlflow.set_tags({"pipeline": "retrain", "git_commit": git_commit(cfg.root_path), "base_model": cfg.model.name})

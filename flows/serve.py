@@ -43,23 +43,62 @@ def deployment(cfg: Config, overrides: list[str]):
         tags=["rlhf", cfg.model.name])
 
 
+# SIGTERM/SIGINT -> runner stopped: at most this; then Prefect stops its temporary server (if any; up to
+# 5 s, then it kills it), so the process exits within 10 s of the signal
+STOP_GRACE_S = 3.0
+
+
 def serve(cfg: Config, overrides: list[str]) -> None:
-    """`prefect.serve` of the deployment until Ctrl-C or SIGTERM (both: pause the schedule, exit 0)."""
+    """Serve the deployment until SIGTERM or SIGINT (Ctrl-C): both stop polling, cancel a run in flight
+    (it resumes from its checkpoints next time), pause the schedule and return.
+
+    The signals are ours, not Prefect's: Prefect 3.8's Runner SIGTERM handler stops the runner from inside
+    the signal handler and could hang, and a SIGINT-to-cancel of the main task was swallowed by its task
+    group (`rlhf serve` then ran on after SIGTERM; issue 10). Here a signal only sets an event; the
+    runner is stopped from the event loop, with a deadline."""
     import asyncio
-    import os
     import signal
 
     from prefect.runner import Runner
 
+    from components import tracking
+    from flows import lifecycle
+
+    tracking.setup(cfg)
+    lifecycle.reap_orphans(cfg, print)  # a run a crashed `rlhf serve` left Running would hold the deployment's slot
+    stop = asyncio.Event()
+
     class _Runner(Runner):
-        def handle_sigterm(self, *args, **kwargs):
-            # Prefect 3.8's handler deadlocks (it waits, inside the signal handler, on the event loop the
-            # handler interrupted); take the Ctrl-C path instead, which shuts down cleanly
-            os.kill(os.getpid(), signal.SIGINT)
+        def handle_sigterm(self, *args, **kwargs):  # installed by Runner.start() on the main thread
+            loop.call_soon_threadsafe(stop.set)
 
     runner = _Runner(pause_on_shutdown=True)
     runner.add_deployment(deployment(cfg, overrides))
+
+    async def main() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        started = asyncio.create_task(runner.start())
+        print(f"deployment retrain-service/{DEPLOYMENT} registered; waiting for scheduled or triggered runs", flush=True)
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({started, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if started.done():  # the runner ended by itself: an error
+            stopping.cancel()
+            return started.result()
+        print("stopping: no new runs; a run in flight is cancelled (it resumes from its checkpoints next time)", flush=True)
+
+        async def shutdown() -> None:
+            if runner.started:
+                await runner.astop()
+            await started  # leaving `async with runner` pauses the schedule
+
+        try:
+            await asyncio.wait_for(shutdown(), STOP_GRACE_S)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            print(f"the runner did not stop within {STOP_GRACE_S:g} s; exiting anyway", flush=True)
+
+    loop = asyncio.new_event_loop()
     try:
-        asyncio.run(runner.start())
-    except KeyboardInterrupt:
-        pass
+        loop.run_until_complete(main())
+    finally:
+        loop.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from components.config import Config
 from components.data.demo import write_jsonl
 from components.data.schemas import INGESTIBLE_KINDS
 from components.data.validation import ValidationReport, validate_batch
-from components.data.versioning import commit_shard, open_repo, require_clean
+from components.data.versioning import commit_shard, data_lock, open_repo, require_clean
 
 
 class IngestRefused(Exception):
@@ -49,6 +50,12 @@ def ingest(cfg: Config, file: Path, kind: str, quarantine: bool = False, on_step
         raise IngestRefused(f"--kind must be one of {', '.join(INGESTIBLE_KINDS)} (eval prompts are frozen: "
                             f"they are never ingested or trained on), got {kind!r}")
     file = Path(file).expanduser().resolve()
+    # one writer at a time: a second ingest waits here, then validates against what the first one added
+    with data_lock(cfg, f"ingest {file.name}", say=on_step):
+        return _ingest(cfg, file, kind, quarantine, on_step)
+
+
+def _ingest(cfg: Config, file: Path, kind: str, quarantine: bool, on_step) -> IngestResult:
     on_step("check data/ matches data.dvc")
     dvc = open_repo(cfg)
     before = require_clean(cfg, dvc)
@@ -80,7 +87,9 @@ def ingest(cfg: Config, file: Path, kind: str, quarantine: bool = False, on_step
     on_step("write shard")
     body = [json.dumps(o, ensure_ascii=False, sort_keys=True) for o in good]
     digest = hashlib.sha1("\n".join(body).encode("utf-8")).hexdigest()[:8]
-    staged = cfg.state_path / "staging" / f"ingest-{stamp}-{digest}.jsonl"
+    staging = cfg.state_path / "staging"
+    shutil.rmtree(staging, ignore_errors=True)  # only an ingest under the data lock stages: leftovers are a dead one's
+    staged = staging / f"ingest-{stamp}-{digest}.jsonl"
     write_jsonl(staged, good)
     dest = cfg.data_path / kind / staged.name
     result.version_after = commit_shard(cfg, dvc, staged, dest, on_step)

@@ -6,26 +6,41 @@ data/ and data.dvc disagree. `commit_shard` adds a shard all-or-nothing: a journ
 records what is about to change, so a crash at any point (between writing the shard
 and `dvc add`, during `dvc push`) is rolled back by the next command - a half-ingested
 state is never trusted. DVC is driven through its CLI (`python -m dvc`), its stable interface.
+
+Concurrency: every writer of data/ and data.dvc (ingest, demo generation, pull, recovery) holds
+`data_lock` (an flock on <state>/data.lock: the kernel frees it when its process dies, so a crash
+never leaves it held). Under the lock a journal can only belong to a dead ingest, so recovery
+never rolls back a live one. A retrain reads one pinned version from start to end: `pinned_data`
+copies data/ at its version to <state>/snapshots/<md5> under the lock, and the stages read that.
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import yaml
 
 from components.config import Config
 from components.data.demo import write_demo
 from components.data.schemas import KINDS, shard_files
+from components.owner import Owner
 
 DVC_FILE = "data.dvc"
 JOURNAL = "ingest-journal.json"
+LOCK = "data.lock"
+SNAPSHOT_DONE = ".snapshot-complete"
+LOCK_SAY_EVERY_S = 30.0
 
 
 class DataVersionError(Exception):
@@ -38,6 +53,54 @@ class DataState:
     origin: str  # present | pulled | generated
     rows: dict[str, int]
     remote: str
+    path: str = ""  # where to read this version: data/ itself, or a retrain's pinned snapshot of it
+
+
+# ----------------------------------------------------------------------------------------
+# One writer at a time
+# ----------------------------------------------------------------------------------------
+_held = threading.local()  # lock files this thread holds (nested use is a no-op)
+
+
+@contextmanager
+def data_lock(cfg: Config, what: str, say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Iterator[None]:
+    """Hold the project's data lock for `what` (e.g. "ingest batch.jsonl"). Waits for another holder,
+    saying who every 30 s, for at most `infra.data_lock_timeout_s`; then a DataVersionError says who holds it."""
+    path = cfg.state_path / LOCK
+    held: set = _held.__dict__.setdefault("paths", set())
+    if path in held:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        started, said = time.time(), 0.0
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                now = time.time()
+                holder = path.read_text(errors="replace").strip() or "another process"
+                if now - started > cfg.infra.data_lock_timeout_s:
+                    raise DataVersionError(
+                        f"{what}: data/ has been locked by {holder} for over {cfg.infra.data_lock_timeout_s:g} s "
+                        f"(infra.data_lock_timeout_s). Wait for it to finish, or raise the timeout.") from None
+                if now - said >= LOCK_SAY_EVERY_S:
+                    said = now
+                    say(f"{what}: waiting for data/ ({now - started:.0f} s so far): in use by {holder}")
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{what} ({Owner.me().describe()}, since {time.strftime('%H:%M:%S')})".encode(), 0)
+        held.add(path)
+        try:
+            yield
+        finally:
+            held.discard(path)
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 class Dvc:
@@ -123,12 +186,39 @@ def open_repo(cfg: Config) -> Dvc:
 
 def ensure_data(cfg: Config) -> DataState:
     """Make data/ match data.dvc (pull or regenerate), or create the demo data set and version it."""
+    with data_lock(cfg, "prepare data"):
+        return _ensure_data(cfg)
+
+
+def pinned_data(cfg: Config, keep: int | None = 3) -> DataState:
+    """`ensure_data`, then a snapshot of that version that later changes to data/ cannot touch: a
+    retrain reads only this from start to end, so its stages train on the version in their cache keys
+    and registry tags. Keeps the `keep` most recently used snapshots (None: all)."""
+    with data_lock(cfg, "pin data for a retrain"):
+        state = _ensure_data(cfg)
+        root = cfg.state_path / "snapshots"
+        dest = root / state.version
+        if not (dest / SNAPSHOT_DONE).exists():
+            tmp = root / f".{state.version}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(cfg.data_path, tmp, ignore=shutil.ignore_patterns(".*"))
+            (tmp / SNAPSHOT_DONE).write_text(state.version)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+        os.utime(dest)
+        for old in sorted((d for d in root.iterdir() if d != dest), key=lambda d: d.stat().st_mtime, reverse=True)[
+                max(0, (keep if keep is not None else 10**9) - 1):]:
+            shutil.rmtree(old, ignore_errors=True)  # older snapshots, and tmp copies of dead processes
+        return DataState(state.version, state.origin, state.rows, state.remote, str(dest))
+
+
+def _ensure_data(cfg: Config) -> DataState:
     dvc = open_repo(cfg)
     remote, target = cfg.infra.dvc_remote_name, _dvc_target(cfg)
     recorded = data_version(cfg.root_path)
     if recorded is not None:
         if not dvc.status():
-            return DataState(recorded, "present", count_rows(cfg.data_path), remote_url(cfg))
+            return DataState(recorded, "present", count_rows(cfg.data_path), remote_url(cfg), str(cfg.data_path))
         if _has_shards(cfg.data_path):
             raise DataVersionError(
                 f"{cfg.data_path} differs from {DVC_FILE} ({json.dumps(dvc.status())}).\n"
@@ -136,7 +226,7 @@ def ensure_data(cfg: Config) -> DataState:
                 f"or version them as they are with `dvc add {target}`.\n"
                 f"  To discard them: `dvc checkout --force {DVC_FILE}`.")
         if dvc.pull(remote) and not dvc.status():
-            return DataState(recorded, "pulled", count_rows(cfg.data_path), remote_url(cfg))
+            return DataState(recorded, "pulled", count_rows(cfg.data_path), remote_url(cfg), str(cfg.data_path))
     backup = (cfg.root_path / DVC_FILE).read_text() if recorded else None
     write_demo(cfg.data, cfg.data_path)
     dvc.add(target)
@@ -151,7 +241,7 @@ def ensure_data(cfg: Config) -> DataState:
             f"or start over from the demo: `git checkout {DVC_FILE}` (or delete it) and run again.")
     if cfg.infra.dvc_push:
         dvc.push(remote)
-    return DataState(version or "", "generated", count_rows(cfg.data_path), remote_url(cfg))
+    return DataState(version or "", "generated", count_rows(cfg.data_path), remote_url(cfg), str(cfg.data_path))
 
 
 def require_clean(cfg: Config, dvc: Dvc) -> str:
@@ -169,22 +259,51 @@ def _journal(cfg: Config) -> Path:
     return cfg.state_path / JOURNAL
 
 
+def _write_durably(path: Path, text: str) -> None:
+    """tmp + fsync + rename + fsync of the dir: after a power loss the file is whole or absent."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _move_into(staged: Path, dest: Path) -> None:
+    """Rename `staged` to `dest`; across filesystems (state dir and data/ on different mounts), copy to a
+    hidden partial file beside `dest`, fsync, then rename."""
+    try:
+        os.replace(staged, dest)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        partial = dest.with_name(f".{dest.name}.partial")
+        shutil.copyfile(staged, partial)
+        with partial.open("rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(partial, dest)
+        staged.unlink()
+
+
 def commit_shard(cfg: Config, dvc: Dvc, staged: Path, dest: Path, on_step=lambda step: None) -> str:
     """Move `staged` to `dest` under data/, `dvc add` and push. Returns the new data version.
-
-    On any failure the shard is removed and data.dvc restored; a kill is rolled back by `recover`.
-    """
+    The caller holds `data_lock`. On any failure the shard is removed and data.dvc restored; a kill is
+    rolled back by `recover`."""
     dvc_file = cfg.root_path / DVC_FILE
     journal = _journal(cfg)
     journal.parent.mkdir(parents=True, exist_ok=True)
-    entry = {"shard": str(dest), "data_dvc": dvc_file.read_text() if dvc_file.exists() else None, "started": time.time()}
-    tmp = journal.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entry))
-    os.replace(tmp, journal)  # the journal exists before anything under data/ changes
+    entry = {"shard": str(dest), "data_dvc": dvc_file.read_text() if dvc_file.exists() else None,
+             "started": time.time(), "owner": str(Owner.me())}
+    _write_durably(journal, json.dumps(entry))  # the journal exists before anything under data/ changes
     try:
         on_step("write shard")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, dest)
+        _move_into(staged, dest)
         on_step("dvc add")
         dvc.add(_dvc_target(cfg))
         if cfg.infra.dvc_push:
@@ -198,23 +317,35 @@ def commit_shard(cfg: Config, dvc: Dvc, staged: Path, dest: Path, on_step=lambda
 
 
 def _rollback(cfg: Config, entry: dict) -> None:
-    Path(entry["shard"]).unlink(missing_ok=True)
+    shard = Path(entry["shard"])
+    shard.unlink(missing_ok=True)
+    shard.with_name(f".{shard.name}.partial").unlink(missing_ok=True)
     dvc_file = cfg.root_path / DVC_FILE
     if entry["data_dvc"] is None:
         dvc_file.unlink(missing_ok=True)
     else:
-        dvc_file.write_text(entry["data_dvc"])
+        _write_durably(dvc_file, entry["data_dvc"])
     _journal(cfg).unlink(missing_ok=True)
 
 
 def recover(cfg: Config) -> str | None:
-    """Roll back an ingest that was interrupted (killed) half-way. Returns a message if it did."""
-    journal = _journal(cfg)
-    if not journal.exists():
-        return None
-    entry = json.loads(journal.read_text())
-    _rollback(cfg, entry)
-    msg = (f"recovered from an interrupted ingest: rolled back {entry['shard']} and {DVC_FILE}; "
-           "that batch was NOT ingested - run the ingest again")
-    print(f"⚠ {msg}", file=sys.stderr)
-    return msg
+    """Roll back an ingest that was interrupted (killed) half-way. Returns a message if it did.
+    Under the data lock, so a journal here belongs to a dead process (a live ingest holds the lock)."""
+    with data_lock(cfg, "recover"):
+        journal = _journal(cfg)
+        if not journal.exists():
+            return None
+        try:
+            entry = json.loads(journal.read_text())
+        except ValueError:  # written before the fsync'd journal, or damaged: it cannot say what to undo
+            journal.unlink()
+            msg = (f"an unreadable ingest journal ({journal}) was removed; if `dvc status` now reports changes, "
+                   f"`dvc checkout --force {DVC_FILE}` restores data/ to the recorded version")
+            print(f"⚠ {msg}", file=sys.stderr)
+            return msg
+        _rollback(cfg, entry)
+        owner = Owner.parse(entry.get("owner"))
+        msg = (f"recovered from an interrupted ingest{f' ({owner.describe()})' if owner else ''}: rolled back "
+               f"{entry['shard']} and {DVC_FILE}; that batch was NOT ingested - run the ingest again")
+        print(f"⚠ {msg}", file=sys.stderr)
+        return msg

@@ -70,13 +70,9 @@ def test_new_data_trains_again_and_compares_against_the_champion(tmp_path):
     assert s["registered"]["version"] == "2" and s["registered"]["previous_champion"] == "1"
 
 
-def test_one_retrain_at_a_time_limit_exists_and_is_released(tmp_path):
-    from prefect.client.orchestration import get_client
-
-    from flows.retrain import RETRAIN_LIMIT
+def test_the_retrain_slot_is_released_after_a_failed_run(tmp_path):
+    from flows.lifecycle import RetrainSlot
 
     project = make_project(tmp_path / "proj", "ppo.kl_ceiling=-1")  # the quickest full run: fails at PPO
     assert retrain(project, return_state=True).is_failed()
-    with get_client(sync_client=True) as client:
-        limit = client.read_global_concurrency_limit_by_name(RETRAIN_LIMIT)
-    assert limit.limit == 1 and limit.active_slots == 0, "held during a run, released after it, even a failed one"
+    assert RetrainSlot(project, print).read() is None, "held during a run, released after it, even a failed one"

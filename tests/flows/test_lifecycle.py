@@ -1,0 +1,128 @@
+"""Crash safety: the retrain slot a dead holder cannot keep, orphaned flow runs and MLflow runs ended.
+Real Prefect (the session's test server) and real MLflow (SQLite); dead processes are real processes
+that have exited."""
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import mlflow
+import pytest
+
+from components import tracking
+from components.owner import HOST, Owner, _start_time
+from flows import lifecycle
+from flows.lifecycle import Holder, RetrainSlot, reap_orphans, stale_reason
+from tests.conftest import make_project
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def dead_owner() -> Owner:
+    """A process of this host that has exited (its pid now names nothing, or a newer process)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    owner = Owner(HOST, proc.pid, _start_time(proc.pid))
+    proc.wait()
+    return owner
+
+
+# ---- pure verdicts, by hand
+NOW = 1000.0
+
+
+@pytest.mark.parametrize("alive, final, heartbeat, stale", [
+    (True, None, 0.0, False),  # alive on this host: never stale, however old the heartbeat
+    (False, None, NOW, True),  # the process is gone
+    (None, "Crashed", NOW, True),  # another host, its flow run ended
+    (None, None, NOW - 60, False),  # another host, recent heartbeat
+    (None, None, NOW - 121, True),  # another host, heartbeat older than the limit
+])
+def test_stale_reason(alive, final, heartbeat, stale):
+    holder = Holder("t", "run", "name", f"{HOST}:1:1.00", 0.0, heartbeat)
+    assert (stale_reason(holder, NOW, alive, final, 120.0) is not None) is stale
+
+
+def test_owner_tells_a_dead_process_and_a_reused_pid():
+    assert Owner.me().alive() is True
+    assert dead_owner().alive() is False
+    me = Owner.me()
+    assert Owner(me.host, me.pid, me.started - 100).alive() is False  # same pid, another process
+    assert Owner("another-host", 1, 1.0).alive() is None
+    assert Owner.parse(str(me)) == me and Owner.parse(f"{HOST}:{me.pid}") == Owner(HOST, me.pid, 0.0)
+
+
+# ---- the slot
+def test_slot_is_exclusive_and_says_who_holds_it(tmp_path):
+    project = make_project(tmp_path / "proj")
+    said: list[str] = []
+    first = RetrainSlot(project, said.append)
+    first.acquire()
+    assert first.read().token == first.mine.token
+    lifecycle.SAY_EVERY_S, saved = 0.5, lifecycle.SAY_EVERY_S
+    try:
+        second = RetrainSlot(project, said.append)
+        got = threading.Event()
+        t = threading.Thread(target=lambda: (second.acquire(), got.set()), daemon=True)
+        t.start()
+        time.sleep(3)
+        assert not got.is_set(), "a second retrain must wait while a live one holds the slot"
+        assert any("waiting for the retrain slot" in s and str(Owner.me().pid) in s for s in said), said
+        first.release()
+        assert got.wait(10), "released: the waiter takes it"
+        second.release()
+    finally:
+        lifecycle.SAY_EVERY_S = saved
+    assert first.read() is None
+
+
+def test_a_dead_holder_is_freed_and_its_runs_are_ended(tmp_path):
+    """What SIGKILL leaves: the slot record, a Running flow run and RUNNING MLflow runs of a dead process."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import VariableCreate
+    from prefect.states import Running
+
+    from flows.retrain import retrain
+
+    project = make_project(tmp_path / "proj")
+    tracking.setup(project)
+    dead = dead_owner()
+    with get_client(sync_client=True) as client:
+        flow_id = client.create_flow(retrain)
+        run = client.create_flow_run(retrain, state=Running())
+        client.update_flow_run_labels(run.id, {lifecycle.OWNER_LABEL: str(dead), lifecycle.PROJECT_LABEL: lifecycle.project_id(project)})
+        holder = Holder(uuid.uuid4().hex, str(run.id), run.name, str(dead), time.time(), time.time())
+        client.create_variable(VariableCreate(name=lifecycle.slot_name(project), value=holder.__dict__))
+    assert flow_id
+    tags = {lifecycle.OWNER_LABEL: str(dead), "rlhf.flow_run_id": str(run.id)}
+    parent = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name(project.tracking.experiment).experiment_id, tags=tags)
+    alive = mlflow.MlflowClient().create_run(parent.info.experiment_id, tags={lifecycle.OWNER_LABEL: str(Owner.me())})
+
+    said: list[str] = []
+    slot = RetrainSlot(project, said.append)
+    started = time.time()
+    slot.acquire()
+    assert time.time() - started < 30
+    slot.release()
+    assert any("freed the retrain slot" in s and "is gone" in s for s in said), said
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(run.id).state.name == "Crashed"
+    ended = mlflow.get_run(parent.info.run_id)
+    assert ended.info.status == "KILLED" and "ended without finishing" in ended.data.tags["rlhf.ended_because"]
+    assert mlflow.get_run(alive.info.run_id).info.status == "RUNNING", "a live process's run is left alone"
+    assert reap_orphans(project, said.append) == [], "nothing left to clean"
+
+
+def test_a_holder_on_another_host_is_stale_only_without_heartbeat(tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import VariableCreate
+
+    project = make_project(tmp_path / "proj", "infra.retrain_slot_stale_s=5")
+    slot = RetrainSlot(project, print)
+    beating = Holder("x", "", "", "another-host:42:1.00", time.time(), time.time())
+    with get_client(sync_client=True) as client:
+        client.create_variable(VariableCreate(name=slot.name, value=beating.__dict__))
+    assert slot.verdict(slot.read()) is None
+    time.sleep(6)
+    assert "no heartbeat" in slot.verdict(slot.read())
+    assert slot.free(slot.read(), "test") and slot.read() is None
