@@ -123,9 +123,24 @@ def cmd_ingest(args, overrides: list[str], positional: list[str]) -> int:
     return 0 if r.n_good else 1
 
 
+def _sigterm_unwinds() -> None:
+    """SIGTERM (a service manager's stop) unwinds like Ctrl-C instead of killing the process outright: the
+    flow run ends as Crashed, the retrain slot and MLflow runs are released, and the exit code is 143."""
+    import signal
+
+    from prefect.exceptions import TerminationSignal
+
+    def handler(signum, frame):
+        raise TerminationSignal(signal=signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def cmd_run(args, overrides: list[str]) -> int:
     cfg = _load(overrides)
     from flows.retrain import retrain
+
+    _sigterm_unwinds()
 
     state = retrain(cfg, return_state=True)
     if state.is_failed():

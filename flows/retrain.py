@@ -42,6 +42,7 @@ from components.registry import registry
 from components.registry.model_card import model_card
 from components.models.demo_base import build_demo_base
 from components.training.ppo import PPODivergence, prompts_of, train_ppo
+from components.training.checkpoint import is_complete
 from components.training.reward import train_reward
 from components.training.sft import train_sft
 from flows import lifecycle
@@ -141,14 +142,17 @@ def stage_dir(cfg: Config, stage: str, data: DataState, **upstream: Any) -> Path
 CACHED = {"cache_key_fn": stage_cache_key, "persist_result": True, "result_serializer": "json"}
 
 
-def run_stage(stage_task, *args: Any) -> dict[str, Any]:
+def run_stage(stage_task, cfg: Config, *args: Any) -> dict[str, Any]:
     """Run a cached stage task. A cache hit adds no child run: the parent run gets the tag
-    `cached.<stage>` = the run that computed it. A hit whose output dir is gone is recomputed."""
+    `cached.<stage>` = the run that computed it. A hit whose output is gone (pruned) or incomplete (a killed
+    recompute into the same dir) is recomputed there, resuming from its checkpoints."""
+    args = (cfg, *args)
     state = stage_task(*args, return_state=True)
     out = state.result()  # raises the task's exception (e.g. PPODivergence) on failure
     cached = state.name == "Cached"
-    if cached and not Path(out["dir"]).exists():
-        get_run_logger().warning("%s: cached output %s is gone; recomputing", stage_task.name, out["dir"])
+    if cached and not (Path(out["dir"]).exists() and is_complete(stage_root(cfg, out["dir"]))):
+        get_run_logger().warning("%s: cached output %s is gone or incomplete; recomputing (resumes from its "
+                                 "checkpoints)", stage_task.name, out["dir"])
         out, cached = stage_task.with_options(refresh_cache=True)(*args), False
     if cached:
         get_run_logger().info("%s: unchanged inputs, reusing run %s (%s)", stage_task.name, out["run_id"], out["dir"])
@@ -320,8 +324,9 @@ def register(cfg: Config, data: DataState, sft_dir: str, policy_dir: str, gate: 
 
 
 class Approval(RunInput):
-    """What a person answers to a paused retrain (Prefect UI form, or `rlhf approve`)."""
-    approve: bool = True
+    """What a person answers to a paused retrain (Prefect UI form, or `rlhf approve`). `approve` defaults to
+    False: pressing Resume in the UI without reading the form must not promote a model."""
+    approve: bool = False
     approver: str = "unknown"
     comment: str = ""
 

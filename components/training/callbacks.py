@@ -1,12 +1,17 @@
-"""Metric logging from components to the *active* MLflow run, under a namespace (`sft/loss`).
+"""Metric logging from components to the *active* MLflow run, under a namespace (`sft/loss`), and the
+completion marker of HF Trainer checkpoints.
 
 Components never set up tracking; when no run is active nothing is logged.
 """
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from components.training.checkpoint import mark_checkpoint_complete
 
 
 def log_to_active_run(metrics: dict[str, float], step: int) -> None:
@@ -35,3 +40,17 @@ class MlflowNamespaceCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
             log_to_active_run({f"{self.namespace}/{k.removeprefix('train_')}": v for k, v in logs.items()}, state.global_step)
+
+
+class CheckpointCompleteCallback(TrainerCallback):
+    """Marks each HF checkpoint complete once saved, so a resume (`checkpoint.last_complete_checkpoint`)
+    never picks one a kill left half written. `Trainer._maybe_log_save_evaluate` (transformers 5.23)
+    calls `on_save` right after `_save_checkpoint` returns (model, optimizer, scheduler, RNG and
+    trainer_state.json written, old checkpoints rotated), so the marker is the last thing in the dir."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        d = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if d.is_dir():
+            mark_checkpoint_complete(d, state.global_step)

@@ -22,6 +22,7 @@ The math lives in `ppo_math.py` as pure, hand-tested functions.
 
 Divergence (NaN/inf in logits or loss, or KL above `kl_ceiling`) raises `PPODivergence` before
 anything is written to `out_dir/final`, so no later stage can take a diverged policy for a valid one.
+`out_dir/COMPLETE.json` is written after `final/` (`checkpoint.is_complete(out_dir)`).
 """
 from __future__ import annotations
 
@@ -174,6 +175,7 @@ def prompts_of(data_dir: Path, kind: str) -> list[str]:
 
 def train_ppo(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: str | None, data_dir: Path,
               out_dir: Path, seed: int = 0) -> PPOResult:
+    checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
     prompts, eval_prompts = prompts_of(data_dir, "prompts"), prompts_of(data_dir, "eval")
     if not prompts:
         raise ValueError(f"PPO needs rollout prompts under {data_dir}/prompts")
@@ -355,7 +357,8 @@ def evaluate(roles: Roles, prompts: list[str], cfg: PPOConfig, seed: int) -> dic
 
 def write_outputs(roles: Roles, final: Path, metrics: dict[str, float], history: list[dict[str, float]],
                   merge: bool) -> PPOResult:
-    """Everything to a tmp dir, then one rename: `final/` exists only for a finished, healthy run."""
+    """Everything to a tmp dir, then one rename: `final/` exists only for a finished, healthy run; then
+    `COMPLETE.json` in its parent (the stage's out_dir) as the very last step."""
     tmp = final.with_name(".final-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     roles.model.save_pretrained(tmp, selected_adapters=sorted(TRAINABLE), safe_serialization=True)  # tmp/policy, tmp/value
@@ -370,4 +373,5 @@ def write_outputs(roles: Roles, final: Path, metrics: dict[str, float], history:
         roles.tok.save_pretrained(tmp / "merged")
         merged_dir = str(final / "merged")
     tmp.rename(final)
+    checkpoint.mark_complete(final.parent, {"stage": "ppo", "outputs": [final.name], "metrics": metrics})
     return PPOResult(str(final / "policy"), str(final / "value"), merged_dir, metrics, history)

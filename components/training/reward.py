@@ -9,8 +9,9 @@ the head applied to the last token's hidden state (the EOS that closes the respo
 
 Output (`out_dir`): `adapter/` (peft, safetensors), `head.safetensors` + `head.json` with the
 reward mean/std over training responses (PPO normalises with them) and the base it was
-trained on. Checkpoints every `save_steps` under `out_dir/checkpoints`, resumed when the
-stage is restarted with the same config and inputs.
+trained on; `COMPLETE.json` once all of it is written (`checkpoint.is_complete(out_dir)`).
+Checkpoints every `save_steps` under `out_dir/checkpoints`, resumed when the stage is restarted
+with the same config and inputs.
 """
 from __future__ import annotations
 
@@ -156,6 +157,7 @@ def train_reward(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_d
     from peft import LoraConfig, get_peft_model
     from transformers import get_cosine_schedule_with_warmup
 
+    checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
     train, evals = preference_examples(data_dir, cfg.eval_fraction)
     if not train or not evals:
         raise ValueError(f"the reward model needs preferences for training and held-out eval under {data_dir}/preferences")
@@ -242,4 +244,6 @@ def train_reward(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_d
     model.save_pretrained(adapter_dir, safe_serialization=True)
     head.save(out_dir, reward_mean=mean, reward_std=std, base=str(sft_dir), max_length=cfg.max_length)
     checkpoint.save(ckpt_root, cfg.max_steps, fp, write)
+    checkpoint.mark_complete(out_dir, {"stage": "reward", "outputs": ["adapter", "head.safetensors", "head.json"],
+                                       "metrics": metrics})
     return RewardResult(str(adapter_dir), str(out_dir), metrics)

@@ -2,8 +2,10 @@
 
 Entry: `train_sft(cfg, model_cfg, base_path, data_dir, out_dir)` -> SFTResult (paths + metrics).
 Held-out loss/perplexity before and after; checkpoints every `save_steps` and resumes from the
-last one when restarted with the same config and out_dir. Output: the adapter and the adapter
-merged into the base (the SFT model that the reward model and PPO start from).
+last complete one when restarted with the same config and out_dir (a checkpoint a kill left half
+written is removed, not resumed from). Output: the adapter and the adapter merged into the base (the
+SFT model that the reward model and PPO start from); `out_dir/COMPLETE.json` once both are written
+(`checkpoint.is_complete(out_dir)`).
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from pathlib import Path
 from components.config import ModelConfig, SFTConfig
 from components.data.schemas import held_out, read_jsonl, shard_files
 from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
-from components.training.callbacks import MlflowNamespaceCallback, log_to_active_run
+from components.training import checkpoint
+from components.training.callbacks import CheckpointCompleteCallback, MlflowNamespaceCallback, log_to_active_run
 
 
 @dataclass
@@ -36,10 +39,10 @@ def demonstrations(data_dir: Path, eval_fraction: float) -> tuple[list[dict], li
 def train_sft(cfg: SFTConfig, model_cfg: ModelConfig, base_path: str, data_dir: Path, out_dir: Path, seed: int = 0) -> SFTResult:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
+    checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
     train, evals = demonstrations(data_dir, cfg.eval_fraction)
     if not train or not evals:
         raise ValueError(f"SFT needs demonstrations for training and held-out eval under {data_dir}/demonstrations")
@@ -57,9 +60,10 @@ def train_sft(cfg: SFTConfig, model_cfg: ModelConfig, base_path: str, data_dir: 
                       target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
                          eval_dataset=Dataset.from_list(evals), processing_class=tok, peft_config=lora,
-                         callbacks=[MlflowNamespaceCallback("sft")])
+                         callbacks=[MlflowNamespaceCallback("sft"), CheckpointCompleteCallback()])
     before = trainer.evaluate()["eval_loss"]
-    resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    last = checkpoint.last_complete_checkpoint(ckpt_dir)  # HF's get_last_checkpoint would take a partial one
+    resume = str(last) if last else None
     out = trainer.train(resume_from_checkpoint=resume)
     after = trainer.evaluate()["eval_loss"]
 
@@ -77,4 +81,5 @@ def train_sft(cfg: SFTConfig, model_cfg: ModelConfig, base_path: str, data_dir: 
                # tokens/s of this process's steps only (a resumed run's token count includes earlier ones)
                "sft/tokens_per_second": trainer.state.num_input_tokens_seen / out.metrics["train_runtime"] if not resume else float("nan")}
     log_to_active_run(metrics, cfg.max_steps)
+    checkpoint.mark_complete(out_dir, {"stage": "sft", "outputs": ["adapter", "merged"], "metrics": metrics})
     return SFTResult(str(adapter_dir), str(merged_dir), metrics)

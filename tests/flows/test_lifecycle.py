@@ -126,3 +126,45 @@ def test_a_holder_on_another_host_is_stale_only_without_heartbeat(tmp_path):
     time.sleep(6)
     assert "no heartbeat" in slot.verdict(slot.read())
     assert slot.free(slot.read(), "test") and slot.read() is None
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_rlhf_run_waiting_for_the_slot_says_who_holds_it_and_stops_on_a_signal(tmp_path, sig):
+    """The real command in its own process, on the shared (test) server: it waits for a live holder, says
+    which run holds the slot, and a signal stops it within 10 s without taking the slot."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    project = make_project(tmp_path / "proj")
+    holder = RetrainSlot(project, print)
+    holder.acquire()
+    log_path = tmp_path / "run.log"
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    try:
+        with log_path.open("w") as log:
+            proc = subprocess.Popen([str(Path(sys.executable).with_name("rlhf")), "run", f"root={project.root}",
+                                     "data=demo_small", f"infra.prefect_api_url={PREFECT_API_URL.value()}"],
+                                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.time() + 240
+        while "waiting for the retrain slot" not in log_path.read_text():
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        text = log_path.read_text()
+        assert f"pid {os.getpid()}" in text, text[-2000:]  # who holds it
+        sent = time.time()
+        proc.send_signal(getattr(signal, sig))
+        code = proc.wait(timeout=10)
+        print(f"rlhf run waiting for the slot, {sig}: exited {code} in {time.time() - sent:.1f} s")
+        assert code in (130, 143), log_path.read_text()[-3000:]
+        assert holder.read().token == holder.mine.token, "the waiter never took the slot"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        holder.release()
+    with get_client(sync_client=True) as client:  # the waiting run did not stay Running
+        runs = [r for r in client.read_flow_runs(limit=50) if r.labels.get(lifecycle.PROJECT_LABEL) == lifecycle.project_id(project)]
+    assert runs and all(r.state.is_final() for r in runs), [(r.name, r.state_name) for r in runs]

@@ -1,5 +1,6 @@
 """Reward model: hand-computed Bradley-Terry loss and ranking expansion; on the demo (tiny, CPU) a
-held-out pairwise accuracy well above 0.8; only the LoRA adapter and head train; exact resume."""
+held-out pairwise accuracy well above 0.8; only the LoRA adapter and head train; exact resume; the output
+dir is complete only once a run has written all of it."""
 import json
 import math
 import shutil
@@ -12,6 +13,8 @@ from safetensors.torch import load_file
 
 from components.models.loading import load_causal_lm, load_tokenizer
 from components.models.roles import ScalarHead, last_token_index, sequence_scores
+from components.training import checkpoint
+from components.training import reward as reward_module
 from components.training.reward import (bradley_terry_loss, encode, pairwise_accuracy, preference_examples,
                                         ranking_to_pairs, train_reward)
 
@@ -108,6 +111,33 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(stages):
     # a different config does not resume from these checkpoints
     other = train_reward(replace(short, learning_rate=1e-4), cfg.model, stages.sft_dir, cfg.data_path, resumed_dir, seed=1)
     assert other.metrics["rm/resumed_from_step"] == 0
+
+
+def test_output_dir_is_complete_only_when_a_run_finished(stages, monkeypatch):
+    # the flow reuses a stage dir only if it is complete: a killed run's partial dir must not pass for one
+    cfg = stages.cfg
+    tiny = replace(cfg.reward, max_steps=4, save_steps=2, log_steps=2, stats_max_responses=16)
+    out = stages.root / "rm-killed"
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(reward_module, "reward_stats", killed)  # dies after training, before the outputs are written
+    with pytest.raises(Killed):
+        train_reward(tiny, cfg.model, stages.sft_dir, cfg.data_path, out, seed=1)
+    assert out.is_dir() and not checkpoint.is_complete(out)
+    monkeypatch.undo()
+    train_reward(tiny, cfg.model, stages.sft_dir, cfg.data_path, out, seed=1)  # resumes from its last checkpoint
+    assert checkpoint.is_complete(out)
+    assert json.loads((out / checkpoint.COMPLETE).read_text())["stage"] == "reward"
+    # a recompute into the complete dir, killed after it wrote adapter/ and the head (at its final checkpoint)
+    monkeypatch.setattr(checkpoint, "save", killed)
+    with pytest.raises(Killed):
+        train_reward(tiny, cfg.model, stages.sft_dir, cfg.data_path, out, seed=1)
+    assert (out / "adapter").is_dir() and not checkpoint.is_complete(out)
 
 
 def test_micro_batches_add_up_to_the_whole_batch_loss():

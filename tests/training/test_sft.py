@@ -1,5 +1,7 @@
-"""SFT on the demo (tiny model, CPU): held-out loss goes down, only LoRA weights move, resume works."""
+"""SFT on the demo (tiny model, CPU): held-out loss goes down, only LoRA weights move, resume works
+(and skips a checkpoint a kill left half written); the output dir is complete only once all is written."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ from components.config import compose
 from components.data.demo import write_demo
 from components.models.demo_base import build_demo_base
 from components.data.schemas import held_out
+from components.training import checkpoint
+from components.training import sft as sft_module
 from components.training.sft import train_sft
 
 
@@ -70,3 +74,45 @@ def test_resume_continues_from_last_checkpoint(setup):
     assert result.metrics["sft/resumed_from_step"] == 20
     state = json.loads((out / "checkpoints" / "checkpoint-30" / "trainer_state.json").read_text())
     assert state["global_step"] == 30
+
+
+def test_resume_skips_a_checkpoint_killed_mid_save(setup):
+    # HF writes checkpoint-N in place: a kill mid-save leaves it partial, and HF's get_last_checkpoint
+    # took it, so every later run with the same inputs crashed until someone deleted it by hand
+    cfg, base, _, root = setup
+    out = root / "sft-partial"
+    shutil.copytree(root / "sft" / "checkpoints", out / "checkpoints")  # a run that saved up to step 40 ...
+    partial = out / "checkpoints" / "checkpoint-50"  # ... then was killed while saving step 50
+    shutil.copytree(out / "checkpoints" / "checkpoint-40", partial)
+    (partial / checkpoint.CHECKPOINT_MARKER).unlink()
+    (partial / "trainer_state.json").unlink()
+    (partial / "adapter_model.safetensors").write_bytes((partial / "adapter_model.safetensors").read_bytes()[:100])
+    longer = compose([f"root={root}", "data=demo_small", "sft.max_steps=50", "sft.save_steps=20", "sft.learning_rate=1e-2",
+                      "sft.eval_fraction=0.15"])
+    result = train_sft(longer.sft, longer.model, base.path, longer.data_path, out)
+    assert result.metrics["sft/resumed_from_step"] == 40
+    state = json.loads((out / "checkpoints" / "checkpoint-50" / "trainer_state.json").read_text())
+    assert state["global_step"] == 50
+    assert (out / "checkpoints" / "checkpoint-50" / checkpoint.CHECKPOINT_MARKER).is_file()
+    assert checkpoint.is_complete(out)
+
+
+def test_output_dir_is_complete_only_when_the_run_finished(setup, monkeypatch):
+    cfg, base, result, root = setup
+    assert checkpoint.is_complete(root / "sft")
+    out = root / "sft-killed"
+    shutil.copytree(root / "sft", out)  # a complete earlier run's outputs ...
+    assert checkpoint.is_complete(out)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    # ... recomputed into the same dir by a run killed after writing adapter/ and merged/, before it returned
+    monkeypatch.setattr(sft_module, "log_to_active_run", killed)
+    with pytest.raises(Killed):
+        train_sft(cfg.sft, cfg.model, base.path, cfg.data_path, out)  # resumes at step 40 = max_steps: no training
+    assert (out / "adapter").is_dir() and (out / "merged").is_dir()
+    assert not checkpoint.is_complete(out)
