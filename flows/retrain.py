@@ -216,6 +216,8 @@ def base_model(cfg: Config, data: DataState, parent_run_id: str) -> str:
         if result.built:  # the first run that builds it keeps a copy in MLflow; later runs point at the cache
             mlflow.log_artifacts(result.path, artifact_path="base_model")
         get_run_logger().info("base model %s (%s): %s", cfg.model.name, "built" if result.built else "cached", result.path)
+        os.utime(result.path)  # one demo base per data version: keep the most recently used, as for stage outputs
+        prune_stage_outputs(cfg.state_path / "models", cfg.infra.keep_stage_outputs, {Path(result.path).resolve()})
         return result.path
 
 

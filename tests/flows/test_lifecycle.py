@@ -168,3 +168,25 @@ def test_rlhf_run_waiting_for_the_slot_says_who_holds_it_and_stops_on_a_signal(t
     with get_client(sync_client=True) as client:  # the waiting run did not stay Running
         runs = [r for r in client.read_flow_runs(limit=50) if r.labels.get(lifecycle.PROJECT_LABEL) == lifecycle.project_id(project)]
     assert runs and all(r.state.is_final() for r in runs), [(r.name, r.state_name) for r in runs]
+
+
+def test_rlhf_status_names_the_holder_and_says_when_it_is_stale(tmp_path):
+    import os
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import VariableCreate
+    from prefect.settings import PREFECT_API_URL
+
+    project = make_project(tmp_path / "proj")
+    dead = dead_owner()
+    with get_client(sync_client=True) as client:
+        client.create_variable(VariableCreate(name=lifecycle.slot_name(project),
+                                              value=Holder("t", "", "crashed-run", str(dead), time.time(), time.time()).__dict__))
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    proc = subprocess.run([str(Path(sys.executable).with_name("rlhf")), "status", f"root={project.root}",
+                           f"infra.prefect_api_url={PREFECT_API_URL.value()}"], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "held by flow run crashed-run" in proc.stdout and f"pid {dead.pid}" in proc.stdout, proc.stdout
+    assert "STALE: its process" in proc.stdout and "the next retrain frees it" in proc.stdout, proc.stdout
+    assert RetrainSlot(project, print).read() is not None, "status only reads"
