@@ -2,32 +2,140 @@
 
 Artifacts: `base` (the SFT weights, safetensors + tokenizer) and `adapter` (the PPO policy's LoRA
 adapter, merged into the base at load). Loads with no network and no remote code. Deliberately
-depends only on torch, transformers, peft and pandas, so the logged model serves anywhere.
+depends only on torch, transformers, peft and pandas, so the logged model serves anywhere (which is
+also why the request validation lives in this file: a models-from-code model carries only this file).
 
 Input: a DataFrame with a `prompt` column, or a list of prompt strings.
 Output: a DataFrame with one `response` per prompt.
 Params (per request): max_new_tokens, temperature (0 = greedy), top_p, seed (-1 = random).
+
+Input contract (checked before any generation): 1..`max_prompts` prompts, each a non-blank string of at
+most `max_prompt_tokens` tokens and at most the model's context less `max_new_tokens`; `max_new_tokens`
+in 1..`max_new_tokens_cap` (and below the context); temperature in 0..2; 0 < top_p <= 1; seed in
+-1..2**32-1. The caps are `Limits` (defaults below; `registry.log_and_register` writes them, with any
+overrides, into the logged model's `model_config`).
 """
 from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
 
 import mlflow
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
 DEFAULT_PARAMS = {"max_new_tokens": 48, "temperature": 0.7, "top_p": 0.9, "seed": -1}
+MAX_TEMPERATURE = 2.0  # above it, sampling from these small models is noise
+MAX_SEED = 2**32 - 1
 
 
-def prompts_of(model_input) -> list[str]:
+@dataclass(frozen=True)
+class Limits:
+    """Per-request serving caps: the one place their defaults live. Logged, all of them, as the model's
+    `model_config`; at serve time `MLFLOW_PYFUNC_INFERENCE_CONFIG='{"max_prompts": 8}'` (or load_model's
+    model_config) overrides the caps the logged model names."""
+    max_new_tokens_cap: int = 256  # also held below the model's context (one prompt token must fit)
+    max_prompt_tokens: int = 1024  # also held to the model's context less the request's max_new_tokens
+    max_prompts: int = 16
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"serving limit {f.name} must be a positive integer, got {value!r}")
+        if self.max_new_tokens_cap < DEFAULT_PARAMS["max_new_tokens"]:  # else a request with no params fails
+            raise ValueError(f"serving limit max_new_tokens_cap must be at least the default max_new_tokens "
+                             f"{DEFAULT_PARAMS['max_new_tokens']}, got {self.max_new_tokens_cap}")
+
+    @classmethod
+    def from_config(cls, config: dict | None) -> "Limits":
+        """Limits from a model_config (missing keys: defaults; unknown keys: ValueError)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config or {}) - known)
+        if unknown:
+            raise ValueError(f"unknown serving limits {unknown}; known: {sorted(known)}")
+        return cls(**(config or {}))
+
+    def as_config(self) -> dict:
+        return asdict(self)
+
+
+# A bad request raises MlflowException(error_code=INVALID_PARAMETER_VALUE): the supported way to get a clean
+# 400 from `mlflow models serve`. Its scoring server (mlflow/pyfunc/scoring_server, `invocations`) re-raises
+# an MlflowException from predict as it is, serialized with no `stack_trace`; any other exception becomes a
+# generic 400 WITH the traceback. The server does prefix the message with "Failed to predict data
+# '<the parsed input>'. \nError: ", so our one sentence ends the message, and the extra keys `field` and
+# `allowed` (MlflowException's JSON kwargs) carry the same facts for clients to match on.
+def bad_request(field: str, allowed: str, sentence: str) -> MlflowException:
+    """A 400 for one field: `sentence` names the field and the allowed range."""
+    return MlflowException.invalid_parameter_value(sentence, field=field, allowed=allowed)
+
+
+def prompts_of(model_input) -> list:
+    """The prompts of a request, as sent (not converted to str: validate_prompts checks their type)."""
     if isinstance(model_input, pd.DataFrame):
         column = "prompt" if "prompt" in model_input.columns else model_input.columns[0]
-        return [str(x) for x in model_input[column].tolist()]
+        return model_input[column].tolist()
     if isinstance(model_input, dict):
         value = model_input.get("prompt", next(iter(model_input.values())))
-        return [str(x) for x in (value if isinstance(value, (list, tuple)) else [value])]
+        return list(value) if isinstance(value, (list, tuple)) else [value]
     if isinstance(model_input, str):
         return [model_input]
-    return [str(x) for x in list(model_input)]
+    return list(model_input)
+
+
+def check_range(field: str, value, low, high, note: str = "") -> None:
+    """Raise a 400 unless low <= value <= high."""
+    if not low <= value <= high:
+        raise bad_request(field, f"{low}..{high}", f"{field} must be in {low}..{high}{note}, got {value!r}.")
+
+
+def validate_params(p: dict, limits: Limits, context: int | None) -> None:
+    """The generation params of a request (types were already enforced by the model's signature)."""
+    cap = limits.max_new_tokens_cap if context is None else min(limits.max_new_tokens_cap, context - 1)
+    check_range("max_new_tokens", p["max_new_tokens"], 1, cap)
+    check_range("temperature", p["temperature"], 0.0, MAX_TEMPERATURE, " (0 = greedy)")
+    if not 0.0 < p["top_p"] <= 1.0:
+        raise bad_request("top_p", "(0, 1]", f"top_p must be in (0, 1], got {p['top_p']!r}.")
+    check_range("seed", p["seed"], -1, MAX_SEED, " (-1 = random)")
+
+
+def validate_prompts(prompts: list, limits: Limits) -> None:
+    """The number of prompts and each prompt's type (lengths need the tokenizer: see check_lengths)."""
+    if not 1 <= len(prompts) <= limits.max_prompts:
+        raise bad_request("prompt", f"1..{limits.max_prompts}",
+                          f"prompt: a request holds 1..{limits.max_prompts} prompts, got {len(prompts)}.")
+    for i, prompt in enumerate(prompts, 1):
+        if not isinstance(prompt, str) or not prompt.strip():
+            shown = repr(prompt) if len(repr(prompt)) <= 40 else repr(prompt)[:40] + "..."
+            raise bad_request("prompt", "non-blank string", f"prompt {i} must be a non-blank string, got {shown}.")
+
+
+def check_lengths(lengths: list[int], max_new_tokens: int, limits: Limits, context: int | None) -> None:
+    """Each prompt fits max_prompt_tokens and, with max_new_tokens, the model's context."""
+    cap = limits.max_prompt_tokens if context is None else min(limits.max_prompt_tokens, context - max_new_tokens)
+    why = f"max_prompt_tokens={limits.max_prompt_tokens}" + (
+        "" if context is None else f", and the {context}-token context less max_new_tokens={max_new_tokens}")
+    for i, n in enumerate(lengths, 1):
+        if n > cap:
+            raise bad_request("prompt", f"1..{cap} tokens",
+                              f"prompt {i} has {n} tokens, allowed 1..{cap} tokens ({why}).")
+
+
+@contextmanager
+def seeded(seed: int, device: str):
+    """Seed torch for this request only. transformers' generate takes no torch.Generator, so sampling
+    draws from the global RNG: fork_rng restores its state afterwards, so a seeded request does not
+    reseed the process for later requests. seed < 0: no seeding, the global RNG goes on as it is."""
+    if seed < 0:
+        yield
+        return
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 class PolicyModel(PythonModel):
@@ -35,6 +143,7 @@ class PolicyModel(PythonModel):
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        self.limits = Limits.from_config(context.model_config)
         base, adapter = context.artifacts["base"], context.artifacts.get("adapter")
         self.tok = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
         if self.tok.pad_token is None:
@@ -43,8 +152,12 @@ class PolicyModel(PythonModel):
         model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True, trust_remote_code=False)
         if adapter:
             model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        self.context_tokens = getattr(model.config, "max_position_embeddings", None)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = model.to(self.device).eval()
+        # The scoring server runs predict in worker threads; one generation at a time keeps a seeded
+        # request's draws from the global RNG its own.
+        self.lock = threading.Lock()
 
     @torch.no_grad()
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -52,16 +165,24 @@ class PolicyModel(PythonModel):
         # a plain list of strings (`inputs`) still arrives here, converted by the signature
         p = {**DEFAULT_PARAMS, **(params or {})}
         prompts = prompts_of(model_input)
-        if int(p["seed"]) >= 0:
-            torch.manual_seed(int(p["seed"]))
-        batch = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        sampling = float(p["temperature"]) > 0
-        out = self.model.generate(**batch, max_new_tokens=int(p["max_new_tokens"]), do_sample=sampling,
-                                  temperature=float(p["temperature"]) if sampling else None,
-                                  top_p=float(p["top_p"]) if sampling else None, top_k=0 if sampling else None,
-                                  pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
+        validate_params(p, self.limits, self.context_tokens)
+        validate_prompts(prompts, self.limits)
+        batch = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        check_lengths(batch["attention_mask"].sum(dim=1).tolist(), int(p["max_new_tokens"]), self.limits,
+                      self.context_tokens)
+        batch = batch.to(self.device)
+        with self.lock, seeded(int(p["seed"]), self.device):
+            out = self.generate(batch, p)
         texts = self.tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         return pd.DataFrame({"response": [t.strip() for t in texts]})
+
+    def generate(self, batch, p: dict) -> torch.Tensor:
+        """Token ids (prompt + continuation) for a padded batch; temperature 0: greedy."""
+        sampling = float(p["temperature"]) > 0
+        return self.model.generate(**batch, max_new_tokens=int(p["max_new_tokens"]), do_sample=sampling,
+                                   temperature=float(p["temperature"]) if sampling else None,
+                                   top_p=float(p["top_p"]) if sampling else None, top_k=0 if sampling else None,
+                                   pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
 
 
 mlflow.models.set_model(PolicyModel())

@@ -21,8 +21,13 @@ class Registered:
     model_uri: str  # models:/<name>/<version>
 
 
-def log_and_register(registered_name: str, base_dir: str, adapter_dir: str | None, tags: dict[str, str]) -> Registered:
-    """Log the pyfunc (base + adapter + tokenizer) to the active run, register it, alias `challenger`."""
+def log_and_register(registered_name: str, base_dir: str, adapter_dir: str | None, tags: dict[str, str],
+                     limits: dict | None = None) -> Registered:
+    """Log the pyfunc (base + adapter + tokenizer) to the active run, register it, alias `challenger`.
+
+    `limits`: overrides of the serving caps (policy_model.Limits); all caps, defaults included, are written
+    into the logged model's `model_config`, so the served model states the caps it enforces.
+    """
     import mlflow
     import pandas as pd
     import peft
@@ -31,7 +36,7 @@ def log_and_register(registered_name: str, base_dir: str, adapter_dir: str | Non
     from mlflow.models import ModelSignature, infer_signature
     from mlflow.types import ColSpec, DataType, Schema
 
-    from components.registry.policy_model import DEFAULT_PARAMS
+    from components.registry.policy_model import DEFAULT_PARAMS, Limits
 
     example = pd.DataFrame({"prompt": EXAMPLE_PROMPTS})
     # One string column matched by position, not by name: a DataFrame with a `prompt` column and a plain
@@ -43,6 +48,7 @@ def log_and_register(registered_name: str, base_dir: str, adapter_dir: str | Non
     info = mlflow.pyfunc.log_model(
         name="policy", python_model=str(POLICY_MODEL_FILE), artifacts=artifacts, signature=signature,
         input_example=example, registered_model_name=registered_name,
+        model_config=Limits.from_config(limits).as_config(),  # the serving caps, read back at load
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
                           f"peft=={peft.__version__}", f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}"])
     version = str(info.registered_model_version)

@@ -1,5 +1,6 @@
 """Registry and serving with real MLflow (SQLite): a policy is logged as a self-contained pyfunc,
-registered, aliased, promoted, rolled back; `mlflow models serve` answers /invocations."""
+registered, aliased, promoted, rolled back; `mlflow models serve` answers /invocations and turns bad
+requests into clean 400s (one sentence naming the field, no stack trace)."""
 import json
 import os
 import signal
@@ -7,17 +8,23 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+import torch
+from mlflow.exceptions import MlflowException
 
 from components import tracking
+from components.registry.policy_model import Limits
 from components.registry.registry import CHALLENGER, CHAMPION, alias_version, log_and_register, promote, rollback
 
 NAME = "test-policy"
+V1_LIMITS = {"max_prompt_tokens": 24, "max_prompts": 4}  # v1 is logged with these caps; v2 with the defaults
+SERVE_CONFIG = {"max_new_tokens_cap": 64}  # and served with this override (MLFLOW_PYFUNC_INFERENCE_CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +35,8 @@ def registry(stages):
     versions = []
     for i in range(2):
         with mlflow.start_run(run_name=f"register-{i}"):
-            versions.append(log_and_register(NAME, stages.base_dir, adapter, {"data_version": "v1", "try": str(i)}))
+            versions.append(log_and_register(NAME, stages.base_dir, adapter, {"data_version": "v1", "try": str(i)},
+                                             limits=V1_LIMITS if i == 0 else None))
     return stages, versions
 
 
@@ -68,10 +76,33 @@ def test_registered_model_is_self_contained_and_generates(registry):
     assert list(out.columns) == ["response"] and len(out) == 2 and all(isinstance(r, str) for r in out["response"])
     again = model.predict(pd.DataFrame({"prompt": ["The film was", "These headphones"]}), params={"seed": 0, "max_new_tokens": 8})
     assert out.equals(again), "a seed makes generation reproducible"
+    state = torch.get_rng_state()
+    model.predict(["The film was"], params={"seed": 5, "max_new_tokens": 4})
+    assert torch.equal(torch.get_rng_state(), state), "a seeded request leaves the process's global RNG as it was"
     assert len(model.predict(["One prompt"], params={"temperature": 0.0, "max_new_tokens": 4})) == 1
     local = Path(mlflow.artifacts.download_artifacts(v1.model_uri))
     weights = {p.suffix for p in local.rglob("*") if p.is_file()}
     assert ".safetensors" in weights and not ({".bin", ".pt", ".pkl"} & weights), "safetensors only"
+
+
+def test_serving_caps_are_logged_and_held_to_the_model_context(registry):
+    _, (v1, v2) = registry
+    logged = {v.version: mlflow.models.get_model_info(v.model_uri).flavors["python_function"]["config"]
+              for v in (v1, v2)}  # the MLmodel's model_config
+    assert logged == {v1.version: {**Limits().as_config(), **V1_LIMITS}, v2.version: Limits().as_config()}
+    with pytest.raises(ValueError, match="unknown serving limits"):
+        Limits.from_config({"max_batch": 3})
+    with pytest.raises(ValueError, match="max_prompts must be a positive integer"):
+        Limits(max_prompts=0)
+    with pytest.raises(ValueError, match="at least the default max_new_tokens"):
+        Limits(max_new_tokens_cap=10)
+    # caps above the demo model's 128-token context: the context governs
+    model = mlflow.pyfunc.load_model(v2.model_uri, model_config={"max_prompt_tokens": 1000, "max_new_tokens_cap": 1000})
+    with pytest.raises(MlflowException, match=r"max_new_tokens must be in 1\.\.127, got 128"):
+        model.predict(["The film was"], params={"max_new_tokens": 128})
+    with pytest.raises(MlflowException, match=r"allowed 1\.\.8 tokens .*128-token context less max_new_tokens=120"):
+        model.predict(["The film was " * 5], params={"max_new_tokens": 120})
+    assert len(model.predict(["The film"], params={"max_new_tokens": 120, "seed": 0})) == 1
 
 
 def free_port() -> int:
@@ -80,20 +111,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def post(port: int, body: dict) -> dict:
+def post(port: int, body: dict) -> tuple[int, str]:
+    """POST /invocations -> (HTTP status, response body)."""
     req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return json.loads(r.read())
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
 
 
-def test_mlflow_models_serve_answers_invocations(registry):
+def predictions(port: int, body: dict) -> dict:
+    status, text = post(port, body)
+    assert status == 200, text
+    return json.loads(text)
+
+
+@pytest.fixture(scope="module")
+def served(registry):
+    """One `mlflow models serve` of the champion (v1: V1_LIMITS, SERVE_CONFIG) for all serving tests: -> port."""
     stages, (v1, _) = registry
     promote(NAME, v1.version, approver="test")
     port = free_port()
     venv_bin = str(Path(sys.executable).parent)  # mlflow starts `uvicorn` from PATH
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(stages.cfg),
-           "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
+           "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+           "MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps(SERVE_CONFIG)}
     mlflow_bin = str(Path(venv_bin) / "mlflow")
     proc = subprocess.Popen([mlflow_bin, "models", "serve", "-m", f"models:/{NAME}@{CHAMPION}", "--env-manager", "local",
                              "--host", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.PIPE,
@@ -108,14 +152,55 @@ def test_mlflow_models_serve_answers_invocations(registry):
                 if proc.poll() is not None or time.time() > deadline:
                     raise AssertionError(f"server did not start:\n{proc.stdout.read().decode()[-3000:]}")
                 time.sleep(1)
-        params = {"max_new_tokens": 8, "seed": 0}
-        records = post(port, {"dataframe_records": [{"prompt": "The film was"}, {"prompt": "My new kettle"}], "params": params})
-        split = post(port, {"dataframe_split": {"columns": ["prompt"], "data": [["The film was"], ["My new kettle"]]}, "params": params})
-        plain = post(port, {"inputs": ["The film was", "My new kettle"], "params": params})
-        for answer in (records, split, plain):
-            rows = answer["predictions"]
-            assert len(rows) == 2 and all(isinstance(r["response"], str) for r in rows), answer
-        assert records == split == plain, "the same prompts and seed give the same text whatever the input format"
+        yield port
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_mlflow_models_serve_answers_invocations(served):
+    params = {"max_new_tokens": 8, "seed": 0}
+    records = predictions(served, {"dataframe_records": [{"prompt": "The film was"}, {"prompt": "My new kettle"}],
+                                   "params": params})
+    split = predictions(served, {"dataframe_split": {"columns": ["prompt"], "data": [["The film was"], ["My new kettle"]]},
+                                 "params": params})
+    plain = predictions(served, {"inputs": ["The film was", "My new kettle"], "params": params})
+    for answer in (records, split, plain):
+        rows = answer["predictions"]
+        assert len(rows) == 2 and all(isinstance(r["response"], str) for r in rows), answer
+    assert records == split == plain, "the same prompts and seed give the same text whatever the input format"
+    edges = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "seed": 0}  # every cap at its limit
+    assert len(predictions(served, {"inputs": ["The film was"] * 4, "params": edges})["predictions"]) == 4
+
+
+def ask(prompts, **params) -> dict:
+    return {"inputs": prompts, **({"params": params} if params else {})}
+
+
+BAD_REQUESTS = {  # id: (request, field, allowed)
+    "blank prompt": (ask([""]), "prompt", "non-blank string"),
+    "whitespace prompt": (ask(["The film was", "  "]), "prompt", "non-blank string"),
+    "non-string prompt": ({"dataframe_records": [{"prompt": 7}]}, "prompt", "non-blank string"),
+    "null prompt": ({"dataframe_split": {"columns": ["prompt"], "data": [[None]]}}, "prompt", "non-blank string"),
+    "too many prompts": (ask(["The film was"] * 5), "prompt", "1..4"),
+    "prompt too long": (ask(["The film was " * 20]), "prompt", "1..24 tokens"),
+    "max_new_tokens negative": (ask(["The film was"], max_new_tokens=-5), "max_new_tokens", "1..64"),
+    "max_new_tokens over cap": (ask(["The film was"], max_new_tokens=65), "max_new_tokens", "1..64"),
+    "temperature negative": (ask(["The film was"], temperature=-0.1), "temperature", "0.0..2.0"),
+    "temperature too high": (ask(["The film was"], temperature=2.5), "temperature", "0.0..2.0"),
+    "top_p zero": (ask(["The film was"], top_p=0.0), "top_p", "(0, 1]"),
+    "top_p above one": (ask(["The film was"], top_p=1.5), "top_p", "(0, 1]"),
+    "seed below -1": (ask(["The film was"], seed=-7), "seed", "-1..4294967295"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_get_a_clean_400(served, case):
+    request, field, allowed = BAD_REQUESTS[case]
+    status, text = post(served, request)
+    assert status == 400, text
+    body = json.loads(text)
+    assert body["error_code"] == "INVALID_PARAMETER_VALUE" and body["field"] == field and body["allowed"] == allowed
+    sentence = body["message"].rsplit("Error: ", 1)[-1]  # MLflow prefixes "Failed to predict data '...'. \nError: "
+    assert field in sentence and allowed in sentence and sentence.count(". ") == 0, sentence
+    assert "Traceback" not in text and not body.get("stack_trace"), text
