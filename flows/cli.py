@@ -153,8 +153,8 @@ def cmd_run(args, overrides: list[str]) -> int:
           f"validated {sum(v['rows'].values())} rows, 0 problems")
     if v["docs_index"]:
         print(f"  Data Docs: {v['docs_index']}")
-    if s.get("nothing_new"):
-        print(f"  {state.message}: no stage ran, the champion stays v{s['nothing_new']}")
+    if s.get("nothing_new") or s.get("held_by_rollback"):
+        print(f"  {state.message}: no stage ran, the registry is unchanged")
         print(f"  {_where(cfg)}")
         return 0
     if s.get("cached"):
@@ -190,11 +190,13 @@ def cmd_rollback(args, overrides: list[str]) -> int:
     tracking.setup(cfg)
     name = cfg.tracking.registered_model_name
     try:
-        current, previous = registry.rollback(name)
+        current, previous = registry.rollback(name, by=args.by, reason=args.reason)
     except ValueError as e:
         print(f"✗ rollback: {e}", file=sys.stderr)
         return 1
     print(f"✓ {name}: alias {registry.CHAMPION} moved from v{current} back to v{previous}")
+    print(f"  v{current} is tagged {registry.ROLLED_BACK}: a retrain on its data version and config will not promote it "
+          "again (new data or a changed config will)")
     print(f"  a running `mlflow models serve -m models:/{name}@{registry.CHAMPION}` picks it up on restart")
     print(f"  {_where(cfg)}")
     return 0
@@ -264,7 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run the pipeline").add_argument("rest", **over)
     sub.add_parser("data", help="materialise and show the data version").add_argument("rest", **over)
     sub.add_parser("serve", help="run retrain as a long-lived deployment: cron schedule + new-data trigger").add_argument("rest", **over)
-    sub.add_parser("rollback", help="move the champion alias back to the previous champion").add_argument("rest", **over)
+    r = sub.add_parser("rollback", help="move the champion alias back to the previous champion")
+    r.add_argument("--reason", default="", help="why (recorded on the version and its model card)")
+    r.add_argument("--by", default=os.environ.get("USER", "unknown"), help="who rolls back")
+    r.add_argument("rest", **over)
     sub.add_parser("status", help="who holds the retrain slot; the last runs and their outcomes").add_argument("rest", **over)
     a = sub.add_parser("approve", help="approve (or --reject) a retrain paused for approval")
     a.add_argument("--reject", action="store_true")

@@ -311,13 +311,20 @@ def evaluate(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, policy
 
 @task(name="register", **RETRY)
 def register(cfg: Config, data: DataState, sft_dir: str, policy_dir: str, gate: dict[str, Any], parent_run_id: str) -> dict[str, str]:
+    """Log and register the candidate once: a retry (transient error) finishes the version an earlier try
+    of this pipeline run created instead of registering a second one."""
+    name = cfg.tracking.registered_model_name
+    tags = {"data_version": data.version, "config_hash": config_hash(cfg), "git_commit": git_commit(cfg.root_path),
+            "base_model": cfg.model.name, "champion_compared": gate["champion_version"] or "none",
+            "pipeline_run_id": parent_run_id, **{k: f"{v:.4f}" for k, v in gate["gate_metrics"].items()}}
+    earlier = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = 'register'",
+                                 search_all_experiments=True, output_format="list")
     with start_stage_run("register", parent_run_id, data, {}):
-        reg = registry.log_and_register(
-            cfg.tracking.registered_model_name, sft_dir, policy_dir,
-            {"data_version": data.version, "config_hash": config_hash(cfg), "git_commit": git_commit(cfg.root_path),
-             "base_model": cfg.model.name,
-             "champion_compared": gate["champion_version"] or "none", "pipeline_run_id": parent_run_id,
-             **{k: f"{v:.4f}" for k, v in gate["gate_metrics"].items()}})
+        if (version := registry.registered_by(name, [r.info.run_id for r in earlier])) is not None:
+            get_run_logger().warning("%s v%s was already registered by an earlier try of this run: finishing it", name, version)
+            reg = registry.finish_registration(name, version, tags)
+        else:
+            reg = registry.log_and_register(name, sft_dir, policy_dir, tags)
         card = model_card(reg.name, cfg.model.name, data.version, git_commit(cfg.root_path), gate)
         mlflow.log_text(card, "model_card.md")
         mlflow.MlflowClient().update_model_version(reg.name, reg.version, description=card)
@@ -405,6 +412,12 @@ def pipeline(cfg: Config):
             mlflow.set_tag("outcome", "invalid data")
             return Failed(message=f"data validation failed ({validation.problems} problem(s)); no training ran.\n"
                                   f"{validation.report}", data=summary)
+        if (held := registry.rolled_back_like(cfg.tracking.registered_model_name, data.version, config_hash(cfg))) is not None:
+            mlflow.set_tag("outcome", f"held by the rollback of v{held.version}")
+            return Completed(data=summary | {"held_by_rollback": str(held.version)},
+                             message=f"not retrained: v{held.version}, trained on data {data.version} with this config, was "
+                                     f"rolled back ({held.tags[registry.ROLLED_BACK]}); a rollback holds until the data "
+                                     "or the config change")
         if (champion := nothing_new(cfg, data)) is not None:
             mlflow.set_tag("outcome", "nothing new")
             return Completed(data=summary | {"nothing_new": champion},

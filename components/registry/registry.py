@@ -51,7 +51,13 @@ def log_and_register(registered_name: str, base_dir: str, adapter_dir: str | Non
         model_config=Limits.from_config(limits).as_config(),  # the serving caps, read back at load
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
                           f"peft=={peft.__version__}", f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}"])
-    version = str(info.registered_model_version)
+    return finish_registration(registered_name, str(info.registered_model_version), tags)
+
+
+def finish_registration(registered_name: str, version: str, tags: dict[str, str]) -> Registered:
+    """Tag a registered version and alias it `challenger` (idempotent: a retry may run it again)."""
+    import mlflow
+
     client = mlflow.MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(registered_name, version, key, str(value))
@@ -79,22 +85,58 @@ def promote(registered_name: str, version: str, approver: str) -> str | None:
         client.set_model_version_tag(registered_name, version, "previous_champion", previous)
     client.set_model_version_tag(registered_name, version, "approver", approver)
     client.set_registered_model_alias(registered_name, CHAMPION, version)
+    if ROLLED_BACK in client.get_model_version(registered_name, version).tags:  # promoted again on purpose
+        client.delete_model_version_tag(registered_name, version, ROLLED_BACK)
     return previous
 
 
-def rollback(registered_name: str) -> tuple[str, str]:
-    """Move `champion` back to the version it replaced: -> (from, to). ValueError when there is none."""
+def rollback(registered_name: str, by: str = "unknown", reason: str = "") -> tuple[str, str]:
+    """Move `champion` back to the version it replaced: -> (from, to). ValueError when there is none.
+
+    The version rolled back is tagged `rolled_back` (when, by whom, why) and its model card says so: a
+    retrain on the same data version and config will not promote it again (`rolled_back_like`)."""
+    import time
+
     import mlflow
 
     client = mlflow.MlflowClient()
     current = alias_version(registered_name, CHAMPION)
     if current is None:
         raise ValueError(f"registered model {registered_name!r} has no champion to roll back")
-    previous = client.get_model_version(registered_name, current).tags.get("previous_champion")
+    version = client.get_model_version(registered_name, current)
+    previous = version.tags.get("previous_champion")
     if not previous:
         raise ValueError(f"champion v{current} of {registered_name!r} replaced no earlier champion: nothing to roll back to")
+    note = f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} by {by}" + (f": {reason}" if reason else "")
     client.set_registered_model_alias(registered_name, CHAMPION, previous)
+    client.set_model_version_tag(registered_name, current, ROLLED_BACK, note)
+    client.update_model_version(registered_name, current, description=(version.description or "") + (
+        f"\n\n## Rolled back\n\n{note}. `{CHAMPION}` went back to v{previous}. A retrain on the same data "
+        f"version and config does not promote this model again; new data or a changed config does."))
     return current, previous
+
+
+ROLLED_BACK = "rolled_back"
+
+
+def rolled_back_like(registered_name: str, data_version: str, config_hash: str):
+    """A rolled-back version trained on this data version with this config (its ModelVersion), or None."""
+    import mlflow
+
+    versions = mlflow.MlflowClient().search_model_versions(
+        f"name = '{registered_name}' and tags.data_version = '{data_version}' and tags.config_hash = '{config_hash}'")
+    return next((v for v in versions if ROLLED_BACK in v.tags), None)
+
+
+def registered_by(registered_name: str, register_run_ids: list[str]) -> str | None:
+    """The version a register run already created (a retried register must not create a second one)."""
+    import mlflow
+
+    if not register_run_ids:
+        return None
+    ids = ", ".join(f"'{r}'" for r in register_run_ids)
+    versions = mlflow.MlflowClient().search_model_versions(f"name = '{registered_name}' and run_id IN ({ids})")
+    return str(min(int(v.version) for v in versions)) if versions else None
 
 
 def artifact_paths(model_dir: Path) -> dict[str, str]:

@@ -69,6 +69,32 @@ def test_new_data_trains_again_and_compares_against_the_champion(tmp_path):
     assert "champion" in s["gate"]["eval"]  # loaded from its own registered model (its own base and tokenizer)
     assert s["registered"]["version"] == "2" and s["registered"]["previous_champion"] == "1"
 
+    # a retried register (a transient error after the version was created) finishes that version
+    from prefect import flow
+
+    from components.data.versioning import DataState
+    from flows.retrain import register
+
+    @flow
+    def retried_register():
+        return register(project, DataState(**s["data"]), s["sft"], s["policy"], s["gate"], s["run_id"])
+
+    assert retried_register()["version"] == "2"
+    assert sorted(str(v.version) for v in mlflow.MlflowClient().search_model_versions("name='ingest-test'")) == ["1", "2"]
+
+    # rollback holds: the same data and config do not promote the rolled-back policy again
+    from flows.cli import main
+
+    assert main(["rollback", "--reason", "users dislike it", f"root={project.root}", "data=demo_small",
+                 "tracking.registered_model_name=ingest-test"]) == 0
+    assert alias_version("ingest-test", CHAMPION) == "1"
+    v2 = mlflow.MlflowClient().get_model_version("ingest-test", "2")
+    assert "users dislike it" in v2.tags["rolled_back"] and "Rolled back" in v2.description
+    held = retrain(project, return_state=True)
+    assert held.is_completed() and held.message.startswith("not retrained: v2"), held.message
+    assert alias_version("ingest-test", CHAMPION) == "1"
+    assert len(mlflow.MlflowClient().search_model_versions("name='ingest-test'")) == 2
+
 
 def test_the_retrain_slot_is_released_after_a_failed_run(tmp_path):
     from flows.lifecycle import RetrainSlot
