@@ -1,4 +1,4 @@
-"""Data contracts (ARCHITECTURE.md) and a JSONL reader that never raises on bad input.
+"""Data contracts (docs/architecture.md) and a JSONL reader that never raises on bad input.
 
 Reading turns every problem a file can have - missing, empty, not UTF-8, a line that
 is not JSON or not an object, text that is not valid Unicode (a lone `\\ud800` escape),

@@ -1,6 +1,6 @@
 """The model registry: log a policy as a self-contained pyfunc, register it, move aliases.
 
-Lifecycle (ARCHITECTURE.md): a candidate that passes the gate becomes a registered version with
+Lifecycle (docs/architecture.md): a candidate that passes the gate becomes a registered version with
 alias `challenger`; approval moves `champion` to it (recording the previous champion on the
 version, so `rollback` can move `champion` back). Uses the active tracking URI; no setup here.
 """
