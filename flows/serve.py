@@ -17,6 +17,7 @@ from prefect import flow
 from components.config import Config, compose
 from flows.env import configure_environment
 from flows.ingest import DATA_UPDATED, data_resource
+from flows import lifecycle
 from flows.retrain import retrain
 
 DEPLOYMENT = "rlhf-retrain"
@@ -27,6 +28,7 @@ def retrain_service(overrides: list[str] | None = None):
     """Compose the config from overrides, then run `retrain` as a subflow."""
     cfg = compose(list(overrides or []))
     configure_environment(cfg)
+    lifecycle.claim_run(cfg)  # if this process dies, the next `rlhf serve` or retrain ends this run as Crashed
     return retrain(cfg, return_state=True)
 
 
@@ -62,7 +64,6 @@ def serve(cfg: Config, overrides: list[str]) -> None:
     from prefect.runner import Runner
 
     from components import tracking
-    from flows import lifecycle
 
     tracking.setup(cfg)
     lifecycle.reap_orphans(cfg, print)  # a run a crashed `rlhf serve` left Running would hold the deployment's slot

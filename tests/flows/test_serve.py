@@ -165,3 +165,83 @@ def test_serve_stops_within_10s_on_sigterm_and_sigint(quiet_project, tmp_path, s
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_sigkilled_serve_does_not_block_the_deployment_after_restart(tmp_path):
+    """`rlhf serve` SIGKILLed (with its process group) while a run of its deployment is Running: that run
+    holds the deployment's concurrency slot (limit 1) and nothing on a server gives it back. The restarted
+    `rlhf serve` ends the dead run as Crashed, which frees the slot, and the next run of the deployment runs."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from tests.conftest import FAST_STAGES, OPEN_GATE, make_project
+
+    root = tmp_path / "proj"
+    overrides = [f"root={root}", "data=demo_small", *FAST_STAGES, "ppo.steps=30", "ppo.save_every=1", "infra.retrain_cron=null",
+                 "infra.retrain_on_new_data=false", f"infra.prefect_api_url={PREFECT_API_URL.value()}",
+                 "tracking.registered_model_name=restart-test", *OPEN_GATE]
+    make_project(root, *overrides[1:])
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
+
+    def serve(log_path: Path) -> subprocess.Popen:
+        with log_path.open("w") as log:
+            proc = subprocess.Popen([str(Path(sys.executable).with_name("rlhf")), "serve", *overrides], stdout=log,
+                                    stderr=subprocess.STDOUT, env={**env, "TQDM_DISABLE": "1"}, start_new_session=True)
+        deadline = time.time() + 240
+        while "waiting for scheduled or triggered runs" not in log_path.read_text():
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        return proc
+
+    def wait_state(client, run_id, done, timeout: float, log_path: Path):
+        deadline = time.time() + timeout
+        while not done(run := client.read_flow_run(run_id)):
+            assert time.time() < deadline, f"{run.state_name}\n" + log_path.read_text()[-3000:]
+            time.sleep(1)
+        return run
+
+    first = serve(tmp_path / "serve1.log")
+    try:
+        with get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name(f"retrain-service/{DEPLOYMENT}")
+            run = client.create_flow_run_from_deployment(dep.id)
+            stages = root / ".rlhf" / "stages"
+            deadline = time.time() + 400
+            while not list(stages.glob("ppo-*/checkpoints/step-*")):  # well into the run: PPO is checkpointing
+                assert time.time() < deadline, (tmp_path / "serve1.log").read_text()[-3000:]
+                time.sleep(0.2)
+            os.killpg(first.pid, signal.SIGKILL)  # the service and the run it was executing
+            first.wait()
+            assert client.read_flow_run(run.id).state.is_running(), "a SIGKILLed run stays Running on the server"
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+
+    second = serve(tmp_path / "serve2.log")
+    try:
+        assert "Running -> Crashed" in (tmp_path / "serve2.log").read_text()
+        with get_client(sync_client=True) as client:
+            assert client.read_flow_run(run.id).state.name == "Crashed"
+            again = client.create_flow_run_from_deployment(dep.id)
+            done = wait_state(client, again.id, lambda r: r.state.is_final(), 600, tmp_path / "serve2.log")
+            assert done.state.is_completed(), done.state.message
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=10) == 0
+    finally:
+        if second.poll() is None:
+            os.killpg(second.pid, signal.SIGKILL)
+    import mlflow
+
+    from components.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri(make_project(root, *overrides[1:])))
+    ppo_runs = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.run_name = 'ppo'", output_format="list")
+    assert max(r.data.metrics.get("ppo/resumed_from_iteration", 0) for r in ppo_runs) > 0, "PPO resumed its checkpoint"
+    assert not [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list") if r.info.status == "RUNNING"]
