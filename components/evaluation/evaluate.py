@@ -17,9 +17,7 @@ from components.config import GateConfig, ModelConfig
 from components.models.generation import sample
 from components.models.loading import load_causal_lm, load_tokenizer
 from components.models.roles import ScalarHead, position_ids, sequence_scores
-from components.training.ppo import load_reward_fn
-from components.training.ppo_math import kl_k1, logprobs_of
-from components.training.reward import encode
+from components.models.scoring import encode, kl_k1, load_reward_fn, logprobs_of
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from components.config import ModelConfig
-from components.data.schemas import read_jsonl, shard_files
+from components.data.readers import read_corpus_texts
 
 BUILDER_VERSION = "2"  # bump when this module changes what it builds
 SPECIAL = {"pad": "<|pad|>", "bos": "<|bos|>", "eos": "<|eos|>", "unk": "<|unk|>"}
@@ -32,26 +32,6 @@ class BaseModelResult:
     built: bool  # False: taken from the cache
     params: int
     metrics: dict[str, float]
-
-
-PRETRAIN_KINDS = ("preferences", "prompts")
-
-
-def corpus_texts(data_dir: Path) -> list[str]:
-    """Prompt + continuation texts for pretraining: preferences (all sentiments, some disfluent) and
-    prompts. Not the demonstrations - those are what SFT teaches - and never the eval prompts."""
-    texts = []
-    for kind in PRETRAIN_KINDS:
-        for shard in shard_files(data_dir / kind):
-            for _, row in read_jsonl(shard, kind).rows:
-                prompt = row.get("prompt", "")
-                outs = [row.get("chosen"), row.get("rejected"), *(row.get("responses") or [])]
-                outs = [o for o in outs if isinstance(o, str)]
-                if outs:
-                    texts.extend(f"{prompt} {o}" for o in outs)
-                else:  # a PPO prompt on its own
-                    texts.append(prompt)
-    return texts
 
 
 def cache_key(cfg: ModelConfig, corpus_version: str) -> str:
@@ -85,7 +65,7 @@ def build_demo_base(cfg: ModelConfig, data_dir: Path, corpus_version: str, cache
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    texts = corpus_texts(data_dir)
+    texts = read_corpus_texts(data_dir)
     if not texts:
         raise ValueError(f"no training text under {data_dir}: materialise the data first (`rlhf data`)")
     tok = train_tokenizer(texts, cfg.vocab_size)

@@ -11,11 +11,17 @@ memory once. This module holds the pieces every role shares:
 - `last_token_index`: where a sequence ends, for left or right padding.
 - `activate(model, name, trainable)`: switch the active adapter without peft's side effect
   of changing which adapters train.
+- `Roles`: the shared model with its adapters and heads (PPO's four roles); `with roles.use("value"):`
+  runs a block with one role active and always switches back, even when the block raises.
+- `lora_config(settings)`: the peft LoraConfig of a stage's `lora` settings (SFT, reward model, PPO).
 """
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,6 +29,7 @@ from torch import nn
 
 HEAD_FILE = "head.safetensors"
 HEAD_META = "head.json"
+REFERENCE = "reference"  # the role with every adapter disabled (the SFT model), for `Roles.use`
 
 
 class ScalarHead(nn.Module):
@@ -101,3 +108,41 @@ def activate(model, name: str, trainable: set[str] | frozenset[str] = frozenset(
         model.set_requires_grad(sorted(trainable & names), True)
     if names - set(trainable):
         model.set_requires_grad(sorted(names - set(trainable)), False)
+
+
+def lora_config(settings):
+    """peft LoraConfig for a causal LM from a stage's `lora` settings (components.config.LoraConfig)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                      target_modules=list(settings.target_modules), task_type="CAUSAL_LM")
+
+
+@dataclass
+class Roles:
+    """One base model, several roles as peft adapters (+ scalar heads). PPO: policy (adapter "policy" + LM head),
+    reference (adapters disabled), value (adapter "value" + `value_head`), reward (frozen adapter "reward" +
+    `reward_head`, normalised with `reward_mean`/`reward_std`), and an optional reward callable."""
+    model: object  # PeftModelForCausalLM: SFT base + adapters policy, value[, reward]
+    tok: object
+    value_head: ScalarHead
+    reward_head: ScalarHead | None
+    reward_mean: float
+    reward_std: float
+    reward_fn: Callable[[list[str], list[str]], list[float]] | None
+    trainable: frozenset[str] = frozenset({"policy", "value"})
+
+    @contextmanager
+    def use(self, name: str) -> Iterator[object]:
+        """Run the block with adapter `name` active (`REFERENCE`: all adapters disabled); on exit, even by an
+        exception, the adapter active before is active again and exactly `trainable` keep requires_grad."""
+        previous = self.model.active_adapter
+        try:
+            if name == REFERENCE:
+                with self.model.disable_adapter():
+                    yield self.model
+            else:
+                activate(self.model, name, self.trainable)
+                yield self.model
+        finally:
+            activate(self.model, previous, self.trainable)  # also undoes peft's disable/enable resetting requires_grad

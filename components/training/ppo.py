@@ -27,7 +27,6 @@ anything is written to `out_dir/final`, so no later stage can take a diverged po
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import shutil
 import time
@@ -39,10 +38,11 @@ import torch
 from tqdm.auto import tqdm
 
 from components.config import ModelConfig, PPOConfig
-from components.data.schemas import read_jsonl, shard_files
+from components.data.readers import read_prompts
 from components.models.generation import Rollout, sample
 from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
-from components.models.roles import ScalarHead, activate, hidden_states, position_ids, sequence_scores
+from components.models.roles import ScalarHead, activate, hidden_states, lora_config, position_ids, sequence_scores
+from components.models.scoring import load_reward_fn
 from components.training import checkpoint
 from components.training.callbacks import log_table_to_active_run, log_to_active_run
 from components.training.ppo_math import (KL_ESTIMATORS, AdaptiveKLController, RunningMoments, entropy_from_logits, gae,
@@ -78,17 +78,8 @@ class Roles:
     reward_fn: Callable[[list[str], list[str]], list[float]] | None
 
 
-def load_reward_fn(path: str | None) -> Callable | None:
-    if not path:
-        return None
-    module, _, name = path.partition(":")
-    if not name:
-        raise ValueError(f"ppo.reward_fn={path!r}: expected 'package.module:function'")
-    return getattr(importlib.import_module(module), name)
-
-
 def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: str | None, device) -> Roles:
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     if cfg.use_reward_model and not reward_dir:
         raise ValueError("ppo.use_reward_model is true but no reward model dir was given")
@@ -97,8 +88,7 @@ def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir
     if cfg.value_init == "reward" and not cfg.use_reward_model:
         raise ValueError("ppo.value_init=reward needs the reward model; use ppo.value_init=fresh")
     tok = load_tokenizer(sft_dir, model_cfg, padding_side="left")
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+    lora = lora_config(cfg.lora)
     model = get_peft_model(load_causal_lm(sft_dir, model_cfg, device), lora, adapter_name="policy")
     reward_head, mean, std = None, 0.0, 1.0
     if cfg.use_reward_model:
@@ -165,10 +155,8 @@ def scores_for(roles: Roles, ro: Rollout, prompts: list[str], cfg: PPOConfig) ->
     return raw, score
 
 
-# ---------------------------------------------------------------------------- data
-
-def prompts_of(data_dir: Path, kind: str) -> list[str]:
-    return [row["prompt"] for shard in shard_files(data_dir / kind) for _, row in read_jsonl(shard, kind).rows]
+# flows/retrain.py still imports the prompt reader by this name; new code uses components.data.readers.read_prompts.
+prompts_of = read_prompts
 
 
 # ---------------------------------------------------------------------------- stage
@@ -176,7 +164,7 @@ def prompts_of(data_dir: Path, kind: str) -> list[str]:
 def train_ppo(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: str | None, data_dir: Path,
               out_dir: Path, seed: int = 0) -> PPOResult:
     checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
-    prompts, eval_prompts = prompts_of(data_dir, "prompts"), prompts_of(data_dir, "eval")
+    prompts, eval_prompts = read_prompts(data_dir, "prompts"), read_prompts(data_dir, "eval")
     if not prompts:
         raise ValueError(f"PPO needs rollout prompts under {data_dir}/prompts")
     device = resolve_device(model_cfg.device)
@@ -305,7 +293,7 @@ def train_ppo(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: 
     bar.close()
 
     metrics = dict(history[-1]) if history else {}
-    metrics.update(evaluate(roles, eval_prompts[: cfg.eval_max_prompts], cfg, seed))
+    metrics.update(evaluate_policy_vs_reference(roles, eval_prompts[: cfg.eval_max_prompts], cfg, seed))
     metrics["ppo/resumed_from_iteration"] = float(start)
     log_to_active_run(metrics, cfg.steps)
     checkpoint.save(ckpt_root, cfg.steps, fp, write_checkpoint)
@@ -329,7 +317,7 @@ def restore(ckpt: Path, roles: Roles) -> None:
 
 
 @torch.no_grad()
-def evaluate(roles: Roles, prompts: list[str], cfg: PPOConfig, seed: int) -> dict[str, float]:
+def evaluate_policy_vs_reference(roles: Roles, prompts: list[str], cfg: PPOConfig, seed: int) -> dict[str, float]:
     """Held-out eval prompts, one sample each with the same seed: the policy vs the reference (SFT)."""
     if not prompts:
         return {}

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+# Shared with evaluation, so defined with the other model-scoring helpers; part of the PPO math all the same.
+from components.models.scoring import kl_k1, logprobs_of  # noqa: F401
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of x where mask is 1: (B, T) -> scalar, or (B,) with dim=1."""
@@ -38,11 +41,6 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     if not shift_mean:
         out = out + mean
     return out * mask
-
-
-def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token k1 estimator of KL(policy || ref) on samples from the policy: log p - log q. (B, T)"""
-    return logprobs - ref_logprobs
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -114,12 +112,6 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Per-position entropy of softmax(logits): (B, T, V) -> (B, T)."""
     logp = torch.log_softmax(logits, dim=-1)
     return -(logp.exp() * logp).sum(-1)
-
-
-def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature) at the given tokens: (B, T, V), (B, T) -> (B, T)."""
-    logp = torch.log_softmax(logits / temperature, dim=-1)
-    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 @dataclass

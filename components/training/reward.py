@@ -3,7 +3,8 @@
 Entry: `train_reward(cfg, model_cfg, sft_dir, data_dir, out_dir)` -> RewardResult (paths + metrics).
 
 A ranking of K responses (best first) becomes its C(K,2) ordered pairs, each weighted
-1/C(K,2), so one ranking counts as one example (InstructGPT, Ouyang et al. 2022, sec. 3.5).
+1/C(K,2), so one ranking counts as one example (InstructGPT, Ouyang et al. 2022, sec. 3.5;
+`components.data.readers.read_preferences`).
 TRL's RewardTrainer has no per-pair weights, hence this short loop. The score of a text is
 the head applied to the last token's hidden state (the EOS that closes the response).
 
@@ -15,7 +16,6 @@ with the same config and inputs.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,19 +25,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from components.config import ModelConfig, RewardConfig
-from components.data.schemas import held_out, read_jsonl, shard_files
+from components.data.readers import Pair, read_preferences
 from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
-from components.models.roles import ScalarHead, sequence_scores
+from components.models.roles import ScalarHead, lora_config, sequence_scores
+from components.models.scoring import encode
 from components.training import checkpoint
 from components.training.callbacks import log_to_active_run
-
-
-@dataclass(frozen=True)
-class Pair:
-    prompt: str
-    chosen: str
-    rejected: str
-    weight: float  # 1 for a pairwise example, 1/C(K,2) for a pair from a ranking of K
 
 
 @dataclass
@@ -48,18 +41,6 @@ class RewardResult:
 
 
 # ---------------------------------------------------------------------------- pure functions
-
-def ranking_to_pairs(responses: list[str]) -> list[tuple[str, str, float]]:
-    """Best-first ranking of K responses -> C(K,2) (better, worse, weight) with weights summing to 1.
-
-    ["a", "b", "c"] -> [("a","b",1/3), ("a","c",1/3), ("b","c",1/3)]
-    """
-    k = len(responses)
-    if k < 2:
-        return []
-    w = 1.0 / math.comb(k, 2)
-    return [(responses[i], responses[j], w) for i in range(k) for j in range(i + 1, k)]
-
 
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted mean of -log sigmoid(r_chosen - r_rejected).
@@ -76,34 +57,7 @@ def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor, weights:
     return (weights * correct).sum() / weights.sum()
 
 
-# ---------------------------------------------------------------------------- data
-
-def preference_examples(data_dir: Path, eval_fraction: float) -> tuple[list[list[Pair]], list[list[Pair]]]:
-    """Preference rows as lists of pairs (one list per example), split train / held out by id."""
-    train, evals = [], []
-    for shard in shard_files(data_dir / "preferences"):
-        for _, row in read_jsonl(shard, "preferences").rows:
-            if "responses" in row:
-                triples = ranking_to_pairs(row["responses"])
-            else:
-                triples = [(row["chosen"], row["rejected"], 1.0)]
-            pairs = [Pair(row["prompt"], c, r, w) for c, r, w in triples]
-            (evals if held_out(row["id"], eval_fraction) else train).append(pairs)
-    return train, evals
-
-
-def encode(tok, prompts: list[str], responses: list[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """prompt + " " + response + EOS, truncated to max_length (EOS kept), right-padded: -> (B, T) x2."""
-    ids = [tok(f"{p} {r}", add_special_tokens=False)["input_ids"][: max_length - 1] + [tok.eos_token_id]
-           for p, r in zip(prompts, responses)]
-    T = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), T), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), T), dtype=torch.long)
-    for i, x in enumerate(ids):
-        input_ids[i, : len(x)] = torch.tensor(x)
-        mask[i, : len(x)] = 1
-    return input_ids.to(device), mask.to(device)
-
+# ---------------------------------------------------------------------------- model
 
 def score_pairs(model, head, tok, pairs: list[Pair], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Scores of chosen and rejected in one forward: -> r_chosen (P,), r_rejected (P,), weights (P,),
@@ -117,7 +71,7 @@ def score_pairs(model, head, tok, pairs: list[Pair], max_length: int, device) ->
 
 
 @torch.no_grad()
-def evaluate(model, head, tok, examples: list[list[Pair]], cfg: RewardConfig, device) -> dict[str, float]:
+def evaluate_reward_model(model, head, tok, examples: list[list[Pair]], cfg: RewardConfig, device) -> dict[str, float]:
     model.eval()
     rc, rr, w = [], [], []
     pairs = [p for ex in examples for p in ex]
@@ -154,19 +108,17 @@ def reward_stats(model, head, tok, examples: list[list[Pair]], cfg: RewardConfig
 
 def train_reward(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_dir: Path, out_dir: Path,
                  seed: int = 0) -> RewardResult:
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import get_cosine_schedule_with_warmup
 
     checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
-    train, evals = preference_examples(data_dir, cfg.eval_fraction)
+    train, evals = read_preferences(data_dir, cfg.eval_fraction)
     if not train or not evals:
         raise ValueError(f"the reward model needs preferences for training and held-out eval under {data_dir}/preferences")
     device = resolve_device(model_cfg.device)
     torch.manual_seed(seed)
     tok = load_tokenizer(sft_dir, model_cfg, padding_side="right")
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
-    model = get_peft_model(load_causal_lm(sft_dir, model_cfg, device), lora)
+    model = get_peft_model(load_causal_lm(sft_dir, model_cfg, device), lora_config(cfg.lora))
     head = ScalarHead(model.config.hidden_size).to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
@@ -232,7 +184,7 @@ def train_reward(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_d
     bar.close()
     seconds = time.perf_counter() - started
 
-    metrics = evaluate(model, head, tok, evals, cfg, device)
+    metrics = evaluate_reward_model(model, head, tok, evals, cfg, device)
     mean, std = reward_stats(model, head, tok, train, cfg, device)
     metrics.update({"rm/reward_mean": mean, "rm/reward_std": std, "rm/resumed_from_step": float(start),
                     "rm/train_seconds": seconds, "rm/tokens_per_second": tokens / seconds if seconds > 0 else float("nan"),

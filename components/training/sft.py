@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.config import ModelConfig, SFTConfig
-from components.data.schemas import held_out, read_jsonl, shard_files
+from components.data.readers import read_demonstrations
 from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
+from components.models.roles import lora_config
 from components.training import checkpoint
 from components.training.callbacks import CheckpointCompleteCallback, MlflowNamespaceCallback, log_to_active_run
 
@@ -27,23 +28,13 @@ class SFTResult:
     metrics: dict[str, float]
 
 
-def demonstrations(data_dir: Path, eval_fraction: float) -> tuple[list[dict], list[dict]]:
-    train, evals = [], []
-    for shard in shard_files(data_dir / "demonstrations"):
-        for _, row in read_jsonl(shard, "demonstrations").rows:
-            ex = {"prompt": row["prompt"], "completion": " " + row["response"]}
-            (evals if held_out(row["id"], eval_fraction) else train).append(ex)
-    return train, evals
-
-
 def train_sft(cfg: SFTConfig, model_cfg: ModelConfig, base_path: str, data_dir: Path, out_dir: Path, seed: int = 0) -> SFTResult:
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
     checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
-    train, evals = demonstrations(data_dir, cfg.eval_fraction)
+    train, evals = read_demonstrations(data_dir, cfg.eval_fraction)
     if not train or not evals:
         raise ValueError(f"SFT needs demonstrations for training and held-out eval under {data_dir}/demonstrations")
     tok = load_tokenizer(base_path, model_cfg, padding_side="right")
@@ -56,10 +47,8 @@ def train_sft(cfg: SFTConfig, model_cfg: ModelConfig, base_path: str, data_dir: 
         logging_steps=max(1, cfg.max_steps // 20), save_steps=cfg.save_steps, save_total_limit=2,
         eval_strategy="no", report_to=[], seed=seed, use_cpu=resolve_device(model_cfg.device).type == "cpu",
         dataloader_num_workers=0, include_num_input_tokens_seen="non_padding")
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
-                         eval_dataset=Dataset.from_list(evals), processing_class=tok, peft_config=lora,
+                         eval_dataset=Dataset.from_list(evals), processing_class=tok, peft_config=lora_config(cfg.lora),
                          callbacks=[MlflowNamespaceCallback("sft"), CheckpointCompleteCallback()])
     before = trainer.evaluate()["eval_loss"]
     last = checkpoint.last_complete_checkpoint(ckpt_dir)  # HF's get_last_checkpoint would take a partial one

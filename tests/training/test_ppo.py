@@ -68,11 +68,11 @@ def test_policy_improves_under_an_independent_judge(stages, ppo):
     from components.evaluation.judges import sentiment
     from components.models.generation import sample
     from components.models.loading import load_causal_lm, load_tokenizer
-    from components.training.ppo import prompts_of
+    from components.data.readers import read_prompts
 
     result, _ = ppo
     cfg = stages.cfg
-    prompts = prompts_of(cfg.data_path, "eval")
+    prompts = read_prompts(cfg.data_path, "eval")
     model = PeftModel.from_pretrained(load_causal_lm(stages.sft_dir, cfg.model), result.policy_dir)
     tok = load_tokenizer(result.policy_dir, cfg.model, padding_side="left")
     torch.manual_seed(0)

@@ -11,12 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from components.data.readers import ranking_to_pairs, read_preferences
 from components.models.loading import load_causal_lm, load_tokenizer
 from components.models.roles import ScalarHead, last_token_index, sequence_scores
+from components.models.scoring import encode
 from components.training import checkpoint
 from components.training import reward as reward_module
-from components.training.reward import (bradley_terry_loss, encode, pairwise_accuracy, preference_examples,
-                                        ranking_to_pairs, train_reward)
+from components.training.reward import bradley_terry_loss, pairwise_accuracy, train_reward
 
 
 def test_ranking_to_pairs_hand_computed():
@@ -51,7 +52,7 @@ def test_last_token_index_left_and_right_padding():
 
 
 def test_each_ranking_weighs_one_example(stages):
-    train, evals = preference_examples(stages.cfg.data_path, 0.1)
+    train, evals = read_preferences(stages.cfg.data_path, 0.1)
     assert len(train) + len(evals) == stages.cfg.data.n_preferences
     for ex in train + evals:
         assert sum(p.weight for p in ex) == pytest.approx(1.0)

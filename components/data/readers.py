@@ -1,0 +1,86 @@
+"""What each stage reads from a data version: the rows of one kind, shaped for that stage.
+
+    read_prompts(data_dir, kind)                 PPO rollout prompts ("prompts") or frozen eval prompts ("eval")
+    read_demonstrations(data_dir, eval_fraction) SFT prompt/completion examples, split train / held out by id
+    read_preferences(data_dir, eval_fraction)    reward-model examples: lists of weighted pairs, split by id
+    read_corpus_texts(data_dir)                  pretraining texts for the demo base model
+
+A ranking of K responses (best first) becomes its C(K,2) ordered pairs, each weighted 1/C(K,2), so
+one ranking counts as one example (InstructGPT, Ouyang et al. 2022, sec. 3.5): `ranking_to_pairs`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.data.schemas import held_out, read_jsonl, shard_files
+
+# The kinds the demo base model pretrains on. Not the demonstrations (what SFT teaches), never the eval prompts.
+PRETRAIN_KINDS = ("preferences", "prompts")
+
+
+@dataclass(frozen=True)
+class Pair:
+    prompt: str
+    chosen: str
+    rejected: str
+    weight: float  # 1 for a pairwise example, 1/C(K,2) for a pair from a ranking of K
+
+
+def ranking_to_pairs(responses: list[str]) -> list[tuple[str, str, float]]:
+    """Best-first ranking of K responses -> C(K,2) (better, worse, weight) with weights summing to 1.
+
+    ["a", "b", "c"] -> [("a","b",1/3), ("a","c",1/3), ("b","c",1/3)]
+    """
+    k = len(responses)
+    if k < 2:
+        return []
+    w = 1.0 / math.comb(k, 2)
+    return [(responses[i], responses[j], w) for i in range(k) for j in range(i + 1, k)]
+
+
+def read_prompts(data_dir: Path, kind: str) -> list[str]:
+    """The prompts of `kind` ("prompts" or "eval"), in shard order."""
+    return [row["prompt"] for shard in shard_files(data_dir / kind) for _, row in read_jsonl(shard, kind).rows]
+
+
+def read_demonstrations(data_dir: Path, eval_fraction: float) -> tuple[list[dict], list[dict]]:
+    """Demonstrations as {"prompt", "completion"} (completion = " " + response), split train / held out by id."""
+    train, evals = [], []
+    for shard in shard_files(data_dir / "demonstrations"):
+        for _, row in read_jsonl(shard, "demonstrations").rows:
+            ex = {"prompt": row["prompt"], "completion": " " + row["response"]}
+            (evals if held_out(row["id"], eval_fraction) else train).append(ex)
+    return train, evals
+
+
+def read_preferences(data_dir: Path, eval_fraction: float) -> tuple[list[list[Pair]], list[list[Pair]]]:
+    """Preference rows as lists of pairs (one list per example), split train / held out by id."""
+    train, evals = [], []
+    for shard in shard_files(data_dir / "preferences"):
+        for _, row in read_jsonl(shard, "preferences").rows:
+            if "responses" in row:
+                triples = ranking_to_pairs(row["responses"])
+            else:
+                triples = [(row["chosen"], row["rejected"], 1.0)]
+            pairs = [Pair(row["prompt"], c, r, w) for c, r, w in triples]
+            (evals if held_out(row["id"], eval_fraction) else train).append(pairs)
+    return train, evals
+
+
+def read_corpus_texts(data_dir: Path) -> list[str]:
+    """Prompt + continuation texts for pretraining: preferences (all sentiments, some disfluent) and
+    prompts. Not the demonstrations - those are what SFT teaches - and never the eval prompts."""
+    texts = []
+    for kind in PRETRAIN_KINDS:
+        for shard in shard_files(data_dir / kind):
+            for _, row in read_jsonl(shard, kind).rows:
+                prompt = row.get("prompt", "")
+                outs = [row.get("chosen"), row.get("rejected"), *(row.get("responses") or [])]
+                outs = [o for o in outs if isinstance(o, str)]
+                if outs:
+                    texts.extend(f"{prompt} {o}" for o in outs)
+                else:  # a PPO prompt on its own
+                    texts.append(prompt)
+    return texts

@@ -1,0 +1,46 @@
+"""Scoring text with a model, shared by training (reward model, PPO) and evaluation:
+
+- `encode`: prompt + response + EOS as right-padded ids, the input of a scalar head (reward model).
+- `logprobs_of`: token log-probs of a response under logits; `kl_k1`: the per-token KL estimate from them.
+- `load_reward_fn`: a reward / judge callable named by import path ("package.module:function").
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+
+def encode(tok, prompts: list[str], responses: list[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompt + " " + response + EOS, truncated to max_length (EOS kept), right-padded: -> (B, T) x2."""
+    ids = [tok(f"{p} {r}", add_special_tokens=False)["input_ids"][: max_length - 1] + [tok.eos_token_id]
+           for p, r in zip(prompts, responses)]
+    T = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), T), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) at the given tokens: (B, T, V), (B, T) -> (B, T)."""
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k1 estimator of KL(policy || ref) on samples from the policy: log p - log q. (B, T)"""
+    return logprobs - ref_logprobs
+
+
+def load_reward_fn(path: str | None) -> Callable[[list[str], list[str]], list[float]] | None:
+    """"package.module:function" -> the function (called as fn(prompts, responses) -> scores); None -> None."""
+    if not path:
+        return None
+    module, _, name = path.partition(":")
+    if not name:
+        raise ValueError(f"ppo.reward_fn={path!r}: expected 'package.module:function'")
+    return getattr(importlib.import_module(module), name)
