@@ -62,8 +62,9 @@ def run_shared(cfg, sft_dir: str, rm_dir: str, iterations: int, work: Path) -> d
 
 
 def one_iteration(p, tok, prompts, policy, policy_logits, reference_logits, reward_scores, value_fwd, params) -> None:
-    """The memory-relevant work of one PPO iteration, the same for every design: sample, score with
-    reference / reward / value, then one epoch of minibatch updates of policy and value."""
+    """The memory-relevant work of one PPO iteration for the separate-model designs (the shared design runs the
+    training loop's own functions, `run_shared_iteration`): sample, score with reference / reward / value, then
+    one epoch of minibatch updates of policy and value."""
     import torch
 
     from components.models.generation import sample
@@ -83,50 +84,40 @@ def one_iteration(p, tok, prompts, policy, policy_logits, reference_logits, rewa
 
 
 def run_shared_iteration(cfg, sft_dir: str, rm_dir: str) -> dict:
-    """One iteration with the shared design: one base, adapters policy/value/reward, reference = adapters off."""
-    from components.models.roles import activate, hidden_states, position_ids, sequence_scores
-    from components.training.ppo import TRAINABLE, build_roles, prompts_of
+    """One iteration with the shared design (one base; adapters policy/value/reward; reference = adapters off),
+    through the PPO stage's own functions: sample, `score_rollout`, one epoch of `ppo_update`."""
+    from dataclasses import replace
+
+    import torch
+
+    from components.data.readers import read_prompts
+    from components.models.generation import sample
     from components.models.loading import resolve_device
+    from components.training.ppo import build_roles, ppo_update, score_rollout
+    from components.training.ppo_math import RunningMoments
 
-    roles = build_roles(cfg.ppo, cfg.model, sft_dir, rm_dir, resolve_device(cfg.model.device))
-    model = roles.model
-
-    def logits(seq, mask, adapter="policy"):
-        activate(model, adapter, TRAINABLE)
-        return model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
-
-    def reference(seq, mask):
-        with model.disable_adapter():
-            out = model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits
-        activate(model, "policy", TRAINABLE)
-        return out
-
-    def reward(seq, mask):
-        activate(model, "reward", TRAINABLE)
-        return sequence_scores(model, roles.reward_head, seq, mask)
-
-    def value(seq, mask):
-        activate(model, "value", TRAINABLE)
-        return roles.value_head(hidden_states(model, seq, mask))
-
-    params = [x for x in model.parameters() if x.requires_grad] + list(roles.value_head.parameters())
-    activate(model, "policy", TRAINABLE)
-    one_iteration(cfg.ppo, roles.tok, prompts_of(cfg.data_path, "prompts")[: cfg.ppo.batch_size], model, logits,
-                  reference, reward, value, params)
+    p = replace(cfg.ppo, ppo_epochs=1, max_approx_kl=None)  # one full epoch, as the separate designs run
+    roles = build_roles(p, cfg.model, sft_dir, rm_dir, resolve_device(cfg.model.device))
+    params = [x for x in roles.model.parameters() if x.requires_grad] + list(roles.value_head.parameters())
+    opt = torch.optim.AdamW(params, lr=p.learning_rate)
+    prompts = read_prompts(cfg.data_path, "prompts")[: p.batch_size]
+    ro = sample(roles.model, roles.tok, prompts, p.max_new_tokens, p.temperature, p.top_p, p.max_prompt_tokens)
+    traj = score_rollout(roles, ro, prompts, p, p.init_kl_coef, RunningMoments())
+    ppo_update(roles, traj, opt, params, p, generator=torch.Generator().manual_seed(0))
     return {"copies": 1, "trainable_params": sum(x.numel() for x in params)}
 
 
 def run_separate(cfg, sft_dir: str, rm_dir: str, full: bool) -> dict:
     """One PPO iteration's work with four separate models in memory."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
 
+    from components.data.readers import read_prompts
     from components.models.loading import load_causal_lm, load_tokenizer
-    from components.models.roles import ScalarHead, hidden_states, position_ids, sequence_scores
-    from components.training.ppo import prompts_of
+    from components.models.roles import ScalarHead, hidden_states, lora_config, position_ids, sequence_scores
 
     p = cfg.ppo
     tok = load_tokenizer(sft_dir, cfg.model, padding_side="left")
-    lora = LoraConfig(r=p.lora.r, lora_alpha=p.lora.alpha, target_modules=list(p.lora.target_modules), task_type="CAUSAL_LM")
+    lora = lora_config(p.lora)  # the shared design's LoRA settings
     policy = load_causal_lm(sft_dir, cfg.model)
     value = load_causal_lm(sft_dir, cfg.model)
     if not full:
@@ -136,7 +127,7 @@ def run_separate(cfg, sft_dir: str, rm_dir: str, full: bool) -> dict:
     reward_head, _ = ScalarHead.load(Path(rm_dir))
     value_head = ScalarHead(policy.config.hidden_size)
     params = [x for m in (policy, value, value_head) for x in m.parameters() if x.requires_grad]
-    one_iteration(p, tok, prompts_of(cfg.data_path, "prompts")[: p.batch_size], policy,
+    one_iteration(p, tok, read_prompts(cfg.data_path, "prompts")[: p.batch_size], policy,
                   lambda seq, mask: policy(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits,
                   lambda seq, mask: reference(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits,
                   lambda seq, mask: sequence_scores(reward, reward_head, seq, mask),

@@ -244,6 +244,33 @@ def load_trainer_state(directory: Path) -> dict[str, Any]:
     return torch.load(directory / STATE, weights_only=True)
 
 
+def resume(root: Path, fp: str, restore: Callable[[Path], None], **stateful: Any) -> tuple[int, dict[str, Any]]:
+    """Continue from the newest checkpoint under `root` written with fingerprint `fp`, if there is one (the
+    reward model and PPO both resume this way): `restore(ckpt)` loads the weights in place (so the optimizer
+    keeps its parameters), each object in `stateful` (optimizer=..., scheduler=...) gets its saved state_dict
+    back, and the RNG state is restored. -> (the checkpoint's step, its trainer state, for the caller's plain
+    values); (0, {}) when there is none."""
+    found = latest(root, fp)
+    if found is None:
+        return 0, {}
+    ckpt, step = found
+    state = load_trainer_state(ckpt)
+    restore(ckpt)
+    for name, obj in stateful.items():
+        obj.load_state_dict(state[name])
+    set_rng_state(state["rng"])
+    return step, state
+
+
+def load_adapter_weights(model, adapter_dir: Path, adapter_name: str = "default") -> None:
+    """A peft adapter's saved weights (`adapter_dir/adapter_model.safetensors`), in place, into `adapter_name`."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(Path(adapter_dir) / "adapter_model.safetensors")),
+                              adapter_name=adapter_name)
+
+
 def batch_for_step(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     """Example indices for a step: a fresh seeded permutation per epoch, so a resumed run sees the
     same batches as an uninterrupted one."""

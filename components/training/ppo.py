@@ -11,13 +11,16 @@ The SFT weights (merged) are loaded once. On them, as peft adapters:
 
 plus an optional reward callable by import path (`ppo.reward_fn`), added to the RM score.
 
-One iteration reads top to bottom (CleanRL style):
-    1. generate   sample a batch of responses from the policy (KV cache, left padding, stop at EOS)
-    2. score      log-probs (policy, reference), values, sequence scores; per-token rewards
-                  r_t = -beta * KL_t (+ score at the last token); GAE; whitened advantages
-    3. train      PPO epochs over minibatches: clipped policy loss + vf_coef * clipped value loss,
-                  gradient clipping, early stop on approx-KL
+One iteration reads top to bottom (CleanRL style), each step a function the loop, the tests and
+benchmarks/ppo_bench.py call (as torchtune's PPO recipe does):
+    1. generate   `sample`: a batch of responses from the policy (KV cache, left padding, stop at EOS)
+    2. score      `score_rollout` -> Trajectory: log-probs (policy, reference), values, sequence scores;
+                  per-token rewards r_t = -beta * KL_t (+ score at the last token); GAE; whitened advantages
+    3. train      `ppo_update` -> stats: PPO epochs over minibatches: clipped policy loss + vf_coef * clipped
+                  value loss, gradient clipping, early stop on approx-KL
     4. adapt      the KL coefficient (Ziegler et al. 2019), log `ppo/*`, checkpoint every N
+A restarted run continues from its last checkpoint (`checkpoint.resume`, shared with the reward model).
+Roles switch with `with roles.use("value"):` (components/models/roles.py), which always switches back.
 The math lives in `ppo_math.py` as pure, hand-tested functions.
 
 Divergence (NaN/inf in logits or loss, or KL above `kl_ceiling`) raises `PPODivergence` before
@@ -32,7 +35,6 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -41,7 +43,8 @@ from components.config import ModelConfig, PPOConfig
 from components.data.readers import read_prompts
 from components.models.generation import Rollout, sample
 from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
-from components.models.roles import ScalarHead, activate, hidden_states, lora_config, position_ids, sequence_scores
+from components.models.roles import (REFERENCE, Roles, ScalarHead, activate, hidden_states, lora_config, position_ids,
+                                      sequence_scores)
 from components.models.scoring import load_reward_fn
 from components.training import checkpoint
 from components.training.callbacks import log_table_to_active_run, log_to_active_run
@@ -49,7 +52,7 @@ from components.training.ppo_math import (KL_ESTIMATORS, AdaptiveKLController, R
                                           kl_k1, kl_k3, logprobs_of, masked_mean, policy_loss, rewards_with_kl,
                                           value_loss, whiten)
 
-TRAINABLE = frozenset({"policy", "value"})
+TRAINABLE = Roles.trainable  # the adapters PPO trains: policy and value
 
 
 class PPODivergence(RuntimeError):
@@ -66,17 +69,6 @@ class PPOResult:
 
 
 # ---------------------------------------------------------------------------- the four roles
-
-@dataclass
-class Roles:
-    model: object  # PeftModelForCausalLM: SFT base + adapters policy, value[, reward]
-    tok: object
-    value_head: ScalarHead
-    reward_head: ScalarHead | None
-    reward_mean: float
-    reward_std: float
-    reward_fn: Callable[[list[str], list[str]], list[float]] | None
-
 
 def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: str | None, device) -> Roles:
     from peft import get_peft_model
@@ -105,7 +97,7 @@ def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir
         value_head = ScalarHead(model.config.hidden_size).to(device)
     else:
         raise ValueError(f"ppo.value_init={cfg.value_init!r}: expected reward | fresh")
-    activate(model, "policy", TRAINABLE)
+    activate(model, "policy", TRAINABLE)  # the policy is the resting role: `Roles.use` switches back to it
     return Roles(model, tok, value_head, reward_head, mean, std, load_reward_fn(cfg.reward_fn))
 
 
@@ -117,26 +109,21 @@ def policy_logits(roles: Roles, seq: torch.Tensor, mask: torch.Tensor, q_len: in
 
 def reference_logprobs(roles: Roles, ro: Rollout, temperature: float) -> torch.Tensor:
     """The reference is the policy's base with all adapters disabled (= the SFT model). -> (B, Tr)"""
-    with roles.model.disable_adapter():
+    with roles.use(REFERENCE):
         logits = policy_logits(roles, ro.sequence, ro.sequence_mask, ro.query.shape[1])
-    activate(roles.model, "policy", TRAINABLE)  # peft's disable/enable resets requires_grad
     return logprobs_of(logits, ro.response, temperature)
 
 
 def token_values(roles: Roles, seq: torch.Tensor, mask: torch.Tensor, q_len: int) -> torch.Tensor:
     """V(prefix) before each response token, from the value adapter + head: -> (B, Tr)."""
-    activate(roles.model, "value", TRAINABLE)
-    v = roles.value_head(hidden_states(roles.model, seq, mask)[:, q_len - 1: -1])
-    activate(roles.model, "policy", TRAINABLE)
-    return v
+    with roles.use("value"):
+        return roles.value_head(hidden_states(roles.model, seq, mask)[:, q_len - 1: -1])
 
 
 def rm_scores(roles: Roles, ro: Rollout) -> torch.Tensor:
     """Raw reward-model score of prompt + response, read at the last token: -> (B,)."""
-    activate(roles.model, "reward", TRAINABLE)
-    s = sequence_scores(roles.model, roles.reward_head, ro.sequence, ro.sequence_mask)
-    activate(roles.model, "policy", TRAINABLE)
-    return s
+    with roles.use("reward"):
+        return sequence_scores(roles.model, roles.reward_head, ro.sequence, ro.sequence_mask)
 
 
 @torch.no_grad()
@@ -159,6 +146,154 @@ def scores_for(roles: Roles, ro: Rollout, prompts: list[str], cfg: PPOConfig) ->
 prompts_of = read_prompts
 
 
+# ---------------------------------------------------------------------------- 2. score: rollout -> Trajectory
+
+@dataclass
+class Trajectory:
+    """One rollout batch, scored: everything a PPO update trains on. B = rollouts, Tr = response tokens."""
+    rollout: Rollout  # query [B, Tq], response [B, Tr], their masks, ended [B], texts
+    prompts: list[str]  # [B]
+    mask: torch.Tensor  # [B, Tr] float: 1 on response tokens up to and including EOS, 0 on padding
+    logprobs: torch.Tensor  # [B, Tr] policy log-probs when sampled (PPO's "old" policy)
+    ref_logprobs: torch.Tensor  # [B, Tr] reference (SFT) log-probs
+    values: torch.Tensor  # [B, Tr] V(prefix) before each response token, 0 on padding
+    raw_scores: torch.Tensor  # [B] reward-model scores (zeros without an RM)
+    scores: torch.Tensor  # [B] the score optimised: normalised RM (+ reward_fn), whitened, EOS penalty applied
+    rewards: torch.Tensor  # [B, Tr] per-token rewards: -beta * KL_t, plus the score at the last token
+    non_score_rewards: torch.Tensor  # [B, Tr] the -beta * KL_t part
+    advantages: torch.Tensor  # [B, Tr] GAE advantages, whitened over the response tokens
+    returns: torch.Tensor  # [B, Tr] GAE returns (advantages before whitening + values)
+    kl: torch.Tensor  # [B] k1 KL to the reference, summed over the response
+    entropy: float  # mean per-token entropy of the policy
+
+    @property
+    def kl_mean(self) -> float:
+        return self.kl.mean().item()
+
+
+def _at(iteration: int | None) -> str:
+    return "" if iteration is None else f" at iteration {iteration}"
+
+
+@torch.no_grad()
+def score_rollout(roles: Roles, rollout: Rollout, prompts: list[str], cfg: PPOConfig, kl_coef: float,
+                  moments: RunningMoments, iteration: int | None = None) -> Trajectory:
+    """Step 2: log-probs of policy and reference, values, scores, per-token rewards with the KL penalty
+    `kl_coef`, GAE. Updates `moments` when `cfg.whiten_scores`. Raises PPODivergence on NaN/inf logits
+    or a KL above `cfg.kl_ceiling`."""
+    ro, T = rollout, cfg.temperature
+    seq, smask, q_len, mask = ro.sequence, ro.sequence_mask, ro.query.shape[1], ro.response_mask.float()
+    logits = policy_logits(roles, seq, smask, q_len)
+    if not torch.isfinite(logits).all():
+        raise PPODivergence(f"PPO diverged{_at(iteration)}: the policy's logits contain NaN/inf. "
+                            "No policy was written. Lower ppo.learning_rate or ppo.max_grad_norm.")
+    logprobs = logprobs_of(logits, ro.response, T)
+    entropy = masked_mean(entropy_from_logits(logits / T), mask).item()
+    del logits
+    ref_logprobs = reference_logprobs(roles, ro, T)
+    values = token_values(roles, seq, smask, q_len) * mask
+    raw, score = scores_for(roles, ro, prompts, cfg)
+    if cfg.whiten_scores:
+        moments.update(score)
+        score = (score - moments.mean) / moments.std
+    if cfg.missing_eos_penalty is not None:
+        score = torch.where(ro.ended, score, score - cfg.missing_eos_penalty)
+    kl = (kl_k1(logprobs, ref_logprobs) * mask).sum(1)  # (B,)
+    kl_mean = kl.mean().item()
+    if not kl_mean <= cfg.kl_ceiling:  # also catches NaN
+        raise PPODivergence(f"PPO diverged{_at(iteration)}: mean KL to the reference {kl_mean:.2f} exceeds "
+                            f"ppo.kl_ceiling={cfg.kl_ceiling}. No policy was written. Lower ppo.learning_rate, "
+                            "raise ppo.init_kl_coef, or lower ppo.target_kl.")
+    kl_tokens = KL_ESTIMATORS[cfg.kl_estimator](logprobs, ref_logprobs) * mask
+    rewards, non_score = rewards_with_kl(score, kl_tokens, mask, kl_coef)
+    advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    return Trajectory(ro, list(prompts), mask, logprobs, ref_logprobs, values, raw, score, rewards, non_score,
+                      whiten(advantages, mask), returns, kl, entropy)
+
+
+# ---------------------------------------------------------------------------- 3. train: PPO epochs on a Trajectory
+
+def ppo_update(roles: Roles, traj: Trajectory, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
+               cfg: PPOConfig, generator: torch.Generator | None = None, iteration: int | None = None) -> dict[str, float]:
+    """Step 3: `cfg.ppo_epochs` passes over shuffled minibatches (order drawn from `generator`, a CPU
+    torch.Generator): clipped policy loss + vf_coef * clipped value loss, gradient clipping, early stop
+    once approx-KL exceeds `cfg.max_approx_kl`. -> the means of the losses and fractions, and the epochs run.
+    Raises PPODivergence on a NaN/inf loss."""
+    ro, seq, smask, q_len = traj.rollout, traj.rollout.sequence, traj.rollout.sequence_mask, traj.rollout.query.shape[1]
+    stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "vf_clipfrac", "approx_kl")}
+    epochs = 0
+    for _ in range(cfg.ppo_epochs):
+        epochs += 1
+        stop = False
+        for mb in torch.randperm(len(traj.prompts), generator=generator).to(seq.device).split(cfg.minibatch_size):
+            mb_mask = traj.mask[mb]
+            new_logprobs = logprobs_of(policy_logits(roles, seq[mb], smask[mb], q_len), ro.response[mb], cfg.temperature)
+            new_values = token_values(roles, seq[mb], smask[mb], q_len)
+            pg, clipfrac, approx_kl = policy_loss(new_logprobs, traj.logprobs[mb], traj.advantages[mb], mb_mask,
+                                                  cfg.cliprange)
+            vf, vf_clipfrac = value_loss(new_values, traj.values[mb], traj.returns[mb], mb_mask, cfg.cliprange_value)
+            loss = pg + cfg.vf_coef * vf
+            if not torch.isfinite(loss):
+                raise PPODivergence(f"PPO diverged{_at(iteration)}: the loss is {loss.item()}. No policy was written. "
+                                    "Lower ppo.learning_rate.")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            for k, v in zip(stats, (pg, vf, clipfrac, vf_clipfrac, approx_kl)):
+                stats[k].append(v.item())
+            if cfg.max_approx_kl is not None and approx_kl.item() > cfg.max_approx_kl:
+                stop = True
+                break
+        if stop:
+            break
+    return {"ppo/policy_loss": _mean(stats["pg"]), "ppo/value_loss": _mean(stats["vf"]),
+            "ppo/clipfrac": _mean(stats["clipfrac"]), "ppo/value_clipfrac": _mean(stats["vf_clipfrac"]),
+            "ppo/approx_kl": _mean(stats["approx_kl"]), "ppo/epochs": float(epochs)}
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+# ---------------------------------------------------------------------------- 4. metrics of one iteration
+
+def iteration_metrics(traj: Trajectory, stats: dict[str, float], beta: float, times: tuple[float, float, float, float]
+                      ) -> dict[str, float]:
+    """The `ppo/*` row of one iteration: scores, KL (k1 and k3), the update's stats, lengths, timings.
+    `times`: perf_counter before generate, after generate, after score, after train."""
+    t0, t1, t2, t3 = times
+    mask, ro = traj.mask, traj.rollout
+    return {"ppo/score_mean": traj.raw_scores.mean().item(), "ppo/reward_mean": traj.scores.mean().item(),
+            "ppo/reward_std": traj.scores.std().item(), "ppo/non_score_reward": traj.non_score_rewards.sum(1).mean().item(),
+            "ppo/kl": traj.kl_mean, "ppo/kl_k3": (kl_k3(traj.logprobs, traj.ref_logprobs) * mask).sum(1).mean().item(),
+            "ppo/beta": beta, "ppo/entropy": traj.entropy, **stats,
+            "ppo/response_length": mask.sum(1).mean().item(), "ppo/eos_rate": ro.ended.float().mean().item(),
+            "ppo/time_generate": t1 - t0, "ppo/time_score": t2 - t1, "ppo/time_train": t3 - t2,
+            "ppo/tokens_per_second": ro.sequence_mask.sum().item() / (t3 - t0),
+            "ppo/generate_tokens_per_second": mask.sum().item() / (t1 - t0)}
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def write_checkpoint(d: Path, roles: Roles, optimizer: torch.optim.Optimizer, kl_coef: float,
+                     moments: RunningMoments, history: list[dict[str, float]]) -> None:
+    """The trainable adapters, the value head and the trainer state (optimizer, KL coefficient, score moments,
+    history, RNG) into checkpoint dir `d`."""
+    roles.model.save_pretrained(d / "adapters", selected_adapters=sorted(TRAINABLE), safe_serialization=True)
+    roles.value_head.save(d / "value_head")
+    checkpoint.save_trainer_state(d, optimizer=optimizer, kl_coef=kl_coef, moments=asdict(moments),
+                                  history=history, rng=checkpoint.rng_state())
+
+
+def restore(ckpt: Path, roles: Roles) -> None:
+    """The trainable adapters and the value head, in place, from a checkpoint."""
+    for name in TRAINABLE:
+        checkpoint.load_adapter_weights(roles.model, ckpt / "adapters" / name, adapter_name=name)
+    head, _ = ScalarHead.load(ckpt / "value_head")
+    roles.value_head.load_state_dict(head.state_dict())
+
+
 # ---------------------------------------------------------------------------- stage
 
 def train_ppo(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: str | None, data_dir: Path,
@@ -168,10 +303,9 @@ def train_ppo(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: 
     if not prompts:
         raise ValueError(f"PPO needs rollout prompts under {data_dir}/prompts")
     device = resolve_device(model_cfg.device)
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # peft's LoRA init and a fresh value head's init draw from the global RNG
     roles = build_roles(cfg, model_cfg, sft_dir, reward_dir, device)
-    model, tok = roles.model, roles.tok
-    params = [p for n, p in model.named_parameters() if p.requires_grad] + list(roles.value_head.parameters())
+    params = [p for n, p in roles.model.named_parameters() if p.requires_grad] + list(roles.value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, eps=1e-5)
     kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl if cfg.adaptive_kl else None, cfg.kl_horizon)
     moments = RunningMoments()
@@ -182,138 +316,56 @@ def train_ppo(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: 
     ckpt_root = out_dir / "checkpoints"
     fp = checkpoint.fingerprint(cfg, sft_dir=str(sft_dir), reward_dir=str(reward_dir), data=str(data_dir),
                                 seed=seed, n_prompts=len(prompts), model=model_cfg.name_or_path)
-    start = 0
-    if found := checkpoint.latest(ckpt_root, fp):
-        ckpt, start = found
-        state = checkpoint.load_trainer_state(ckpt)
-        restore(ckpt, roles)
-        optimizer.load_state_dict(state["optimizer"])
-        kl_ctl.value = state["kl_coef"]
-        moments = RunningMoments(**state["moments"])
-        history = list(state["history"])
-        checkpoint.set_rng_state(state["rng"])
+    start, state = checkpoint.resume(ckpt_root, fp, lambda ckpt: restore(ckpt, roles), optimizer=optimizer)
+    if state:
+        kl_ctl.value, moments, history = state["kl_coef"], RunningMoments(**state["moments"]), list(state["history"])
 
-    def write_checkpoint(d: Path) -> None:
-        model.save_pretrained(d / "adapters", selected_adapters=sorted(TRAINABLE), safe_serialization=True)
-        roles.value_head.save(d / "value_head")
-        checkpoint.save_trainer_state(d, optimizer=optimizer, kl_coef=kl_ctl.value, moments=asdict(moments),
-                                      history=history, rng=checkpoint.rng_state())
+    def save_checkpoint(d: Path) -> None:
+        write_checkpoint(d, roles, optimizer, kl_ctl.value, moments, history)
 
     bar = tqdm(range(start, cfg.steps), desc="PPO", initial=start, total=cfg.steps, unit="iter")
     for it in bar:
-        torch.manual_seed(seed * 100_003 + it)  # the same rollouts whether or not the run was resumed
+        # The same draws whether or not the run was resumed: transformers' generate samples from the global RNG
+        # (it takes no generator), so that is seeded per iteration; the minibatch order has its own generator.
+        torch.manual_seed(seed * 100_003 + it)
+        minibatch_order = torch.Generator().manual_seed(seed * 100_003 + it)
         batch = [prompts[i] for i in checkpoint.batch_for_step(len(prompts), cfg.batch_size, it, seed)]
 
         # 1. generate ---------------------------------------------------------------------------
         t0 = time.perf_counter()
-        ro = sample(model, tok, batch, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.max_prompt_tokens)
-        seq, smask, q_len, mask = ro.sequence, ro.sequence_mask, ro.query.shape[1], ro.response_mask.float()
+        ro = sample(roles.model, roles.tok, batch, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.max_prompt_tokens)
         t1 = time.perf_counter()
 
         # 2. score ------------------------------------------------------------------------------
-        with torch.no_grad():
-            logits = policy_logits(roles, seq, smask, q_len)
-            if not torch.isfinite(logits).all():
-                raise PPODivergence(f"PPO diverged at iteration {it}: the policy's logits contain NaN/inf. "
-                                    "No policy was written. Lower ppo.learning_rate or ppo.max_grad_norm.")
-            old_logprobs = logprobs_of(logits, ro.response, cfg.temperature)
-            entropy = masked_mean(entropy_from_logits(logits / cfg.temperature), mask).item()
-            del logits
-            ref_logprobs = reference_logprobs(roles, ro, cfg.temperature)
-            old_values = token_values(roles, seq, smask, q_len) * mask
-            raw, score = scores_for(roles, ro, batch, cfg)
-            if cfg.whiten_scores:
-                moments.update(score)
-                score = (score - moments.mean) / moments.std
-            if cfg.missing_eos_penalty is not None:
-                score = torch.where(ro.ended, score, score - cfg.missing_eos_penalty)
-            kl_seq = (kl_k1(old_logprobs, ref_logprobs) * mask).sum(1)  # (B,)
-            kl_mean = kl_seq.mean().item()
-            if not kl_mean <= cfg.kl_ceiling:  # also catches NaN
-                raise PPODivergence(f"PPO diverged at iteration {it}: mean KL to the reference {kl_mean:.2f} exceeds "
-                                    f"ppo.kl_ceiling={cfg.kl_ceiling}. No policy was written. Lower ppo.learning_rate, "
-                                    "raise ppo.init_kl_coef, or lower ppo.target_kl.")
-            kl_tokens = KL_ESTIMATORS[cfg.kl_estimator](old_logprobs, ref_logprobs) * mask
-            rewards, non_score = rewards_with_kl(score, kl_tokens, mask, kl_ctl.value)
-            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-            advantages = whiten(advantages, mask)
+        traj = score_rollout(roles, ro, batch, cfg, kl_ctl.value, moments, iteration=it)
         t2 = time.perf_counter()
 
         # 3. train ------------------------------------------------------------------------------
-        stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "vf_clipfrac", "approx_kl")}
-        stop, epochs = False, 0
-        for epoch in range(cfg.ppo_epochs):
-            epochs += 1
-            for mb in torch.randperm(len(batch), device=device).split(cfg.minibatch_size):
-                mb_mask = mask[mb]
-                new_logprobs = logprobs_of(policy_logits(roles, seq[mb], smask[mb], q_len), ro.response[mb], cfg.temperature)
-                new_values = token_values(roles, seq[mb], smask[mb], q_len)
-                pg, clipfrac, approx_kl = policy_loss(new_logprobs, old_logprobs[mb], advantages[mb], mb_mask, cfg.cliprange)
-                vf, vf_clipfrac = value_loss(new_values, old_values[mb], returns[mb], mb_mask, cfg.cliprange_value)
-                loss = pg + cfg.vf_coef * vf
-                if not torch.isfinite(loss):
-                    raise PPODivergence(f"PPO diverged at iteration {it}: the loss is {loss.item()}. No policy was written. "
-                                        "Lower ppo.learning_rate.")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                for k, v in zip(stats, (pg, vf, clipfrac, vf_clipfrac, approx_kl)):
-                    stats[k].append(v.item())
-                if cfg.max_approx_kl is not None and approx_kl.item() > cfg.max_approx_kl:
-                    stop = True
-                    break
-            if stop:
-                break
+        stats = ppo_update(roles, traj, optimizer, params, cfg, generator=minibatch_order, iteration=it)
         t3 = time.perf_counter()
 
         # 4. adapt, log, checkpoint ------------------------------------------------------------
         beta = kl_ctl.value
-        kl_ctl.update(kl_mean, len(batch))
-        n_resp_tokens = mask.sum().item()
-        row = {"ppo/score_mean": raw.mean().item(), "ppo/reward_mean": score.mean().item(),
-               "ppo/reward_std": score.std().item(), "ppo/non_score_reward": non_score.sum(1).mean().item(),
-               "ppo/kl": kl_mean, "ppo/kl_k3": (kl_k3(old_logprobs, ref_logprobs) * mask).sum(1).mean().item(),
-               "ppo/beta": beta, "ppo/entropy": entropy,
-               "ppo/policy_loss": _mean(stats["pg"]), "ppo/value_loss": _mean(stats["vf"]),
-               "ppo/clipfrac": _mean(stats["clipfrac"]), "ppo/value_clipfrac": _mean(stats["vf_clipfrac"]),
-               "ppo/approx_kl": _mean(stats["approx_kl"]), "ppo/epochs": float(epochs),
-               "ppo/response_length": mask.sum(1).mean().item(), "ppo/eos_rate": ro.ended.float().mean().item(),
-               "ppo/time_generate": t1 - t0, "ppo/time_score": t2 - t1, "ppo/time_train": t3 - t2,
-               "ppo/tokens_per_second": smask.sum().item() / (t3 - t0),
-               "ppo/generate_tokens_per_second": n_resp_tokens / (t1 - t0)}
+        kl_ctl.update(traj.kl_mean, len(batch))
+        row = iteration_metrics(traj, stats, beta, (t0, t1, t2, t3))
         history.append(row)
         log_to_active_run(row, it + 1)
-        bar.set_postfix(score=f"{row['ppo/score_mean']:.2f}", kl=f"{kl_mean:.2f}", beta=f"{beta:.3f}")
+        bar.set_postfix(score=f"{row['ppo/score_mean']:.2f}", kl=f"{row['ppo/kl']:.2f}", beta=f"{beta:.3f}")
         if cfg.sample_every and (it + 1) % cfg.sample_every == 0:
             log_table_to_active_run({"iteration": [it + 1] * len(batch), "prompt": batch, "response": ro.texts,
-                                     "score": raw.tolist(), "kl": kl_seq.tolist()}, f"ppo/samples/iter_{it + 1:04d}.json")
+                                     "score": traj.raw_scores.tolist(), "kl": traj.kl.tolist()},
+                                    f"ppo/samples/iter_{it + 1:04d}.json")
         if (it + 1) % cfg.save_every == 0 and it + 1 < cfg.steps:
-            checkpoint.save(ckpt_root, it + 1, fp, write_checkpoint)
+            checkpoint.save(ckpt_root, it + 1, fp, save_checkpoint)
     bar.close()
 
+    # 5. evaluate on held-out prompts, write the outputs -----------------------------------------
     metrics = dict(history[-1]) if history else {}
     metrics.update(evaluate_policy_vs_reference(roles, eval_prompts[: cfg.eval_max_prompts], cfg, seed))
     metrics["ppo/resumed_from_iteration"] = float(start)
     log_to_active_run(metrics, cfg.steps)
-    checkpoint.save(ckpt_root, cfg.steps, fp, write_checkpoint)
+    checkpoint.save(ckpt_root, cfg.steps, fp, save_checkpoint)
     return write_outputs(roles, final, metrics, history, cfg.merge)
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def restore(ckpt: Path, roles: Roles) -> None:
-    """The trainable adapters and the value head, in place, from a checkpoint."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    for name in TRAINABLE:
-        set_peft_model_state_dict(roles.model, load_file(str(ckpt / "adapters" / name / "adapter_model.safetensors")),
-                                  adapter_name=name)
-    head, _ = ScalarHead.load(ckpt / "value_head")
-    roles.value_head.load_state_dict(head.state_dict())
 
 
 @torch.no_grad()
@@ -322,22 +374,20 @@ def evaluate_policy_vs_reference(roles: Roles, prompts: list[str], cfg: PPOConfi
     if not prompts:
         return {}
     out = {}
-    for tag, ctx in (("", None), ("_ref", roles.model.disable_adapter)):
-        torch.manual_seed(seed)
-        if ctx is None:
-            ro = sample(roles.model, roles.tok, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.max_prompt_tokens)
-        else:
-            with ctx():
-                ro = sample(roles.model, roles.tok, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.max_prompt_tokens)
-            activate(roles.model, "policy", TRAINABLE)
+    for tag, role in (("", "policy"), ("_ref", REFERENCE)):
+        torch.manual_seed(seed)  # generate samples from the global RNG (it takes no generator): same draws for both
+        with roles.use(role):
+            ro = sample(roles.model, roles.tok, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                        cfg.max_prompt_tokens)
         raw, score = scores_for(roles, ro, prompts, cfg)
         mask = ro.response_mask.float()
         out[f"ppo/eval_score{tag}"] = raw.mean().item()
         out[f"ppo/eval_reward{tag}"] = score.mean().item()
         out[f"ppo/eval_response_length{tag}"] = mask.sum(1).mean().item()
         out[f"ppo/eval_eos_rate{tag}"] = ro.ended.float().mean().item()
-        if ctx is None:
-            logprobs = logprobs_of(policy_logits(roles, ro.sequence, ro.sequence_mask, ro.query.shape[1]), ro.response, cfg.temperature)
+        if role == "policy":
+            logprobs = logprobs_of(policy_logits(roles, ro.sequence, ro.sequence_mask, ro.query.shape[1]), ro.response,
+                                   cfg.temperature)
             out["ppo/eval_kl"] = (kl_k1(logprobs, reference_logprobs(roles, ro, cfg.temperature)) * mask).sum(1).mean().item()
     out["ppo/eval_prompts"] = float(len(prompts))
     return out

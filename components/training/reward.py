@@ -116,6 +116,8 @@ def train_reward(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_d
     if not train or not evals:
         raise ValueError(f"the reward model needs preferences for training and held-out eval under {data_dir}/preferences")
     device = resolve_device(model_cfg.device)
+    # peft's LoRA init, the head's init and LoRA dropout draw from the global RNG (they take no generator);
+    # the batches come from checkpoint.batch_for_step's own seeded random.Random.
     torch.manual_seed(seed)
     tok = load_tokenizer(sft_dir, model_cfg, padding_side="right")
     model = get_peft_model(load_causal_lm(sft_dir, model_cfg, device), lora_config(cfg.lora))
@@ -126,19 +128,12 @@ def train_reward(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_d
 
     ckpt_root = out_dir / "checkpoints"
     fp = checkpoint.fingerprint(cfg, sft_dir=str(sft_dir), data=str(data_dir), seed=seed, n_train=len(train))
-    start = 0
-    found = checkpoint.latest(ckpt_root, fp)
-    if found:
-        ckpt, start = found
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
 
-        set_peft_model_state_dict(model, load_file(str(ckpt / "adapter" / "adapter_model.safetensors")))
+    def restore(ckpt: Path) -> None:
+        checkpoint.load_adapter_weights(model, ckpt / "adapter")
         head.load_state_dict(ScalarHead.load(ckpt, device)[0].state_dict())  # in place: the optimizer keeps its params
-        state = checkpoint.load_trainer_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"])
+
+    start, _ = checkpoint.resume(ckpt_root, fp, restore, optimizer=optimizer, scheduler=scheduler)
 
     def write(d: Path) -> None:
         model.save_pretrained(d / "adapter", safe_serialization=True)

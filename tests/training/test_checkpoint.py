@@ -238,3 +238,34 @@ def test_ppo_marks_its_out_dir_complete_after_final_and_unmarks_it_at_start(tmp_
     with pytest.raises(ValueError, match="prompts"):
         train_ppo(PPOConfig(), ModelConfig(), "sft", "rm", tmp_path / "no-data", out)
     assert not checkpoint.is_complete(out)
+
+
+def test_resume_restores_weights_optimizer_and_rng_from_the_matching_checkpoint(tmp_path):
+    # the reward model and PPO resume through this one function
+    import torch
+
+    root = tmp_path / "ckpt"
+    layer = torch.nn.Linear(2, 1)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    layer(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    torch.manual_seed(7)
+
+    def write(d: Path) -> None:
+        torch.save(layer.state_dict(), d / "layer.pt")
+        checkpoint.save_trainer_state(d, optimizer=opt, note="plain value", rng=checkpoint.rng_state())
+
+    checkpoint.save(root, 5, FP, write)
+    expected_draw = torch.rand(1)
+    saved = {k: v.clone() for k, v in layer.state_dict().items()}
+
+    fresh = torch.nn.Linear(2, 1)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    torch.manual_seed(123)
+    step, state = checkpoint.resume(root, FP, lambda d: fresh.load_state_dict(torch.load(d / "layer.pt")),
+                                    optimizer=fresh_opt)
+    assert (step, state["note"]) == (5, "plain value")
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
+    assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"] == 1
+    assert torch.equal(torch.rand(1), expected_draw), "the RNG continues where the checkpoint left it"
+    assert checkpoint.resume(root, "other-fingerprint", lambda d: pytest.fail("no checkpoint matches")) == (0, {})
