@@ -68,7 +68,7 @@ def evaluate_policies(specs: list[PolicySpec], sft_dir: str, reward_dir: str, pr
     out = {}
     for spec in specs:
         model, tok = load_policy(spec, model_cfg)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # generate samples from the global RNG (it takes no generator): same draws each
         ro = sample(model, tok, prompts, cfg.max_new_tokens, cfg.temperature)
         ids, mask = encode(scorer_tok, prompts, ro.texts, 2 * cfg.max_new_tokens + 64, ids_device(scorer))
         rewards = ((sequence_scores(scorer, head, ids, mask) - meta["reward_mean"]) / meta["reward_std"]).tolist()

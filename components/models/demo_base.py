@@ -63,8 +63,8 @@ def build_demo_base(cfg: ModelConfig, data_dir: Path, corpus_version: str, cache
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
+    torch.manual_seed(seed)  # the model's weight init (transformers draws from the global RNG, it takes no generator)
+    rng = random.Random(seed)  # the pretraining batches: our own draws, from their own generator
     texts = read_corpus_texts(data_dir)
     if not texts:
         raise ValueError(f"no training text under {data_dir}: materialise the data first (`rlhf data`)")

@@ -214,7 +214,8 @@ def score_rollout(roles: Roles, rollout: Rollout, prompts: list[str], cfg: PPOCo
 # ---------------------------------------------------------------------------- 3. train: PPO epochs on a Trajectory
 
 def ppo_update(roles: Roles, traj: Trajectory, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-               cfg: PPOConfig, generator: torch.Generator | None = None, iteration: int | None = None) -> dict[str, float]:
+               cfg: PPOConfig, generator: torch.Generator | None = None,
+               iteration: int | None = None) -> dict[str, float]:
     """Step 3: `cfg.ppo_epochs` passes over shuffled minibatches (order drawn from `generator`, a CPU
     torch.Generator): clipped policy loss + vf_coef * clipped value loss, gradient clipping, early stop
     once approx-KL exceeds `cfg.max_approx_kl`. -> the means of the losses and fractions, and the epochs run.
@@ -227,7 +228,8 @@ def ppo_update(roles: Roles, traj: Trajectory, optimizer: torch.optim.Optimizer,
         stop = False
         for mb in torch.randperm(len(traj.prompts), generator=generator).to(seq.device).split(cfg.minibatch_size):
             mb_mask = traj.mask[mb]
-            new_logprobs = logprobs_of(policy_logits(roles, seq[mb], smask[mb], q_len), ro.response[mb], cfg.temperature)
+            new_logprobs = logprobs_of(policy_logits(roles, seq[mb], smask[mb], q_len), ro.response[mb],
+                                       cfg.temperature)
             new_values = token_values(roles, seq[mb], smask[mb], q_len)
             pg, clipfrac, approx_kl = policy_loss(new_logprobs, traj.logprobs[mb], traj.advantages[mb], mb_mask,
                                                   cfg.cliprange)
@@ -265,7 +267,8 @@ def iteration_metrics(traj: Trajectory, stats: dict[str, float], beta: float, ti
     t0, t1, t2, t3 = times
     mask, ro = traj.mask, traj.rollout
     return {"ppo/score_mean": traj.raw_scores.mean().item(), "ppo/reward_mean": traj.scores.mean().item(),
-            "ppo/reward_std": traj.scores.std().item(), "ppo/non_score_reward": traj.non_score_rewards.sum(1).mean().item(),
+            "ppo/reward_std": traj.scores.std().item(),
+            "ppo/non_score_reward": traj.non_score_rewards.sum(1).mean().item(),
             "ppo/kl": traj.kl_mean, "ppo/kl_k3": (kl_k3(traj.logprobs, traj.ref_logprobs) * mask).sum(1).mean().item(),
             "ppo/beta": beta, "ppo/entropy": traj.entropy, **stats,
             "ppo/response_length": mask.sum(1).mean().item(), "ppo/eos_rate": ro.ended.float().mean().item(),
@@ -333,7 +336,8 @@ def train_ppo(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: 
 
         # 1. generate ---------------------------------------------------------------------------
         t0 = time.perf_counter()
-        ro = sample(roles.model, roles.tok, batch, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.max_prompt_tokens)
+        ro = sample(roles.model, roles.tok, batch, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                    cfg.max_prompt_tokens)
         t1 = time.perf_counter()
 
         # 2. score ------------------------------------------------------------------------------
@@ -388,7 +392,8 @@ def evaluate_policy_vs_reference(roles: Roles, prompts: list[str], cfg: PPOConfi
         if role == "policy":
             logprobs = logprobs_of(policy_logits(roles, ro.sequence, ro.sequence_mask, ro.query.shape[1]), ro.response,
                                    cfg.temperature)
-            out["ppo/eval_kl"] = (kl_k1(logprobs, reference_logprobs(roles, ro, cfg.temperature)) * mask).sum(1).mean().item()
+            ref_logprobs = reference_logprobs(roles, ro, cfg.temperature)
+            out["ppo/eval_kl"] = (kl_k1(logprobs, ref_logprobs) * mask).sum(1).mean().item()
     out["ppo/eval_prompts"] = float(len(prompts))
     return out
 
