@@ -28,6 +28,9 @@ def configure_environment(cfg: Config) -> None:
     # TRL and peft still read transformers' deprecated `is_gradient_checkpointing`: not ours to fix, and
     # the warning repeats on every stage
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
+    # MLflow guesses a dataset source for the data dir (a plain path) and warns that it may be ambiguous
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.data.*")
     state = cfg.state_path
     state.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
@@ -44,5 +47,9 @@ def configure_environment(cfg: Config) -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # one progress bar per stage (ours, and the Trainer's for SFT): none for loading/saving weights or
+        # dataset maps (transformers reads huggingface_hub's switch for its own bars)
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
     }.items():
         os.environ.setdefault(key, value)

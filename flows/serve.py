@@ -54,14 +54,13 @@ def serve(cfg: Config, overrides: list[str]) -> None:
     """Serve the deployment until SIGTERM or SIGINT (Ctrl-C): both stop polling, cancel a run in flight
     (it resumes from its checkpoints next time), pause the schedule and return.
 
-    The signals are ours, not Prefect's: Prefect 3.8's Runner SIGTERM handler stops the runner from inside
-    the signal handler and could hang, and a SIGINT-to-cancel of the main task was swallowed by its task
-    group (`rlhf serve` then ran on after SIGTERM; issue 10). Here a signal only sets an event; the
-    runner is stopped from the event loop, with a deadline."""
+    The signals are ours, not Prefect's (flows/prefect_compat.py: Prefect 3.8's Runner SIGTERM handling
+    could hang, and a SIGINT-to-cancel of the main task was swallowed by its task group). Here a signal
+    only sets an event; the runner is stopped from the event loop, with a deadline."""
     import asyncio
     import signal
 
-    from prefect.runner import Runner
+    from flows.prefect_compat import runner_with_own_sigterm
 
     from components import tracking
 
@@ -69,11 +68,7 @@ def serve(cfg: Config, overrides: list[str]) -> None:
     lifecycle.reap_orphans(cfg, print)  # a run a crashed `rlhf serve` left Running would hold the deployment's slot
     stop = asyncio.Event()
 
-    class _Runner(Runner):
-        def handle_sigterm(self, *args, **kwargs):  # installed by Runner.start() on the main thread
-            loop.call_soon_threadsafe(stop.set)
-
-    runner = _Runner(pause_on_shutdown=True)
+    runner = runner_with_own_sigterm(lambda: loop.call_soon_threadsafe(stop.set))(pause_on_shutdown=True)
     runner.add_deployment(deployment(cfg, overrides))
 
     async def main() -> None:

@@ -139,6 +139,27 @@ def registered_by(registered_name: str, register_run_ids: list[str]) -> str | No
     return str(min(int(v.version) for v in versions)) if versions else None
 
 
+def version_tags(registered_name: str, version: str) -> dict[str, str]:
+    import mlflow
+
+    return dict(mlflow.MlflowClient().get_model_version(registered_name, version).tags)
+
+
+def describe(registered_name: str, version: str, text: str) -> None:
+    """Set a version's description (its model card, shown in the MLflow UI)."""
+    import mlflow
+
+    mlflow.MlflowClient().update_model_version(registered_name, version, description=text)
+
+
+def download_version(registered_name: str, version: str) -> dict[str, str]:
+    """A registered version's artifacts on local disk: {"base": ..., "adapter": ...}."""
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{registered_name}/{version}"))
+    return artifact_paths(local)
+
+
 def artifact_paths(model_dir: Path) -> dict[str, str]:
     """Where a downloaded policy model keeps its artifacts: {"base": ..., "adapter": ...} (from its MLmodel)."""
     from mlflow.models import Model

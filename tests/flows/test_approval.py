@@ -10,7 +10,8 @@ import time
 import pytest
 
 from components.registry.registry import CHALLENGER, CHAMPION, alias_version
-from flows.retrain import Approval, retrain
+from flows.approval import Approval
+from flows.retrain import retrain
 from tests.conftest import OPEN_GATE, make_project
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

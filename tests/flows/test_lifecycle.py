@@ -13,7 +13,9 @@ import pytest
 from components import tracking
 from components.owner import HOST, Owner, _start_time
 from flows import lifecycle
-from flows.lifecycle import Holder, RetrainSlot, reap_orphans, stale_reason
+from flows import slot as slot_module
+from flows.lifecycle import reap_orphans
+from flows.slot import Holder, RetrainSlot, stale_reason
 from tests.conftest import make_project
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -59,7 +61,7 @@ def test_slot_is_exclusive_and_says_who_holds_it(tmp_path):
     first = RetrainSlot(project, said.append)
     first.acquire()
     assert first.read().token == first.mine.token
-    lifecycle.SAY_EVERY_S, saved = 0.5, lifecycle.SAY_EVERY_S
+    slot_module.SAY_EVERY_S, saved = 0.5, slot_module.SAY_EVERY_S
     try:
         second = RetrainSlot(project, said.append)
         got = threading.Event()
@@ -72,7 +74,7 @@ def test_slot_is_exclusive_and_says_who_holds_it(tmp_path):
         assert got.wait(10), "released: the waiter takes it"
         second.release()
     finally:
-        lifecycle.SAY_EVERY_S = saved
+        slot_module.SAY_EVERY_S = saved
     assert first.read() is None
 
 

@@ -7,7 +7,7 @@ from prefect.states import exception_to_failed_state
 
 from components.data.versioning import DataVersionError
 from components.training.ppo import PPODivergence
-from flows.retrain import transient
+from flows.stages import transient
 
 
 @pytest.mark.parametrize("error, retried", [
