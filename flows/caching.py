@@ -6,6 +6,7 @@ project, so an unchanged stage is skipped on the next run and any change upstrea
 downstream. The key also names the stage's output dir `<state>/stages/<stage>-<key>`: a killed run
 restarted with the same inputs resumes the stage there from its last checkpoint.
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,8 +41,16 @@ def code_version() -> str:
 
 
 def stage_key(stage: str, cfg: Config, data: DataState, **upstream: Any) -> str:
-    blob = {"stage": stage, "data": data.version, "seed": cfg.seed, "code": code_version(), "schema": RESULT_SCHEMA,
-            "project": str(cfg.state_path), **{s: asdict(getattr(cfg, s)) for s in STAGE_CONFIG[stage]}, **upstream}
+    blob = {
+        "stage": stage,
+        "data": data.version,
+        "seed": cfg.seed,
+        "code": code_version(),
+        "schema": RESULT_SCHEMA,
+        "project": str(cfg.state_path),
+        **{s: asdict(getattr(cfg, s)) for s in STAGE_CONFIG[stage]},
+        **upstream,
+    }
     return f"{stage}-{hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]}"
 
 
@@ -78,7 +87,7 @@ def prune_stage_outputs(stages: Path, keep: int | None, in_use: set[Path]) -> li
     for dirs in by_stage.values():
         dirs.sort(key=lambda d: (d.resolve() in in_use, d.stat().st_mtime), reverse=True)  # in use, then newest
         n_in_use = sum(d.resolve() in in_use for d in dirs)
-        for d in dirs[max(keep, 0, n_in_use):]:
+        for d in dirs[max(keep, 0, n_in_use) :]:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed

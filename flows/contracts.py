@@ -4,6 +4,7 @@ result store (a cached stage's record is read back on the next run).
 A stage output names its artifacts by a location (`StageOutput.dir`): a local directory today; an MLflow
 or object-store URI once stages run on workers of another machine (docs/architecture.md, planned).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from components.data.versioning import DataState
 @dataclass
 class StageOutput:
     """One trained stage: where its output is, the MLflow run that made it, its final metrics."""
+
     dir: str
     run_id: str
     metrics: dict[str, float]
@@ -33,6 +35,7 @@ class ValidationSummary:
 @dataclass
 class GateOutcome:
     """The evaluation of a candidate against its baseline (the champion, else the SFT policy)."""
+
     passed: bool
     summary: str
     reasons: list[str]
@@ -53,6 +56,7 @@ class Registration:
 @dataclass
 class RetrainSummary:
     """What `rlhf run` prints and a retrain's state carries: everything this run decided and produced."""
+
     run_id: str
     data: DataState
     validation: ValidationSummary

@@ -2,6 +2,7 @@
 
 Must run before prefect is imported (Prefect reads its settings at import time).
 """
+
 from __future__ import annotations
 
 import os
@@ -9,7 +10,6 @@ import warnings
 from pathlib import Path
 
 from components.config import Config
-
 
 EPHEMERAL_STARTUP_TIMEOUT_S = 180
 
@@ -20,8 +20,9 @@ def temporary_server_notice(cfg: Config) -> str | None:
         return None
     home = Path(os.environ.get("PREFECT_HOME", cfg.state_path / "prefect"))
     fresh = not (home / "prefect.db").exists()
-    return (f"Prefect: starting a temporary server on {home}"
-            + (f" (first start: setting up its database, up to {EPHEMERAL_STARTUP_TIMEOUT_S} s)" if fresh else ""))
+    return f"Prefect: starting a temporary server on {home}" + (
+        f" (first start: setting up its database, up to {EPHEMERAL_STARTUP_TIMEOUT_S} s)" if fresh else ""
+    )
 
 
 def configure_environment(cfg: Config) -> None:

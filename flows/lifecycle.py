@@ -2,14 +2,15 @@
 process left behind (Running flow runs, RUNNING MLflow runs) is ended by the next command. The retrain
 slot that builds on this is in flows/slot.py.
 """
+
 from __future__ import annotations
 
 import hashlib
 import re
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Callable
 
 from components.config import Config
 from components.owner import Owner
@@ -50,7 +51,9 @@ def claim_run(cfg: Config) -> None:
     run_id, _ = _current_flow_run()
     if run_id:
         with _client() as client:
-            client.update_flow_run_labels(uuid.UUID(run_id), {OWNER_LABEL: str(Owner.me()), PROJECT_LABEL: project_id(cfg)})
+            client.update_flow_run_labels(
+                uuid.UUID(run_id), {OWNER_LABEL: str(Owner.me()), PROJECT_LABEL: project_id(cfg)}
+            )
 
 
 def mlflow_owner_tags() -> dict[str, str]:
@@ -85,14 +88,21 @@ def _crash_flow_run(flow_run_id: str, message: str) -> None:
 
 
 def _unfinished_runs(client) -> list:
-    from prefect.client.schemas.filters import (FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState,
-                                                FlowRunFilterStateType)
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
 
     live = [StateType.RUNNING, StateType.PAUSED, StateType.PENDING, StateType.CANCELLING]
-    return client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=list(PROJECT_FLOWS))),
-                                 flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=live))),
-                                 limit=200)
+    return client.read_flow_runs(
+        flow_filter=FlowFilter(name=FlowFilterName(any_=list(PROJECT_FLOWS))),
+        flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=live))),
+        limit=200,
+    )
 
 
 def reap_orphans(cfg: Config, say: Callable[[str], None]) -> list[str]:
@@ -125,16 +135,21 @@ def reap_orphans(cfg: Config, say: Callable[[str], None]) -> list[str]:
             if owner is None:
                 continue
             alive = owner.alive()
-            why = (f"its process ({owner.describe()}) ended without finishing the run (crash, SIGKILL or OOM)"
-                   if alive is False else dead_runs.get(flow_run_id)
-                   or (f"its flow run ended ({state})" if alive is None and (state := _final_state(flow_run_id)) else None))
+            why = (
+                f"its process ({owner.describe()}) ended without finishing the run (crash, SIGKILL or OOM)"
+                if alive is False
+                else dead_runs.get(flow_run_id)
+                or (f"its flow run ended ({state})" if alive is None and (state := _final_state(flow_run_id)) else None)
+            )
             if why is None:
                 continue
-            tracker.set_tag(run.info.run_id, "rlhf.ended_because", f"{why}; found by {Owner.me().describe()} at {_when(time.time())}")
+            tracker.set_tag(
+                run.info.run_id,
+                "rlhf.ended_because",
+                f"{why}; found by {Owner.me().describe()} at {_when(time.time())}",
+            )
             tracker.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
             done.append(f"MLflow run {run.info.run_name} ({run.info.run_id}) RUNNING -> KILLED: {why}")
     for line in done:
         say(f"cleaned up after a crash: {line}")
     return done
-
-

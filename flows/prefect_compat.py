@@ -3,10 +3,11 @@ versions it was verified against; outside them it still applies, with a warning 
 
 Tested set: constraints.txt pins prefect 3.8.8.
 """
+
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 VERIFIED = ("3.8", "3.9")  # major.minor versions these workarounds were checked against
 _warned: set[str] = set()
@@ -18,8 +19,13 @@ def _check(name: str) -> None:
     version = ".".join(prefect.__version__.split(".")[:2])
     if version not in VERIFIED and name not in _warned:
         _warned.add(name)
-        logging.getLogger("rlhf").warning("Prefect %s: workaround %r was verified on %s only; re-check whether it "
-                                          "is still needed (flows/prefect_compat.py)", prefect.__version__, name, VERIFIED)
+        logging.getLogger("rlhf").warning(
+            "Prefect %s: workaround %r was verified on %s only; re-check whether it "
+            "is still needed (flows/prefect_compat.py)",
+            prefect.__version__,
+            name,
+            VERIFIED,
+        )
 
 
 def resume_after_pause_timeout(flow_run_id) -> None:

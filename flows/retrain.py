@@ -7,6 +7,7 @@
 One retrain of a project at a time (flows/lifecycle.py); SFT, RM and PPO are cached across runs
 (flows/caching.py). The flow returns a `RetrainSummary` (flows/contracts.py).
 """
+
 from __future__ import annotations
 
 import os
@@ -25,11 +26,24 @@ from flows.approval import await_approval
 from flows.caching import config_hash, prune_stage_outputs, stage_root
 from flows.contracts import RetrainSummary, StageOutput
 from flows.slot import RetrainSlot
-from flows.stages import (base_model, evaluate, git_commit, log_on_parent, ppo, prepare_data, register, reward_model,
-                          run_stage, sft, validate)
+from flows.stages import (
+    base_model,
+    evaluate,
+    git_commit,
+    log_on_parent,
+    ppo,
+    prepare_data,
+    register,
+    reward_model,
+    run_stage,
+    sft,
+    validate,
+)
 
 
-@flow(name="retrain", validate_parameters=False)  # no log_prints: it turns library bytecode dumps (datasets hashing) into log lines
+@flow(
+    name="retrain", validate_parameters=False
+)  # no log_prints: it turns library bytecode dumps (datasets hashing) into log lines
 def retrain(cfg: Config):
     """The pipeline, one run at a time. First ends what a crashed earlier run left behind, then waits for
     the project's retrain slot."""
@@ -58,9 +72,14 @@ def pipeline(cfg: Config) -> State:
         # 2. validate; stop when there is nothing to do
         s = RetrainSummary(run_id, data, validate(cfg, data, run_id), changed=what_changed(cfg, data))
         if not s.validation.ok:
-            return finish(s, "invalid data", Failed(
-                message=f"data validation failed ({s.validation.problems} problem(s)); no training ran.\n{s.validation.report}",
-                data=s))
+            return finish(
+                s,
+                "invalid data",
+                Failed(
+                    message=f"data validation failed ({s.validation.problems} problem(s)); no training ran.\n{s.validation.report}",
+                    data=s,
+                ),
+            )
         if stop := nothing_to_do(cfg, data, s):
             return stop
 
@@ -80,7 +99,9 @@ def pipeline(cfg: Config) -> State:
         log_on_parent(s.gate.gate_metrics | {f"eval/{p}/{k}": v for p, m in s.gate.eval.items() for k, v in m.items()})
         mlflow.set_tag("champion_compared", s.gate.champion_version or "none")
         if not s.gate.passed:
-            return finish(s, "not promoted", Completed(data=s, message="not promoted because " + "; ".join(s.gate.reasons)))
+            return finish(
+                s, "not promoted", Completed(data=s, message="not promoted because " + "; ".join(s.gate.reasons))
+            )
 
         # 5. register (alias challenger), then promote: at once, or after a person approves
         s.registered = register(cfg, data, s.sft.dir, s.policy.dir, s.gate, run_id)
@@ -93,15 +114,28 @@ def nothing_to_do(cfg: Config, data: DataState, s: RetrainSummary) -> State | No
     name = cfg.tracking.registered_model_name
     if (held := registry.rolled_back_like(name, data.version, config_hash(cfg))) is not None:
         s.held_by_rollback = str(held.version)
-        return finish(s, f"held by the rollback of v{held.version}", Completed(data=s, message=(
-            f"not retrained: v{held.version}, trained on data {data.version} with this config, was rolled back "
-            f"({held.tags[registry.ROLLED_BACK]}); a rollback holds until the data or the config change")))
+        return finish(
+            s,
+            f"held by the rollback of v{held.version}",
+            Completed(
+                data=s,
+                message=(
+                    f"not retrained: v{held.version}, trained on data {data.version} with this config, was rolled back "
+                    f"({held.tags[registry.ROLLED_BACK]}); a rollback holds until the data or the config change"
+                ),
+            ),
+        )
     champion = registry.alias_version(name, registry.CHAMPION)
     tags = registry.version_tags(name, champion) if champion else {}
     if tags.get("data_version") == data.version and tags.get("config_hash") == config_hash(cfg):
         s.nothing_new = champion
-        return finish(s, "nothing new", Completed(
-            data=s, message=f"nothing new: champion v{champion} was trained on data {data.version} with this config"))
+        return finish(
+            s,
+            "nothing new",
+            Completed(
+                data=s, message=f"nothing new: champion v{champion} was trained on data {data.version} with this config"
+            ),
+        )
     return None
 
 
@@ -111,9 +145,12 @@ def prune(cfg: Config, outputs: list[StageOutput]) -> None:
     for d in in_use:
         os.utime(d)
     if pruned := prune_stage_outputs(cfg.state_path / "stages", cfg.infra.keep_stage_outputs, in_use):
-        get_run_logger().info("pruned %d stage output dir(s) beyond the %d most recently used per stage "
-                              "(infra.keep_stage_outputs): %s", len(pruned), cfg.infra.keep_stage_outputs,
-                              ", ".join(d.name for d in pruned))
+        get_run_logger().info(
+            "pruned %d stage output dir(s) beyond the %d most recently used per stage (infra.keep_stage_outputs): %s",
+            len(pruned),
+            cfg.infra.keep_stage_outputs,
+            ", ".join(d.name for d in pruned),
+        )
 
 
 def promote(cfg: Config, s: RetrainSummary) -> State:
@@ -123,17 +160,28 @@ def promote(cfg: Config, s: RetrainSummary) -> State:
     else:
         decision = await_approval(cfg, reg)
         if decision is None or not decision.approve:
-            why = (f"no approval within {cfg.gate.approval_timeout_s}s" if decision is None
-                   else f"rejected by {decision.approver}" + (f": {decision.comment}" if decision.comment else ""))
-            return finish(s, f"v{reg.version} not promoted ({why})", Completed(
-                data=s, message=f"not promoted because {why}; {reg.name} v{reg.version} stays {registry.CHALLENGER}"))
+            why = (
+                f"no approval within {cfg.gate.approval_timeout_s}s"
+                if decision is None
+                else f"rejected by {decision.approver}" + (f": {decision.comment}" if decision.comment else "")
+            )
+            return finish(
+                s,
+                f"v{reg.version} not promoted ({why})",
+                Completed(
+                    data=s, message=f"not promoted because {why}; {reg.name} v{reg.version} stays {registry.CHALLENGER}"
+                ),
+            )
         approver = decision.approver
     reg.previous_champion = registry.promote(reg.name, reg.version, approver=approver)
     reg.alias = registry.CHAMPION
     by = "" if cfg.gate.approval == "auto" else f" (approved by {approver})"
     reg.approver = None if cfg.gate.approval == "auto" else approver
-    return finish(s, f"promoted v{reg.version}{by}",
-                  Completed(data=s, message=f"promoted {reg.name} v{reg.version} to {registry.CHAMPION}{by}"))
+    return finish(
+        s,
+        f"promoted v{reg.version}{by}",
+        Completed(data=s, message=f"promoted {reg.name} v{reg.version} to {registry.CHAMPION}{by}"),
+    )
 
 
 def finish(s: RetrainSummary | None, outcome: str, state: State) -> State:
@@ -141,8 +189,10 @@ def finish(s: RetrainSummary | None, outcome: str, state: State) -> State:
     data version (short), what changed since the champion, and the outcome."""
     mlflow.set_tag("outcome", outcome)
     if s is not None:
-        mlflow.set_tag("mlflow.runName", f"{mlflow.active_run().info.run_name.split(' ')[0]} {s.data.version[:8]} "
-                                         f"({s.changed}): {outcome}")
+        mlflow.set_tag(
+            "mlflow.runName",
+            f"{mlflow.active_run().info.run_name.split(' ')[0]} {s.data.version[:8]} ({s.changed}): {outcome}",
+        )
     return state
 
 
@@ -153,6 +203,12 @@ def what_changed(cfg: Config, data: DataState) -> str:
     if champion is None:
         return "first run"
     tags = registry.version_tags(name, champion)
-    changed = [what for what, same in (("data", tags.get("data_version") == data.version),
-                                       ("config", tags.get("config_hash") == config_hash(cfg))) if not same]
+    changed = [
+        what
+        for what, same in (
+            ("data", tags.get("data_version") == data.version),
+            ("config", tags.get("config_hash") == config_hash(cfg)),
+        )
+        if not same
+    ]
     return "new " + " + ".join(changed) if changed else "same inputs"

@@ -12,20 +12,30 @@ that the slot still names that holder. Prefect's own global concurrency limits w
 on a temporary server their leases live in that server's memory, so a SIGKILLed holder's slot was
 never given back (issue 10).
 """
+
 from __future__ import annotations
 
 import contextvars
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from typing import Callable
 
 from components.config import Config
 from components.owner import Owner
-from flows.lifecycle import (PROJECT_LABEL, _client, _crash_flow_run, _current_flow_run, _final_state, _when, project_id,
-                             reap_orphans, slot_name)
+from flows.lifecycle import (
+    PROJECT_LABEL,
+    _client,
+    _crash_flow_run,
+    _current_flow_run,
+    _final_state,
+    _when,
+    project_id,
+    reap_orphans,
+    slot_name,
+)
 
 HEARTBEAT_S = 15.0
 POLL_S = 2.0
@@ -46,12 +56,15 @@ class Holder:
 
     def describe(self) -> str:
         owner = Owner.parse(self.owner)
-        return (f"flow run {self.flow_run_name or '?'} ({self.flow_run_id or 'no flow run'}), "
-                f"{owner.describe() if owner else self.owner}, since {_when(self.since)}")
+        return (
+            f"flow run {self.flow_run_name or '?'} ({self.flow_run_id or 'no flow run'}), "
+            f"{owner.describe() if owner else self.owner}, since {_when(self.since)}"
+        )
 
 
-def stale_reason(holder: Holder, now: float, owner_alive: bool | None, run_final: str | None,
-                 stale_after_s: float) -> str | None:
+def stale_reason(
+    holder: Holder, now: float, owner_alive: bool | None, run_final: str | None, stale_after_s: float
+) -> str | None:
     """Why a slot holder is dead, or None while it may be alive.
     owner_alive: the owner process on this host (None: another host); run_final: the name of the final
     state its flow run ended in (None: not ended, or unknown)."""
@@ -76,7 +89,7 @@ class RetrainSlot:
         self._beat: threading.Thread | None = None
 
     # -- public
-    def __enter__(self) -> "RetrainSlot":
+    def __enter__(self) -> RetrainSlot:
         self.acquire()
         return self
 
@@ -103,8 +116,10 @@ class RetrainSlot:
                 continue
             if now - said >= SAY_EVERY_S:
                 said = now
-                self.say(f"waiting for the retrain slot ({now - waiting_since:.0f} s so far): held by "
-                         f"{current.describe()}, last heartbeat {now - current.heartbeat:.0f} s ago")
+                self.say(
+                    f"waiting for the retrain slot ({now - waiting_since:.0f} s so far): held by "
+                    f"{current.describe()}, last heartbeat {now - current.heartbeat:.0f} s ago"
+                )
             time.sleep(POLL_S)  # in the main thread: SIGTERM / Ctrl-C stop the wait at once
 
     def release(self) -> None:
@@ -135,15 +150,22 @@ class RetrainSlot:
 
         try:
             with _client() as client:
-                client.create_variable(VariableCreate(name=self.name, value=asdict(holder), tags=["rlhf", "retrain-slot"]))
+                client.create_variable(
+                    VariableCreate(name=self.name, value=asdict(holder), tags=["rlhf", "retrain-slot"])
+                )
             return True
         except ObjectAlreadyExists:
             return False
 
     def verdict(self, holder: Holder) -> str | None:
         owner = Owner.parse(holder.owner)
-        return stale_reason(holder, time.time(), owner.alive() if owner else None,
-                            _final_state(holder.flow_run_id), self.cfg.infra.retrain_slot_stale_s)
+        return stale_reason(
+            holder,
+            time.time(),
+            owner.alive() if owner else None,
+            _final_state(holder.flow_run_id),
+            self.cfg.infra.retrain_slot_stale_s,
+        )
 
     def free(self, holder: Holder, reason: str) -> bool:
         """Delete a stale holder's record (only one waiter does) and end what it left running."""
@@ -183,8 +205,10 @@ class RetrainSlot:
             try:
                 current = self.read()
                 if current is None or self.mine is None or current.token != self.mine.token:
-                    self.say("lost the retrain slot: another process judged this run dead "
-                             f"(heartbeat late by more than {self.cfg.infra.retrain_slot_stale_s:g} s)")
+                    self.say(
+                        "lost the retrain slot: another process judged this run dead "
+                        f"(heartbeat late by more than {self.cfg.infra.retrain_slot_stale_s:g} s)"
+                    )
                     return
                 self.mine.heartbeat = time.time()
                 with _client() as client:
@@ -211,8 +235,11 @@ def status_lines(cfg: Config, last: int = 10) -> list[str]:
         lines.append(f"  held by {holder.describe()}; last heartbeat {time.time() - holder.heartbeat:.0f} s ago")
         lines.append(f"  {'STALE: ' + reason + ' (the next retrain frees it)' if reason else 'holder alive'}")
     with _client() as client:
-        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain"])),
-                                     sort=FlowRunSort.START_TIME_DESC, limit=last * 3)
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain"])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=last * 3,
+        )
     runs = [r for r in runs if r.labels.get(PROJECT_LABEL) in (None, project_id(cfg))][:last]
     lines.append(f"last {len(runs)} retrain flow runs (Prefect):")
     for r in runs:
@@ -220,11 +247,21 @@ def status_lines(cfg: Config, last: int = 10) -> list[str]:
         message = (r.state.message or "").splitlines()[0][:100] if r.state and r.state.message else ""
         lines.append(f"  {start}  {r.state_name:<10} {r.name:<24} {message}")
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    parents = mlflow.MlflowClient().search_runs([experiment.experiment_id], "tags.pipeline = 'retrain'",
-                                                order_by=["attributes.start_time DESC"], max_results=last) if experiment else []
+    parents = (
+        mlflow.MlflowClient().search_runs(
+            [experiment.experiment_id],
+            "tags.pipeline = 'retrain'",
+            order_by=["attributes.start_time DESC"],
+            max_results=last,
+        )
+        if experiment
+        else []
+    )
     lines.append(f"last {len(parents)} retrain runs (MLflow, experiment {cfg.tracking.experiment}):")
     for r in parents:
         start = datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
-        lines.append(f"  {start}  {r.info.status:<9} {r.info.run_id[:8]}  data {r.data.tags.get('data_version', '?')[:8]}  "
-                     f"{r.data.tags.get('outcome', r.data.tags.get('rlhf.ended_because', ''))[:90]}")
+        lines.append(
+            f"  {start}  {r.info.status:<9} {r.info.run_id[:8]}  data {r.data.tags.get('data_version', '?')[:8]}  "
+            f"{r.data.tags.get('outcome', r.data.tags.get('rlhf.ended_because', ''))[:90]}"
+        )
     return lines

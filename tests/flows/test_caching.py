@@ -2,6 +2,7 @@
 server: an unchanged stage is not recomputed, a changed stage and everything downstream of it is, and a
 cached result whose files are gone is recomputed. A gate nobody passes keeps the registry empty, so the
 "nothing new" shortcut (same data + config as the champion) never hides the stages."""
+
 import shutil
 from pathlib import Path
 
@@ -25,7 +26,8 @@ def run(tmp_path, *overrides):
     assert state.is_completed() and state.message.startswith("not promoted"), state.message
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     states = {t.name.rsplit("-", 1)[0]: t.state.name for t in task_runs if t.name.rsplit("-", 1)[0] in STAGES}
     s = state.result()
     children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{s.run_id}'", output_format="list")
@@ -44,8 +46,13 @@ def test_unchanged_stages_are_cached_and_changes_recompute_downstream(tmp_path):
     parent = mlflow.get_run(again.run_id).data
     tags = parent.tags
     # the stages' metrics are on the parent run even when cached: runs compare side by side in the UI
-    assert {"sft/eval_loss", "rm/eval_accuracy", "ppo/eval_reward", "gate/win_rate", "eval/candidate/judge_mean"} \
-        <= set(parent.metrics)
+    assert {
+        "sft/eval_loss",
+        "rm/eval_accuracy",
+        "ppo/eval_reward",
+        "gate/win_rate",
+        "eval/candidate/judge_mean",
+    } <= set(parent.metrics)
     assert parent.metrics["rm/eval_accuracy"] == mlflow.get_run(first.run_id).data.metrics["rm/eval_accuracy"]
     assert tags["cached.sft"] == children["sft"] and tags["cached.ppo"] == children["ppo"]
     assert (again.sft.dir, again.reward.dir, again.policy.dir) == (first.sft.dir, first.reward.dir, first.policy.dir)

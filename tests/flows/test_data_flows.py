@@ -1,4 +1,5 @@
 """Flows under a real Prefect test server, MLflow on SQLite, DVC in a tmp repo."""
+
 import asyncio
 import json
 import time

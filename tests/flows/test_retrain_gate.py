@@ -1,5 +1,6 @@
 """The retrain flow's tail under a real Prefect test server and SQLite MLflow: evaluate -> gate ->
 register -> promote. Fast stages (the learning itself is tested in tests/training)."""
+
 import mlflow
 import pytest
 
@@ -23,8 +24,11 @@ def test_passing_candidate_is_registered_and_promoted_then_a_failing_one_changes
     version = mlflow.MlflowClient().get_model_version("gate-test", "1")
     assert version.tags["data_version"] == s.data.version and "gate/win_rate" in version.tags
     assert s.data.version in version.description and "| candidate |" in version.description  # the model card
-    evaluate_run = [c for c in mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{s.run_id}'",
-                                                  output_format="list") if c.data.tags.get("stage") == "evaluate"][0]
+    evaluate_run = [
+        c
+        for c in mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{s.run_id}'", output_format="list")
+        if c.data.tags.get("stage") == "evaluate"
+    ][0]
     assert {"eval/candidate/reward_mean", "eval/sft/judge_mean", "gate/passed"} <= set(evaluate_run.data.metrics)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(evaluate_run.info.run_id)}
     assert {"eval_generations.json", "gate_verdict.txt"} <= artifacts
@@ -34,8 +38,16 @@ def test_passing_candidate_is_registered_and_promoted_then_a_failing_one_changes
     assert again.is_completed() and again.message.startswith("nothing new: champion v1"), again.message
 
     # a gate no candidate can pass: compared against champion v1, nothing registered, champion unchanged
-    strict = compose([f"root={project.root}", "data=demo_small", *FAST_STAGES, "tracking.registered_model_name=gate-test",
-                      *OPEN_GATE, "gate.min_win_rate=1.01"])
+    strict = compose(
+        [
+            f"root={project.root}",
+            "data=demo_small",
+            *FAST_STAGES,
+            "tracking.registered_model_name=gate-test",
+            *OPEN_GATE,
+            "gate.min_win_rate=1.01",
+        ]
+    )
     state = retrain(strict, return_state=True)
     assert state.is_completed() and state.message.startswith("not promoted because win_rate"), state.message
     s = state.result()
@@ -56,9 +68,20 @@ def test_new_data_trains_again_and_compares_against_the_champion(tmp_path):
     assert alias_version("ingest-test", CHAMPION) == "1"
     before = data_version(project.root_path)
     new = tmp_path / "batch.jsonl"
-    new.write_text("".join(json.dumps({"id": f"fresh-{i}", "prompt": f"A fresh prompt number {i}",
-                                       "chosen": f"a wonderful answer {i}", "rejected": f"a dull answer {i}"}) + "\n"
-                           for i in range(5)))
+    new.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"fresh-{i}",
+                    "prompt": f"A fresh prompt number {i}",
+                    "chosen": f"a wonderful answer {i}",
+                    "rejected": f"a dull answer {i}",
+                }
+            )
+            + "\n"
+            for i in range(5)
+        )
+    )
     assert ingest_flow(project, str(new), "preferences", return_state=True).is_completed()
     assert data_version(project.root_path) != before
 
@@ -80,13 +103,27 @@ def test_new_data_trains_again_and_compares_against_the_champion(tmp_path):
         return register(project, s.data, s.sft.dir, s.policy.dir, s.gate, s.run_id)
 
     assert retried_register().version == "2"
-    assert sorted(str(v.version) for v in mlflow.MlflowClient().search_model_versions("name='ingest-test'")) == ["1", "2"]
+    assert sorted(str(v.version) for v in mlflow.MlflowClient().search_model_versions("name='ingest-test'")) == [
+        "1",
+        "2",
+    ]
 
     # rollback holds: the same data and config do not promote the rolled-back policy again
     from flows.cli import main
 
-    assert main(["rollback", "--reason", "users dislike it", f"root={project.root}", "data=demo_small",
-                 "tracking.registered_model_name=ingest-test"]) == 0
+    assert (
+        main(
+            [
+                "rollback",
+                "--reason",
+                "users dislike it",
+                f"root={project.root}",
+                "data=demo_small",
+                "tracking.registered_model_name=ingest-test",
+            ]
+        )
+        == 0
+    )
     assert alias_version("ingest-test", CHAMPION) == "1"
     v2 = mlflow.MlflowClient().get_model_version("ingest-test", "2")
     assert "users dislike it" in v2.tags["rolled_back"] and "Rolled back" in v2.description
