@@ -12,6 +12,7 @@ memory once. This module holds the pieces every role shares:
 - `activate(model, name, trainable)`: switch the active adapter without peft's side effect
   of changing which adapters train.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,7 +45,7 @@ class ScalarHead(nn.Module):
         (directory / HEAD_META).write_text(json.dumps({"hidden_size": self.linear.in_features, **meta}, indent=2))
 
     @classmethod
-    def load(cls, directory: Path, device: torch.device | str = "cpu") -> tuple["ScalarHead", dict]:
+    def load(cls, directory: Path, device: torch.device | str = "cpu") -> tuple[ScalarHead, dict]:
         meta = json.loads((Path(directory) / HEAD_META).read_text())
         head = cls(meta["hidden_size"])
         head.load_state_dict(load_file(str(Path(directory) / HEAD_FILE)))
@@ -77,12 +78,15 @@ def backbone(model: nn.Module) -> nn.Module:
 
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last-layer hidden states with the currently active adapter: (B, T) -> (B, T, H)."""
-    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids(attention_mask), use_cache=False)
+    out = backbone(model)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+    )
     return out.last_hidden_state
 
 
-def sequence_scores(model: nn.Module, head: ScalarHead, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def sequence_scores(
+    model: nn.Module, head: ScalarHead, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """One scalar per sequence, read at its last real token: (B, T) -> (B,)."""
     h = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
     idx = last_token_index(attention_mask)  # (B,)

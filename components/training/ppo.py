@@ -24,6 +24,7 @@ Divergence (NaN/inf in logits or loss, or KL above `kl_ceiling`) raises `PPODive
 anything is written to `out_dir/final`, so no later stage can take a diverged policy for a valid one.
 `out_dir/COMPLETE.json` is written after `final/` (`checkpoint.is_complete(out_dir)`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -31,9 +32,9 @@ import importlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -45,9 +46,21 @@ from components.models.loading import load_causal_lm, load_tokenizer, resolve_de
 from components.models.roles import ScalarHead, activate, hidden_states, position_ids, sequence_scores
 from components.training import checkpoint
 from components.training.callbacks import log_table_to_active_run, log_to_active_run
-from components.training.ppo_math import (KL_ESTIMATORS, AdaptiveKLController, RunningMoments, entropy_from_logits, gae,
-                                          kl_k1, kl_k3, logprobs_of, masked_mean, policy_loss, rewards_with_kl,
-                                          value_loss, whiten)
+from components.training.ppo_math import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    RunningMoments,
+    entropy_from_logits,
+    gae,
+    kl_k1,
+    kl_k3,
+    logprobs_of,
+    masked_mean,
+    policy_loss,
+    rewards_with_kl,
+    value_loss,
+    whiten,
+)
 
 TRAINABLE = frozenset({"policy", "value"})
 
@@ -66,6 +79,7 @@ class PPOResult:
 
 
 # ---------------------------------------------------------------------------- the four roles
+
 
 @dataclass
 class Roles:
@@ -97,8 +111,13 @@ def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir
     if cfg.value_init == "reward" and not cfg.use_reward_model:
         raise ValueError("ppo.value_init=reward needs the reward model; use ppo.value_init=fresh")
     tok = load_tokenizer(sft_dir, model_cfg, padding_side="left")
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(load_causal_lm(sft_dir, model_cfg, device), lora, adapter_name="policy")
     reward_head, mean, std = None, 0.0, 1.0
     if cfg.use_reward_model:
@@ -122,7 +141,7 @@ def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir
 def policy_logits(roles: Roles, seq: torch.Tensor, mask: torch.Tensor, q_len: int) -> torch.Tensor:
     """Logits that predict the response tokens: (B, Tq + Tr) -> (B, Tr, V). Active adapter decides the role."""
     out = roles.model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
-    return out.logits[:, q_len - 1: -1]
+    return out.logits[:, q_len - 1 : -1]
 
 
 def reference_logprobs(roles: Roles, ro: Rollout, temperature: float) -> torch.Tensor:
@@ -136,7 +155,7 @@ def reference_logprobs(roles: Roles, ro: Rollout, temperature: float) -> torch.T
 def token_values(roles: Roles, seq: torch.Tensor, mask: torch.Tensor, q_len: int) -> torch.Tensor:
     """V(prefix) before each response token, from the value adapter + head: -> (B, Tr)."""
     activate(roles.model, "value", TRAINABLE)
-    v = roles.value_head(hidden_states(roles.model, seq, mask)[:, q_len - 1: -1])
+    v = roles.value_head(hidden_states(roles.model, seq, mask)[:, q_len - 1 : -1])
     activate(roles.model, "policy", TRAINABLE)
     return v
 
@@ -167,14 +186,23 @@ def scores_for(roles: Roles, ro: Rollout, prompts: list[str], cfg: PPOConfig) ->
 
 # ---------------------------------------------------------------------------- data
 
+
 def prompts_of(data_dir: Path, kind: str) -> list[str]:
     return [row["prompt"] for shard in shard_files(data_dir / kind) for _, row in read_jsonl(shard, kind).rows]
 
 
 # ---------------------------------------------------------------------------- stage
 
-def train_ppo(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: str | None, data_dir: Path,
-              out_dir: Path, seed: int = 0) -> PPOResult:
+
+def train_ppo(
+    cfg: PPOConfig,
+    model_cfg: ModelConfig,
+    sft_dir: str,
+    reward_dir: str | None,
+    data_dir: Path,
+    out_dir: Path,
+    seed: int = 0,
+) -> PPOResult:
     checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
     prompts, eval_prompts = prompts_of(data_dir, "prompts"), prompts_of(data_dir, "eval")
     if not prompts:
@@ -192,8 +220,15 @@ def train_ppo(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: 
     final = out_dir / "final"
     shutil.rmtree(final, ignore_errors=True)  # never leave an older policy where this run's belongs
     ckpt_root = out_dir / "checkpoints"
-    fp = checkpoint.fingerprint(cfg, sft_dir=str(sft_dir), reward_dir=str(reward_dir), data=str(data_dir),
-                                seed=seed, n_prompts=len(prompts), model=model_cfg.name_or_path)
+    fp = checkpoint.fingerprint(
+        cfg,
+        sft_dir=str(sft_dir),
+        reward_dir=str(reward_dir),
+        data=str(data_dir),
+        seed=seed,
+        n_prompts=len(prompts),
+        model=model_cfg.name_or_path,
+    )
     start = 0
     if found := checkpoint.latest(ckpt_root, fp):
         ckpt, start = found
@@ -208,8 +243,14 @@ def train_ppo(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: 
     def write_checkpoint(d: Path) -> None:
         model.save_pretrained(d / "adapters", selected_adapters=sorted(TRAINABLE), safe_serialization=True)
         roles.value_head.save(d / "value_head")
-        checkpoint.save_trainer_state(d, optimizer=optimizer, kl_coef=kl_ctl.value, moments=asdict(moments),
-                                      history=history, rng=checkpoint.rng_state())
+        checkpoint.save_trainer_state(
+            d,
+            optimizer=optimizer,
+            kl_coef=kl_ctl.value,
+            moments=asdict(moments),
+            history=history,
+            rng=checkpoint.rng_state(),
+        )
 
     bar = tqdm(range(start, cfg.steps), desc="PPO", initial=start, total=cfg.steps, unit="iter")
     for it in bar:
@@ -226,8 +267,10 @@ def train_ppo(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: 
         with torch.no_grad():
             logits = policy_logits(roles, seq, smask, q_len)
             if not torch.isfinite(logits).all():
-                raise PPODivergence(f"PPO diverged at iteration {it}: the policy's logits contain NaN/inf. "
-                                    "No policy was written. Lower ppo.learning_rate or ppo.max_grad_norm.")
+                raise PPODivergence(
+                    f"PPO diverged at iteration {it}: the policy's logits contain NaN/inf. "
+                    "No policy was written. Lower ppo.learning_rate or ppo.max_grad_norm."
+                )
             old_logprobs = logprobs_of(logits, ro.response, cfg.temperature)
             entropy = masked_mean(entropy_from_logits(logits / cfg.temperature), mask).item()
             del logits
@@ -242,9 +285,11 @@ def train_ppo(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: 
             kl_seq = (kl_k1(old_logprobs, ref_logprobs) * mask).sum(1)  # (B,)
             kl_mean = kl_seq.mean().item()
             if not kl_mean <= cfg.kl_ceiling:  # also catches NaN
-                raise PPODivergence(f"PPO diverged at iteration {it}: mean KL to the reference {kl_mean:.2f} exceeds "
-                                    f"ppo.kl_ceiling={cfg.kl_ceiling}. No policy was written. Lower ppo.learning_rate, "
-                                    "raise ppo.init_kl_coef, or lower ppo.target_kl.")
+                raise PPODivergence(
+                    f"PPO diverged at iteration {it}: mean KL to the reference {kl_mean:.2f} exceeds "
+                    f"ppo.kl_ceiling={cfg.kl_ceiling}. No policy was written. Lower ppo.learning_rate, "
+                    "raise ppo.init_kl_coef, or lower ppo.target_kl."
+                )
             kl_tokens = KL_ESTIMATORS[cfg.kl_estimator](old_logprobs, ref_logprobs) * mask
             rewards, non_score = rewards_with_kl(score, kl_tokens, mask, kl_ctl.value)
             advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
@@ -254,23 +299,29 @@ def train_ppo(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: 
         # 3. train ------------------------------------------------------------------------------
         stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "vf_clipfrac", "approx_kl")}
         stop, epochs = False, 0
-        for epoch in range(cfg.ppo_epochs):
+        for _epoch in range(cfg.ppo_epochs):
             epochs += 1
             for mb in torch.randperm(len(batch), device=device).split(cfg.minibatch_size):
                 mb_mask = mask[mb]
-                new_logprobs = logprobs_of(policy_logits(roles, seq[mb], smask[mb], q_len), ro.response[mb], cfg.temperature)
+                new_logprobs = logprobs_of(
+                    policy_logits(roles, seq[mb], smask[mb], q_len), ro.response[mb], cfg.temperature
+                )
                 new_values = token_values(roles, seq[mb], smask[mb], q_len)
-                pg, clipfrac, approx_kl = policy_loss(new_logprobs, old_logprobs[mb], advantages[mb], mb_mask, cfg.cliprange)
+                pg, clipfrac, approx_kl = policy_loss(
+                    new_logprobs, old_logprobs[mb], advantages[mb], mb_mask, cfg.cliprange
+                )
                 vf, vf_clipfrac = value_loss(new_values, old_values[mb], returns[mb], mb_mask, cfg.cliprange_value)
                 loss = pg + cfg.vf_coef * vf
                 if not torch.isfinite(loss):
-                    raise PPODivergence(f"PPO diverged at iteration {it}: the loss is {loss.item()}. No policy was written. "
-                                        "Lower ppo.learning_rate.")
+                    raise PPODivergence(
+                        f"PPO diverged at iteration {it}: the loss is {loss.item()}. No policy was written. "
+                        "Lower ppo.learning_rate."
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()
-                for k, v in zip(stats, (pg, vf, clipfrac, vf_clipfrac, approx_kl)):
+                for k, v in zip(stats, (pg, vf, clipfrac, vf_clipfrac, approx_kl), strict=True):
                     stats[k].append(v.item())
                 if cfg.max_approx_kl is not None and approx_kl.item() > cfg.max_approx_kl:
                     stop = True
@@ -283,23 +334,43 @@ def train_ppo(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: 
         beta = kl_ctl.value
         kl_ctl.update(kl_mean, len(batch))
         n_resp_tokens = mask.sum().item()
-        row = {"ppo/score_mean": raw.mean().item(), "ppo/reward_mean": score.mean().item(),
-               "ppo/reward_std": score.std().item(), "ppo/non_score_reward": non_score.sum(1).mean().item(),
-               "ppo/kl": kl_mean, "ppo/kl_k3": (kl_k3(old_logprobs, ref_logprobs) * mask).sum(1).mean().item(),
-               "ppo/beta": beta, "ppo/entropy": entropy,
-               "ppo/policy_loss": _mean(stats["pg"]), "ppo/value_loss": _mean(stats["vf"]),
-               "ppo/clipfrac": _mean(stats["clipfrac"]), "ppo/value_clipfrac": _mean(stats["vf_clipfrac"]),
-               "ppo/approx_kl": _mean(stats["approx_kl"]), "ppo/epochs": float(epochs),
-               "ppo/response_length": mask.sum(1).mean().item(), "ppo/eos_rate": ro.ended.float().mean().item(),
-               "ppo/time_generate": t1 - t0, "ppo/time_score": t2 - t1, "ppo/time_train": t3 - t2,
-               "ppo/tokens_per_second": smask.sum().item() / (t3 - t0),
-               "ppo/generate_tokens_per_second": n_resp_tokens / (t1 - t0)}
+        row = {
+            "ppo/score_mean": raw.mean().item(),
+            "ppo/reward_mean": score.mean().item(),
+            "ppo/reward_std": score.std().item(),
+            "ppo/non_score_reward": non_score.sum(1).mean().item(),
+            "ppo/kl": kl_mean,
+            "ppo/kl_k3": (kl_k3(old_logprobs, ref_logprobs) * mask).sum(1).mean().item(),
+            "ppo/beta": beta,
+            "ppo/entropy": entropy,
+            "ppo/policy_loss": _mean(stats["pg"]),
+            "ppo/value_loss": _mean(stats["vf"]),
+            "ppo/clipfrac": _mean(stats["clipfrac"]),
+            "ppo/value_clipfrac": _mean(stats["vf_clipfrac"]),
+            "ppo/approx_kl": _mean(stats["approx_kl"]),
+            "ppo/epochs": float(epochs),
+            "ppo/response_length": mask.sum(1).mean().item(),
+            "ppo/eos_rate": ro.ended.float().mean().item(),
+            "ppo/time_generate": t1 - t0,
+            "ppo/time_score": t2 - t1,
+            "ppo/time_train": t3 - t2,
+            "ppo/tokens_per_second": smask.sum().item() / (t3 - t0),
+            "ppo/generate_tokens_per_second": n_resp_tokens / (t1 - t0),
+        }
         history.append(row)
         log_to_active_run(row, it + 1)
         bar.set_postfix(score=f"{row['ppo/score_mean']:.2f}", kl=f"{kl_mean:.2f}", beta=f"{beta:.3f}")
         if cfg.sample_every and (it + 1) % cfg.sample_every == 0:
-            log_table_to_active_run({"iteration": [it + 1] * len(batch), "prompt": batch, "response": ro.texts,
-                                     "score": raw.tolist(), "kl": kl_seq.tolist()}, f"ppo/samples/iter_{it + 1:04d}.json")
+            log_table_to_active_run(
+                {
+                    "iteration": [it + 1] * len(batch),
+                    "prompt": batch,
+                    "response": ro.texts,
+                    "score": raw.tolist(),
+                    "kl": kl_seq.tolist(),
+                },
+                f"ppo/samples/iter_{it + 1:04d}.json",
+            )
         if (it + 1) % cfg.save_every == 0 and it + 1 < cfg.steps:
             checkpoint.save(ckpt_root, it + 1, fp, write_checkpoint)
     bar.close()
@@ -322,8 +393,9 @@ def restore(ckpt: Path, roles: Roles) -> None:
     from safetensors.torch import load_file
 
     for name in TRAINABLE:
-        set_peft_model_state_dict(roles.model, load_file(str(ckpt / "adapters" / name / "adapter_model.safetensors")),
-                                  adapter_name=name)
+        set_peft_model_state_dict(
+            roles.model, load_file(str(ckpt / "adapters" / name / "adapter_model.safetensors")), adapter_name=name
+        )
     head, _ = ScalarHead.load(ckpt / "value_head")
     roles.value_head.load_state_dict(head.state_dict())
 
@@ -337,10 +409,20 @@ def evaluate(roles: Roles, prompts: list[str], cfg: PPOConfig, seed: int) -> dic
     for tag, ctx in (("", None), ("_ref", roles.model.disable_adapter)):
         torch.manual_seed(seed)
         if ctx is None:
-            ro = sample(roles.model, roles.tok, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.max_prompt_tokens)
+            ro = sample(
+                roles.model, roles.tok, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.max_prompt_tokens
+            )
         else:
             with ctx():
-                ro = sample(roles.model, roles.tok, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.max_prompt_tokens)
+                ro = sample(
+                    roles.model,
+                    roles.tok,
+                    prompts,
+                    cfg.max_new_tokens,
+                    cfg.temperature,
+                    cfg.top_p,
+                    cfg.max_prompt_tokens,
+                )
             activate(roles.model, "policy", TRAINABLE)
         raw, score = scores_for(roles, ro, prompts, cfg)
         mask = ro.response_mask.float()
@@ -349,19 +431,26 @@ def evaluate(roles: Roles, prompts: list[str], cfg: PPOConfig, seed: int) -> dic
         out[f"ppo/eval_response_length{tag}"] = mask.sum(1).mean().item()
         out[f"ppo/eval_eos_rate{tag}"] = ro.ended.float().mean().item()
         if ctx is None:
-            logprobs = logprobs_of(policy_logits(roles, ro.sequence, ro.sequence_mask, ro.query.shape[1]), ro.response, cfg.temperature)
-            out["ppo/eval_kl"] = (kl_k1(logprobs, reference_logprobs(roles, ro, cfg.temperature)) * mask).sum(1).mean().item()
+            logprobs = logprobs_of(
+                policy_logits(roles, ro.sequence, ro.sequence_mask, ro.query.shape[1]), ro.response, cfg.temperature
+            )
+            out["ppo/eval_kl"] = (
+                (kl_k1(logprobs, reference_logprobs(roles, ro, cfg.temperature)) * mask).sum(1).mean().item()
+            )
     out["ppo/eval_prompts"] = float(len(prompts))
     return out
 
 
-def write_outputs(roles: Roles, final: Path, metrics: dict[str, float], history: list[dict[str, float]],
-                  merge: bool) -> PPOResult:
+def write_outputs(
+    roles: Roles, final: Path, metrics: dict[str, float], history: list[dict[str, float]], merge: bool
+) -> PPOResult:
     """Everything to a tmp dir, then one rename: `final/` exists only for a finished, healthy run; then
     `COMPLETE.json` in its parent (the stage's out_dir) as the very last step."""
     tmp = final.with_name(".final-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    roles.model.save_pretrained(tmp, selected_adapters=sorted(TRAINABLE), safe_serialization=True)  # tmp/policy, tmp/value
+    roles.model.save_pretrained(
+        tmp, selected_adapters=sorted(TRAINABLE), safe_serialization=True
+    )  # tmp/policy, tmp/value
     roles.tok.save_pretrained(tmp / "policy")
     roles.value_head.save(tmp / "value")
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))

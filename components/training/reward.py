@@ -13,6 +13,7 @@ trained on; `COMPLETE.json` once all of it is written (`checkpoint.is_complete(o
 Checkpoints every `save_steps` under `out_dir/checkpoints`, resumed when the stage is restarted
 with the same config and inputs.
 """
+
 from __future__ import annotations
 
 import math
@@ -49,6 +50,7 @@ class RewardResult:
 
 # ---------------------------------------------------------------------------- pure functions
 
+
 def ranking_to_pairs(responses: list[str]) -> list[tuple[str, str, float]]:
     """Best-first ranking of K responses -> C(K,2) (better, worse, weight) with weights summing to 1.
 
@@ -78,6 +80,7 @@ def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor, weights:
 
 # ---------------------------------------------------------------------------- data
 
+
 def preference_examples(data_dir: Path, eval_fraction: float) -> tuple[list[list[Pair]], list[list[Pair]]]:
     """Preference rows as lists of pairs (one list per example), split train / held out by id."""
     train, evals = [], []
@@ -94,8 +97,10 @@ def preference_examples(data_dir: Path, eval_fraction: float) -> tuple[list[list
 
 def encode(tok, prompts: list[str], responses: list[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """prompt + " " + response + EOS, truncated to max_length (EOS kept), right-padded: -> (B, T) x2."""
-    ids = [tok(f"{p} {r}", add_special_tokens=False)["input_ids"][: max_length - 1] + [tok.eos_token_id]
-           for p, r in zip(prompts, responses)]
+    ids = [
+        tok(f"{p} {r}", add_special_tokens=False)["input_ids"][: max_length - 1] + [tok.eos_token_id]
+        for p, r in zip(prompts, responses, strict=True)
+    ]
     T = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), T), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(ids), T), dtype=torch.long)
@@ -105,7 +110,9 @@ def encode(tok, prompts: list[str], responses: list[str], max_length: int, devic
     return input_ids.to(device), mask.to(device)
 
 
-def score_pairs(model, head, tok, pairs: list[Pair], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+def score_pairs(
+    model, head, tok, pairs: list[Pair], max_length: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Scores of chosen and rejected in one forward: -> r_chosen (P,), r_rejected (P,), weights (P,),
     and the number of non-padding tokens scored."""
     prompts = [p.prompt for p in pairs] * 2
@@ -113,7 +120,7 @@ def score_pairs(model, head, tok, pairs: list[Pair], max_length: int, device) ->
     ids, mask = encode(tok, prompts, responses, max_length, device)
     scores = sequence_scores(model, head, ids, mask)
     weights = torch.tensor([p.weight for p in pairs], device=device)
-    return scores[: len(pairs)], scores[len(pairs):], weights, int(mask.sum())
+    return scores[: len(pairs)], scores[len(pairs) :], weights, int(mask.sum())
 
 
 @torch.no_grad()
@@ -122,16 +129,21 @@ def evaluate(model, head, tok, examples: list[list[Pair]], cfg: RewardConfig, de
     rc, rr, w = [], [], []
     pairs = [p for ex in examples for p in ex]
     for i in range(0, len(pairs), cfg.micro_batch_pairs):
-        c, r, wt, _ = score_pairs(model, head, tok, pairs[i: i + cfg.micro_batch_pairs], cfg.max_length, device)
+        c, r, wt, _ = score_pairs(model, head, tok, pairs[i : i + cfg.micro_batch_pairs], cfg.max_length, device)
         rc.append(c), rr.append(r), w.append(wt)
     rc, rr, w = torch.cat(rc), torch.cat(rr), torch.cat(w)
     single = w == 1.0
     model.train()
-    return {"rm/eval_accuracy": pairwise_accuracy(rc, rr, w).item(),
-            "rm/eval_accuracy_pairwise": pairwise_accuracy(rc[single], rr[single], w[single]).item() if single.any() else float("nan"),
-            "rm/eval_margin": ((w * (rc - rr)).sum() / w.sum()).item(),
-            "rm/eval_loss": bradley_terry_loss(rc, rr, w).item(),
-            "rm/eval_examples": float(len(examples)), "rm/eval_pairs": float(len(pairs))}
+    return {
+        "rm/eval_accuracy": pairwise_accuracy(rc, rr, w).item(),
+        "rm/eval_accuracy_pairwise": pairwise_accuracy(rc[single], rr[single], w[single]).item()
+        if single.any()
+        else float("nan"),
+        "rm/eval_margin": ((w * (rc - rr)).sum() / w.sum()).item(),
+        "rm/eval_loss": bradley_terry_loss(rc, rr, w).item(),
+        "rm/eval_examples": float(len(examples)),
+        "rm/eval_pairs": float(len(pairs)),
+    }
 
 
 @torch.no_grad()
@@ -142,7 +154,7 @@ def reward_stats(model, head, tok, examples: list[list[Pair]], cfg: RewardConfig
     texts = list(seen)[: cfg.stats_max_responses]
     scores = []
     for i in range(0, len(texts), cfg.micro_batch_pairs):
-        chunk = texts[i: i + cfg.micro_batch_pairs]
+        chunk = texts[i : i + cfg.micro_batch_pairs]
         ids, mask = encode(tok, [p for p, _ in chunk], [r for _, r in chunk], cfg.max_length, device)
         scores.append(sequence_scores(model, head, ids, mask))
     s = torch.cat(scores)
@@ -152,20 +164,29 @@ def reward_stats(model, head, tok, examples: list[list[Pair]], cfg: RewardConfig
 
 # ---------------------------------------------------------------------------- stage
 
-def train_reward(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_dir: Path, out_dir: Path,
-                 seed: int = 0) -> RewardResult:
+
+def train_reward(
+    cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_dir: Path, out_dir: Path, seed: int = 0
+) -> RewardResult:
     from peft import LoraConfig, get_peft_model
     from transformers import get_cosine_schedule_with_warmup
 
     checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
     train, evals = preference_examples(data_dir, cfg.eval_fraction)
     if not train or not evals:
-        raise ValueError(f"the reward model needs preferences for training and held-out eval under {data_dir}/preferences")
+        raise ValueError(
+            f"the reward model needs preferences for training and held-out eval under {data_dir}/preferences"
+        )
     device = resolve_device(model_cfg.device)
     torch.manual_seed(seed)
     tok = load_tokenizer(sft_dir, model_cfg, padding_side="right")
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=list(cfg.lora.target_modules), task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(load_causal_lm(sft_dir, model_cfg, device), lora)
     head = ScalarHead(model.config.hidden_size).to(device)
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
@@ -206,11 +227,15 @@ def train_reward(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_d
         optimizer.zero_grad(set_to_none=True)
         loss, correct = 0.0, 0.0
         for i in range(0, len(pairs), cfg.micro_batch_pairs):
-            rc, rr, w, n_tokens = score_pairs(model, head, tok, pairs[i: i + cfg.micro_batch_pairs], cfg.max_length, device)
+            rc, rr, w, n_tokens = score_pairs(
+                model, head, tok, pairs[i : i + cfg.micro_batch_pairs], cfg.max_length, device
+            )
             tokens += n_tokens
             chunk = bradley_terry_loss(rc, rr, w) * (w.sum() / total_w)
             if not torch.isfinite(chunk):
-                raise FloatingPointError(f"reward model loss is {chunk.item()} at step {step}: lower reward.learning_rate")
+                raise FloatingPointError(
+                    f"reward model loss is {chunk.item()} at step {step}: lower reward.learning_rate"
+                )
             chunk.backward()
             loss += chunk.item()
             correct += (pairwise_accuracy(rc.detach(), rr.detach(), w) * w.sum() / total_w).item()
@@ -223,8 +248,14 @@ def train_reward(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_d
         done = step + 1
         if done % cfg.log_steps == 0 or done == cfg.max_steps:
             n = running["n"]
-            log_to_active_run({"rm/loss": running["loss"] / n, "rm/accuracy": running["acc"] / n,
-                               "rm/learning_rate": scheduler.get_last_lr()[0]}, done)
+            log_to_active_run(
+                {
+                    "rm/loss": running["loss"] / n,
+                    "rm/accuracy": running["acc"] / n,
+                    "rm/learning_rate": scheduler.get_last_lr()[0],
+                },
+                done,
+            )
             bar.set_postfix(loss=f"{running['loss'] / n:.3f}", acc=f"{running['acc'] / n:.2f}")
             running = {"loss": 0.0, "acc": 0.0, "n": 0}
         if done % cfg.save_steps == 0 and done < cfg.max_steps:
@@ -234,16 +265,24 @@ def train_reward(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_d
 
     metrics = evaluate(model, head, tok, evals, cfg, device)
     mean, std = reward_stats(model, head, tok, train, cfg, device)
-    metrics.update({"rm/reward_mean": mean, "rm/reward_std": std, "rm/resumed_from_step": float(start),
-                    "rm/train_seconds": seconds, "rm/tokens_per_second": tokens / seconds if seconds > 0 else float("nan"),
-                    "rm/train_examples": float(len(train)),
-                    "rm/train_pairs": float(sum(len(ex) for ex in train))})
+    metrics.update(
+        {
+            "rm/reward_mean": mean,
+            "rm/reward_std": std,
+            "rm/resumed_from_step": float(start),
+            "rm/train_seconds": seconds,
+            "rm/tokens_per_second": tokens / seconds if seconds > 0 else float("nan"),
+            "rm/train_examples": float(len(train)),
+            "rm/train_pairs": float(sum(len(ex) for ex in train)),
+        }
+    )
     log_to_active_run(metrics, cfg.max_steps)
 
     adapter_dir = out_dir / "adapter"
     model.save_pretrained(adapter_dir, safe_serialization=True)
     head.save(out_dir, reward_mean=mean, reward_std=std, base=str(sft_dir), max_length=cfg.max_length)
     checkpoint.save(ckpt_root, cfg.max_steps, fp, write)
-    checkpoint.mark_complete(out_dir, {"stage": "reward", "outputs": ["adapter", "head.safetensors", "head.json"],
-                                       "metrics": metrics})
+    checkpoint.mark_complete(
+        out_dir, {"stage": "reward", "outputs": ["adapter", "head.safetensors", "head.json"], "metrics": metrics}
+    )
     return RewardResult(str(adapter_dir), str(out_dir), metrics)
