@@ -150,27 +150,27 @@ def served(registry):
     stages, (v1, _) = registry
     promote(NAME, v1.version, approver="test")
     port = free_port()
-    venv_bin = str(Path(sys.executable).parent)  # mlflow starts `uvicorn` from PATH
-    env = {
-        **os.environ,
-        "MLFLOW_TRACKING_URI": tracking.tracking_uri(stages.cfg),
-        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+    # through `rlhf model serve`, which puts the venv on PATH (mlflow execs uvicorn from it) and points at
+    # the project's tracking store: neither comes from this environment
+    path = os.pathsep.join(
+        p for p in os.environ.get("PATH", "").split(os.pathsep) if p != str(Path(sys.executable).parent)
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {
+        "PATH": path,
         "MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps(SERVE_CONFIG),
     }
-    mlflow_bin = str(Path(venv_bin) / "mlflow")
+    rlhf = str(Path(sys.executable).with_name("rlhf"))
     proc = subprocess.Popen(
         [
-            mlflow_bin,
-            "models",
+            rlhf,
+            "model",
             "serve",
-            "-m",
-            f"models:/{NAME}@{CHAMPION}",
-            "--env-manager",
-            "local",
-            "--host",
-            "127.0.0.1",
-            "-p",
+            "--alias",
+            CHAMPION,
+            "--port",
             str(port),
+            f"root={stages.root}",
+            f"tracking.registered_model_name={NAME}",
         ],
         env=env,
         stdout=subprocess.PIPE,
