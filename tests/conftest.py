@@ -10,17 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from flows.env import PROCESS_ENV  # noqa: E402  (imports no Prefect: its settings are read at import)
+
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="rlhf-tests-"))
-for key, value in {
-    "GX_ANALYTICS_ENABLED": "False",
-    "DVC_NO_ANALYTICS": "1",
-    "MLFLOW_ENABLE_TELEMETRY": "false",
-    "DO_NOT_TRACK": "1",
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "HF_HUB_OFFLINE": "1",
-    "PREFECT_HOME": str(_SESSION_DIR / "prefect"),
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
+for key, value in {**PROCESS_ENV, "PREFECT_HOME": str(_SESSION_DIR / "prefect")}.items():
     os.environ[key] = value
 
 from dataclasses import dataclass  # noqa: E402
