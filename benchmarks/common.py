@@ -1,4 +1,5 @@
 """What the benchmark scripts share: one measurement per process, peak memory, host facts, results."""
+
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ def memory(baseline_mb: float) -> dict:
 def spawn(script: str, args: list[str]) -> dict:
     """Run `script --one ...` in a fresh process (so its peak memory is its own); return its RESULT line."""
     proc = subprocess.run([sys.executable, script, *args], cwd=REPO, capture_output=True, text=True)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if proc.returncode or line is None:
         sys.exit(f"{' '.join(args)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(line.removeprefix("RESULT "))
@@ -40,8 +41,12 @@ def spawn(script: str, args: list[str]) -> dict:
 def write_results(name: str, body: dict) -> Path:
     import torch
 
-    host = {"machine": platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    host = {
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"host": host, **body}, indent=2))

@@ -7,6 +7,7 @@ changed: SFT, RM and PPO come from Prefect's cache, so it measures what a cached
 
 Writes benchmarks/results/pipeline_timing.json.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,30 +37,46 @@ def main() -> None:
     cfg = compose(overrides)
     mlflow.set_tracking_uri(tracking.tracking_uri(cfg))
     runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
-    parent, latest = sorted((r for r in runs if r.data.tags.get("pipeline") == "retrain"), key=lambda r: r.info.start_time)
+    parent, latest = sorted(
+        (r for r in runs if r.data.tags.get("pipeline") == "retrain"), key=lambda r: r.info.start_time
+    )
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     stages = {r.data.tags["stage"]: (r.info.end_time - r.info.start_time) / 1000 for r in children}
     in_stages = sum(stages.values())
     parent_wall = (parent.info.end_time - parent.info.start_time) / 1000
     for name, seconds in sorted(stages.items(), key=lambda kv: -kv[1]):
         print(f"{name:>10}: {seconds:6.1f} s  ({seconds / total:5.1%})")
-    print(f"{'in stages':>10}: {in_stages:6.1f} s of {total:.1f} s total wall ({in_stages / total:.1%}); "
-          f"outside the stages (Prefect server start, orchestration, parent-run tracking, data prep): "
-          f"{total - in_stages:.1f} s ({1 - in_stages / total:.1%})")
+    print(
+        f"{'in stages':>10}: {in_stages:6.1f} s of {total:.1f} s total wall ({in_stages / total:.1%}); "
+        f"outside the stages (Prefect server start, orchestration, parent-run tracking, data prep): "
+        f"{total - in_stages:.1f} s ({1 - in_stages / total:.1%})"
+    )
     cached = sorted(k.split(".", 1)[1] for k in latest.data.tags if k.startswith("cached."))
-    print(f"rerun with only gate.min_win_rate changed: {rerun:.1f} s total wall; stages from Prefect's cache: "
-          f"{', '.join(cached) or 'none'}")
-    write_results("pipeline_timing", {"overrides": overrides[1:], "total_wall_s": total, "parent_run_wall_s": parent_wall,
-                                      "stages_s": stages, "in_stages_s": in_stages,
-                                      "outside_stages_share": 1 - in_stages / total,
-                                      "cached_rerun_wall_s": rerun, "cached_rerun_stages": cached})
+    print(
+        f"rerun with only gate.min_win_rate changed: {rerun:.1f} s total wall; stages from Prefect's cache: "
+        f"{', '.join(cached) or 'none'}"
+    )
+    write_results(
+        "pipeline_timing",
+        {
+            "overrides": overrides[1:],
+            "total_wall_s": total,
+            "parent_run_wall_s": parent_wall,
+            "stages_s": stages,
+            "in_stages_s": in_stages,
+            "outside_stages_share": 1 - in_stages / total,
+            "cached_rerun_wall_s": rerun,
+            "cached_rerun_stages": cached,
+        },
+    )
 
 
 def rlhf_run(overrides: list[str]) -> float:
     rlhf = str(Path(sys.executable).with_name("rlhf"))
     t = time.perf_counter()
-    proc = subprocess.run([rlhf, "run", *overrides], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "TQDM_DISABLE": "1"})
+    proc = subprocess.run(
+        [rlhf, "run", *overrides], cwd=REPO, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}
+    )
     if proc.returncode:
         sys.exit(f"rlhf run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return time.perf_counter() - t

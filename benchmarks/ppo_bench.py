@@ -10,6 +10,7 @@ value) with four models in memory: `separate-lora` (same LoRA adapters, four bas
 `separate-full` (full fine-tuning of policy and value, as full-model PPO does).
 Writes benchmarks/results/ppo_bench.json.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,19 @@ def prepare(model: str, work: Path):
     from components.training.reward import train_reward
     from components.training.sft import train_sft
 
-    cfg = compose([f"root={work}", f"model={model}", "model.pretrain_steps=20", "sft.max_steps=10", "sft.save_steps=10",
-                   "reward.max_steps=10", "reward.save_steps=10", "ppo.eval_max_prompts=0", "ppo.save_every=1000"])
+    cfg = compose(
+        [
+            f"root={work}",
+            f"model={model}",
+            "model.pretrain_steps=20",
+            "sft.max_steps=10",
+            "sft.save_steps=10",
+            "reward.max_steps=10",
+            "reward.save_steps=10",
+            "ppo.eval_max_prompts=0",
+            "ppo.save_every=1000",
+        ]
+    )
     if not cfg.data_path.is_dir():
         write_demo(cfg.data, cfg.data_path)
     base = build_demo_base(cfg.model, cfg.data_path, "bench", work / "models")
@@ -54,11 +66,17 @@ def run_shared(cfg, sft_dir: str, rm_dir: str, iterations: int, work: Path) -> d
     r = train_ppo(replace(cfg.ppo, steps=iterations), cfg.model, sft_dir, rm_dir, cfg.data_path, work / "ppo-run")
     steady = r.history[1:] or r.history  # the first iteration includes one-off warm-up
     mean = lambda k: sum(h[k] for h in steady) / len(steady)  # noqa: E731
-    return {"iterations": iterations, "batch_size": cfg.ppo.batch_size, "max_new_tokens": cfg.ppo.max_new_tokens,
-            "time_generate": mean("ppo/time_generate"), "time_score": mean("ppo/time_score"),
-            "time_train": mean("ppo/time_train"), "tokens_per_second": mean("ppo/tokens_per_second"),
-            "generate_tokens_per_second": mean("ppo/generate_tokens_per_second"),
-            "response_length": mean("ppo/response_length")}
+    return {
+        "iterations": iterations,
+        "batch_size": cfg.ppo.batch_size,
+        "max_new_tokens": cfg.ppo.max_new_tokens,
+        "time_generate": mean("ppo/time_generate"),
+        "time_score": mean("ppo/time_score"),
+        "time_train": mean("ppo/time_train"),
+        "tokens_per_second": mean("ppo/tokens_per_second"),
+        "generate_tokens_per_second": mean("ppo/generate_tokens_per_second"),
+        "response_length": mean("ppo/response_length"),
+    }
 
 
 def one_iteration(p, tok, prompts, policy, policy_logits, reference_logits, reward_scores, value_fwd, params) -> None:
@@ -75,8 +93,8 @@ def one_iteration(p, tok, prompts, policy, policy_logits, reference_logits, rewa
     with torch.no_grad():
         policy_logits(seq, mask), reference_logits(seq, mask), reward_scores(seq, mask), value_fwd(seq, mask)
     for mb in torch.arange(len(prompts)).split(p.minibatch_size):
-        logits = policy_logits(seq[mb], mask[mb])[:, q - 1: -1]
-        v = value_fwd(seq[mb], mask[mb])[:, q - 1: -1]
+        logits = policy_logits(seq[mb], mask[mb])[:, q - 1 : -1]
+        v = value_fwd(seq[mb], mask[mb])[:, q - 1 : -1]
         loss = torch.log_softmax(logits, -1).mean() + v.pow(2).mean()
         opt.zero_grad()
         loss.backward()
@@ -123,15 +141,23 @@ def run_separate(cfg, sft_dir: str, rm_dir: str, full: bool) -> dict:
     if not full:
         policy, value = get_peft_model(policy, lora), get_peft_model(value, lora)
     reference = load_causal_lm(sft_dir, cfg.model).requires_grad_(False)
-    reward = PeftModel.from_pretrained(load_causal_lm(sft_dir, cfg.model), str(Path(rm_dir) / "adapter")).requires_grad_(False)
+    reward = PeftModel.from_pretrained(
+        load_causal_lm(sft_dir, cfg.model), str(Path(rm_dir) / "adapter")
+    ).requires_grad_(False)
     reward_head, _ = ScalarHead.load(Path(rm_dir))
     value_head = ScalarHead(policy.config.hidden_size)
     params = [x for m in (policy, value, value_head) for x in m.parameters() if x.requires_grad]
-    one_iteration(p, tok, read_prompts(cfg.data_path, "prompts")[: p.batch_size], policy,
-                  lambda seq, mask: policy(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits,
-                  lambda seq, mask: reference(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits,
-                  lambda seq, mask: sequence_scores(reward, reward_head, seq, mask),
-                  lambda seq, mask: value_head(hidden_states(value, seq, mask)), params)
+    one_iteration(
+        p,
+        tok,
+        read_prompts(cfg.data_path, "prompts")[: p.batch_size],
+        policy,
+        lambda seq, mask: policy(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits,
+        lambda seq, mask: reference(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask)).logits,
+        lambda seq, mask: sequence_scores(reward, reward_head, seq, mask),
+        lambda seq, mask: value_head(hidden_states(value, seq, mask)),
+        params,
+    )
     return {"copies": 4, "trainable_params": sum(x.numel() for x in params)}
 
 
@@ -170,25 +196,49 @@ def main() -> None:
         return
 
     for model in sorted(set(args.models) | {args.memory_model}):  # build inputs once, outside the measurements
-        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
-                        f"sys.path.insert(0, {str(REPO / 'benchmarks')!r}); from ppo_bench import prepare; from pathlib import Path; prepare({model!r}, Path({str(work)!r}))"],
-                       cwd=REPO, check=True, capture_output=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import sys; sys.path.insert(0, {str(REPO)!r}); "
+                f"sys.path.insert(0, {str(REPO / 'benchmarks')!r}); from ppo_bench import prepare; from pathlib import Path; prepare({model!r}, Path({str(work)!r}))",
+            ],
+            cwd=REPO,
+            check=True,
+            capture_output=True,
+            env={**os.environ, "TQDM_DISABLE": "1"},
+        )
     speed = []
     for model in args.models:
         r = spawn(__file__, ["--one", "shared", model, "--iterations", str(args.iterations), "--work", str(work)])
         speed.append(r)
-        print(f"{model:>6} PPO iteration (batch {r['batch_size']}, <= {r['max_new_tokens']} new tokens): "
-              f"generate {r['time_generate']:.2f} s, score {r['time_score']:.2f} s, train {r['time_train']:.2f} s; "
-              f"{r['tokens_per_second']:,.0f} tokens/s overall, {r['generate_tokens_per_second']:,.0f} generated tokens/s", flush=True)
-    memory = {kind: spawn(__file__, ["--one", kind, args.memory_model, "--iterations", "2", "--work", str(work)])
-              for kind in ("shared-iteration", "separate-lora", "separate-full")}
+        print(
+            f"{model:>6} PPO iteration (batch {r['batch_size']}, <= {r['max_new_tokens']} new tokens): "
+            f"generate {r['time_generate']:.2f} s, score {r['time_score']:.2f} s, train {r['time_train']:.2f} s; "
+            f"{r['tokens_per_second']:,.0f} tokens/s overall, {r['generate_tokens_per_second']:,.0f} generated tokens/s",
+            flush=True,
+        )
+    memory = {
+        kind: spawn(__file__, ["--one", kind, args.memory_model, "--iterations", "2", "--work", str(work)])
+        for kind in ("shared-iteration", "separate-lora", "separate-full")
+    }
     key = "cuda_peak_mb" if "cuda_peak_mb" in memory["shared-iteration"] else "peak_over_baseline_mb"
     for kind, r in memory.items():
-        print(f"{args.memory_model:>6} {kind:>16}: peak {r[key]:,.0f} MB ({key}), "
-              f"x{r[key] / memory['shared-iteration'][key]:.2f} of shared", flush=True)
-    write_results("ppo_bench", {"speed": speed, "memory": memory, "memory_metric": key,
-                                "memory_ratio_separate_lora": memory["separate-lora"][key] / memory["shared-iteration"][key],
-                                "memory_ratio_separate_full": memory["separate-full"][key] / memory["shared-iteration"][key]})
+        print(
+            f"{args.memory_model:>6} {kind:>16}: peak {r[key]:,.0f} MB ({key}), "
+            f"x{r[key] / memory['shared-iteration'][key]:.2f} of shared",
+            flush=True,
+        )
+    write_results(
+        "ppo_bench",
+        {
+            "speed": speed,
+            "memory": memory,
+            "memory_metric": key,
+            "memory_ratio_separate_lora": memory["separate-lora"][key] / memory["shared-iteration"][key],
+            "memory_ratio_separate_full": memory["separate-full"][key] / memory["shared-iteration"][key],
+        },
+    )
 
 
 if __name__ == "__main__":

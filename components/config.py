@@ -9,6 +9,7 @@ states what differs from the defaults.
 ``compose(overrides, root)`` returns a typed ``Config`` instance; components take
 these dataclasses (or one of their fields), never raw dicts.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -72,7 +73,8 @@ class LoraConfig:
     dropout: float = 0.0
     # All linear layers of a Llama-style block (attention-only LoRA halves the SFT gain on the demo).
     target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
 
 
 @dataclass
@@ -104,6 +106,7 @@ class RewardConfig:
 @dataclass
 class PPOConfig:
     """LoRA PPO on one shared base (policy, reference, value, reward): see components/training/ppo.py."""
+
     lora: LoraConfig = field(default_factory=LoraConfig)
     steps: int = 40  # PPO iterations (rollout batch -> update)
     batch_size: int = 32  # rollouts per iteration
@@ -146,6 +149,7 @@ class PPOConfig:
 @dataclass
 class GateConfig:
     """Evaluation on the frozen eval prompts, then the thresholds a candidate must meet to be registered."""
+
     approval: str = "auto"  # auto | manual (the flow pauses for an Approval input; needs a reachable Prefect server)
     approval_timeout_s: int = 3600  # manual: no decision within this time -> nothing is promoted
     # thresholds: candidate vs the champion (vs the SFT policy when there is no champion)
@@ -254,7 +258,9 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_dir: Path = CONF
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]
     except (HydraException, OmegaConfBaseException, ValueError) as e:
         cause = f" ({e.__cause__})" if e.__cause__ else ""
-        raise ConfigError(f"{e}{cause}\n  (config dir: {config_dir}; options per group: `rlhf config --options`)") from None
+        raise ConfigError(
+            f"{e}{cause}\n  (config dir: {config_dir}; options per group: `rlhf config --options`)"
+        ) from None
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

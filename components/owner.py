@@ -4,6 +4,7 @@ A crash (SIGKILL, OOM, a lost node) leaves records behind: a RUNNING MLflow run,
 flow run, the retrain slot, an ingest journal. Each records its owner as `host:pid:start` (the start
 time tells a reused pid apart), so the next command can tell "still working" from "dead".
 """
+
 from __future__ import annotations
 
 import os
@@ -22,14 +23,14 @@ class Owner:
     started: float  # process start time, epoch seconds (0: unknown)
 
     @classmethod
-    def me(cls) -> "Owner":
+    def me(cls) -> Owner:
         return cls(HOST, os.getpid(), _start_time(os.getpid()) or 0.0)
 
     def __str__(self) -> str:
         return f"{self.host}:{self.pid}:{self.started:.2f}"
 
     @classmethod
-    def parse(cls, text: str | None) -> "Owner | None":
+    def parse(cls, text: str | None) -> Owner | None:
         """`host:pid:start` or Prefect's `host:pid` (infrastructure_pid); None when it is neither."""
         if not text:
             return None

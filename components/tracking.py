@@ -2,8 +2,10 @@
 
 Flows call `setup` once; components only log to the active run (never set up tracking).
 """
+
 from __future__ import annotations
 
+import math
 import re
 import time
 from pathlib import Path
@@ -19,8 +21,11 @@ MAX_PARAMS_PER_BATCH = 100
 # `max_new_tokens`, `tokenizer`, `tokens_per_second` are settings, not secrets.
 _SECRET_KEY = re.compile(
     r"(?<![a-z])(passwords?|passwd|passphrase|secrets?|token|credentials?|o?auth|authorization|bearer"
-    r"|(api|access|private|secret)[_-]?key)(?![a-z])", re.I)
+    r"|(api|access|private|secret)[_-]?key)(?![a-z])",
+    re.I,
+)
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+EXPERIMENT_KIND, TRAINING = "mlflow.experimentKind", "custom_model_development"
 _URL_CREDENTIALS = re.compile(r"(://)[^/@:\s]+:[^/@\s]+@")
 
 
@@ -39,7 +44,13 @@ def setup(cfg: Config) -> str:
     cfg.state_path.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking_uri(cfg))
     exp = mlflow.get_experiment_by_name(cfg.tracking.experiment)
-    exp_id = exp.experiment_id if exp else mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_root(cfg))
+    exp_id = (
+        exp.experiment_id
+        if exp
+        else mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifact_root(cfg))
+    )
+    if exp is None or exp.tags.get(EXPERIMENT_KIND) != TRAINING:  # the UI opens on the runs table, not GenAI traces
+        mlflow.MlflowClient().set_experiment_tag(exp_id, EXPERIMENT_KIND, TRAINING)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -72,14 +83,40 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def log_config(cfg: Config) -> dict[str, str]:
+def log_params(params: dict[str, str]) -> None:
+    """Params to the active run, in batches within MLflow's limit."""
     import mlflow
 
-    params = flatten(to_dict(cfg))
     items = sorted(params.items())
     for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
         mlflow.log_params(dict(items[i : i + MAX_PARAMS_PER_BATCH]))
+
+
+def log_config(cfg: Config) -> dict[str, str]:
+    params = flatten(to_dict(cfg))
+    log_params(params)
     return params
+
+
+def finite(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric, finite entries (MLflow rejects NaN/inf and strings): NaN is how a stage says "not measured"."""
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+def child_run_ids(parent_run_id: str, stage: str) -> list[str]:
+    """The child runs of a pipeline run for one stage (all tries, e.g. of a retried task)."""
+    import mlflow
+
+    runs = mlflow.search_runs(
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = '{stage}'",
+        search_all_experiments=True,
+        output_format="list",
+    )
+    return [r.info.run_id for r in runs]
 
 
 def ui_command(cfg: Config) -> str:
@@ -95,6 +132,10 @@ def log_data_input(data_path: Path, version: str, rows: dict[str, int], remote: 
     from mlflow.data.meta_dataset import MetaDataset
 
     dataset = MetaDataset(resolve_dataset_source(str(data_path)), name=f"data@{version}", digest=version[:36])
-    tags = {"dvc_path": "data", "dvc_md5": version, "dvc_remote": remote or "none",
-            **{f"rows_{k}": str(v) for k, v in rows.items()}}
+    tags = {
+        "dvc_path": "data",
+        "dvc_md5": version,
+        "dvc_remote": remote or "none",
+        **{f"rows_{k}": str(v) for k, v in rows.items()},
+    }
     mlflow.log_input(dataset, context="training", tags=tags)

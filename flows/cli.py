@@ -6,9 +6,11 @@
     rlhf data      [overrides]                          materialise data/ (dvc pull, else the demo) and show its version
     rlhf config    [--options] [overrides]              print the resolved config (or every group's options)
     rlhf status    [overrides]                          who holds the retrain slot; the last runs and outcomes
+    rlhf model serve [--alias champion] [--port 5001]   serve a registered version (MLflow scoring server)
 
 Exit codes: 0 ok, 1 refused or failed (the message says why), 2 usage or config error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,7 +113,9 @@ def cmd_ingest(args, overrides: list[str], positional: list[str]) -> int:
         print("  data/ and data.dvc are unchanged.", file=sys.stderr)
         return 1
     r = state.result()
-    print(f"\n{'✓' if r.n_good else '✗'} ingest of {r.source} ({r.kind}): {r.n_good} row(s) ingested, {r.n_bad} quarantined")
+    print(
+        f"\n{'✓' if r.n_good else '✗'} ingest of {r.source} ({r.kind}): {r.n_good} row(s) ingested, {r.n_bad} quarantined"
+    )
     if r.shard:
         print(f"  new shard: {r.shard}")
         print(f"  data version: {r.version_before} -> {r.version_after}  (commit data.dvc to record it in git)")
@@ -148,38 +152,74 @@ def cmd_run(args, overrides: list[str]) -> int:
         print(f"  {_where(cfg)}", file=sys.stderr)
         return 1
     s = state.result()
-    v = s["validation"]
-    print(f"\n✓ retrain run {s['run_id']}: data version {s['data']['version']} ({s['data']['origin']}), "
-          f"validated {sum(v['rows'].values())} rows, 0 problems")
-    if v["docs_index"]:
-        print(f"  Data Docs: {v['docs_index']}")
-    if s.get("nothing_new") or s.get("held_by_rollback"):
+    print(
+        f"\n✓ retrain run {s.run_id}: data version {s.data.version} ({s.data.origin}; {s.changed}), "
+        f"validated {sum(s.validation.rows.values())} rows, 0 problems"
+    )
+    if s.validation.docs_index:
+        print(f"  Data Docs: {s.validation.docs_index}")
+    if s.nothing_new or s.held_by_rollback:
         print(f"  {state.message}: no stage ran, the registry is unchanged")
         print(f"  {_where(cfg)}")
         return 0
-    if s.get("cached"):
-        print(f"  reused from earlier runs (unchanged inputs, Prefect cache): {', '.join(s['cached'])}")
-    m = s["ppo_metrics"]
+    if s.cached:
+        print(f"  reused from earlier runs (unchanged inputs, Prefect cache): {', '.join(s.cached)}")
+    m = s.policy.metrics
     if "ppo/eval_reward" in m:
-        print(f"  PPO on {int(m['ppo/eval_prompts'])} held-out prompts: reward {m['ppo/eval_reward']:+.2f} "
-              f"(SFT {m['ppo/eval_reward_ref']:+.2f}), KL to SFT {m['ppo/eval_kl']:.2f}")
-    print(f"  policy adapter: {s['policy']}\n  SFT model: {s['sft']}\n  reward model: {s['reward']}")
-    print("\n" + s["gate"]["summary"])
-    reg = s.get("registered")
-    if reg:
-        print(f"\n✓ registered {reg['name']} version {reg['version']}, alias {reg['alias']}"
-              + (f" (previous champion v{reg['previous_champion']})" if reg.get("previous_champion") else ""))
-        from components import tracking
-
-        venv = Path(sys.executable).parent  # `mlflow models serve` starts uvicorn from PATH
-        print(f"  serve it: PATH={venv}:$PATH MLFLOW_TRACKING_URI={tracking.tracking_uri(cfg)} mlflow models serve "
-              f"-m models:/{reg['name']}@{reg['alias']} --env-manager local -p 5001")
-        print("  then:     curl -s localhost:5001/invocations -H 'Content-Type: application/json' "
-              "-d '{\"inputs\": [\"The film was\"], \"params\": {\"max_new_tokens\": 24}}'")
+        print(
+            f"  PPO on {int(m['ppo/eval_prompts'])} held-out prompts: reward {m['ppo/eval_reward']:+.2f} "
+            f"(SFT {m['ppo/eval_reward_ref']:+.2f}), KL to SFT {m['ppo/eval_kl']:.2f}"
+        )
+    print(f"  policy adapter: {s.policy.dir}\n  SFT model: {s.sft.dir}\n  reward model: {s.reward.dir}")
+    print("\n" + s.gate.summary)
+    if reg := s.registered:
+        print(
+            f"\n✓ registered {reg.name} version {reg.version}, alias {reg.alias}"
+            + (f" (previous champion v{reg.previous_champion})" if reg.previous_champion else "")
+        )
+        print(f"  serve it: rlhf model serve --alias {reg.alias}   (then curl: it prints the command)")
     else:
-        print(f"\n✗ not promoted because {'; '.join(s['gate']['reasons'])} (the registry is unchanged)")
+        print(f"\n✗ not promoted because {'; '.join(s.gate.reasons)} (the registry is unchanged)")
     print(f"  {_where(cfg)}")
     return 0
+
+
+def cmd_model(args, overrides: list[str]) -> int:
+    """`rlhf model serve`: `mlflow models serve` of a registered version, with the venv's bin on PATH
+    (MLflow execs uvicorn from PATH) and the project's tracking URI; prints the URL and a curl example."""
+    cfg = _load(overrides, prefect=False)
+    from components import tracking
+
+    name, venv = cfg.tracking.registered_model_name, Path(sys.executable).parent
+    uri = f"models:/{name}@{args.alias}" if not args.alias.isdigit() else f"models:/{name}/{args.alias}"
+    env = {
+        **os.environ,
+        "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg),
+    }
+    print(f"serving {uri} on http://{args.host}:{args.port}/invocations  (Ctrl-C stops)")
+    print(
+        f"  try: curl -s {args.host}:{args.port}/invocations -H 'Content-Type: application/json' "
+        '-d \'{"inputs": ["The film was"], "params": {"max_new_tokens": 24, "temperature": 0.7, "seed": 0}}\'',
+        flush=True,
+    )
+    os.execvpe(
+        str(venv / "mlflow"),
+        [
+            str(venv / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            uri,
+            "--env-manager",
+            "local",
+            "-h",
+            args.host,
+            "-p",
+            str(args.port),
+        ],
+        env,
+    )
 
 
 def cmd_rollback(args, overrides: list[str]) -> int:
@@ -195,8 +235,10 @@ def cmd_rollback(args, overrides: list[str]) -> int:
         print(f"✗ rollback: {e}", file=sys.stderr)
         return 1
     print(f"✓ {name}: alias {registry.CHAMPION} moved from v{current} back to v{previous}")
-    print(f"  v{current} is tagged {registry.ROLLED_BACK}: a retrain on its data version and config will not promote it "
-          "again (new data or a changed config will)")
+    print(
+        f"  v{current} is tagged {registry.ROLLED_BACK}: a retrain on its data version and config will not promote it "
+        "again (new data or a changed config will)"
+    )
     print(f"  a running `mlflow models serve -m models:/{name}@{registry.CHAMPION}` picks it up on restart")
     print(f"  {_where(cfg)}")
     return 0
@@ -216,11 +258,15 @@ def cmd_approve(args, overrides: list[str], positional: list[str]) -> int:
 
     try:
         run_id = UUID(positional[0])
-        resume_flow_run(run_id, run_input={"approve": not args.reject, "approver": args.approver,
-                                           "comment": args.comment})
+        resume_flow_run(
+            run_id, run_input={"approve": not args.reject, "approver": args.approver, "comment": args.comment}
+        )
     except (ValueError, ObjectNotFound):
-        print(f"✗ no flow run {positional[0]} on the Prefect server {_prefect_server(cfg)}: check the id "
-              "(the retrain's log names it) and infra.prefect_api_url", file=sys.stderr)
+        print(
+            f"✗ no flow run {positional[0]} on the Prefect server {_prefect_server(cfg)}: check the id "
+            "(the retrain's log names it) and infra.prefect_api_url",
+            file=sys.stderr,
+        )
         return 1
     print(f"✓ flow run {positional[0]}: {'rejected' if args.reject else 'approved'} by {args.approver}")
     return 0
@@ -230,7 +276,7 @@ def cmd_status(args, overrides: list[str]) -> int:
     """Who holds the retrain slot (and whether it is alive), and the last runs with their outcomes."""
     cfg = _load(overrides)
     from components import tracking
-    from flows.lifecycle import status_lines
+    from flows.slot import status_lines
 
     tracking.setup(cfg)
     print(f"project {cfg.root_path}, Prefect server {_prefect_server(cfg)}")
@@ -243,15 +289,19 @@ def cmd_serve(args, overrides: list[str]) -> int:
     cfg = _load(overrides)
     from flows.serve import DEPLOYMENT, serve
 
-    print(f"serving deployment retrain-service/{DEPLOYMENT}: schedule {cfg.infra.retrain_cron or 'none'}, "
-          f"{'retrain on every rlhf.data.updated event for ' + str(cfg.data_path) if cfg.infra.retrain_on_new_data else 'no event trigger'}, "
-          "one run at a time (Ctrl-C or SIGTERM stops)")
+    print(
+        f"serving deployment retrain-service/{DEPLOYMENT}: schedule {cfg.infra.retrain_cron or 'none'}, "
+        f"{'retrain on every rlhf.data.updated event for ' + str(cfg.data_path) if cfg.infra.retrain_on_new_data else 'no event trigger'}, "
+        "one run at a time (Ctrl-C or SIGTERM stops)"
+    )
     if cfg.infra.prefect_api_url:
         print(f"  Prefect server: {cfg.infra.prefect_api_url} (runs, schedule and automation in its UI)")
     else:
-        print("  no shared Prefect server configured: this process starts a temporary one, so events from `rlhf "
-              "ingest` in other processes do not reach it.\n  For the event trigger run `prefect server start` and "
-              "pass infra.prefect_api_url=http://127.0.0.1:4200/api to both commands.")
+        print(
+            "  no shared Prefect server configured: this process starts a temporary one, so events from `rlhf "
+            "ingest` in other processes do not reach it.\n  For the event trigger run `prefect server start` and "
+            "pass infra.prefect_api_url=http://127.0.0.1:4200/api to both commands."
+        )
     serve(cfg, overrides)
     print(f"stopped serving retrain-service/{DEPLOYMENT} (its schedule is paused until the next `rlhf serve`)")
     print(f"  {_where(cfg)}")
@@ -265,12 +315,22 @@ def build_parser() -> argparse.ArgumentParser:
     over = {"nargs": "*", "help": "Hydra overrides, e.g. model=tiny data.seed=7"}
     sub.add_parser("run", help="run the pipeline").add_argument("rest", **over)
     sub.add_parser("data", help="materialise and show the data version").add_argument("rest", **over)
-    sub.add_parser("serve", help="run retrain as a long-lived deployment: cron schedule + new-data trigger").add_argument("rest", **over)
+    sub.add_parser(
+        "serve", help="run retrain as a long-lived deployment: cron schedule + new-data trigger"
+    ).add_argument("rest", **over)
+    m = sub.add_parser("model", help="serve a registered model: `rlhf model serve [--alias champion] [--port 5001]`")
+    m.add_argument("action", choices=["serve"])
+    m.add_argument("--alias", default="champion", help="alias (champion, challenger) or version number")
+    m.add_argument("--host", default="127.0.0.1")
+    m.add_argument("--port", type=int, default=5001)
+    m.add_argument("rest", **over)
     r = sub.add_parser("rollback", help="move the champion alias back to the previous champion")
     r.add_argument("--reason", default="", help="why (recorded on the version and its model card)")
     r.add_argument("--by", default=os.environ.get("USER", "unknown"), help="who rolls back")
     r.add_argument("rest", **over)
-    sub.add_parser("status", help="who holds the retrain slot; the last runs and their outcomes").add_argument("rest", **over)
+    sub.add_parser("status", help="who holds the retrain slot; the last runs and their outcomes").add_argument(
+        "rest", **over
+    )
     a = sub.add_parser("approve", help="approve (or --reject) a retrain paused for approval")
     a.add_argument("--reject", action="store_true")
     a.add_argument("--approver", default=os.environ.get("USER", "unknown"))
@@ -298,17 +358,32 @@ def main(argv: list[str] | None = None) -> int:
     overrides, positional = _split(args.rest + [t for t in extra if t not in unknown])
     try:
         if args.command in ("validate", "ingest", "approve"):
-            return {"validate": cmd_validate, "ingest": cmd_ingest, "approve": cmd_approve}[args.command](args, overrides, positional)
+            return {"validate": cmd_validate, "ingest": cmd_ingest, "approve": cmd_approve}[args.command](
+                args, overrides, positional
+            )
         if positional:
-            print(f"rlhf {args.command}: unexpected arguments {positional} (overrides look like key=value)", file=sys.stderr)
+            print(
+                f"rlhf {args.command}: unexpected arguments {positional} (overrides look like key=value)",
+                file=sys.stderr,
+            )
             return 2
-        return {"run": cmd_run, "data": cmd_data, "config": cmd_config, "rollback": cmd_rollback,
-                "serve": cmd_serve, "status": cmd_status}[args.command](args, overrides)
+        return {
+            "run": cmd_run,
+            "data": cmd_data,
+            "config": cmd_config,
+            "rollback": cmd_rollback,
+            "serve": cmd_serve,
+            "status": cmd_status,
+            "model": cmd_model,
+        }[args.command](args, overrides)
     except ConfigError as e:
         print(f"✗ config error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted (Ctrl-C): a killed retrain resumes from its checkpoints on the next `rlhf run`", file=sys.stderr)
+        print(
+            "\ninterrupted (Ctrl-C): a killed retrain resumes from its checkpoints on the next `rlhf run`",
+            file=sys.stderr,
+        )
         return 130
     except Exception as e:  # a last line of defence: say what happened, keep the traceback for debugging
         from components.data.versioning import DataVersionError
@@ -318,12 +393,17 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if os.environ.get("RLHF_DEBUG"):
             raise
-        print(f"✗ internal error: {type(e).__name__}: {e}\n  (rerun with RLHF_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"✗ internal error: {type(e).__name__}: {e}\n  (rerun with RLHF_DEBUG=1 for the traceback)", file=sys.stderr
+        )
         return 1
     except BaseException as e:  # Prefect turns SIGTERM into TerminationSignal (a BaseException)
         if type(e).__name__ != "TerminationSignal":
             raise
-        print("\nstopped by SIGTERM: a killed retrain resumes from its checkpoints on the next `rlhf run`", file=sys.stderr)
+        print(
+            "\nstopped by SIGTERM: a killed retrain resumes from its checkpoints on the next `rlhf run`",
+            file=sys.stderr,
+        )
         return 143
 
 

@@ -2,6 +2,7 @@
 
 Must run before prefect is imported (Prefect reads its settings at import time).
 """
+
 from __future__ import annotations
 
 import os
@@ -10,8 +11,21 @@ from pathlib import Path
 
 from components.config import Config
 
-
 EPHEMERAL_STARTUP_TIMEOUT_S = 180
+# No telemetry, no hub downloads, quiet libraries (the tests set the same).
+PROCESS_ENV = {
+    "GX_ANALYTICS_ENABLED": "False",
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_ENABLE_TELEMETRY": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "HF_HUB_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    # one progress bar per stage (ours, and the Trainer's for SFT): none for loading/saving weights or
+    # dataset maps (transformers reads huggingface_hub's switch for its own bars)
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+}
 
 
 def temporary_server_notice(cfg: Config) -> str | None:
@@ -20,14 +34,17 @@ def temporary_server_notice(cfg: Config) -> str | None:
         return None
     home = Path(os.environ.get("PREFECT_HOME", cfg.state_path / "prefect"))
     fresh = not (home / "prefect.db").exists()
-    return (f"Prefect: starting a temporary server on {home}"
-            + (f" (first start: setting up its database, up to {EPHEMERAL_STARTUP_TIMEOUT_S} s)" if fresh else ""))
+    return f"Prefect: starting a temporary server on {home}" + (
+        f" (first start: setting up its database, up to {EPHEMERAL_STARTUP_TIMEOUT_S} s)" if fresh else ""
+    )
 
 
 def configure_environment(cfg: Config) -> None:
     # TRL and peft still read transformers' deprecated `is_gradient_checkpointing`: not ours to fix, and
     # the warning repeats on every stage
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
+    # MLflow guesses a dataset source for the data dir (a plain path) and warns that it may be ambiguous
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.data.*")
     state = cfg.state_path
     state.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))
@@ -36,13 +53,5 @@ def configure_environment(cfg: Config) -> None:
     # A new Prefect home migrates its database on the temporary server's first start: on a busy 2-core
     # machine that took longer than Prefect's default 20 s and failed the first `rlhf run` (issue 10)
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(EPHEMERAL_STARTUP_TIMEOUT_S))
-    for key, value in {
-        "GX_ANALYTICS_ENABLED": "False",
-        "DVC_NO_ANALYTICS": "1",
-        "MLFLOW_ENABLE_TELEMETRY": "false",
-        "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }.items():
+    for key, value in PROCESS_ENV.items():
         os.environ.setdefault(key, value)

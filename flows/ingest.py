@@ -3,6 +3,7 @@
 Emits the Prefect event `rlhf.data.updated` (payload: data_version, kind, shard, rows)
 that the retrain deployment is triggered by.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +24,10 @@ DATA_UPDATED = "rlhf.data.updated"
 def data_resource(cfg: Config) -> dict[str, str]:
     """The project's data as a Prefect event resource; the id is unique per data dir (name + path hash)."""
     digest = hashlib.sha256(str(cfg.data_path.resolve()).encode()).hexdigest()[:8]
-    return {"prefect.resource.id": f"rlhf.data.{cfg.root_path.name}-{digest}", "prefect.resource.name": str(cfg.data_path)}
+    return {
+        "prefect.resource.id": f"rlhf.data.{cfg.root_path.name}-{digest}",
+        "prefect.resource.name": str(cfg.data_path),
+    }
 
 
 @flow(name="ingest", log_prints=True, validate_parameters=False)
@@ -39,8 +43,16 @@ def ingest_flow(cfg: Config, file: str, kind: str, quarantine: bool = False):
     if result.quarantine:
         log.warning("%d bad row(s) quarantined to %s\n%s", result.n_bad, result.quarantine, result.report)
     if result.changed:
-        emit_event(event=DATA_UPDATED, resource=data_resource(cfg),
-                   payload={"data_version": result.version_after, "previous_version": result.version_before,
-                            "kind": kind, "shard": result.shard, "rows": result.n_good})
+        emit_event(
+            event=DATA_UPDATED,
+            resource=data_resource(cfg),
+            payload={
+                "data_version": result.version_after,
+                "previous_version": result.version_before,
+                "kind": kind,
+                "shard": result.shard,
+                "rows": result.n_good,
+            },
+        )
         log.info("emitted %s (data version %s)", DATA_UPDATED, result.version_after)
     return Completed(data=result, message=f"ingested {result.n_good} row(s), quarantined {result.n_bad}")

@@ -10,14 +10,15 @@ composes the same config as `rlhf run <overrides>`. Events reach the deployment 
 server both processes share: run `prefect server start` (or `infra=server`) and point
 `infra.prefect_api_url` / PREFECT_API_URL at it.
 """
+
 from __future__ import annotations
 
 from prefect import flow
 
 from components.config import Config, compose
+from flows import lifecycle
 from flows.env import configure_environment
 from flows.ingest import DATA_UPDATED, data_resource
-from flows import lifecycle
 from flows.retrain import retrain
 
 DEPLOYMENT = "rlhf-retrain"
@@ -36,13 +37,27 @@ def deployment(cfg: Config, overrides: list[str]):
     from prefect.events import DeploymentEventTrigger
 
     # only this project's data: events from other projects on a shared server do not retrain this one
-    triggers = [DeploymentEventTrigger(name="retrain on new data", expect={DATA_UPDATED},
-                                       match={"prefect.resource.id": data_resource(cfg)["prefect.resource.id"]},
-                                       parameters={"overrides": overrides})] if cfg.infra.retrain_on_new_data else []
+    triggers = (
+        [
+            DeploymentEventTrigger(
+                name="retrain on new data",
+                expect={DATA_UPDATED},
+                match={"prefect.resource.id": data_resource(cfg)["prefect.resource.id"]},
+                parameters={"overrides": overrides},
+            )
+        ]
+        if cfg.infra.retrain_on_new_data
+        else []
+    )
     return retrain_service.to_deployment(
-        name=DEPLOYMENT, cron=cfg.infra.retrain_cron, parameters={"overrides": overrides}, triggers=triggers,
-        concurrency_limit=1, description="validate -> SFT -> RM -> PPO -> evaluate -> gate -> register -> promote",
-        tags=["rlhf", cfg.model.name])
+        name=DEPLOYMENT,
+        cron=cfg.infra.retrain_cron,
+        parameters={"overrides": overrides},
+        triggers=triggers,
+        concurrency_limit=1,
+        description="validate -> SFT -> RM -> PPO -> evaluate -> gate -> register -> promote",
+        tags=["rlhf", cfg.model.name],
+    )
 
 
 # SIGTERM/SIGINT -> runner stopped: at most this; then Prefect stops its temporary server (if any; up to
@@ -54,39 +69,38 @@ def serve(cfg: Config, overrides: list[str]) -> None:
     """Serve the deployment until SIGTERM or SIGINT (Ctrl-C): both stop polling, cancel a run in flight
     (it resumes from its checkpoints next time), pause the schedule and return.
 
-    The signals are ours, not Prefect's: Prefect 3.8's Runner SIGTERM handler stops the runner from inside
-    the signal handler and could hang, and a SIGINT-to-cancel of the main task was swallowed by its task
-    group (`rlhf serve` then ran on after SIGTERM; issue 10). Here a signal only sets an event; the
-    runner is stopped from the event loop, with a deadline."""
+    The signals are ours, not Prefect's (flows/prefect_compat.py: Prefect 3.8's Runner SIGTERM handling
+    could hang, and a SIGINT-to-cancel of the main task was swallowed by its task group). Here a signal
+    only sets an event; the runner is stopped from the event loop, with a deadline."""
     import asyncio
     import signal
 
-    from prefect.runner import Runner
-
     from components import tracking
+    from flows.prefect_compat import runner_with_own_sigterm
 
     tracking.setup(cfg)
     lifecycle.reap_orphans(cfg, print)  # a run a crashed `rlhf serve` left Running would hold the deployment's slot
     stop = asyncio.Event()
 
-    class _Runner(Runner):
-        def handle_sigterm(self, *args, **kwargs):  # installed by Runner.start() on the main thread
-            loop.call_soon_threadsafe(stop.set)
-
-    runner = _Runner(pause_on_shutdown=True)
+    runner = runner_with_own_sigterm(lambda: loop.call_soon_threadsafe(stop.set))(pause_on_shutdown=True)
     runner.add_deployment(deployment(cfg, overrides))
 
     async def main() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         started = asyncio.create_task(runner.start())
-        print(f"deployment retrain-service/{DEPLOYMENT} registered; waiting for scheduled or triggered runs", flush=True)
+        print(
+            f"deployment retrain-service/{DEPLOYMENT} registered; waiting for scheduled or triggered runs", flush=True
+        )
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({started, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if started.done():  # the runner ended by itself: an error
             stopping.cancel()
             return started.result()
-        print("stopping: no new runs; a run in flight is cancelled (it resumes from its checkpoints next time)", flush=True)
+        print(
+            "stopping: no new runs; a run in flight is cancelled (it resumes from its checkpoints next time)",
+            flush=True,
+        )
 
         async def shutdown() -> None:
             if runner.started:

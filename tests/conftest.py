@@ -1,5 +1,6 @@
 """Shared fixtures: real tools everywhere - a git + DVC repo in a tmp dir, SQLite MLflow,
 one Prefect test server per session (prefect_test_harness), Great Expectations file contexts."""
+
 from __future__ import annotations
 
 import os
@@ -9,27 +10,39 @@ from pathlib import Path
 
 import pytest
 
+from flows.env import PROCESS_ENV  # noqa: E402  (imports no Prefect: its settings are read at import)
+
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="rlhf-tests-"))
-for key, value in {
-    "GX_ANALYTICS_ENABLED": "False", "DVC_NO_ANALYTICS": "1", "MLFLOW_ENABLE_TELEMETRY": "false",
-    "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
-    "PREFECT_HOME": str(_SESSION_DIR / "prefect"), "TOKENIZERS_PARALLELISM": "false",
-}.items():
+for key, value in {**PROCESS_ENV, "PREFECT_HOME": str(_SESSION_DIR / "prefect")}.items():
     os.environ[key] = value
 
 from dataclasses import dataclass  # noqa: E402
 
 from components.config import Config, compose  # noqa: E402
 
-
 # Flow tests exercise the wiring, not the learning (tests/training covers that): a few steps per stage.
-FAST_STAGES = ("model.pretrain_steps=30", "sft.max_steps=10", "sft.save_steps=10", "reward.max_steps=10",
-               "reward.save_steps=10", "reward.stats_max_responses=64", "ppo.steps=2", "ppo.batch_size=8",
-               "ppo.minibatch_size=4", "ppo.ppo_epochs=1", "ppo.eval_max_prompts=8")
+FAST_STAGES = (
+    "model.pretrain_steps=30",
+    "sft.max_steps=10",
+    "sft.save_steps=10",
+    "reward.max_steps=10",
+    "reward.save_steps=10",
+    "reward.stats_max_responses=64",
+    "ppo.steps=2",
+    "ppo.batch_size=8",
+    "ppo.minibatch_size=4",
+    "ppo.ppo_epochs=1",
+    "ppo.eval_max_prompts=8",
+)
 
 # A gate every candidate passes: flow tests exercise registration and promotion, not model quality.
-OPEN_GATE = ("gate.min_reward_gain=-100", "gate.min_win_rate=0", "gate.min_judge_gain=null", "gate.max_kl=1e9",
-             "gate.max_prompts=8")
+OPEN_GATE = (
+    "gate.min_reward_gain=-100",
+    "gate.min_win_rate=0",
+    "gate.min_judge_gain=null",
+    "gate.max_kl=1e9",
+    "gate.max_prompts=8",
+)
 
 
 def make_project(root: Path, *overrides: str) -> Config:
@@ -80,5 +93,11 @@ def stages(tmp_path_factory) -> Stages:
 def reward(stages):
     from components.training.reward import train_reward
 
-    return train_reward(stages.cfg.reward, stages.cfg.model, stages.sft_dir, stages.cfg.data_path,
-                        stages.root / "rm", seed=stages.cfg.seed)
+    return train_reward(
+        stages.cfg.reward,
+        stages.cfg.model,
+        stages.sft_dir,
+        stages.cfg.data_path,
+        stages.root / "rm",
+        seed=stages.cfg.seed,
+    )

@@ -4,11 +4,37 @@ import pytest
 from components import tracking
 from components.config import compose, to_dict
 
-SECRET_KEYS = ["hf_token", "api_token", "token", "PREFECT_API_KEY", "api-key", "apikey", "password", "db_passwd",
-               "client_secret", "secrets", "credentials", "auth_string", "hubToken", "AWS_SECRET_ACCESS_KEY",
-               "registry.hf_token", "credentials.user"]
-SETTING_KEYS = ["ppo.max_new_tokens", "ppo.max_prompt_tokens", "gate.max_new_tokens", "tokenizer", "model.tokenizer",
-                "tokens_per_second", "max_tokens", "author", "monkey", "sort_key", "keyword"]
+SECRET_KEYS = [
+    "hf_token",
+    "api_token",
+    "token",
+    "PREFECT_API_KEY",
+    "api-key",
+    "apikey",
+    "password",
+    "db_passwd",
+    "client_secret",
+    "secrets",
+    "credentials",
+    "auth_string",
+    "hubToken",
+    "AWS_SECRET_ACCESS_KEY",
+    "registry.hf_token",
+    "credentials.user",
+]
+SETTING_KEYS = [
+    "ppo.max_new_tokens",
+    "ppo.max_prompt_tokens",
+    "gate.max_new_tokens",
+    "tokenizer",
+    "model.tokenizer",
+    "tokens_per_second",
+    "max_tokens",
+    "author",
+    "monkey",
+    "sort_key",
+    "keyword",
+]
 
 
 def test_flatten_respects_limits_and_redacts_secrets():

@@ -10,6 +10,7 @@ not perfect ones. Rankings are Plackett-Luce draws (Gumbel noise on score / T).
 Determinism: only `random.Random(seed)` and fixed-format JSON, so the same seed and
 sizes give byte-identical files (and the same DVC md5) on any machine.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,12 +21,42 @@ from pathlib import Path
 
 from components.config import DataConfig
 
-FILMS = ["the movie", "this film", "the sequel", "the documentary", "this thriller", "the comedy",
-         "the animated film", "this drama", "the remake", "the series finale", "this horror film",
-         "the musical", "the biopic", "this western", "the space opera", "the heist movie"]
-PRODUCTS = ["the blender", "these headphones", "this phone", "the vacuum", "this laptop", "the kettle",
-            "these running shoes", "the coffee maker", "this backpack", "the smart watch", "the desk lamp",
-            "this tent", "the air fryer", "these speakers", "the electric toothbrush", "this camera"]
+FILMS = [
+    "the movie",
+    "this film",
+    "the sequel",
+    "the documentary",
+    "this thriller",
+    "the comedy",
+    "the animated film",
+    "this drama",
+    "the remake",
+    "the series finale",
+    "this horror film",
+    "the musical",
+    "the biopic",
+    "this western",
+    "the space opera",
+    "the heist movie",
+]
+PRODUCTS = [
+    "the blender",
+    "these headphones",
+    "this phone",
+    "the vacuum",
+    "this laptop",
+    "the kettle",
+    "these running shoes",
+    "the coffee maker",
+    "this backpack",
+    "the smart watch",
+    "the desk lamp",
+    "this tent",
+    "the air fryer",
+    "these speakers",
+    "the electric toothbrush",
+    "this camera",
+]
 FILM_ASPECTS = ["story", "acting", "music", "ending", "pacing", "dialogue", "cast", "soundtrack", "plot", "camera work"]
 PRODUCT_ASPECTS = ["battery", "design", "price", "build quality", "sound", "screen", "setup", "motor", "fabric", "app"]
 OPENINGS = [
@@ -44,27 +75,71 @@ OPENINGS = [
 ]
 WHEN = ["", " this spring", " on a whim", " for my birthday", " with friends", " after many reviews", " on sale"]
 
-POSITIVE = ["great", "wonderful", "excellent", "delightful", "brilliant", "superb", "lovely", "fantastic",
-            "charming", "impressive", "beautiful", "smooth"]
-NEGATIVE = ["terrible", "awful", "boring", "disappointing", "dull", "broken", "mediocre", "painful",
-            "cheap", "annoying", "clumsy", "weak"]
+POSITIVE = [
+    "great",
+    "wonderful",
+    "excellent",
+    "delightful",
+    "brilliant",
+    "superb",
+    "lovely",
+    "fantastic",
+    "charming",
+    "impressive",
+    "beautiful",
+    "smooth",
+]
+NEGATIVE = [
+    "terrible",
+    "awful",
+    "boring",
+    "disappointing",
+    "dull",
+    "broken",
+    "mediocre",
+    "painful",
+    "cheap",
+    "annoying",
+    "clumsy",
+    "weak",
+]
 NEUTRAL = ["okay", "fine", "average", "ordinary", "standard", "acceptable"]
-CLAUSES = ["the {a} was {w}", "I found the {a} {w}", "the {a} felt {w}", "honestly the {a} is {w}",
-           "the {a} turned out {w}", "everyone said the {a} was {w}"]
+CLAUSES = [
+    "the {a} was {w}",
+    "I found the {a} {w}",
+    "the {a} felt {w}",
+    "honestly the {a} is {w}",
+    "the {a} turned out {w}",
+    "everyone said the {a} was {w}",
+]
 CLOSINGS = {
-    1: ["I would recommend it to anyone.", "Highly recommended.", "I loved it.", "Worth every penny.",
-        "I will happily buy it again."],
+    1: [
+        "I would recommend it to anyone.",
+        "Highly recommended.",
+        "I loved it.",
+        "Worth every penny.",
+        "I will happily buy it again.",
+    ],
     0: ["It does the job.", "Nothing special.", "It is what it is.", "Fine for the price."],
-    -1: ["I would not buy it again.", "Avoid it.", "What a waste of money.", "I regret it.",
-         "Skip this one."],
+    -1: ["I would not buy it again.", "Avoid it.", "What a waste of money.", "I regret it.", "Skip this one."],
 }
 # Lexicon of the simulated annotator and of the demo's independent sentiment judge.
 # Graded intensities (0.5..1.0, neutral words near 0) so "more positive" is continuous, not a tie.
-LEXICON = {**{w: 0.5 + 0.5 * i / (len(POSITIVE) - 1) for i, w in enumerate(POSITIVE)},
-           **{w: -0.5 - 0.5 * i / (len(NEGATIVE) - 1) for i, w in enumerate(NEGATIVE)},
-           **{w: 0.04 * (i - 2.5) for i, w in enumerate(NEUTRAL)},
-           "loved": 1.0, "recommend": 0.8, "recommended": 0.9, "worth": 0.7, "happily": 0.8,
-           "avoid": -1.0, "waste": -0.9, "regret": -0.8, "skip": -0.7, "not": -0.6}
+LEXICON = {
+    **{w: 0.5 + 0.5 * i / (len(POSITIVE) - 1) for i, w in enumerate(POSITIVE)},
+    **{w: -0.5 - 0.5 * i / (len(NEGATIVE) - 1) for i, w in enumerate(NEGATIVE)},
+    **{w: 0.04 * (i - 2.5) for i, w in enumerate(NEUTRAL)},
+    "loved": 1.0,
+    "recommend": 0.8,
+    "recommended": 0.9,
+    "worth": 0.7,
+    "happily": 0.8,
+    "avoid": -1.0,
+    "waste": -0.9,
+    "regret": -0.8,
+    "skip": -0.7,
+    "not": -0.6,
+}
 
 
 @dataclass
@@ -94,9 +169,13 @@ class DemoGenerator:
     # -- prompts ---------------------------------------------------------------------------
     def all_prompts(self) -> list[tuple[str, str]]:
         """Every distinct (prompt, domain), in a seeded order."""
-        out = [(o.replace("{s}", s + w) if "{s}" in o else o, dom)
-               for dom, subjects in (("film", FILMS), ("product", PRODUCTS))
-               for s in subjects for o in OPENINGS for w in WHEN]
+        out = [
+            (o.replace("{s}", s + w) if "{s}" in o else o, dom)
+            for dom, subjects in (("film", FILMS), ("product", PRODUCTS))
+            for s in subjects
+            for o in OPENINGS
+            for w in WHEN
+        ]
         out = [(p[0].upper() + p[1:], d) for p, d in out]
         self.rng.shuffle(out)
         return out
@@ -155,8 +234,10 @@ class DemoGenerator:
         cfg = self.cfg
         prompts = self.all_prompts()
         if cfg.n_eval + 50 > len(prompts):
-            raise ValueError(f"demo has {len(prompts)} distinct prompts; n_eval={cfg.n_eval} leaves too few for training")
-        eval_prompts, train_pool = prompts[: cfg.n_eval], prompts[cfg.n_eval:]
+            raise ValueError(
+                f"demo has {len(prompts)} distinct prompts; n_eval={cfg.n_eval} leaves too few for training"
+            )
+        eval_prompts, train_pool = prompts[: cfg.n_eval], prompts[cfg.n_eval :]
         rng = self.rng
 
         def pick() -> tuple[str, str]:
@@ -184,8 +265,14 @@ class DemoGenerator:
                 if key in seen:
                     continue
                 seen.add(key)
-                preferences.append({"id": f"pref-{len(preferences):06d}", "prompt": p,
-                                    "responses": [r.text for r in ranked], "source": "demo"})
+                preferences.append(
+                    {
+                        "id": f"pref-{len(preferences):06d}",
+                        "prompt": p,
+                        "responses": [r.text for r in ranked],
+                        "source": "demo",
+                    }
+                )
             else:
                 a, b = self.response(dom), self.response(dom)
                 if a.text == b.text:
@@ -195,11 +282,20 @@ class DemoGenerator:
                 if key in seen:
                     continue
                 seen.add(key)
-                preferences.append({"id": f"pref-{len(preferences):06d}", "prompt": p, "chosen": chosen.text,
-                                    "rejected": rejected.text, "source": "demo"})
+                preferences.append(
+                    {
+                        "id": f"pref-{len(preferences):06d}",
+                        "prompt": p,
+                        "chosen": chosen.text,
+                        "rejected": rejected.text,
+                        "source": "demo",
+                    }
+                )
 
-        ppo_prompts = [{"id": f"prompt-{i:06d}", "prompt": p, "source": "demo"}
-                       for i, (p, _) in enumerate(train_pool[: cfg.n_prompts])]
+        ppo_prompts = [
+            {"id": f"prompt-{i:06d}", "prompt": p, "source": "demo"}
+            for i, (p, _) in enumerate(train_pool[: cfg.n_prompts])
+        ]
         evals = [{"id": f"eval-{i:06d}", "prompt": p, "source": "demo"} for i, (p, _) in enumerate(eval_prompts)]
         return {"demonstrations": demonstrations, "preferences": preferences, "prompts": ppo_prompts, "eval": evals}
 

@@ -4,6 +4,7 @@ A refused batch changes nothing under data/ or data.dvc. With `quarantine=True` 
 good rows are ingested and every bad row is written, with its line number and the
 rules it breaks, to <state_dir>/quarantine/ (outside data/): nothing is dropped silently.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,8 +48,10 @@ class IngestResult:
 
 def ingest(cfg: Config, file: Path, kind: str, quarantine: bool = False, on_step=lambda step: None) -> IngestResult:
     if kind not in INGESTIBLE_KINDS:
-        raise IngestRefused(f"--kind must be one of {', '.join(INGESTIBLE_KINDS)} (eval prompts are frozen: "
-                            f"they are never ingested or trained on), got {kind!r}")
+        raise IngestRefused(
+            f"--kind must be one of {', '.join(INGESTIBLE_KINDS)} (eval prompts are frozen: "
+            f"they are never ingested or trained on), got {kind!r}"
+        )
     file = Path(file).expanduser().resolve()
     # one writer at a time: a second ingest waits here, then validates against what the first one added
     with data_lock(cfg, f"ingest {file.name}", say=on_step):
@@ -65,21 +68,36 @@ def _ingest(cfg: Config, file: Path, kind: str, quarantine: bool, on_step) -> In
     title = f"{file} ({kind})"
     file_level = [f for f in report.findings if not f.locations]
     if file_level or (not report.ok and not quarantine):
-        hint = "" if file_level else "\n  Nothing was ingested. Fix the rows above, or ingest the good rows with --quarantine."
+        hint = (
+            ""
+            if file_level
+            else "\n  Nothing was ingested. Fix the rows above, or ingest the good rows with --quarantine."
+        )
         raise IngestRefused(report.format(title, cfg.data.report_max_examples) + hint, report)
 
     bad = report.bad_locations()
     good = [obj for line, obj in parsed.rows if (str(file), line) not in bad]
-    result = IngestResult(kind, str(file), n_good=len(good), n_bad=len({ln for _, ln in bad}),
-                          version_before=before, version_after=before,
-                          docs_index=str(report.docs_index) if report.docs_index else None,
-                          report=report.format(title, cfg.data.report_max_examples),
-                          rules_broken={f.rule: f.count for f in report.findings})
+    result = IngestResult(
+        kind,
+        str(file),
+        n_good=len(good),
+        n_bad=len({ln for _, ln in bad}),
+        version_before=before,
+        version_after=before,
+        docs_index=str(report.docs_index) if report.docs_index else None,
+        report=report.format(title, cfg.data.report_max_examples),
+        rules_broken={f.rule: f.count for f in report.findings},
+    )
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     if bad:
         qfile = cfg.state_path / "quarantine" / f"{file.stem}-{stamp}.jsonl"
-        write_jsonl(qfile, [{"file": f, "line": ln, "rules": rules, "raw": parsed.raw.get(ln)}
-                            for (f, ln), rules in sorted(bad.items())])
+        write_jsonl(
+            qfile,
+            [
+                {"file": f, "line": ln, "rules": rules, "raw": parsed.raw.get(ln)}
+                for (f, ln), rules in sorted(bad.items())
+            ],
+        )
         result.quarantine = str(qfile)
     if not good:
         return result

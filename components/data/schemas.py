@@ -6,6 +6,7 @@ a preference row that is neither pairwise nor ranked -
 into a `Finding` that names the file, the lines, the rule and the fix. Rows that
 parse are returned with their 1-based line numbers for the Great Expectations suites.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -99,6 +100,7 @@ def lone_surrogate(value: Any, path: str = "") -> tuple[str, str] | None:
     """(where, what) for the first string or key holding a lone UTF-16 surrogate, e.g. ("field 'prompt'",
     "\\ud83d at character 14"); None when all text is valid Unicode. JSON allows the escape `"\\ud800"`, Python
     parses it to a str, and only encoding it to UTF-8 later fails."""
+
     def at(text: str) -> str | None:
         m = _SURROGATE.search(text)
         return f"\\u{ord(m.group()):04x} at character {m.start() + 1}" if m else None
@@ -122,15 +124,51 @@ def read_jsonl(path: Path, kind: str) -> ParsedFile:
     rows: list[tuple[int, dict[str, Any]]] = []
     raw: dict[int, str] = {}
     if not path.exists():
-        return ParsedFile(path, [], {}, [Finding(src, "file_missing", "file does not exist",
-                                                 "check the path (relative paths are from the current directory)", 1)])
+        return ParsedFile(
+            path,
+            [],
+            {},
+            [
+                Finding(
+                    src,
+                    "file_missing",
+                    "file does not exist",
+                    "check the path (relative paths are from the current directory)",
+                    1,
+                )
+            ],
+        )
     if path.is_dir():
-        return ParsedFile(path, [], {}, [Finding(src, "not_a_file", "expected a .jsonl file, got a directory",
-                                                 "pass the file, or the directory without --kind to validate a data dir", 1)])
+        return ParsedFile(
+            path,
+            [],
+            {},
+            [
+                Finding(
+                    src,
+                    "not_a_file",
+                    "expected a .jsonl file, got a directory",
+                    "pass the file, or the directory without --kind to validate a data dir",
+                    1,
+                )
+            ],
+        )
     data = path.read_bytes()
     if not data.strip():
-        return ParsedFile(path, [], {}, [Finding(src, "file_empty", "file is empty (no JSON lines)",
-                                                 "write one JSON object per line, or remove the file", 1)])
+        return ParsedFile(
+            path,
+            [],
+            {},
+            [
+                Finding(
+                    src,
+                    "file_empty",
+                    "file is empty (no JSON lines)",
+                    "write one JSON object per line, or remove the file",
+                    1,
+                )
+            ],
+        )
 
     bad: dict[str, Finding] = {}
 
@@ -150,33 +188,55 @@ def read_jsonl(path: Path, kind: str) -> ParsedFile:
             text = chunk.decode("utf-8")
         except UnicodeDecodeError as e:
             raw[lineno] = chunk.decode("utf-8", errors="replace")
-            flag("utf8", "line is not valid UTF-8",
-                 "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`)",
-                 lineno, f"byte {chunk[e.start]:#04x} at column {e.start + 1}")
+            flag(
+                "utf8",
+                "line is not valid UTF-8",
+                "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`)",
+                lineno,
+                f"byte {chunk[e.start]:#04x} at column {e.start + 1}",
+            )
             continue
         raw[lineno] = text
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            flag("json", "line is not valid JSON", "fix the line so it is one complete JSON object (JSONL: one object per line)",
-                 lineno, f"{e.msg} at column {e.colno}: {short(text)}")
+            flag(
+                "json",
+                "line is not valid JSON",
+                "fix the line so it is one complete JSON object (JSONL: one object per line)",
+                lineno,
+                f"{e.msg} at column {e.colno}: {short(text)}",
+            )
             continue
         if not isinstance(obj, dict):
-            flag("not_object", "line is JSON but not an object", 'each line must be an object like {"id": ..., "prompt": ...}',
-                 lineno, f"got {type(obj).__name__}: {short(obj)}")
+            flag(
+                "not_object",
+                "line is JSON but not an object",
+                'each line must be an object like {"id": ..., "prompt": ...}',
+                lineno,
+                f"got {type(obj).__name__}: {short(obj)}",
+            )
             continue
         if (where := lone_surrogate(obj)) is not None:
             field_name, what = where
-            flag("valid_unicode", "text has a lone surrogate escape (\\ud800-\\udfff without its pair): "
-                 "not valid Unicode, it cannot be saved as UTF-8",
-                 "fix the text at the source (often an emoji cut in half): use the whole pair, e.g. \\ud83d\\ude00, "
-                 "the character itself, or drop the escape",
-                 lineno, f"{field_name}: {what}")
+            flag(
+                "valid_unicode",
+                "text has a lone surrogate escape (\\ud800-\\udfff without its pair): "
+                "not valid Unicode, it cannot be saved as UTF-8",
+                "fix the text at the source (often an emoji cut in half): use the whole pair, e.g. \\ud83d\\ude00, "
+                "the character itself, or drop the escape",
+                lineno,
+                f"{field_name}: {what}",
+            )
             continue
         if frame_of(kind, obj) is None:
-            flag("preference_shape", "preference row is neither pairwise (chosen, rejected) nor ranked (responses)",
-                 'give either "chosen" and "rejected", or "responses" as a list best first - not both',
-                 lineno, f"fields: {sorted(obj)}")
+            flag(
+                "preference_shape",
+                "preference row is neither pairwise (chosen, rejected) nor ranked (responses)",
+                'give either "chosen" and "rejected", or "responses" as a list best first - not both',
+                lineno,
+                f"fields: {sorted(obj)}",
+            )
             continue
         rows.append((lineno, obj))
     findings.extend(bad.values())

@@ -11,14 +11,16 @@ Data Docs HTML are written under <state_dir>/gx/uncommitted/data_docs/local_site
 (index.html) lists every past result; `ValidationReport.docs_pages` are this run's own result
 pages (one self-contained HTML file per frame validated, under the site's validations/ dir).
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 from urllib.parse import unquote
 
 import pandas as pd
@@ -49,8 +51,14 @@ TEXT_FIELDS = {
     "eval": ("prompt",),
 }
 # Derived columns are reported as the user's own fields.
-_SHOWN = {"_id_key": ("id",), "_prompt_norm": ("prompt",), "_k": ("responses",), "_n_distinct": ("responses",),
-          "_responses_valid": ("responses",), "_key": ("prompt",)}
+_SHOWN = {
+    "_id_key": ("id",),
+    "_prompt_norm": ("prompt",),
+    "_k": ("responses",),
+    "_n_distinct": ("responses",),
+    "_responses_valid": ("responses",),
+    "_key": ("prompt",),
+}
 PARAMETERS = ("existing_ids", "existing_keys", "eval_prompts", "training_prompts")
 
 
@@ -60,11 +68,17 @@ PARAMETERS = ("existing_ids", "existing_keys", "eval_prompts", "training_prompts
 def _id_key(value: Any) -> str | None:
     if value is None or isinstance(value, float) and pd.isna(value):
         return None
-    return str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else json.dumps(value, default=str)
+    return (
+        str(value) if isinstance(value, (str, int)) and not isinstance(value, bool) else json.dumps(value, default=str)
+    )
 
 
 def _text_ok(value: Any, cfg: DataConfig) -> bool:
-    return isinstance(value, str) and bool(value.strip()) and cfg.min_response_chars <= len(value) <= cfg.max_response_chars
+    return (
+        isinstance(value, str)
+        and bool(value.strip())
+        and cfg.min_response_chars <= len(value) <= cfg.max_response_chars
+    )
 
 
 def build_frame(frame: str, rows: Iterable[tuple[str, int, dict[str, Any]]], cfg: DataConfig) -> pd.DataFrame:
@@ -103,68 +117,174 @@ def build_suite_expectations(frame: str, cfg: DataConfig) -> list:
     import great_expectations.expectations as gxe
 
     ex = [
-        _e(gxe.ExpectColumnValuesToNotBeNull, "id_present", "field 'id' is missing or null",
-           "give every row a unique 'id' (string or integer)", column="id"),
-        _e(gxe.ExpectColumnValuesToBeInTypeList, "id_type", "field 'id' must be a string or an integer",
-           "use a string or integer id", column="id", type_list=["str", "int"]),
-        _e(gxe.ExpectColumnValuesToBeUnique, "ids_unique", "duplicate 'id' values",
-           "make ids unique within a kind (e.g. prefix with the batch name)", column="_id_key"),
-        _e(gxe.ExpectColumnValuesToNotBeInSet, "id_new", "'id' already exists in data/",
-           "ids must be new: rename them, or drop rows that are already ingested",
-           column="_id_key", value_set={"$PARAMETER": "existing_ids"}),
+        _e(
+            gxe.ExpectColumnValuesToNotBeNull,
+            "id_present",
+            "field 'id' is missing or null",
+            "give every row a unique 'id' (string or integer)",
+            column="id",
+        ),
+        _e(
+            gxe.ExpectColumnValuesToBeInTypeList,
+            "id_type",
+            "field 'id' must be a string or an integer",
+            "use a string or integer id",
+            column="id",
+            type_list=["str", "int"],
+        ),
+        _e(
+            gxe.ExpectColumnValuesToBeUnique,
+            "ids_unique",
+            "duplicate 'id' values",
+            "make ids unique within a kind (e.g. prefix with the batch name)",
+            column="_id_key",
+        ),
+        _e(
+            gxe.ExpectColumnValuesToNotBeInSet,
+            "id_new",
+            "'id' already exists in data/",
+            "ids must be new: rename them, or drop rows that are already ingested",
+            column="_id_key",
+            value_set={"$PARAMETER": "existing_ids"},
+        ),
     ]
     max_chars = {"prompt": cfg.max_prompt_chars}
     min_chars = {"prompt": cfg.min_prompt_chars}
     for f in TEXT_FIELDS[frame]:
         lo, hi = min_chars.get(f, cfg.min_response_chars), max_chars.get(f, cfg.max_response_chars)
         ex += [
-            _e(gxe.ExpectColumnValuesToNotBeNull, f"{f}_present", f"field '{f}' is missing or null",
-               f"every row needs a non-empty '{f}' string", column=f),
-            _e(gxe.ExpectColumnValuesToBeInTypeList, f"{f}_type", f"field '{f}' must be a string",
-               f"write '{f}' as a JSON string", column=f, type_list=["str"]),
-            _e(gxe.ExpectColumnValuesToNotMatchRegex, f"{f}_not_blank", f"field '{f}' is empty or whitespace only",
-               f"fill in '{f}' or drop the row", column=f, regex=r"^\s*$"),
-            _e(gxe.ExpectColumnValueLengthsToBeBetween, f"{f}_length", f"'{f}' length outside {lo}..{hi} characters",
-               f"shorten or drop these rows, or change data.{'max_prompt_chars' if f == 'prompt' else 'max_response_chars'}",
-               column=f, min_value=lo, max_value=hi),
+            _e(
+                gxe.ExpectColumnValuesToNotBeNull,
+                f"{f}_present",
+                f"field '{f}' is missing or null",
+                f"every row needs a non-empty '{f}' string",
+                column=f,
+            ),
+            _e(
+                gxe.ExpectColumnValuesToBeInTypeList,
+                f"{f}_type",
+                f"field '{f}' must be a string",
+                f"write '{f}' as a JSON string",
+                column=f,
+                type_list=["str"],
+            ),
+            _e(
+                gxe.ExpectColumnValuesToNotMatchRegex,
+                f"{f}_not_blank",
+                f"field '{f}' is empty or whitespace only",
+                f"fill in '{f}' or drop the row",
+                column=f,
+                regex=r"^\s*$",
+            ),
+            _e(
+                gxe.ExpectColumnValueLengthsToBeBetween,
+                f"{f}_length",
+                f"'{f}' length outside {lo}..{hi} characters",
+                f"shorten or drop these rows, or change data.{'max_prompt_chars' if f == 'prompt' else 'max_response_chars'}",
+                column=f,
+                min_value=lo,
+                max_value=hi,
+            ),
         ]
     if frame == "preferences_pairwise":
-        ex.append(_e(gxe.ExpectSelectColumnValuesToBeUniqueWithinRecord, "chosen_differs_from_rejected",
-                     "'chosen' and 'rejected' are identical", "a comparison needs two different responses: fix or drop the row",
-                     column_list=["chosen", "rejected"]))
+        ex.append(
+            _e(
+                gxe.ExpectSelectColumnValuesToBeUniqueWithinRecord,
+                "chosen_differs_from_rejected",
+                "'chosen' and 'rejected' are identical",
+                "a comparison needs two different responses: fix or drop the row",
+                column_list=["chosen", "rejected"],
+            )
+        )
     if frame == "preferences_ranked":
         ex += [
-            _e(gxe.ExpectColumnValuesToNotBeNull, "responses_present", "field 'responses' is missing or null",
-               "give 'responses' as a list of response strings, best first", column="responses"),
-            _e(gxe.ExpectColumnValuesToBeOfType, "responses_type", "field 'responses' must be a list",
-               "give 'responses' as a JSON list of strings, best first", column="responses", type_="list"),
-            _e(gxe.ExpectColumnValuesToBeBetween, "ranking_size", f"a ranking needs K in {cfg.min_rank_k}..{cfg.max_rank_k_allowed} responses",
-               f"rank between {cfg.min_rank_k} and {cfg.max_rank_k_allowed} responses per prompt (split longer rankings)",
-               column="_k", min_value=cfg.min_rank_k, max_value=cfg.max_rank_k_allowed),
-            _e(gxe.ExpectColumnValuesToBeInSet, "responses_text",
-               f"every ranked response must be a non-blank string of {cfg.min_response_chars}..{cfg.max_response_chars} characters",
-               "fix or remove the bad responses in these rankings", column="_responses_valid", value_set=[True]),
-            _e(gxe.ExpectColumnPairValuesToBeEqual, "responses_distinct", "a ranking repeats the same response",
-               "each response in a ranking must be different: remove the repeats", column_A="_k", column_B="_n_distinct"),
+            _e(
+                gxe.ExpectColumnValuesToNotBeNull,
+                "responses_present",
+                "field 'responses' is missing or null",
+                "give 'responses' as a list of response strings, best first",
+                column="responses",
+            ),
+            _e(
+                gxe.ExpectColumnValuesToBeOfType,
+                "responses_type",
+                "field 'responses' must be a list",
+                "give 'responses' as a JSON list of strings, best first",
+                column="responses",
+                type_="list",
+            ),
+            _e(
+                gxe.ExpectColumnValuesToBeBetween,
+                "ranking_size",
+                f"a ranking needs K in {cfg.min_rank_k}..{cfg.max_rank_k_allowed} responses",
+                f"rank between {cfg.min_rank_k} and {cfg.max_rank_k_allowed} responses per prompt (split longer rankings)",
+                column="_k",
+                min_value=cfg.min_rank_k,
+                max_value=cfg.max_rank_k_allowed,
+            ),
+            _e(
+                gxe.ExpectColumnValuesToBeInSet,
+                "responses_text",
+                f"every ranked response must be a non-blank string of {cfg.min_response_chars}..{cfg.max_response_chars} characters",
+                "fix or remove the bad responses in these rankings",
+                column="_responses_valid",
+                value_set=[True],
+            ),
+            _e(
+                gxe.ExpectColumnPairValuesToBeEqual,
+                "responses_distinct",
+                "a ranking repeats the same response",
+                "each response in a ranking must be different: remove the repeats",
+                column_A="_k",
+                column_B="_n_distinct",
+            ),
         ]
-    dup = {"demonstrations": "duplicate (prompt, response) demonstrations",
-           "preferences_pairwise": "duplicate (prompt, chosen, rejected) pairs",
-           "preferences_ranked": "duplicate rankings (same prompt and responses)",
-           "prompts": "duplicate prompts", "eval": "duplicate eval prompts"}[frame]
+    dup = {
+        "demonstrations": "duplicate (prompt, response) demonstrations",
+        "preferences_pairwise": "duplicate (prompt, chosen, rejected) pairs",
+        "preferences_ranked": "duplicate rankings (same prompt and responses)",
+        "prompts": "duplicate prompts",
+        "eval": "duplicate eval prompts",
+    }[frame]
     ex += [
-        _e(gxe.ExpectColumnValuesToBeUnique, "no_duplicates", dup, "drop the repeated rows (compared ignoring case and whitespace)",
-           column="_key"),
-        _e(gxe.ExpectColumnValuesToNotBeInSet, "not_already_in_data", dup.replace("duplicate", "already in data/:"),
-           "drop rows that are already ingested", column="_key", value_set={"$PARAMETER": "existing_keys"}),
+        _e(
+            gxe.ExpectColumnValuesToBeUnique,
+            "no_duplicates",
+            dup,
+            "drop the repeated rows (compared ignoring case and whitespace)",
+            column="_key",
+        ),
+        _e(
+            gxe.ExpectColumnValuesToNotBeInSet,
+            "not_already_in_data",
+            dup.replace("duplicate", "already in data/:"),
+            "drop rows that are already ingested",
+            column="_key",
+            value_set={"$PARAMETER": "existing_keys"},
+        ),
     ]
     if frame == "eval":
-        ex.append(_e(gxe.ExpectColumnValuesToNotBeInSet, "eval_disjoint", "eval prompt also appears in training data",
-                     "eval prompts must never be trained on: remove the prompt from training data or from eval",
-                     column="_prompt_norm", value_set={"$PARAMETER": "training_prompts"}))
+        ex.append(
+            _e(
+                gxe.ExpectColumnValuesToNotBeInSet,
+                "eval_disjoint",
+                "eval prompt also appears in training data",
+                "eval prompts must never be trained on: remove the prompt from training data or from eval",
+                column="_prompt_norm",
+                value_set={"$PARAMETER": "training_prompts"},
+            )
+        )
     else:
-        ex.append(_e(gxe.ExpectColumnValuesToNotBeInSet, "no_eval_leakage", "prompt is one of the frozen eval prompts",
-                     "never train on eval prompts: drop these rows", column="_prompt_norm",
-                     value_set={"$PARAMETER": "eval_prompts"}))
+        ex.append(
+            _e(
+                gxe.ExpectColumnValuesToNotBeInSet,
+                "no_eval_leakage",
+                "prompt is one of the frozen eval prompts",
+                "never train on eval prompts: drop these rows",
+                column="_prompt_norm",
+                value_set={"$PARAMETER": "eval_prompts"},
+            )
+        )
     return ex
 
 
@@ -194,16 +314,23 @@ class GXValidator:
         except (KeyError, LookupError):
             return asset.add_batch_definition_whole_dataframe("all")
 
-    def validate(self, frame: str, df: pd.DataFrame, params: dict[str, list], source: str) -> tuple[list[Finding], list]:
+    def validate(
+        self, frame: str, df: pd.DataFrame, params: dict[str, list], source: str
+    ) -> tuple[list[Finding], list]:
         """Findings, and the identifiers of the validation results this run stored (for their Data Docs pages)."""
         gx = self.gx
         suite = gx.ExpectationSuite(name=f"rlhf.{frame}", expectations=build_suite_expectations(frame, self.cfg))
         suite = self.context.suites.add_or_update(suite)
         vd = self.context.validation_definitions.add_or_update(
-            gx.ValidationDefinition(name=f"rlhf.{frame}", data=self._batch_definition(frame), suite=suite))
-        checkpoint = self.context.checkpoints.add_or_update(gx.Checkpoint(
-            name=f"rlhf.{frame}", validation_definitions=[vd],
-            result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["_file", "_line"]}))
+            gx.ValidationDefinition(name=f"rlhf.{frame}", data=self._batch_definition(frame), suite=suite)
+        )
+        checkpoint = self.context.checkpoints.add_or_update(
+            gx.Checkpoint(
+                name=f"rlhf.{frame}",
+                validation_definitions=[vd],
+                result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["_file", "_line"]},
+            )
+        )
         full = {p: sorted(params.get(p, [])) for p in PARAMETERS}
         result = checkpoint.run(batch_parameters={"dataframe": df}, expectation_parameters=full)
         findings = []
@@ -218,16 +345,22 @@ class GXValidator:
         meta = er.expectation_config.meta or {}
         rule, message, fix = meta.get("rule", er.expectation_config.type), meta.get("message", ""), meta.get("fix", "")
         if er.exception_info and er.exception_info.get("raised_exception"):
-            return Finding(source, rule, f"{message} (check could not run: {er.exception_info.get('exception_message')})",
-                           fix, count=len(df))
+            return Finding(
+                source,
+                rule,
+                f"{message} (check could not run: {er.exception_info.get('exception_message')})",
+                fix,
+                count=len(df),
+            )
         idx = er.result.get("unexpected_index_list") or []
         locations = [(str(d["_file"]), int(d["_line"])) for d in idx]
-        by_loc = {(str(f), int(n)): i for i, (f, n) in enumerate(zip(df["_file"], df["_line"]))}
+        by_loc = {(str(f), int(n)): i for i, (f, n) in enumerate(zip(df["_file"], df["_line"], strict=True))}
         examples = []
         for file, line in locations[: self.cfg.report_max_examples]:
             row = df.iloc[by_loc[(file, line)]]
             checked = [c for c in er.expectation_config.kwargs.get("column_list", [])] or [
-                er.expectation_config.kwargs.get(k) for k in ("column", "column_A")]
+                er.expectation_config.kwargs.get(k) for k in ("column", "column_A")
+            ]
             fields = dict.fromkeys(f for c in checked if c for f in _SHOWN.get(c, (c,)))
             values = " ".join(f"{f}={short(row[f])}" for f in fields if f in row)
             where = f"line {line}" if file == source else f"{file}:{line}"
@@ -249,7 +382,7 @@ class GXValidator:
         for site in self.context.get_docs_sites_urls(resource_identifier=resource_id):
             url = site.get("site_url") or ""
             if url.startswith("file://"):
-                path = Path(url[len("file://"):])
+                path = Path(url[len("file://") :])
                 return path if path.exists() else Path(unquote(str(path)))  # GX %-quotes the part under the site
         return None
 
@@ -327,20 +460,34 @@ def validate_dataset(data_dir: Path, cfg: DataConfig, gx_root: Path, kinds: Iter
     report = ValidationReport()
     for kind in kinds:
         if not dataset[kind]:
-            report.findings.append(Finding(str(data_dir / kind), "no_shards", f"no {kind} shards (*.jsonl) found",
-                                           f"add data under {data_dir / kind}/ (`rlhf ingest FILE --kind {kind}`) or regenerate the demo", 1))
+            report.findings.append(
+                Finding(
+                    str(data_dir / kind),
+                    "no_shards",
+                    f"no {kind} shards (*.jsonl) found",
+                    f"add data under {data_dir / kind}/ (`rlhf ingest FILE --kind {kind}`) or regenerate the demo",
+                    1,
+                )
+            )
         for pf in dataset[kind]:
             report.files.append(str(pf.path))
             report.findings.extend(pf.findings)
     training_prompts = set().union(*(_prompts(dataset[k]) for k in TRAINING_KINDS))
     frames = _frames_from((k, pf) for k in kinds for pf in dataset[k])
-    _run_suites(report, frames, cfg, gx_root,
-                params=lambda frame: {"training_prompts": training_prompts} if frame == "eval" else {},
-                source=lambda frame: f"{data_dir}/{frame.split('_')[0]}")
+    _run_suites(
+        report,
+        frames,
+        cfg,
+        gx_root,
+        params=lambda frame: {"training_prompts": training_prompts} if frame == "eval" else {},
+        source=lambda frame: f"{data_dir}/{frame.split('_')[0]}",
+    )
     return report
 
 
-def _run_suites(report: ValidationReport, frames: dict[str, list], cfg: DataConfig, gx_root: Path, params, source) -> None:
+def _run_suites(
+    report: ValidationReport, frames: dict[str, list], cfg: DataConfig, gx_root: Path, params, source
+) -> None:
     """Validate every non-empty frame with its suite; `params(frame)` fills the suite parameters."""
     validator = get_validator(gx_root, cfg)
     result_ids: dict[str, list] = {}
@@ -358,7 +505,9 @@ def _run_suites(report: ValidationReport, frames: dict[str, list], cfg: DataConf
             report.docs_pages[frame] = pages[0]  # one validation definition per frame: one result
 
 
-def validate_batch(path: Path, kind: str, cfg: DataConfig, gx_root: Path, data_dir: Path | None) -> tuple[ValidationReport, ParsedFile]:
+def validate_batch(
+    path: Path, kind: str, cfg: DataConfig, gx_root: Path, data_dir: Path | None
+) -> tuple[ValidationReport, ParsedFile]:
     """Validate a new batch on its own and against the data already in `data_dir` (duplicates, ids, eval leakage)."""
     pf = read_jsonl(path, kind)
     report = ValidationReport(files=[str(path)], findings=list(pf.findings))
@@ -371,8 +520,12 @@ def validate_batch(path: Path, kind: str, cfg: DataConfig, gx_root: Path, data_d
 
     def params(frame: str) -> dict[str, set]:
         old = build_frame(frame, existing_frames[frame], cfg)
-        return {"existing_ids": existing_ids, "existing_keys": set(old["_key"]) if len(old) else set(),
-                "eval_prompts": eval_prompts, "training_prompts": training_prompts}
+        return {
+            "existing_ids": existing_ids,
+            "existing_keys": set(old["_key"]) if len(old) else set(),
+            "eval_prompts": eval_prompts,
+            "training_prompts": training_prompts,
+        }
 
     _run_suites(report, frames, cfg, gx_root, params=params, source=lambda frame: str(path))
     return report, pf

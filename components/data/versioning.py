@@ -13,6 +13,7 @@ never leaves it held). Under the lock a journal can only belong to a dead ingest
 never rolls back a live one. A retrain reads one pinned version from start to end: `pinned_data`
 copies data/ at its version to <state>/snapshots/<md5> under the lock, and the stages read that.
 """
+
 from __future__ import annotations
 
 import errno
@@ -24,10 +25,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import yaml
 
@@ -63,7 +64,9 @@ _held = threading.local()  # lock files this thread holds (nested use is a no-op
 
 
 @contextmanager
-def data_lock(cfg: Config, what: str, say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)) -> Iterator[None]:
+def data_lock(
+    cfg: Config, what: str, say: Callable[[str], None] = lambda m: print(m, file=sys.stderr)
+) -> Iterator[None]:
     """Hold the project's data lock for `what` (e.g. "ingest batch.jsonl"). Waits for another holder,
     saying who every 30 s, for at most `infra.data_lock_timeout_s`; then a DataVersionError says who holds it."""
     path = cfg.state_path / LOCK
@@ -85,7 +88,8 @@ def data_lock(cfg: Config, what: str, say: Callable[[str], None] = lambda m: pri
                 if now - started > cfg.infra.data_lock_timeout_s:
                     raise DataVersionError(
                         f"{what}: data/ has been locked by {holder} for over {cfg.infra.data_lock_timeout_s:g} s "
-                        f"(infra.data_lock_timeout_s). Wait for it to finish, or raise the timeout.") from None
+                        f"(infra.data_lock_timeout_s). Wait for it to finish, or raise the timeout."
+                    ) from None
                 if now - said >= LOCK_SAY_EVERY_S:
                     said = now
                     say(f"{what}: waiting for data/ ({now - started:.0f} s so far): in use by {holder}")
@@ -109,11 +113,14 @@ class Dvc:
 
     def __call__(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}
-        proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=self.root, env=env,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvc", *args], cwd=self.root, env=env, capture_output=True, text=True
+        )
         if check and proc.returncode != 0:
             msg = (proc.stderr or proc.stdout).strip().splitlines()
-            raise DataVersionError(f"`dvc {' '.join(args)}` failed in {self.root}: {msg[-1] if msg else proc.returncode}")
+            raise DataVersionError(
+                f"`dvc {' '.join(args)}` failed in {self.root}: {msg[-1] if msg else proc.returncode}"
+            )
         return proc
 
     def ensure_init(self) -> None:
@@ -160,6 +167,7 @@ def count_rows(data_dir: Path) -> dict[str, int]:
     def n(p: Path) -> int:
         with p.open("rb") as fh:
             return sum(1 for line in fh if line.strip())
+
     return {k: sum(n(p) for p in shard_files(data_dir / k)) for k in KINDS}
 
 
@@ -172,8 +180,10 @@ def _dvc_target(cfg: Config) -> str:
     try:
         return str(cfg.data_path.relative_to(cfg.root_path))
     except ValueError:
-        raise DataVersionError(f"data.dir ({cfg.data_path}) must be inside the project root ({cfg.root_path}) "
-                               "so that data.dvc can track it") from None
+        raise DataVersionError(
+            f"data.dir ({cfg.data_path}) must be inside the project root ({cfg.root_path}) "
+            "so that data.dvc can track it"
+        ) from None
 
 
 def open_repo(cfg: Config) -> Dvc:
@@ -207,7 +217,8 @@ def pinned_data(cfg: Config, keep: int | None = 3) -> DataState:
             os.replace(tmp, dest)
         os.utime(dest)
         for old in sorted((d for d in root.iterdir() if d != dest), key=lambda d: d.stat().st_mtime, reverse=True)[
-                max(0, (keep if keep is not None else 10**9) - 1):]:
+            max(0, (keep if keep is not None else 10**9) - 1) :
+        ]:
             shutil.rmtree(old, ignore_errors=True)  # older snapshots, and tmp copies of dead processes
         return DataState(state.version, state.origin, state.rows, state.remote, str(dest))
 
@@ -224,7 +235,8 @@ def _ensure_data(cfg: Config) -> DataState:
                 f"{cfg.data_path} differs from {DVC_FILE} ({json.dumps(dvc.status())}).\n"
                 f"  To keep the changes: add new examples with `rlhf ingest FILE --kind K` (validated), "
                 f"or version them as they are with `dvc add {target}`.\n"
-                f"  To discard them: `dvc checkout --force {DVC_FILE}`.")
+                f"  To discard them: `dvc checkout --force {DVC_FILE}`."
+            )
         if dvc.pull(remote) and not dvc.status():
             return DataState(recorded, "pulled", count_rows(cfg.data_path), remote_url(cfg), str(cfg.data_path))
     backup = (cfg.root_path / DVC_FILE).read_text() if recorded else None
@@ -238,7 +250,8 @@ def _ensure_data(cfg: Config) -> DataState:
             f"{DVC_FILE} records data version {recorded}, which the DVC remote ({remote_url(cfg)}) does not have, "
             f"and the demo generator with this config gives {version}.\n"
             f"  Get the data from the remote that has it (`infra.dvc_remote_url=...`, then `dvc pull`), "
-            f"or start over from the demo: `git checkout {DVC_FILE}` (or delete it) and run again.")
+            f"or start over from the demo: `git checkout {DVC_FILE}` (or delete it) and run again."
+        )
     if cfg.infra.dvc_push:
         dvc.push(remote)
     return DataState(version or "", "generated", count_rows(cfg.data_path), remote_url(cfg), str(cfg.data_path))
@@ -247,8 +260,10 @@ def _ensure_data(cfg: Config) -> DataState:
 def require_clean(cfg: Config, dvc: Dvc) -> str:
     status = dvc.status()
     if status:
-        raise DataVersionError(f"{cfg.data_path} does not match {DVC_FILE}: {json.dumps(status)}. "
-                               f"Run `rlhf validate` for details, `dvc checkout --force {DVC_FILE}` to discard local changes.")
+        raise DataVersionError(
+            f"{cfg.data_path} does not match {DVC_FILE}: {json.dumps(status)}. "
+            f"Run `rlhf validate` for details, `dvc checkout --force {DVC_FILE}` to discard local changes."
+        )
     return data_version(cfg.root_path) or ""
 
 
@@ -297,8 +312,12 @@ def commit_shard(cfg: Config, dvc: Dvc, staged: Path, dest: Path, on_step=lambda
     dvc_file = cfg.root_path / DVC_FILE
     journal = _journal(cfg)
     journal.parent.mkdir(parents=True, exist_ok=True)
-    entry = {"shard": str(dest), "data_dvc": dvc_file.read_text() if dvc_file.exists() else None,
-             "started": time.time(), "owner": str(Owner.me())}
+    entry = {
+        "shard": str(dest),
+        "data_dvc": dvc_file.read_text() if dvc_file.exists() else None,
+        "started": time.time(),
+        "owner": str(Owner.me()),
+    }
     _write_durably(journal, json.dumps(entry))  # the journal exists before anything under data/ changes
     try:
         on_step("write shard")
@@ -339,13 +358,17 @@ def recover(cfg: Config) -> str | None:
             entry = json.loads(journal.read_text())
         except ValueError:  # written before the fsync'd journal, or damaged: it cannot say what to undo
             journal.unlink()
-            msg = (f"an unreadable ingest journal ({journal}) was removed; if `dvc status` now reports changes, "
-                   f"`dvc checkout --force {DVC_FILE}` restores data/ to the recorded version")
+            msg = (
+                f"an unreadable ingest journal ({journal}) was removed; if `dvc status` now reports changes, "
+                f"`dvc checkout --force {DVC_FILE}` restores data/ to the recorded version"
+            )
             print(f"⚠ {msg}", file=sys.stderr)
             return msg
         _rollback(cfg, entry)
         owner = Owner.parse(entry.get("owner"))
-        msg = (f"recovered from an interrupted ingest{f' ({owner.describe()})' if owner else ''}: rolled back "
-               f"{entry['shard']} and {DVC_FILE}; that batch was NOT ingested - run the ingest again")
+        msg = (
+            f"recovered from an interrupted ingest{f' ({owner.describe()})' if owner else ''}: rolled back "
+            f"{entry['shard']} and {DVC_FILE}; that batch was NOT ingested - run the ingest again"
+        )
         print(f"⚠ {msg}", file=sys.stderr)
         return msg

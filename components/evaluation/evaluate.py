@@ -6,6 +6,7 @@ mean (a callable by import path that is not the RM), KL to the SFT reference (na
 only where the policy shares the reference's tokenizer), response length, EOS rate and distinct-n.
 Between two policies: the RM win rate (ties count half).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,13 +38,13 @@ class PolicyEval:
 
 def distinct_n(texts: list[str], n: int) -> float:
     """Distinct word n-grams / all word n-grams over the responses (diversity; 1.0 = no repeats)."""
-    grams = [tuple(words[i: i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
+    grams = [tuple(words[i : i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def win_rate(a: list[float], b: list[float]) -> float:
     """Share of prompts where a's reward beats b's (ties count half)."""
-    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / max(1, len(a))
+    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)) / max(1, len(a))
 
 
 def load_policy(spec: PolicySpec, model_cfg: ModelConfig):
@@ -56,8 +57,9 @@ def load_policy(spec: PolicySpec, model_cfg: ModelConfig):
 
 
 @torch.no_grad()
-def evaluate_policies(specs: list[PolicySpec], sft_dir: str, reward_dir: str, prompts: list[str], cfg: GateConfig,
-                      model_cfg: ModelConfig) -> dict[str, PolicyEval]:
+def evaluate_policies(
+    specs: list[PolicySpec], sft_dir: str, reward_dir: str, prompts: list[str], cfg: GateConfig, model_cfg: ModelConfig
+) -> dict[str, PolicyEval]:
     from peft import PeftModel
 
     prompts = [p for p in prompts[: cfg.max_prompts] for _ in range(cfg.samples_per_prompt)]
@@ -73,16 +75,27 @@ def evaluate_policies(specs: list[PolicySpec], sft_dir: str, reward_dir: str, pr
         ids, mask = encode(scorer_tok, prompts, ro.texts, 2 * cfg.max_new_tokens + 64, ids_device(scorer))
         rewards = ((sequence_scores(scorer, head, ids, mask) - meta["reward_mean"]) / meta["reward_std"]).tolist()
         rmask = ro.response_mask.float()
-        metrics = {"reward_mean": sum(rewards) / len(rewards), "response_length": rmask.sum(1).mean().item(),
-                   "eos_rate": ro.ended.float().mean().item(), "distinct_1": distinct_n(ro.texts, 1),
-                   "distinct_2": distinct_n(ro.texts, 2), "kl": float("nan")}
+        metrics = {
+            "reward_mean": sum(rewards) / len(rewards),
+            "response_length": rmask.sum(1).mean().item(),
+            "eos_rate": ro.ended.float().mean().item(),
+            "distinct_1": distinct_n(ro.texts, 1),
+            "distinct_2": distinct_n(ro.texts, 2),
+            "kl": float("nan"),
+        }
         if tok.get_vocab() == scorer_tok.get_vocab():  # same tokenizer: the KL to this run's reference is defined
             seq, smask, q = ro.sequence, ro.sequence_mask, ro.query.shape[1]
-            lp = logprobs_of(model(input_ids=seq, attention_mask=smask, position_ids=position_ids(smask)).logits[:, q - 1: -1],
-                             ro.response, cfg.temperature)
+            lp = logprobs_of(
+                model(input_ids=seq, attention_mask=smask, position_ids=position_ids(smask)).logits[:, q - 1 : -1],
+                ro.response,
+                cfg.temperature,
+            )
             with scorer.disable_adapter():
-                ref = logprobs_of(scorer(input_ids=seq, attention_mask=smask, position_ids=position_ids(smask)).logits[:, q - 1: -1],
-                                  ro.response, cfg.temperature)
+                ref = logprobs_of(
+                    scorer(input_ids=seq, attention_mask=smask, position_ids=position_ids(smask)).logits[:, q - 1 : -1],
+                    ro.response,
+                    cfg.temperature,
+                )
             metrics["kl"] = (kl_k1(lp, ref) * rmask).sum(1).mean().item()
         if judge is not None:
             scores = [float(x) for x in judge(prompts, ro.texts)]

@@ -5,6 +5,7 @@
 weights with the reward model (which only ever saw the annotator's noisy comparisons), so it is
 an independent check that PPO learned the task rather than the reward model's quirks.
 """
+
 from __future__ import annotations
 
 from components.data.demo import lexicon_sentiment

@@ -5,6 +5,7 @@ The result is saved with `save_pretrained` (safetensors) to a cache dir keyed by
 version and the model config, built once and reused; from there on it is loaded exactly
 like a real model (`from_pretrained` on a local dir).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,14 +47,25 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE(unk_token=SPECIAL["unk"]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL.values()),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL.values()),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=SPECIAL["pad"], bos_token=SPECIAL["bos"],
-                                   eos_token=SPECIAL["eos"], unk_token=SPECIAL["unk"])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=SPECIAL["pad"],
+        bos_token=SPECIAL["bos"],
+        eos_token=SPECIAL["eos"],
+        unk_token=SPECIAL["unk"],
+    )
 
 
-def build_demo_base(cfg: ModelConfig, data_dir: Path, corpus_version: str, cache_dir: Path, seed: int = 0) -> BaseModelResult:
+def build_demo_base(
+    cfg: ModelConfig, data_dir: Path, corpus_version: str, cache_dir: Path, seed: int = 0
+) -> BaseModelResult:
     """Return the cached base model for (corpus, config), building it if needed."""
     out = cache_dir / f"{cfg.name}-{cache_key(cfg, corpus_version)}"
     info_file = out / "build_info.json"
@@ -69,19 +81,29 @@ def build_demo_base(cfg: ModelConfig, data_dir: Path, corpus_version: str, cache
     if not texts:
         raise ValueError(f"no training text under {data_dir}: materialise the data first (`rlhf data`)")
     tok = train_tokenizer(texts, cfg.vocab_size)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, max_position_embeddings=cfg.max_position_embeddings,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads,
+            max_position_embeddings=cfg.max_position_embeddings,
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            tie_word_embeddings=True,
+        )
+    )
     n_params = sum(p.numel() for p in model.parameters())
 
     # Pretrain: next-token prediction on "prompt continuation<eos>", cosine LR.
     enc = [ids[: cfg.max_position_embeddings] for ids in tok([t + SPECIAL["eos"] for t in texts])["input_ids"]]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / cfg.pretrain_steps)))
+        opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / cfg.pretrain_steps))
+    )
     model.train()
     t0, losses = time.time(), []
     bar = tqdm(range(cfg.pretrain_steps), desc=f"pretrain {cfg.name} base", unit="step")
@@ -100,15 +122,21 @@ def build_demo_base(cfg: ModelConfig, data_dir: Path, corpus_version: str, cache
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
     tail = losses[-20:]
-    metrics = {"base/pretrain_loss": sum(tail) / len(tail), "base/pretrain_seconds": time.time() - t0,
-               "base/corpus_texts": float(len(texts))}
+    metrics = {
+        "base/pretrain_loss": sum(tail) / len(tail),
+        "base/pretrain_seconds": time.time() - t0,
+        "base/corpus_texts": float(len(texts)),
+    }
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    (tmp / "build_info.json").write_text(json.dumps(
-        {"params": n_params, "metrics": metrics, "corpus_version": corpus_version, "config": asdict(cfg)}, indent=2))
+    (tmp / "build_info.json").write_text(
+        json.dumps(
+            {"params": n_params, "metrics": metrics, "corpus_version": corpus_version, "config": asdict(cfg)}, indent=2
+        )
+    )
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # atomic: a half-built model is never in the cache
     return BaseModelResult(str(out), True, n_params, metrics)

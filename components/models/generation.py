@@ -2,6 +2,7 @@
 
 Used by PPO rollouts, evaluation and the served model, so all three generate the same way.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,10 +27,16 @@ class Rollout:
     def sequence_mask(self) -> torch.Tensor:  # (B, Tq + Tr)
         return torch.cat([self.query_mask, self.response_mask], dim=1)
 
-    def select(self, idx: torch.Tensor) -> "Rollout":
+    def select(self, idx: torch.Tensor) -> Rollout:
         ids = idx.tolist()
-        return Rollout(self.query[idx], self.query_mask[idx], self.response[idx], self.response_mask[idx],
-                       self.ended[idx], [self.texts[i] for i in ids])
+        return Rollout(
+            self.query[idx],
+            self.query_mask[idx],
+            self.response[idx],
+            self.response_mask[idx],
+            self.ended[idx],
+            [self.texts[i] for i in ids],
+        )
 
 
 def encode_prompts(tok, prompts: list[str], max_prompt_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,8 +46,8 @@ def encode_prompts(tok, prompts: list[str], max_prompt_tokens: int, device) -> t
     input_ids = torch.full((len(ids), T), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(ids), T), dtype=torch.long)
     for i, x in enumerate(ids):
-        input_ids[i, T - len(x):] = torch.tensor(x)
-        mask[i, T - len(x):] = 1
+        input_ids[i, T - len(x) :] = torch.tensor(x)
+        mask[i, T - len(x) :] = 1
     return input_ids.to(device), mask.to(device)
 
 
@@ -52,23 +59,38 @@ def response_mask(response: torch.Tensor, eos_token_id: int) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def sample(model, tok, prompts: list[str], max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-           max_prompt_tokens: int = 64, do_sample: bool = True) -> Rollout:
+def sample(
+    model,
+    tok,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_prompt_tokens: int = 64,
+    do_sample: bool = True,
+) -> Rollout:
     """Sample one response per prompt. `temperature`/`top_p` as in transformers; top_k is off so the
     sampling distribution is exactly softmax(logits / temperature) (what PPO's log-probs assume)."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
     query, qmask = encode_prompts(tok, prompts, max_prompt_tokens, device)
-    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature if do_sample else None,
-                           top_p=top_p if do_sample else None, top_k=0 if do_sample else None, use_cache=True,
-                           pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    gen = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature if do_sample else None,
+        top_p=top_p if do_sample else None,
+        top_k=0 if do_sample else None,
+        use_cache=True,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
     was_training = model.training
     model.eval()
     out = model.generate(input_ids=query, attention_mask=qmask, generation_config=gen)
     if was_training:
         model.train()
-    response = out[:, query.shape[1]:]
+    response = out[:, query.shape[1] :]
     if response.shape[1] == 0:  # every row stopped at once: keep one (EOS/pad) column
         response = torch.full((len(prompts), 1), tok.eos_token_id, dtype=torch.long, device=device)
     rmask, ended = response_mask(response, tok.eos_token_id)

@@ -3,6 +3,7 @@
 Padding side: right for training (labels line up), left for generation (new tokens
 follow the prompt directly).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,5 +35,6 @@ def load_causal_lm(path: str | Path, cfg: ModelConfig, device: torch.device | No
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
+        str(path), dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, use_safetensors=True
+    )
     return model.to(device or resolve_device(cfg.device))

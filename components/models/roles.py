@@ -15,13 +15,14 @@ memory once. This module holds the pieces every role shares:
   runs a block with one role active and always switches back, even when the block raises.
 - `lora_config(settings)`: the peft LoraConfig of a stage's `lora` settings (SFT, reward model, PPO).
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -51,7 +52,7 @@ class ScalarHead(nn.Module):
         (directory / HEAD_META).write_text(json.dumps({"hidden_size": self.linear.in_features, **meta}, indent=2))
 
     @classmethod
-    def load(cls, directory: Path, device: torch.device | str = "cpu") -> tuple["ScalarHead", dict]:
+    def load(cls, directory: Path, device: torch.device | str = "cpu") -> tuple[ScalarHead, dict]:
         meta = json.loads((Path(directory) / HEAD_META).read_text())
         head = cls(meta["hidden_size"])
         head.load_state_dict(load_file(str(Path(directory) / HEAD_FILE)))
@@ -84,12 +85,15 @@ def backbone(model: nn.Module) -> nn.Module:
 
 def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """Last-layer hidden states with the currently active adapter: (B, T) -> (B, T, H)."""
-    out = backbone(model)(input_ids=input_ids, attention_mask=attention_mask,
-                          position_ids=position_ids(attention_mask), use_cache=False)
+    out = backbone(model)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
+    )
     return out.last_hidden_state
 
 
-def sequence_scores(model: nn.Module, head: ScalarHead, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def sequence_scores(
+    model: nn.Module, head: ScalarHead, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """One scalar per sequence, read at its last real token: (B, T) -> (B,)."""
     h = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
     idx = last_token_index(attention_mask)  # (B,)
@@ -114,8 +118,13 @@ def lora_config(settings):
     """peft LoraConfig for a causal LM from a stage's `lora` settings (components.config.LoraConfig)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                      target_modules=list(settings.target_modules), task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        task_type="CAUSAL_LM",
+    )
 
 
 @dataclass
@@ -123,6 +132,7 @@ class Roles:
     """One base model, several roles as peft adapters (+ scalar heads). PPO: policy (adapter "policy" + LM head),
     reference (adapters disabled), value (adapter "value" + `value_head`), reward (frozen adapter "reward" +
     `reward_head`, normalised with `reward_mean`/`reward_std`), and an optional reward callable."""
+
     model: object  # PeftModelForCausalLM: SFT base + adapters policy, value[, reward]
     tok: object
     value_head: ScalarHead

@@ -4,18 +4,21 @@
 - `logprobs_of`: token log-probs of a response under logits; `kl_k1`: the per-token KL estimate from them.
 - `load_reward_fn`: a reward / judge callable named by import path ("package.module:function").
 """
+
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 
 def encode(tok, prompts: list[str], responses: list[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """prompt + " " + response + EOS, truncated to max_length (EOS kept), right-padded: -> (B, T) x2."""
-    ids = [tok(f"{p} {r}", add_special_tokens=False)["input_ids"][: max_length - 1] + [tok.eos_token_id]
-           for p, r in zip(prompts, responses)]
+    ids = [
+        tok(f"{p} {r}", add_special_tokens=False)["input_ids"][: max_length - 1] + [tok.eos_token_id]
+        for p, r in zip(prompts, responses, strict=True)
+    ]
     T = max(len(x) for x in ids)
     input_ids = torch.full((len(ids), T), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(ids), T), dtype=torch.long)
@@ -37,7 +40,7 @@ def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 
 def load_reward_fn(path: str | None) -> Callable[[list[str], list[str]], list[float]] | None:
-    """"package.module:function" -> the function (called as fn(prompts, responses) -> scores); None -> None."""
+    """ "package.module:function" -> the function (called as fn(prompts, responses) -> scores); None -> None."""
     if not path:
         return None
     module, _, name = path.partition(":")

@@ -15,6 +15,7 @@ in 1..`max_new_tokens_cap` (and below the context); temperature in 0..2; 0 < top
 -1..2**32-1. The caps are `Limits` (defaults below; `registry.log_and_register` writes them, with any
 overrides, into the logged model's `model_config`).
 """
+
 from __future__ import annotations
 
 import threading
@@ -37,6 +38,7 @@ class Limits:
     """Per-request serving caps: the one place their defaults live. Logged, all of them, as the model's
     `model_config`; at serve time `MLFLOW_PYFUNC_INFERENCE_CONFIG='{"max_prompts": 8}'` (or load_model's
     model_config) overrides the caps the logged model names."""
+
     max_new_tokens_cap: int = 256  # also held below the model's context (one prompt token must fit)
     max_prompt_tokens: int = 1024  # also held to the model's context less the request's max_new_tokens
     max_prompts: int = 16
@@ -47,11 +49,13 @@ class Limits:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"serving limit {f.name} must be a positive integer, got {value!r}")
         if self.max_new_tokens_cap < DEFAULT_PARAMS["max_new_tokens"]:  # else a request with no params fails
-            raise ValueError(f"serving limit max_new_tokens_cap must be at least the default max_new_tokens "
-                             f"{DEFAULT_PARAMS['max_new_tokens']}, got {self.max_new_tokens_cap}")
+            raise ValueError(
+                f"serving limit max_new_tokens_cap must be at least the default max_new_tokens "
+                f"{DEFAULT_PARAMS['max_new_tokens']}, got {self.max_new_tokens_cap}"
+            )
 
     @classmethod
-    def from_config(cls, config: dict | None) -> "Limits":
+    def from_config(cls, config: dict | None) -> Limits:
         """Limits from a model_config (missing keys: defaults; unknown keys: ValueError)."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(config or {}) - known)
@@ -106,8 +110,11 @@ def validate_params(p: dict, limits: Limits, context: int | None) -> None:
 def validate_prompts(prompts: list, limits: Limits) -> None:
     """The number of prompts and each prompt's type (lengths need the tokenizer: see check_lengths)."""
     if not 1 <= len(prompts) <= limits.max_prompts:
-        raise bad_request("prompt", f"1..{limits.max_prompts}",
-                          f"prompt: a request holds 1..{limits.max_prompts} prompts, got {len(prompts)}.")
+        raise bad_request(
+            "prompt",
+            f"1..{limits.max_prompts}",
+            f"prompt: a request holds 1..{limits.max_prompts} prompts, got {len(prompts)}.",
+        )
     for i, prompt in enumerate(prompts, 1):
         if not isinstance(prompt, str) or not prompt.strip():
             shown = repr(prompt) if len(repr(prompt)) <= 40 else repr(prompt)[:40] + "..."
@@ -118,11 +125,13 @@ def check_lengths(lengths: list[int], max_new_tokens: int, limits: Limits, conte
     """Each prompt fits max_prompt_tokens and, with max_new_tokens, the model's context."""
     cap = limits.max_prompt_tokens if context is None else min(limits.max_prompt_tokens, context - max_new_tokens)
     why = f"max_prompt_tokens={limits.max_prompt_tokens}" + (
-        "" if context is None else f", and the {context}-token context less max_new_tokens={max_new_tokens}")
+        "" if context is None else f", and the {context}-token context less max_new_tokens={max_new_tokens}"
+    )
     for i, n in enumerate(lengths, 1):
         if n > cap:
-            raise bad_request("prompt", f"1..{cap} tokens",
-                              f"prompt {i} has {n} tokens, allowed 1..{cap} tokens ({why}).")
+            raise bad_request(
+                "prompt", f"1..{cap} tokens", f"prompt {i} has {n} tokens, allowed 1..{cap} tokens ({why})."
+            )
 
 
 @contextmanager
@@ -168,21 +177,28 @@ class PolicyModel(PythonModel):
         validate_params(p, self.limits, self.context_tokens)
         validate_prompts(prompts, self.limits)
         batch = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-        check_lengths(batch["attention_mask"].sum(dim=1).tolist(), int(p["max_new_tokens"]), self.limits,
-                      self.context_tokens)
+        check_lengths(
+            batch["attention_mask"].sum(dim=1).tolist(), int(p["max_new_tokens"]), self.limits, self.context_tokens
+        )
         batch = batch.to(self.device)
         with self.lock, seeded(int(p["seed"]), self.device):
             out = self.generate(batch, p)
-        texts = self.tok.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        texts = self.tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         return pd.DataFrame({"response": [t.strip() for t in texts]})
 
     def generate(self, batch, p: dict) -> torch.Tensor:
         """Token ids (prompt + continuation) for a padded batch; temperature 0: greedy."""
         sampling = float(p["temperature"]) > 0
-        return self.model.generate(**batch, max_new_tokens=int(p["max_new_tokens"]), do_sample=sampling,
-                                   temperature=float(p["temperature"]) if sampling else None,
-                                   top_p=float(p["top_p"]) if sampling else None, top_k=0 if sampling else None,
-                                   pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id)
+        return self.model.generate(
+            **batch,
+            max_new_tokens=int(p["max_new_tokens"]),
+            do_sample=sampling,
+            temperature=float(p["temperature"]) if sampling else None,
+            top_p=float(p["top_p"]) if sampling else None,
+            top_k=0 if sampling else None,
+            pad_token_id=self.tok.pad_token_id,
+            eos_token_id=self.tok.eos_token_id,
+        )
 
 
 mlflow.models.set_model(PolicyModel())

@@ -4,6 +4,7 @@ Lifecycle (docs/architecture.md): a candidate that passes the gate becomes a reg
 alias `challenger`; approval moves `champion` to it (recording the previous champion on the
 version, so `rollback` can move `champion` back). Uses the active tracking URI; no setup here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,8 +22,9 @@ class Registered:
     model_uri: str  # models:/<name>/<version>
 
 
-def log_and_register(registered_name: str, base_dir: str, adapter_dir: str | None, tags: dict[str, str],
-                     limits: dict | None = None) -> Registered:
+def log_and_register(
+    registered_name: str, base_dir: str, adapter_dir: str | None, tags: dict[str, str], limits: dict | None = None
+) -> Registered:
     """Log the pyfunc (base + adapter + tokenizer) to the active run, register it, alias `challenger`.
 
     `limits`: overrides of the serving caps (policy_model.Limits); all caps, defaults included, are written
@@ -42,15 +44,26 @@ def log_and_register(registered_name: str, base_dir: str, adapter_dir: str | Non
     # One string column matched by position, not by name: a DataFrame with a `prompt` column and a plain
     # list of strings (`inputs`) both pass schema enforcement.
     params = infer_signature(example, params=DEFAULT_PARAMS).params
-    signature = ModelSignature(inputs=Schema([ColSpec(DataType.string)]),
-                               outputs=Schema([ColSpec(DataType.string, "response")]), params=params)
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(DataType.string)]), outputs=Schema([ColSpec(DataType.string, "response")]), params=params
+    )
     artifacts = {"base": base_dir, **({"adapter": adapter_dir} if adapter_dir else {})}
     info = mlflow.pyfunc.log_model(
-        name="policy", python_model=str(POLICY_MODEL_FILE), artifacts=artifacts, signature=signature,
-        input_example=example, registered_model_name=registered_name,
+        name="policy",
+        python_model=str(POLICY_MODEL_FILE),
+        artifacts=artifacts,
+        signature=signature,
+        input_example=example,
+        registered_model_name=registered_name,
         model_config=Limits.from_config(limits).as_config(),  # the serving caps, read back at load
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}",
-                          f"peft=={peft.__version__}", f"pandas=={pd.__version__}", f"mlflow=={mlflow.__version__}"])
+        pip_requirements=[
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"transformers=={transformers.__version__}",
+            f"peft=={peft.__version__}",
+            f"pandas=={pd.__version__}",
+            f"mlflow=={mlflow.__version__}",
+        ],
+    )
     return finish_registration(registered_name, str(info.registered_model_version), tags)
 
 
@@ -106,13 +119,21 @@ def rollback(registered_name: str, by: str = "unknown", reason: str = "") -> tup
     version = client.get_model_version(registered_name, current)
     previous = version.tags.get("previous_champion")
     if not previous:
-        raise ValueError(f"champion v{current} of {registered_name!r} replaced no earlier champion: nothing to roll back to")
+        raise ValueError(
+            f"champion v{current} of {registered_name!r} replaced no earlier champion: nothing to roll back to"
+        )
     note = f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} by {by}" + (f": {reason}" if reason else "")
     client.set_registered_model_alias(registered_name, CHAMPION, previous)
     client.set_model_version_tag(registered_name, current, ROLLED_BACK, note)
-    client.update_model_version(registered_name, current, description=(version.description or "") + (
-        f"\n\n## Rolled back\n\n{note}. `{CHAMPION}` went back to v{previous}. A retrain on the same data "
-        f"version and config does not promote this model again; new data or a changed config does."))
+    client.update_model_version(
+        registered_name,
+        current,
+        description=(version.description or "")
+        + (
+            f"\n\n## Rolled back\n\n{note}. `{CHAMPION}` went back to v{previous}. A retrain on the same data "
+            f"version and config does not promote this model again; new data or a changed config does."
+        ),
+    )
     return current, previous
 
 
@@ -124,7 +145,8 @@ def rolled_back_like(registered_name: str, data_version: str, config_hash: str):
     import mlflow
 
     versions = mlflow.MlflowClient().search_model_versions(
-        f"name = '{registered_name}' and tags.data_version = '{data_version}' and tags.config_hash = '{config_hash}'")
+        f"name = '{registered_name}' and tags.data_version = '{data_version}' and tags.config_hash = '{config_hash}'"
+    )
     return next((v for v in versions if ROLLED_BACK in v.tags), None)
 
 
@@ -137,6 +159,27 @@ def registered_by(registered_name: str, register_run_ids: list[str]) -> str | No
     ids = ", ".join(f"'{r}'" for r in register_run_ids)
     versions = mlflow.MlflowClient().search_model_versions(f"name = '{registered_name}' and run_id IN ({ids})")
     return str(min(int(v.version) for v in versions)) if versions else None
+
+
+def version_tags(registered_name: str, version: str) -> dict[str, str]:
+    import mlflow
+
+    return dict(mlflow.MlflowClient().get_model_version(registered_name, version).tags)
+
+
+def describe(registered_name: str, version: str, text: str) -> None:
+    """Set a version's description (its model card, shown in the MLflow UI)."""
+    import mlflow
+
+    mlflow.MlflowClient().update_model_version(registered_name, version, description=text)
+
+
+def download_version(registered_name: str, version: str) -> dict[str, str]:
+    """A registered version's artifacts on local disk: {"base": ..., "adapter": ...}."""
+    import mlflow
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{registered_name}/{version}"))
+    return artifact_paths(local)
 
 
 def artifact_paths(model_dir: Path) -> dict[str, str]:

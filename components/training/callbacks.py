@@ -3,6 +3,7 @@ completion marker of HF Trainer checkpoints.
 
 Components never set up tracking; when no run is active nothing is logged.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,9 @@ class MlflowNamespaceCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs:
-            log_to_active_run({f"{self.namespace}/{k.removeprefix('train_')}": v for k, v in logs.items()}, state.global_step)
+            log_to_active_run(
+                {f"{self.namespace}/{k.removeprefix('train_')}": v for k, v in logs.items()}, state.global_step
+            )
 
 
 class CheckpointCompleteCallback(TrainerCallback):

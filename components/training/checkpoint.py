@@ -20,6 +20,7 @@ holds `COMPLETE.json`, written atomically as the stage's last step by `mark_comp
 removes it first thing (`mark_incomplete`), so a recompute into the same dir is not complete until
 it finishes. Callers check `is_complete(out_dir)`, not that the dir exists.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,9 +29,10 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -44,6 +46,7 @@ _HF_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 # ---------------------------------------------------------------------------- durable writes
+
 
 def fsync_dir(directory: Path) -> None:
     """Make renames/creations in `directory` durable (a no-op where directories cannot be opened)."""
@@ -86,6 +89,7 @@ def write_json_durable(path: Path, obj: Any) -> None:
 
 
 # ---------------------------------------------------------------------------- our step checkpoints
+
 
 def fingerprint(cfg: Any, **inputs: Any) -> str:
     body = asdict(cfg) if is_dataclass(cfg) else dict(cfg)
@@ -158,6 +162,7 @@ def latest(root: Path, fp: str) -> tuple[Path, int] | None:
 
 # ---------------------------------------------------------------------------- HF Trainer checkpoints (SFT)
 
+
 def mark_checkpoint_complete(checkpoint_dir: Path, step: int) -> None:
     """Called once HF has finished saving `checkpoint_dir`: its files to disk, then the marker."""
     fsync_tree(checkpoint_dir)
@@ -187,6 +192,7 @@ def last_complete_checkpoint(directory: Path | str) -> Path | None:
 
 
 # ---------------------------------------------------------------------------- stage output dirs
+
 
 def mark_incomplete(out_dir: Path) -> None:
     """Remove a stage's completion marker (first thing a stage does before writing into `out_dir`)."""
@@ -221,6 +227,7 @@ def is_complete(out_dir: Path | str) -> bool:
 
 
 # ---------------------------------------------------------------------------- trainer state
+
 
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
@@ -267,8 +274,9 @@ def load_adapter_weights(model, adapter_dir: Path, adapter_name: str = "default"
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(str(Path(adapter_dir) / "adapter_model.safetensors")),
-                              adapter_name=adapter_name)
+    set_peft_model_state_dict(
+        model, load_file(str(Path(adapter_dir) / "adapter_model.safetensors")), adapter_name=adapter_name
+    )
 
 
 def batch_for_step(n: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -278,4 +286,4 @@ def batch_for_step(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     epoch, k = divmod(step, per_epoch)
     order = list(range(n))
     random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[k * batch_size: (k + 1) * batch_size]
+    return order[k * batch_size : (k + 1) * batch_size]

@@ -27,6 +27,7 @@ Divergence (NaN/inf in logits or loss, or KL above `kl_ceiling`) raises `PPODive
 anything is written to `out_dir/final`, so no later stage can take a diverged policy for a valid one.
 `out_dir/COMPLETE.json` is written after `final/` (`checkpoint.is_complete(out_dir)`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,14 +44,34 @@ from components.config import ModelConfig, PPOConfig
 from components.data.readers import read_prompts
 from components.models.generation import Rollout, sample
 from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
-from components.models.roles import (REFERENCE, Roles, ScalarHead, activate, hidden_states, lora_config, position_ids,
-                                      sequence_scores)
+from components.models.roles import (
+    REFERENCE,
+    Roles,
+    ScalarHead,
+    activate,
+    hidden_states,
+    lora_config,
+    position_ids,
+    sequence_scores,
+)
 from components.models.scoring import load_reward_fn
 from components.training import checkpoint
 from components.training.callbacks import log_table_to_active_run, log_to_active_run
-from components.training.ppo_math import (KL_ESTIMATORS, AdaptiveKLController, RunningMoments, entropy_from_logits, gae,
-                                          kl_k1, kl_k3, logprobs_of, masked_mean, policy_loss, rewards_with_kl,
-                                          value_loss, whiten)
+from components.training.ppo_math import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    RunningMoments,
+    entropy_from_logits,
+    gae,
+    kl_k1,
+    kl_k3,
+    logprobs_of,
+    masked_mean,
+    policy_loss,
+    rewards_with_kl,
+    value_loss,
+    whiten,
+)
 
 TRAINABLE = Roles.trainable  # the adapters PPO trains: policy and value
 
@@ -69,6 +90,7 @@ class PPOResult:
 
 
 # ---------------------------------------------------------------------------- the four roles
+
 
 def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: str | None, device) -> Roles:
     from peft import get_peft_model
@@ -104,7 +126,7 @@ def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir
 def policy_logits(roles: Roles, seq: torch.Tensor, mask: torch.Tensor, q_len: int) -> torch.Tensor:
     """Logits that predict the response tokens: (B, Tq + Tr) -> (B, Tr, V). Active adapter decides the role."""
     out = roles.model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
-    return out.logits[:, q_len - 1: -1]
+    return out.logits[:, q_len - 1 : -1]
 
 
 def reference_logprobs(roles: Roles, ro: Rollout, temperature: float) -> torch.Tensor:
@@ -117,7 +139,7 @@ def reference_logprobs(roles: Roles, ro: Rollout, temperature: float) -> torch.T
 def token_values(roles: Roles, seq: torch.Tensor, mask: torch.Tensor, q_len: int) -> torch.Tensor:
     """V(prefix) before each response token, from the value adapter + head: -> (B, Tr)."""
     with roles.use("value"):
-        return roles.value_head(hidden_states(roles.model, seq, mask)[:, q_len - 1: -1])
+        return roles.value_head(hidden_states(roles.model, seq, mask)[:, q_len - 1 : -1])
 
 
 def rm_scores(roles: Roles, ro: Rollout) -> torch.Tensor:
@@ -142,15 +164,13 @@ def scores_for(roles: Roles, ro: Rollout, prompts: list[str], cfg: PPOConfig) ->
     return raw, score
 
 
-# flows/retrain.py still imports the prompt reader by this name; new code uses components.data.readers.read_prompts.
-prompts_of = read_prompts
-
-
 # ---------------------------------------------------------------------------- 2. score: rollout -> Trajectory
+
 
 @dataclass
 class Trajectory:
     """One rollout batch, scored: everything a PPO update trains on. B = rollouts, Tr = response tokens."""
+
     rollout: Rollout  # query [B, Tq], response [B, Tr], their masks, ended [B], texts
     prompts: list[str]  # [B]
     mask: torch.Tensor  # [B, Tr] float: 1 on response tokens up to and including EOS, 0 on padding
@@ -176,8 +196,15 @@ def _at(iteration: int | None) -> str:
 
 
 @torch.no_grad()
-def score_rollout(roles: Roles, rollout: Rollout, prompts: list[str], cfg: PPOConfig, kl_coef: float,
-                  moments: RunningMoments, iteration: int | None = None) -> Trajectory:
+def score_rollout(
+    roles: Roles,
+    rollout: Rollout,
+    prompts: list[str],
+    cfg: PPOConfig,
+    kl_coef: float,
+    moments: RunningMoments,
+    iteration: int | None = None,
+) -> Trajectory:
     """Step 2: log-probs of policy and reference, values, scores, per-token rewards with the KL penalty
     `kl_coef`, GAE. Updates `moments` when `cfg.whiten_scores`. Raises PPODivergence on NaN/inf logits
     or a KL above `cfg.kl_ceiling`."""
@@ -185,8 +212,10 @@ def score_rollout(roles: Roles, rollout: Rollout, prompts: list[str], cfg: PPOCo
     seq, smask, q_len, mask = ro.sequence, ro.sequence_mask, ro.query.shape[1], ro.response_mask.float()
     logits = policy_logits(roles, seq, smask, q_len)
     if not torch.isfinite(logits).all():
-        raise PPODivergence(f"PPO diverged{_at(iteration)}: the policy's logits contain NaN/inf. "
-                            "No policy was written. Lower ppo.learning_rate or ppo.max_grad_norm.")
+        raise PPODivergence(
+            f"PPO diverged{_at(iteration)}: the policy's logits contain NaN/inf. "
+            "No policy was written. Lower ppo.learning_rate or ppo.max_grad_norm."
+        )
     logprobs = logprobs_of(logits, ro.response, T)
     entropy = masked_mean(entropy_from_logits(logits / T), mask).item()
     del logits
@@ -201,21 +230,44 @@ def score_rollout(roles: Roles, rollout: Rollout, prompts: list[str], cfg: PPOCo
     kl = (kl_k1(logprobs, ref_logprobs) * mask).sum(1)  # (B,)
     kl_mean = kl.mean().item()
     if not kl_mean <= cfg.kl_ceiling:  # also catches NaN
-        raise PPODivergence(f"PPO diverged{_at(iteration)}: mean KL to the reference {kl_mean:.2f} exceeds "
-                            f"ppo.kl_ceiling={cfg.kl_ceiling}. No policy was written. Lower ppo.learning_rate, "
-                            "raise ppo.init_kl_coef, or lower ppo.target_kl.")
+        raise PPODivergence(
+            f"PPO diverged{_at(iteration)}: mean KL to the reference {kl_mean:.2f} exceeds "
+            f"ppo.kl_ceiling={cfg.kl_ceiling}. No policy was written. Lower ppo.learning_rate, "
+            "raise ppo.init_kl_coef, or lower ppo.target_kl."
+        )
     kl_tokens = KL_ESTIMATORS[cfg.kl_estimator](logprobs, ref_logprobs) * mask
     rewards, non_score = rewards_with_kl(score, kl_tokens, mask, kl_coef)
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-    return Trajectory(ro, list(prompts), mask, logprobs, ref_logprobs, values, raw, score, rewards, non_score,
-                      whiten(advantages, mask), returns, kl, entropy)
+    return Trajectory(
+        ro,
+        list(prompts),
+        mask,
+        logprobs,
+        ref_logprobs,
+        values,
+        raw,
+        score,
+        rewards,
+        non_score,
+        whiten(advantages, mask),
+        returns,
+        kl,
+        entropy,
+    )
 
 
 # ---------------------------------------------------------------------------- 3. train: PPO epochs on a Trajectory
 
-def ppo_update(roles: Roles, traj: Trajectory, optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter],
-               cfg: PPOConfig, generator: torch.Generator | None = None,
-               iteration: int | None = None) -> dict[str, float]:
+
+def ppo_update(
+    roles: Roles,
+    traj: Trajectory,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    cfg: PPOConfig,
+    generator: torch.Generator | None = None,
+    iteration: int | None = None,
+) -> dict[str, float]:
     """Step 3: `cfg.ppo_epochs` passes over shuffled minibatches (order drawn from `generator`, a CPU
     torch.Generator): clipped policy loss + vf_coef * clipped value loss, gradient clipping, early stop
     once approx-KL exceeds `cfg.max_approx_kl`. -> the means of the losses and fractions, and the epochs run.
@@ -228,30 +280,39 @@ def ppo_update(roles: Roles, traj: Trajectory, optimizer: torch.optim.Optimizer,
         stop = False
         for mb in torch.randperm(len(traj.prompts), generator=generator).to(seq.device).split(cfg.minibatch_size):
             mb_mask = traj.mask[mb]
-            new_logprobs = logprobs_of(policy_logits(roles, seq[mb], smask[mb], q_len), ro.response[mb],
-                                       cfg.temperature)
+            new_logprobs = logprobs_of(
+                policy_logits(roles, seq[mb], smask[mb], q_len), ro.response[mb], cfg.temperature
+            )
             new_values = token_values(roles, seq[mb], smask[mb], q_len)
-            pg, clipfrac, approx_kl = policy_loss(new_logprobs, traj.logprobs[mb], traj.advantages[mb], mb_mask,
-                                                  cfg.cliprange)
+            pg, clipfrac, approx_kl = policy_loss(
+                new_logprobs, traj.logprobs[mb], traj.advantages[mb], mb_mask, cfg.cliprange
+            )
             vf, vf_clipfrac = value_loss(new_values, traj.values[mb], traj.returns[mb], mb_mask, cfg.cliprange_value)
             loss = pg + cfg.vf_coef * vf
             if not torch.isfinite(loss):
-                raise PPODivergence(f"PPO diverged{_at(iteration)}: the loss is {loss.item()}. No policy was written. "
-                                    "Lower ppo.learning_rate.")
+                raise PPODivergence(
+                    f"PPO diverged{_at(iteration)}: the loss is {loss.item()}. No policy was written. "
+                    "Lower ppo.learning_rate."
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
-            for k, v in zip(stats, (pg, vf, clipfrac, vf_clipfrac, approx_kl)):
+            for k, v in zip(stats, (pg, vf, clipfrac, vf_clipfrac, approx_kl), strict=True):
                 stats[k].append(v.item())
             if cfg.max_approx_kl is not None and approx_kl.item() > cfg.max_approx_kl:
                 stop = True
                 break
         if stop:
             break
-    return {"ppo/policy_loss": _mean(stats["pg"]), "ppo/value_loss": _mean(stats["vf"]),
-            "ppo/clipfrac": _mean(stats["clipfrac"]), "ppo/value_clipfrac": _mean(stats["vf_clipfrac"]),
-            "ppo/approx_kl": _mean(stats["approx_kl"]), "ppo/epochs": float(epochs)}
+    return {
+        "ppo/policy_loss": _mean(stats["pg"]),
+        "ppo/value_loss": _mean(stats["vf"]),
+        "ppo/clipfrac": _mean(stats["clipfrac"]),
+        "ppo/value_clipfrac": _mean(stats["vf_clipfrac"]),
+        "ppo/approx_kl": _mean(stats["approx_kl"]),
+        "ppo/epochs": float(epochs),
+    }
 
 
 def _mean(xs: list[float]) -> float:
@@ -260,33 +321,52 @@ def _mean(xs: list[float]) -> float:
 
 # ---------------------------------------------------------------------------- 4. metrics of one iteration
 
-def iteration_metrics(traj: Trajectory, stats: dict[str, float], beta: float, times: tuple[float, float, float, float]
-                      ) -> dict[str, float]:
+
+def iteration_metrics(
+    traj: Trajectory, stats: dict[str, float], beta: float, times: tuple[float, float, float, float]
+) -> dict[str, float]:
     """The `ppo/*` row of one iteration: scores, KL (k1 and k3), the update's stats, lengths, timings.
     `times`: perf_counter before generate, after generate, after score, after train."""
     t0, t1, t2, t3 = times
     mask, ro = traj.mask, traj.rollout
-    return {"ppo/score_mean": traj.raw_scores.mean().item(), "ppo/reward_mean": traj.scores.mean().item(),
-            "ppo/reward_std": traj.scores.std().item(),
-            "ppo/non_score_reward": traj.non_score_rewards.sum(1).mean().item(),
-            "ppo/kl": traj.kl_mean, "ppo/kl_k3": (kl_k3(traj.logprobs, traj.ref_logprobs) * mask).sum(1).mean().item(),
-            "ppo/beta": beta, "ppo/entropy": traj.entropy, **stats,
-            "ppo/response_length": mask.sum(1).mean().item(), "ppo/eos_rate": ro.ended.float().mean().item(),
-            "ppo/time_generate": t1 - t0, "ppo/time_score": t2 - t1, "ppo/time_train": t3 - t2,
-            "ppo/tokens_per_second": ro.sequence_mask.sum().item() / (t3 - t0),
-            "ppo/generate_tokens_per_second": mask.sum().item() / (t1 - t0)}
+    return {
+        "ppo/score_mean": traj.raw_scores.mean().item(),
+        "ppo/reward_mean": traj.scores.mean().item(),
+        "ppo/reward_std": traj.scores.std().item(),
+        "ppo/non_score_reward": traj.non_score_rewards.sum(1).mean().item(),
+        "ppo/kl": traj.kl_mean,
+        "ppo/kl_k3": (kl_k3(traj.logprobs, traj.ref_logprobs) * mask).sum(1).mean().item(),
+        "ppo/beta": beta,
+        "ppo/entropy": traj.entropy,
+        **stats,
+        "ppo/response_length": mask.sum(1).mean().item(),
+        "ppo/eos_rate": ro.ended.float().mean().item(),
+        "ppo/time_generate": t1 - t0,
+        "ppo/time_score": t2 - t1,
+        "ppo/time_train": t3 - t2,
+        "ppo/tokens_per_second": ro.sequence_mask.sum().item() / (t3 - t0),
+        "ppo/generate_tokens_per_second": mask.sum().item() / (t1 - t0),
+    }
 
 
 # ---------------------------------------------------------------------------- checkpoints
 
-def write_checkpoint(d: Path, roles: Roles, optimizer: torch.optim.Optimizer, kl_coef: float,
-                     moments: RunningMoments, history: list[dict[str, float]]) -> None:
+
+def write_checkpoint(
+    d: Path,
+    roles: Roles,
+    optimizer: torch.optim.Optimizer,
+    kl_coef: float,
+    moments: RunningMoments,
+    history: list[dict[str, float]],
+) -> None:
     """The trainable adapters, the value head and the trainer state (optimizer, KL coefficient, score moments,
     history, RNG) into checkpoint dir `d`."""
     roles.model.save_pretrained(d / "adapters", selected_adapters=sorted(TRAINABLE), safe_serialization=True)
     roles.value_head.save(d / "value_head")
-    checkpoint.save_trainer_state(d, optimizer=optimizer, kl_coef=kl_coef, moments=asdict(moments),
-                                  history=history, rng=checkpoint.rng_state())
+    checkpoint.save_trainer_state(
+        d, optimizer=optimizer, kl_coef=kl_coef, moments=asdict(moments), history=history, rng=checkpoint.rng_state()
+    )
 
 
 def restore(ckpt: Path, roles: Roles) -> None:
@@ -299,8 +379,16 @@ def restore(ckpt: Path, roles: Roles) -> None:
 
 # ---------------------------------------------------------------------------- stage
 
-def train_ppo(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: str | None, data_dir: Path,
-              out_dir: Path, seed: int = 0) -> PPOResult:
+
+def train_ppo(
+    cfg: PPOConfig,
+    model_cfg: ModelConfig,
+    sft_dir: str,
+    reward_dir: str | None,
+    data_dir: Path,
+    out_dir: Path,
+    seed: int = 0,
+) -> PPOResult:
     checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
     prompts, eval_prompts = read_prompts(data_dir, "prompts"), read_prompts(data_dir, "eval")
     if not prompts:
@@ -317,8 +405,15 @@ def train_ppo(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: 
     final = out_dir / "final"
     shutil.rmtree(final, ignore_errors=True)  # never leave an older policy where this run's belongs
     ckpt_root = out_dir / "checkpoints"
-    fp = checkpoint.fingerprint(cfg, sft_dir=str(sft_dir), reward_dir=str(reward_dir), data=str(data_dir),
-                                seed=seed, n_prompts=len(prompts), model=model_cfg.name_or_path)
+    fp = checkpoint.fingerprint(
+        cfg,
+        sft_dir=str(sft_dir),
+        reward_dir=str(reward_dir),
+        data=str(data_dir),
+        seed=seed,
+        n_prompts=len(prompts),
+        model=model_cfg.name_or_path,
+    )
     start, state = checkpoint.resume(ckpt_root, fp, lambda ckpt: restore(ckpt, roles), optimizer=optimizer)
     if state:
         kl_ctl.value, moments, history = state["kl_coef"], RunningMoments(**state["moments"]), list(state["history"])
@@ -336,8 +431,9 @@ def train_ppo(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: 
 
         # 1. generate ---------------------------------------------------------------------------
         t0 = time.perf_counter()
-        ro = sample(roles.model, roles.tok, batch, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                    cfg.max_prompt_tokens)
+        ro = sample(
+            roles.model, roles.tok, batch, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.max_prompt_tokens
+        )
         t1 = time.perf_counter()
 
         # 2. score ------------------------------------------------------------------------------
@@ -356,9 +452,16 @@ def train_ppo(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: 
         log_to_active_run(row, it + 1)
         bar.set_postfix(score=f"{row['ppo/score_mean']:.2f}", kl=f"{row['ppo/kl']:.2f}", beta=f"{beta:.3f}")
         if cfg.sample_every and (it + 1) % cfg.sample_every == 0:
-            log_table_to_active_run({"iteration": [it + 1] * len(batch), "prompt": batch, "response": ro.texts,
-                                     "score": traj.raw_scores.tolist(), "kl": traj.kl.tolist()},
-                                    f"ppo/samples/iter_{it + 1:04d}.json")
+            log_table_to_active_run(
+                {
+                    "iteration": [it + 1] * len(batch),
+                    "prompt": batch,
+                    "response": ro.texts,
+                    "score": traj.raw_scores.tolist(),
+                    "kl": traj.kl.tolist(),
+                },
+                f"ppo/samples/iter_{it + 1:04d}.json",
+            )
         if (it + 1) % cfg.save_every == 0 and it + 1 < cfg.steps:
             checkpoint.save(ckpt_root, it + 1, fp, save_checkpoint)
     bar.close()
@@ -381,8 +484,9 @@ def evaluate_policy_vs_reference(roles: Roles, prompts: list[str], cfg: PPOConfi
     for tag, role in (("", "policy"), ("_ref", REFERENCE)):
         torch.manual_seed(seed)  # generate samples from the global RNG (it takes no generator): same draws for both
         with roles.use(role):
-            ro = sample(roles.model, roles.tok, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                        cfg.max_prompt_tokens)
+            ro = sample(
+                roles.model, roles.tok, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.max_prompt_tokens
+            )
         raw, score = scores_for(roles, ro, prompts, cfg)
         mask = ro.response_mask.float()
         out[f"ppo/eval_score{tag}"] = raw.mean().item()
@@ -390,21 +494,25 @@ def evaluate_policy_vs_reference(roles: Roles, prompts: list[str], cfg: PPOConfi
         out[f"ppo/eval_response_length{tag}"] = mask.sum(1).mean().item()
         out[f"ppo/eval_eos_rate{tag}"] = ro.ended.float().mean().item()
         if role == "policy":
-            logprobs = logprobs_of(policy_logits(roles, ro.sequence, ro.sequence_mask, ro.query.shape[1]), ro.response,
-                                   cfg.temperature)
+            logprobs = logprobs_of(
+                policy_logits(roles, ro.sequence, ro.sequence_mask, ro.query.shape[1]), ro.response, cfg.temperature
+            )
             ref_logprobs = reference_logprobs(roles, ro, cfg.temperature)
             out["ppo/eval_kl"] = (kl_k1(logprobs, ref_logprobs) * mask).sum(1).mean().item()
     out["ppo/eval_prompts"] = float(len(prompts))
     return out
 
 
-def write_outputs(roles: Roles, final: Path, metrics: dict[str, float], history: list[dict[str, float]],
-                  merge: bool) -> PPOResult:
+def write_outputs(
+    roles: Roles, final: Path, metrics: dict[str, float], history: list[dict[str, float]], merge: bool
+) -> PPOResult:
     """Everything to a tmp dir, then one rename: `final/` exists only for a finished, healthy run; then
     `COMPLETE.json` in its parent (the stage's out_dir) as the very last step."""
     tmp = final.with_name(".final-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    roles.model.save_pretrained(tmp, selected_adapters=sorted(TRAINABLE), safe_serialization=True)  # tmp/policy, tmp/value
+    roles.model.save_pretrained(
+        tmp, selected_adapters=sorted(TRAINABLE), safe_serialization=True
+    )  # tmp/policy, tmp/value
     roles.tok.save_pretrained(tmp / "policy")
     roles.value_head.save(tmp / "value")
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -6,6 +6,7 @@ References: Ziegler et al. 2019 (adaptive KL), Schulman et al. 2016 (GAE), 2017 
 Schulman's "Approximating KL divergence" note (k1, k3); Huang et al. 2024, "The N+ implementation
 details of RLHF with PPO" (masking, whitening, reward at the last token).
 """
+
 from __future__ import annotations
 
 import math
@@ -52,7 +53,9 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 KL_ESTIMATORS = {"k1": kl_k1, "k3": kl_k3}
 
 
-def rewards_with_kl(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rewards_with_kl(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards: -beta * KL at every response token, plus the sequence score at the last one.
 
     scores: (B,), kl: (B, T), mask: (B, T) -> rewards (B, T), non_score_reward (B, T)
@@ -64,7 +67,9 @@ def rewards_with_kl(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, 
     return rewards, non_score
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over response tokens; no bootstrap past the last token.
 
     rewards, values, mask: (B, T) -> advantages (B, T), returns (B, T) (= advantages + values); 0 on padding.
@@ -83,8 +88,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                cliprange: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate (to minimise). (B, T) x4 -> loss, clipfrac, approx_kl (all scalars).
 
     approx_kl = 0.5 * mean((log ratio)^2), the estimator used to stop an epoch early.
@@ -95,12 +101,13 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
     loss = masked_mean(torch.maximum(unclipped, clipped), mask)
     clipfrac = masked_mean((clipped > unclipped).float(), mask)
-    approx_kl = 0.5 * masked_mean(log_ratio ** 2, mask)
+    approx_kl = 0.5 * masked_mean(log_ratio**2, mask)
     return loss, clipfrac, approx_kl
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               cliprange_value: float) -> tuple[torch.Tensor, torch.Tensor]:
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss 0.5 * max((v - R)^2, (v_clip - R)^2). (B, T) x4 -> loss, clipfrac."""
     v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
     unclipped, clipped = (values - returns) ** 2, (v_clipped - returns) ** 2
@@ -120,6 +127,7 @@ class AdaptiveKLController:
 
     `target=None` keeps beta fixed. `kl` is the mean summed KL per sequence of the batch; n the batch size.
     """
+
     value: float
     target: float | None = 6.0
     horizon: int = 10000
@@ -134,6 +142,7 @@ class AdaptiveKLController:
 @dataclass
 class RunningMoments:
     """Running mean/std over all values seen (Chan et al. parallel update), for score whitening."""
+
     mean: float = 0.0
     var: float = 1.0
     count: float = 1e-8
@@ -145,7 +154,7 @@ class RunningMoments:
         b_mean, b_var = x.mean().item(), x.var(unbiased=False).item()
         total = self.count + n
         delta = b_mean - self.mean
-        m2 = self.var * self.count + b_var * n + delta ** 2 * self.count * n / total
+        m2 = self.var * self.count + b_var * n + delta**2 * self.count * n / total
         self.mean += delta * n / total
         self.var, self.count = m2 / total, total
 

@@ -14,6 +14,7 @@ trained on; `COMPLETE.json` once all of it is written (`checkpoint.is_complete(o
 Checkpoints every `save_steps` under `out_dir/checkpoints`, resumed when the stage is restarted
 with the same config and inputs.
 """
+
 from __future__ import annotations
 
 import time
@@ -42,6 +43,7 @@ class RewardResult:
 
 # ---------------------------------------------------------------------------- pure functions
 
+
 def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted mean of -log sigmoid(r_chosen - r_rejected).
 
@@ -59,7 +61,10 @@ def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor, weights:
 
 # ---------------------------------------------------------------------------- model
 
-def score_pairs(model, head, tok, pairs: list[Pair], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+
+def score_pairs(
+    model, head, tok, pairs: list[Pair], max_length: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """Scores of chosen and rejected in one forward: -> r_chosen (P,), r_rejected (P,), weights (P,),
     and the number of non-padding tokens scored."""
     prompts = [p.prompt for p in pairs] * 2
@@ -67,7 +72,7 @@ def score_pairs(model, head, tok, pairs: list[Pair], max_length: int, device) ->
     ids, mask = encode(tok, prompts, responses, max_length, device)
     scores = sequence_scores(model, head, ids, mask)
     weights = torch.tensor([p.weight for p in pairs], device=device)
-    return scores[: len(pairs)], scores[len(pairs):], weights, int(mask.sum())
+    return scores[: len(pairs)], scores[len(pairs) :], weights, int(mask.sum())
 
 
 @torch.no_grad()
@@ -76,16 +81,21 @@ def evaluate_reward_model(model, head, tok, examples: list[list[Pair]], cfg: Rew
     rc, rr, w = [], [], []
     pairs = [p for ex in examples for p in ex]
     for i in range(0, len(pairs), cfg.micro_batch_pairs):
-        c, r, wt, _ = score_pairs(model, head, tok, pairs[i: i + cfg.micro_batch_pairs], cfg.max_length, device)
+        c, r, wt, _ = score_pairs(model, head, tok, pairs[i : i + cfg.micro_batch_pairs], cfg.max_length, device)
         rc.append(c), rr.append(r), w.append(wt)
     rc, rr, w = torch.cat(rc), torch.cat(rr), torch.cat(w)
     single = w == 1.0
     model.train()
-    return {"rm/eval_accuracy": pairwise_accuracy(rc, rr, w).item(),
-            "rm/eval_accuracy_pairwise": pairwise_accuracy(rc[single], rr[single], w[single]).item() if single.any() else float("nan"),
-            "rm/eval_margin": ((w * (rc - rr)).sum() / w.sum()).item(),
-            "rm/eval_loss": bradley_terry_loss(rc, rr, w).item(),
-            "rm/eval_examples": float(len(examples)), "rm/eval_pairs": float(len(pairs))}
+    return {
+        "rm/eval_accuracy": pairwise_accuracy(rc, rr, w).item(),
+        "rm/eval_accuracy_pairwise": pairwise_accuracy(rc[single], rr[single], w[single]).item()
+        if single.any()
+        else float("nan"),
+        "rm/eval_margin": ((w * (rc - rr)).sum() / w.sum()).item(),
+        "rm/eval_loss": bradley_terry_loss(rc, rr, w).item(),
+        "rm/eval_examples": float(len(examples)),
+        "rm/eval_pairs": float(len(pairs)),
+    }
 
 
 @torch.no_grad()
@@ -96,7 +106,7 @@ def reward_stats(model, head, tok, examples: list[list[Pair]], cfg: RewardConfig
     texts = list(seen)[: cfg.stats_max_responses]
     scores = []
     for i in range(0, len(texts), cfg.micro_batch_pairs):
-        chunk = texts[i: i + cfg.micro_batch_pairs]
+        chunk = texts[i : i + cfg.micro_batch_pairs]
         ids, mask = encode(tok, [p for p, _ in chunk], [r for _, r in chunk], cfg.max_length, device)
         scores.append(sequence_scores(model, head, ids, mask))
     s = torch.cat(scores)
@@ -106,15 +116,19 @@ def reward_stats(model, head, tok, examples: list[list[Pair]], cfg: RewardConfig
 
 # ---------------------------------------------------------------------------- stage
 
-def train_reward(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_dir: Path, out_dir: Path,
-                 seed: int = 0) -> RewardResult:
+
+def train_reward(
+    cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_dir: Path, out_dir: Path, seed: int = 0
+) -> RewardResult:
     from peft import get_peft_model
     from transformers import get_cosine_schedule_with_warmup
 
     checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
     train, evals = read_preferences(data_dir, cfg.eval_fraction)
     if not train or not evals:
-        raise ValueError(f"the reward model needs preferences for training and held-out eval under {data_dir}/preferences")
+        raise ValueError(
+            f"the reward model needs preferences for training and held-out eval under {data_dir}/preferences"
+        )
     device = resolve_device(model_cfg.device)
     # peft's LoRA init, the head's init and LoRA dropout draw from the global RNG (they take no generator);
     # the batches come from checkpoint.batch_for_step's own seeded random.Random.
@@ -153,11 +167,15 @@ def train_reward(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_d
         optimizer.zero_grad(set_to_none=True)
         loss, correct = 0.0, 0.0
         for i in range(0, len(pairs), cfg.micro_batch_pairs):
-            rc, rr, w, n_tokens = score_pairs(model, head, tok, pairs[i: i + cfg.micro_batch_pairs], cfg.max_length, device)
+            rc, rr, w, n_tokens = score_pairs(
+                model, head, tok, pairs[i : i + cfg.micro_batch_pairs], cfg.max_length, device
+            )
             tokens += n_tokens
             chunk = bradley_terry_loss(rc, rr, w) * (w.sum() / total_w)
             if not torch.isfinite(chunk):
-                raise FloatingPointError(f"reward model loss is {chunk.item()} at step {step}: lower reward.learning_rate")
+                raise FloatingPointError(
+                    f"reward model loss is {chunk.item()} at step {step}: lower reward.learning_rate"
+                )
             chunk.backward()
             loss += chunk.item()
             correct += (pairwise_accuracy(rc.detach(), rr.detach(), w) * w.sum() / total_w).item()
@@ -170,8 +188,14 @@ def train_reward(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_d
         done = step + 1
         if done % cfg.log_steps == 0 or done == cfg.max_steps:
             n = running["n"]
-            log_to_active_run({"rm/loss": running["loss"] / n, "rm/accuracy": running["acc"] / n,
-                               "rm/learning_rate": scheduler.get_last_lr()[0]}, done)
+            log_to_active_run(
+                {
+                    "rm/loss": running["loss"] / n,
+                    "rm/accuracy": running["acc"] / n,
+                    "rm/learning_rate": scheduler.get_last_lr()[0],
+                },
+                done,
+            )
             bar.set_postfix(loss=f"{running['loss'] / n:.3f}", acc=f"{running['acc'] / n:.2f}")
             running = {"loss": 0.0, "acc": 0.0, "n": 0}
         if done % cfg.save_steps == 0 and done < cfg.max_steps:
@@ -181,16 +205,24 @@ def train_reward(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_d
 
     metrics = evaluate_reward_model(model, head, tok, evals, cfg, device)
     mean, std = reward_stats(model, head, tok, train, cfg, device)
-    metrics.update({"rm/reward_mean": mean, "rm/reward_std": std, "rm/resumed_from_step": float(start),
-                    "rm/train_seconds": seconds, "rm/tokens_per_second": tokens / seconds if seconds > 0 else float("nan"),
-                    "rm/train_examples": float(len(train)),
-                    "rm/train_pairs": float(sum(len(ex) for ex in train))})
+    metrics.update(
+        {
+            "rm/reward_mean": mean,
+            "rm/reward_std": std,
+            "rm/resumed_from_step": float(start),
+            "rm/train_seconds": seconds,
+            "rm/tokens_per_second": tokens / seconds if seconds > 0 else float("nan"),
+            "rm/train_examples": float(len(train)),
+            "rm/train_pairs": float(sum(len(ex) for ex in train)),
+        }
+    )
     log_to_active_run(metrics, cfg.max_steps)
 
     adapter_dir = out_dir / "adapter"
     model.save_pretrained(adapter_dir, safe_serialization=True)
     head.save(out_dir, reward_mean=mean, reward_std=std, base=str(sft_dir), max_length=cfg.max_length)
     checkpoint.save(ckpt_root, cfg.max_steps, fp, write)
-    checkpoint.mark_complete(out_dir, {"stage": "reward", "outputs": ["adapter", "head.safetensors", "head.json"],
-                                       "metrics": metrics})
+    checkpoint.mark_complete(
+        out_dir, {"stage": "reward", "outputs": ["adapter", "head.safetensors", "head.json"], "metrics": metrics}
+    )
     return RewardResult(str(adapter_dir), str(out_dir), metrics)

@@ -7,6 +7,7 @@ written is removed, not resumed from). Output: the adapter and the adapter merge
 SFT model that the reward model and PPO start from); `out_dir/COMPLETE.json` once both are written
 (`checkpoint.is_complete(out_dir)`).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,7 +29,9 @@ class SFTResult:
     metrics: dict[str, float]
 
 
-def train_sft(cfg: SFTConfig, model_cfg: ModelConfig, base_path: str, data_dir: Path, out_dir: Path, seed: int = 0) -> SFTResult:
+def train_sft(
+    cfg: SFTConfig, model_cfg: ModelConfig, base_path: str, data_dir: Path, out_dir: Path, seed: int = 0
+) -> SFTResult:
     from datasets import Dataset
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
@@ -41,15 +44,34 @@ def train_sft(cfg: SFTConfig, model_cfg: ModelConfig, base_path: str, data_dir: 
     model = load_causal_lm(base_path, model_cfg)
     ckpt_dir = out_dir / "checkpoints"
     args = TrlSFTConfig(
-        output_dir=str(ckpt_dir), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, lr_scheduler_type="cosine",
-        warmup_steps=min(10, cfg.max_steps // 10), max_length=cfg.max_length, completion_only_loss=True,
-        logging_steps=max(1, cfg.max_steps // 20), save_steps=cfg.save_steps, save_total_limit=2,
-        eval_strategy="no", report_to=[], seed=seed, use_cpu=resolve_device(model_cfg.device).type == "cpu",
-        dataloader_num_workers=0, include_num_input_tokens_seen="non_padding")
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train),
-                         eval_dataset=Dataset.from_list(evals), processing_class=tok, peft_config=lora_config(cfg.lora),
-                         callbacks=[MlflowNamespaceCallback("sft"), CheckpointCompleteCallback()])
+        output_dir=str(ckpt_dir),
+        max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(10, cfg.max_steps // 10),
+        max_length=cfg.max_length,
+        completion_only_loss=True,
+        logging_steps=max(1, cfg.max_steps // 20),
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        eval_strategy="no",
+        report_to=[],
+        seed=seed,
+        use_cpu=resolve_device(model_cfg.device).type == "cpu",
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(train),
+        eval_dataset=Dataset.from_list(evals),
+        processing_class=tok,
+        peft_config=lora_config(cfg.lora),
+        callbacks=[MlflowNamespaceCallback("sft"), CheckpointCompleteCallback()],
+    )
     before = trainer.evaluate()["eval_loss"]
     last = checkpoint.last_complete_checkpoint(ckpt_dir)  # HF's get_last_checkpoint would take a partial one
     resume = str(last) if last else None
@@ -62,13 +84,21 @@ def train_sft(cfg: SFTConfig, model_cfg: ModelConfig, base_path: str, data_dir: 
     merged = trainer.model.merge_and_unload()
     merged.save_pretrained(merged_dir, safe_serialization=True)
     tok.save_pretrained(merged_dir)
-    metrics = {"sft/eval_loss_base": before, "sft/eval_loss": after, "sft/eval_perplexity_base": math.exp(before),
-               "sft/eval_perplexity": math.exp(after), "sft/train_loss": out.training_loss,
-               "sft/resumed_from_step": float(int(resume.rsplit("-", 1)[-1]) if resume else 0),
-               "sft/train_examples": float(len(train)), "sft/eval_examples": float(len(evals)),
-               "sft/train_seconds": out.metrics["train_runtime"],
-               # tokens/s of this process's steps only (a resumed run's token count includes earlier ones)
-               "sft/tokens_per_second": trainer.state.num_input_tokens_seen / out.metrics["train_runtime"] if not resume else float("nan")}
+    metrics = {
+        "sft/eval_loss_base": before,
+        "sft/eval_loss": after,
+        "sft/eval_perplexity_base": math.exp(before),
+        "sft/eval_perplexity": math.exp(after),
+        "sft/train_loss": out.training_loss,
+        "sft/resumed_from_step": float(int(resume.rsplit("-", 1)[-1]) if resume else 0),
+        "sft/train_examples": float(len(train)),
+        "sft/eval_examples": float(len(evals)),
+        "sft/train_seconds": out.metrics["train_runtime"],
+        # tokens/s of this process's steps only (a resumed run's token count includes earlier ones)
+        "sft/tokens_per_second": trainer.state.num_input_tokens_seen / out.metrics["train_runtime"]
+        if not resume
+        else float("nan"),
+    }
     log_to_active_run(metrics, cfg.max_steps)
     checkpoint.mark_complete(out_dir, {"stage": "sft", "outputs": ["adapter", "merged"], "metrics": metrics})
     return SFTResult(str(adapter_dir), str(merged_dir), metrics)

@@ -1,5 +1,6 @@
 """Concurrent changes to data/ with real processes: writers take turns, recovery never rolls back a live
 ingest, and a retrain reads one pinned version however data/ changes meanwhile."""
+
 import json
 import subprocess
 import sys
@@ -63,7 +64,11 @@ def test_two_ingests_of_the_same_ids_take_turns_and_only_one_lands(versioned, tm
     assert "INGESTED 5" in out, out + err
     assert "waiting for data/" in out2 and "in use by ingest a.jsonl" in out2, out2 + err2
     assert "REFUSED" in out2 and "already exists in data/" in out2, out2 + err2
-    ids = [json.loads(line)["id"] for p in shard_files(cfg.data_path / "preferences") for line in p.read_text().splitlines()]
+    ids = [
+        json.loads(line)["id"]
+        for p in shard_files(cfg.data_path / "preferences")
+        for line in p.read_text().splitlines()
+    ]
     assert sorted(i for i in ids if i.startswith("new-")) == [f"new-{i}" for i in range(5)]
     assert Dvc(cfg.root_path).status() == {}
 
@@ -87,8 +92,22 @@ def test_a_retrain_reads_its_pinned_version_while_an_ingest_lands(versioned, tmp
     cfg = versioned
     pinned = pinned_data(cfg)
     rows_before = sum(1 for p in shard_files(Path(pinned.path) / "preferences") for _ in p.read_text().splitlines())
-    subprocess.run([sys.executable, "-m", "flows.cli", "ingest", str(batch(tmp_path, GOOD)), "--kind", "preferences",
-                    f"root={cfg.root_path}", "data=demo_small"], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "ingest",
+            str(batch(tmp_path, GOOD)),
+            "--kind",
+            "preferences",
+            f"root={cfg.root_path}",
+            "data=demo_small",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert data_version(cfg.root_path) != pinned.version
     rows_after = sum(1 for p in shard_files(Path(pinned.path) / "preferences") for _ in p.read_text().splitlines())
     assert rows_after == rows_before == pinned.rows["preferences"], "the snapshot did not change"

@@ -1,5 +1,4 @@
 import hashlib
-from itertools import combinations
 from pathlib import Path
 
 from components.config import DataConfig
@@ -18,7 +17,9 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     cfg = DataConfig(n_demonstrations=200, n_preferences=200, n_prompts=50, n_eval=20)
     write_demo(cfg, tmp_path / "a")
     write_demo(cfg, tmp_path / "b")
-    write_demo(DataConfig(seed=cfg.seed + 1, n_demonstrations=200, n_preferences=200, n_prompts=50, n_eval=20), tmp_path / "c")
+    write_demo(
+        DataConfig(seed=cfg.seed + 1, n_demonstrations=200, n_preferences=200, n_prompts=50, n_eval=20), tmp_path / "c"
+    )
     assert tree_md5(tmp_path / "a") == tree_md5(tmp_path / "b")
     assert tree_md5(tmp_path / "a") != tree_md5(tmp_path / "c")
 
@@ -26,7 +27,12 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
 def test_sizes_shapes_and_disjoint_eval():
     cfg = DataConfig(n_demonstrations=300, n_preferences=400, n_prompts=80, n_eval=30)
     sets = DemoGenerator(cfg).generate()
-    assert {k: len(v) for k, v in sets.items()} == {"demonstrations": 300, "preferences": 400, "prompts": 80, "eval": 30}
+    assert {k: len(v) for k, v in sets.items()} == {
+        "demonstrations": 300,
+        "preferences": 400,
+        "prompts": 80,
+        "eval": 30,
+    }
     ranked = [r for r in sets["preferences"] if "responses" in r]
     assert 0.15 < len(ranked) / 400 < 0.45
     assert all(3 <= len(r["responses"]) <= cfg.max_rank_k for r in ranked)

@@ -1,4 +1,5 @@
 """Ingest against a real DVC repo in a tmp dir: versions change only for good batches, never half-way."""
+
 import hashlib
 import json
 import shutil
@@ -28,8 +29,10 @@ def batch(tmp_path: Path, rows: list, name: str = "batch.jsonl") -> Path:
     return p
 
 
-GOOD = [{"id": f"new-{i}", "prompt": f"A fresh prompt number {i}", "chosen": f"great answer {i}", "rejected": f"bad {i}"}
-        for i in range(5)]
+GOOD = [
+    {"id": f"new-{i}", "prompt": f"A fresh prompt number {i}", "chosen": f"great answer {i}", "rejected": f"bad {i}"}
+    for i in range(5)
+]
 
 
 @pytest.fixture
@@ -68,7 +71,7 @@ def test_good_batch_changes_version_and_adds_shard(versioned, tmp_path):
     assert result.n_good == 5 and result.n_bad == 0
     assert result.version_before == before != result.version_after == data_version(cfg.root_path)
     assert Path(result.shard).parent == cfg.data_path / "preferences"
-    assert [json.loads(l)["id"] for l in Path(result.shard).read_text().splitlines()] == [r["id"] for r in GOOD]
+    assert [json.loads(line)["id"] for line in Path(result.shard).read_text().splitlines()] == [r["id"] for r in GOOD]
     assert Dvc(cfg.root_path).status() == {}
 
 
@@ -90,7 +93,7 @@ def test_quarantine_ingests_good_rows_and_keeps_bad_ones_with_reasons(versioned,
     rows = GOOD[:3] + ["{broken", {**GOOD[3], "chosen": "same", "rejected": "same"}]
     result = ingest(cfg, batch(tmp_path, rows), "preferences", quarantine=True)
     assert (result.n_good, result.n_bad) == (3, 2)
-    q = [json.loads(l) for l in Path(result.quarantine).read_text().splitlines()]
+    q = [json.loads(line) for line in Path(result.quarantine).read_text().splitlines()]
     assert {r["line"]: r["rules"] for r in q} == {4: ["json"], 5: ["chosen_differs_from_rejected"]}
     assert q[0]["raw"] == "{broken"
     assert not Path(result.quarantine).is_relative_to(cfg.data_path)
@@ -115,10 +118,10 @@ def test_quarantine_ingests_good_rows_around_a_lone_surrogate(versioned, tmp_pat
     cfg = versioned
     result = ingest(cfg, batch(tmp_path, GOOD[:2] + [HALF_EMOJI] + GOOD[2:]), "preferences", quarantine=True)
     assert (result.n_good, result.n_bad, result.changed) == (5, 1, True)
-    q = [json.loads(l) for l in Path(result.quarantine).read_text(encoding="utf-8").splitlines()]
+    q = [json.loads(line) for line in Path(result.quarantine).read_text(encoding="utf-8").splitlines()]
     assert [(r["line"], r["rules"], r["raw"]) for r in q] == [(3, ["valid_unicode"], HALF_EMOJI)]
     shard = Path(result.shard).read_text(encoding="utf-8").splitlines()
-    assert [json.loads(l)["id"] for l in shard] == [r["id"] for r in GOOD]
+    assert [json.loads(line)["id"] for line in shard] == [r["id"] for r in GOOD]
     assert Dvc(cfg.root_path).status() == {}
 
 

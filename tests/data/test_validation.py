@@ -1,4 +1,5 @@
 """Each expectation catches its bad case, with the rule name and line number in the report."""
+
 import json
 from pathlib import Path
 
@@ -19,14 +20,19 @@ def demo(tmp_path_factory):
 
 
 def write_lines(path: Path, lines: list) -> Path:
-    path.write_text("".join((l if isinstance(l, str) else json.dumps(l)) + "\n" for l in lines), encoding="utf-8")
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines), encoding="utf-8")
     return path
 
 
 GOOD_PAIR = {"id": "n1", "prompt": "A brand new prompt", "chosen": "good text", "rejected": "bad text"}
 # (kind, rows, rule, line of the offending row)
 CASES = [
-    ("preferences", [GOOD_PAIR, {**GOOD_PAIR, "id": "n2", "chosen": "same", "rejected": "same"}], "chosen_differs_from_rejected", 2),
+    (
+        "preferences",
+        [GOOD_PAIR, {**GOOD_PAIR, "id": "n2", "chosen": "same", "rejected": "same"}],
+        "chosen_differs_from_rejected",
+        2,
+    ),
     ("preferences", [GOOD_PAIR, {**GOOD_PAIR, "chosen": "other"}], "ids_unique", 2),
     ("preferences", [GOOD_PAIR, {**GOOD_PAIR, "id": "n2"}], "no_duplicates", 2),
     ("preferences", [GOOD_PAIR, {"id": "n2", "prompt": "p p p", "rejected": "x"}], "chosen_present", 2),
@@ -34,19 +40,44 @@ CASES = [
     ("preferences", [GOOD_PAIR, {**GOOD_PAIR, "id": "n2", "prompt": "   \t"}], "prompt_not_blank", 2),
     ("preferences", [GOOD_PAIR, {**GOOD_PAIR, "id": "n2", "chosen": "x" * 5000}], "chosen_length", 2),
     ("preferences", [GOOD_PAIR, {"id": "n2", "prompt": "p p p", "responses": ["only one"]}], "ranking_size", 2),
-    ("preferences", [GOOD_PAIR, {"id": "n2", "prompt": "p p p", "responses": [f"r{i}" for i in range(10)]}], "ranking_size", 2),
-    ("preferences", [GOOD_PAIR, {"id": "n2", "prompt": "p p p", "responses": ["a", "A ", "b"]}], "responses_distinct", 2),
+    (
+        "preferences",
+        [GOOD_PAIR, {"id": "n2", "prompt": "p p p", "responses": [f"r{i}" for i in range(10)]}],
+        "ranking_size",
+        2,
+    ),
+    (
+        "preferences",
+        [GOOD_PAIR, {"id": "n2", "prompt": "p p p", "responses": ["a", "A ", "b"]}],
+        "responses_distinct",
+        2,
+    ),
     ("preferences", [GOOD_PAIR, {"id": "n2", "prompt": "p p p", "responses": ["a", ""]}], "responses_text", 2),
     ("preferences", [GOOD_PAIR, {"id": "n2", "prompt": "p p p", "responses": "a, b"}], "responses_type", 2),
-    ("preferences", [GOOD_PAIR, {**GOOD_PAIR, "id": "n2", "chosen": "c", "responses": ["a", "b"]}], "preference_shape", 2),
+    (
+        "preferences",
+        [GOOD_PAIR, {**GOOD_PAIR, "id": "n2", "chosen": "c", "responses": ["a", "b"]}],
+        "preference_shape",
+        2,
+    ),
     ("preferences", [GOOD_PAIR, {**GOOD_PAIR, "id": ["x"]}], "id_type", 2),
     ("preferences", [GOOD_PAIR, {**GOOD_PAIR, "id": None, "chosen": "c2"}], "id_present", 2),
-    ("demonstrations", [{"id": "d1", "prompt": "Hello there", "response": "ok"}, {"id": "d2", "prompt": "Hello there"}], "response_present", 2),
+    (
+        "demonstrations",
+        [{"id": "d1", "prompt": "Hello there", "response": "ok"}, {"id": "d2", "prompt": "Hello there"}],
+        "response_present",
+        2,
+    ),
     ("prompts", [{"id": "p1", "prompt": "Hello there"}, {"id": "p2", "prompt": "hello   THERE"}], "no_duplicates", 2),
     ("prompts", [{"id": "p1", "prompt": "Hello there"}, "{bad json"], "json", 2),
     ("prompts", [{"id": "p1", "prompt": "Hello there"}, "[1, 2]"], "not_object", 2),
     # the six characters \ud83d: valid JSON, but half an emoji that no UTF-8 writer can encode
-    ("prompts", [{"id": "p1", "prompt": "Hello there"}, '{"id": "p2", "prompt": "half an emoji \\ud83d"}'], "valid_unicode", 2),
+    (
+        "prompts",
+        [{"id": "p1", "prompt": "Hello there"}, '{"id": "p2", "prompt": "half an emoji \\ud83d"}'],
+        "valid_unicode",
+        2,
+    ),
     ("preferences", [GOOD_PAIR, '{"id": "n2", "prompt": "p p p", "responses": ["a", "b\\udc00"]}'], "valid_unicode", 2),
 ]
 
@@ -77,7 +108,9 @@ def test_lone_surrogate_row_is_refused_with_a_finding_among_good_rows(tmp_path, 
 
 
 def test_good_batch_passes(tmp_path, demo):
-    path = write_lines(tmp_path / "batch.jsonl", [GOOD_PAIR, {"id": "n2", "prompt": "p p p", "responses": ["a", "b", "c"]}])
+    path = write_lines(
+        tmp_path / "batch.jsonl", [GOOD_PAIR, {"id": "n2", "prompt": "p p p", "responses": ["a", "b", "c"]}]
+    )
     report, parsed = validate_batch(path, "preferences", CFG, tmp_path / "gx", demo / "data")
     assert report.ok, report.format("batch")
     assert len(parsed.rows) == 2
@@ -90,9 +123,14 @@ def _first(demo: Path, kind: str) -> dict:
 def test_checks_against_existing_data(tmp_path, demo):
     existing = _first(demo, "preferences")
     eval_prompt = _first(demo, "eval")["prompt"]
-    rows = [{**existing, "id": "fresh-1"}, {**GOOD_PAIR, "id": existing["id"], "prompt": "another prompt"},
-            {**GOOD_PAIR, "id": "fresh-2", "prompt": eval_prompt.upper()}]
-    report, _ = validate_batch(write_lines(tmp_path / "b.jsonl", rows), "preferences", CFG, tmp_path / "gx", demo / "data")
+    rows = [
+        {**existing, "id": "fresh-1"},
+        {**GOOD_PAIR, "id": existing["id"], "prompt": "another prompt"},
+        {**GOOD_PAIR, "id": "fresh-2", "prompt": eval_prompt.upper()},
+    ]
+    report, _ = validate_batch(
+        write_lines(tmp_path / "b.jsonl", rows), "preferences", CFG, tmp_path / "gx", demo / "data"
+    )
     rules = {f.rule: f.locations[0][1] for f in report.findings}
     assert rules == {"not_already_in_data": 1, "id_new": 2, "no_eval_leakage": 3}, report.format("b")
 
@@ -130,7 +168,9 @@ def test_eval_leak_in_data_dir_is_caught(tmp_path, demo):
 
 def test_docs_page_is_this_runs_own_result_and_does_not_grow(tmp_path, demo):
     gx = tmp_path / "gx"
-    path = write_lines(tmp_path / "batch.jsonl", [GOOD_PAIR, {**GOOD_PAIR, "id": "n2", "chosen": "zz-same", "rejected": "zz-same"}])
+    path = write_lines(
+        tmp_path / "batch.jsonl", [GOOD_PAIR, {**GOOD_PAIR, "id": "n2", "chosen": "zz-same", "rejected": "zz-same"}]
+    )
     reports = [validate_batch(path, "preferences", CFG, gx, demo / "data")[0] for _ in range(3)]
     assert all(list(r.docs_pages) == ["preferences_pairwise"] for r in reports)  # one page per frame validated
     pages = [r.docs_pages["preferences_pairwise"] for r in reports]

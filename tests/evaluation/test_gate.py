@@ -1,4 +1,5 @@
 """The gate's verdicts and the evaluation metrics, on hand-made numbers."""
+
 import pytest
 
 from components.config import GateConfig
@@ -26,7 +27,9 @@ def test_each_threshold_can_fail_the_candidate():
     assert decide({**good, "kl": 12.0}, BASE, 0.6, "x", cfg).reasons == ["kl 12.000 > 10"]
     assert decide({**good, "judge_mean": 0.0}, BASE, 0.6, "x", cfg).reasons == ["judge_gain -0.050 < 0"]
     # the judge is optional
-    assert decide({**good, "judge_mean": 0.0}, BASE, 0.6, "x", GateConfig(min_judge_gain=None, min_win_rate=0.55)).passed
+    assert decide(
+        {**good, "judge_mean": 0.0}, BASE, 0.6, "x", GateConfig(min_judge_gain=None, min_win_rate=0.55)
+    ).passed
 
 
 def test_win_rate_and_distinct_n_hand_computed():

@@ -1,5 +1,6 @@
 """gate.approval=manual: the retrain pauses for an Approval input; approve, or time out and promote
 nothing. Under the session's Prefect test server (the flow runs here, the approver in a thread)."""
+
 import asyncio
 import os
 import subprocess
@@ -10,7 +11,8 @@ import time
 import pytest
 
 from components.registry.registry import CHALLENGER, CHAMPION, alias_version
-from flows.retrain import Approval, retrain
+from flows.approval import Approval
+from flows.retrain import retrain
 from tests.conftest import OPEN_GATE, make_project
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -23,8 +25,9 @@ async def _paused_runs() -> list:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateName
 
     async with get_client() as client:
-        return await client.read_flow_runs(flow_run_filter=FlowRunFilter(
-            state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Paused"]))))
+        return await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Paused"])))
+        )
 
 
 def approve_when_paused(argv_tail: list[str], timeout: float = 300) -> threading.Thread:
@@ -40,10 +43,25 @@ def approve_when_paused(argv_tail: list[str], timeout: float = 300) -> threading
         while time.time() < deadline:
             runs = asyncio.run(_paused_runs())
             if runs:
-                answer.append(subprocess.run([sys.executable, "-m", "flows.cli", "approve", str(runs[0].id), *argv_tail,
-                                              f"infra.prefect_api_url={url}"], env=env, capture_output=True, text=True))
+                answer.append(
+                    subprocess.run(
+                        [
+                            sys.executable,
+                            "-m",
+                            "flows.cli",
+                            "approve",
+                            str(runs[0].id),
+                            *argv_tail,
+                            f"infra.prefect_api_url={url}",
+                        ],
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                    )
+                )
                 return
             time.sleep(1)
+
     answer: list = []
     t = threading.Thread(target=run, daemon=True)
     t.answer = answer
@@ -52,8 +70,9 @@ def approve_when_paused(argv_tail: list[str], timeout: float = 300) -> threading
 
 
 def test_manual_approval_pauses_then_promotes(tmp_path):
-    project = make_project(tmp_path / "proj", "tracking.registered_model_name=approval-test", *MANUAL_GATE,
-                           "gate.approval_timeout_s=300")
+    project = make_project(
+        tmp_path / "proj", "tracking.registered_model_name=approval-test", *MANUAL_GATE, "gate.approval_timeout_s=300"
+    )
     approver = approve_when_paused(["--approver", "alice", f"root={project.root}"])
     state = retrain(project, return_state=True)
     approver.join(timeout=10)
@@ -68,8 +87,9 @@ def test_manual_approval_pauses_then_promotes(tmp_path):
 
 
 def test_no_approval_before_the_timeout_promotes_nothing(tmp_path):
-    project = make_project(tmp_path / "proj", "tracking.registered_model_name=timeout-test", *MANUAL_GATE,
-                           "gate.approval_timeout_s=3")
+    project = make_project(
+        tmp_path / "proj", "tracking.registered_model_name=timeout-test", *MANUAL_GATE, "gate.approval_timeout_s=3"
+    )
     state = retrain(project, return_state=True)
     assert state.is_completed() and "no approval within 3s" in state.message, state.message
     assert alias_version("timeout-test", CHAMPION) is None
@@ -86,8 +106,22 @@ def test_approve_reaches_the_configured_server_and_names_an_unknown_run():
     from prefect.settings import PREFECT_API_URL
 
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "approve", "00000000-0000-0000-0000-000000000000",
-                           f"infra.prefect_api_url={PREFECT_API_URL.value()}"], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "approve",
+            "00000000-0000-0000-0000-000000000000",
+            f"infra.prefect_api_url={PREFECT_API_URL.value()}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1
-    assert f"no flow run 00000000-0000-0000-0000-000000000000 on the Prefect server {PREFECT_API_URL.value()}" in proc.stderr
+    assert (
+        f"no flow run 00000000-0000-0000-0000-000000000000 on the Prefect server {PREFECT_API_URL.value()}"
+        in proc.stderr
+    )
     assert "Traceback" not in proc.stderr

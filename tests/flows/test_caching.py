@@ -2,6 +2,7 @@
 server: an unchanged stage is not recomputed, a changed stage and everything downstream of it is, and a
 cached result whose files are gone is recomputed. A gate nobody passes keeps the registry empty, so the
 "nothing new" shortcut (same data + config as the champion) never hides the stages."""
+
 import shutil
 from pathlib import Path
 
@@ -25,10 +26,11 @@ def run(tmp_path, *overrides):
     assert state.is_completed() and state.message.startswith("not promoted"), state.message
     with get_client(sync_client=True) as client:
         task_runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     states = {t.name.rsplit("-", 1)[0]: t.state.name for t in task_runs if t.name.rsplit("-", 1)[0] in STAGES}
     s = state.result()
-    children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{s['run_id']}'", output_format="list")
+    children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{s.run_id}'", output_format="list")
     return s, states, {c.data.tags["stage"]: c.info.run_id for c in children}
 
 
@@ -41,46 +43,51 @@ def test_unchanged_stages_are_cached_and_changes_recompute_downstream(tmp_path):
     again, states, children2 = run(tmp_path)
     assert states == {"sft": "Cached", "reward-model": "Cached", "ppo": "Cached"}
     assert not {"sft", "reward", "ppo"} & set(children2) and "evaluate" in children2  # the gate always runs
-    parent = mlflow.get_run(again["run_id"]).data
+    parent = mlflow.get_run(again.run_id).data
     tags = parent.tags
     # the stages' metrics are on the parent run even when cached: runs compare side by side in the UI
-    assert {"sft/eval_loss", "rm/eval_accuracy", "ppo/eval_reward", "gate/win_rate", "eval/candidate/judge_mean"} \
-        <= set(parent.metrics)
-    assert parent.metrics["rm/eval_accuracy"] == mlflow.get_run(first["run_id"]).data.metrics["rm/eval_accuracy"]
+    assert {
+        "sft/eval_loss",
+        "rm/eval_accuracy",
+        "ppo/eval_reward",
+        "gate/win_rate",
+        "eval/candidate/judge_mean",
+    } <= set(parent.metrics)
+    assert parent.metrics["rm/eval_accuracy"] == mlflow.get_run(first.run_id).data.metrics["rm/eval_accuracy"]
     assert tags["cached.sft"] == children["sft"] and tags["cached.ppo"] == children["ppo"]
-    assert (again["sft"], again["reward"], again["policy"]) == (first["sft"], first["reward"], first["policy"])
-    assert again["ppo_metrics"] == first["ppo_metrics"] and again["cached"] == ["sft", "reward-model", "ppo"]
+    assert (again.sft.dir, again.reward.dir, again.policy.dir) == (first.sft.dir, first.reward.dir, first.policy.dir)
+    assert again.policy.metrics == first.policy.metrics and again.cached == ["sft", "reward-model", "ppo"]
 
     # a PPO setting changed: SFT and RM reused, PPO recomputed into a new dir
     ppo_changed, states, _ = run(tmp_path, "ppo.learning_rate=5e-4")
     assert states == {"sft": "Cached", "reward-model": "Cached", "ppo": "Completed"}
-    assert ppo_changed["reward"] == first["reward"] and ppo_changed["policy"] != first["policy"]
+    assert ppo_changed.reward.dir == first.reward.dir and ppo_changed.policy.dir != first.policy.dir
 
     # an SFT setting changed: everything downstream of it is recomputed too
     sft_changed, states, _ = run(tmp_path, "sft.learning_rate=1e-3")
     assert states == {"sft": "Completed", "reward-model": "Completed", "ppo": "Completed"}
-    assert len({sft_changed["sft"], first["sft"]}) == 2 and sft_changed["reward"] != first["reward"]
+    assert len({sft_changed.sft.dir, first.sft.dir}) == 2 and sft_changed.reward.dir != first.reward.dir
 
     # a cached result whose output was deleted is recomputed, in place
-    shutil.rmtree(first["policy"])
+    shutil.rmtree(first.policy.dir)
     restored, states, children5 = run(tmp_path)
     assert states["sft"] == "Cached" and states["reward-model"] == "Cached"
-    assert "ppo" in children5 and restored["policy"] == first["policy"] and restored["cached"] == ["sft", "reward-model"]
-    assert (tmp_path / "proj" / first["policy"] / "adapter_model.safetensors").is_file()
+    assert "ppo" in children5 and restored.policy.dir == first.policy.dir and restored.cached == ["sft", "reward-model"]
+    assert (tmp_path / "proj" / first.policy.dir / "adapter_model.safetensors").is_file()
 
     # keep one output dir per stage: the other runs' dirs go, this run's (cached) dirs stay
     pruned, states, _ = run(tmp_path, "infra.keep_stage_outputs=1")
     assert set(states.values()) == {"Cached"}
     stages = tmp_path / "proj" / ".rlhf" / "stages"
     assert len(list(stages.iterdir())) == 3
-    assert all(Path(p).exists() for p in (first["sft"], first["reward"], first["policy"]))
-    assert not any(Path(p).exists() for p in (ppo_changed["policy"], sft_changed["sft"], sft_changed["reward"]))
+    assert all(Path(p).exists() for p in (first.sft.dir, first.reward.dir, first.policy.dir))
+    assert not any(Path(p).exists() for p in (ppo_changed.policy.dir, sft_changed.sft.dir, sft_changed.reward.dir))
 
 
 def test_prune_keeps_the_most_recently_used_outputs_per_stage_and_never_one_in_use(tmp_path):
     import os
 
-    from flows.retrain import prune_stage_outputs
+    from flows.caching import prune_stage_outputs
 
     stages = tmp_path / "stages"
     dirs = {}

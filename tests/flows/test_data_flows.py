@@ -1,4 +1,5 @@
 """Flows under a real Prefect test server, MLflow on SQLite, DVC in a tmp repo."""
+
 import asyncio
 import json
 import time
@@ -36,13 +37,13 @@ def test_retrain_records_a_validation_run_in_mlflow(project):
     state = retrain(project, return_state=True)
     assert state.is_completed(), state.message
     summary = state.result()
-    parent = mlflow.get_run(summary["run_id"])
+    parent = mlflow.get_run(summary.run_id)
     assert parent.data.tags["data_version"] == data_version(project.root_path)
     assert parent.data.params["data.n_demonstrations"] == "300"
     (data_input,) = parent.inputs.dataset_inputs  # the DVC-versioned data, digest = the md5 in data.dvc
     assert data_input.dataset.digest == data_version(project.root_path)[:36]
     assert {t.key: t.value for t in data_input.tags}["dvc_md5"] == data_version(project.root_path)
-    children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{summary['run_id']}'", output_format="list")
+    children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{summary.run_id}'", output_format="list")
     (child,) = [c for c in children if c.data.tags.get("stage") == "validate"]
     assert child.data.metrics["data/valid"] == 1.0
     assert child.data.metrics["data/rows_demonstrations"] == 300
@@ -55,7 +56,7 @@ def test_retrain_records_a_validation_run_in_mlflow(project):
     assert {"ppo/kl", "ppo/eval_reward", "ppo/eval_reward_ref"} <= set(stages["ppo"].data.metrics)
     assert stages["ppo"].data.params["ppo.steps"] == "2"
     assert "ppo_curves.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(stages["ppo"].info.run_id)}
-    assert (project.root_path / summary["policy"] / "adapter_model.safetensors").is_file()
+    assert (project.root_path / summary.policy.dir / "adapter_model.safetensors").is_file()
 
 
 def test_ppo_divergence_fails_the_run_with_the_reason(tmp_path):

@@ -1,6 +1,7 @@
 """Crash safety: the retrain slot a dead holder cannot keep, orphaned flow runs and MLflow runs ended.
 Real Prefect (the session's test server) and real MLflow (SQLite); dead processes are real processes
 that have exited."""
+
 import subprocess
 import sys
 import threading
@@ -13,7 +14,9 @@ import pytest
 from components import tracking
 from components.owner import HOST, Owner, _start_time
 from flows import lifecycle
-from flows.lifecycle import Holder, RetrainSlot, reap_orphans, stale_reason
+from flows import slot as slot_module
+from flows.lifecycle import reap_orphans
+from flows.slot import Holder, RetrainSlot, stale_reason
 from tests.conftest import make_project
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
@@ -31,13 +34,16 @@ def dead_owner() -> Owner:
 NOW = 1000.0
 
 
-@pytest.mark.parametrize("alive, final, heartbeat, stale", [
-    (True, None, 0.0, False),  # alive on this host: never stale, however old the heartbeat
-    (False, None, NOW, True),  # the process is gone
-    (None, "Crashed", NOW, True),  # another host, its flow run ended
-    (None, None, NOW - 60, False),  # another host, recent heartbeat
-    (None, None, NOW - 121, True),  # another host, heartbeat older than the limit
-])
+@pytest.mark.parametrize(
+    "alive, final, heartbeat, stale",
+    [
+        (True, None, 0.0, False),  # alive on this host: never stale, however old the heartbeat
+        (False, None, NOW, True),  # the process is gone
+        (None, "Crashed", NOW, True),  # another host, its flow run ended
+        (None, None, NOW - 60, False),  # another host, recent heartbeat
+        (None, None, NOW - 121, True),  # another host, heartbeat older than the limit
+    ],
+)
 def test_stale_reason(alive, final, heartbeat, stale):
     holder = Holder("t", "run", "name", f"{HOST}:1:1.00", 0.0, heartbeat)
     assert (stale_reason(holder, NOW, alive, final, 120.0) is not None) is stale
@@ -59,7 +65,7 @@ def test_slot_is_exclusive_and_says_who_holds_it(tmp_path):
     first = RetrainSlot(project, said.append)
     first.acquire()
     assert first.read().token == first.mine.token
-    lifecycle.SAY_EVERY_S, saved = 0.5, lifecycle.SAY_EVERY_S
+    slot_module.SAY_EVERY_S, saved = 0.5, slot_module.SAY_EVERY_S
     try:
         second = RetrainSlot(project, said.append)
         got = threading.Event()
@@ -72,7 +78,7 @@ def test_slot_is_exclusive_and_says_who_holds_it(tmp_path):
         assert got.wait(10), "released: the waiter takes it"
         second.release()
     finally:
-        lifecycle.SAY_EVERY_S = saved
+        slot_module.SAY_EVERY_S = saved
     assert first.read() is None
 
 
@@ -90,12 +96,16 @@ def test_a_dead_holder_is_freed_and_its_runs_are_ended(tmp_path):
     with get_client(sync_client=True) as client:
         flow_id = client.create_flow(retrain)
         run = client.create_flow_run(retrain, state=Running())
-        client.update_flow_run_labels(run.id, {lifecycle.OWNER_LABEL: str(dead), lifecycle.PROJECT_LABEL: lifecycle.project_id(project)})
+        client.update_flow_run_labels(
+            run.id, {lifecycle.OWNER_LABEL: str(dead), lifecycle.PROJECT_LABEL: lifecycle.project_id(project)}
+        )
         holder = Holder(uuid.uuid4().hex, str(run.id), run.name, str(dead), time.time(), time.time())
         client.create_variable(VariableCreate(name=lifecycle.slot_name(project), value=holder.__dict__))
     assert flow_id
     tags = {lifecycle.OWNER_LABEL: str(dead), "rlhf.flow_run_id": str(run.id)}
-    parent = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name(project.tracking.experiment).experiment_id, tags=tags)
+    parent = mlflow.MlflowClient().create_run(
+        mlflow.get_experiment_by_name(project.tracking.experiment).experiment_id, tags=tags
+    )
     alive = mlflow.MlflowClient().create_run(parent.info.experiment_id, tags={lifecycle.OWNER_LABEL: str(Owner.me())})
 
     said: list[str] = []
@@ -146,9 +156,19 @@ def test_rlhf_run_waiting_for_the_slot_says_who_holds_it_and_stops_on_a_signal(t
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     try:
         with log_path.open("w") as log:
-            proc = subprocess.Popen([str(Path(sys.executable).with_name("rlhf")), "run", f"root={project.root}",
-                                     "data=demo_small", f"infra.prefect_api_url={PREFECT_API_URL.value()}"],
-                                    stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            proc = subprocess.Popen(
+                [
+                    str(Path(sys.executable).with_name("rlhf")),
+                    "run",
+                    f"root={project.root}",
+                    "data=demo_small",
+                    f"infra.prefect_api_url={PREFECT_API_URL.value()}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         deadline = time.time() + 240
         while "waiting for the retrain slot" not in log_path.read_text():
             assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
@@ -166,7 +186,11 @@ def test_rlhf_run_waiting_for_the_slot_says_who_holds_it_and_stops_on_a_signal(t
             os.killpg(proc.pid, signal.SIGKILL)
         holder.release()
     with get_client(sync_client=True) as client:  # the waiting run did not stay Running
-        runs = [r for r in client.read_flow_runs(limit=50) if r.labels.get(lifecycle.PROJECT_LABEL) == lifecycle.project_id(project)]
+        runs = [
+            r
+            for r in client.read_flow_runs(limit=50)
+            if r.labels.get(lifecycle.PROJECT_LABEL) == lifecycle.project_id(project)
+        ]
     assert runs and all(r.state.is_final() for r in runs), [(r.name, r.state_name) for r in runs]
 
 
@@ -181,11 +205,24 @@ def test_rlhf_status_names_the_holder_and_says_when_it_is_stale(tmp_path):
     project = make_project(tmp_path / "proj")
     dead = dead_owner()
     with get_client(sync_client=True) as client:
-        client.create_variable(VariableCreate(name=lifecycle.slot_name(project),
-                                              value=Holder("t", "", "crashed-run", str(dead), time.time(), time.time()).__dict__))
+        client.create_variable(
+            VariableCreate(
+                name=lifecycle.slot_name(project),
+                value=Holder("t", "", "crashed-run", str(dead), time.time(), time.time()).__dict__,
+            )
+        )
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    proc = subprocess.run([str(Path(sys.executable).with_name("rlhf")), "status", f"root={project.root}",
-                           f"infra.prefect_api_url={PREFECT_API_URL.value()}"], env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("rlhf")),
+            "status",
+            f"root={project.root}",
+            f"infra.prefect_api_url={PREFECT_API_URL.value()}",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "held by flow run crashed-run" in proc.stdout and f"pid {dead.pid}" in proc.stdout, proc.stdout
     assert "STALE: its process" in proc.stdout and "the next retrain frees it" in proc.stdout, proc.stdout

@@ -1,10 +1,12 @@
 """The retrain flow's tail under a real Prefect test server and SQLite MLflow: evaluate -> gate ->
 register -> promote. Fast stages (the learning itself is tested in tests/training)."""
+
 import mlflow
 import pytest
 
 from components.config import compose
 from components.registry.registry import CHAMPION, alias_version
+from flows.contracts import Registration
 from flows.retrain import retrain
 from tests.conftest import FAST_STAGES, OPEN_GATE, make_project
 
@@ -16,14 +18,17 @@ def test_passing_candidate_is_registered_and_promoted_then_a_failing_one_changes
     state = retrain(project, return_state=True)
     assert state.is_completed(), state.message
     s = state.result()
-    assert s["gate"]["passed"] and s["gate"]["champion_version"] is None  # first run: compared with the SFT policy
-    assert s["registered"] == {"name": "gate-test", "version": "1", "previous_champion": None, "alias": CHAMPION}
+    assert s.gate.passed and s.gate.champion_version is None  # first run: compared with the SFT policy
+    assert s.registered == Registration("gate-test", "1", alias=CHAMPION, previous_champion=None)
     assert alias_version("gate-test", CHAMPION) == "1"
     version = mlflow.MlflowClient().get_model_version("gate-test", "1")
-    assert version.tags["data_version"] == s["data"]["version"] and "gate/win_rate" in version.tags
-    assert s["data"]["version"] in version.description and "| candidate |" in version.description  # the model card
-    evaluate_run = [c for c in mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{s['run_id']}'",
-                                                  output_format="list") if c.data.tags.get("stage") == "evaluate"][0]
+    assert version.tags["data_version"] == s.data.version and "gate/win_rate" in version.tags
+    assert s.data.version in version.description and "| candidate |" in version.description  # the model card
+    evaluate_run = [
+        c
+        for c in mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{s.run_id}'", output_format="list")
+        if c.data.tags.get("stage") == "evaluate"
+    ][0]
     assert {"eval/candidate/reward_mean", "eval/sft/judge_mean", "gate/passed"} <= set(evaluate_run.data.metrics)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(evaluate_run.info.run_id)}
     assert {"eval_generations.json", "gate_verdict.txt"} <= artifacts
@@ -33,13 +38,21 @@ def test_passing_candidate_is_registered_and_promoted_then_a_failing_one_changes
     assert again.is_completed() and again.message.startswith("nothing new: champion v1"), again.message
 
     # a gate no candidate can pass: compared against champion v1, nothing registered, champion unchanged
-    strict = compose([f"root={project.root}", "data=demo_small", *FAST_STAGES, "tracking.registered_model_name=gate-test",
-                      *OPEN_GATE, "gate.min_win_rate=1.01"])
+    strict = compose(
+        [
+            f"root={project.root}",
+            "data=demo_small",
+            *FAST_STAGES,
+            "tracking.registered_model_name=gate-test",
+            *OPEN_GATE,
+            "gate.min_win_rate=1.01",
+        ]
+    )
     state = retrain(strict, return_state=True)
     assert state.is_completed() and state.message.startswith("not promoted because win_rate"), state.message
     s = state.result()
-    assert s["gate"]["champion_version"] == "1" and "champion" in s["gate"]["eval"]
-    assert "registered" not in s
+    assert s.gate.champion_version == "1" and "champion" in s.gate.eval
+    assert s.registered is None
     assert [str(v.version) for v in mlflow.MlflowClient().search_model_versions("name='gate-test'")] == ["1"]
     assert alias_version("gate-test", CHAMPION) == "1"
 
@@ -55,38 +68,62 @@ def test_new_data_trains_again_and_compares_against_the_champion(tmp_path):
     assert alias_version("ingest-test", CHAMPION) == "1"
     before = data_version(project.root_path)
     new = tmp_path / "batch.jsonl"
-    new.write_text("".join(json.dumps({"id": f"fresh-{i}", "prompt": f"A fresh prompt number {i}",
-                                       "chosen": f"a wonderful answer {i}", "rejected": f"a dull answer {i}"}) + "\n"
-                           for i in range(5)))
+    new.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"fresh-{i}",
+                    "prompt": f"A fresh prompt number {i}",
+                    "chosen": f"a wonderful answer {i}",
+                    "rejected": f"a dull answer {i}",
+                }
+            )
+            + "\n"
+            for i in range(5)
+        )
+    )
     assert ingest_flow(project, str(new), "preferences", return_state=True).is_completed()
     assert data_version(project.root_path) != before
 
     state = retrain(project, return_state=True)
     assert state.is_completed(), state.message
     s = state.result()
-    assert "nothing_new" not in s and s["data"]["version"] != before  # the new data version trained again
-    assert s["gate"]["champion_version"] == "1"  # ... and was compared with the champion,
-    assert "champion" in s["gate"]["eval"]  # loaded from its own registered model (its own base and tokenizer)
-    assert s["registered"]["version"] == "2" and s["registered"]["previous_champion"] == "1"
+    assert s.nothing_new is None and s.data.version != before  # the new data version trained again
+    assert s.gate.champion_version == "1"  # ... and was compared with the champion,
+    assert "champion" in s.gate.eval  # loaded from its own registered model (its own base and tokenizer)
+    assert s.registered.version == "2" and s.registered.previous_champion == "1"
 
     # a retried register (a transient error after the version was created) finishes that version
     from prefect import flow
 
-    from components.data.versioning import DataState
-    from flows.retrain import register
+    from flows.stages import register
 
     @flow
     def retried_register():
-        return register(project, DataState(**s["data"]), s["sft"], s["policy"], s["gate"], s["run_id"])
+        return register(project, s.data, s.sft.dir, s.policy.dir, s.gate, s.run_id)
 
-    assert retried_register()["version"] == "2"
-    assert sorted(str(v.version) for v in mlflow.MlflowClient().search_model_versions("name='ingest-test'")) == ["1", "2"]
+    assert retried_register().version == "2"
+    assert sorted(str(v.version) for v in mlflow.MlflowClient().search_model_versions("name='ingest-test'")) == [
+        "1",
+        "2",
+    ]
 
     # rollback holds: the same data and config do not promote the rolled-back policy again
     from flows.cli import main
 
-    assert main(["rollback", "--reason", "users dislike it", f"root={project.root}", "data=demo_small",
-                 "tracking.registered_model_name=ingest-test"]) == 0
+    assert (
+        main(
+            [
+                "rollback",
+                "--reason",
+                "users dislike it",
+                f"root={project.root}",
+                "data=demo_small",
+                "tracking.registered_model_name=ingest-test",
+            ]
+        )
+        == 0
+    )
     assert alias_version("ingest-test", CHAMPION) == "1"
     v2 = mlflow.MlflowClient().get_model_version("ingest-test", "2")
     assert "users dislike it" in v2.tags["rolled_back"] and "Rolled back" in v2.description
@@ -97,7 +134,7 @@ def test_new_data_trains_again_and_compares_against_the_champion(tmp_path):
 
 
 def test_the_retrain_slot_is_released_after_a_failed_run(tmp_path):
-    from flows.lifecycle import RetrainSlot
+    from flows.slot import RetrainSlot
 
     project = make_project(tmp_path / "proj", "ppo.kl_ceiling=-1")  # the quickest full run: fails at PPO
     assert retrain(project, return_state=True).is_failed()

@@ -1,5 +1,6 @@
 """`rlhf serve`'s deployment, registered on the session's Prefect test server: cron schedule from
 config, a trigger on rlhf.data.updated, one run at a time, the overrides as its parameter."""
+
 import asyncio
 
 import pytest
@@ -21,7 +22,7 @@ def test_deployment_has_schedule_trigger_and_concurrency_limit(tmp_path):
 
         async with get_client() as client:
             dep = await client.read_deployment(deployment_id)
-            automations = await client.read_automations_by_name(f"retrain on new data")
+            automations = await client.read_automations_by_name("retrain on new data")
             return dep, automations
 
     dep, automations = asyncio.run(read())
@@ -30,8 +31,10 @@ def test_deployment_has_schedule_trigger_and_concurrency_limit(tmp_path):
     assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
     assert automations and DATA_UPDATED in automations[0].trigger.expect
     # only this project's data events: the resource id ingest emits for this data dir
-    assert automations[0].trigger.match.model_dump()["prefect.resource.id"] == \
-        data_resource(compose(overrides))["prefect.resource.id"]
+    assert (
+        automations[0].trigger.match.model_dump()["prefect.resource.id"]
+        == data_resource(compose(overrides))["prefect.resource.id"]
+    )
     assert automations[0].actions[0].parameters == {"overrides": overrides}
 
 
@@ -58,28 +61,41 @@ def test_an_ingest_event_runs_the_served_deployment(tmp_path):
     from prefect.settings import PREFECT_API_URL
 
     from components.data.versioning import data_version, ensure_data
-    from components.tracking import tracking_uri
     from components.registry.registry import CHAMPION, alias_version
+    from components.tracking import tracking_uri
     from flows.ingest import ingest_flow
     from tests.conftest import FAST_STAGES, OPEN_GATE, make_project
 
     root = tmp_path / "proj"
-    overrides = [f"root={root}", "data=demo_small", *FAST_STAGES, "infra.retrain_cron=null",
-                 f"infra.prefect_api_url={PREFECT_API_URL.value()}", "tracking.registered_model_name=served-test",
-                 *OPEN_GATE]
+    overrides = [
+        f"root={root}",
+        "data=demo_small",
+        *FAST_STAGES,
+        "infra.retrain_cron=null",
+        f"infra.prefect_api_url={PREFECT_API_URL.value()}",
+        "tracking.registered_model_name=served-test",
+        *OPEN_GATE,
+    ]
     project = make_project(root, *overrides[1:])
     ensure_data(project)  # `rlhf data`: the demo data, versioned
 
     log = (tmp_path / "serve.log").open("w")
-    serve = subprocess.Popen([str(Path(sys.executable).with_name("rlhf")), "serve", *overrides], stdout=log,
-                             stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"}, start_new_session=True)
+    serve = subprocess.Popen(
+        [str(Path(sys.executable).with_name("rlhf")), "serve", *overrides],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+        start_new_session=True,
+    )
     try:
         with get_client(sync_client=True) as client:
             deadline = time.time() + 120
             while True:  # the served process registers the deployment and its automation
                 try:
                     dep = client.read_deployment_by_name(f"retrain-service/{DEPLOYMENT}")
-                    if dep.parameters == {"overrides": overrides} and client.read_automations_by_name("retrain on new data"):
+                    if dep.parameters == {"overrides": overrides} and client.read_automations_by_name(
+                        "retrain on new data"
+                    ):
                         break
                 except Exception:
                     pass
@@ -88,9 +104,20 @@ def test_an_ingest_event_runs_the_served_deployment(tmp_path):
             time.sleep(3)  # let the server's trigger service load the new automation
 
             batch = tmp_path / "batch.jsonl"
-            batch.write_text("".join(json.dumps({"id": f"served-{i}", "prompt": f"A served prompt {i}",
-                                                 "chosen": f"a lovely answer {i}", "rejected": f"a bad answer {i}"}) + "\n"
-                                     for i in range(5)))
+            batch.write_text(
+                "".join(
+                    json.dumps(
+                        {
+                            "id": f"served-{i}",
+                            "prompt": f"A served prompt {i}",
+                            "chosen": f"a lovely answer {i}",
+                            "rejected": f"a bad answer {i}",
+                        }
+                    )
+                    + "\n"
+                    for i in range(5)
+                )
+            )
             assert ingest_flow(project, str(batch), "preferences", return_state=True).is_completed()
             version = data_version(root)
 
@@ -99,8 +126,9 @@ def test_an_ingest_event_runs_the_served_deployment(tmp_path):
                 runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
                 if runs and runs[0].state.is_final():
                     break
-                assert serve.poll() is None and time.time() < deadline, \
+                assert serve.poll() is None and time.time() < deadline, (
                     f"runs: {[(r.name, r.state_name) for r in runs]}\n" + (tmp_path / "serve.log").read_text()[-3000:]
+                )
                 time.sleep(2)
         (run,) = runs  # no cron: the event was the only thing that started it
         assert run.state.is_completed(), f"{run.state.message}\n" + (tmp_path / "serve.log").read_text()[-3000:]
@@ -147,8 +175,13 @@ def test_serve_stops_within_10s_on_sigterm_and_sigint(quiet_project, tmp_path, s
         overrides.append(f"infra.prefect_api_url={PREFECT_API_URL.value()}")
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log:
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("rlhf")), "serve", *overrides], stdout=log,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("rlhf")), "serve", *overrides],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
     try:
         deadline = time.time() + 240
         while "waiting for scheduled or triggered runs" not in log_path.read_text():
@@ -184,16 +217,30 @@ def test_a_sigkilled_serve_does_not_block_the_deployment_after_restart(tmp_path)
     from tests.conftest import FAST_STAGES, OPEN_GATE, make_project
 
     root = tmp_path / "proj"
-    overrides = [f"root={root}", "data=demo_small", *FAST_STAGES, "ppo.steps=30", "ppo.save_every=1", "infra.retrain_cron=null",
-                 "infra.retrain_on_new_data=false", f"infra.prefect_api_url={PREFECT_API_URL.value()}",
-                 "tracking.registered_model_name=restart-test", *OPEN_GATE]
+    overrides = [
+        f"root={root}",
+        "data=demo_small",
+        *FAST_STAGES,
+        "ppo.steps=30",
+        "ppo.save_every=1",
+        "infra.retrain_cron=null",
+        "infra.retrain_on_new_data=false",
+        f"infra.prefect_api_url={PREFECT_API_URL.value()}",
+        "tracking.registered_model_name=restart-test",
+        *OPEN_GATE,
+    ]
     make_project(root, *overrides[1:])
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
 
     def serve(log_path: Path) -> subprocess.Popen:
         with log_path.open("w") as log:
-            proc = subprocess.Popen([str(Path(sys.executable).with_name("rlhf")), "serve", *overrides], stdout=log,
-                                    stderr=subprocess.STDOUT, env={**env, "TQDM_DISABLE": "1"}, start_new_session=True)
+            proc = subprocess.Popen(
+                [str(Path(sys.executable).with_name("rlhf")), "serve", *overrides],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**env, "TQDM_DISABLE": "1"},
+                start_new_session=True,
+            )
         deadline = time.time() + 240
         while "waiting for scheduled or triggered runs" not in log_path.read_text():
             assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
@@ -242,6 +289,10 @@ def test_a_sigkilled_serve_does_not_block_the_deployment_after_restart(tmp_path)
     from components.tracking import tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri(make_project(root, *overrides[1:])))
-    ppo_runs = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.run_name = 'ppo'", output_format="list")
+    ppo_runs = mlflow.search_runs(
+        search_all_experiments=True, filter_string="attributes.run_name = 'ppo'", output_format="list"
+    )
     assert max(r.data.metrics.get("ppo/resumed_from_iteration", 0) for r in ppo_runs) > 0, "PPO resumed its checkpoint"
-    assert not [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list") if r.info.status == "RUNNING"]
+    assert not [
+        r for r in mlflow.search_runs(search_all_experiments=True, output_format="list") if r.info.status == "RUNNING"
+    ]

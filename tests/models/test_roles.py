@@ -1,5 +1,6 @@
 """Roles on one shared base: `with roles.use(name):` activates a role for a block and always switches back,
 with exactly the trainable adapters trainable, even when the block raises."""
+
 import pytest
 import torch
 
@@ -13,8 +14,16 @@ def roles():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=2))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     lora = lora_config(LoraSettings(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
     model = get_peft_model(base, lora, adapter_name="policy")
     model.add_adapter("value", lora)
@@ -29,8 +38,11 @@ def roles():
 
 
 def trainable_adapters(model) -> set[str]:
-    return {name for name in ("policy", "value", "reward")
-            if all(p.requires_grad for n, p in model.named_parameters() if f".{name}." in n)}
+    return {
+        name
+        for name in ("policy", "value", "reward")
+        if all(p.requires_grad for n, p in model.named_parameters() if f".{name}." in n)
+    }
 
 
 def test_use_switches_and_switches_back(roles):

@@ -1,6 +1,7 @@
 """Registry and serving with real MLflow (SQLite): a policy is logged as a self-contained pyfunc,
 registered, aliased, promoted, rolled back; `mlflow models serve` answers /invocations and turns bad
 requests into clean 400s (one sentence naming the field, no stack trace)."""
+
 import json
 import os
 import signal
@@ -35,8 +36,15 @@ def registry(stages):
     versions = []
     for i in range(2):
         with mlflow.start_run(run_name=f"register-{i}"):
-            versions.append(log_and_register(NAME, stages.base_dir, adapter, {"data_version": "v1", "try": str(i)},
-                                             limits=V1_LIMITS if i == 0 else None))
+            versions.append(
+                log_and_register(
+                    NAME,
+                    stages.base_dir,
+                    adapter,
+                    {"data_version": "v1", "try": str(i)},
+                    limits=V1_LIMITS if i == 0 else None,
+                )
+            )
     return stages, versions
 
 
@@ -72,9 +80,13 @@ def test_cli_rollback(registry, capsys):
 def test_registered_model_is_self_contained_and_generates(registry):
     _, (v1, _) = registry
     model = mlflow.pyfunc.load_model(v1.model_uri)
-    out = model.predict(pd.DataFrame({"prompt": ["The film was", "These headphones"]}), params={"seed": 0, "max_new_tokens": 8})
+    out = model.predict(
+        pd.DataFrame({"prompt": ["The film was", "These headphones"]}), params={"seed": 0, "max_new_tokens": 8}
+    )
     assert list(out.columns) == ["response"] and len(out) == 2 and all(isinstance(r, str) for r in out["response"])
-    again = model.predict(pd.DataFrame({"prompt": ["The film was", "These headphones"]}), params={"seed": 0, "max_new_tokens": 8})
+    again = model.predict(
+        pd.DataFrame({"prompt": ["The film was", "These headphones"]}), params={"seed": 0, "max_new_tokens": 8}
+    )
     assert out.equals(again), "a seed makes generation reproducible"
     state = torch.get_rng_state()
     model.predict(["The film was"], params={"seed": 5, "max_new_tokens": 4})
@@ -87,8 +99,9 @@ def test_registered_model_is_self_contained_and_generates(registry):
 
 def test_serving_caps_are_logged_and_held_to_the_model_context(registry):
     _, (v1, v2) = registry
-    logged = {v.version: mlflow.models.get_model_info(v.model_uri).flavors["python_function"]["config"]
-              for v in (v1, v2)}  # the MLmodel's model_config
+    logged = {
+        v.version: mlflow.models.get_model_info(v.model_uri).flavors["python_function"]["config"] for v in (v1, v2)
+    }  # the MLmodel's model_config
     assert logged == {v1.version: {**Limits().as_config(), **V1_LIMITS}, v2.version: Limits().as_config()}
     with pytest.raises(ValueError, match="unknown serving limits"):
         Limits.from_config({"max_batch": 3})
@@ -113,8 +126,11 @@ def free_port() -> int:
 
 def post(port: int, body: dict) -> tuple[int, str]:
     """POST /invocations -> (HTTP status, response body)."""
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, r.read().decode()
@@ -134,23 +150,42 @@ def served(registry):
     stages, (v1, _) = registry
     promote(NAME, v1.version, approver="test")
     port = free_port()
-    venv_bin = str(Path(sys.executable).parent)  # mlflow starts `uvicorn` from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.tracking_uri(stages.cfg),
-           "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
-           "MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps(SERVE_CONFIG)}
-    mlflow_bin = str(Path(venv_bin) / "mlflow")
-    proc = subprocess.Popen([mlflow_bin, "models", "serve", "-m", f"models:/{NAME}@{CHAMPION}", "--env-manager", "local",
-                             "--host", "127.0.0.1", "-p", str(port)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    # through `rlhf model serve`, which puts the venv on PATH (mlflow execs uvicorn from it) and points at
+    # the project's tracking store: neither comes from this environment
+    path = os.pathsep.join(
+        p for p in os.environ.get("PATH", "").split(os.pathsep) if p != str(Path(sys.executable).parent)
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {
+        "PATH": path,
+        "MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps(SERVE_CONFIG),
+    }
+    rlhf = str(Path(sys.executable).with_name("rlhf"))
+    proc = subprocess.Popen(
+        [
+            rlhf,
+            "model",
+            "serve",
+            "--alias",
+            CHAMPION,
+            "--port",
+            str(port),
+            f"root={stages.root}",
+            f"tracking.registered_model_name={NAME}",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 180
         while True:
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
                 break
-            except OSError:
+            except OSError as e:
                 if proc.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"server did not start:\n{proc.stdout.read().decode()[-3000:]}")
+                    raise AssertionError(f"server did not start:\n{proc.stdout.read().decode()[-3000:]}") from e
                 time.sleep(1)
         yield port
     finally:
@@ -160,10 +195,13 @@ def served(registry):
 
 def test_mlflow_models_serve_answers_invocations(served):
     params = {"max_new_tokens": 8, "seed": 0}
-    records = predictions(served, {"dataframe_records": [{"prompt": "The film was"}, {"prompt": "My new kettle"}],
-                                   "params": params})
-    split = predictions(served, {"dataframe_split": {"columns": ["prompt"], "data": [["The film was"], ["My new kettle"]]},
-                                 "params": params})
+    records = predictions(
+        served, {"dataframe_records": [{"prompt": "The film was"}, {"prompt": "My new kettle"}], "params": params}
+    )
+    split = predictions(
+        served,
+        {"dataframe_split": {"columns": ["prompt"], "data": [["The film was"], ["My new kettle"]]}, "params": params},
+    )
     plain = predictions(served, {"inputs": ["The film was", "My new kettle"], "params": params})
     for answer in (records, split, plain):
         rows = answer["predictions"]

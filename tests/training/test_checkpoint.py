@@ -2,6 +2,7 @@
 leftovers are cleaned, partial HF checkpoints are not resumed from, a stage dir is complete only
 once its last step wrote COMPLETE.json. Kills are simulated by raising where the process would die,
 or by building the state a kill leaves on disk."""
+
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ class Killed(BaseException):
 def writer(text: str):
     def write(d: Path) -> None:
         (d / "weights.txt").write_text(text)
+
     return write
 
 
@@ -124,6 +126,7 @@ def test_save_fsyncs_meta_and_the_checkpoint_files(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------- HF checkpoints (SFT)
 
+
 def hf_checkpoint(directory: Path, step: int, complete: bool) -> Path:
     d = directory / f"checkpoint-{step}"
     d.mkdir(parents=True)
@@ -171,6 +174,7 @@ def test_marker_callback_marks_the_checkpoint_just_saved(tmp_path):
 
 
 # ---------------------------------------------------------------------------- stage output dirs
+
 
 def test_stage_dir_is_complete_only_after_mark_complete(tmp_path):
     out = tmp_path / "rm"
@@ -226,7 +230,7 @@ class _Saves:
 
 
 def test_ppo_marks_its_out_dir_complete_after_final_and_unmarks_it_at_start(tmp_path):
-    from components.config import PPOConfig, ModelConfig
+    from components.config import ModelConfig, PPOConfig
     from components.training.ppo import Roles, train_ppo, write_outputs
 
     out = tmp_path / "ppo"
@@ -262,8 +266,9 @@ def test_resume_restores_weights_optimizer_and_rng_from_the_matching_checkpoint(
     fresh = torch.nn.Linear(2, 1)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
     torch.manual_seed(123)
-    step, state = checkpoint.resume(root, FP, lambda d: fresh.load_state_dict(torch.load(d / "layer.pt")),
-                                    optimizer=fresh_opt)
+    step, state = checkpoint.resume(
+        root, FP, lambda d: fresh.load_state_dict(torch.load(d / "layer.pt")), optimizer=fresh_opt
+    )
     assert (step, state["note"]) == (5, "plain value")
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
     assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"] == 1

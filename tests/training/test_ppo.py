@@ -1,5 +1,6 @@
 """PPO on the demo (tiny model, CPU): reward up on held-out prompts with the KL near its target;
 only the policy/value adapters train; resume continues from the checkpoint; divergence writes nothing."""
+
 import hashlib
 import shutil
 from dataclasses import replace
@@ -18,11 +19,23 @@ def digest(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def ppo(stages, reward):
-    frozen = {p: digest(p) for p in (Path(stages.sft_dir) / "model.safetensors",
-                                     Path(reward.adapter_dir) / "adapter_model.safetensors",
-                                     Path(reward.head_dir) / "head.safetensors")}
-    result = train_ppo(stages.cfg.ppo, stages.cfg.model, stages.sft_dir, reward.head_dir, stages.cfg.data_path,
-                       stages.root / "ppo", seed=stages.cfg.seed)
+    frozen = {
+        p: digest(p)
+        for p in (
+            Path(stages.sft_dir) / "model.safetensors",
+            Path(reward.adapter_dir) / "adapter_model.safetensors",
+            Path(reward.head_dir) / "head.safetensors",
+        )
+    }
+    result = train_ppo(
+        stages.cfg.ppo,
+        stages.cfg.model,
+        stages.sft_dir,
+        reward.head_dir,
+        stages.cfg.data_path,
+        stages.root / "ppo",
+        seed=stages.cfg.seed,
+    )
     return result, frozen
 
 
@@ -42,9 +55,23 @@ def test_ppo_raises_held_out_reward_with_kl_near_target(stages, ppo):
 def test_every_iteration_logs_the_ppo_metrics(stages, ppo):
     result, _ = ppo
     assert len(result.history) == stages.cfg.ppo.steps
-    expected = {"ppo/reward_mean", "ppo/reward_std", "ppo/non_score_reward", "ppo/kl", "ppo/beta", "ppo/entropy",
-                "ppo/policy_loss", "ppo/value_loss", "ppo/clipfrac", "ppo/approx_kl", "ppo/response_length",
-                "ppo/time_generate", "ppo/time_score", "ppo/time_train", "ppo/tokens_per_second"}
+    expected = {
+        "ppo/reward_mean",
+        "ppo/reward_std",
+        "ppo/non_score_reward",
+        "ppo/kl",
+        "ppo/beta",
+        "ppo/entropy",
+        "ppo/policy_loss",
+        "ppo/value_loss",
+        "ppo/clipfrac",
+        "ppo/approx_kl",
+        "ppo/response_length",
+        "ppo/time_generate",
+        "ppo/time_score",
+        "ppo/time_train",
+        "ppo/tokens_per_second",
+    }
     assert expected <= set(result.history[0])
     assert result.history[0]["ppo/kl"] == pytest.approx(0.0, abs=1e-4), "the policy starts as the reference"
 
@@ -58,17 +85,19 @@ def test_only_policy_and_value_adapters_train(ppo, reward):
     assert all(v.abs().sum() > 0 for k, v in policy.items() if "lora_B" in k), "policy LoRA B starts at 0: it must move"
     value = load_file(str(Path(result.value_dir) / "adapter_model.safetensors"))
     rm = load_file(str(Path(reward.adapter_dir) / "adapter_model.safetensors"))
-    assert any(not torch.equal(value[k], rm[k]) for k in value if k in rm), "value adapter starts from the RM and trains"
+    assert any(not torch.equal(value[k], rm[k]) for k in value if k in rm), (
+        "value adapter starts from the RM and trains"
+    )
 
 
 def test_policy_improves_under_an_independent_judge(stages, ppo):
     """The sentiment judge shares nothing with the reward model: a gain here is learning, not RM hacking."""
     from peft import PeftModel
 
+    from components.data.readers import read_prompts
     from components.evaluation.judges import sentiment
     from components.models.generation import sample
     from components.models.loading import load_causal_lm, load_tokenizer
-    from components.data.readers import read_prompts
 
     result, _ = ppo
     cfg = stages.cfg
@@ -87,8 +116,18 @@ def test_policy_improves_under_an_independent_judge(stages, ppo):
 
 
 def small(cfg, **kw):
-    return replace(cfg, **{"steps": 4, "batch_size": 8, "minibatch_size": 4, "ppo_epochs": 2, "save_every": 2,
-                           "eval_max_prompts": 8, **kw})
+    return replace(
+        cfg,
+        **{
+            "steps": 4,
+            "batch_size": 8,
+            "minibatch_size": 4,
+            "ppo_epochs": 2,
+            "save_every": 2,
+            "eval_max_prompts": 8,
+            **kw,
+        },
+    )
 
 
 def test_resume_continues_from_the_checkpoint(stages, reward):
@@ -97,10 +136,12 @@ def test_resume_continues_from_the_checkpoint(stages, reward):
     full = train_ppo(cfg, stages.cfg.model, stages.sft_dir, reward.head_dir, stages.cfg.data_path, full_dir, seed=3)
     # a run killed during iteration 3: only the checkpoint after iteration 2 exists
     shutil.copytree(full_dir / "checkpoints" / "step-0000002", resumed_dir / "checkpoints" / "step-0000002")
-    resumed = train_ppo(cfg, stages.cfg.model, stages.sft_dir, reward.head_dir, stages.cfg.data_path, resumed_dir, seed=3)
+    resumed = train_ppo(
+        cfg, stages.cfg.model, stages.sft_dir, reward.head_dir, stages.cfg.data_path, resumed_dir, seed=3
+    )
     assert resumed.metrics["ppo/resumed_from_iteration"] == 2 and full.metrics["ppo/resumed_from_iteration"] == 0
     assert len(resumed.history) == len(full.history) == 4
-    for a, b in zip(full.history, resumed.history):
+    for a, b in zip(full.history, resumed.history, strict=True):
         assert a["ppo/kl"] == pytest.approx(b["ppo/kl"], abs=1e-4) and a["ppo/beta"] == pytest.approx(b["ppo/beta"])
     pa = load_file(str(Path(full.policy_dir) / "adapter_model.safetensors"))
     pb = load_file(str(Path(resumed.policy_dir) / "adapter_model.safetensors"))
@@ -110,16 +151,28 @@ def test_resume_continues_from_the_checkpoint(stages, reward):
 def test_divergence_stops_with_a_clear_error_and_writes_no_policy(stages, reward):
     out = stages.root / "ppo-diverged"
     with pytest.raises(PPODivergence, match="kl_ceiling"):
-        train_ppo(small(stages.cfg.ppo, kl_ceiling=1e-6), stages.cfg.model, stages.sft_dir, reward.head_dir,
-                  stages.cfg.data_path, out)
+        train_ppo(
+            small(stages.cfg.ppo, kl_ceiling=1e-6),
+            stages.cfg.model,
+            stages.sft_dir,
+            reward.head_dir,
+            stages.cfg.data_path,
+            out,
+        )
     assert not (out / "final").exists()
 
 
 def test_programmatic_reward_without_reward_model(stages):
-    cfg = small(stages.cfg.ppo, use_reward_model=False, value_init="fresh", steps=2,
-                reward_fn="components.evaluation.judges:sentiment")
-    result = train_ppo(replace(cfg, merge=True), stages.cfg.model, stages.sft_dir, None, stages.cfg.data_path,
-                       stages.root / "ppo-fn")
+    cfg = small(
+        stages.cfg.ppo,
+        use_reward_model=False,
+        value_init="fresh",
+        steps=2,
+        reward_fn="components.evaluation.judges:sentiment",
+    )
+    result = train_ppo(
+        replace(cfg, merge=True), stages.cfg.model, stages.sft_dir, None, stages.cfg.data_path, stages.root / "ppo-fn"
+    )
     assert len(result.history) == 2 and all(-3 < h["ppo/reward_mean"] < 3 for h in result.history)
     # the merged policy is the SFT base + policy adapter folded in: same logits as the adapter model
     from peft import PeftModel
@@ -129,8 +182,17 @@ def test_programmatic_reward_without_reward_model(stages):
     ids = torch.tensor([[5, 17, 42, 99, 7]])
     with torch.no_grad():
         merged = load_causal_lm(result.merged_dir, stages.cfg.model)(input_ids=ids).logits
-        adapter = PeftModel.from_pretrained(load_causal_lm(stages.sft_dir, stages.cfg.model), result.policy_dir)(input_ids=ids).logits
+        adapter = PeftModel.from_pretrained(load_causal_lm(stages.sft_dir, stages.cfg.model), result.policy_dir)(
+            input_ids=ids
+        ).logits
         base = load_causal_lm(stages.sft_dir, stages.cfg.model)(input_ids=ids).logits
     assert torch.allclose(merged, adapter, atol=1e-4) and not torch.allclose(merged, base, atol=1e-4)
     with pytest.raises(ValueError, match="needs a reward"):
-        train_ppo(replace(cfg, reward_fn=None), stages.cfg.model, stages.sft_dir, None, stages.cfg.data_path, stages.root / "x")
+        train_ppo(
+            replace(cfg, reward_fn=None),
+            stages.cfg.model,
+            stages.sft_dir,
+            None,
+            stages.cfg.data_path,
+            stages.root / "x",
+        )

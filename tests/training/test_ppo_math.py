@@ -1,12 +1,25 @@
 """PPO math against values computed by hand (the arithmetic is in the comments)."""
+
 import math
 
 import pytest
 import torch
 
 from components.models.generation import response_mask
-from components.training.ppo_math import (AdaptiveKLController, RunningMoments, entropy_from_logits, gae, kl_k1, kl_k3,
-                                          logprobs_of, masked_mean, policy_loss, rewards_with_kl, value_loss, whiten)
+from components.training.ppo_math import (
+    AdaptiveKLController,
+    RunningMoments,
+    entropy_from_logits,
+    gae,
+    kl_k1,
+    kl_k3,
+    logprobs_of,
+    masked_mean,
+    policy_loss,
+    rewards_with_kl,
+    value_loss,
+    whiten,
+)
 
 T = torch.tensor
 
@@ -82,7 +95,9 @@ def test_value_loss_hand_computed():
     #   v=-0.1, R=0:   inside the clip; 0.01
     #   v=1,    R=1.1: v_clip=0.2; max(0.01, 0.81) = 0.81 (clipped counts)
     #   loss = 0.5 * (0.25 + 0.01 + 0.81) / 3 = 0.178333; clipfrac = 1/3
-    loss, clipfrac = value_loss(T([[1.0, -0.1, 1.0]]), T([[0.0, 0.0, 0.0]]), T([[0.5, 0.0, 1.1]]), T([[1.0, 1.0, 1.0]]), 0.2)
+    loss, clipfrac = value_loss(
+        T([[1.0, -0.1, 1.0]]), T([[0.0, 0.0, 0.0]]), T([[0.5, 0.0, 1.1]]), T([[1.0, 1.0, 1.0]]), 0.2
+    )
     assert loss.item() == pytest.approx(0.178333, abs=1e-6)
     assert clipfrac.item() == pytest.approx(1 / 3)
 
@@ -117,7 +132,7 @@ def test_logprobs_entropy_and_masks():
     logits = T([[[0.0, math.log(3.0)]]])  # probs 0.25, 0.75
     assert logprobs_of(logits, T([[1]])).item() == pytest.approx(math.log(0.75))
     # temperature 2 halves the logits: p1 = sqrt(3) / (1 + sqrt(3))
-    assert logprobs_of(logits, T([[1]]), temperature=2.0).exp().item() == pytest.approx(3 ** 0.5 / (1 + 3 ** 0.5))
+    assert logprobs_of(logits, T([[1]]), temperature=2.0).exp().item() == pytest.approx(3**0.5 / (1 + 3**0.5))
     assert entropy_from_logits(torch.zeros(1, 1, 4)).item() == pytest.approx(math.log(4))
     assert masked_mean(T([[1.0, 3.0], [5.0, 100.0]]), T([[1.0, 1.0], [1.0, 0.0]]), dim=1).tolist() == [2.0, 5.0]
     mask, ended = response_mask(T([[5, 2, 9, 9], [5, 6, 7, 8]]), eos_token_id=2)

@@ -1,6 +1,7 @@
 """Reward model: hand-computed Bradley-Terry loss and ranking expansion; on the demo (tiny, CPU) a
 held-out pairwise accuracy well above 0.8; only the LoRA adapter and head train; exact resume; the output
 dir is complete only once a run has written all of it."""
+
 import json
 import math
 import shutil
@@ -90,7 +91,9 @@ def test_only_lora_and_head_train(stages, reward):
     model = PeftModel.from_pretrained(base, reward.adapter_dir)
     head, _ = ScalarHead.load(Path(reward.head_dir))
     tok = load_tokenizer(stages.sft_dir, cfg.model)
-    ids, mask = encode(tok, ["The film was"] * 2, ["wonderful and moving, a delight.", "dull and awful, a waste."], 96, "cpu")
+    ids, mask = encode(
+        tok, ["The film was"] * 2, ["wonderful and moving, a delight.", "dull and awful, a waste."], 96, "cpu"
+    )
     with torch.no_grad():
         good, bad = sequence_scores(model, head, ids, mask).tolist()
     assert good > bad
@@ -110,7 +113,9 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(stages):
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert resumed.metrics["rm/eval_accuracy"] == pytest.approx(full.metrics["rm/eval_accuracy"], abs=1e-6)
     # a different config does not resume from these checkpoints
-    other = train_reward(replace(short, learning_rate=1e-4), cfg.model, stages.sft_dir, cfg.data_path, resumed_dir, seed=1)
+    other = train_reward(
+        replace(short, learning_rate=1e-4), cfg.model, stages.sft_dir, cfg.data_path, resumed_dir, seed=1
+    )
     assert other.metrics["rm/resumed_from_step"] == 0
 
 
@@ -145,5 +150,8 @@ def test_micro_batches_add_up_to_the_whole_batch_loss():
     # the training loop scales each chunk's loss by its share of the weight: the sum is the batch loss
     torch.manual_seed(0)
     rc, rr, w = torch.randn(10), torch.randn(10), torch.tensor([1.0, 1 / 3, 1 / 3, 1 / 3, 1.0, 0.1, 0.1, 0.1, 0.1, 1.0])
-    chunks = sum(bradley_terry_loss(rc[i:i + 4], rr[i:i + 4], w[i:i + 4]) * w[i:i + 4].sum() / w.sum() for i in range(0, 10, 4))
+    chunks = sum(
+        bradley_terry_loss(rc[i : i + 4], rr[i : i + 4], w[i : i + 4]) * w[i : i + 4].sum() / w.sum()
+        for i in range(0, 10, 4)
+    )
     assert chunks.item() == pytest.approx(bradley_terry_loss(rc, rr, w).item(), abs=1e-6)

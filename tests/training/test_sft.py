@@ -1,5 +1,6 @@
 """SFT on the demo (tiny model, CPU): held-out loss goes down, only LoRA weights move, resume works
 (and skips a checkpoint a kill left half written); the output dir is complete only once all is written."""
+
 import json
 import shutil
 from pathlib import Path
@@ -10,8 +11,8 @@ from safetensors.torch import load_file
 
 from components.config import compose
 from components.data.demo import write_demo
-from components.models.demo_base import build_demo_base
 from components.data.schemas import held_out
+from components.models.demo_base import build_demo_base
 from components.training import checkpoint
 from components.training import sft as sft_module
 from components.training.sft import train_sft
@@ -20,8 +21,17 @@ from components.training.sft import train_sft
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("sft")
-    cfg = compose([f"root={root}", "data=demo_small", "model.pretrain_steps=100", "sft.max_steps=40", "sft.save_steps=20", "sft.learning_rate=1e-2",
-                   "sft.eval_fraction=0.15"])
+    cfg = compose(
+        [
+            f"root={root}",
+            "data=demo_small",
+            "model.pretrain_steps=100",
+            "sft.max_steps=40",
+            "sft.save_steps=20",
+            "sft.learning_rate=1e-2",
+            "sft.eval_fraction=0.15",
+        ]
+    )
     write_demo(cfg.data, cfg.data_path)
     base = build_demo_base(cfg.model, cfg.data_path, "v1", cfg.state_path / "models")
     result = train_sft(cfg.sft, cfg.model, base.path, cfg.data_path, root / "sft")
@@ -67,9 +77,13 @@ def test_split_is_deterministic_and_about_the_fraction():
 def test_resume_continues_from_last_checkpoint(setup):
     cfg, base, _, root = setup
     out = root / "sft-resume"
-    first = compose([f"root={root}", "data=demo_small", "model.pretrain_steps=40", "sft.max_steps=20", "sft.save_steps=10"])
+    first = compose(
+        [f"root={root}", "data=demo_small", "model.pretrain_steps=40", "sft.max_steps=20", "sft.save_steps=10"]
+    )
     train_sft(first.sft, first.model, base.path, first.data_path, out)
-    longer = compose([f"root={root}", "data=demo_small", "model.pretrain_steps=40", "sft.max_steps=30", "sft.save_steps=10"])
+    longer = compose(
+        [f"root={root}", "data=demo_small", "model.pretrain_steps=40", "sft.max_steps=30", "sft.save_steps=10"]
+    )
     result = train_sft(longer.sft, longer.model, base.path, longer.data_path, out)
     assert result.metrics["sft/resumed_from_step"] == 20
     state = json.loads((out / "checkpoints" / "checkpoint-30" / "trainer_state.json").read_text())
@@ -87,8 +101,16 @@ def test_resume_skips_a_checkpoint_killed_mid_save(setup):
     (partial / checkpoint.CHECKPOINT_MARKER).unlink()
     (partial / "trainer_state.json").unlink()
     (partial / "adapter_model.safetensors").write_bytes((partial / "adapter_model.safetensors").read_bytes()[:100])
-    longer = compose([f"root={root}", "data=demo_small", "sft.max_steps=50", "sft.save_steps=20", "sft.learning_rate=1e-2",
-                      "sft.eval_fraction=0.15"])
+    longer = compose(
+        [
+            f"root={root}",
+            "data=demo_small",
+            "sft.max_steps=50",
+            "sft.save_steps=20",
+            "sft.learning_rate=1e-2",
+            "sft.eval_fraction=0.15",
+        ]
+    )
     result = train_sft(longer.sft, longer.model, base.path, longer.data_path, out)
     assert result.metrics["sft/resumed_from_step"] == 40
     state = json.loads((out / "checkpoints" / "checkpoint-50" / "trainer_state.json").read_text())

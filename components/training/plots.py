@@ -1,0 +1,26 @@
+"""Training curves as figures for MLflow (`mlflow.log_figure`): a person reads curves, not only numbers."""
+
+from __future__ import annotations
+
+
+def ppo_curves(history: list[dict[str, float]]):
+    """Reward-model score, KL to the reference and the KL coefficient per PPO iteration (one figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    steps = range(1, len(history) + 1)
+    for ax, keys, title in (
+        (axes[0], ("ppo/score_mean",), "reward-model score"),
+        (axes[1], ("ppo/kl", "ppo/kl_k3"), "KL to the reference (per response)"),
+        (axes[2], ("ppo/beta",), "KL coefficient beta"),
+    ):
+        for k in keys:
+            ax.plot(steps, [h[k] for h in history], label=k.split("/")[1])
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.legend()
+    fig.tight_layout()
+    return fig

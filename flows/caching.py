@@ -1,0 +1,99 @@
+"""Stage caching and output dirs: what makes a stage "unchanged", where its output lives, what is pruned.
+
+SFT, the reward model and PPO are Prefect-cached tasks (`CACHED`). A stage's key hashes the data version,
+the config sections it reads, its upstream stages' outputs, the seed, the components' code and the
+project, so an unchanged stage is skipped on the next run and any change upstream recomputes everything
+downstream. The key also names the stage's output dir `<state>/stages/<stage>-<key>`: a killed run
+restarted with the same inputs resumes the stage there from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from components.config import Config, to_dict
+from components.data.versioning import DataState
+
+# The config sections each cached stage reads.
+STAGE_CONFIG = {"sft": ("sft", "model"), "reward-model": ("reward", "model"), "ppo": ("ppo", "model")}
+# Bumped when a cached task's result record changes shape, so older records are not read back.
+RESULT_SCHEMA = 2
+
+# Results are small JSON records (flows.contracts.StageOutput) in Prefect's local result storage,
+# <PREFECT_HOME>/storage, i.e. <state>/prefect/storage for a project.
+
+
+@functools.cache  # the loaded code cannot change within a process
+def code_version() -> str:
+    """Hash of the components' source: changed training code invalidates every stage's outputs."""
+    import components
+
+    h = hashlib.sha256()
+    for path in sorted(Path(components.__file__).parent.rglob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def stage_key(stage: str, cfg: Config, data: DataState, **upstream: Any) -> str:
+    blob = {
+        "stage": stage,
+        "data": data.version,
+        "seed": cfg.seed,
+        "code": code_version(),
+        "schema": RESULT_SCHEMA,
+        "project": str(cfg.state_path),
+        **{s: asdict(getattr(cfg, s)) for s in STAGE_CONFIG[stage]},
+        **upstream,
+    }
+    return f"{stage}-{hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]}"
+
+
+def stage_cache_key(context, parameters: dict[str, Any]) -> str:
+    """Prefect `cache_key_fn`: a task whose key has a stored result is not run again (state Cached)."""
+    upstream = {k: v for k, v in parameters.items() if k not in ("cfg", "data", "parent_run_id")}
+    return stage_key(context.task.name, parameters["cfg"], parameters["data"], **upstream)
+
+
+CACHED = {"cache_key_fn": stage_cache_key, "persist_result": True, "result_serializer": "json"}
+
+
+def stage_dir(cfg: Config, stage: str, data: DataState, **upstream: Any) -> Path:
+    return cfg.state_path / "stages" / stage_key(stage, cfg, data, **upstream)
+
+
+def stage_root(cfg: Config, path: str) -> Path:
+    """The `<state>/stages/<stage>-<key>` dir that holds a stage output path."""
+    stages = cfg.state_path / "stages"
+    return stages / Path(path).resolve().relative_to(stages.resolve()).parts[0]
+
+
+def prune_stage_outputs(stages: Path, keep: int | None, in_use: set[Path]) -> list[Path]:
+    """Delete all but the `keep` most recently used output dirs of each stage (never one in `in_use`).
+    Registered models are self-contained in MLflow, so stage dirs only serve caching and resume; a cached
+    result whose dir was pruned is recomputed when next needed. Returns the deleted dirs."""
+    if keep is None or not stages.is_dir():
+        return []
+    by_stage: dict[str, list[Path]] = {}
+    for d in stages.iterdir():
+        if d.is_dir():
+            by_stage.setdefault(d.name.rsplit("-", 1)[0], []).append(d)
+    removed = []
+    for dirs in by_stage.values():
+        dirs.sort(key=lambda d: (d.resolve() in in_use, d.stat().st_mtime), reverse=True)  # in use, then newest
+        n_in_use = sum(d.resolve() in in_use for d in dirs)
+        for d in dirs[max(keep, 0, n_in_use) :]:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def config_hash(cfg: Config) -> str:
+    """What the pipeline trains from, besides the data: the resolved config minus where results go."""
+    body = {k: v for k, v in to_dict(cfg).items() if k not in ("tracking", "infra", "root")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,72 @@
+"""What the retrain flow's steps hand each other: small typed records, JSON-serialisable for Prefect's
+result store (a cached stage's record is read back on the next run).
+
+A stage output names its artifacts by a location (`StageOutput.dir`): a local directory today; an MLflow
+or object-store URI once stages run on workers of another machine (docs/architecture.md, planned).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from components.data.versioning import DataState
+
+
+@dataclass
+class StageOutput:
+    """One trained stage: where its output is, the MLflow run that made it, its final metrics."""
+
+    dir: str
+    run_id: str
+    metrics: dict[str, float]
+    cached: bool = False  # this run took it from the cache (no new child run)
+
+
+@dataclass
+class ValidationSummary:
+    ok: bool
+    rows: dict[str, int]
+    problems: int
+    report: str
+    docs_index: str | None
+    run_id: str
+
+
+@dataclass
+class GateOutcome:
+    """The evaluation of a candidate against its baseline (the champion, else the SFT policy)."""
+
+    passed: bool
+    summary: str
+    reasons: list[str]
+    gate_metrics: dict[str, float]
+    champion_version: str | None
+    eval: dict[str, dict[str, float]]  # policy name -> its metrics
+
+
+@dataclass
+class Registration:
+    name: str
+    version: str
+    alias: str = "challenger"
+    previous_champion: str | None = None
+    approver: str | None = None
+
+
+@dataclass
+class RetrainSummary:
+    """What `rlhf run` prints and a retrain's state carries: everything this run decided and produced."""
+
+    run_id: str
+    data: DataState
+    validation: ValidationSummary
+    changed: str = ""  # since the champion: first run | new data | new config | new data + config | same inputs
+    nothing_new: str | None = None  # the champion version that already has this data and config
+    held_by_rollback: str | None = None  # the rolled-back version with this data and config
+    base: str | None = None
+    sft: StageOutput | None = None
+    reward: StageOutput | None = None
+    policy: StageOutput | None = None
+    gate: GateOutcome | None = None
+    registered: Registration | None = None
+    cached: list[str] = field(default_factory=list)  # stages reused from earlier runs

@@ -1,0 +1,267 @@
+"""The retrain slot: one retrain of a project at a time, through a slot that a crashed holder cannot keep.
+
+The slot is a Prefect Variable per project (`rlhf_retrain_slot_<project>`): creating it is atomic on
+the Prefect database (its name is unique), so it works across processes on one machine (every
+temporary server of a project shares `<state>/prefect`) and across machines on a shared server. Its
+value names the holder: flow run, owner process (`host:pid:start`), since, heartbeat (every 15 s).
+
+A waiting retrain frees the slot when its holder is stale: the owner process is gone (same host), its
+flow run has ended, or its heartbeat is older than `infra.retrain_slot_stale_s` (another host). Two
+waiters never both free it: the one that creates the claim `<slot>_reap_<token>` does, after checking
+that the slot still names that holder. Prefect's own global concurrency limits were not used for this:
+on a temporary server their leases live in that server's memory, so a SIGKILLed holder's slot was
+never given back (issue 10).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+
+from components.config import Config
+from components.owner import Owner
+from flows.lifecycle import (
+    PROJECT_LABEL,
+    _client,
+    _crash_flow_run,
+    _current_flow_run,
+    _final_state,
+    _when,
+    project_id,
+    reap_orphans,
+    slot_name,
+)
+
+HEARTBEAT_S = 15.0
+POLL_S = 2.0
+SAY_EVERY_S = 30.0
+
+
+# ----------------------------------------------------------------------------------------
+# The retrain slot
+# ----------------------------------------------------------------------------------------
+@dataclass
+class Holder:
+    token: str
+    flow_run_id: str
+    flow_run_name: str
+    owner: str  # host:pid:start
+    since: float
+    heartbeat: float
+
+    def describe(self) -> str:
+        owner = Owner.parse(self.owner)
+        return (
+            f"flow run {self.flow_run_name or '?'} ({self.flow_run_id or 'no flow run'}), "
+            f"{owner.describe() if owner else self.owner}, since {_when(self.since)}"
+        )
+
+
+def stale_reason(
+    holder: Holder, now: float, owner_alive: bool | None, run_final: str | None, stale_after_s: float
+) -> str | None:
+    """Why a slot holder is dead, or None while it may be alive.
+    owner_alive: the owner process on this host (None: another host); run_final: the name of the final
+    state its flow run ended in (None: not ended, or unknown)."""
+    if owner_alive is False:
+        return f"its process ({Owner.parse(holder.owner).describe()}) is gone"
+    if run_final:
+        return f"its flow run ended ({run_final}) without releasing the slot"
+    if owner_alive is None and now - holder.heartbeat > stale_after_s:
+        return f"no heartbeat for {now - holder.heartbeat:.0f} s (limit infra.retrain_slot_stale_s={stale_after_s:g})"
+    return None
+
+
+class RetrainSlot:
+    """`with RetrainSlot(cfg, say):` runs the body as the only retrain of the project. Waits while
+    another live retrain holds it (saying so every 30 s), frees it from a dead one."""
+
+    def __init__(self, cfg: Config, say: Callable[[str], None]):
+        self.cfg, self.say = cfg, say
+        self.name = slot_name(cfg)
+        self.mine: Holder | None = None
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    # -- public
+    def __enter__(self) -> RetrainSlot:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        run_id, run_name = _current_flow_run()
+        waiting_since, said = time.time(), 0.0
+        while True:
+            now = time.time()
+            holder = Holder(uuid.uuid4().hex, run_id, run_name, str(Owner.me()), now, now)
+            if self._create(holder):
+                self.mine = holder
+                if now - waiting_since > POLL_S:
+                    self.say(f"took the retrain slot after waiting {now - waiting_since:.0f} s")
+                self._start_heartbeat()
+                return
+            current = self.read()
+            if current is None:
+                continue  # released in between: try again at once
+            if reason := self.verdict(current):
+                self.free(current, reason)
+                continue
+            if now - said >= SAY_EVERY_S:
+                said = now
+                self.say(
+                    f"waiting for the retrain slot ({now - waiting_since:.0f} s so far): held by "
+                    f"{current.describe()}, last heartbeat {now - current.heartbeat:.0f} s ago"
+                )
+            time.sleep(POLL_S)  # in the main thread: SIGTERM / Ctrl-C stop the wait at once
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=5)
+        if self.mine is not None:
+            current = self.read()
+            if current is not None and current.token == self.mine.token:
+                with _client() as client:
+                    client.delete_variable_by_name(self.name)
+            self.mine = None
+
+    # -- holder records
+    def read(self) -> Holder | None:
+        with _client() as client:
+            var = client.read_variable_by_name(self.name)
+        if var is None:
+            return None
+        try:
+            return Holder(**var.value)
+        except TypeError:  # not written by this version: treat as a holder with no owner and no heartbeat
+            return Holder("unknown", "", "", "", 0.0, 0.0)
+
+    def _create(self, holder: Holder) -> bool:
+        from prefect.client.schemas.actions import VariableCreate
+        from prefect.exceptions import ObjectAlreadyExists
+
+        try:
+            with _client() as client:
+                client.create_variable(
+                    VariableCreate(name=self.name, value=asdict(holder), tags=["rlhf", "retrain-slot"])
+                )
+            return True
+        except ObjectAlreadyExists:
+            return False
+
+    def verdict(self, holder: Holder) -> str | None:
+        owner = Owner.parse(holder.owner)
+        return stale_reason(
+            holder,
+            time.time(),
+            owner.alive() if owner else None,
+            _final_state(holder.flow_run_id),
+            self.cfg.infra.retrain_slot_stale_s,
+        )
+
+    def free(self, holder: Holder, reason: str) -> bool:
+        """Delete a stale holder's record (only one waiter does) and end what it left running."""
+        from prefect.client.schemas.actions import VariableCreate
+        from prefect.exceptions import ObjectAlreadyExists
+
+        claim = f"{self.name}_reap_{holder.token}"[:255]
+        with _client() as client:
+            try:
+                client.create_variable(VariableCreate(name=claim, value=str(Owner.me())))
+            except ObjectAlreadyExists:
+                return False  # another waiter frees it
+            try:
+                current = self.read()
+                if current is None or current.token != holder.token:
+                    return False
+                client.delete_variable_by_name(self.name)
+            finally:
+                client.delete_variable_by_name(claim)
+        self.say(f"freed the retrain slot held by {holder.describe()}: {reason}")
+        if holder.flow_run_id:
+            _crash_flow_run(holder.flow_run_id, f"crashed: {reason} (slot freed by {Owner.me().describe()})")
+        reap_orphans(self.cfg, self.say)
+        return True
+
+    # -- heartbeat
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+        ctx = contextvars.copy_context()  # Prefect settings (API URL, test harness) live in context vars
+        self._beat = threading.Thread(target=ctx.run, args=(self._heartbeat,), name="rlhf-slot-heartbeat", daemon=True)
+        self._beat.start()
+
+    def _heartbeat(self) -> None:
+        from prefect.client.schemas.actions import VariableUpdate
+
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                current = self.read()
+                if current is None or self.mine is None or current.token != self.mine.token:
+                    self.say(
+                        "lost the retrain slot: another process judged this run dead "
+                        f"(heartbeat late by more than {self.cfg.infra.retrain_slot_stale_s:g} s)"
+                    )
+                    return
+                self.mine.heartbeat = time.time()
+                with _client() as client:
+                    client.update_variable(VariableUpdate(name=self.name, value=asdict(self.mine)))
+            except Exception as e:  # a missed beat is not fatal; the next one retries
+                self.say(f"retrain slot heartbeat failed ({type(e).__name__}: {e}); retrying in {HEARTBEAT_S:g} s")
+
+
+# ----------------------------------------------------------------------------------------
+# What `rlhf status` shows
+# ----------------------------------------------------------------------------------------
+def status_lines(cfg: Config, last: int = 10) -> list[str]:
+    import mlflow
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    slot = RetrainSlot(cfg, say=lambda _: None)
+    holder = slot.read()
+    lines = [f"retrain slot {slot.name}:"]
+    if holder is None:
+        lines.append("  free")
+    else:
+        reason = slot.verdict(holder)
+        lines.append(f"  held by {holder.describe()}; last heartbeat {time.time() - holder.heartbeat:.0f} s ago")
+        lines.append(f"  {'STALE: ' + reason + ' (the next retrain frees it)' if reason else 'holder alive'}")
+    with _client() as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["retrain"])),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=last * 3,
+        )
+    runs = [r for r in runs if r.labels.get(PROJECT_LABEL) in (None, project_id(cfg))][:last]
+    lines.append(f"last {len(runs)} retrain flow runs (Prefect):")
+    for r in runs:
+        start = r.start_time.strftime("%Y-%m-%d %H:%M:%S") if r.start_time else "not started"
+        message = (r.state.message or "").splitlines()[0][:100] if r.state and r.state.message else ""
+        lines.append(f"  {start}  {r.state_name:<10} {r.name:<24} {message}")
+    experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
+    parents = (
+        mlflow.MlflowClient().search_runs(
+            [experiment.experiment_id],
+            "tags.pipeline = 'retrain'",
+            order_by=["attributes.start_time DESC"],
+            max_results=last,
+        )
+        if experiment
+        else []
+    )
+    lines.append(f"last {len(parents)} retrain runs (MLflow, experiment {cfg.tracking.experiment}):")
+    for r in parents:
+        start = datetime.fromtimestamp(r.info.start_time / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        lines.append(
+            f"  {start}  {r.info.status:<9} {r.info.run_id[:8]}  data {r.data.tags.get('data_version', '?')[:8]}  "
+            f"{r.data.tags.get('outcome', r.data.tags.get('rlhf.ended_because', ''))[:90]}"
+        )
+    return lines

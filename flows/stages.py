@@ -1,0 +1,282 @@
+"""The retrain flow's steps as Prefect tasks, one MLflow child run each. They wire components (which hold
+the work) to tracking and caching; `flows/retrain.py` orders them.
+
+Retries are for transient errors only (I/O, network, a busy database): never bad data, a bad config or a
+diverged PPO run. SFT, the reward model and PPO are cached across runs (`flows/caching.py`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from prefect import get_run_logger, task
+
+from components import tracking
+from components.config import Config
+from components.data.readers import read_prompts
+from components.data.validation import validate_dataset
+from components.data.versioning import DataState, pinned_data
+from components.evaluation.evaluate import PolicySpec, evaluate_policies, generations_table, win_rate
+from components.evaluation.gate import decide
+from components.models.demo_base import build_demo_base
+from components.registry import registry
+from components.registry.model_card import model_card
+from components.training.checkpoint import is_complete
+from components.training.plots import ppo_curves
+from components.training.ppo import PPODivergence, train_ppo
+from components.training.reward import train_reward
+from components.training.sft import train_sft
+from flows import lifecycle
+from flows.caching import CACHED, config_hash, prune_stage_outputs, stage_dir, stage_root
+from flows.contracts import GateOutcome, Registration, StageOutput, ValidationSummary
+
+
+def git_commit(root: Path) -> str:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else "unknown"
+
+
+def transient(task, task_run, state) -> bool:
+    """Retry only what may succeed on a second try (I/O, network, a busy database) - never bad data,
+    a bad config or a diverged PPO run."""
+    from prefect.exceptions import FlowPauseTimeout
+
+    try:
+        state.result()
+    except (ConnectionError, TimeoutError) as e:
+        return not isinstance(e, FlowPauseTimeout)
+    except OSError as e:
+        return e.errno is not None  # real I/O errors carry an errno; library errors subclassing OSError do not
+    except Exception:
+        return False
+    return False
+
+
+RETRY = {"retries": 2, "retry_delay_seconds": 10, "retry_condition_fn": transient}
+
+
+def start_stage_run(stage: str, parent_run_id: str, data: DataState, params: dict[str, Any]):
+    """A child run of the pipeline's parent run, owned by this process (lifecycle), with its params."""
+    run = mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id, tags=lifecycle.mlflow_owner_tags())
+    mlflow.set_tags({"stage": stage, "data_version": data.version})
+    tracking.log_params(tracking.flatten(params, prefix=f"{stage}."))
+    return run
+
+
+def log_on_parent(metrics: dict[str, float]) -> None:
+    """The stages' final metrics also go on the parent run (cached or not), so that retrains of different
+    data versions and configs compare side by side in the MLflow UI's run table."""
+    mlflow.log_metrics(tracking.finite(metrics))
+
+
+def run_stage(stage_task, cfg: Config, *args: Any) -> StageOutput:
+    """Run a cached stage task. A cache hit adds no child run: the parent run gets the tag
+    `cached.<stage>` = the run that computed it. A hit whose output is gone (pruned) or incomplete (a killed
+    recompute into the same dir) is recomputed there, resuming from its checkpoints."""
+    args = (cfg, *args)
+    state = stage_task(*args, return_state=True)
+    out: StageOutput = state.result()  # raises the task's exception (e.g. PPODivergence) on failure
+    out.cached = state.name == "Cached"
+    if out.cached and not (Path(out.dir).exists() and is_complete(stage_root(cfg, out.dir))):
+        get_run_logger().warning(
+            "%s: cached output %s is gone or incomplete; recomputing (resumes from its checkpoints)",
+            stage_task.name,
+            out.dir,
+        )
+        out = stage_task.with_options(refresh_cache=True)(*args)
+    if out.cached:
+        get_run_logger().info("%s: unchanged inputs, reusing run %s (%s)", stage_task.name, out.run_id, out.dir)
+        mlflow.set_tag(f"cached.{stage_task.name}", out.run_id)
+    log_on_parent(out.metrics)
+    return out
+
+
+@task(name="prepare-data", **RETRY)
+def prepare_data(cfg: Config) -> DataState:
+    state = pinned_data(cfg, cfg.infra.keep_stage_outputs)  # later ingests do not change what this run reads
+    get_run_logger().info(
+        "data version %s (%s): %s; this run reads its snapshot %s", state.version, state.origin, state.rows, state.path
+    )
+    return state
+
+
+@task(name="validate", **RETRY)
+def validate(cfg: Config, data: DataState, parent_run_id: str) -> ValidationSummary:
+    log = get_run_logger()
+    with start_stage_run("validate", parent_run_id, data, {}) as run:
+        report = validate_dataset(Path(data.path), cfg.data, cfg.state_path / "gx")
+        mlflow.log_metrics(
+            {"data/rows_" + k: v for k, v in report.rows.items()}
+            | {"data/problems": len(report.findings), "data/valid": float(report.ok)}
+        )
+        text = report.format(f"data {data.version}", cfg.data.report_max_examples)
+        mlflow.log_text(text, "validation_report.txt")
+        for page in report.docs_pages.values():  # this run's result pages, not the whole site's history
+            mlflow.log_artifact(str(page), artifact_path="data_docs")
+        (log.info if report.ok else log.error)("%s", text)
+        return ValidationSummary(
+            report.ok,
+            report.rows,
+            len(report.findings),
+            text,
+            str(report.docs_index) if report.docs_index else None,
+            run.info.run_id,
+        )
+
+
+@task(name="base-model", **RETRY)
+def base_model(cfg: Config, data: DataState, parent_run_id: str) -> str:
+    """The base weights: a hub id / local path as configured, or the demo base built (cached) on the corpus."""
+    if not cfg.model.build_demo_base:
+        return cfg.model.name_or_path
+    with start_stage_run("base", parent_run_id, data, asdict(cfg.model)):
+        result = build_demo_base(cfg.model, Path(data.path), data.version, cfg.state_path / "models", seed=cfg.seed)
+        mlflow.log_metrics({"base/params": result.params, "base/built": float(result.built), **result.metrics})
+        mlflow.set_tag("base_path", result.path)
+        if result.built:  # the first run that builds it keeps a copy in MLflow; later runs point at the cache
+            mlflow.log_artifacts(result.path, artifact_path="base_model")
+        get_run_logger().info(
+            "base model %s (%s): %s", cfg.model.name, "built" if result.built else "cached", result.path
+        )
+        os.utime(result.path)  # one demo base per data version: keep the most recently used, as for stage outputs
+        prune_stage_outputs(cfg.state_path / "models", cfg.infra.keep_stage_outputs, {Path(result.path).resolve()})
+        return result.path
+
+
+@task(name="sft", **RETRY, **CACHED)
+def sft(cfg: Config, data: DataState, base_path: str, parent_run_id: str) -> StageOutput:
+    out = stage_dir(cfg, "sft", data, base_path=base_path)
+    with start_stage_run("sft", parent_run_id, data, asdict(cfg.sft)) as run:
+        result = train_sft(cfg.sft, cfg.model, base_path, Path(data.path), out, seed=cfg.seed)
+        mlflow.set_tags({"adapter_dir": result.adapter_dir, "merged_dir": result.merged_dir})
+        get_run_logger().info(
+            "SFT: held-out loss %.3f -> %.3f; adapter %s",
+            result.metrics["sft/eval_loss_base"],
+            result.metrics["sft/eval_loss"],
+            result.adapter_dir,
+        )
+        return StageOutput(result.merged_dir, run.info.run_id, result.metrics)
+
+
+@task(name="reward-model", **RETRY, **CACHED)
+def reward_model(cfg: Config, data: DataState, sft_dir: str, parent_run_id: str) -> StageOutput:
+    out = stage_dir(cfg, "reward-model", data, sft_dir=sft_dir)
+    with start_stage_run("reward", parent_run_id, data, asdict(cfg.reward)) as run:
+        result = train_reward(cfg.reward, cfg.model, sft_dir, Path(data.path), out, seed=cfg.seed)
+        mlflow.set_tags({"adapter_dir": result.adapter_dir, "head_dir": result.head_dir})
+        get_run_logger().info(
+            "reward model: held-out pairwise accuracy %.3f, margin %.2f",
+            result.metrics["rm/eval_accuracy"],
+            result.metrics["rm/eval_margin"],
+        )
+        return StageOutput(result.head_dir, run.info.run_id, result.metrics)
+
+
+@task(name="ppo", **RETRY, **CACHED)
+def ppo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str) -> StageOutput:
+    out = stage_dir(cfg, "ppo", data, sft_dir=sft_dir, reward_dir=reward_dir)
+    with start_stage_run("ppo", parent_run_id, data, asdict(cfg.ppo)) as run:
+        try:
+            result = train_ppo(
+                cfg.ppo,
+                cfg.model,
+                sft_dir,
+                reward_dir if cfg.ppo.use_reward_model else None,
+                Path(data.path),
+                out,
+                seed=cfg.seed,
+            )
+        except PPODivergence:
+            mlflow.set_tag("outcome", "diverged")
+            raise
+        mlflow.log_figure(ppo_curves(result.history), "ppo_curves.png")
+        mlflow.set_tags({"policy_dir": result.policy_dir, "value_dir": result.value_dir})
+        m = result.metrics
+        get_run_logger().info(
+            "PPO: eval reward %.2f (SFT %.2f), KL %.2f; policy %s",
+            m.get("ppo/eval_reward", float("nan")),
+            m.get("ppo/eval_reward_ref", float("nan")),
+            m.get("ppo/eval_kl", float("nan")),
+            result.policy_dir,
+        )
+        return StageOutput(result.policy_dir, run.info.run_id, result.metrics)
+
+
+@task(name="evaluate", **RETRY)
+def evaluate(
+    cfg: Config, data: DataState, sft_dir: str, reward_dir: str, policy_dir: str, parent_run_id: str
+) -> GateOutcome:
+    """Candidate vs champion (vs the SFT policy when there is none) on the frozen eval prompts, then the gate."""
+    name = cfg.tracking.registered_model_name
+    with start_stage_run("evaluate", parent_run_id, data, asdict(cfg.gate)):
+        champion_version = registry.alias_version(name, registry.CHAMPION)
+        specs = [PolicySpec("sft", sft_dir), PolicySpec("candidate", sft_dir, policy_dir)]
+        if champion_version is not None:  # the champion's own base + adapter, from its self-contained model
+            paths = registry.download_version(name, champion_version)
+            specs.append(PolicySpec("champion", paths["base"], paths.get("adapter")))
+        evals = evaluate_policies(
+            specs, sft_dir, reward_dir, read_prompts(Path(data.path), "eval"), cfg.gate, cfg.model
+        )
+        baseline = "champion" if champion_version else "sft"
+        verdict = decide(
+            evals["candidate"].metrics,
+            evals[baseline].metrics,
+            win_rate(evals["candidate"].rewards, evals[baseline].rewards),
+            f"champion v{champion_version}" if champion_version else "the SFT policy",
+            cfg.gate,
+        )
+        mlflow.log_metrics(
+            tracking.finite({f"eval/{p}/{k}": v for p, e in evals.items() for k, v in e.metrics.items()})
+            | verdict.metrics()
+        )
+        mlflow.log_table(generations_table(evals), "eval_generations.json")
+        mlflow.log_text(verdict.summary(), "gate_verdict.txt")
+        mlflow.set_tags(
+            {"gate": "passed" if verdict.passed else "failed", "champion_compared": champion_version or "none"}
+        )
+        get_run_logger().info("%s", verdict.summary())
+        return GateOutcome(
+            verdict.passed,
+            verdict.summary(),
+            verdict.reasons,
+            verdict.metrics(),
+            champion_version,
+            {p: e.metrics for p, e in evals.items()},
+        )
+
+
+@task(name="register", **RETRY)
+def register(
+    cfg: Config, data: DataState, sft_dir: str, policy_dir: str, gate: GateOutcome, parent_run_id: str
+) -> Registration:
+    """Log and register the candidate once: a retry (transient error) finishes the version an earlier try
+    of this pipeline run created instead of registering a second one."""
+    name = cfg.tracking.registered_model_name
+    tags = {
+        "data_version": data.version,
+        "config_hash": config_hash(cfg),
+        "git_commit": git_commit(cfg.root_path),
+        "base_model": cfg.model.name,
+        "champion_compared": gate.champion_version or "none",
+        "pipeline_run_id": parent_run_id,
+        **{k: f"{v:.4f}" for k, v in gate.gate_metrics.items()},
+    }
+    earlier = tracking.child_run_ids(parent_run_id, stage="register")
+    with start_stage_run("register", parent_run_id, data, {}):
+        if (version := registry.registered_by(name, earlier)) is not None:
+            get_run_logger().warning(
+                "%s v%s was already registered by an earlier try of this run: finishing it", name, version
+            )
+            reg = registry.finish_registration(name, version, tags)
+        else:
+            reg = registry.log_and_register(name, sft_dir, policy_dir, tags)
+        card = model_card(reg.name, cfg.model.name, data.version, git_commit(cfg.root_path), asdict(gate))
+        mlflow.log_text(card, "model_card.md")
+        registry.describe(reg.name, reg.version, card)
+        get_run_logger().info("registered %s version %s (alias %s)", reg.name, reg.version, registry.CHALLENGER)
+        return Registration(reg.name, reg.version)
