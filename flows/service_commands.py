@@ -1,0 +1,190 @@
+"""`rlhf` commands of the service: run, serve, status, approve, rollback, model serve."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from flows.commands import _load, _prefect_server, _where
+
+
+def _sigterm_unwinds() -> None:
+    """SIGTERM (a service manager's stop) unwinds like Ctrl-C instead of killing the process outright: the
+    flow run ends as Crashed, the retrain slot and MLflow runs are released, and the exit code is 143."""
+    import signal
+
+    from prefect.exceptions import TerminationSignal
+
+    def handler(signum, frame):
+        raise TerminationSignal(signal=signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def cmd_run(args, overrides: list[str]) -> int:
+    cfg = _load(overrides)
+    from flows.retrain import retrain
+
+    _sigterm_unwinds()
+
+    state = retrain(cfg, return_state=True)
+    if state.is_failed():
+        print(f"\n✗ retrain failed: {state.message}", file=sys.stderr)
+        print(f"  {_where(cfg)}", file=sys.stderr)
+        return 1
+    s = state.result()
+    print(
+        f"\n✓ retrain run {s.run_id}: data version {s.data.version} ({s.data.origin}; {s.changed}), "
+        f"validated {sum(s.validation.rows.values())} rows, 0 problems"
+    )
+    if s.validation.docs_index:
+        print(f"  Data Docs: {s.validation.docs_index}")
+    if s.nothing_new or s.held_by_rollback:
+        print(f"  {state.message}: no stage ran, the registry is unchanged")
+        print(f"  {_where(cfg)}")
+        return 0
+    if s.cached:
+        print(f"  reused from earlier runs (unchanged inputs, Prefect cache): {', '.join(s.cached)}")
+    m = s.policy.metrics
+    if "ppo/eval_reward" in m:
+        print(
+            f"  PPO on {int(m['ppo/eval_prompts'])} held-out prompts: reward {m['ppo/eval_reward']:+.2f} "
+            f"(SFT {m['ppo/eval_reward_ref']:+.2f}), KL to SFT {m['ppo/eval_kl']:.2f}"
+        )
+    print(f"  policy adapter: {s.policy.dir}\n  SFT model: {s.sft.dir}\n  reward model: {s.reward.dir}")
+    print("\n" + s.gate.summary)
+    if reg := s.registered:
+        print(
+            f"\n✓ registered {reg.name} version {reg.version}, alias {reg.alias}"
+            + (f" (previous champion v{reg.previous_champion})" if reg.previous_champion else "")
+        )
+        print(f"  serve it: rlhf model serve --alias {reg.alias}   (then curl: it prints the command)")
+    else:
+        print(f"\n✗ not promoted because {'; '.join(s.gate.reasons)} (the registry is unchanged)")
+    print(f"  {_where(cfg)}")
+    return 0
+
+
+def cmd_model(args, overrides: list[str]) -> int:
+    """`rlhf model serve`: `mlflow models serve` of a registered version, with the venv's bin on PATH
+    (MLflow execs uvicorn from PATH) and the project's tracking URI; prints the URL and a curl example."""
+    cfg = _load(overrides, prefect=False)
+    from components import tracking
+
+    name, venv = cfg.tracking.registered_model_name, Path(sys.executable).parent
+    uri = f"models:/{name}@{args.alias}" if not args.alias.isdigit() else f"models:/{name}/{args.alias}"
+    env = {
+        **os.environ,
+        "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg),
+    }
+    print(f"serving {uri} on http://{args.host}:{args.port}/invocations  (Ctrl-C stops)")
+    print(
+        f"  try: curl -s {args.host}:{args.port}/invocations -H 'Content-Type: application/json' "
+        '-d \'{"inputs": ["The film was"], "params": {"max_new_tokens": 24, "temperature": 0.7, "seed": 0}}\'',
+        flush=True,
+    )
+    os.execvpe(
+        str(venv / "mlflow"),
+        [
+            str(venv / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            uri,
+            "--env-manager",
+            "local",
+            "-h",
+            args.host,
+            "-p",
+            str(args.port),
+        ],
+        env,
+    )
+
+
+def cmd_rollback(args, overrides: list[str]) -> int:
+    cfg = _load(overrides, prefect=False)
+    from components import tracking
+    from components.registry import registry
+
+    tracking.setup(cfg)
+    name = cfg.tracking.registered_model_name
+    try:
+        current, previous = registry.rollback(name, by=args.by, reason=args.reason)
+    except ValueError as e:
+        print(f"✗ rollback: {e}", file=sys.stderr)
+        return 1
+    print(f"✓ {name}: alias {registry.CHAMPION} moved from v{current} back to v{previous}")
+    print(
+        f"  v{current} is tagged {registry.ROLLED_BACK}: a retrain on its data version and config will not promote it "
+        "again (new data or a changed config will)"
+    )
+    print(f"  a running `mlflow models serve -m models:/{name}@{registry.CHAMPION}` picks it up on restart")
+    print(f"  {_where(cfg)}")
+    return 0
+
+
+def cmd_approve(args, overrides: list[str], positional: list[str]) -> int:
+    """Answer a retrain paused for approval (gate.approval=manual)."""
+    from uuid import UUID
+
+    if len(positional) != 1:
+        print("usage: rlhf approve FLOW_RUN_ID [--reject] [--approver NAME] [--comment TEXT]", file=sys.stderr)
+        return 2
+    # the environment (Prefect home / API URL) first: Prefect reads its settings when first imported
+    cfg = _load(overrides)
+    from prefect.exceptions import ObjectNotFound
+    from prefect.flow_runs import resume_flow_run
+
+    try:
+        run_id = UUID(positional[0])
+        resume_flow_run(
+            run_id, run_input={"approve": not args.reject, "approver": args.approver, "comment": args.comment}
+        )
+    except (ValueError, ObjectNotFound):
+        print(
+            f"✗ no flow run {positional[0]} on the Prefect server {_prefect_server(cfg)}: check the id "
+            "(the retrain's log names it) and infra.prefect_api_url",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"✓ flow run {positional[0]}: {'rejected' if args.reject else 'approved'} by {args.approver}")
+    return 0
+
+
+def cmd_status(args, overrides: list[str]) -> int:
+    """Who holds the retrain slot (and whether it is alive), and the last runs with their outcomes."""
+    cfg = _load(overrides)
+    from components import tracking
+    from flows.slot import status_lines
+
+    tracking.setup(cfg)
+    print(f"project {cfg.root_path}, Prefect server {_prefect_server(cfg)}")
+    print("\n".join(status_lines(cfg)))
+    print(f"  {_where(cfg)}")
+    return 0
+
+
+def cmd_serve(args, overrides: list[str]) -> int:
+    cfg = _load(overrides)
+    from flows.serve import DEPLOYMENT, serve
+
+    print(
+        f"serving deployment retrain-service/{DEPLOYMENT}: schedule {cfg.infra.retrain_cron or 'none'}, "
+        f"{'retrain on every rlhf.data.updated event for ' + str(cfg.data_path) if cfg.infra.retrain_on_new_data else 'no event trigger'}, "
+        "one run at a time (Ctrl-C or SIGTERM stops)"
+    )
+    if cfg.infra.prefect_api_url:
+        print(f"  Prefect server: {cfg.infra.prefect_api_url} (runs, schedule and automation in its UI)")
+    else:
+        print(
+            "  no shared Prefect server configured: this process starts a temporary one, so events from `rlhf "
+            "ingest` in other processes do not reach it.\n  For the event trigger run `prefect server start` and "
+            "pass infra.prefect_api_url=http://127.0.0.1:4200/api to both commands."
+        )
+    serve(cfg, overrides)
+    print(f"stopped serving retrain-service/{DEPLOYMENT} (its schedule is paused until the next `rlhf serve`)")
+    print(f"  {_where(cfg)}")
+    return 0
