@@ -231,6 +231,7 @@ class DemoGenerator:
 
     # -- data sets -------------------------------------------------------------------------
     def generate(self) -> dict[str, list[dict]]:
+        """The demo data set per kind; eval prompts are split off first and never trained on."""
         cfg = self.cfg
         prompts = self.all_prompts()
         if cfg.n_eval + 50 > len(prompts):
@@ -238,66 +239,50 @@ class DemoGenerator:
                 f"demo has {len(prompts)} distinct prompts; n_eval={cfg.n_eval} leaves too few for training"
             )
         eval_prompts, train_pool = prompts[: cfg.n_eval], prompts[cfg.n_eval :]
-        rng = self.rng
-
-        def pick() -> tuple[str, str]:
-            return rng.choice(train_pool)
-
         demonstrations = []
         for i in range(cfg.n_demonstrations):
-            p, dom = pick()
+            p, dom = self.rng.choice(train_pool)
             r = self.response(dom, fluent=True)
             demonstrations.append({"id": f"demo-{i:06d}", "prompt": p, "response": r.text, "source": "demo"})
-
-        preferences = []
-        seen: set[tuple] = set()
-        i = 0
-        while len(preferences) < cfg.n_preferences:
-            p, dom = pick()
-            i += 1
-            if rng.random() < cfg.ranked_fraction:
-                k = rng.randint(3, cfg.max_rank_k)
-                rs = [self.response(dom) for _ in range(k)]
-                if len({r.text for r in rs}) < k:
-                    continue
-                ranked = self.rank(rs)
-                key = (p, *(r.text for r in ranked))
-                if key in seen:
-                    continue
-                seen.add(key)
-                preferences.append(
-                    {
-                        "id": f"pref-{len(preferences):06d}",
-                        "prompt": p,
-                        "responses": [r.text for r in ranked],
-                        "source": "demo",
-                    }
-                )
-            else:
-                a, b = self.response(dom), self.response(dom)
-                if a.text == b.text:
-                    continue
-                chosen, rejected = (a, b) if self.prefer(a, b) else (b, a)
-                key = (p, chosen.text, rejected.text)
-                if key in seen:
-                    continue
-                seen.add(key)
-                preferences.append(
-                    {
-                        "id": f"pref-{len(preferences):06d}",
-                        "prompt": p,
-                        "chosen": chosen.text,
-                        "rejected": rejected.text,
-                        "source": "demo",
-                    }
-                )
-
+        preferences = self._preferences(train_pool)
         ppo_prompts = [
             {"id": f"prompt-{i:06d}", "prompt": p, "source": "demo"}
             for i, (p, _) in enumerate(train_pool[: cfg.n_prompts])
         ]
         evals = [{"id": f"eval-{i:06d}", "prompt": p, "source": "demo"} for i, (p, _) in enumerate(eval_prompts)]
         return {"demonstrations": demonstrations, "preferences": preferences, "prompts": ppo_prompts, "eval": evals}
+
+    def _preferences(self, train_pool: list[tuple[str, str]]) -> list[dict]:
+        """n_preferences distinct rows: a ranking with probability ranked_fraction, else a pair."""
+        cfg, rng = self.cfg, self.rng
+        preferences: list[dict] = []
+        seen: set[tuple] = set()
+        while len(preferences) < cfg.n_preferences:
+            p, dom = rng.choice(train_pool)
+            made = self._ranking(p, dom) if rng.random() < cfg.ranked_fraction else self._pair(p, dom)
+            if made is None or made[0] in seen:
+                continue
+            key, fields = made
+            seen.add(key)
+            preferences.append({"id": f"pref-{len(preferences):06d}", **fields, "source": "demo"})
+        return preferences
+
+    def _ranking(self, p: str, dom: str) -> tuple[tuple, dict] | None:
+        """(key, fields) of a ranked row for prompt `p`, or None when two responses came out the same."""
+        k = self.rng.randint(3, self.cfg.max_rank_k)
+        rs = [self.response(dom) for _ in range(k)]
+        if len({r.text for r in rs}) < k:
+            return None
+        ranked = [r.text for r in self.rank(rs)]
+        return (p, *ranked), {"prompt": p, "responses": ranked}
+
+    def _pair(self, p: str, dom: str) -> tuple[tuple, dict] | None:
+        """(key, fields) of a pairwise row for prompt `p`, or None when both responses came out the same."""
+        a, b = self.response(dom), self.response(dom)
+        if a.text == b.text:
+            return None
+        chosen, rejected = (a, b) if self.prefer(a, b) else (b, a)
+        return (p, chosen.text, rejected.text), {"prompt": p, "chosen": chosen.text, "rejected": rejected.text}
 
 
 DEMO_SHARD = "demo-000.jsonl"

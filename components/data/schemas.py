@@ -117,130 +117,116 @@ def lone_surrogate(value: Any, path: str = "") -> tuple[str, str] | None:
     return None
 
 
+# Line-level rules: rule -> (message, fix). A bad line gets (rule, example) and is grouped per rule.
+_LINE_RULES: dict[str, tuple[str, str]] = {
+    "utf8": (
+        "line is not valid UTF-8",
+        "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`)",
+    ),
+    "json": (
+        "line is not valid JSON",
+        "fix the line so it is one complete JSON object (JSONL: one object per line)",
+    ),
+    "not_object": (
+        "line is JSON but not an object",
+        'each line must be an object like {"id": ..., "prompt": ...}',
+    ),
+    "valid_unicode": (
+        "text has a lone surrogate escape (\\ud800-\\udfff without its pair): "
+        "not valid Unicode, it cannot be saved as UTF-8",
+        "fix the text at the source (often an emoji cut in half): use the whole pair, e.g. \\ud83d\\ude00, "
+        "the character itself, or drop the escape",
+    ),
+    "preference_shape": (
+        "preference row is neither pairwise (chosen, rejected) nor ranked (responses)",
+        'give either "chosen" and "rejected", or "responses" as a list best first - not both',
+    ),
+}
+
+
 def read_jsonl(path: Path, kind: str) -> ParsedFile:
     """Parse one JSONL file; every problem becomes a Finding, never an exception."""
-    src = str(path)
-    findings: list[Finding] = []
-    rows: list[tuple[int, dict[str, Any]]] = []
-    raw: dict[int, str] = {}
     if not path.exists():
-        return ParsedFile(
+        return _file_problem(
             path,
-            [],
-            {},
-            [
-                Finding(
-                    src,
-                    "file_missing",
-                    "file does not exist",
-                    "check the path (relative paths are from the current directory)",
-                    1,
-                )
-            ],
+            "file_missing",
+            "file does not exist",
+            "check the path (relative paths are from the current directory)",
         )
     if path.is_dir():
-        return ParsedFile(
+        return _file_problem(
             path,
-            [],
-            {},
-            [
-                Finding(
-                    src,
-                    "not_a_file",
-                    "expected a .jsonl file, got a directory",
-                    "pass the file, or the directory without --kind to validate a data dir",
-                    1,
-                )
-            ],
+            "not_a_file",
+            "expected a .jsonl file, got a directory",
+            "pass the file, or the directory without --kind to validate a data dir",
         )
     data = path.read_bytes()
     if not data.strip():
-        return ParsedFile(
-            path,
-            [],
-            {},
-            [
-                Finding(
-                    src,
-                    "file_empty",
-                    "file is empty (no JSON lines)",
-                    "write one JSON object per line, or remove the file",
-                    1,
-                )
-            ],
+        return _file_problem(
+            path, "file_empty", "file is empty (no JSON lines)", "write one JSON object per line, or remove the file"
         )
+    return _read_lines(path, kind, data)
 
+
+def _file_problem(path: Path, rule: str, message: str, fix: str) -> ParsedFile:
+    """No rows, and one file-level Finding that stopped the reading."""
+    return ParsedFile(path, [], {}, [Finding(str(path), rule, message, fix, 1)])
+
+
+def _read_lines(path: Path, kind: str, data: bytes) -> ParsedFile:
+    """Parse the non-blank lines of `data`; bad lines become one Finding per rule, in order of first sight."""
+    src = str(path)
+    rows: list[tuple[int, dict[str, Any]]] = []
+    raw: dict[int, str] = {}
     bad: dict[str, Finding] = {}
-
-    def flag(rule: str, message: str, fix: str, line: int, example: str) -> None:
-        f = bad.setdefault(rule, Finding(src, rule, message, fix))
-        f.count += 1
-        f.locations.append((src, line))
-        f.examples.append(f"line {line}: {example}")
-
     for lineno, chunk in enumerate(data.split(b"\n"), start=1):
         if lineno == 1 and chunk.startswith(b"\xef\xbb\xbf"):
             chunk = chunk[3:]  # tolerate a UTF-8 byte-order mark
         chunk = chunk.rstrip(b"\r")
         if not chunk.strip():
             continue
-        try:
-            text = chunk.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raw[lineno] = chunk.decode("utf-8", errors="replace")
-            flag(
-                "utf8",
-                "line is not valid UTF-8",
-                "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`)",
-                lineno,
-                f"byte {chunk[e.start]:#04x} at column {e.start + 1}",
-            )
+        raw[lineno], problem = _decode_line(chunk)
+        obj = None
+        if problem is None:
+            obj, problem = _parse_line(raw[lineno], kind)
+        if problem is None:
+            rows.append((lineno, obj))
             continue
-        raw[lineno] = text
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError as e:
-            flag(
-                "json",
-                "line is not valid JSON",
-                "fix the line so it is one complete JSON object (JSONL: one object per line)",
-                lineno,
-                f"{e.msg} at column {e.colno}: {short(text)}",
-            )
-            continue
-        if not isinstance(obj, dict):
-            flag(
-                "not_object",
-                "line is JSON but not an object",
-                'each line must be an object like {"id": ..., "prompt": ...}',
-                lineno,
-                f"got {type(obj).__name__}: {short(obj)}",
-            )
-            continue
-        if (where := lone_surrogate(obj)) is not None:
-            field_name, what = where
-            flag(
-                "valid_unicode",
-                "text has a lone surrogate escape (\\ud800-\\udfff without its pair): "
-                "not valid Unicode, it cannot be saved as UTF-8",
-                "fix the text at the source (often an emoji cut in half): use the whole pair, e.g. \\ud83d\\ude00, "
-                "the character itself, or drop the escape",
-                lineno,
-                f"{field_name}: {what}",
-            )
-            continue
-        if frame_of(kind, obj) is None:
-            flag(
-                "preference_shape",
-                "preference row is neither pairwise (chosen, rejected) nor ranked (responses)",
-                'give either "chosen" and "rejected", or "responses" as a list best first - not both',
-                lineno,
-                f"fields: {sorted(obj)}",
-            )
-            continue
-        rows.append((lineno, obj))
-    findings.extend(bad.values())
-    return ParsedFile(path, rows, raw, findings)
+        rule, example = problem
+        f = bad.setdefault(rule, Finding(src, rule, *_LINE_RULES[rule]))
+        f.count += 1
+        f.locations.append((src, lineno))
+        f.examples.append(f"line {lineno}: {example}")
+    return ParsedFile(path, rows, raw, list(bad.values()))
+
+
+def _decode_line(chunk: bytes) -> tuple[str, tuple[str, str] | None]:
+    """(text, problem): the line as text (undecodable bytes replaced) and the utf8 problem, if any."""
+    try:
+        return chunk.decode("utf-8"), None
+    except UnicodeDecodeError as e:
+        return chunk.decode("utf-8", errors="replace"), ("utf8", f"byte {chunk[e.start]:#04x} at column {e.start + 1}")
+
+
+def _parse_line(text: str, kind: str) -> tuple[Any, tuple[str, str] | None]:
+    """(object, problem): the parsed line and the first rule it breaks (json, then the row checks), if any."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, ("json", f"{e.msg} at column {e.colno}: {short(text)}")
+    return obj, _row_problem(obj, kind)
+
+
+def _row_problem(obj: Any, kind: str) -> tuple[str, str] | None:
+    """(rule, example) for a parsed line that is not an object, not valid Unicode, or of no known shape."""
+    if not isinstance(obj, dict):
+        return "not_object", f"got {type(obj).__name__}: {short(obj)}"
+    if (where := lone_surrogate(obj)) is not None:
+        field_name, what = where
+        return "valid_unicode", f"{field_name}: {what}"
+    if frame_of(kind, obj) is None:
+        return "preference_shape", f"fields: {sorted(obj)}"
+    return None
 
 
 def shard_files(kind_dir: Path) -> list[Path]:

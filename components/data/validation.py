@@ -114,9 +114,24 @@ def _e(expectation_cls, rule: str, message: str, fix: str, **kwargs):
 
 
 def build_suite_expectations(frame: str, cfg: DataConfig) -> list:
+    """One frame's suite, in order: ids, text fields, the frame's shape, duplicates, the eval split."""
+    ex = _id_expectations()
+    for f in TEXT_FIELDS[frame]:
+        ex += _text_field_expectations(f, cfg)
+    if frame == "preferences_pairwise":
+        ex += _pairwise_expectations()
+    if frame == "preferences_ranked":
+        ex += _ranking_expectations(cfg)
+    ex += _duplicate_expectations(frame)
+    ex += _eval_split_expectations(frame)
+    return ex
+
+
+def _id_expectations() -> list:
+    """Every row has an id, of a usable type, unique in the batch and new to data/."""
     import great_expectations.expectations as gxe
 
-    ex = [
+    return [
         _e(
             gxe.ExpectColumnValuesToNotBeNull,
             "id_present",
@@ -148,97 +163,118 @@ def build_suite_expectations(frame: str, cfg: DataConfig) -> list:
             value_set={"$PARAMETER": "existing_ids"},
         ),
     ]
+
+
+def _text_field_expectations(f: str, cfg: DataConfig) -> list:
+    """Text field `f` is present, a string, not blank, and within the configured length."""
+    import great_expectations.expectations as gxe
+
     max_chars = {"prompt": cfg.max_prompt_chars}
     min_chars = {"prompt": cfg.min_prompt_chars}
-    for f in TEXT_FIELDS[frame]:
-        lo, hi = min_chars.get(f, cfg.min_response_chars), max_chars.get(f, cfg.max_response_chars)
-        ex += [
-            _e(
-                gxe.ExpectColumnValuesToNotBeNull,
-                f"{f}_present",
-                f"field '{f}' is missing or null",
-                f"every row needs a non-empty '{f}' string",
-                column=f,
-            ),
-            _e(
-                gxe.ExpectColumnValuesToBeInTypeList,
-                f"{f}_type",
-                f"field '{f}' must be a string",
-                f"write '{f}' as a JSON string",
-                column=f,
-                type_list=["str"],
-            ),
-            _e(
-                gxe.ExpectColumnValuesToNotMatchRegex,
-                f"{f}_not_blank",
-                f"field '{f}' is empty or whitespace only",
-                f"fill in '{f}' or drop the row",
-                column=f,
-                regex=r"^\s*$",
-            ),
-            _e(
-                gxe.ExpectColumnValueLengthsToBeBetween,
-                f"{f}_length",
-                f"'{f}' length outside {lo}..{hi} characters",
-                f"shorten or drop these rows, or change data.{'max_prompt_chars' if f == 'prompt' else 'max_response_chars'}",
-                column=f,
-                min_value=lo,
-                max_value=hi,
-            ),
-        ]
-    if frame == "preferences_pairwise":
-        ex.append(
-            _e(
-                gxe.ExpectSelectColumnValuesToBeUniqueWithinRecord,
-                "chosen_differs_from_rejected",
-                "'chosen' and 'rejected' are identical",
-                "a comparison needs two different responses: fix or drop the row",
-                column_list=["chosen", "rejected"],
-            )
+    lo, hi = min_chars.get(f, cfg.min_response_chars), max_chars.get(f, cfg.max_response_chars)
+    return [
+        _e(
+            gxe.ExpectColumnValuesToNotBeNull,
+            f"{f}_present",
+            f"field '{f}' is missing or null",
+            f"every row needs a non-empty '{f}' string",
+            column=f,
+        ),
+        _e(
+            gxe.ExpectColumnValuesToBeInTypeList,
+            f"{f}_type",
+            f"field '{f}' must be a string",
+            f"write '{f}' as a JSON string",
+            column=f,
+            type_list=["str"],
+        ),
+        _e(
+            gxe.ExpectColumnValuesToNotMatchRegex,
+            f"{f}_not_blank",
+            f"field '{f}' is empty or whitespace only",
+            f"fill in '{f}' or drop the row",
+            column=f,
+            regex=r"^\s*$",
+        ),
+        _e(
+            gxe.ExpectColumnValueLengthsToBeBetween,
+            f"{f}_length",
+            f"'{f}' length outside {lo}..{hi} characters",
+            f"shorten or drop these rows, or change data.{'max_prompt_chars' if f == 'prompt' else 'max_response_chars'}",
+            column=f,
+            min_value=lo,
+            max_value=hi,
+        ),
+    ]
+
+
+def _pairwise_expectations() -> list:
+    """A pairwise comparison has two different responses."""
+    import great_expectations.expectations as gxe
+
+    return [
+        _e(
+            gxe.ExpectSelectColumnValuesToBeUniqueWithinRecord,
+            "chosen_differs_from_rejected",
+            "'chosen' and 'rejected' are identical",
+            "a comparison needs two different responses: fix or drop the row",
+            column_list=["chosen", "rejected"],
         )
-    if frame == "preferences_ranked":
-        ex += [
-            _e(
-                gxe.ExpectColumnValuesToNotBeNull,
-                "responses_present",
-                "field 'responses' is missing or null",
-                "give 'responses' as a list of response strings, best first",
-                column="responses",
-            ),
-            _e(
-                gxe.ExpectColumnValuesToBeOfType,
-                "responses_type",
-                "field 'responses' must be a list",
-                "give 'responses' as a JSON list of strings, best first",
-                column="responses",
-                type_="list",
-            ),
-            _e(
-                gxe.ExpectColumnValuesToBeBetween,
-                "ranking_size",
-                f"a ranking needs K in {cfg.min_rank_k}..{cfg.max_rank_k_allowed} responses",
-                f"rank between {cfg.min_rank_k} and {cfg.max_rank_k_allowed} responses per prompt (split longer rankings)",
-                column="_k",
-                min_value=cfg.min_rank_k,
-                max_value=cfg.max_rank_k_allowed,
-            ),
-            _e(
-                gxe.ExpectColumnValuesToBeInSet,
-                "responses_text",
-                f"every ranked response must be a non-blank string of {cfg.min_response_chars}..{cfg.max_response_chars} characters",
-                "fix or remove the bad responses in these rankings",
-                column="_responses_valid",
-                value_set=[True],
-            ),
-            _e(
-                gxe.ExpectColumnPairValuesToBeEqual,
-                "responses_distinct",
-                "a ranking repeats the same response",
-                "each response in a ranking must be different: remove the repeats",
-                column_A="_k",
-                column_B="_n_distinct",
-            ),
-        ]
+    ]
+
+
+def _ranking_expectations(cfg: DataConfig) -> list:
+    """A ranking is a list of K allowed, valid and distinct response strings."""
+    import great_expectations.expectations as gxe
+
+    return [
+        _e(
+            gxe.ExpectColumnValuesToNotBeNull,
+            "responses_present",
+            "field 'responses' is missing or null",
+            "give 'responses' as a list of response strings, best first",
+            column="responses",
+        ),
+        _e(
+            gxe.ExpectColumnValuesToBeOfType,
+            "responses_type",
+            "field 'responses' must be a list",
+            "give 'responses' as a JSON list of strings, best first",
+            column="responses",
+            type_="list",
+        ),
+        _e(
+            gxe.ExpectColumnValuesToBeBetween,
+            "ranking_size",
+            f"a ranking needs K in {cfg.min_rank_k}..{cfg.max_rank_k_allowed} responses",
+            f"rank between {cfg.min_rank_k} and {cfg.max_rank_k_allowed} responses per prompt (split longer rankings)",
+            column="_k",
+            min_value=cfg.min_rank_k,
+            max_value=cfg.max_rank_k_allowed,
+        ),
+        _e(
+            gxe.ExpectColumnValuesToBeInSet,
+            "responses_text",
+            f"every ranked response must be a non-blank string of {cfg.min_response_chars}..{cfg.max_response_chars} characters",
+            "fix or remove the bad responses in these rankings",
+            column="_responses_valid",
+            value_set=[True],
+        ),
+        _e(
+            gxe.ExpectColumnPairValuesToBeEqual,
+            "responses_distinct",
+            "a ranking repeats the same response",
+            "each response in a ranking must be different: remove the repeats",
+            column_A="_k",
+            column_B="_n_distinct",
+        ),
+    ]
+
+
+def _duplicate_expectations(frame: str) -> list:
+    """No row repeats another row of the batch or one already in data/ (by normalised content)."""
+    import great_expectations.expectations as gxe
+
     dup = {
         "demonstrations": "duplicate (prompt, response) demonstrations",
         "preferences_pairwise": "duplicate (prompt, chosen, rejected) pairs",
@@ -246,7 +282,7 @@ def build_suite_expectations(frame: str, cfg: DataConfig) -> list:
         "prompts": "duplicate prompts",
         "eval": "duplicate eval prompts",
     }[frame]
-    ex += [
+    return [
         _e(
             gxe.ExpectColumnValuesToBeUnique,
             "no_duplicates",
@@ -263,8 +299,14 @@ def build_suite_expectations(frame: str, cfg: DataConfig) -> list:
             value_set={"$PARAMETER": "existing_keys"},
         ),
     ]
+
+
+def _eval_split_expectations(frame: str) -> list:
+    """Eval prompts and training prompts never meet, checked from whichever side `frame` is."""
+    import great_expectations.expectations as gxe
+
     if frame == "eval":
-        ex.append(
+        return [
             _e(
                 gxe.ExpectColumnValuesToNotBeInSet,
                 "eval_disjoint",
@@ -273,19 +315,17 @@ def build_suite_expectations(frame: str, cfg: DataConfig) -> list:
                 column="_prompt_norm",
                 value_set={"$PARAMETER": "training_prompts"},
             )
+        ]
+    return [
+        _e(
+            gxe.ExpectColumnValuesToNotBeInSet,
+            "no_eval_leakage",
+            "prompt is one of the frozen eval prompts",
+            "never train on eval prompts: drop these rows",
+            column="_prompt_norm",
+            value_set={"$PARAMETER": "eval_prompts"},
         )
-    else:
-        ex.append(
-            _e(
-                gxe.ExpectColumnValuesToNotBeInSet,
-                "no_eval_leakage",
-                "prompt is one of the frozen eval prompts",
-                "never train on eval prompts: drop these rows",
-                column="_prompt_norm",
-                value_set={"$PARAMETER": "eval_prompts"},
-            )
-        )
-    return ex
+    ]
 
 
 # ----------------------------------------------------------------------------------------
