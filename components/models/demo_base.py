@@ -73,15 +73,25 @@ def build_demo_base(
         info = json.loads(info_file.read_text())
         return BaseModelResult(str(out), False, info["params"], info["metrics"])
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(seed)  # the model's weight init (transformers draws from the global RNG, it takes no generator)
     rng = random.Random(seed)  # the pretraining batches: our own draws, from their own generator
     texts = read_corpus_texts(data_dir)
     if not texts:
         raise ValueError(f"no training text under {data_dir}: materialise the data first (`rlhf data`)")
     tok = train_tokenizer(texts, cfg.vocab_size)
-    model = LlamaForCausalLM(
+    model = build_llama(cfg, tok)
+    n_params = sum(p.numel() for p in model.parameters())
+    metrics = {**pretrain(model, tok, texts, cfg, rng), "base/corpus_texts": float(len(texts))}
+    info = {"params": n_params, "metrics": metrics, "corpus_version": corpus_version, "config": asdict(cfg)}
+    save_atomically(out, model, tok, info)
+    return BaseModelResult(str(out), True, n_params, metrics)
+
+
+def build_llama(cfg: ModelConfig, tok):
+    """A freshly initialised small Llama (tied embeddings) sized by `cfg`, over `tok`'s vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(
         LlamaConfig(
             vocab_size=len(tok),
             hidden_size=cfg.hidden_size,
@@ -96,9 +106,21 @@ def build_demo_base(
             tie_word_embeddings=True,
         )
     )
-    n_params = sum(p.numel() for p in model.parameters())
 
-    # Pretrain: next-token prediction on "prompt continuation<eos>", cosine LR.
+
+def pad_batch(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad B token lists: -> ids (B, T), attention mask (B, T), T the longest list."""
+    width = max(map(len, batch))
+    ids = torch.full((len(batch), width), pad_id)
+    mask = torch.zeros_like(ids)
+    for i, seq in enumerate(batch):
+        ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
+    return ids, mask
+
+
+def pretrain(model, tok, texts: list[str], cfg: ModelConfig, rng: random.Random) -> dict[str, float]:
+    """Next-token prediction on "prompt continuation<eos>", cosine LR with a short warmup; batches drawn
+    from `rng`. Trains `model` in place; -> the mean loss of the last 20 steps and the seconds taken."""
     enc = [ids[: cfg.max_position_embeddings] for ids in tok([t + SPECIAL["eos"] for t in texts])["input_ids"]]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -109,12 +131,8 @@ def build_demo_base(
     bar = tqdm(range(cfg.pretrain_steps), desc=f"pretrain {cfg.name} base", unit="step")
     for _ in bar:
         batch = rng.sample(enc, min(cfg.pretrain_batch_size, len(enc)))
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), tok.pad_token_id)
-        mask = torch.zeros_like(ids)
-        for i, seq in enumerate(batch):
-            ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
-        labels = ids.masked_fill(mask == 0, -100)
+        ids, mask = pad_batch(batch, tok.pad_token_id)  # (B, T) each
+        labels = ids.masked_fill(mask == 0, -100)  # (B, T): no loss on padding
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -122,21 +140,15 @@ def build_demo_base(
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
     tail = losses[-20:]
-    metrics = {
-        "base/pretrain_loss": sum(tail) / len(tail),
-        "base/pretrain_seconds": time.time() - t0,
-        "base/corpus_texts": float(len(texts)),
-    }
+    return {"base/pretrain_loss": sum(tail) / len(tail), "base/pretrain_seconds": time.time() - t0}
 
+
+def save_atomically(out: Path, model, tok, info: dict) -> None:
+    """Write model, tokenizer and `build_info.json` to a temporary sibling, then rename it to `out`."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
-    (tmp / "build_info.json").write_text(
-        json.dumps(
-            {"params": n_params, "metrics": metrics, "corpus_version": corpus_version, "config": asdict(cfg)}, indent=2
-        )
-    )
+    (tmp / "build_info.json").write_text(json.dumps(info, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # atomic: a half-built model is never in the cache
-    return BaseModelResult(str(out), True, n_params, metrics)

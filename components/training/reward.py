@@ -114,22 +114,38 @@ def reward_stats(model, head, tok, examples: list[list[Pair]], cfg: RewardConfig
     return s.mean().item(), s.std().clamp(min=1e-6).item()
 
 
-# ---------------------------------------------------------------------------- stage
+# ---------------------------------------------------------------------------- training
 
 
-def train_reward(
-    cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_dir: Path, out_dir: Path, seed: int = 0
-) -> RewardResult:
+@dataclass
+class RewardModel:
+    """What the reward stage trains and the optimiser state that goes with it."""
+
+    model: object  # peft model: LoRA adapter on the SFT model
+    head: ScalarHead
+    tok: object
+    params: list[torch.nn.Parameter]  # the trainable ones: LoRA weights, then the head's
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    device: torch.device
+
+    def restore(self, ckpt: Path) -> None:
+        """Load a checkpoint's adapter and head weights in place (the optimizer keeps its params)."""
+        checkpoint.load_adapter_weights(self.model, ckpt / "adapter")
+        self.head.load_state_dict(ScalarHead.load(ckpt, self.device)[0].state_dict())
+
+    def write(self, d: Path) -> None:
+        """Write a checkpoint: adapter, head, optimizer/scheduler and RNG state."""
+        self.model.save_pretrained(d / "adapter", safe_serialization=True)
+        self.head.save(d)
+        checkpoint.save_trainer_state(d, optimizer=self.optimizer, scheduler=self.scheduler, rng=checkpoint.rng_state())
+
+
+def setup_reward_model(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, device, seed: int) -> RewardModel:
+    """Seed the global RNG, then: tokenizer, LoRA on the SFT model, a fresh scalar head, AdamW with cosine LR."""
     from peft import get_peft_model
     from transformers import get_cosine_schedule_with_warmup
 
-    checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
-    train, evals = read_preferences(data_dir, cfg.eval_fraction)
-    if not train or not evals:
-        raise ValueError(
-            f"the reward model needs preferences for training and held-out eval under {data_dir}/preferences"
-        )
-    device = resolve_device(model_cfg.device)
     # peft's LoRA init, the head's init and LoRA dropout draw from the global RNG (they take no generator);
     # the batches come from checkpoint.batch_for_step's own seeded random.Random.
     torch.manual_seed(seed)
@@ -139,72 +155,117 @@ def train_reward(
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(10, cfg.max_steps // 10), cfg.max_steps)
+    return RewardModel(model, head, tok, params, optimizer, scheduler, device)
 
+
+def reward_step(rm: RewardModel, pairs: list[Pair], cfg: RewardConfig, step: int) -> tuple[float, float, int]:
+    """One optimizer step on a batch of pairs: -> (weighted loss, weighted accuracy, tokens scored).
+
+    A ranking of K expands to C(K,2) pairs, so a step's pair count varies; micro-batches of at most
+    `micro_batch_pairs` keep memory bounded. Each chunk's loss is scaled by its share of the weight,
+    so the accumulated gradient is exactly that of the whole batch.
+    """
+    total_w = sum(p.weight for p in pairs)
+    rm.optimizer.zero_grad(set_to_none=True)
+    loss, correct, tokens = 0.0, 0.0, 0
+    for i in range(0, len(pairs), cfg.micro_batch_pairs):
+        # rc, rr, w: (P,) each, P <= micro_batch_pairs
+        rc, rr, w, n_tokens = score_pairs(
+            rm.model, rm.head, rm.tok, pairs[i : i + cfg.micro_batch_pairs], cfg.max_length, rm.device
+        )
+        tokens += n_tokens
+        chunk = bradley_terry_loss(rc, rr, w) * (w.sum() / total_w)
+        if not torch.isfinite(chunk):
+            raise FloatingPointError(f"reward model loss is {chunk.item()} at step {step}: lower reward.learning_rate")
+        chunk.backward()
+        loss += chunk.item()
+        correct += (pairwise_accuracy(rc.detach(), rr.detach(), w) * w.sum() / total_w).item()
+    torch.nn.utils.clip_grad_norm_(rm.params, cfg.max_grad_norm)
+    rm.optimizer.step()
+    rm.scheduler.step()
+    return loss, correct, tokens
+
+
+def log_running(running: dict[str, float], rm: RewardModel, done: int, bar) -> None:
+    """Log the mean loss/accuracy over the steps since the last log, and the learning rate."""
+    n = running["n"]
+    log_to_active_run(
+        {
+            "rm/loss": running["loss"] / n,
+            "rm/accuracy": running["acc"] / n,
+            "rm/learning_rate": rm.scheduler.get_last_lr()[0],
+        },
+        done,
+    )
+    bar.set_postfix(loss=f"{running['loss'] / n:.3f}", acc=f"{running['acc'] / n:.2f}")
+
+
+# ---------------------------------------------------------------------------- stage
+
+
+def train_reward(
+    cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_dir: Path, out_dir: Path, seed: int = 0
+) -> RewardResult:
+    """Train the reward model on the preferences under `data_dir`, resuming from the last checkpoint
+    under `out_dir/checkpoints`; writes adapter, head and reward statistics to `out_dir`."""
+    # 1. inputs
+    checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
+    train, evals = read_preferences(data_dir, cfg.eval_fraction)
+    if not train or not evals:
+        raise ValueError(
+            f"the reward model needs preferences for training and held-out eval under {data_dir}/preferences"
+        )
+    # 2. model and optimizer, restored from the last checkpoint if there is one
+    rm = setup_reward_model(cfg, model_cfg, sft_dir, resolve_device(model_cfg.device), seed)
     ckpt_root = out_dir / "checkpoints"
     fp = checkpoint.fingerprint(cfg, sft_dir=str(sft_dir), data=str(data_dir), seed=seed, n_train=len(train))
+    start, _ = checkpoint.resume(ckpt_root, fp, rm.restore, optimizer=rm.optimizer, scheduler=rm.scheduler)
 
-    def restore(ckpt: Path) -> None:
-        checkpoint.load_adapter_weights(model, ckpt / "adapter")
-        head.load_state_dict(ScalarHead.load(ckpt, device)[0].state_dict())  # in place: the optimizer keeps its params
-
-    start, _ = checkpoint.resume(ckpt_root, fp, restore, optimizer=optimizer, scheduler=scheduler)
-
-    def write(d: Path) -> None:
-        model.save_pretrained(d / "adapter", safe_serialization=True)
-        head.save(d)
-        checkpoint.save_trainer_state(d, optimizer=optimizer, scheduler=scheduler, rng=checkpoint.rng_state())
-
-    model.train()
+    # 3. train: one step per batch of rankings, logging every log_steps, checkpoints every save_steps
+    rm.model.train()
     running = {"loss": 0.0, "acc": 0.0, "n": 0}
     tokens, started = 0, time.perf_counter()
     bar = tqdm(range(start, cfg.max_steps), desc="reward model", initial=start, total=cfg.max_steps, unit="step")
     for step in bar:
         pairs = [p for i in checkpoint.batch_for_step(len(train), cfg.batch_size, step, seed) for p in train[i]]
-        # A ranking of K expands to C(K,2) pairs, so a step's pair count varies; micro-batches of at most
-        # `micro_batch_pairs` keep memory bounded. Each chunk's loss is scaled by its share of the weight,
-        # so the accumulated gradient is exactly that of the whole batch.
-        total_w = sum(p.weight for p in pairs)
-        optimizer.zero_grad(set_to_none=True)
-        loss, correct = 0.0, 0.0
-        for i in range(0, len(pairs), cfg.micro_batch_pairs):
-            rc, rr, w, n_tokens = score_pairs(
-                model, head, tok, pairs[i : i + cfg.micro_batch_pairs], cfg.max_length, device
-            )
-            tokens += n_tokens
-            chunk = bradley_terry_loss(rc, rr, w) * (w.sum() / total_w)
-            if not torch.isfinite(chunk):
-                raise FloatingPointError(
-                    f"reward model loss is {chunk.item()} at step {step}: lower reward.learning_rate"
-                )
-            chunk.backward()
-            loss += chunk.item()
-            correct += (pairwise_accuracy(rc.detach(), rr.detach(), w) * w.sum() / total_w).item()
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
+        loss, correct, n_tokens = reward_step(rm, pairs, cfg, step)
+        tokens += n_tokens
         running["loss"] += loss
         running["acc"] += correct
         running["n"] += 1
         done = step + 1
         if done % cfg.log_steps == 0 or done == cfg.max_steps:
-            n = running["n"]
-            log_to_active_run(
-                {
-                    "rm/loss": running["loss"] / n,
-                    "rm/accuracy": running["acc"] / n,
-                    "rm/learning_rate": scheduler.get_last_lr()[0],
-                },
-                done,
-            )
-            bar.set_postfix(loss=f"{running['loss'] / n:.3f}", acc=f"{running['acc'] / n:.2f}")
+            log_running(running, rm, done, bar)
             running = {"loss": 0.0, "acc": 0.0, "n": 0}
         if done % cfg.save_steps == 0 and done < cfg.max_steps:
-            checkpoint.save(ckpt_root, done, fp, write)
+            checkpoint.save(ckpt_root, done, fp, rm.write)
     bar.close()
     seconds = time.perf_counter() - started
 
-    metrics = evaluate_reward_model(model, head, tok, evals, cfg, device)
-    mean, std = reward_stats(model, head, tok, train, cfg, device)
+    # 4. held-out metrics, reward statistics, outputs
+    metrics = finish_reward(rm, cfg, train, evals, sft_dir, out_dir, start, seconds, tokens)
+    checkpoint.save(ckpt_root, cfg.max_steps, fp, rm.write)
+    checkpoint.mark_complete(
+        out_dir, {"stage": "reward", "outputs": ["adapter", "head.safetensors", "head.json"], "metrics": metrics}
+    )
+    return RewardResult(str(out_dir / "adapter"), str(out_dir), metrics)
+
+
+def finish_reward(
+    rm: RewardModel,
+    cfg: RewardConfig,
+    train: list[list[Pair]],
+    evals: list[list[Pair]],
+    sft_dir: str,
+    out_dir: Path,
+    start: int,
+    seconds: float,
+    tokens: int,
+) -> dict[str, float]:
+    """Evaluate on the held-out rankings, measure the reward's mean/std on training responses, log the
+    metrics and write the adapter and the head (with the statistics) to `out_dir`: -> metrics."""
+    metrics = evaluate_reward_model(rm.model, rm.head, rm.tok, evals, cfg, rm.device)
+    mean, std = reward_stats(rm.model, rm.head, rm.tok, train, cfg, rm.device)
     metrics.update(
         {
             "rm/reward_mean": mean,
@@ -217,12 +278,6 @@ def train_reward(
         }
     )
     log_to_active_run(metrics, cfg.max_steps)
-
-    adapter_dir = out_dir / "adapter"
-    model.save_pretrained(adapter_dir, safe_serialization=True)
-    head.save(out_dir, reward_mean=mean, reward_std=std, base=str(sft_dir), max_length=cfg.max_length)
-    checkpoint.save(ckpt_root, cfg.max_steps, fp, write)
-    checkpoint.mark_complete(
-        out_dir, {"stage": "reward", "outputs": ["adapter", "head.safetensors", "head.json"], "metrics": metrics}
-    )
-    return RewardResult(str(adapter_dir), str(out_dir), metrics)
+    rm.model.save_pretrained(out_dir / "adapter", safe_serialization=True)
+    rm.head.save(out_dir, reward_mean=mean, reward_std=std, base=str(sft_dir), max_length=cfg.max_length)
+    return metrics

@@ -32,10 +32,8 @@ class SFTResult:
 def train_sft(
     cfg: SFTConfig, model_cfg: ModelConfig, base_path: str, data_dir: Path, out_dir: Path, seed: int = 0
 ) -> SFTResult:
-    from datasets import Dataset
-    from trl import SFTConfig as TrlSFTConfig
-    from trl import SFTTrainer
-
+    """LoRA SFT of the model at `base_path` on the demonstrations under `data_dir`, resuming from the
+    last complete checkpoint under `out_dir/checkpoints`; writes the adapter and the merged model."""
     checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
     train, evals = read_demonstrations(data_dir, cfg.eval_fraction)
     if not train or not evals:
@@ -43,6 +41,43 @@ def train_sft(
     tok = load_tokenizer(base_path, model_cfg, padding_side="right")
     model = load_causal_lm(base_path, model_cfg)
     ckpt_dir = out_dir / "checkpoints"
+    trainer = build_trainer(cfg, model_cfg, model, tok, train, evals, ckpt_dir, seed)
+    before = trainer.evaluate()["eval_loss"]
+    last = checkpoint.last_complete_checkpoint(ckpt_dir)  # HF's get_last_checkpoint would take a partial one
+    resume = str(last) if last else None
+    out = trainer.train(resume_from_checkpoint=resume)
+    after = trainer.evaluate()["eval_loss"]
+
+    adapter_dir, merged_dir = save_outputs(trainer, tok, out_dir)
+    metrics = {
+        "sft/eval_loss_base": before,
+        "sft/eval_loss": after,
+        "sft/eval_perplexity_base": math.exp(before),
+        "sft/eval_perplexity": math.exp(after),
+        "sft/train_loss": out.training_loss,
+        "sft/resumed_from_step": float(int(resume.rsplit("-", 1)[-1]) if resume else 0),
+        "sft/train_examples": float(len(train)),
+        "sft/eval_examples": float(len(evals)),
+        "sft/train_seconds": out.metrics["train_runtime"],
+        # tokens/s of this process's steps only (a resumed run's token count includes earlier ones)
+        "sft/tokens_per_second": trainer.state.num_input_tokens_seen / out.metrics["train_runtime"]
+        if not resume
+        else float("nan"),
+    }
+    log_to_active_run(metrics, cfg.max_steps)
+    checkpoint.mark_complete(out_dir, {"stage": "sft", "outputs": ["adapter", "merged"], "metrics": metrics})
+    return SFTResult(str(adapter_dir), str(merged_dir), metrics)
+
+
+def build_trainer(
+    cfg: SFTConfig, model_cfg: ModelConfig, model, tok, train: list[dict], evals: list[dict], ckpt_dir: Path, seed: int
+):
+    """TRL's SFTTrainer: LoRA from `cfg.lora`, loss on completion tokens only, cosine LR, checkpoints
+    every `save_steps` under `ckpt_dir`, no eval during training (the stage evaluates before and after)."""
+    from datasets import Dataset
+    from trl import SFTConfig as TrlSFTConfig
+    from trl import SFTTrainer
+
     args = TrlSFTConfig(
         output_dir=str(ckpt_dir),
         max_steps=cfg.max_steps,
@@ -63,7 +98,7 @@ def train_sft(
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
     )
-    trainer = SFTTrainer(
+    return SFTTrainer(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(train),
@@ -72,33 +107,15 @@ def train_sft(
         peft_config=lora_config(cfg.lora),
         callbacks=[MlflowNamespaceCallback("sft"), CheckpointCompleteCallback()],
     )
-    before = trainer.evaluate()["eval_loss"]
-    last = checkpoint.last_complete_checkpoint(ckpt_dir)  # HF's get_last_checkpoint would take a partial one
-    resume = str(last) if last else None
-    out = trainer.train(resume_from_checkpoint=resume)
-    after = trainer.evaluate()["eval_loss"]
 
+
+def save_outputs(trainer, tok, out_dir: Path) -> tuple[Path, Path]:
+    """Save the trained adapter and the adapter merged into the base (each with the tokenizer):
+    -> (out_dir/adapter, out_dir/merged)."""
     adapter_dir, merged_dir = out_dir / "adapter", out_dir / "merged"
     trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
     tok.save_pretrained(adapter_dir)
     merged = trainer.model.merge_and_unload()
     merged.save_pretrained(merged_dir, safe_serialization=True)
     tok.save_pretrained(merged_dir)
-    metrics = {
-        "sft/eval_loss_base": before,
-        "sft/eval_loss": after,
-        "sft/eval_perplexity_base": math.exp(before),
-        "sft/eval_perplexity": math.exp(after),
-        "sft/train_loss": out.training_loss,
-        "sft/resumed_from_step": float(int(resume.rsplit("-", 1)[-1]) if resume else 0),
-        "sft/train_examples": float(len(train)),
-        "sft/eval_examples": float(len(evals)),
-        "sft/train_seconds": out.metrics["train_runtime"],
-        # tokens/s of this process's steps only (a resumed run's token count includes earlier ones)
-        "sft/tokens_per_second": trainer.state.num_input_tokens_seen / out.metrics["train_runtime"]
-        if not resume
-        else float("nan"),
-    }
-    log_to_active_run(metrics, cfg.max_steps)
-    checkpoint.mark_complete(out_dir, {"stage": "sft", "outputs": ["adapter", "merged"], "metrics": metrics})
-    return SFTResult(str(adapter_dir), str(merged_dir), metrics)
+    return adapter_dir, merged_dir
