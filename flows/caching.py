@@ -17,8 +17,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import mlflow
+from prefect import get_run_logger
+
+from components import tracking
 from components.config import Config, to_dict
 from components.data.versioning import DataState
+from components.training.checkpoint import is_complete
+from flows.contracts import StageOutput
 
 # The config sections each cached stage reads.
 STAGE_CONFIG = {"sft": ("sft", "model"), "reward-model": ("reward", "model"), "ppo": ("ppo", "model")}
@@ -97,3 +103,31 @@ def config_hash(cfg: Config) -> str:
     """What the pipeline trains from, besides the data: the resolved config minus where results go."""
     body = {k: v for k, v in to_dict(cfg).items() if k not in ("tracking", "infra", "root")}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def log_on_parent(metrics: dict[str, float]) -> None:
+    """The stages' final metrics also go on the parent run (cached or not), so that retrains of different
+    data versions and configs compare side by side in the MLflow UI's run table."""
+    mlflow.log_metrics(tracking.finite(metrics))
+
+
+def run_stage(stage_task, cfg: Config, *args: Any) -> StageOutput:
+    """Run a cached stage task. A cache hit adds no child run: the parent run gets the tag
+    `cached.<stage>` = the run that computed it. A hit whose output is gone (pruned) or incomplete (a killed
+    recompute into the same dir) is recomputed there, resuming from its checkpoints."""
+    args = (cfg, *args)
+    state = stage_task(*args, return_state=True)
+    out: StageOutput = state.result()  # raises the task's exception (e.g. PPODivergence) on failure
+    out.cached = state.name == "Cached"
+    if out.cached and not (Path(out.dir).exists() and is_complete(stage_root(cfg, out.dir))):
+        get_run_logger().warning(
+            "%s: cached output %s is gone or incomplete; recomputing (resumes from its checkpoints)",
+            stage_task.name,
+            out.dir,
+        )
+        out = stage_task.with_options(refresh_cache=True)(*args)
+    if out.cached:
+        get_run_logger().info("%s: unchanged inputs, reusing run %s (%s)", stage_task.name, out.run_id, out.dir)
+        mlflow.set_tag(f"cached.{stage_task.name}", out.run_id)
+    log_on_parent(out.metrics)
+    return out

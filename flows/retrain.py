@@ -23,19 +23,17 @@ from components.registry import registry
 from components.training.ppo import PPODivergence
 from flows import lifecycle
 from flows.approval import await_approval
-from flows.caching import config_hash, prune_stage_outputs, stage_root
+from flows.caching import config_hash, log_on_parent, prune_stage_outputs, run_stage, stage_root
 from flows.contracts import RetrainSummary, StageOutput
 from flows.slot import RetrainSlot
 from flows.stages import (
     base_model,
     evaluate,
     git_commit,
-    log_on_parent,
     ppo,
     prepare_data,
     register,
     reward_model,
-    run_stage,
     sft,
     validate,
 )

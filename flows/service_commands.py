@@ -158,7 +158,7 @@ def cmd_status(args, overrides: list[str]) -> int:
     """Who holds the retrain slot (and whether it is alive), and the last runs with their outcomes."""
     cfg = _load(overrides)
     from components import tracking
-    from flows.slot import status_lines
+    from flows.status import status_lines
 
     tracking.setup(cfg)
     print(f"project {cfg.root_path}, Prefect server {_prefect_server(cfg)}")

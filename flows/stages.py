@@ -26,13 +26,12 @@ from components.evaluation.gate import decide
 from components.models.demo_base import build_demo_base
 from components.registry import registry
 from components.registry.model_card import model_card
-from components.training.checkpoint import is_complete
 from components.training.plots import ppo_curves
 from components.training.ppo import PPODivergence, train_ppo
 from components.training.reward import train_reward
 from components.training.sft import train_sft
 from flows import lifecycle
-from flows.caching import CACHED, config_hash, prune_stage_outputs, stage_dir, stage_root
+from flows.caching import CACHED, config_hash, prune_stage_outputs, stage_dir
 from flows.contracts import GateOutcome, Registration, StageOutput, ValidationSummary
 
 
@@ -66,34 +65,6 @@ def start_stage_run(stage: str, parent_run_id: str, data: DataState, params: dic
     mlflow.set_tags({"stage": stage, "data_version": data.version})
     tracking.log_params(tracking.flatten(params, prefix=f"{stage}."))
     return run
-
-
-def log_on_parent(metrics: dict[str, float]) -> None:
-    """The stages' final metrics also go on the parent run (cached or not), so that retrains of different
-    data versions and configs compare side by side in the MLflow UI's run table."""
-    mlflow.log_metrics(tracking.finite(metrics))
-
-
-def run_stage(stage_task, cfg: Config, *args: Any) -> StageOutput:
-    """Run a cached stage task. A cache hit adds no child run: the parent run gets the tag
-    `cached.<stage>` = the run that computed it. A hit whose output is gone (pruned) or incomplete (a killed
-    recompute into the same dir) is recomputed there, resuming from its checkpoints."""
-    args = (cfg, *args)
-    state = stage_task(*args, return_state=True)
-    out: StageOutput = state.result()  # raises the task's exception (e.g. PPODivergence) on failure
-    out.cached = state.name == "Cached"
-    if out.cached and not (Path(out.dir).exists() and is_complete(stage_root(cfg, out.dir))):
-        get_run_logger().warning(
-            "%s: cached output %s is gone or incomplete; recomputing (resumes from its checkpoints)",
-            stage_task.name,
-            out.dir,
-        )
-        out = stage_task.with_options(refresh_cache=True)(*args)
-    if out.cached:
-        get_run_logger().info("%s: unchanged inputs, reusing run %s (%s)", stage_task.name, out.run_id, out.dir)
-        mlflow.set_tag(f"cached.{stage_task.name}", out.run_id)
-    log_on_parent(out.metrics)
-    return out
 
 
 @task(name="prepare-data", **RETRY)
