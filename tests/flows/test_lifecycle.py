@@ -128,6 +128,7 @@ def test_a_holder_on_another_host_is_stale_only_without_heartbeat(tmp_path):
     from prefect.client.schemas.actions import VariableCreate
 
     project = make_project(tmp_path / "proj", "infra.retrain_slot_stale_s=5")
+    tracking.setup(project)  # freeing a slot also ends the dead holder's MLflow runs: in this project's store
     slot = RetrainSlot(project, print)
     beating = Holder("x", "", "", "another-host:42:1.00", time.time(), time.time())
     with get_client(sync_client=True) as client:
