@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
 	# torch first and pinned: the CPU wheel; any other torch spec pulls GBs of CUDA wheels
 	$(BIN)/python -m pip install -q "torch==2.13.0" -c constraints.txt
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,services]"
 	@touch $(STAMP)
 
 install: $(STAMP)
