@@ -7,6 +7,7 @@
     rlhf config    [--options] [overrides]              print the resolved config (or every group's options)
     rlhf status    [overrides]                          who holds the retrain slot; the last runs and outcomes
     rlhf model serve [--alias champion] [--port 5001]   serve a registered version (MLflow scoring server)
+    rlhf services up|down|status [--dir D]              PostgreSQL + MLflow + Prefect servers (auth) on this machine
 
 Exit codes: 0 ok, 1 refused or failed (the message says why), 2 usage or config error.
 The commands themselves: flows/commands.py (data) and flows/service_commands.py (the service).
@@ -21,7 +22,19 @@ from pathlib import Path
 
 from components.config import ConfigError
 from flows.commands import cmd_config, cmd_data, cmd_ingest, cmd_validate
-from flows.service_commands import cmd_approve, cmd_model, cmd_rollback, cmd_run, cmd_serve, cmd_status
+from flows.service_commands import (
+    cmd_approve,
+    cmd_model,
+    cmd_rollback,
+    cmd_run,
+    cmd_serve,
+    cmd_services,
+    cmd_status,
+)
+
+
+def services_dir() -> Path:
+    return Path(os.environ.get("RLHF_SERVICES_DIR", "~/.rlhf-services")).expanduser()
 
 
 def _split(tokens: list[str]) -> tuple[list[str], list[str]]:
@@ -56,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="who holds the retrain slot; the last runs and their outcomes").add_argument(
         "rest", **over
     )
+    sv = sub.add_parser("services", help="start/stop/check PostgreSQL, MLflow and Prefect servers on this machine")
+    sv.add_argument("action", choices=["up", "down", "status"])
+    sv.add_argument("--dir", default=str(services_dir()), help="data, logs and credentials (outside the repo)")
+    sv.add_argument("--postgres-port", type=int, default=5432)
+    sv.add_argument("--mlflow-port", type=int, default=5000)
+    sv.add_argument("--prefect-port", type=int, default=4200)
+    sv.add_argument("rest", **over)
     a = sub.add_parser("approve", help="approve (or --reject) a retrain paused for approval")
     a.add_argument("--reject", action="store_true")
     a.add_argument("--approver", default=os.environ.get("USER", "unknown"))
@@ -100,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             "serve": cmd_serve,
             "status": cmd_status,
             "model": cmd_model,
+            "services": cmd_services,
         }[args.command](args, overrides)
     except ConfigError as e:
         print(f"✗ config error: {e}", file=sys.stderr)

@@ -188,3 +188,35 @@ def cmd_serve(args, overrides: list[str]) -> int:
     print(f"stopped serving retrain-service/{DEPLOYMENT} (its schedule is paused until the next `rlhf serve`)")
     print(f"  {_where(cfg)}")
     return 0
+
+
+def cmd_services(args, overrides: list[str]) -> int:
+    """`rlhf services up|down|status`: PostgreSQL, MLflow (auth) and Prefect (auth) on this machine."""
+    from flows import services
+
+    layout = services.Layout(Path(args.dir).expanduser().resolve())
+    if args.action == "up":
+        ports = services.Ports(args.postgres_port, args.mlflow_port, args.prefect_port)
+        print(f"starting PostgreSQL, MLflow and Prefect servers in {layout.root} (first start: ~30 s)", flush=True)
+        try:
+            env = services.up(layout, ports)
+        except services.ServiceError as e:
+            print(f"✗ {e}", file=sys.stderr)
+            return 1
+        print(f"✓ MLflow {env['MLFLOW_TRACKING_URI']} (basic auth), Prefect {env['PREFECT_API_URL']} (auth), "
+              f"PostgreSQL 127.0.0.1:{ports.postgres}")
+        print(f"  credentials (mode 600, never in conf/): {layout.credentials}")
+        print(f"  point clients at them:  export $(cat {layout.endpoints})")
+        print("  then: rlhf worker --pool gpu   and   rlhf run infra=server tracking=server")
+        return 0
+    if args.action == "down":
+        stopped = services.down(layout)
+        print(f"stopped: {', '.join(stopped) or 'nothing was running'} (data kept in {layout.root})")
+        return 0
+    report = services.status(layout)
+    if not report:
+        print(f"no services in {layout.root}: start them with `rlhf services up --dir {layout.root}`")
+        return 1
+    for name, line in report.items():
+        print(f"{name:9} {line}")
+    return 0 if all(("healthy" in v or "running" in v) for v in report.values()) else 1
