@@ -101,7 +101,7 @@ def prune_stage_outputs(stages: Path, keep: int | None, in_use: set[Path]) -> li
 
 def config_hash(cfg: Config) -> str:
     """What the pipeline trains from, besides the data: the resolved config minus where results go."""
-    body = {k: v for k, v in to_dict(cfg).items() if k not in ("tracking", "infra", "root")}
+    body = {k: v for k, v in to_dict(cfg).items() if k not in ("tracking", "infra", "root", "overrides")}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -109,6 +109,15 @@ def log_on_parent(metrics: dict[str, float]) -> None:
     """The stages' final metrics also go on the parent run (cached or not), so that retrains of different
     data versions and configs compare side by side in the MLflow UI's run table."""
     mlflow.log_metrics(tracking.finite(metrics))
+
+
+def output_available(cfg: Config, location: str) -> bool:
+    """A cached stage's output can still be read: its local dir complete, or its MLflow run finished (a URI)."""
+    from flows import remote
+
+    if remote.is_uri(location):
+        return remote.available(location)
+    return Path(location).exists() and is_complete(stage_root(cfg, location))
 
 
 def run_stage(stage_task, cfg: Config, *args: Any) -> StageOutput:
@@ -119,7 +128,7 @@ def run_stage(stage_task, cfg: Config, *args: Any) -> StageOutput:
     state = stage_task(*args, return_state=True)
     out: StageOutput = state.result()  # raises the task's exception (e.g. PPODivergence) on failure
     out.cached = state.name == "Cached"
-    if out.cached and not (Path(out.dir).exists() and is_complete(stage_root(cfg, out.dir))):
+    if out.cached and not output_available(cfg, out.dir):
         get_run_logger().warning(
             "%s: cached output %s is gone or incomplete; recomputing (resumes from its checkpoints)",
             stage_task.name,

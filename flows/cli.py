@@ -8,6 +8,8 @@
     rlhf status    [overrides]                          who holds the retrain slot; the last runs and outcomes
     rlhf model serve [--alias champion] [--port 5001]   serve a registered version (MLflow scoring server)
     rlhf services up|down|status [--dir D]              PostgreSQL + MLflow + Prefect servers (auth) on this machine
+    rlhf deploy    [--pool gpu]                         the work pool and the stage deployments (infra=server)
+    rlhf worker    [--pool gpu] [--dir D]               a Prefect process worker that runs training stages
 
 Exit codes: 0 ok, 1 refused or failed (the message says why), 2 usage or config error.
 The commands themselves: flows/commands.py (data) and flows/service_commands.py (the service).
@@ -22,14 +24,17 @@ from pathlib import Path
 
 from components.config import ConfigError
 from flows.commands import cmd_config, cmd_data, cmd_ingest, cmd_validate
+from flows.credentials import Unauthorised
 from flows.service_commands import (
     cmd_approve,
+    cmd_deploy,
     cmd_model,
     cmd_rollback,
     cmd_run,
     cmd_serve,
     cmd_services,
     cmd_status,
+    cmd_worker,
 )
 
 
@@ -76,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--mlflow-port", type=int, default=5000)
     sv.add_argument("--prefect-port", type=int, default=4200)
     sv.add_argument("rest", **over)
+    d = sub.add_parser("deploy", help="create the work pool and the stage deployments (infra.training_pool)")
+    d.add_argument("--pool", default=None, help="work pool (default: infra.training_pool, else gpu)")
+    d.add_argument("rest", **over)
+    w = sub.add_parser("worker", help="a Prefect process worker for the training pool")
+    w.add_argument("--pool", default=None, help="work pool (default: infra.training_pool, else gpu)")
+    w.add_argument("--dir", default=None, help="the worker's own state: checkpoints, caches (default: .)")
+    w.add_argument("--name", default=None, help="worker name (default: host-pid)")
+    w.add_argument("--limit", type=int, default=1, help="stages at a time (default 1: one GPU)")
+    w.add_argument("rest", **over)
     a = sub.add_parser("approve", help="approve (or --reject) a retrain paused for approval")
     a.add_argument("--reject", action="store_true")
     a.add_argument("--approver", default=os.environ.get("USER", "unknown"))
@@ -121,10 +135,15 @@ def main(argv: list[str] | None = None) -> int:
             "status": cmd_status,
             "model": cmd_model,
             "services": cmd_services,
+            "deploy": cmd_deploy,
+            "worker": cmd_worker,
         }[args.command](args, overrides)
     except ConfigError as e:
         print(f"✗ config error: {e}", file=sys.stderr)
         return 2
+    except Unauthorised as e:
+        print(f"✗ unauthorised: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             "\ninterrupted (Ctrl-C): a killed retrain resumes from its checkpoints on the next `rlhf run`",

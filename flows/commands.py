@@ -18,7 +18,16 @@ def _load(overrides: list[str], prefect: bool = True) -> Config:
     configure_environment(cfg)
     if prefect and (notice := temporary_server_notice(cfg)):
         print(notice, file=sys.stderr)
+    check_servers(cfg, prefect)
     return cfg
+
+
+def check_servers(cfg: Config, prefect: bool = True) -> None:
+    """Shared servers answer and accept our credentials (`credentials.Unauthorised` says what to set)."""
+    from components import tracking
+    from flows import credentials
+
+    credentials.check_access(tracking.tracking_uri(cfg), os.environ.get("PREFECT_API_URL") if prefect else None)
 
 
 def _prefect_server(cfg: Config) -> str:

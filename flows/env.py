@@ -25,6 +25,7 @@ PROCESS_ENV = {
     # dataset maps (transformers reads huggingface_hub's switch for its own bars)
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per downloaded stage output is noise
 }
 
 
@@ -45,6 +46,9 @@ def configure_environment(cfg: Config) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
     # MLflow guesses a dataset source for the data dir (a plain path) and warns that it may be ambiguous
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.data.*")
+    from flows import credentials
+
+    credentials.load(cfg)  # RLHF_CREDENTIALS_FILE: a file outside the repo; the environment wins
     state = cfg.state_path
     state.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("PREFECT_HOME", str(state / "prefect"))

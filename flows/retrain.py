@@ -139,6 +139,8 @@ def nothing_to_do(cfg: Config, data: DataState, s: RetrainSummary) -> State | No
 
 def prune(cfg: Config, outputs: list[StageOutput]) -> None:
     """Mark this run's stage dirs recently used, and prune the others beyond `infra.keep_stage_outputs`."""
+    if cfg.infra.training_pool:  # the outputs are on the workers (each prunes its own)
+        return
     in_use = {stage_root(cfg, out.dir).resolve() for out in outputs}
     for d in in_use:
         os.utime(d)

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from flows.commands import _load, _prefect_server, _where
+from flows.commands import _load, _prefect_server, _where, check_servers
 
 
 def _sigterm_unwinds() -> None:
@@ -203,8 +203,10 @@ def cmd_services(args, overrides: list[str]) -> int:
         except services.ServiceError as e:
             print(f"✗ {e}", file=sys.stderr)
             return 1
-        print(f"✓ MLflow {env['MLFLOW_TRACKING_URI']} (basic auth), Prefect {env['PREFECT_API_URL']} (auth), "
-              f"PostgreSQL 127.0.0.1:{ports.postgres}")
+        print(
+            f"✓ MLflow {env['MLFLOW_TRACKING_URI']} (basic auth), Prefect {env['PREFECT_API_URL']} (auth), "
+            f"PostgreSQL 127.0.0.1:{ports.postgres}"
+        )
         print(f"  credentials (mode 600, never in conf/): {layout.credentials}")
         print(f"  point clients at them:  export $(cat {layout.endpoints})")
         print("  then: rlhf worker --pool gpu   and   rlhf run infra=server tracking=server")
@@ -220,3 +222,43 @@ def cmd_services(args, overrides: list[str]) -> int:
     for name, line in report.items():
         print(f"{name:9} {line}")
     return 0 if all(("healthy" in v or "running" in v) for v in report.values()) else 1
+
+
+def cmd_deploy(args, overrides: list[str]) -> int:
+    """`rlhf deploy [--pool gpu]`: the work pool and the stage deployments the retrain dispatches to."""
+    cfg = _load(overrides)
+    pool = args.pool or cfg.infra.training_pool or "gpu"
+    from flows.pool import deploy
+
+    names = deploy(pool)
+    print(f"✓ work pool {pool!r}: deployments {', '.join(names)} on Prefect {_prefect_server(cfg)}")
+    print(f"  start a worker on each training machine: rlhf worker --pool {pool}")
+    return 0
+
+
+def cmd_worker(args, overrides: list[str]) -> int:
+    """`rlhf worker [--pool gpu] [--dir D]`: deploy the stages, then become a Prefect process worker."""
+    cfg = _load(overrides, prefect=False)
+    if not os.environ.get("PREFECT_API_URL"):
+        print(
+            "✗ rlhf worker needs a shared Prefect server: set PREFECT_API_URL (or infra=server); "
+            "`rlhf services up` starts one on this machine",
+            file=sys.stderr,
+        )
+        return 2
+    check_servers(cfg)
+    pool = args.pool or cfg.infra.training_pool or "gpu"
+    from flows.pool import deploy, worker_argv
+
+    work_dir = Path(args.dir or ".").expanduser().resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    deploy(pool)
+    os.environ["RLHF_WORKER_DIR"] = str(work_dir)
+    argv = worker_argv(pool, args.name, args.limit)
+    print(
+        f"worker for pool {pool!r} on Prefect {os.environ['PREFECT_API_URL']}: stages run with state in "
+        f"{work_dir / cfg.infra.state_dir} (at most {args.limit} at a time); Ctrl-C or SIGTERM stops it",
+        flush=True,
+    )
+    os.chdir(work_dir)
+    os.execv(argv[0], argv)  # the worker is Prefect's own process: its signals, its logs

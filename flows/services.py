@@ -27,7 +27,6 @@ from base64 import b64encode
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
 PG_SYSTEM_USER = "rlhf_postgres"  # PostgreSQL refuses to run as root
 DB_USER = "rlhf"
 ADMIN = "admin"
@@ -382,5 +381,7 @@ def status(layout: Layout) -> dict[str, str]:
         state = "healthy" if healthy(urls[name], auth) else ("NOT RESPONDING" if _alive(layout, name) else "stopped")
         out[name] = f"{state}: {urls[name]} (log {layout.log(name)})"
     pg = (layout.pgdata / "postmaster.pid").exists()
-    out["postgres"] = f"{'running' if pg else 'stopped'}: 127.0.0.1:{ports.postgres} (log {layout.pgdata / 'server.log'})"
+    out["postgres"] = (
+        f"{'running' if pg else 'stopped'}: 127.0.0.1:{ports.postgres} (log {layout.pgdata / 'server.log'})"
+    )
     return out

@@ -7,6 +7,8 @@ diverged PPO run. SFT, the reward model and PPO are cached across runs (`flows/c
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import subprocess
 from dataclasses import asdict
@@ -30,7 +32,7 @@ from components.training.plots import ppo_curves
 from components.training.ppo import PPODivergence, train_ppo
 from components.training.reward import train_reward
 from components.training.sft import train_sft
-from flows import lifecycle
+from flows import lifecycle, remote
 from flows.caching import CACHED, config_hash, prune_stage_outputs, stage_dir
 from flows.contracts import GateOutcome, Registration, StageOutput, ValidationSummary
 
@@ -57,6 +59,27 @@ def transient(task, task_run, state) -> bool:
 
 
 RETRY = {"retries": 2, "retry_delay_seconds": 10, "retry_condition_fn": transient}
+
+
+def on_pool(stage: str):
+    """A training stage that runs in this process, or - with `infra.training_pool` set - as a flow run on
+    that pool's workers (flows/remote.py), its upstream locations passed as URIs."""
+
+    def wrap(body):
+        params = list(inspect.signature(body).parameters)  # cfg, data, <upstream locations...>, parent_run_id
+
+        @functools.wraps(body)
+        def run(*args, **kwargs):
+            bound = inspect.signature(body).bind(*args, **kwargs).arguments
+            cfg = bound["cfg"]
+            if not cfg.infra.training_pool:
+                return body(**bound)
+            inputs = {k: bound[k] for k in params[2:-1]}
+            return remote.dispatch(stage, cfg, bound["data"], bound["parent_run_id"], inputs)
+
+        return run
+
+    return wrap
 
 
 def start_stage_run(stage: str, parent_run_id: str, data: DataState, params: dict[str, Any]):
@@ -105,6 +128,11 @@ def base_model(cfg: Config, data: DataState, parent_run_id: str) -> str:
     """The base weights: a hub id / local path as configured, or the demo base built (cached) on the corpus."""
     if not cfg.model.build_demo_base:
         return cfg.model.name_or_path
+    return demo_base(cfg, data, parent_run_id)
+
+
+@on_pool("base")
+def demo_base(cfg: Config, data: DataState, parent_run_id: str) -> str:
     with start_stage_run("base", parent_run_id, data, asdict(cfg.model)):
         result = build_demo_base(cfg.model, Path(data.path), data.version, cfg.state_path / "models", seed=cfg.seed)
         mlflow.log_metrics({"base/params": result.params, "base/built": float(result.built), **result.metrics})
@@ -120,6 +148,7 @@ def base_model(cfg: Config, data: DataState, parent_run_id: str) -> str:
 
 
 @task(name="sft", **RETRY, **CACHED)
+@on_pool("sft")
 def sft(cfg: Config, data: DataState, base_path: str, parent_run_id: str) -> StageOutput:
     out = stage_dir(cfg, "sft", data, base_path=base_path)
     with start_stage_run("sft", parent_run_id, data, asdict(cfg.sft)) as run:
@@ -135,6 +164,7 @@ def sft(cfg: Config, data: DataState, base_path: str, parent_run_id: str) -> Sta
 
 
 @task(name="reward-model", **RETRY, **CACHED)
+@on_pool("reward-model")
 def reward_model(cfg: Config, data: DataState, sft_dir: str, parent_run_id: str) -> StageOutput:
     out = stage_dir(cfg, "reward-model", data, sft_dir=sft_dir)
     with start_stage_run("reward", parent_run_id, data, asdict(cfg.reward)) as run:
@@ -149,6 +179,7 @@ def reward_model(cfg: Config, data: DataState, sft_dir: str, parent_run_id: str)
 
 
 @task(name="ppo", **RETRY, **CACHED)
+@on_pool("ppo")
 def ppo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str) -> StageOutput:
     out = stage_dir(cfg, "ppo", data, sft_dir=sft_dir, reward_dir=reward_dir)
     with start_stage_run("ppo", parent_run_id, data, asdict(cfg.ppo)) as run:
@@ -179,6 +210,7 @@ def ppo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_
 
 
 @task(name="evaluate", **RETRY)
+@on_pool("evaluate")
 def evaluate(
     cfg: Config, data: DataState, sft_dir: str, reward_dir: str, policy_dir: str, parent_run_id: str
 ) -> GateOutcome:
@@ -245,7 +277,9 @@ def register(
             )
             reg = registry.finish_registration(name, version, tags)
         else:
-            reg = registry.log_and_register(name, sft_dir, policy_dir, tags)
+            reg = registry.log_and_register(
+                name, remote.local_path(cfg, sft_dir), remote.local_path(cfg, policy_dir), tags
+            )
         card = model_card(reg.name, cfg.model.name, data.version, git_commit(cfg.root_path), asdict(gate))
         mlflow.log_text(card, "model_card.md")
         registry.describe(reg.name, reg.version, card)

@@ -223,6 +223,37 @@ def pinned_data(cfg: Config, keep: int | None = 3) -> DataState:
         return DataState(state.version, state.origin, state.rows, state.remote, str(dest))
 
 
+def fetch_version(cfg: Config, version: str) -> DataState:
+    """Data version `version` from the DVC remote into `<state>/snapshots/<version>`, on a machine with no data/
+    of its own (a worker of another machine). A throwaway DVC repo whose `data.dvc` pins that version is
+    pulled from the configured remote, so only DVC's own protocol touches the object store."""
+    root = cfg.state_path / "snapshots"
+    dest = root / version
+    with data_lock(cfg, f"fetch data {version}"):
+        if not (dest / SNAPSHOT_DONE).exists():
+            repo = root / f".{version}.fetch-{os.getpid()}"
+            shutil.rmtree(repo, ignore_errors=True)
+            repo.mkdir(parents=True)
+            try:
+                dvc = Dvc(repo)
+                dvc.ensure_init()
+                dvc.set_remote(cfg.infra.dvc_remote_name, remote_url(cfg))
+                (repo / DVC_FILE).write_text(yaml.safe_dump({"outs": [{"md5": version, "hash": "md5", "path": "data"}]}))
+                if not dvc.pull(cfg.infra.dvc_remote_name):
+                    raise DataVersionError(
+                        f"data version {version} is not on the DVC remote {remote_url(cfg)}: push it from the "
+                        "orchestrator (`rlhf data`), or point RLHF_DVC_REMOTE / infra.dvc_remote_url at the remote "
+                        "that has it"
+                    )
+                (repo / "data" / SNAPSHOT_DONE).write_text(version)
+                shutil.rmtree(dest, ignore_errors=True)
+                os.replace(repo / "data", dest)
+            finally:
+                shutil.rmtree(repo, ignore_errors=True)
+        os.utime(dest)
+    return DataState(version, "fetched", count_rows(dest), remote_url(cfg), str(dest))
+
+
 def _ensure_data(cfg: Config) -> DataState:
     dvc = open_repo(cfg)
     remote, target = cfg.infra.dvc_remote_name, _dvc_target(cfg)

@@ -1,0 +1,110 @@
+"""The training pool's side: one Prefect flow per stage (what a worker runs), their deployments, the worker.
+
+    rlhf deploy [--pool gpu]      work pool (type process) + deployments stage-<stage>/<pool>
+    rlhf worker [--pool gpu]      a Prefect process worker for the pool, state in RLHF_WORKER_DIR (default .)
+
+The deployments' entrypoints are module paths (`flows.pool.sft_stage`): a worker runs the code installed in
+its own environment (the trainer image), never files of the orchestrator. For docker and kubernetes pools
+see dockerfiles/README.md (base job templates that request a GPU).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+from prefect import flow
+
+from flows import stages
+from flows.remote import deployment_name, run_request
+
+DEFAULT_POOL = "gpu"
+
+
+@flow(name="stage-base", validate_parameters=False)
+def base_stage(request: dict) -> dict:
+    return run_request(request, stages.demo_base)
+
+
+@flow(name="stage-sft", validate_parameters=False)
+def sft_stage(request: dict) -> dict:
+    return run_request(request, stages.sft.fn)
+
+
+@flow(name="stage-reward-model", validate_parameters=False)
+def reward_model_stage(request: dict) -> dict:
+    return run_request(request, stages.reward_model.fn)
+
+
+@flow(name="stage-ppo", validate_parameters=False)
+def ppo_stage(request: dict) -> dict:
+    return run_request(request, stages.ppo.fn)
+
+
+@flow(name="stage-evaluate", validate_parameters=False)
+def evaluate_stage(request: dict) -> dict:
+    return run_request(request, stages.evaluate.fn)
+
+
+STAGE_FLOWS = {
+    "base": base_stage,
+    "sft": sft_stage,
+    "reward-model": reward_model_stage,
+    "ppo": ppo_stage,
+    "evaluate": evaluate_stage,
+}
+
+
+def ensure_pool(pool: str) -> None:
+    """The work pool, as a `process` pool when it does not exist yet (an existing pool of any type is kept:
+    docker and kubernetes pools are set up by their operators)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(pool)
+        except ObjectNotFound:
+            try:
+                client.create_work_pool(
+                    WorkPoolCreate(
+                        name=pool, type="process", base_job_template=ProcessWorker.get_default_base_job_template()
+                    )
+                )
+            except ObjectAlreadyExists:  # another process created it meanwhile
+                pass
+
+
+def deploy(pool: str = DEFAULT_POOL) -> list[str]:
+    """Create or update the stage deployments on `pool`; returns their names."""
+    from prefect.client.orchestration import get_client
+    from prefect.utilities.callables import parameter_schema
+
+    ensure_pool(pool)
+    names = []
+    with get_client(sync_client=True) as client:
+        for stage, stage_flow in STAGE_FLOWS.items():
+            flow_id = client.create_flow_from_name(stage_flow.name)
+            client.create_deployment(
+                flow_id,
+                name=pool,
+                work_pool_name=pool,
+                entrypoint=f"{__name__}.{stage_flow.fn.__name__}",
+                parameter_openapi_schema=parameter_schema(stage_flow.fn).model_dump_for_openapi(),
+                enforce_parameter_schema=False,
+                pull_steps=[],
+                description=f"rlhf-ops stage {stage} (dispatched by the retrain flow when infra.training_pool={pool})",
+                tags=["rlhf", f"stage:{stage}"],
+            )
+            names.append(deployment_name(stage, pool))
+    return names
+
+
+def worker_argv(pool: str, name: str | None, limit: int) -> list[str]:
+    prefect = str(Path(sys.executable).parent / "prefect")
+    name = name or f"{socket.gethostname()}-{os.getpid()}"
+    return [prefect, "worker", "start", "--pool", pool, "--type", "process", "--name", name, "--limit", str(limit)]

@@ -1,0 +1,248 @@
+"""Training stages on a work pool (`infra.training_pool`, e.g. `gpu`): each stage is its own Prefect flow run
+on a worker of that pool, possibly on another machine.
+
+    orchestrator (retrain flow)                         worker (`rlhf worker --pool gpu`)
+    cached task `sft` --run_deployment(stage-sft/gpu)-->  flow `stage-sft`: compose the config from the
+      request: overrides, data version, input URIs          (allow-listed) overrides, fetch the data version
+                                                            from the DVC remote, download the input URIs, run
+                                                            the stage as in-process, log its outputs to its
+      <-- stage_output.json of the stage's MLflow run ---   MLflow child run (artifact proxy)
+
+What crosses machines is a URI, never a local path: data by DVC version (the remote both sides configure),
+stage outputs as `runs:/<run_id>/output/...` artifacts. Caching (the orchestrator's cached tasks, keyed on
+those URIs), one retrain at a time (the orchestrator's slot) and transient-only retries work as in process;
+checkpoints live in the worker's state dir (`RLHF_WORKER_DIR`): a restarted stage resumes on a worker that
+reaches it (shared storage for a pool of several machines).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from components.config import Config, compose
+from components.data.versioning import DataState
+from flows.contracts import GateOutcome, StageOutput
+
+OUTPUT = "output"  # artifact path of a stage's outputs in its MLflow run
+RECORD = "stage_output.json"  # what the stage hands back: its StageOutput / GateOutcome, or its error
+LOCAL_ONLY = ("root", "infra.state_dir")  # orchestrator-side overrides a worker never receives
+STAGES = ("base", "sft", "reward-model", "ppo", "evaluate")
+
+
+class StageFailed(RuntimeError):
+    """A stage failed on its worker (its own error: not retried)."""
+
+
+class StageLost(ConnectionError):
+    """A stage's flow run crashed or was cancelled with no record (a lost worker): transient, retried."""
+
+
+def is_uri(location: str) -> bool:
+    return location.startswith(("runs:/", "mlflow-artifacts:/", "models:/"))
+
+
+def worker_dir() -> Path:
+    return Path(os.environ.get("RLHF_WORKER_DIR", ".")).expanduser().resolve()
+
+
+def deployment_name(stage: str, pool: str) -> str:
+    return f"stage-{stage}/{pool}"
+
+
+# ---------------------------------------------------------------------------------------- orchestrator
+def remote_overrides(cfg: Config) -> list[str]:
+    """The orchestrator's overrides minus where its own files live (the worker has its own)."""
+
+    def key(o: str) -> str:
+        return o.lstrip("+~").split("=", 1)[0]
+
+    return [o for o in cfg.overrides if key(o) not in LOCAL_ONLY]
+
+
+def dispatch(stage: str, cfg: Config, data: DataState, parent_run_id: str, inputs: dict[str, str]) -> Any:
+    """Run `stage` as a flow run on the training pool and wait for it; returns what the stage returns
+    (StageOutput with URIs, or GateOutcome). The stage flow run is a subflow of this retrain in the UI."""
+    import mlflow
+    from prefect import get_run_logger
+    from prefect.deployments import run_deployment
+
+    log = get_run_logger()
+    pool = cfg.infra.training_pool
+    request = {
+        "stage": stage,
+        "overrides": remote_overrides(cfg),
+        "data_version": data.version,
+        "inputs": inputs,
+        "parent_run_id": parent_run_id,
+    }
+    log.info("%s: dispatched to work pool %r (deployment %s)", stage, pool, deployment_name(stage, pool))
+    warn_if_no_worker(pool, log)
+    run = run_deployment(
+        deployment_name(stage, pool),
+        parameters={"request": request},
+        timeout=cfg.infra.stage_timeout_s,
+        as_subflow=True,
+        tags=["rlhf", f"stage:{stage}"],
+    )
+    record = _read_record(run.id, parent_run_id)
+    state = run.state
+    if record and "error" not in record and state is not None and state.is_completed():
+        log.info("%s: done on %s (flow run %s)", stage, pool, run.name)
+        mlflow.set_tag(f"pool.{stage}", f"{pool}: flow run {run.name} ({run.id})")
+        return _decode(stage, record["result"])
+    if record and "error" in record:
+        from components.training.ppo import PPODivergence
+
+        err, msg = record["error"], record["message"]
+        if err == "PPODivergence":
+            raise PPODivergence(msg)
+        cls = StageLost if record.get("transient") else StageFailed
+        raise cls(f"{stage} failed on work pool {pool!r} (flow run {run.name}): {err}: {msg}")
+    what = state.name if state else "no state"
+    raise (StageLost if state is None or state.is_crashed() or state.is_cancelled() else StageFailed)(
+        f"{stage} ended {what} on work pool {pool!r} (flow run {run.name}, {run.id}): "
+        f"{state.message if state else 'timed out waiting'}"
+    )
+
+
+def warn_if_no_worker(pool: str, log) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        workers = client.read_workers_for_work_pool(pool)
+    if not any(str(w.status).upper().endswith("ONLINE") for w in workers):
+        log.warning("no worker is polling work pool %r: start one with `rlhf worker --pool %s`", pool, pool)
+
+
+def _read_record(flow_run_id, parent_run_id: str) -> dict | None:
+    """The stage's record, from the MLflow child run its flow run made (tag rlhf.flow_run_id)."""
+    import mlflow
+
+    runs = mlflow.search_runs(
+        filter_string=f"tags.`rlhf.flow_run_id` = '{flow_run_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        output_format="list",
+        search_all_experiments=True,
+    )
+    for run in runs:
+        try:
+            return json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{RECORD}"))
+        except Exception:  # that run has no record: killed before it wrote one
+            continue
+    return None
+
+
+def _decode(stage: str, result: dict) -> Any:
+    if stage == "base":
+        return result["dir"]
+    return GateOutcome(**result) if stage == "evaluate" else StageOutput(**result)
+
+
+def available(location: str) -> bool:
+    """A stage output that can still be read: a finished MLflow run's artifact (URIs)."""
+    import mlflow
+
+    run_id = location.split("/")[1] if location.startswith("runs:/") else None
+    if run_id is None:
+        return False
+    try:
+        return mlflow.MlflowClient().get_run(run_id).info.status == "FINISHED"
+    except Exception:
+        return False
+
+
+def local_path(cfg: Config, location: str) -> str:
+    """A stage output on this machine: downloaded once into `<state>/inputs/` (a URI), else the path itself."""
+    if not is_uri(location):
+        return location
+    import mlflow
+
+    dest = cfg.state_path / "inputs" / location.replace(":/", "/").strip("/").replace("/", "__")
+    done = dest / ".download-complete"
+    if not done.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
+        try:
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(tmp)))
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(got, dest)
+            done.write_text(location)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)
+
+
+# ---------------------------------------------------------------------------------------------- worker
+def run_request(request: dict[str, Any], body: Callable[..., Any]) -> dict:
+    """The worker side of a stage: config, data and inputs on this machine, then `body` (the in-process
+    stage), its outputs logged as artifacts of its MLflow run, and the record the orchestrator reads."""
+    from components import tracking
+    from components.config import check_remote_overrides
+    from components.data.versioning import fetch_version
+    from flows.env import configure_environment
+
+    root = worker_dir()
+    local = compose([f"root={root}"])
+    check_remote_overrides(request["overrides"], getattr(local.infra, "remote_overrides", []))
+    cfg = compose([*request["overrides"], f"root={root}", "infra.training_pool=null"])  # run here, not dispatch
+    configure_environment(cfg)
+    tracking.setup(cfg)
+    data = fetch_version(cfg, request["data_version"])
+    inputs = {k: local_path(cfg, v) for k, v in request["inputs"].items()}
+    try:
+        out = body(cfg, data, parent_run_id=request["parent_run_id"], **inputs)  # by name: JSON may reorder
+    except Exception as e:
+        _write_record({"error": type(e).__name__, "message": str(e), "transient": _transient(e)})
+        raise
+    if isinstance(out, str):  # the demo base: a local dir
+        out = StageOutput(_publish(Path(out), Path(out)), _active_or_last_run(), {})
+    elif isinstance(out, StageOutput):
+        from flows.caching import stage_root
+
+        out.dir = _publish(stage_root(cfg, out.dir), Path(out.dir), out.run_id)
+    _write_record({"result": asdict(out)})
+    return {"result": asdict(out)}
+
+
+def _transient(e: Exception) -> bool:
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    return isinstance(e, OSError) and e.errno is not None
+
+
+def _active_or_last_run() -> str:
+    import mlflow
+
+    run = mlflow.last_active_run()
+    return run.info.run_id if run else ""
+
+
+def _publish(root: Path, out: Path, run_id: str | None = None) -> str:
+    """Log a stage's outputs (its dir minus checkpoints) to its MLflow run; returns the URI of `out`."""
+    import mlflow
+
+    run_id = run_id or _active_or_last_run()
+    client = mlflow.MlflowClient()
+    for entry in sorted(root.iterdir()):
+        if entry.name in ("checkpoints",) or entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            client.log_artifacts(run_id, str(entry), f"{OUTPUT}/{entry.name}")
+        else:
+            client.log_artifact(run_id, str(entry), OUTPUT)
+    rel = out.resolve().relative_to(root.resolve()).as_posix()
+    return f"runs:/{run_id}/{OUTPUT}" + ("" if rel == "." else f"/{rel}")
+
+
+def _write_record(record: dict) -> None:
+    import mlflow
+
+    run = mlflow.last_active_run()
+    if run is not None:
+        mlflow.MlflowClient().log_text(run.info.run_id, json.dumps(record, default=str), RECORD)
