@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.states import Completed, Failed, State
 
 from components import tracking
-from components.config import Config, to_yaml
+from components.config import Config
 from components.data.versioning import DataState, DataVersionError
 from components.registry import registry
 from components.training.ppo import PPODivergence
@@ -58,7 +58,7 @@ def pipeline(cfg: Config) -> State:
         run_id = parent.info.run_id
         # 1. the run's record: config, code, data version
         tracking.log_config(cfg)
-        mlflow.log_text(to_yaml(cfg), "config.yaml")
+        mlflow.log_text(tracking.redacted_yaml(cfg), "config.yaml")
         mlflow.set_tags({"pipeline": "retrain", "git_commit": git_commit(cfg.root_path), "base_model": cfg.model.name})
         try:
             data = prepare_data(cfg)
