@@ -101,6 +101,13 @@ def redact(key: str, value: Any) -> Any:
     return value
 
 
+def redact_override(override: str) -> str:
+    """A Hydra override as it may be shown or stored (a deployment's parameters): `key=***` for a
+    secret-named key, URL credentials removed from the value."""
+    key, eq, value = override.partition("=")
+    return f"{key}{eq}{redact(key.lstrip('+~'), value)}" if eq else override
+
+
 def redacted(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """The nested config dict as it may be logged: `redact` on every leaf, the key dotted from the root."""
     return {k: redacted(v, f"{prefix}{k}.") if isinstance(v, dict) else redact(f"{prefix}{k}", v) for k, v in d.items()}

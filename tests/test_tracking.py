@@ -193,3 +193,17 @@ def test_ui_command_redacts_the_tracking_uri(tmp_path):
     assert tracking.ui_command(cfg) == "open https://***@mlflow.example.com"
     local = compose([f"root={tmp_path}"])
     assert tracking.ui_command(local) == f"mlflow ui --backend-store-uri {tracking.tracking_uri(local)}"
+
+
+@pytest.mark.parametrize(
+    "override,shown",
+    [
+        ("ppo.steps=3", "ppo.steps=3"),
+        ("~ppo.max_approx_kl", "~ppo.max_approx_kl"),
+        ("+registry.hf_token=hf_abc", "+registry.hf_token=***"),
+        ("infra.dvc_remote_url='https://u:pw@h/x?token=t'", "infra.dvc_remote_url='https://***@h/x?token=***'"),
+        ("tracking.uri=postgresql://u:pa/ss@db/mlflow", "tracking.uri=postgresql://***@db/mlflow"),
+    ],
+)
+def test_redact_override(override, shown):
+    assert tracking.redact_override(override) == shown
