@@ -119,8 +119,8 @@ class Dvc:
         )
         if check and proc.returncode != 0:
             msg = (proc.stderr or proc.stdout).strip().splitlines()
-            raise DataVersionError(
-                f"`dvc {' '.join(args)}` failed in {self.root}: {msg[-1] if msg else proc.returncode}"
+            raise DataVersionError(  # the arguments or DVC's message may hold the remote's URL
+                redact_url(f"`dvc {' '.join(args)}` failed in {self.root}: {msg[-1] if msg else proc.returncode}")
             )
         return proc
 
