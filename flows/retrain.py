@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 
 import mlflow
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.states import Completed, Failed, State
 
 from components import tracking
@@ -25,6 +25,7 @@ from flows import lifecycle
 from flows.approval import await_approval
 from flows.caching import config_hash, log_on_parent, prune_stage_outputs, run_stage, stage_root
 from flows.contracts import RetrainSummary, StageOutput
+from flows.redaction import config_flow
 from flows.slot import RetrainSlot
 from flows.stages import (
     base_model,
@@ -39,7 +40,7 @@ from flows.stages import (
 )
 
 
-@flow(
+@config_flow(
     name="retrain", validate_parameters=False
 )  # no log_prints: it turns library bytecode dumps (datasets hashing) into log lines
 def retrain(cfg: Config):

@@ -2,6 +2,7 @@
 retrain's config.yaml artifact, the data version's remote, `rlhf config`, the MLflow/Prefect hints."""
 
 import mlflow
+import pytest
 
 from components import tracking
 from components.data.versioning import DataVersionError, ensure_data
@@ -60,3 +61,29 @@ def test_printed_hints_carry_no_credentials(tmp_path):
     hints = f"{_where(cfg)}\n{_prefect_server(cfg)}"
     assert "postgresql://***@db/mlflow" in hints and "https://***@prefect.example.com/api" in hints
     assert not leaked(hints) and "mlf-pw" not in hints
+
+
+def test_flows_taking_the_config_store_it_redacted_in_prefect(tmp_path, prefect_server):
+    """The flow run's parameters as the Prefect API keeps them (a real run of `ingest`, refused: no file)."""
+    from prefect.client.orchestration import get_client
+
+    from flows.ingest import ingest_flow
+    from flows.redaction import ConfigFlow
+    from flows.retrain import retrain
+
+    assert isinstance(retrain, ConfigFlow) and isinstance(ingest_flow, ConfigFlow)
+    cfg = make_project(tmp_path / "proj", *CREDENTIALS[:2])
+    state = ingest_flow(cfg, str(tmp_path / "missing.jsonl"), "preferences", return_state=True)
+    with get_client(sync_client=True) as client:
+        params = client.read_flow_run(state.state_details.flow_run_id).parameters
+    assert params["cfg"]["infra"]["dvc_remote_url"] == "https://***@dvc.example.com/store?token=***"
+    assert params["cfg"]["ppo"]["steps"] == cfg.ppo.steps and params["kind"] == "preferences"
+    assert not leaked(str(params))
+
+
+def test_a_failed_dvc_command_names_the_remote_without_credentials(tmp_path):
+    from components.data.versioning import Dvc
+
+    with pytest.raises(DataVersionError) as e:
+        Dvc(tmp_path).set_remote("rlhf", DVC_REMOTE)  # no DVC repo here: fails, naming its arguments
+    assert "https://***@dvc.example.com" in str(e.value) and not leaked(str(e.value))
