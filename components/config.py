@@ -13,6 +13,7 @@ these dataclasses (or one of their fields), never raw dicts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Optional
 
@@ -194,6 +195,21 @@ class InfraConfig:
     # a retrain slot holder on another host with no heartbeat (every 15 s) for this long is taken as crashed
     retrain_slot_stale_s: float = 120.0
     data_lock_timeout_s: float = 1800.0  # an ingest or retrain waits this long for another writer of data/
+    # What a triggered or remote run (a Prefect parameter, not the operator's command line) may override:
+    # fnmatch patterns of override keys (`ppo.*`; a bare group name is its choice, `model=small`). Never,
+    # whatever matches: NEVER_REMOTE (import paths, trust_remote_code, root, state_dir, this list).
+    remote_overrides: list[str] = field(
+        default_factory=lambda: [
+            *GROUPS,
+            "data.*",
+            "sft.*",
+            "reward.*",
+            "ppo.*",
+            "gate.*",
+            "seed",
+            "tracking.run_name_prefix",
+        ]
+    )
 
 
 @dataclass
@@ -276,6 +292,68 @@ def to_dict(cfg: Config) -> dict[str, Any]:
 
 def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# ---- what a triggered or remote run may override ----
+# Never from a remote, whatever infra.remote_overrides allows: key pattern -> why.
+NEVER_REMOTE = {
+    "*_fn": "an import path: code the run would call",
+    "gate.judge": "an import path: code the run would call",
+    "*trust_remote_code": "runs code from the model's repository",
+    "root": "where the project lives",
+    "infra.state_dir": "where the MLflow store, caches and Prefect home live",
+    "infra.remote_overrides*": "the allow-list itself",
+    "hydra*": "Hydra's own settings (config search path, output dirs)",
+}
+
+
+class OverrideNotAllowed(ValueError):
+    """A triggered or remote run asked to override what it may not (infra.remote_overrides)."""
+
+
+def check_remote_overrides(overrides: list[str] | tuple[str, ...], allowed: list[str]) -> None:
+    """Raise OverrideNotAllowed naming each refused override, the allow-list setting (infra.remote_overrides)
+    and what to do. Whoever can reach the Prefect API can set a run's parameters: an import path or
+    `trust_remote_code` there would run their code on this host."""
+    refused = [f"  {o}: {why}" for o in overrides if (why := _refusal(o, allowed))]
+    if refused:
+        raise OverrideNotAllowed(
+            "refused override(s) of a triggered or remote run:\n"
+            + "\n".join(refused)
+            + f"\n  allowed (infra.remote_overrides of the serving config): {allowed}\n  To change these, "
+            "pass them on the `rlhf serve` command line (the operator's overrides are trusted), or add a "
+            "pattern to infra.remote_overrides there; the never-list (" + ", ".join(NEVER_REMOTE) + ") "
+            "cannot be allowed."
+        )
+
+
+def _refusal(override: str, allowed: list[str]) -> str | None:
+    """Why `override` is refused, or None. A dict value (`model={trust_remote_code:true}`) is checked
+    key by key; an interpolation (`${oc.env:AWS_SECRET_ACCESS_KEY}`) would read this host's environment."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_override(override)
+    except HydraException:
+        return "not a Hydra override (key=value, +key=value, ++key=value, ~key)"
+    if parsed.package is not None:
+        return "a package override (`group@package`) moves config under other keys: never remote"
+    if "${" in override.partition("=")[2]:
+        return "an interpolation (`${...}`) would read this host's environment or config"
+    for key in _leaf_keys(parsed.key_or_group.replace("/", "."), parsed.value()):
+        denied = next((p for p in NEVER_REMOTE if fnmatchcase(key.lower(), p)), None)
+        if denied:
+            return f"`{key}` matches `{denied}`, which is never overridable remotely ({NEVER_REMOTE[denied]})"
+        if not any(fnmatchcase(key, p) for p in allowed):
+            return f"`{key}` matches no pattern in infra.remote_overrides"
+    return None
+
+
+def _leaf_keys(key: str, value: Any) -> list[str]:
+    if isinstance(value, dict) and value:
+        return [k for sub, v in value.items() for k in _leaf_keys(f"{key}.{sub}", v)]
+    return [key]
 
 
 def group_options(config_dir: Path = CONF_DIR) -> dict[str, list[str]]:

@@ -26,7 +26,15 @@ _SECRET_KEY = re.compile(
 )
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 EXPERIMENT_KIND, TRAINING = "mlflow.experimentKind", "custom_model_development"
-_URL_CREDENTIALS = re.compile(r"(://)[^/@:\s]+:[^/@\s]+@")
+# a URL in longer text: up to whitespace or a quote, less trailing punctuation (`see http://h/x?t=1.`)
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+?(?=[.,:;!)\]}]*(?:[\s'\"<>]|$))", re.I)
+# userinfo: `user:password@` (the password may hold `/`: `u:pa/ss@`; the user may be empty: `:pw@`) or a
+# bare `token@`. A path with `@` after a port (`http://h:5000/a@b`) reads as user:password too: redacted,
+# the safe side. Without `://` nothing is touched (`user@example.com`).
+_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)(?:[^/?#@:]*:[^@]*|[^/?#@:]+)@", re.I)
+_QUERY_PARAM = re.compile(r"([?&#])([^=&#]+)=([^&#]*)")
+# query parameters that carry a secret without a secret-looking word (signed URLs, `?key=` API keys)
+_SECRET_QUERY = {"sig", "signature", "x-amz-signature", "key", "pass", "pwd", "code"}
 
 
 def tracking_uri(cfg: Config) -> str:
@@ -64,10 +72,52 @@ def is_secret_key(key: str) -> bool:
     return bool(_SECRET_KEY.search(_CAMEL_BOUNDARY.sub("_", key)))
 
 
+def redact_url(text: str) -> str:
+    """`text` with the credentials of every URL in it replaced by `***`: userinfo (`https://***@host`)
+    and secret query parameters (`?token=***`). Everything else is left as it is, so the value still
+    says where things are (`s3://bucket/path`, `http://localhost:5000`)."""
+    return _URL.sub(lambda m: _redact_one_url(m.group(0)), text)
+
+
+def _redact_one_url(url: str) -> str:
+    url = _USERINFO.sub(r"\1***@", url, count=1)
+
+    def param(m: re.Match) -> str:
+        name = m.group(2)
+        secret = is_secret_key(name) or name.lower() in _SECRET_QUERY
+        return f"{m.group(1)}{name}=***" if secret and m.group(3) else m.group(0)
+
+    return _QUERY_PARAM.sub(param, url)
+
+
 def redact(key: str, value: Any) -> Any:
-    if is_secret_key(key) and value not in (None, ""):
+    """What may be logged of a config value: `***` for a secret-named key, URL credentials removed."""
+    if is_secret_key(key) and value not in (None, "", []):
         return "***"
-    return _URL_CREDENTIALS.sub(r"\1***@", value) if isinstance(value, str) else value
+    if isinstance(value, str):
+        return redact_url(value)
+    if isinstance(value, (list, tuple)):  # a list setting logs as one value: every item redacted
+        return [redact(key, v) for v in value]
+    return value
+
+
+def redact_override(override: str) -> str:
+    """A Hydra override as it may be shown or stored (a deployment's parameters): `key=***` for a
+    secret-named key, URL credentials removed from the value."""
+    key, eq, value = override.partition("=")
+    return f"{key}{eq}{redact(key.lstrip('+~'), value)}" if eq else override
+
+
+def redacted(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The nested config dict as it may be logged: `redact` on every leaf, the key dotted from the root."""
+    return {k: redacted(v, f"{prefix}{k}.") if isinstance(v, dict) else redact(f"{prefix}{k}", v) for k, v in d.items()}
+
+
+def redacted_yaml(cfg: Config) -> str:
+    """The config as YAML for a run's `config.yaml` or `rlhf config`: the same redaction as the params."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(redacted(to_dict(cfg))))
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -120,7 +170,8 @@ def child_run_ids(parent_run_id: str, stage: str) -> list[str]:
 
 
 def ui_command(cfg: Config) -> str:
-    uri = tracking_uri(cfg)
+    """What to run to see the runs; printed, so credentials in the tracking URI are redacted."""
+    uri = redact_url(tracking_uri(cfg))
     return f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
 
 
@@ -135,7 +186,7 @@ def log_data_input(data_path: Path, version: str, rows: dict[str, int], remote: 
     tags = {
         "dvc_path": "data",
         "dvc_md5": version,
-        "dvc_remote": remote or "none",
+        "dvc_remote": redact_url(remote) if remote else "none",
         **{f"rows_{k}": str(v) for k, v in rows.items()},
     }
     mlflow.log_input(dataset, context="training", tags=tags)

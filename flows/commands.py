@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from components.config import Config, compose, group_options, to_yaml
+from components.config import Config, compose, group_options
 
 
 def _load(overrides: list[str], prefect: bool = True) -> Config:
@@ -31,7 +31,10 @@ def check_servers(cfg: Config, prefect: bool = True) -> None:
 
 
 def _prefect_server(cfg: Config) -> str:
-    return cfg.infra.prefect_api_url or os.environ.get("PREFECT_API_URL") or "(a temporary one of this command)"
+    from components.tracking import redact_url
+
+    url = cfg.infra.prefect_api_url or os.environ.get("PREFECT_API_URL")
+    return redact_url(url) if url else "(a temporary one of this command)"
 
 
 def _where(cfg: Config) -> str:
@@ -45,7 +48,9 @@ def cmd_config(args, overrides: list[str]) -> int:
         for group, options in group_options().items():
             print(f"{group}: {', '.join(o for o in options if o != 'schema')}")
         return 0
-    print(to_yaml(compose(overrides)), end="")
+    from components.tracking import redacted_yaml
+
+    print(redacted_yaml(compose(overrides)), end="")  # pasted into issues and chats: no credentials
     return 0
 
 

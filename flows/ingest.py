@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.events import emit_event
 from prefect.states import Completed, Failed
 
@@ -17,6 +17,7 @@ from components.config import Config
 from components.data.ingest import IngestRefused, IngestResult, ingest
 from components.data.versioning import DataVersionError
 from flows import lifecycle
+from flows.redaction import config_flow
 
 DATA_UPDATED = "rlhf.data.updated"
 
@@ -30,7 +31,7 @@ def data_resource(cfg: Config) -> dict[str, str]:
     }
 
 
-@flow(name="ingest", log_prints=True, validate_parameters=False)
+@config_flow(name="ingest", log_prints=True, validate_parameters=False)
 def ingest_flow(cfg: Config, file: str, kind: str, quarantine: bool = False):
     log = get_run_logger()
     lifecycle.claim_run(cfg)  # a killed ingest's flow run is ended as Crashed by the next command

@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 
 import mlflow
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.states import Completed, Failed, State
 
 from components import tracking
-from components.config import Config, to_yaml
+from components.config import Config
 from components.data.versioning import DataState, DataVersionError
 from components.registry import registry
 from components.training.ppo import PPODivergence
@@ -25,6 +25,7 @@ from flows import lifecycle
 from flows.approval import await_approval
 from flows.caching import config_hash, log_on_parent, prune_stage_outputs, run_stage, stage_root
 from flows.contracts import RetrainSummary, StageOutput
+from flows.redaction import config_flow
 from flows.slot import RetrainSlot
 from flows.stages import (
     base_model,
@@ -39,7 +40,7 @@ from flows.stages import (
 )
 
 
-@flow(
+@config_flow(
     name="retrain", validate_parameters=False
 )  # no log_prints: it turns library bytecode dumps (datasets hashing) into log lines
 def retrain(cfg: Config):
@@ -58,7 +59,7 @@ def pipeline(cfg: Config) -> State:
         run_id = parent.info.run_id
         # 1. the run's record: config, code, data version
         tracking.log_config(cfg)
-        mlflow.log_text(to_yaml(cfg), "config.yaml")
+        mlflow.log_text(tracking.redacted_yaml(cfg), "config.yaml")
         mlflow.set_tags({"pipeline": "retrain", "git_commit": git_commit(cfg.root_path), "base_model": cfg.model.name})
         try:
             data = prepare_data(cfg)

@@ -6,35 +6,69 @@
 - at most one retrain at a time (deployment concurrency limit 1; later runs queue).
 
 The deployment's parameter is the list of Hydra overrides, so a scheduled or triggered run
-composes the same config as `rlhf run <overrides>`. Events reach the deployment only through a
+composes the same config as `rlhf run <overrides>` (shown redacted: the Prefect API stores them).
+Whoever can reach the Prefect API can start a run with other parameters: the operator's own overrides
+(`rlhf serve`'s command line) are trusted, anything else must match the serving config's
+`infra.remote_overrides` and never NEVER_REMOTE (components/config.py). Events reach the deployment only through a
 server both processes share: run `prefect server start` (or `infra=server`) and point
 `infra.prefect_api_url` / PREFECT_API_URL at it.
 """
 
 from __future__ import annotations
 
-from prefect import flow
+import json
+import os
 
-from components.config import Config, compose
+from prefect import flow
+from prefect.states import Failed
+
+from components.config import Config, OverrideNotAllowed, check_remote_overrides, compose
+from components.tracking import redact_override
 from flows import lifecycle
 from flows.env import configure_environment
 from flows.ingest import DATA_UPDATED, data_resource
 from flows.retrain import retrain
 
 DEPLOYMENT = "rlhf-retrain"
+# the operator's `rlhf serve` overrides, for the flow runs the runner starts (subprocesses: they inherit
+# the environment, not the serving process's variables)
+SERVED_OVERRIDES = "RLHF_SERVED_OVERRIDES"
 
 
 @flow(name="retrain-service", validate_parameters=False)
 def retrain_service(overrides: list[str] | None = None):
-    """Compose the config from overrides, then run `retrain` as a subflow."""
-    cfg = compose(list(overrides or []))
+    """Compose the config from overrides, then run `retrain` as a subflow. A refused override fails the
+    run before anything else happens."""
+    served = json.loads(os.environ.get(SERVED_OVERRIDES, "[]"))
+    try:
+        cfg = compose(allowed_overrides(served, list(overrides or []), compose(served)))
+    except OverrideNotAllowed as e:
+        return Failed(message=str(e))
     configure_environment(cfg)
     lifecycle.claim_run(cfg)  # if this process dies, the next `rlhf serve` or retrain ends this run as Crashed
     return retrain(cfg, return_state=True)
 
 
+def allowed_overrides(served: list[str], requested: list[str], cfg: Config) -> list[str]:
+    """The overrides a run composes its config from: the operator's (`served`, trusted; the parameters
+    show them redacted, which stands for the real one) with what the run changes on top, checked against
+    the serving config `cfg`'s infra.remote_overrides. Raises OverrideNotAllowed. A run cannot drop an
+    operator's override (`root=...`): one it leaves out still applies."""
+    trusted = {redact_override(o): o for o in served} | {o: o for o in served}
+    asked = [trusted.get(o, o) for o in requested]
+    check_remote_overrides([o for o in asked if o not in served], cfg.infra.remote_overrides)
+    changed = {_key(o) for o in asked}
+    return [o for o in served if _key(o) not in changed] + asked
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").partition("=")[0]
+
+
 def deployment(cfg: Config, overrides: list[str]):
     from prefect.events import DeploymentEventTrigger
+
+    shown = [redact_override(o) for o in overrides]  # stored by the Prefect API: no credentials
 
     # only this project's data: events from other projects on a shared server do not retrain this one
     triggers = (
@@ -43,7 +77,7 @@ def deployment(cfg: Config, overrides: list[str]):
                 name="retrain on new data",
                 expect={DATA_UPDATED},
                 match={"prefect.resource.id": data_resource(cfg)["prefect.resource.id"]},
-                parameters={"overrides": overrides},
+                parameters={"overrides": shown},
             )
         ]
         if cfg.infra.retrain_on_new_data
@@ -52,7 +86,7 @@ def deployment(cfg: Config, overrides: list[str]):
     return retrain_service.to_deployment(
         name=DEPLOYMENT,
         cron=cfg.infra.retrain_cron,
-        parameters={"overrides": overrides},
+        parameters={"overrides": shown},
         triggers=triggers,
         concurrency_limit=1,
         description="validate -> SFT -> RM -> PPO -> evaluate -> gate -> register -> promote",
@@ -79,6 +113,7 @@ def serve(cfg: Config, overrides: list[str]) -> None:
     from flows.prefect_compat import runner_with_own_sigterm
 
     tracking.setup(cfg)
+    os.environ[SERVED_OVERRIDES] = json.dumps(overrides)  # what the runs it starts trust
     lifecycle.reap_orphans(cfg, print)  # a run a crashed `rlhf serve` left Running would hold the deployment's slot
     stop = asyncio.Event()
 

@@ -177,7 +177,7 @@ def cmd_serve(args, overrides: list[str]) -> int:
         "one run at a time (Ctrl-C or SIGTERM stops)"
     )
     if cfg.infra.prefect_api_url:
-        print(f"  Prefect server: {cfg.infra.prefect_api_url} (runs, schedule and automation in its UI)")
+        print(f"  Prefect server: {_prefect_server(cfg)} (runs, schedule and automation in its UI)")
     else:
         print(
             "  no shared Prefect server configured: this process starts a temporary one, so events from `rlhf "

@@ -2,7 +2,18 @@ from dataclasses import fields
 
 import pytest
 
-from components.config import CONF_DIR, GROUPS, Config, ConfigError, compose, group_options, to_dict
+from components.config import (
+    CONF_DIR,
+    GROUPS,
+    NEVER_REMOTE,
+    Config,
+    ConfigError,
+    OverrideNotAllowed,
+    check_remote_overrides,
+    compose,
+    group_options,
+    to_dict,
+)
 
 
 def all_options():
@@ -48,3 +59,104 @@ def test_paths_derive_from_root(tmp_path):
     cfg = compose([f"root={tmp_path}"])
     assert cfg.state_path == tmp_path / ".rlhf"
     assert cfg.data_path == tmp_path / "data"
+
+
+# ---- what a triggered or remote run may override (issue 12) ----
+DEFAULT_ALLOWED = compose([]).infra.remote_overrides
+REMOTE_OK = [
+    "model=small",
+    "data=demo_small",
+    "gate=manual",
+    "tracking=server",
+    "infra=server",
+    "ppo.steps=3",
+    "+ppo.steps=3",
+    "++ppo.steps=3",
+    "~ppo.max_approx_kl",
+    "ppo.lora.r=4",
+    "ppo.lora={r:4,alpha:8}",
+    "ppo={steps:3}",
+    "ppo.reward_fn_weight=0.5",  # ends in `_fn_weight`, not `_fn`: a number
+    "sft.learning_rate=1e-3",
+    "reward.max_steps=10",
+    "data.n_preferences=100",
+    "gate.min_win_rate=0.6",
+    "seed=7",
+    "tracking.run_name_prefix=nightly-",
+]
+REMOTE_REFUSED = [
+    ("ppo.reward_fn=os.system", "*_fn"),
+    ("ppo.reward_fn='os:system'", "*_fn"),
+    ("+ppo.reward_fn=os:system", "*_fn"),
+    ("++ppo.reward_fn=os:system", "*_fn"),
+    ("~ppo.reward_fn", "*_fn"),
+    ("ppo={reward_fn:'os:system'}", "*_fn"),
+    ("gate.judge=os:system", "gate.judge"),
+    ("model.trust_remote_code=true", "*trust_remote_code"),
+    ("++model.trust_remote_code=true", "*trust_remote_code"),
+    ("model={trust_remote_code:true}", "*trust_remote_code"),
+    ("root=/tmp/elsewhere", "root"),
+    ("infra.state_dir=/tmp/x", "infra.state_dir"),
+    ("infra.remote_overrides=[*]", "infra.remote_overrides*"),
+    ("+infra.remote_overrides=[*]", "infra.remote_overrides*"),
+    ("hydra.searchpath=[file:///tmp]", "hydra*"),
+    ("model.name_or_path=evil/model", "no pattern"),
+    ("tracking.uri=http://evil:5000", "no pattern"),
+    ("infra.dvc_remote_url=s3://evil", "no pattern"),
+    ("tracking.run_name_prefix=${oc.env:AWS_SECRET_ACCESS_KEY}", "interpolation"),
+    ("model@_global_=tiny", "package override"),
+    ("not an override ]", "not a Hydra override"),
+]
+
+
+@pytest.mark.parametrize("override", REMOTE_OK)
+def test_the_default_allow_list_lets_stage_settings_through(override):
+    check_remote_overrides([override], DEFAULT_ALLOWED)
+
+
+@pytest.mark.parametrize("override,rule", REMOTE_REFUSED)
+def test_remote_overrides_refused_with_the_rule(override, rule):
+    with pytest.raises(OverrideNotAllowed) as e:
+        check_remote_overrides(["ppo.steps=3", override], DEFAULT_ALLOWED)
+    msg = str(e.value)
+    assert f"  {override}: " in msg and rule in msg and "ppo.steps=3:" not in msg
+    assert "infra.remote_overrides" in msg and "`rlhf serve` command line" in msg  # the setting and what to do
+
+
+def test_every_refused_override_is_named_at_once():
+    with pytest.raises(OverrideNotAllowed) as e:
+        check_remote_overrides(["ppo.reward_fn=a:b", "root=/", "seed=1"], DEFAULT_ALLOWED)
+    assert "ppo.reward_fn=a:b:" in str(e.value) and "root=/:" in str(e.value) and "seed=1:" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "override", ["ppo.reward_fn=os:system", "model.trust_remote_code=true", "root=/", "gate.judge=a:b"]
+)
+def test_the_never_list_beats_any_allow_list(override):
+    with pytest.raises(OverrideNotAllowed, match="never overridable"):
+        check_remote_overrides([override], ["*", "*.*", "ppo.reward_fn", "model.*", "root"])
+
+
+def test_nothing_is_allowed_by_an_empty_allow_list():
+    with pytest.raises(OverrideNotAllowed, match="no pattern"):
+        check_remote_overrides(["seed=1"], [])
+    check_remote_overrides([], [])
+
+
+def test_the_default_allow_list_never_matches_an_import_path_setting():
+    """Every `_fn` field of the schema (and gate.judge) is refused with the defaults, whatever the syntax."""
+    import dataclasses
+
+    cfg = compose([])
+    fn_keys = [
+        f"{group}.{f.name}"
+        for group in GROUPS
+        for f in dataclasses.fields(getattr(cfg, group))
+        if f.name.endswith("_fn") or f.name == "judge"
+    ]
+    assert "ppo.reward_fn" in fn_keys and "gate.judge" in fn_keys
+    for key in fn_keys:
+        for override in (f"{key}=os:system", f"+{key}=os:system", f"++{key}=os:system", f"~{key}"):
+            with pytest.raises(OverrideNotAllowed):
+                check_remote_overrides([override], cfg.infra.remote_overrides)
+    assert set(NEVER_REMOTE) >= {"*_fn", "*trust_remote_code", "root", "infra.state_dir", "infra.remote_overrides*"}

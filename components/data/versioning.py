@@ -36,6 +36,7 @@ from components.config import Config
 from components.data.demo import write_demo
 from components.data.schemas import KINDS, shard_files
 from components.owner import Owner
+from components.tracking import redact_url
 
 DVC_FILE = "data.dvc"
 JOURNAL = "ingest-journal.json"
@@ -53,7 +54,7 @@ class DataState:
     version: str  # md5 of data/ recorded in data.dvc
     origin: str  # present | pulled | generated
     rows: dict[str, int]
-    remote: str
+    remote: str  # where it is pushed, for display: credentials redacted (the DVC config has the real one)
     path: str = ""  # where to read this version: data/ itself, or a retrain's pinned snapshot of it
 
 
@@ -118,8 +119,8 @@ class Dvc:
         )
         if check and proc.returncode != 0:
             msg = (proc.stderr or proc.stdout).strip().splitlines()
-            raise DataVersionError(
-                f"`dvc {' '.join(args)}` failed in {self.root}: {msg[-1] if msg else proc.returncode}"
+            raise DataVersionError(  # the arguments or DVC's message may hold the remote's URL
+                redact_url(f"`dvc {' '.join(args)}` failed in {self.root}: {msg[-1] if msg else proc.returncode}")
             )
         return proc
 
@@ -153,6 +154,11 @@ def remote_url(cfg: Config) -> str:
         return url
     p = Path(url).expanduser() if url else cfg.state_path / "dvc-remote"
     return str(p if p.is_absolute() else cfg.root_path / p)
+
+
+def shown_remote(cfg: Config) -> str:
+    """The remote as it may be shown and recorded (DataState, messages, run tags): no credentials."""
+    return redact_url(remote_url(cfg))
 
 
 def data_version(root: Path) -> str | None:
@@ -260,7 +266,7 @@ def _ensure_data(cfg: Config) -> DataState:
     recorded = data_version(cfg.root_path)
     if recorded is not None:
         if not dvc.status():
-            return DataState(recorded, "present", count_rows(cfg.data_path), remote_url(cfg), str(cfg.data_path))
+            return DataState(recorded, "present", count_rows(cfg.data_path), shown_remote(cfg), str(cfg.data_path))
         if _has_shards(cfg.data_path):
             raise DataVersionError(
                 f"{cfg.data_path} differs from {DVC_FILE} ({json.dumps(dvc.status())}).\n"
@@ -269,7 +275,7 @@ def _ensure_data(cfg: Config) -> DataState:
                 f"  To discard them: `dvc checkout --force {DVC_FILE}`."
             )
         if dvc.pull(remote) and not dvc.status():
-            return DataState(recorded, "pulled", count_rows(cfg.data_path), remote_url(cfg), str(cfg.data_path))
+            return DataState(recorded, "pulled", count_rows(cfg.data_path), shown_remote(cfg), str(cfg.data_path))
     backup = (cfg.root_path / DVC_FILE).read_text() if recorded else None
     write_demo(cfg.data, cfg.data_path)
     dvc.add(target)
@@ -278,14 +284,14 @@ def _ensure_data(cfg: Config) -> DataState:
         (cfg.root_path / DVC_FILE).write_text(backup or "")
         shutil.rmtree(cfg.data_path, ignore_errors=True)
         raise DataVersionError(
-            f"{DVC_FILE} records data version {recorded}, which the DVC remote ({remote_url(cfg)}) does not have, "
+            f"{DVC_FILE} records data version {recorded}, which the DVC remote ({shown_remote(cfg)}) does not have, "
             f"and the demo generator with this config gives {version}.\n"
             f"  Get the data from the remote that has it (`infra.dvc_remote_url=...`, then `dvc pull`), "
             f"or start over from the demo: `git checkout {DVC_FILE}` (or delete it) and run again."
         )
     if cfg.infra.dvc_push:
         dvc.push(remote)
-    return DataState(version or "", "generated", count_rows(cfg.data_path), remote_url(cfg), str(cfg.data_path))
+    return DataState(version or "", "generated", count_rows(cfg.data_path), shown_remote(cfg), str(cfg.data_path))
 
 
 def require_clean(cfg: Config, dvc: Dvc) -> str:

@@ -2,12 +2,14 @@
 config, a trigger on rlhf.data.updated, one run at a time, the overrides as its parameter."""
 
 import asyncio
+import json
 
 import pytest
 
-from components.config import compose
+from components.config import OverrideNotAllowed, compose
+from flows import serve as serve_module
 from flows.ingest import DATA_UPDATED, data_resource
-from flows.serve import DEPLOYMENT, deployment
+from flows.serve import DEPLOYMENT, SERVED_OVERRIDES, allowed_overrides, deployment, retrain_service
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -42,6 +44,78 @@ def test_no_schedule_and_no_trigger_when_configured_off(tmp_path):
     overrides = [f"root={tmp_path}", "infra.retrain_cron=null", "infra.retrain_on_new_data=false"]
     d = deployment(compose(overrides), overrides)
     assert d.schedules in (None, []) and d.triggers == []
+
+
+# ---- what a run of the deployment may change (issue 12) ----
+SECRET_DVC = "infra.dvc_remote_url='https://dvcuser:dvc-pw@dvc.example.com/store?token=dvctok'"
+
+
+def served_overrides(tmp_path):
+    return [f"root={tmp_path}", "data=demo_small", "ppo.steps=2", SECRET_DVC]
+
+
+def test_the_deployment_stores_the_operators_overrides_redacted(tmp_path):
+    served = served_overrides(tmp_path)
+    d = deployment(compose(served), served)
+    shown = d.parameters["overrides"]
+    assert shown[:3] == served[:3] and "dvc-pw" not in str(shown) and "dvctok" not in str(shown)
+    assert shown[3] == "infra.dvc_remote_url='https://***@dvc.example.com/store?token=***'"
+    assert all(t.parameters == {"overrides": shown} for t in d.triggers)
+    # a run with the stored parameters composes the operator's real config
+    assert allowed_overrides(served, shown, compose(served)) == served
+
+
+def test_allowed_overrides_trusts_the_operator_and_checks_the_rest(tmp_path):
+    served = served_overrides(tmp_path)
+    local = compose(served)
+    assert allowed_overrides(served, served, local) == served
+    # a changed stage setting replaces the operator's; left-out operator overrides still apply
+    assert allowed_overrides(served, ["ppo.steps=3", "model=small"], local) == [
+        *(o for o in served if not o.startswith("ppo.steps")),
+        "ppo.steps=3",
+        "model=small",
+    ]
+    for bad in ("ppo.reward_fn=os.system", "model.trust_remote_code=true", f"root={tmp_path}/other", "tracking.uri=x"):
+        with pytest.raises(OverrideNotAllowed, match="infra.remote_overrides"):
+            allowed_overrides(served, [*served, bad], local)
+
+
+def test_the_allow_list_is_the_serving_configs_not_the_runs(tmp_path):
+    served = [*served_overrides(tmp_path), "infra.remote_overrides=[seed]"]
+    local = compose(served)
+    assert allowed_overrides(served, ["seed=3"], local)[-1] == "seed=3"
+    with pytest.raises(OverrideNotAllowed):  # `ppo.*` is in the default list, not in this operator's
+        allowed_overrides(served, ["ppo.steps=3"], local)
+    with pytest.raises(OverrideNotAllowed, match="never overridable"):  # a run cannot widen it
+        allowed_overrides(served, ["infra.remote_overrides=[*]", "model.name_or_path=x"], local)
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """retrain and claim_run record their calls instead of running."""
+    calls = []
+    monkeypatch.setattr(serve_module, "retrain", lambda cfg, return_state: calls.append(cfg) or "trained")
+    monkeypatch.setattr(serve_module.lifecycle, "claim_run", lambda cfg: None)
+    return calls
+
+
+def test_a_run_asking_for_an_import_path_fails_before_any_training(tmp_path, monkeypatch, no_training):
+    served = served_overrides(tmp_path)
+    monkeypatch.setenv(SERVED_OVERRIDES, json.dumps(served))
+    state = retrain_service([*served, "ppo.reward_fn=os.system"], return_state=True)
+    assert state.is_failed() and no_training == []
+    assert "ppo.reward_fn=os.system" in state.message and "`*_fn`" in state.message
+    assert "infra.remote_overrides" in state.message
+
+
+def test_a_run_with_allowed_changes_trains_on_the_operators_config(tmp_path, monkeypatch, no_training):
+    served = served_overrides(tmp_path)
+    monkeypatch.setenv(SERVED_OVERRIDES, json.dumps(served))
+    state = retrain_service(["ppo.steps=3"], return_state=True)
+    assert state.is_completed() and state.result() == "trained"
+    (cfg,) = no_training
+    assert (cfg.root, cfg.data.n_preferences, cfg.ppo.steps) == (str(tmp_path), 300, 3)  # data=demo_small: 300
+    assert cfg.infra.dvc_remote_url == "https://dvcuser:dvc-pw@dvc.example.com/store?token=dvctok"
 
 
 def test_an_ingest_event_runs_the_served_deployment(tmp_path):
