@@ -201,6 +201,10 @@ class InfraConfig:
     remote_overrides: list[str] = field(
         default_factory=lambda: [
             *GROUPS,
+            # how to run the configured model and the demo base's size; not which weights (name_or_path)
+            "model.dtype",
+            "model.device",
+            "model.pretrain_*",
             "data.*",
             "sft.*",
             "reward.*",
@@ -300,6 +304,8 @@ NEVER_REMOTE = {
     "*_fn": "an import path: code the run would call",
     "gate.judge": "an import path: code the run would call",
     "*trust_remote_code": "runs code from the model's repository",
+    "gate.approval": "whether a person approves a promotion: only the operator decides",
+    "overrides": "the record of what a config was composed from",
     "root": "where the project lives",
     "infra.state_dir": "where the MLflow store, caches and Prefect home live",
     "infra.remote_overrides*": "the allow-list itself",
@@ -360,6 +366,3 @@ def group_options(config_dir: Path = CONF_DIR) -> dict[str, list[str]]:
     """The YAML options of every config group (what `group=option` accepts)."""
     return {g: sorted(p.stem for p in (config_dir / g).glob("*.yaml")) for g in GROUPS}
 
-
-def check_remote_overrides(overrides, allowed) -> None:  # TEMP until the allow-list lands
-    return None

@@ -189,7 +189,7 @@ def run_request(request: dict[str, Any], body: Callable[..., Any]) -> dict:
 
     root = worker_dir()
     local = compose([f"root={root}"])
-    check_remote_overrides(request["overrides"], getattr(local.infra, "remote_overrides", []))
+    check_remote_overrides(request["overrides"], local.infra.remote_overrides)
     cfg = compose([*request["overrides"], f"root={root}", "infra.training_pool=null"])  # run here, not dispatch
     configure_environment(cfg)
     tracking.setup(cfg)
