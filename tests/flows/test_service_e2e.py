@@ -134,9 +134,11 @@ def test_mlflow_on_postgres_holds_the_parent_and_its_stage_runs(retrained, monke
 
 def test_the_champion_serves_from_the_tracking_servers_registry(retrained):
     port = free_port()
+    serving = retrained["root"] / "serving"  # a machine of its own: nothing local to read
+    serving.mkdir()
     proc = subprocess.Popen(
         [RLHF, "model", "serve", "--alias", "champion", "--port", str(port), "tracking=server"],
-        cwd=retrained["orchestrator"].parent,  # not the orchestrator's dir: nothing local to read
+        cwd=serving,
         env=retrained["env"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -184,7 +186,7 @@ def test_a_client_without_valid_credentials_is_told_it_is_unauthorised(retrained
     assert f"the {server} server at" in proc.stderr
 
 
-def test_no_secret_reaches_mlflow_prefect_or_the_logs(retrained, monkeypatch):
+def test_no_secret_reaches_mlflow_prefect_or_the_logs(retrained, monkeypatch, tmp_path):
     """Every password of the credentials file, searched in what a reader of the servers or logs can see."""
     import mlflow
 
@@ -200,7 +202,7 @@ def test_no_secret_reaches_mlflow_prefect_or_the_logs(retrained, monkeypatch):
         seen += [json.dumps(run.data.params), json.dumps(run.data.tags)]
         for art in client.list_artifacts(run.info.run_id):
             if art.path.endswith((".yaml", ".json", ".txt", ".md")) and not art.is_dir:
-                seen.append(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{art.path}"))
+                seen.append(Path(client.download_artifacts(run.info.run_id, art.path, str(tmp_path))).read_text())
     seen += [json.dumps(r["parameters"]) for r in prefect_post(retrained["env"], "/flow_runs/filter", {"limit": 200})]
     text = "\n".join(seen)
     assert "infra:" in text and "tracking:" in text  # the parent's config.yaml was among what was searched
