@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--dir", default=None, help="the worker's own state: checkpoints, caches (default: .)")
     w.add_argument("--name", default=None, help="worker name (default: host-pid)")
     w.add_argument("--limit", type=int, default=1, help="stages at a time (default 1: one GPU)")
+    w.add_argument("--poll-s", type=float, default=2.0, help="how often to ask the server for work (default 2)")
     w.add_argument("rest", **over)
     a = sub.add_parser("approve", help="approve (or --reject) a retrain paused for approval")
     a.add_argument("--reject", action="store_true")

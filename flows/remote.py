@@ -17,6 +17,7 @@ reaches it (shared storage for a pool of several machines).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -82,6 +83,7 @@ def dispatch(stage: str, cfg: Config, data: DataState, parent_run_id: str, input
         "inputs": inputs,
         "parent_run_id": parent_run_id,
     }
+    ensure_deployed(pool)
     log.info("%s: dispatched to work pool %r (deployment %s)", stage, pool, deployment_name(stage, pool))
     warn_if_no_worker(pool, log)
     run = run_deployment(
@@ -110,6 +112,13 @@ def dispatch(stage: str, cfg: Config, data: DataState, parent_run_id: str, input
         f"{stage} ended {what} on work pool {pool!r} (flow run {run.name}, {run.id}): "
         f"{state.message if state else 'timed out waiting'}"
     )
+
+
+@functools.cache  # once per process: deployments are upserted, a worker may run older code until restarted
+def ensure_deployed(pool: str) -> None:
+    from flows.pool import deploy  # flows.pool imports the stages, which import this module
+
+    deploy(pool)
 
 
 def warn_if_no_worker(pool: str, log) -> None:
@@ -203,9 +212,12 @@ def run_request(request: dict[str, Any], body: Callable[..., Any]) -> dict:
     if isinstance(out, str):  # the demo base: a local dir
         out = StageOutput(_publish(Path(out), Path(out)), _active_or_last_run(), {})
     elif isinstance(out, StageOutput):
-        from flows.caching import stage_root
+        from flows.caching import prune_stage_outputs, stage_root
 
-        out.dir = _publish(stage_root(cfg, out.dir), Path(out.dir), out.run_id)
+        root = stage_root(cfg, out.dir)
+        out.dir = _publish(root, Path(out.dir), out.run_id)
+        os.utime(root)  # this worker keeps its most recently used stage dirs, as a local run does
+        prune_stage_outputs(cfg.state_path / "stages", cfg.infra.keep_stage_outputs, {root.resolve()})
     _write_record({"result": asdict(out)})
     return {"result": asdict(out)}
 

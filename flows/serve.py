@@ -115,6 +115,12 @@ def serve(cfg: Config, overrides: list[str]) -> None:
     tracking.setup(cfg)
     os.environ[SERVED_OVERRIDES] = json.dumps(overrides)  # what the runs it starts trust
     lifecycle.reap_orphans(cfg, print)  # a run a crashed `rlhf serve` left Running would hold the deployment's slot
+    if cfg.infra.training_pool:  # the stages its runs dispatch
+        from flows.pool import deploy
+
+        print(
+            f"stage deployments on work pool {cfg.infra.training_pool!r}: {', '.join(deploy(cfg.infra.training_pool))}"
+        )
     stop = asyncio.Event()
 
     runner = runner_with_own_sigterm(lambda: loop.call_soon_threadsafe(stop.set))(pause_on_shutdown=True)

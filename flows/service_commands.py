@@ -254,6 +254,8 @@ def cmd_worker(args, overrides: list[str]) -> int:
     work_dir.mkdir(parents=True, exist_ok=True)
     deploy(pool)
     os.environ["RLHF_WORKER_DIR"] = str(work_dir)
+    # a dispatched stage waits for the next poll: Prefect's default is every 10 s
+    os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", str(args.poll_s))
     argv = worker_argv(pool, args.name, args.limit)
     print(
         f"worker for pool {pool!r} on Prefect {os.environ['PREFECT_API_URL']}: stages run with state in "
