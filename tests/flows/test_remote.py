@@ -1,0 +1,91 @@
+"""What a worker of another machine gets, without servers: data by DVC version from the remote alone, the
+orchestrator's overrides minus its own paths, client credentials from a file outside the repo."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from components.config import ConfigError, compose
+from components.data.versioning import DVC_FILE, DataVersionError, ensure_data, fetch_version
+from flows import credentials
+from flows.remote import remote_overrides
+from tests.conftest import make_project
+
+
+def test_a_worker_fetches_a_data_version_from_the_dvc_remote_alone(tmp_path):
+    orch = make_project(tmp_path / "orchestrator")
+    state = ensure_data(orch)  # demo data, `dvc add` + push to <state>/dvc-remote
+    before = (orch.root_path / DVC_FILE).read_text()
+    worker = compose([f"root={tmp_path / 'worker'}", f"infra.dvc_remote_url={orch.state_path / 'dvc-remote'}"])
+
+    got = fetch_version(worker, state.version)
+
+    assert got.version == state.version and got.rows == state.rows and got.origin == "fetched"
+    cmp = filecmp.dircmp(orch.data_path, got.path, ignore=[".snapshot-complete", ".gitignore"])
+    assert not (cmp.left_only or cmp.right_only or cmp.diff_files), cmp.report()
+    assert Path(got.path).is_relative_to(worker.state_path)  # the worker's own state, nothing of the orchestrator
+    assert (orch.root_path / DVC_FILE).read_text() == before
+    assert fetch_version(worker, state.version).path == got.path  # fetched once, then read from the snapshot
+
+
+def test_a_version_missing_from_the_remote_says_what_to_do(tmp_path):
+    (tmp_path / "empty-remote").mkdir()
+    worker = compose([f"root={tmp_path / 'worker'}", f"infra.dvc_remote_url={tmp_path / 'empty-remote'}"])
+    with pytest.raises(DataVersionError, match="is not on the DVC remote .*RLHF_DVC_REMOTE"):
+        fetch_version(worker, "0123456789abcdef0123456789abcdef.dir")
+    assert not any(p.name.startswith(".") for p in (worker.state_path / "snapshots").iterdir())  # no leftovers
+
+
+def test_a_worker_gets_the_overrides_but_not_the_orchestrators_paths(tmp_path):
+    cfg = compose([f"root={tmp_path}", "infra.state_dir=st", "infra=server", "ppo.steps=3", "++seed=1"])
+    assert remote_overrides(cfg) == ["infra=server", "ppo.steps=3", "++seed=1"]
+
+
+def test_credentials_come_from_a_file_outside_the_repo_and_the_environment_wins(tmp_path, monkeypatch):
+    cfg = compose([f"root={tmp_path / 'proj'}"])
+    creds = tmp_path / "outside" / "credentials.env"
+    creds.parent.mkdir()
+    creds.write_text(
+        "# a comment\nMLFLOW_TRACKING_USERNAME=alice\nMLFLOW_TRACKING_PASSWORD=from-file\n"
+        "RLHF_DB_PASSWORD=server-side-only\nPREFECT_API_AUTH_STRING=alice:pw=with=equals\n"
+    )
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "PREFECT_API_AUTH_STRING", "RLHF_DB_PASSWORD"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "from-env")
+    monkeypatch.setenv("RLHF_CREDENTIALS_FILE", str(creds))
+
+    credentials.load(cfg)
+
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "from-env"
+    assert os.environ["PREFECT_API_AUTH_STRING"] == "alice:pw=with=equals"
+    assert "RLHF_DB_PASSWORD" not in os.environ  # a server's secret is not a client's
+
+
+def test_a_credentials_file_inside_the_repo_is_refused(tmp_path, monkeypatch):
+    cfg = compose([f"root={tmp_path}"])
+    inside = tmp_path / "conf" / "credentials.env"
+    inside.parent.mkdir()
+    inside.write_text("MLFLOW_TRACKING_PASSWORD=x\n")
+    monkeypatch.setenv("RLHF_CREDENTIALS_FILE", str(inside))
+    with pytest.raises(ConfigError, match="inside the project .*outside any repository"):
+        credentials.load(cfg)
+
+
+def test_rlhf_worker_without_a_shared_prefect_server_says_so(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "RLHF_"))}
+    proc = subprocess.run(
+        [str(Path(sys.executable).with_name("rlhf")), "worker", "--pool", "gpu"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "needs a shared Prefect server" in proc.stderr, proc.stderr
