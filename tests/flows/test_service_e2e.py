@@ -162,6 +162,25 @@ def test_the_champion_serves_from_the_tracking_servers_registry(retrained):
             proc.wait(timeout=30)
 
 
+def test_a_second_retrain_reuses_the_trained_stages_from_the_orchestrators_cache(retrained):
+    """Only the gate changed: SFT, RM and PPO come from the cache (their runs' URIs), evaluation runs again."""
+    proc = subprocess.run(
+        [RLHF, "run", "infra=server", "tracking=server", "data=demo_small", *FAST_STAGES, *OPEN_GATE]
+        + ["gate.min_win_rate=0.01"],
+        cwd=retrained["orchestrator"],
+        env=retrained["env"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "reused from earlier runs (unchanged inputs, Prefect cache): sft, reward-model, ppo" in proc.stdout
+    runs = prefect_post(retrained["env"], "/flow_runs/filter", {"limit": 200})
+    flows = {f["id"]: f["name"] for f in prefect_post(retrained["env"], "/flows/filter", {"limit": 200})}
+    count = {name: sum(flows[r["flow_id"]] == name for r in runs) for name in STAGE_FLOWS}
+    assert count == {"stage-base": 2, "stage-sft": 1, "stage-reward-model": 1, "stage-ppo": 1, "stage-evaluate": 2}
+
+
 @pytest.mark.parametrize("who", ["no credentials", "wrong mlflow password", "wrong prefect auth"])
 def test_a_client_without_valid_credentials_is_told_it_is_unauthorised(retrained, who):
     env = {k: v for k, v in retrained["env"].items() if k != "RLHF_CREDENTIALS_FILE"}
