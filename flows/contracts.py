@@ -1,8 +1,8 @@
 """What the retrain flow's steps hand each other: small typed records, JSON-serialisable for Prefect's
 result store (a cached stage's record is read back on the next run).
 
-A stage output names its artifacts by a location (`StageOutput.dir`): a local directory today; an MLflow
-or object-store URI once stages run on workers of another machine (docs/architecture.md, planned).
+A stage output names its artifacts by a location (`StageOutput.dir`): a local directory when stages run in
+the retrain's process, a `runs:/<run_id>/output/...` URI when they run on a work pool (flows/remote.py).
 """
 
 from __future__ import annotations
