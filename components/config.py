@@ -365,4 +365,3 @@ def _leaf_keys(key: str, value: Any) -> list[str]:
 def group_options(config_dir: Path = CONF_DIR) -> dict[str, list[str]]:
     """The YAML options of every config group (what `group=option` accepts)."""
     return {g: sorted(p.stem for p in (config_dir / g).glob("*.yaml")) for g in GROUPS}
-

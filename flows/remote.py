@@ -59,12 +59,15 @@ def deployment_name(stage: str, pool: str) -> str:
 
 # ---------------------------------------------------------------------------------------- orchestrator
 def remote_overrides(cfg: Config) -> list[str]:
-    """The orchestrator's overrides minus where its own files live (the worker has its own)."""
+    """The orchestrator's overrides minus where its own files live (the worker has its own) and minus any
+    that holds a credential (it would be stored in Prefect's flow-run parameters; a worker takes its
+    credentials from its own environment)."""
+    from components.tracking import redact_override
 
     def key(o: str) -> str:
         return o.lstrip("+~").split("=", 1)[0]
 
-    return [o for o in cfg.overrides if key(o) not in LOCAL_ONLY]
+    return [o for o in cfg.overrides if key(o) not in LOCAL_ONLY and redact_override(o) == o]
 
 
 def dispatch(stage: str, cfg: Config, data: DataState, parent_run_id: str, inputs: dict[str, str]) -> Any:

@@ -42,9 +42,25 @@ def test_a_version_missing_from_the_remote_says_what_to_do(tmp_path):
     assert not any(p.name.startswith(".") for p in (worker.state_path / "snapshots").iterdir())  # no leftovers
 
 
-def test_a_worker_gets_the_overrides_but_not_the_orchestrators_paths(tmp_path):
-    cfg = compose([f"root={tmp_path}", "infra.state_dir=st", "infra=server", "ppo.steps=3", "++seed=1"])
+def test_a_worker_gets_the_overrides_but_not_the_orchestrators_paths_or_credentials(tmp_path):
+    cfg = compose(
+        [f"root={tmp_path}", "infra.state_dir=st", "infra=server", "ppo.steps=3", "++seed=1"]
+        + ["infra.dvc_remote_url=https://user:s3cret@host/dvc"]
+    )
     assert remote_overrides(cfg) == ["infra=server", "ppo.steps=3", "++seed=1"]
+
+
+def test_a_lost_worker_is_retried_a_failed_stage_is_not():
+    from prefect.states import Failed
+
+    from flows.remote import StageFailed, StageLost
+    from flows.stages import transient
+
+    def state(exc):
+        return Failed(data=exc)
+
+    assert transient(None, None, state(StageLost("flow run crashed")))
+    assert not transient(None, None, state(StageFailed("ValueError: bad data")))
 
 
 def test_credentials_come_from_a_file_outside_the_repo_and_the_environment_wins(tmp_path, monkeypatch):
