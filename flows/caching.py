@@ -27,7 +27,12 @@ from components.training.checkpoint import is_complete
 from flows.contracts import StageOutput
 
 # The config sections each cached stage reads.
-STAGE_CONFIG = {"sft": ("sft", "model"), "reward-model": ("reward", "model"), "ppo": ("ppo", "model")}
+STAGE_CONFIG = {
+    "base": ("model",),
+    "sft": ("sft", "model"),
+    "reward-model": ("reward", "model"),
+    "ppo": ("ppo", "model"),
+}
 # Bumped when a cached task's result record changes shape, so older records are not read back.
 RESULT_SCHEMA = 2
 

@@ -32,7 +32,8 @@ from components.data.versioning import DataState
 from flows.contracts import GateOutcome, StageOutput
 
 OUTPUT = "output"  # artifact path of a stage's outputs in its MLflow run
-RECORD = "stage_output.json"  # what the stage hands back: its StageOutput / GateOutcome, or its error
+RECORD = "stage_output.json"
+REUSE_TAG = "rlhf.reuse_key"  # what the stage hands back: its StageOutput / GateOutcome, or its error
 LOCAL_ONLY = ("root", "infra.state_dir")  # orchestrator-side overrides a worker never receives
 STAGES = ("base", "sft", "reward-model", "ppo", "evaluate")
 
@@ -70,21 +71,29 @@ def remote_overrides(cfg: Config) -> list[str]:
     return [o for o in cfg.overrides if key(o) not in LOCAL_ONLY and redact_override(o) == o]
 
 
-def dispatch(stage: str, cfg: Config, data: DataState, parent_run_id: str, inputs: dict[str, str]) -> Any:
+def dispatch(
+    stage: str, cfg: Config, data: DataState, parent_run_id: str, inputs: dict[str, str], reuse_key: str | None = None
+) -> Any:
     """Run `stage` as a flow run on the training pool and wait for it; returns what the stage returns
-    (StageOutput with URIs, or GateOutcome). The stage flow run is a subflow of this retrain in the UI."""
+    (StageOutput with URIs, or GateOutcome). The stage flow run is a subflow of this retrain in the UI.
+    With `reuse_key`, a finished earlier run of the stage with that key is reused instead (the demo base:
+    not a Prefect-cached task, but its URI must stay the same for the later stages' cache keys)."""
     import mlflow
     from prefect import get_run_logger
     from prefect.deployments import run_deployment
 
     log = get_run_logger()
     pool = cfg.infra.training_pool
+    if reuse_key and (earlier := _reusable(reuse_key)) is not None:
+        log.info("%s: unchanged inputs, reusing %s", stage, earlier["result"]["dir"])
+        return _decode(stage, earlier["result"])
     request = {
         "stage": stage,
         "overrides": remote_overrides(cfg),
         "data_version": data.version,
         "inputs": inputs,
         "parent_run_id": parent_run_id,
+        "reuse_key": reuse_key,
     }
     ensure_deployed(pool)
     log.info("%s: dispatched to work pool %r (deployment %s)", stage, pool, deployment_name(stage, pool))
@@ -136,13 +145,18 @@ def warn_if_no_worker(pool: str, log) -> None:
 
 def _read_record(flow_run_id, parent_run_id: str) -> dict | None:
     """The stage's record, from the MLflow child run its flow run made (tag rlhf.flow_run_id)."""
+    return _first_record(f"tags.`rlhf.flow_run_id` = '{flow_run_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
+
+
+def _reusable(reuse_key: str) -> dict | None:
+    record = _first_record(f"tags.`{REUSE_TAG}` = '{reuse_key}' and attributes.status = 'FINISHED'")
+    return record if record and "result" in record and available(record["result"]["dir"]) else None
+
+
+def _first_record(filter_string: str) -> dict | None:
     import mlflow
 
-    runs = mlflow.search_runs(
-        filter_string=f"tags.`rlhf.flow_run_id` = '{flow_run_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
-        output_format="list",
-        search_all_experiments=True,
-    )
+    runs = mlflow.search_runs(filter_string=filter_string, output_format="list", search_all_experiments=True)
     for run in runs:
         try:
             return json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{RECORD}"))
@@ -222,7 +236,7 @@ def run_request(request: dict[str, Any], body: Callable[..., Any]) -> dict:
         out.dir = _publish(root, Path(out.dir), out.run_id)
         os.utime(root)  # this worker keeps its most recently used stage dirs, as a local run does
         prune_stage_outputs(cfg.state_path / "stages", cfg.infra.keep_stage_outputs, {root.resolve()})
-    _write_record({"result": asdict(out)})
+    _write_record({"result": asdict(out)}, request.get("reuse_key"))
     return {"result": asdict(out)}
 
 
@@ -256,9 +270,12 @@ def _publish(root: Path, out: Path, run_id: str | None = None) -> str:
     return f"runs:/{run_id}/{OUTPUT}" + ("" if rel == "." else f"/{rel}")
 
 
-def _write_record(record: dict) -> None:
+def _write_record(record: dict, reuse_key: str | None = None) -> None:
     import mlflow
 
     run = mlflow.last_active_run()
     if run is not None:
-        mlflow.MlflowClient().log_text(run.info.run_id, json.dumps(record, default=str), RECORD)
+        client = mlflow.MlflowClient()
+        client.log_text(run.info.run_id, json.dumps(record, default=str), RECORD)
+        if reuse_key:  # last: a run with the tag has its record
+            client.set_tag(run.info.run_id, REUSE_TAG, reuse_key)

@@ -33,7 +33,7 @@ from components.training.ppo import PPODivergence, train_ppo
 from components.training.reward import train_reward
 from components.training.sft import train_sft
 from flows import lifecycle, remote
-from flows.caching import CACHED, config_hash, prune_stage_outputs, stage_dir
+from flows.caching import CACHED, config_hash, prune_stage_outputs, stage_dir, stage_key
 from flows.contracts import GateOutcome, Registration, StageOutput, ValidationSummary
 
 
@@ -75,7 +75,8 @@ def on_pool(stage: str):
             if not cfg.infra.training_pool:
                 return body(**bound)
             inputs = {k: bound[k] for k in params[2:-1]}
-            return remote.dispatch(stage, cfg, bound["data"], bound["parent_run_id"], inputs)
+            reuse = stage_key(stage, cfg, bound["data"]) if stage == "base" else None  # the others: Prefect cache
+            return remote.dispatch(stage, cfg, bound["data"], bound["parent_run_id"], inputs, reuse)
 
         return run
 

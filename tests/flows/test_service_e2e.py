@@ -163,7 +163,7 @@ def test_the_champion_serves_from_the_tracking_servers_registry(retrained):
 
 
 def test_a_second_retrain_reuses_the_trained_stages_from_the_orchestrators_cache(retrained):
-    """Only the gate changed: SFT, RM and PPO come from the cache (their runs' URIs), evaluation runs again."""
+    """Only the gate changed: the base, SFT, RM and PPO are reused (their runs' URIs), evaluation runs again."""
     proc = subprocess.run(
         [RLHF, "run", "infra=server", "tracking=server", "data=demo_small", *FAST_STAGES, *OPEN_GATE]
         + ["gate.min_win_rate=0.01"],
@@ -178,7 +178,7 @@ def test_a_second_retrain_reuses_the_trained_stages_from_the_orchestrators_cache
     runs = prefect_post(retrained["env"], "/flow_runs/filter", {"limit": 200})
     flows = {f["id"]: f["name"] for f in prefect_post(retrained["env"], "/flows/filter", {"limit": 200})}
     count = {name: sum(flows[r["flow_id"]] == name for r in runs) for name in STAGE_FLOWS}
-    assert count == {"stage-base": 2, "stage-sft": 1, "stage-reward-model": 1, "stage-ppo": 1, "stage-evaluate": 2}
+    assert count == {"stage-base": 1, "stage-sft": 1, "stage-reward-model": 1, "stage-ppo": 1, "stage-evaluate": 2}
 
 
 @pytest.mark.parametrize("who", ["no credentials", "wrong mlflow password", "wrong prefect auth"])
