@@ -59,6 +59,7 @@ def stage_key(stage: str, cfg: Config, data: DataState, **upstream: Any) -> str:
         "code": code_version(),
         "schema": RESULT_SCHEMA,
         "project": str(cfg.state_path),
+        "where": cfg.infra.training_pool or "here",  # local paths vs URIs of a pool's runs: never mixed
         **{s: asdict(getattr(cfg, s)) for s in STAGE_CONFIG[stage]},
         **upstream,
     }

@@ -51,10 +51,12 @@ def load(cfg: Config) -> None:
             os.environ.setdefault(key.strip(), value.strip())
 
 
-def _status(url: str, auth: str | None) -> int | None:
-    """HTTP status of a GET (None: no answer)."""
+def _status(url: str, auth: str | None, token: str | None = None) -> int | None:
+    """HTTP status of a GET (None: no answer), with basic auth or a bearer token."""
     req = urllib.request.Request(url)
-    if auth:
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    elif auth:
         req.add_header("Authorization", "Basic " + b64encode(auth.encode()).decode())
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
@@ -72,6 +74,7 @@ def check_access(tracking_uri: str, prefect_api_url: str | None) -> None:
         code = _status(
             tracking_uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1",
             f"{user}:{pw}" if user and pw else None,
+            os.environ.get("MLFLOW_TRACKING_TOKEN"),
         )
         if code in (401, 403):
             raise Unauthorised(
@@ -80,7 +83,7 @@ def check_access(tracking_uri: str, prefect_api_url: str | None) -> None:
                 + f" (HTTP {code}): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
                 "RLHF_CREDENTIALS_FILE (a KEY=VALUE file outside the repo)"
             )
-    if prefect_api_url:
+    if prefect_api_url and not os.environ.get("PREFECT_API_KEY"):  # Prefect Cloud keys: Prefect's own check
         auth = os.environ.get("PREFECT_API_AUTH_STRING")
         code = _status(prefect_api_url.rstrip("/") + "/flows/count", auth)  # GET is refused: 405 means allowed
         if code in (401, 403):

@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +34,21 @@ from flows.contracts import GateOutcome, StageOutput
 
 OUTPUT = "output"  # artifact path of a stage's outputs in its MLflow run
 RECORD = "stage_output.json"
-REUSE_TAG = "rlhf.reuse_key"  # what the stage hands back: its StageOutput / GateOutcome, or its error
-LOCAL_ONLY = ("root", "infra.state_dir")  # orchestrator-side overrides a worker never receives
+REUSE_TAG = "rlhf.reuse_key"
+TRANSIENT_MARK = "[transient]"  # in a stage flow run's failure message: retry it  # what the stage hands back: its StageOutput / GateOutcome, or its error
+# orchestrator-side overrides a worker never receives: where its files live, how it dispatches and tracks
+# (a worker has its own infra and tracking settings; its stage runs join the parent run's experiment)
+LOCAL_ONLY = ("root", "infra.*", "tracking.*")
+SENT_ANYWAY = ("tracking.run_name_prefix",)
 STAGES = ("base", "sft", "reward-model", "ppo", "evaluate")
 
 
 class StageFailed(RuntimeError):
     """A stage failed on its worker (its own error: not retried)."""
+
+
+class StageTimeout(TimeoutError):
+    """A stage did not finish within infra.stage_timeout_s: cancelled, then retried (transient)."""
 
 
 class StageLost(ConnectionError):
@@ -65,10 +74,11 @@ def remote_overrides(cfg: Config) -> list[str]:
     credentials from its own environment)."""
     from components.tracking import redact_override
 
-    def key(o: str) -> str:
-        return o.lstrip("+~").split("=", 1)[0]
+    def local_only(o: str) -> bool:
+        key = o.lstrip("+~").split("=", 1)[0]
+        return key not in SENT_ANYWAY and any(fnmatchcase(key, p) for p in LOCAL_ONLY)
 
-    return [o for o in cfg.overrides if key(o) not in LOCAL_ONLY and redact_override(o) == o]
+    return [o for o in cfg.overrides if not local_only(o) and redact_override(o) == o]
 
 
 def dispatch(
@@ -87,6 +97,9 @@ def dispatch(
     if reuse_key and (earlier := _reusable(reuse_key)) is not None:
         log.info("%s: unchanged inputs, reusing %s", stage, earlier["result"]["dir"])
         return _decode(stage, earlier["result"])
+    from components.config import check_remote_overrides
+
+    check_remote_overrides(remote_overrides(cfg), cfg.infra.remote_overrides)  # fail here, not on the worker
     request = {
         "stage": stage,
         "overrides": remote_overrides(cfg),
@@ -120,11 +133,24 @@ def dispatch(
             raise PPODivergence(msg)
         cls = StageLost if record.get("transient") else StageFailed
         raise cls(f"{stage} failed on work pool {pool!r} (flow run {run.name}): {err}: {msg}")
-    what = state.name if state else "no state"
-    raise (StageLost if state is None or state.is_crashed() or state.is_cancelled() else StageFailed)(
-        f"{stage} ended {what} on work pool {pool!r} (flow run {run.name}, {run.id}): "
-        f"{state.message if state else 'timed out waiting'}"
+    if state is None or not state.is_final():  # infra.stage_timeout_s passed: stop it, retry
+        _cancel(run.id)
+        raise StageTimeout(
+            f"{stage} did not finish within infra.stage_timeout_s={cfg.infra.stage_timeout_s} s on work pool "
+            f"{pool!r} (flow run {run.name}, state {state.name if state else 'none'}); it was cancelled"
+        )
+    lost = state.is_crashed() or state.is_cancelled() or TRANSIENT_MARK in (state.message or "")
+    raise (StageLost if lost else StageFailed)(
+        f"{stage} ended {state.name} on work pool {pool!r} (flow run {run.name}, {run.id}): {state.message}"
     )
+
+
+def _cancel(flow_run_id) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Cancelling(message="stage timeout (infra.stage_timeout_s)"), force=True)
 
 
 @functools.cache  # once per process: deployments are upserted, a worker may run older code until restarted
@@ -188,27 +214,47 @@ def local_path(cfg: Config, location: str) -> str:
     """A stage output on this machine: downloaded once into `<state>/inputs/` (a URI), else the path itself."""
     if not is_uri(location):
         return location
+    import fcntl
+
     import mlflow
 
     dest = cfg.state_path / "inputs" / location.replace(":/", "/").strip("/").replace("/", "__")
-    done = dest / ".download-complete"
-    if not done.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
-        try:
-            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(tmp)))
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(got, dest)
-            done.write_text(location)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    done = dest.parent / f"{dest.name}.complete"  # beside it, not in it (it may be bundled into a model)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with open(dest.parent / f"{dest.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two stages of this machine fetching the same input: one downloads
+        if not done.exists():
+            tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
+            try:
+                got = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(tmp)))
+                shutil.rmtree(dest, ignore_errors=True)  # a partial copy of a killed download
+                os.replace(got, dest)
+                done.write_text(location)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)
 
 
 # ---------------------------------------------------------------------------------------------- worker
 def run_request(request: dict[str, Any], body: Callable[..., Any]) -> dict:
     """The worker side of a stage: config, data and inputs on this machine, then `body` (the in-process
-    stage), its outputs logged as artifacts of its MLflow run, and the record the orchestrator reads."""
+    stage), its outputs logged as artifacts of its MLflow run, and the record the orchestrator reads.
+    Any error is recorded with whether it is transient; before the stage's MLflow run exists, the flow run's
+    failure message carries it (TRANSIENT_MARK)."""
+    try:
+        out = _run_here(request, body)
+    except Exception as e:
+        record = {"error": type(e).__name__, "message": str(e), "transient": _transient(e)}
+        if not _write_record(record) and record["transient"]:
+            raise RuntimeError(f"{TRANSIENT_MARK} {type(e).__name__}: {e}") from e
+        raise
+    _write_record({"result": asdict(out)}, request.get("reuse_key"))
+    return {"result": asdict(out)}
+
+
+def _run_here(request: dict[str, Any], body: Callable[..., Any]) -> Any:
+    import mlflow
+
     from components import tracking
     from components.config import check_remote_overrides
     from components.data.versioning import fetch_version
@@ -220,24 +266,21 @@ def run_request(request: dict[str, Any], body: Callable[..., Any]) -> dict:
     cfg = compose([*request["overrides"], f"root={root}", "infra.training_pool=null"])  # run here, not dispatch
     configure_environment(cfg)
     tracking.setup(cfg)
+    parent = mlflow.MlflowClient().get_run(request["parent_run_id"])
+    mlflow.set_experiment(experiment_id=parent.info.experiment_id)  # the stage's run sits beside its parent
     data = fetch_version(cfg, request["data_version"])
     inputs = {k: local_path(cfg, v) for k, v in request["inputs"].items()}
-    try:
-        out = body(cfg, data, parent_run_id=request["parent_run_id"], **inputs)  # by name: JSON may reorder
-    except Exception as e:
-        _write_record({"error": type(e).__name__, "message": str(e), "transient": _transient(e)})
-        raise
+    out = body(cfg, data, parent_run_id=request["parent_run_id"], **inputs)  # by name: JSON may reorder
     if isinstance(out, str):  # the demo base: a local dir
-        out = StageOutput(_publish(Path(out), Path(out)), _active_or_last_run(), {})
-    elif isinstance(out, StageOutput):
+        return StageOutput(_publish(Path(out), Path(out)), _active_or_last_run(), {})
+    if isinstance(out, StageOutput):
         from flows.caching import prune_stage_outputs, stage_root
 
-        root = stage_root(cfg, out.dir)
-        out.dir = _publish(root, Path(out.dir), out.run_id)
-        os.utime(root)  # this worker keeps its most recently used stage dirs, as a local run does
-        prune_stage_outputs(cfg.state_path / "stages", cfg.infra.keep_stage_outputs, {root.resolve()})
-    _write_record({"result": asdict(out)}, request.get("reuse_key"))
-    return {"result": asdict(out)}
+        stage_dir = stage_root(cfg, out.dir)
+        out.dir = _publish(stage_dir, Path(out.dir), out.run_id)
+        os.utime(stage_dir)  # this worker keeps its most recently used stage dirs, as a local run does
+        prune_stage_outputs(cfg.state_path / "stages", cfg.infra.keep_stage_outputs, {stage_dir.resolve()})
+    return out
 
 
 def _transient(e: Exception) -> bool:
@@ -270,12 +313,15 @@ def _publish(root: Path, out: Path, run_id: str | None = None) -> str:
     return f"runs:/{run_id}/{OUTPUT}" + ("" if rel == "." else f"/{rel}")
 
 
-def _write_record(record: dict, reuse_key: str | None = None) -> None:
+def _write_record(record: dict, reuse_key: str | None = None) -> bool:
+    """On the stage's MLflow run (this flow run's process started exactly one); False when there is none."""
     import mlflow
 
     run = mlflow.last_active_run()
-    if run is not None:
-        client = mlflow.MlflowClient()
-        client.log_text(run.info.run_id, json.dumps(record, default=str), RECORD)
-        if reuse_key:  # last: a run with the tag has its record
-            client.set_tag(run.info.run_id, REUSE_TAG, reuse_key)
+    if run is None:
+        return False
+    client = mlflow.MlflowClient()
+    client.log_text(run.info.run_id, json.dumps(record, default=str), RECORD)
+    if reuse_key:  # last: a run with the tag has its record
+        client.set_tag(run.info.run_id, REUSE_TAG, reuse_key)
+    return True

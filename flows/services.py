@@ -90,6 +90,7 @@ def read_env_file(path: Path) -> dict[str, str]:
 def write_private(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # also when it existed with wider permissions
     with os.fdopen(fd, "w") as f:
         f.write(text)
 
@@ -172,7 +173,7 @@ def start_postgres(layout: Layout, ports: Ports, password: str) -> None:
         layout.pgdata.mkdir(parents=True, exist_ok=True)
         _give_to_pg_user(layout.pgdata, as_user)
         pwfile = layout.root / ".pgpw"
-        pwfile.write_text(password + "\n")
+        write_private(pwfile, password + "\n")
         _give_to_pg_user(pwfile, as_user)
         try:
             subprocess.run(
@@ -188,6 +189,9 @@ def start_postgres(layout: Layout, ports: Ports, password: str) -> None:
         finally:
             pwfile.unlink(missing_ok=True)
     log = layout.pgdata / "server.log"
+    if postgres_running(layout):  # `up` again: start what is not running
+        _create_databases(ports, password)
+        return
     proc = subprocess.run(
         [_pg_bin("pg_ctl"), "-D", str(layout.pgdata), "-w", "-t", "60", "-l", str(log)]
         + ["-o", f"-h 127.0.0.1 -p {ports.postgres} -k {layout.pgdata}", "start"],
@@ -214,8 +218,17 @@ def _create_databases(ports: Ports, password: str) -> None:
     conn.close()
 
 
+def postgres_running(layout: Layout) -> bool:
+    if not (layout.pgdata / "PG_VERSION").exists():
+        return False
+    status = subprocess.run(
+        [_pg_bin("pg_ctl"), "-D", str(layout.pgdata), "status"], capture_output=True, **_as_pg_user()
+    )
+    return status.returncode == 0
+
+
 def stop_postgres(layout: Layout) -> bool:
-    if not (layout.pgdata / "postmaster.pid").exists():
+    if not postgres_running(layout):
         return False
     subprocess.run(
         [_pg_bin("pg_ctl"), "-D", str(layout.pgdata), "-w", "-m", "fast", "stop"],
@@ -241,7 +254,9 @@ def _spawn(layout: Layout, name: str, argv: list[str], env: dict[str, str]) -> N
         proc = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, env=full_env, cwd=layout.root, start_new_session=True
         )
-    layout.pidfile(name).write_text(str(proc.pid))
+    import psutil
+
+    layout.pidfile(name).write_text(f"{proc.pid} {psutil.Process(proc.pid).create_time()}")
 
 
 def start_mlflow(layout: Layout, ports: Ports, creds: dict[str, str]) -> None:
@@ -254,9 +269,10 @@ def start_mlflow(layout: Layout, ports: Ports, creds: dict[str, str]) -> None:
     )
     mlflow = str(Path(sys.executable).parent / "mlflow")
     argv = [mlflow, "server", "--app-name", "basic-auth", "--host", "127.0.0.1", "--port", str(ports.mlflow)]
-    argv += ["--backend-store-uri", db_url(ports, creds["RLHF_DB_PASSWORD"], "mlflow", "psycopg2")]
     argv += ["--artifacts-destination", str(layout.artifacts), "--serve-artifacts", "--workers", "2"]
     env = {
+        # from the environment, not the command line: any local user can read a process's command line
+        "MLFLOW_BACKEND_STORE_URI": db_url(ports, creds["RLHF_DB_PASSWORD"], "mlflow", "psycopg2"),
         "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
         "MLFLOW_AUTH_ADMIN_PASSWORD": creds["MLFLOW_AUTH_ADMIN_PASSWORD"],
         "MLFLOW_FLASK_SERVER_SECRET_KEY": creds["MLFLOW_FLASK_SERVER_SECRET_KEY"],
@@ -316,23 +332,29 @@ def wait_healthy(layout: Layout, ports: Ports, creds: dict[str, str], timeout_s:
 
 
 def _pid(layout: Layout, name: str) -> int | None:
+    """The server's pid, if that process still runs: the start time recorded beside it tells a reused pid
+    (after a reboot) apart, so `down` never signals a stranger."""
+    import psutil
+
     try:
-        return int(layout.pidfile(name).read_text())
-    except (OSError, ValueError):
+        pid, started = layout.pidfile(name).read_text().split()
+        proc = psutil.Process(int(pid))
+        if abs(proc.create_time() - float(started)) > 1 or proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.pid
+    except (OSError, ValueError, psutil.Error):
         return None
 
 
 def _alive(layout: Layout, name: str) -> bool:
-    import psutil
-
-    pid = _pid(layout, name)
-    return pid is not None and psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    return _pid(layout, name) is not None
 
 
 def stop_server(layout: Layout, name: str, grace_s: float = 10) -> bool:
     """SIGTERM to the server's process group, SIGKILL after `grace_s`."""
     pid = _pid(layout, name)
     if pid is None:
+        layout.pidfile(name).unlink(missing_ok=True)
         return False
     try:
         os.killpg(pid, signal.SIGTERM)
@@ -352,7 +374,10 @@ def up(layout: Layout, ports: Ports = Ports()) -> dict[str, str]:
     """Start PostgreSQL, MLflow and Prefect (those not already running); returns the client endpoints."""
     layout.root.mkdir(parents=True, exist_ok=True)
     creds = ensure_credentials(layout)
-    start_postgres(layout, ports, creds["RLHF_DB_PASSWORD"])
+    try:
+        start_postgres(layout, ports, creds["RLHF_DB_PASSWORD"])
+    except (OSError, subprocess.CalledProcessError) as e:  # e.g. root without `useradd` for the postgres user
+        raise ServiceError(f"PostgreSQL could not be set up in {layout.pgdata}: {e}") from None
     for name, start in (("mlflow", start_mlflow), ("prefect", start_prefect)):
         if not _alive(layout, name):
             start(layout, ports, creds)

@@ -20,6 +20,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -233,6 +234,8 @@ def fetch_version(cfg: Config, version: str) -> DataState:
     """Data version `version` from the DVC remote into `<state>/snapshots/<version>`, on a machine with no data/
     of its own (a worker of another machine). A throwaway DVC repo whose `data.dvc` pins that version is
     pulled from the configured remote, so only DVC's own protocol touches the object store."""
+    if not re.fullmatch(r"[0-9a-f]{32}(\.dir)?", version):
+        raise DataVersionError(f"{version!r} is not a data version (the md5 in data.dvc, e.g. 0123...cdef.dir)")
     root = cfg.state_path / "snapshots"
     dest = root / version
     with data_lock(cfg, f"fetch data {version}"):
@@ -247,7 +250,7 @@ def fetch_version(cfg: Config, version: str) -> DataState:
                 (repo / DVC_FILE).write_text(yaml.safe_dump({"outs": [{"md5": version, "hash": "md5", "path": "data"}]}))
                 if not dvc.pull(cfg.infra.dvc_remote_name):
                     raise DataVersionError(
-                        f"data version {version} is not on the DVC remote {remote_url(cfg)}: push it from the "
+                        f"data version {version} is not on the DVC remote {shown_remote(cfg)}: push it from the "
                         "orchestrator (`rlhf data`), or point RLHF_DVC_REMOTE / infra.dvc_remote_url at the remote "
                         "that has it"
                     )
@@ -257,7 +260,7 @@ def fetch_version(cfg: Config, version: str) -> DataState:
             finally:
                 shutil.rmtree(repo, ignore_errors=True)
         os.utime(dest)
-    return DataState(version, "fetched", count_rows(dest), remote_url(cfg), str(dest))
+    return DataState(version, "fetched", count_rows(dest), shown_remote(cfg), str(dest))
 
 
 def _ensure_data(cfg: Config) -> DataState:

@@ -56,7 +56,14 @@ def stack(tmp_path_factory):
         start_new_session=True,
     )
     try:
-        yield {"root": root, "layout": layout, "env": env, "worker_dir": worker_dir, "worker_log": root / "worker.log"}
+        yield {
+            "root": root,
+            "layout": layout,
+            "ports": ports,
+            "env": env,
+            "worker_dir": worker_dir,
+            "worker_log": root / "worker.log",
+        }
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         try:
@@ -65,6 +72,17 @@ def stack(tmp_path_factory):
             os.killpg(worker.pid, signal.SIGKILL)
         log.close()
         services.down(layout)
+
+
+def test_services_up_again_starts_nothing_twice_and_status_says_healthy(stack):
+    pids = {name: stack["layout"].pidfile(name).read_text() for name in ("mlflow", "prefect")}
+    assert services.up(stack["layout"], stack["ports"]) == services.read_env_file(stack["layout"].endpoints)
+    assert pids == {name: stack["layout"].pidfile(name).read_text() for name in ("mlflow", "prefect")}
+    report = services.status(stack["layout"])
+    assert report["mlflow"].startswith("healthy") and report["prefect"].startswith("healthy"), report
+    assert report["postgres"].startswith("running"), report
+    mode = stack["layout"].credentials.stat().st_mode & 0o777
+    assert mode == 0o600, oct(mode)
 
 
 def prefect_post(env: dict[str, str], path: str, body: dict) -> list[dict]:
