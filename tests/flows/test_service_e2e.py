@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from base64 import b64encode
 from pathlib import Path
@@ -24,7 +23,7 @@ import pytest
 
 from flows import services
 from tests.conftest import FAST_STAGES, OPEN_GATE
-from tests.registry.test_registry import free_port, predictions
+from tests.registry.test_registry import free_port, predictions, wait_until_serving
 
 RLHF = str(Path(sys.executable).with_name("rlhf"))
 STAGE_FLOWS = {"stage-base", "stage-sft", "stage-reward-model", "stage-ppo", "stage-evaluate"}
@@ -163,15 +162,7 @@ def test_the_champion_serves_from_the_tracking_servers_registry(retrained):
         start_new_session=True,
     )
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError as e:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"server did not start:\n{proc.stdout.read().decode()[-3000:]}") from e
-                time.sleep(1)
+        wait_until_serving(proc, port)
         out = predictions(port, {"inputs": ["The film was"], "params": {"max_new_tokens": 6, "seed": 0}})
         assert out["predictions"] and isinstance(out["predictions"][0], (str, dict))
     finally:

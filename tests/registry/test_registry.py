@@ -144,6 +144,19 @@ def predictions(port: int, body: dict) -> dict:
     return json.loads(text)
 
 
+def wait_until_serving(proc: subprocess.Popen, port: int, timeout_s: float = 180) -> None:
+    """Until the scoring server answers /ping; its output in the failure when it exits or times out."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+            return
+        except OSError as e:
+            if proc.poll() is not None or time.time() > deadline:
+                raise AssertionError(f"server did not start:\n{proc.stdout.read().decode()[-3000:]}") from e
+            time.sleep(1)
+
+
 @pytest.fixture(scope="module")
 def served(registry):
     """One `mlflow models serve` of the champion (v1: V1_LIMITS, SERVE_CONFIG) for all serving tests: -> port."""
@@ -178,15 +191,7 @@ def served(registry):
         start_new_session=True,
     )
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError as e:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"server did not start:\n{proc.stdout.read().decode()[-3000:]}") from e
-                time.sleep(1)
+        wait_until_serving(proc, port)
         yield port
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
