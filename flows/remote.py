@@ -47,6 +47,10 @@ class StageFailed(RuntimeError):
     """A stage failed on its worker (its own error: not retried)."""
 
 
+class ConfigMismatch(RuntimeError):
+    """A worker composed another config than the orchestrator's (other code or conf/): never train on it."""
+
+
 class StageTimeout(TimeoutError):
     """A stage did not finish within infra.stage_timeout_s: cancelled, then retried (transient)."""
 
@@ -68,6 +72,26 @@ def deployment_name(stage: str, pool: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- orchestrator
+def config_digest(cfg: Config) -> dict[str, Any]:
+    """What a stage trains and judges with: every section but where files live and how runs are tracked or
+    dispatched. A worker composes its config from its own conf/ plus the overrides; this lets it check that
+    the result is the orchestrator's (same code and conf/ on both sides), key by key."""
+    from components.config import to_dict
+
+    return {k: v for k, v in to_dict(cfg).items() if k not in ("root", "overrides", "infra", "tracking")}
+
+
+def config_differences(expected: dict[str, Any], cfg: Config) -> list[str]:
+    from components.tracking import flatten
+
+    want, have = flatten(expected), flatten(config_digest(cfg))
+    return [
+        f"{k}: orchestrator {want.get(k)!r}, worker {have.get(k)!r}"
+        for k in sorted(want.keys() | have.keys())
+        if want.get(k) != have.get(k)
+    ]
+
+
 def remote_overrides(cfg: Config) -> list[str]:
     """The orchestrator's overrides minus where its own files live (the worker has its own) and minus any
     that holds a credential (it would be stored in Prefect's flow-run parameters; a worker takes its
@@ -98,10 +122,12 @@ def dispatch(
         log.info("%s: unchanged inputs, reusing %s", stage, earlier["result"]["dir"])
         return _decode(stage, earlier["result"])
     from components.config import check_remote_overrides
+    from components.tracking import redacted
 
     check_remote_overrides(remote_overrides(cfg), cfg.infra.remote_overrides)  # fail here, not on the worker
     request = {
         "stage": stage,
+        "config": redacted(config_digest(cfg)),  # stored in Prefect: no secret in it
         "overrides": remote_overrides(cfg),
         "data_version": data.version,
         "inputs": inputs,
@@ -264,6 +290,11 @@ def _run_here(request: dict[str, Any], body: Callable[..., Any]) -> Any:
     local = compose([f"root={root}"])
     check_remote_overrides(request["overrides"], local.infra.remote_overrides)
     cfg = compose([*request["overrides"], f"root={root}", "infra.training_pool=null"])  # run here, not dispatch
+    if diff := config_differences(request["config"], cfg):
+        raise ConfigMismatch(
+            "this worker's config differs from the orchestrator's (install the same rlhf-ops version and conf/ on "
+            "both; the worker composes conf/ + the run's overrides):\n  " + "\n  ".join(diff[:20])
+        )
     configure_environment(cfg)
     tracking.setup(cfg)
     parent = mlflow.MlflowClient().get_run(request["parent_run_id"])

@@ -105,3 +105,13 @@ def test_rlhf_worker_without_a_shared_prefect_server_says_so(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2 and "needs a shared Prefect server" in proc.stderr, proc.stderr
+
+
+def test_a_worker_whose_conf_differs_from_the_orchestrators_is_named_key_by_key(tmp_path):
+    from flows.remote import config_differences, config_digest
+
+    orch = compose([f"root={tmp_path / 'o'}", "ppo.steps=3", "tracking.experiment=x", "infra=server"])
+    same = compose([f"root={tmp_path / 'w'}", "ppo.steps=3"])  # where and how it tracks may differ
+    other = compose([f"root={tmp_path / 'w'}", "ppo.steps=3", "gate.min_win_rate=0.9"])
+    assert config_differences(config_digest(orch), same) == []
+    assert config_differences(config_digest(orch), other) == ["gate.min_win_rate: orchestrator '0.52', worker '0.9'"]
