@@ -33,6 +33,16 @@ class ValidationSummary:
 
 
 @dataclass
+class Evaluation:
+    """The evaluation stage's result (it may run on a worker): what the gate, on the orchestrator, decides on."""
+
+    run_id: str  # the evaluation's MLflow run: the gate's verdict is logged there too
+    champion_version: str | None
+    eval: dict[str, dict[str, float]]  # policy name (candidate, sft, champion) -> its metrics
+    rewards: dict[str, list[float]]  # policy name -> reward per eval prompt (for the win rate)
+
+
+@dataclass
 class GateOutcome:
     """The evaluation of a candidate against its baseline (the champion, else the SFT policy)."""
 

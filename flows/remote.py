@@ -30,12 +30,12 @@ from typing import Any
 
 from components.config import Config, compose
 from components.data.versioning import DataState
-from flows.contracts import GateOutcome, StageOutput
+from flows.contracts import Evaluation, StageOutput
 
 OUTPUT = "output"  # artifact path of a stage's outputs in its MLflow run
-RECORD = "stage_output.json"
-REUSE_TAG = "rlhf.reuse_key"
-TRANSIENT_MARK = "[transient]"  # in a stage flow run's failure message: retry it  # what the stage hands back: its StageOutput / GateOutcome, or its error
+RECORD = "stage_output.json"  # what the stage hands back: its StageOutput / Evaluation, or its error
+REUSE_TAG = "rlhf.reuse_key"  # on a finished run whose result may be reused (the demo base)
+TRANSIENT_MARK = "[transient]"  # in a stage flow run's failure message: retry it
 # orchestrator-side overrides a worker never receives: where its files live, how it dispatches and tracks
 # (a worker has its own infra and tracking settings; its stage runs join the parent run's experiment)
 LOCAL_ONLY = ("root", "infra.*", "tracking.*")
@@ -109,7 +109,7 @@ def dispatch(
     stage: str, cfg: Config, data: DataState, parent_run_id: str, inputs: dict[str, str], reuse_key: str | None = None
 ) -> Any:
     """Run `stage` as a flow run on the training pool and wait for it; returns what the stage returns
-    (StageOutput with URIs, or GateOutcome). The stage flow run is a subflow of this retrain in the UI.
+    (StageOutput with URIs, or Evaluation). The stage flow run is a subflow of this retrain in the UI.
     With `reuse_key`, a finished earlier run of the stage with that key is reused instead (the demo base:
     not a Prefect-cached task, but its URI must stay the same for the later stages' cache keys)."""
     import mlflow
@@ -220,7 +220,7 @@ def _first_record(filter_string: str) -> dict | None:
 def _decode(stage: str, result: dict) -> Any:
     if stage == "base":
         return result["dir"]
-    return GateOutcome(**result) if stage == "evaluate" else StageOutput(**result)
+    return Evaluation(**result) if stage == "evaluate" else StageOutput(**result)
 
 
 def available(location: str) -> bool:

@@ -30,6 +30,7 @@ from flows.slot import RetrainSlot
 from flows.stages import (
     base_model,
     evaluate,
+    gate,
     git_commit,
     ppo,
     prepare_data,
@@ -94,7 +95,7 @@ def pipeline(cfg: Config) -> State:
         prune(cfg, [s.sft, s.reward, s.policy])
 
         # 4. evaluate against the champion and gate
-        s.gate = evaluate(cfg, data, s.sft.dir, s.reward.dir, s.policy.dir, run_id)
+        s.gate = gate(cfg, evaluate(cfg, data, s.sft.dir, s.reward.dir, s.policy.dir, run_id))
         log_on_parent(s.gate.gate_metrics | {f"eval/{p}/{k}": v for p, m in s.gate.eval.items() for k, v in m.items()})
         mlflow.set_tag("champion_compared", s.gate.champion_version or "none")
         if not s.gate.passed:

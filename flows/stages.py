@@ -34,7 +34,7 @@ from components.training.reward import train_reward
 from components.training.sft import train_sft
 from flows import lifecycle, remote
 from flows.caching import CACHED, config_hash, prune_stage_outputs, stage_dir, stage_key
-from flows.contracts import GateOutcome, Registration, StageOutput, ValidationSummary
+from flows.contracts import Evaluation, GateOutcome, Registration, StageOutput, ValidationSummary
 
 
 def git_commit(root: Path) -> str:
@@ -214,10 +214,10 @@ def ppo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_
 @on_pool("evaluate")
 def evaluate(
     cfg: Config, data: DataState, sft_dir: str, reward_dir: str, policy_dir: str, parent_run_id: str
-) -> GateOutcome:
-    """Candidate vs champion (vs the SFT policy when there is none) on the frozen eval prompts, then the gate."""
+) -> Evaluation:
+    """Candidate, SFT policy and champion (if any) on the frozen eval prompts: metrics and per-prompt rewards."""
     name = cfg.tracking.registered_model_name
-    with start_stage_run("evaluate", parent_run_id, data, asdict(cfg.gate)):
+    with start_stage_run("evaluate", parent_run_id, data, asdict(cfg.gate)) as run:
         champion_version = registry.alias_version(name, registry.CHAMPION)
         specs = [PolicySpec("sft", sft_dir), PolicySpec("candidate", sft_dir, policy_dir)]
         if champion_version is not None:  # the champion's own base + adapter, from its self-contained model
@@ -226,32 +226,40 @@ def evaluate(
         evals = evaluate_policies(
             specs, sft_dir, reward_dir, read_prompts(Path(data.path), "eval"), cfg.gate, cfg.model
         )
-        baseline = "champion" if champion_version else "sft"
-        verdict = decide(
-            evals["candidate"].metrics,
-            evals[baseline].metrics,
-            win_rate(evals["candidate"].rewards, evals[baseline].rewards),
-            f"champion v{champion_version}" if champion_version else "the SFT policy",
-            cfg.gate,
-        )
         mlflow.log_metrics(
             tracking.finite({f"eval/{p}/{k}": v for p, e in evals.items() for k, v in e.metrics.items()})
-            | verdict.metrics()
         )
         mlflow.log_table(generations_table(evals), "eval_generations.json")
-        mlflow.log_text(verdict.summary(), "gate_verdict.txt")
-        mlflow.set_tags(
-            {"gate": "passed" if verdict.passed else "failed", "champion_compared": champion_version or "none"}
-        )
-        get_run_logger().info("%s", verdict.summary())
-        return GateOutcome(
-            verdict.passed,
-            verdict.summary(),
-            verdict.reasons,
-            verdict.metrics(),
+        return Evaluation(
+            run.info.run_id,
             champion_version,
             {p: e.metrics for p, e in evals.items()},
+            {p: list(e.rewards) for p, e in evals.items()},
         )
+
+
+@task(name="gate", **RETRY)
+def gate(cfg: Config, ev: Evaluation) -> GateOutcome:
+    """The gate, always on the orchestrator: candidate vs the champion (vs the SFT policy when there is none).
+    The verdict goes on the evaluation's MLflow run (wherever that ran)."""
+    baseline = "champion" if ev.champion_version else "sft"
+    verdict = decide(
+        ev.eval["candidate"],
+        ev.eval[baseline],
+        win_rate(ev.rewards["candidate"], ev.rewards[baseline]),
+        f"champion v{ev.champion_version}" if ev.champion_version else "the SFT policy",
+        cfg.gate,
+    )
+    client = mlflow.MlflowClient()
+    for key, value in tracking.finite(verdict.metrics()).items():
+        client.log_metric(ev.run_id, key, value)
+    client.log_text(ev.run_id, verdict.summary(), "gate_verdict.txt")
+    client.set_tag(ev.run_id, "gate", "passed" if verdict.passed else "failed")
+    client.set_tag(ev.run_id, "champion_compared", ev.champion_version or "none")
+    get_run_logger().info("%s", verdict.summary())
+    return GateOutcome(
+        verdict.passed, verdict.summary(), verdict.reasons, verdict.metrics(), ev.champion_version, ev.eval
+    )
 
 
 @task(name="register", **RETRY)
