@@ -87,6 +87,31 @@ def _crash_flow_run(flow_run_id: str, message: str) -> None:
             client.set_flow_run_state(run.id, Crashed(message=message), force=True)
 
 
+def _cancel_stage_runs(client, parent_ids: list[str]) -> list[str]:
+    """Stages a crashed retrain dispatched to a work pool (its subflow runs) would train on for nobody: ask
+    their workers to stop them (Cancelling; the worker kills the process). The next retrain resumes them."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.states import Cancelled, Cancelling
+
+    if not parent_ids:
+        return []
+    children = client.read_flow_runs(
+        flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[uuid.UUID(i) for i in parent_ids])
+        ),
+        limit=200,
+    )
+    done = []
+    for run in children:
+        if run.state is None or run.state.is_final() or run.state.is_cancelling():
+            continue
+        waiting = run.state.is_scheduled()  # no worker has it yet: nothing to stop
+        state = (Cancelled if waiting else Cancelling)(message="the retrain that started it crashed")
+        client.set_flow_run_state(run.id, state, force=True)
+        done.append(f"stage flow run {run.name} ({run.id}) {run.state_name} -> {state.name}: its retrain crashed")
+    return done
+
+
 def _unfinished_runs(client) -> list:
     from prefect.client.schemas.filters import (
         FlowFilter,
@@ -125,6 +150,7 @@ def reap_orphans(cfg: Config, say: Callable[[str], None]) -> list[str]:
             _crash_flow_run(str(run.id), f"crashed: {why}; found by {Owner.me().describe()}")
             dead_runs[str(run.id)] = why
             done.append(f"flow run {run.name} ({run.id}) {run.state_name} -> Crashed: {why}")
+        done += _cancel_stage_runs(client, list(dead_runs))
 
     experiment = mlflow.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is not None:

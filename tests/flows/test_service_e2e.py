@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from base64 import b64encode
 from pathlib import Path
@@ -188,6 +189,43 @@ def test_a_second_retrain_reuses_the_trained_stages_from_the_orchestrators_cache
     flows = {f["id"]: f["name"] for f in prefect_post(retrained["env"], "/flows/filter", {"limit": 200})}
     count = {name: sum(flows[r["flow_id"]] == name for r in runs) for name in STAGE_FLOWS}
     assert count == {"stage-base": 1, "stage-sft": 1, "stage-reward-model": 1, "stage-ppo": 1, "stage-evaluate": 2}
+
+
+def test_a_killed_orchestrator_stops_its_stage_and_the_next_retrain_resumes_it(stack):
+    """SIGKILL the orchestrator while SFT trains on the worker (after its first checkpoint): the next retrain
+    cancels the orphaned stage flow run, dispatches SFT again and the worker resumes it from the checkpoint."""
+    import mlflow
+
+    orch = stack["root"] / "orchestrator-killed"
+    orch.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=orch, check=True)
+    cmd = [RLHF, "run", "infra=server", "tracking=server", "data=demo_small", *FAST_STAGES, *OPEN_GATE]
+    cmd += ["sft.max_steps=200", "tracking.registered_model_name=killed-test"]
+    t0 = time.time()
+    first = subprocess.Popen(
+        cmd, cwd=orch, env=stack["env"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    stages = stack["worker_dir"] / ".rlhf" / "stages"
+    deadline = time.time() + 600
+    while not [c for c in stages.glob("sft-*/checkpoints/checkpoint-*") if c.parent.parent.stat().st_ctime > t0]:
+        assert first.poll() is None and time.time() < deadline, "SFT never checkpointed on the worker"
+        time.sleep(0.2)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+
+    second = subprocess.run(cmd, cwd=orch, env=stack["env"], capture_output=True, text=True, timeout=900)
+
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-6000:]
+    assert "-> Cancelling: its retrain crashed" in out, out[-6000:]
+    runs = prefect_post(stack["env"], "/flow_runs/filter", {"limit": 200})
+    assert any(r["state_type"] in ("CANCELLED", "CANCELLING") for r in runs)
+    creds = services.read_env_file(Path(stack["env"]["RLHF_CREDENTIALS_FILE"]))
+    os.environ.update({k: creds[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")})
+    client = mlflow.MlflowClient(tracking_uri=stack["env"]["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("rlhf-ops")
+    resumed = client.search_runs([exp.experiment_id], "metrics.`sft/resumed_from_step` > 0")
+    assert resumed, "the second SFT did not resume from the worker's checkpoint"
 
 
 @pytest.mark.parametrize("who", ["no credentials", "wrong mlflow password", "wrong prefect auth"])
