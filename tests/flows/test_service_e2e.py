@@ -191,7 +191,7 @@ def test_a_second_retrain_reuses_the_trained_stages_from_the_orchestrators_cache
     assert count == {"stage-base": 1, "stage-sft": 1, "stage-reward-model": 1, "stage-ppo": 1, "stage-evaluate": 2}
 
 
-def test_a_killed_orchestrator_stops_its_stage_and_the_next_retrain_resumes_it(stack):
+def test_a_killed_orchestrator_stops_its_stage_and_the_next_retrain_resumes_it(stack, monkeypatch):
     """SIGKILL the orchestrator while SFT trains on the worker (after its first checkpoint): the next retrain
     cancels the orphaned stage flow run, dispatches SFT again and the worker resumes it from the checkpoint."""
     import mlflow
@@ -221,7 +221,8 @@ def test_a_killed_orchestrator_stops_its_stage_and_the_next_retrain_resumes_it(s
     runs = prefect_post(stack["env"], "/flow_runs/filter", {"limit": 200})
     assert any(r["state_type"] in ("CANCELLED", "CANCELLING") for r in runs)
     creds = services.read_env_file(Path(stack["env"]["RLHF_CREDENTIALS_FILE"]))
-    os.environ.update({k: creds[k] for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")})
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(k, creds[k])
     client = mlflow.MlflowClient(tracking_uri=stack["env"]["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("rlhf-ops")
     resumed = client.search_runs([exp.experiment_id], "metrics.`sft/resumed_from_step` > 0")
