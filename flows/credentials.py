@@ -45,21 +45,26 @@ def load(cfg: Config) -> None:
         )
     if not path.is_file():
         raise ConfigError(f"RLHF_CREDENTIALS_FILE={path} does not exist (`rlhf services up` writes one)")
-    for line in path.read_text().splitlines():
-        key, sep, value = line.partition("=")
-        if sep and key.strip() in CLIENT_KEYS:
-            os.environ.setdefault(key.strip(), value.strip())
+    for key, value in read_env_file(path).items():
+        if key in CLIENT_KEYS:
+            os.environ.setdefault(key, value)
 
 
-def _status(url: str, auth: str | None, token: str | None = None) -> int | None:
-    """HTTP status of a GET (None: no answer), with basic auth or a bearer token."""
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines (comments and blanks skipped; a value may contain `=`)."""
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def http_status(url: str, auth: str | None, token: str | None = None, timeout: float = 10) -> int | None:
+    """HTTP status of a GET (None: no answer), with basic auth (`user:password`) or a bearer token."""
     req = urllib.request.Request(url)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
     elif auth:
         req.add_header("Authorization", "Basic " + b64encode(auth.encode()).decode())
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
             return resp.status
     except urllib.error.HTTPError as e:
         return e.code
@@ -71,7 +76,7 @@ def check_access(tracking_uri: str, prefect_api_url: str | None) -> None:
     """One authenticated request to each shared server: raise `Unauthorised` on 401/403 with what to set."""
     if tracking_uri.startswith(("http://", "https://")):
         user, pw = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-        code = _status(
+        code = http_status(
             tracking_uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1",
             f"{user}:{pw}" if user and pw else None,
             os.environ.get("MLFLOW_TRACKING_TOKEN"),
@@ -85,7 +90,7 @@ def check_access(tracking_uri: str, prefect_api_url: str | None) -> None:
             )
     if prefect_api_url and not os.environ.get("PREFECT_API_KEY"):  # Prefect Cloud keys: Prefect's own check
         auth = os.environ.get("PREFECT_API_AUTH_STRING")
-        code = _status(prefect_api_url.rstrip("/") + "/flows/count", auth)  # GET is refused: 405 means allowed
+        code = http_status(prefect_api_url.rstrip("/") + "/flows/count", auth)  # GET is refused: 405 means allowed
         if code in (401, 403):
             raise Unauthorised(
                 f"the Prefect server at {prefect_api_url} refused "

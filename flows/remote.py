@@ -270,7 +270,7 @@ def run_request(request: dict[str, Any], body: Callable[..., Any]) -> dict:
     try:
         out = _run_here(request, body)
     except Exception as e:
-        record = {"error": type(e).__name__, "message": str(e), "transient": _transient(e)}
+        record = {"error": type(e).__name__, "message": str(e), "transient": is_transient(e)}
         if not _write_record(record) and record["transient"]:
             raise RuntimeError(f"{TRANSIENT_MARK} {type(e).__name__}: {e}") from e
         raise
@@ -314,7 +314,9 @@ def _run_here(request: dict[str, Any], body: Callable[..., Any]) -> Any:
     return out
 
 
-def _transient(e: Exception) -> bool:
+def is_transient(e: BaseException) -> bool:
+    """What may succeed on a second try: network and timeouts, real I/O errors (they carry an errno; library
+    errors subclassing OSError do not). Never bad data, a bad config or a diverged PPO run."""
     if isinstance(e, (ConnectionError, TimeoutError)):
         return True
     return isinstance(e, OSError) and e.errno is not None

@@ -21,11 +21,10 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from base64 import b64encode
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from flows.credentials import http_status, read_env_file
 
 PG_SYSTEM_USER = "rlhf_postgres"  # PostgreSQL refuses to run as root
 DB_USER = "rlhf"
@@ -79,12 +78,6 @@ class Layout:
 
     def pidfile(self, name: str) -> Path:
         return self.root / f"{name}.pid"
-
-
-def read_env_file(path: Path) -> dict[str, str]:
-    """KEY=VALUE lines (comments and blanks skipped)."""
-    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line and not line.startswith("#"))
-    return {k.strip(): v.strip() for k, v in pairs}
 
 
 def write_private(path: Path, text: str) -> None:
@@ -293,17 +286,6 @@ def start_prefect(layout: Layout, ports: Ports, creds: dict[str, str]) -> None:
     _spawn(layout, "prefect", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(ports.prefect)], env)
 
 
-def healthy(url: str, auth: tuple[str, str] | None = None, timeout: float = 2.0) -> bool:
-    req = urllib.request.Request(url)
-    if auth:
-        req.add_header("Authorization", "Basic " + b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def health_urls(ports: Ports) -> dict[str, str]:
     return {
         "mlflow": f"http://127.0.0.1:{ports.mlflow}/health",
@@ -311,18 +293,13 @@ def health_urls(ports: Ports) -> dict[str, str]:
     }
 
 
-def _prefect_auth(creds: dict[str, str]) -> tuple[str, str]:
-    user, _, pw = creds["PREFECT_API_AUTH_STRING"].partition(":")
-    return user, pw
-
-
 def wait_healthy(layout: Layout, ports: Ports, creds: dict[str, str], timeout_s: float = 180) -> None:
-    auth = {"mlflow": None, "prefect": _prefect_auth(creds)}
+    auth = {"mlflow": None, "prefect": creds["PREFECT_API_AUTH_STRING"]}
     pending = dict(health_urls(ports))
     deadline = time.monotonic() + timeout_s
     while pending:
         for name in list(pending):
-            if healthy(pending[name], auth[name]):
+            if http_status(pending[name], auth[name], timeout=2) == 200:
                 del pending[name]
             elif not _alive(layout, name):
                 raise ServiceError(f"the {name} server exited while starting: see {layout.log(name)}")
@@ -402,8 +379,12 @@ def status(layout: Layout) -> dict[str, str]:
     creds = read_env_file(layout.credentials)
     urls = health_urls(ports)
     out = {}
-    for name, auth in (("mlflow", None), ("prefect", _prefect_auth(creds))):
-        state = "healthy" if healthy(urls[name], auth) else ("NOT RESPONDING" if _alive(layout, name) else "stopped")
+    for name, auth in (("mlflow", None), ("prefect", creds["PREFECT_API_AUTH_STRING"])):
+        state = (
+            "healthy"
+            if http_status(urls[name], auth, timeout=2) == 200
+            else ("NOT RESPONDING" if _alive(layout, name) else "stopped")
+        )
         out[name] = f"{state}: {urls[name]} (log {layout.log(name)})"
     pg = (layout.pgdata / "postmaster.pid").exists()
     out["postgres"] = (

@@ -49,12 +49,10 @@ def transient(task, task_run, state) -> bool:
 
     try:
         state.result()
-    except (ConnectionError, TimeoutError) as e:
-        return not isinstance(e, FlowPauseTimeout)
-    except OSError as e:
-        return e.errno is not None  # real I/O errors carry an errno; library errors subclassing OSError do not
-    except Exception:
+    except FlowPauseTimeout:
         return False
+    except Exception as e:
+        return remote.is_transient(e)
     return False
 
 
