@@ -105,6 +105,29 @@ class RewardConfig:
 
 
 @dataclass
+class GuideConfig:
+    """Guided RL (RLGF: Chang et al. 2023, "Learning to Generate Better Than Your LLM"; code Cornell-RL/tril).
+    The guide is a black box, text in, continuation out (components/models/guide.py); each rollout is, with
+    these probabilities, one of: the policy alone; a roll-in (the guide writes the start, the policy goes on:
+    PPO++); a roll-out (the policy's response is cut, the guide completes it: AggreVaTeD or D2LOLS).
+    See components/training/guided.py."""
+
+    # reference (the SFT model: adapters off, already in memory) | a local model dir | an MLflow model URI
+    # (models:/rlhf-policy@champion, runs:/...) | the URL of a served model (http://host:5001/invocations)
+    model: Optional[str] = None
+    rollin_prob: float = 0.0  # share of rollouts that start from the guide (PPO++)
+    max_rollin_tokens: int = 8  # a roll-in's guide writes h tokens, h uniform in 0..max_rollin_tokens
+    rollout_prob: float = 0.0  # share of rollouts the guide completes from a random cut
+    rollout_advantage: str = "aggrevated"  # aggrevated | d2lols: how a roll-out's reward enters the advantage
+    lols_beta: float = 0.5  # d2lols: weight of the guide's advantage beside PPO's own GAE (LOLS's beta)
+    rollout_iterations: Optional[int] = None  # roll-outs only in the first N iterations (TRIL's D2LOLS tau)
+    temperature: float = 1.0  # the guide's sampling (a served guide: its request params)
+    top_p: float = 1.0
+    request_batch: int = 16  # contexts per request to a served or MLflow guide (the pyfunc's max_prompts)
+    timeout_s: float = 60.0  # a served guide's request timeout
+
+
+@dataclass
 class PPOConfig:
     """LoRA PPO on one shared base (policy, reference, value, reward): see components/training/ppo.py."""
 
@@ -123,10 +146,15 @@ class PPOConfig:
     missing_eos_penalty: Optional[float] = 1.0  # subtracted from the score of a response that never emits EOS
     # objective
     kl_estimator: str = "k1"  # k1 | k3: per-token KL to the reference in the reward
-    init_kl_coef: float = 0.1  # demo/tiny: 0.05 let the KL overshoot to ~13 before the controller caught up
-    adaptive_kl: bool = True  # Ziegler et al. 2019 controller; false: fixed init_kl_coef
+    init_kl_coef: float = 0.1  # the KL coefficient beta at the start
     target_kl: float = 6.0  # summed KL per response the controller steers to
-    kl_horizon: int = 500  # Ziegler et al. used 10000 for long runs; a demo run is ~1300 rollouts
+    # pid: beta as a Lagrange multiplier under PID control (Stooke et al. 2020; ppo_math.PIDKLController)
+    # ziegler: Ziegler et al. 2019's multiplicative controller (kl_horizon) | fixed: init_kl_coef throughout
+    kl_controller: str = "pid"
+    kl_kp: float = 0.05  # pid: proportional gain (beta per unit of relative KL error)
+    kl_ki: float = 0.005  # pid: integral gain
+    kl_kd: float = 0.0  # pid: derivative gain (on a rising KL)
+    kl_horizon: int = 500  # ziegler: on the demo, 500 let the KL end at 2.5 after 40 iterations, 9.8 after 120
     gamma: float = 1.0
     lam: float = 0.95
     cliprange: float = 0.2
@@ -145,6 +173,7 @@ class PPOConfig:
     sample_every: int = 10  # log a table of prompts and sampled responses every N iterations
     merge: bool = False  # also write the policy merged into the SFT weights
     eval_max_prompts: int = 200  # held-out eval prompts scored at the end (policy vs reference)
+    guide: GuideConfig = field(default_factory=GuideConfig)  # guided RL (RLGF); off unless guide.model is set
 
 
 @dataclass

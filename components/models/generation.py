@@ -42,11 +42,16 @@ class Rollout:
 def encode_prompts(tok, prompts: list[str], max_prompt_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids (keeping the *end* of an over-long prompt): -> (B, Tq) ids, mask."""
     ids = [tok(p, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] or [tok.eos_token_id] for p in prompts]
+    return left_pad(ids, tok.pad_token_id, device)
+
+
+def left_pad(ids: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> left-padded (B, T) ids and mask."""
     T = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), T), tok.pad_token_id, dtype=torch.long)
+    input_ids = torch.full((len(ids), T), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(ids), T), dtype=torch.long)
     for i, x in enumerate(ids):
-        input_ids[i, T - len(x) :] = torch.tensor(x)
+        input_ids[i, T - len(x) :] = torch.tensor(x, dtype=torch.long)
         mask[i, T - len(x) :] = 1
     return input_ids.to(device), mask.to(device)
 
@@ -71,10 +76,26 @@ def sample(
 ) -> Rollout:
     """Sample one response per prompt. `temperature`/`top_p` as in transformers; top_k is off so the
     sampling distribution is exactly softmax(logits / temperature) (what PPO's log-probs assume)."""
-    from transformers import GenerationConfig
-
     device = next(model.parameters()).device
     query, qmask = encode_prompts(tok, prompts, max_prompt_tokens, device)
+    return sample_from(model, tok, query, qmask, max_new_tokens, temperature, top_p, do_sample)
+
+
+@torch.no_grad()
+def sample_from(
+    model,
+    tok,
+    query: torch.Tensor,
+    qmask: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+) -> Rollout:
+    """`sample` from left-padded ids: query (B, Tq), qmask (B, Tq) -> Rollout."""
+    from transformers import GenerationConfig
+
+    device = query.device
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
@@ -92,7 +113,7 @@ def sample(
         model.train()
     response = out[:, query.shape[1] :]
     if response.shape[1] == 0:  # every row stopped at once: keep one (EOS/pad) column
-        response = torch.full((len(prompts), 1), tok.eos_token_id, dtype=torch.long, device=device)
+        response = torch.full((len(query), 1), tok.eos_token_id, dtype=torch.long, device=device)
     rmask, ended = response_mask(response, tok.eos_token_id)
     response = torch.where(rmask.bool(), response, torch.full_like(response, tok.pad_token_id))
     texts = [t.strip() for t in tok.batch_decode(response, skip_special_tokens=True)]

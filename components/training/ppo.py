@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 from components.config import ModelConfig, PPOConfig
 from components.data.readers import read_prompts
 from components.models.generation import Rollout, sample
+from components.models.guide import load_guide
 from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
 from components.models.roles import (
     REFERENCE,
@@ -55,17 +56,19 @@ from components.models.roles import (
     sequence_scores,
 )
 from components.models.scoring import load_reward_fn
-from components.training import checkpoint
+from components.training import checkpoint, guided
 from components.training.callbacks import log_table_to_active_run, log_to_active_run
 from components.training.ppo_math import (
     KL_ESTIMATORS,
     AdaptiveKLController,
+    PIDKLController,
     RunningMoments,
     entropy_from_logits,
     gae,
     kl_k1,
     kl_k3,
     logprobs_of,
+    lols_mix,
     masked_mean,
     policy_loss,
     rewards_with_kl,
@@ -123,6 +126,16 @@ def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir
     return Roles(model, tok, value_head, reward_head, mean, std, load_reward_fn(cfg.reward_fn))
 
 
+def kl_controller(cfg: PPOConfig) -> AdaptiveKLController | PIDKLController:
+    """The KL coefficient's controller (`ppo.kl_controller`): pid | ziegler | fixed."""
+    if cfg.kl_controller == "pid":
+        return PIDKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_kp, cfg.kl_ki, cfg.kl_kd)
+    if cfg.kl_controller in ("ziegler", "fixed"):
+        target = cfg.target_kl if cfg.kl_controller == "ziegler" else None
+        return AdaptiveKLController(cfg.init_kl_coef, target, cfg.kl_horizon)
+    raise ValueError(f"ppo.kl_controller={cfg.kl_controller!r}: expected pid | ziegler | fixed")
+
+
 def policy_logits(roles: Roles, seq: torch.Tensor, mask: torch.Tensor, q_len: int) -> torch.Tensor:
     """Logits that predict the response tokens: (B, Tq + Tr) -> (B, Tr, V). Active adapter decides the role."""
     out = roles.model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
@@ -171,9 +184,10 @@ def scores_for(roles: Roles, ro: Rollout, prompts: list[str], cfg: PPOConfig) ->
 class Trajectory:
     """One rollout batch, scored: everything a PPO update trains on. B = rollouts, Tr = response tokens."""
 
-    rollout: Rollout  # query [B, Tq], response [B, Tr], their masks, ended [B], texts
+    rollout: Rollout  # query [B, Tq] (a roll-in's guide prefix included), response [B, Tr], masks, ended [B], texts
     prompts: list[str]  # [B]
-    mask: torch.Tensor  # [B, Tr] float: 1 on response tokens up to and including EOS, 0 on padding
+    mask: torch.Tensor  # [B, Tr] float: the tokens PPO trains on: the policy's response up to and including EOS
+    # (AggreVaTeD roll-outs: up to the cut), 0 on padding
     logprobs: torch.Tensor  # [B, Tr] policy log-probs when sampled (PPO's "old" policy)
     ref_logprobs: torch.Tensor  # [B, Tr] reference (SFT) log-probs
     values: torch.Tensor  # [B, Tr] V(prefix) before each response token, 0 on padding
@@ -183,8 +197,10 @@ class Trajectory:
     non_score_rewards: torch.Tensor  # [B, Tr] the -beta * KL_t part
     advantages: torch.Tensor  # [B, Tr] GAE advantages, whitened over the response tokens
     returns: torch.Tensor  # [B, Tr] GAE returns (advantages before whitening + values)
-    kl: torch.Tensor  # [B] k1 KL to the reference, summed over the response
+    kl: torch.Tensor  # [B] k1 KL to the reference, summed over the policy's response
     entropy: float  # mean per-token entropy of the policy
+    guidance: guided.Guidance | None = None  # what the guide did (None: no guide)
+    guide_scores: torch.Tensor | None = None  # [R] RM scores of the guide's completions (roll-out rows)
 
     @property
     def kl_mean(self) -> float:
@@ -204,10 +220,11 @@ def score_rollout(
     kl_coef: float,
     moments: RunningMoments,
     iteration: int | None = None,
+    guidance: guided.Guidance | None = None,
 ) -> Trajectory:
     """Step 2: log-probs of policy and reference, values, scores, per-token rewards with the KL penalty
-    `kl_coef`, GAE. Updates `moments` when `cfg.whiten_scores`. Raises PPODivergence on NaN/inf logits
-    or a KL above `cfg.kl_ceiling`."""
+    `kl_coef`, GAE; with roll-outs, the guide's completions scored and credited (`credit_rollouts`). Updates
+    `moments` when `cfg.whiten_scores`. Raises PPODivergence on NaN/inf logits or a KL above `cfg.kl_ceiling`."""
     ro, T = rollout, cfg.temperature
     seq, smask, q_len, mask = ro.sequence, ro.sequence_mask, ro.query.shape[1], ro.response_mask.float()
     logits = policy_logits(roles, seq, smask, q_len)
@@ -238,6 +255,11 @@ def score_rollout(
     kl_tokens = KL_ESTIMATORS[cfg.kl_estimator](logprobs, ref_logprobs) * mask
     rewards, non_score = rewards_with_kl(score, kl_tokens, mask, kl_coef)
     advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    guide_scores = None
+    if guidance is not None and guidance.completed is not None:
+        guide_scores, advantages, returns, mask = credit_rollouts(
+            roles, guidance, prompts, cfg, kl_coef, moments, kl_tokens, values, advantages, returns, mask
+        )
     return Trajectory(
         ro,
         list(prompts),
@@ -253,7 +275,47 @@ def score_rollout(
         returns,
         kl,
         entropy,
+        guidance,
+        guide_scores,
     )
+
+
+def credit_rollouts(
+    roles: Roles,
+    guidance: guided.Guidance,
+    prompts: list[str],
+    cfg: PPOConfig,
+    kl_coef: float,
+    moments: RunningMoments,
+    kl_tokens: torch.Tensor,
+    values: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Roll-out rows R (components/training/guided.py): the reward of prompt + policy[:t] + the guide's
+    completion estimates Q^{pi_g}(s_t, a_t). Its GAE over the policy's tokens up to t (KL penalty on those
+    tokens only, the score at the last) is the guide's advantage A^{pi_g}; it replaces PPO's own on those
+    tokens and the loss stops at t (AggreVaTeD), or mixes with it, LOLS's beta on the guide (D2LOLS).
+    -> the guide's raw RM scores [R], and advantages, returns, training mask [B, Tr]."""
+    r, g = guidance.rows.to(mask.device), cfg.guide
+    completed = guidance.completed
+    raw, score = scores_for(roles, completed, [prompts[i] for i in r.tolist()], cfg)
+    if cfg.whiten_scores:
+        score = (score - moments.mean) / moments.std
+    if cfg.missing_eos_penalty is not None:
+        score = torch.where(completed.ended, score, score - cfg.missing_eos_penalty)
+    positions = torch.arange(mask.shape[1], device=mask.device)[None, :]
+    cut_mask = (positions < guidance.cut.to(mask.device)[r, None]).float() * mask[r]  # [R, Tr] policy[:t]
+    g_rewards, _ = rewards_with_kl(score, kl_tokens[r], cut_mask, kl_coef)
+    g_adv, g_ret = gae(g_rewards, values[r], cut_mask, cfg.gamma, cfg.lam)
+    beta = 1.0 if g.rollout_advantage == "aggrevated" else g.lols_beta
+    advantages, returns, mask = advantages.clone(), returns.clone(), mask.clone()
+    advantages[r] = lols_mix(advantages[r], g_adv, cut_mask, beta)
+    returns[r] = lols_mix(returns[r], g_ret, cut_mask, beta)
+    if g.rollout_advantage == "aggrevated":
+        mask[r] = cut_mask
+    return raw, advantages, returns, mask
 
 
 # ---------------------------------------------------------------------------- 3. train: PPO epochs on a Trajectory
@@ -328,7 +390,8 @@ def iteration_metrics(
     """The `ppo/*` row of one iteration: scores, KL (k1 and k3), the update's stats, lengths, timings.
     `times`: perf_counter before generate, after generate, after score, after train."""
     t0, t1, t2, t3 = times
-    mask, ro = traj.mask, traj.rollout
+    ro = traj.rollout
+    mask = ro.response_mask.float()
     return {
         "ppo/score_mean": traj.raw_scores.mean().item(),
         "ppo/reward_mean": traj.scores.mean().item(),
@@ -346,7 +409,30 @@ def iteration_metrics(
         "ppo/time_train": t3 - t2,
         "ppo/tokens_per_second": ro.sequence_mask.sum().item() / (t3 - t0),
         "ppo/generate_tokens_per_second": mask.sum().item() / (t1 - t0),
+        **guide_metrics(traj),
     }
+
+
+def guide_metrics(traj: Trajectory) -> dict[str, float]:
+    """`ppo/guide_*`: shares of roll-ins and roll-outs, guide-written tokens per rollout, and the RM score of
+    guided rollouts (roll-in: the response; roll-out: the guide's completion) beside unguided ones."""
+    n = len(traj.prompts)
+    g = traj.guidance
+    kinds = g.kinds if g is not None else torch.zeros(n, dtype=torch.long)
+    credited = traj.raw_scores.clone()
+    if g is not None and traj.guide_scores is not None:
+        credited[g.rows.to(credited.device)] = traj.guide_scores
+    is_guided = (kinds != guided.POLICY).to(credited.device)
+    out = {
+        "ppo/guide_rollin_share": (kinds == guided.ROLLIN).float().mean().item(),
+        "ppo/guide_rollout_share": (kinds == guided.ROLLOUT).float().mean().item(),
+        "ppo/guide_tokens": g.guide_tokens.float().mean().item() if g is not None else 0.0,
+    }
+    if is_guided.any():
+        out["ppo/guided_score"] = credited[is_guided].mean().item()
+    if (~is_guided).any():
+        out["ppo/unguided_score"] = credited[~is_guided].mean().item()
+    return out
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -356,7 +442,7 @@ def write_checkpoint(
     d: Path,
     roles: Roles,
     optimizer: torch.optim.Optimizer,
-    kl_coef: float,
+    kl_ctl: AdaptiveKLController | PIDKLController,
     moments: RunningMoments,
     history: list[dict[str, float]],
 ) -> None:
@@ -365,7 +451,12 @@ def write_checkpoint(
     roles.model.save_pretrained(d / "adapters", selected_adapters=sorted(TRAINABLE), safe_serialization=True)
     roles.value_head.save(d / "value_head")
     checkpoint.save_trainer_state(
-        d, optimizer=optimizer, kl_coef=kl_coef, moments=asdict(moments), history=history, rng=checkpoint.rng_state()
+        d,
+        optimizer=optimizer,
+        kl_controller=asdict(kl_ctl),
+        moments=asdict(moments),
+        history=history,
+        rng=checkpoint.rng_state(),
     )
 
 
@@ -395,10 +486,12 @@ def train_ppo(
         raise ValueError(f"PPO needs rollout prompts under {data_dir}/prompts")
     device = resolve_device(model_cfg.device)
     torch.manual_seed(seed)  # peft's LoRA init and a fresh value head's init draw from the global RNG
+    guided.check_config(cfg)
     roles = build_roles(cfg, model_cfg, sft_dir, reward_dir, device)
+    guide = load_guide(cfg.guide, roles, model_cfg, cfg.max_prompt_tokens)
     params = [p for n, p in roles.model.named_parameters() if p.requires_grad] + list(roles.value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, eps=1e-5)
-    kl_ctl = AdaptiveKLController(cfg.init_kl_coef, cfg.target_kl if cfg.adaptive_kl else None, cfg.kl_horizon)
+    kl_ctl = kl_controller(cfg)
     moments = RunningMoments()
     history: list[dict[str, float]] = []
 
@@ -416,10 +509,11 @@ def train_ppo(
     )
     start, state = checkpoint.resume(ckpt_root, fp, lambda ckpt: restore(ckpt, roles), optimizer=optimizer)
     if state:
-        kl_ctl.value, moments, history = state["kl_coef"], RunningMoments(**state["moments"]), list(state["history"])
+        kl_ctl = type(kl_ctl)(**state["kl_controller"])
+        moments, history = RunningMoments(**state["moments"]), list(state["history"])
 
     def save_checkpoint(d: Path) -> None:
-        write_checkpoint(d, roles, optimizer, kl_ctl.value, moments, history)
+        write_checkpoint(d, roles, optimizer, kl_ctl, moments, history)
 
     bar = tqdm(range(start, cfg.steps), desc="PPO", initial=start, total=cfg.steps, unit="iter")
     for it in bar:
@@ -431,13 +525,11 @@ def train_ppo(
 
         # 1. generate ---------------------------------------------------------------------------
         t0 = time.perf_counter()
-        ro = sample(
-            roles.model, roles.tok, batch, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.max_prompt_tokens
-        )
+        ro, guidance = guided.rollouts(roles, guide, batch, cfg, it, seed)  # the guide's roll-ins/roll-outs, if any
         t1 = time.perf_counter()
 
         # 2. score ------------------------------------------------------------------------------
-        traj = score_rollout(roles, ro, batch, cfg, kl_ctl.value, moments, iteration=it)
+        traj = score_rollout(roles, ro, batch, cfg, kl_ctl.value, moments, iteration=it, guidance=guidance)
         t2 = time.perf_counter()
 
         # 3. train ------------------------------------------------------------------------------

@@ -88,6 +88,19 @@ def gae(
     return advantages, (advantages + values) * mask
 
 
+def lols_mix(own: torch.Tensor, guided: torch.Tensor, cut_mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """LOLS's mixture (Chang et al. 2015, "Learning to Search Better than Your Teacher"), as RLGF's D2LOLS uses
+    it: on the tokens the policy wrote before the guide took over (cut_mask), beta * guided + (1 - beta) * own;
+    elsewhere own. LOLS draws the roll-out policy per state (the guide with probability beta); this is that
+    draw's expectation, for the advantage (or the return) of each token.
+    beta = 1 with the loss cut to cut_mask is AggreVaTeD (the guide's advantage alone, on the policy's part).
+
+    own, guided, cut_mask: (B, T) -> (B, T)
+    """
+    w = beta * cut_mask
+    return own * (1.0 - w) + guided * w
+
+
 def policy_loss(
     logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,6 +149,41 @@ class AdaptiveKLController:
         if self.target is not None:
             error = min(max(kl / self.target - 1.0, -0.2), 0.2)
             self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+
+@dataclass
+class PIDKLController:
+    """The KL coefficient as the Lagrange multiplier of the constraint KL <= target, set by PID control
+    (Stooke, Achiam & Abbeel 2020, "Responsive Safety in RL by PID Lagrangian Methods", Alg. 2).
+
+        e_t    = KL_t / target - 1                                   (the constraint's violation, relative)
+        I_t    = clip(I_{t-1} + ki * e_t, 0, beta_max)                (integral: gradient ascent on the multiplier)
+        D_t    = max(0, KL_t - KL_{t-1}) / target                     (derivative: only a rising KL)
+        beta_t = clip(kp * e_t + I_t + kd * D_t, beta_min, beta_max)
+
+    The integral alone is the plain Lagrangian update (and, in log space, Ziegler et al.'s controller): it
+    lags, so the KL overshoots and oscillates (Stooke et al., Fig. 1). The proportional term answers the
+    KL of this batch at once. I_0 = the initial coefficient. `kl` is the batch's mean summed KL per response.
+    """
+
+    value: float
+    target: float = 6.0
+    kp: float = 0.05
+    ki: float = 0.005
+    kd: float = 0.0
+    beta_min: float = 0.0
+    beta_max: float = 1.0
+    integral: float | None = None  # None: starts at `value`
+    last_kl: float | None = None
+
+    def update(self, kl: float, n_steps: int = 0) -> float:
+        error = kl / self.target - 1.0
+        start = self.value if self.integral is None else self.integral
+        self.integral = min(max(start + self.ki * error, 0.0), self.beta_max)
+        rise = 0.0 if self.last_kl is None else max(0.0, kl - self.last_kl) / self.target
+        self.last_kl = kl
+        self.value = min(max(self.kp * error + self.integral + self.kd * rise, self.beta_min), self.beta_max)
         return self.value
 
 

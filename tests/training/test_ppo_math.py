@@ -8,12 +8,14 @@ import torch
 from components.models.generation import response_mask
 from components.training.ppo_math import (
     AdaptiveKLController,
+    PIDKLController,
     RunningMoments,
     entropy_from_logits,
     gae,
     kl_k1,
     kl_k3,
     logprobs_of,
+    lols_mix,
     masked_mean,
     policy_loss,
     rewards_with_kl,
@@ -119,6 +121,31 @@ def test_adaptive_kl_controller_hand_computed():
     assert down.update(3.0, 32) == pytest.approx(0.1 * 0.99936)  # error -0.5 clipped to -0.2
     fixed = AdaptiveKLController(0.1, target=None)
     assert fixed.update(100.0, 32) == 0.1
+
+
+def test_pid_kl_controller_hand_computed():
+    # target 6, kp 0.05, ki 0.005, kd 0.1; I_0 = beta_0 = 0.1
+    c = PIDKLController(0.1, target=6.0, kp=0.05, ki=0.005, kd=0.1)
+    # KL 3: e = -0.5; I = 0.1 - 0.0025 = 0.0975; no earlier KL: D = 0; beta = -0.025 + 0.0975 = 0.0725
+    assert c.update(3.0) == pytest.approx(0.0725)
+    # KL 9: e = 0.5; I = 0.0975 + 0.0025 = 0.1; D = (9 - 3) / 6 = 1; beta = 0.025 + 0.1 + 0.1 = 0.225
+    assert c.update(9.0) == pytest.approx(0.225)
+    # KL 6 (on target): e = 0, I stays 0.1; falling KL: D = 0; beta = 0.1
+    assert c.update(6.0) == pytest.approx(0.1)
+    # far below target the coefficient is held at beta_min (0), the integral at 0: no negative penalty
+    low = PIDKLController(0.01, target=6.0, kp=0.05, ki=0.005)
+    assert low.update(0.0) == 0.0 and low.integral == pytest.approx(0.005)
+    assert PIDKLController(0.5, target=6.0, kp=1.0, beta_max=1.0).update(60.0) == 1.0  # and at beta_max above
+
+
+def test_lols_mix_hand_computed():
+    own, guided = T([[1.0, 2.0, 3.0, 4.0]]), T([[10.0, 20.0, 0.0, 0.0]])
+    cut = T([[1.0, 1.0, 0.0, 0.0]])  # the policy wrote 2 tokens before the guide took over
+    # D2LOLS, beta 0.25: 0.25 * 10 + 0.75 * 1 = 3.25; 0.25 * 20 + 0.75 * 2 = 6.5; own after the cut
+    assert lols_mix(own, guided, cut, 0.25)[0].tolist() == pytest.approx([3.25, 6.5, 3.0, 4.0])
+    # AggreVaTeD (beta 1): the guide's advantage on the policy's part (the loss is cut there as well)
+    assert lols_mix(own, guided, cut, 1.0)[0].tolist() == pytest.approx([10.0, 20.0, 3.0, 4.0])
+    assert lols_mix(own, guided, cut, 0.0)[0].tolist() == pytest.approx([1.0, 2.0, 3.0, 4.0])  # PPO's own
 
 
 def test_running_moments_match_the_whole_sample():
