@@ -1,6 +1,8 @@
 """The `rlhf` command. Every subcommand accepts Hydra overrides: `rlhf run model=tiny ppo.steps=20`.
 
     rlhf run       [overrides]                          the pipeline on the configured data
+    rlhf sweep     [overrides, a=1,2 sweeps]            PPO variants side by side (default: plain, PPO++,
+                                                        AggreVaTeD, D2LOLS), one MLflow run each
     rlhf validate  [PATH] [--kind K] [overrides]        Great Expectations checks, readable report
     rlhf ingest    FILE --kind K [--quarantine] [...]   validate + version a new batch, emit rlhf.data.updated
     rlhf data      [overrides]                          materialise data/ (dvc pull, else the demo) and show its version
@@ -34,6 +36,7 @@ from flows.service_commands import (
     cmd_serve,
     cmd_services,
     cmd_status,
+    cmd_sweep,
     cmd_worker,
 )
 
@@ -57,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     over = {"nargs": "*", "help": "Hydra overrides, e.g. model=tiny data.seed=7"}
     sub.add_parser("run", help="run the pipeline").add_argument("rest", **over)
+    sub.add_parser(
+        "sweep", help="PPO variants side by side (Hydra sweep syntax: ppo/guide=none,rollin ppo.target_kl=4,6)"
+    ).add_argument("rest", **over)
     sub.add_parser("data", help="materialise and show the data version").add_argument("rest", **over)
     sub.add_parser(
         "serve", help="run retrain as a long-lived deployment: cron schedule + new-data trigger"
@@ -129,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return {
             "run": cmd_run,
+            "sweep": cmd_sweep,
             "data": cmd_data,
             "config": cmd_config,
             "rollback": cmd_rollback,

@@ -1,4 +1,4 @@
-"""`rlhf` commands of the service: run, serve, status, approve, rollback, model serve."""
+"""`rlhf` commands of the service: run, sweep, serve, status, approve, rollback, model serve."""
 
 from __future__ import annotations
 
@@ -62,6 +62,45 @@ def cmd_run(args, overrides: list[str]) -> int:
         print(f"  serve it: rlhf model serve --alias {reg.alias}   (then curl: it prints the command)")
     else:
         print(f"\n✗ not promoted because {'; '.join(s.gate.reasons)} (the registry is unchanged)")
+    print(f"  {_where(cfg)}")
+    return 0
+
+
+def cmd_sweep(args, overrides: list[str]) -> int:
+    """`rlhf sweep`: PPO variants side by side (flows/sweep.py); Hydra sweep syntax (`a=1,2`) multiplies out."""
+    from flows.sweep import expand
+
+    try:
+        variants = expand(overrides)
+    except Exception as e:  # hydra's OverrideParseException: say which override and how sweeps are written
+        from components.config import ConfigError
+
+        raise ConfigError(
+            f"{e}\n  (a sweep override lists its values: ppo/guide=none,rollin ppo.target_kl=4,6)"
+        ) from None
+    base = [o for o in overrides if o in variants[0] and all(o in v for v in variants)]
+    cfg = _load(base)
+    for v in variants:  # every variant composes before anything trains
+        from components.config import compose
+
+        compose(v)
+    from flows.sweep import sweep
+
+    _sigterm_unwinds()
+    print(f"sweep of {len(variants)} variant(s) on the same data, SFT and reward model:")
+    for v in variants:
+        print("  " + " ".join(o for o in v if o not in base))
+    state = sweep(cfg, variants, return_state=True)
+    summary = state.result(raise_on_failure=False)
+    if hasattr(summary, "table"):
+        print(f"\nsweep run {summary.run_id} (data version {summary.data_version}):\n")
+        print(summary.table())
+        print("  the same table: artifact sweep_results.md of that run; one run per variant (`sweep <variant>`),")
+        print("  their PPO curves in each variant's `ppo` child run. Compare them: select the runs, Compare.")
+    if state.is_failed():
+        print(f"\n✗ sweep: {state.message}", file=sys.stderr)
+        print(f"  {_where(cfg)}", file=sys.stderr)
+        return 1
     print(f"  {_where(cfg)}")
     return 0
 

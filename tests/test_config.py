@@ -1,11 +1,13 @@
 from dataclasses import fields
 
 import pytest
+import yaml
 
 from components.config import (
     CONF_DIR,
     GROUPS,
     NEVER_REMOTE,
+    SUBGROUPS,
     Config,
     ConfigError,
     OverrideNotAllowed,
@@ -22,7 +24,7 @@ def all_options():
 
 def test_every_group_has_options():
     opts = group_options()
-    assert set(opts) == set(GROUPS)
+    assert set(opts) == {*GROUPS, *SUBGROUPS}
     for group, names in opts.items():
         assert [n for n in names if n != "schema"], f"conf/{group}/ has no options"
 
@@ -31,16 +33,18 @@ def test_every_group_has_options():
 def test_composes_every_option_of_every_group(group, option):
     cfg = compose([f"{group}={option}"])
     assert isinstance(cfg, Config)
-    node = getattr(cfg, group)
+    node, d = cfg, to_dict(cfg)
+    for key in group.split("/"):  # ppo/guide -> cfg.ppo.guide
+        node, d = getattr(node, key), d[key]
     # Typed: the group's dataclass, every field set (no MISSING left)
-    d = to_dict(cfg)[group]
     assert set(d) == {f.name for f in fields(node)}
 
 
 def test_every_yaml_option_starts_from_the_schema():
-    for group in GROUPS:
+    for group in (*GROUPS, *SUBGROUPS):
         for path in (CONF_DIR / group).glob("*.yaml"):
-            assert "defaults: [schema]" in path.read_text(), f"{path} must extend the {group} schema"
+            defaults = yaml.safe_load(path.read_text())["defaults"]
+            assert defaults[0] == "schema", f"{path} must extend the {group} schema first"
 
 
 def test_overrides_apply_and_are_typed():

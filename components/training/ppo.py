@@ -560,6 +560,10 @@ def train_ppo(
 
     # 5. evaluate on held-out prompts, write the outputs -----------------------------------------
     metrics = dict(history[-1]) if history else {}
+    metrics["ppo/train_seconds"] = sum(
+        h["ppo/time_generate"] + h["ppo/time_score"] + h["ppo/time_train"] for h in history
+    )
+    metrics["ppo/guide_tokens_mean"] = sum(h["ppo/guide_tokens"] for h in history) / max(1, len(history))
     metrics.update(evaluate_policy_vs_reference(roles, eval_prompts[: cfg.eval_max_prompts], cfg, seed))
     metrics["ppo/resumed_from_iteration"] = float(start)
     log_to_active_run(metrics, cfg.steps)

@@ -247,3 +247,49 @@ def test_bad_requests_get_a_clean_400(served, case):
     sentence = body["message"].rsplit("Error: ", 1)[-1]  # MLflow prefixes "Failed to predict data '...'. \nError: "
     assert field in sentence and allowed in sentence and sentence.count(". ") == 0, sentence
     assert "Traceback" not in text and not body.get("stack_trace"), text
+
+
+# ---- a served or registered policy as the guide of guided PPO (RLGF, issue 13) ----
+def guided_ppo(stages, reward, guide: str, out):
+    from dataclasses import replace
+
+    from components.training.ppo import train_ppo
+
+    ppo = stages.cfg.ppo
+    cfg = replace(
+        ppo,
+        steps=2,
+        batch_size=8,
+        minibatch_size=4,
+        eval_max_prompts=4,
+        max_new_tokens=8,  # the served v1 takes prompts of 24 tokens at most: prompt (<= 13) + the policy's part
+        guide=replace(ppo.guide, model=guide, rollin_prob=0.5, rollout_prob=0.5, max_rollin_tokens=4, request_batch=4),
+    )
+    return train_ppo(cfg, stages.cfg.model, stages.sft_dir, reward.head_dir, stages.cfg.data_path, out, seed=0)
+
+
+def test_a_served_policy_guides_ppo_over_http(registry, served, reward, tmp_path):
+    from dataclasses import replace
+
+    from components.models.guide import GuideError, HTTPGuide
+
+    stages, _ = registry
+    url = f"http://127.0.0.1:{served}/invocations"
+    result = guided_ppo(stages, reward, url, tmp_path / "ppo")
+    for row in result.history:  # 4 roll-ins and (up to) 4 roll-outs of 8, written by the served model
+        assert row["ppo/guide_rollin_share"] == 0.5 and 0.25 <= row["ppo/guide_rollout_share"] <= 0.5
+        assert row["ppo/guide_tokens"] > 0 and "ppo/guided_score" in row
+    cfg = replace(stages.cfg.ppo.guide, request_batch=4)  # the served v1 takes 4 prompts a request
+    texts = HTTPGuide(url, url, cfg).complete(["The film was"] * 5, 4, seed=1)  # two requests: 4 + 1
+    assert len(texts) == 5 and all(isinstance(t, str) for t in texts)
+    with pytest.raises(GuideError, match="answered HTTP 400: .*prompt"):  # the server's own sentence, passed on
+        HTTPGuide(url, url, replace(cfg, request_batch=5)).complete(["The film was"] * 5, 4, seed=1)
+    dead = f"http://127.0.0.1:{free_port()}/invocations"
+    with pytest.raises(GuideError, match="did not answer .* after 2 tries"):
+        HTTPGuide(dead, dead, cfg, attempts=2).complete(["The film was"], 4, seed=1)
+
+
+def test_a_registered_policy_guides_ppo_by_model_uri(registry, served, reward, tmp_path):
+    stages, (v1, _) = registry  # `served` promoted v1 to champion
+    result = guided_ppo(stages, reward, f"models:/{NAME}@{CHAMPION}", tmp_path / "ppo")
+    assert all(row["ppo/guide_tokens"] > 0 for row in result.history)

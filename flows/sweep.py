@@ -1,0 +1,152 @@
+"""Flow `sweep`: PPO variants side by side on the same data, SFT and reward model, one MLflow run each.
+
+    rlhf sweep                                   plain PPO, roll-in (PPO++), roll-out (AggreVaTeD), D2LOLS
+    rlhf sweep ppo/guide=none,rollin ppo.steps=80 seed=1
+    rlhf sweep ppo.target_kl=4,6,8               any Hydra sweep: comma lists multiply out (Hydra multirun)
+
+Each variant runs the stages it needs (unchanged ones come from the cache, so SFT and the reward model train
+once), then PPO and the evaluation, under its own MLflow run `sweep <variant>` in the project's experiment:
+the same seed, the same number of sampled responses (ppo.steps x ppo.batch_size), the same metric names
+(`sweep/*` on the variant's run, `ppo/*` curves on its PPO child run), so they compare in the MLflow UI. Nothing
+is registered. The table (held-out RM reward, independent-judge score, KL, wall time) goes on the sweep's run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import asdict, dataclass, field
+
+import mlflow
+from prefect import get_run_logger
+from prefect.states import Completed, Failed
+
+from components import tracking
+from components.config import Config, compose
+from components.evaluation.evaluate import win_rate
+from flows import lifecycle
+from flows.caching import run_stage
+from flows.redaction import config_flow
+from flows.stages import base_model, evaluate, git_commit, ppo, prepare_data, reward_model, sft, validate
+
+DEFAULT_SWEEP = ["ppo/guide=none,rollin,aggrevated,d2lols"]
+COLUMNS = ("variant", "eval_reward", "eval_reward_sft", "judge", "judge_sft", "win_rate_vs_sft", "kl", "ppo_seconds")
+
+
+def expand(overrides: list[str]) -> list[list[str]]:
+    """Hydra's multirun expansion: each sweep override (`a=1,2`, `range(...)`, `choice(...)`) takes each of
+    its values, the cartesian product of all of them. -> one override list per variant. No sweep override in
+    `overrides`: the default sweep (plain PPO and the three guided variants) is added."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    if not any(o.is_sweep_override() for o in parsed):
+        return expand([*overrides, *DEFAULT_SWEEP])
+    axes = [
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
+        for o in parsed
+    ]
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def variant_name(overrides: list[str], base: list[str]) -> str:
+    """What tells a variant apart: its sweep values (`ppo/guide=rollin` -> `rollin`)."""
+    own = [o for o in overrides if o not in base]
+    return " ".join(o.split("=", 1)[1] if o.startswith("ppo/guide=") else o for o in own) or "base"
+
+
+@dataclass
+class SweepRow:
+    variant: str
+    overrides: list[str]
+    run_id: str  # the variant's MLflow run
+    metrics: dict[str, float] = field(default_factory=dict)  # `sweep/*`
+    error: str | None = None
+
+
+@dataclass
+class SweepSummary:
+    run_id: str
+    data_version: str
+    rows: list[SweepRow]
+
+    def table(self) -> str:
+        """A markdown table of the variants."""
+        head = "| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n"
+        lines = []
+        for r in self.rows:
+            if r.error:
+                lines.append(f"| {r.variant} | failed: {r.error[:80]} |" + " |" * (len(COLUMNS) - 2))
+                continue
+            cells = [r.variant] + [f"{r.metrics.get('sweep/' + c, float('nan')):.3f}" for c in COLUMNS[1:]]
+            lines.append("| " + " | ".join(cells) + " |")
+        return head + "\n".join(lines) + "\n"
+
+
+@config_flow(name="sweep", validate_parameters=False)
+def sweep(cfg: Config, variants: list[list[str]]):
+    """The variants (override lists composed over `cfg`'s) one after another; `sweep/*` per variant."""
+    tracking.setup(cfg)
+    log = get_run_logger()
+    with mlflow.start_run(run_name=tracking.run_name(cfg, "sweep"), tags=lifecycle.mlflow_owner_tags()) as parent:
+        mlflow.set_tags({"pipeline": "sweep", "git_commit": git_commit(cfg.root_path)})
+        mlflow.log_text(tracking.redacted_yaml(cfg), "config.yaml")
+        data = prepare_data(cfg)
+        mlflow.set_tag("data_version", data.version)
+        checked = validate(cfg, data, parent.info.run_id)
+        if not checked.ok:
+            return Failed(message=f"data validation failed; no training ran.\n{checked.report}")
+        summary = SweepSummary(parent.info.run_id, data.version, [])
+        for overrides in variants:
+            vcfg = compose(overrides)
+            row = run_variant(vcfg, data, parent.info.run_id, variant_name(overrides, cfg.overrides))
+            summary.rows.append(row)
+            log.info("sweep %s: %s", row.variant, row.error or {k: round(v, 3) for k, v in row.metrics.items()})
+        mlflow.log_table(
+            {c: [r.variant if c == "variant" else r.metrics.get(f"sweep/{c}") for r in summary.rows] for c in COLUMNS},
+            "sweep_results.json",
+        )
+        mlflow.log_text(summary.table(), "sweep_results.md")
+        failed = [r.variant for r in summary.rows if r.error]
+        if failed:
+            return Failed(message=f"variant(s) failed: {', '.join(failed)}", data=summary)
+        return Completed(data=summary, message=f"{len(summary.rows)} variants")
+
+
+def run_variant(cfg: Config, data, parent_run_id: str, name: str) -> SweepRow:
+    """One variant: its stages (cached when unchanged), PPO, the evaluation; `sweep/*` on its own run."""
+    with mlflow.start_run(
+        run_name=f"sweep {name}", nested=True, parent_run_id=parent_run_id, tags=lifecycle.mlflow_owner_tags()
+    ) as run:
+        mlflow.set_tags({"sweep.variant": name, "data_version": data.version})
+        tracking.log_params(tracking.flatten(asdict(cfg.ppo), prefix="ppo."))
+        mlflow.log_param("sweep.overrides", " ".join(tracking.redact_override(o) for o in cfg.overrides)[:6000])
+        row = SweepRow(name, list(cfg.overrides), run.info.run_id)
+        try:
+            base = base_model(cfg, data, run.info.run_id)
+            sft_out = run_stage(sft, cfg, data, base, run.info.run_id)
+            rm_out = run_stage(reward_model, cfg, data, sft_out.dir, run.info.run_id)
+            started = time.perf_counter()
+            policy = run_stage(ppo, cfg, data, sft_out.dir, rm_out.dir, run.info.run_id)
+            ev = evaluate(cfg, data, sft_out.dir, rm_out.dir, policy.dir, run.info.run_id)
+        except Exception as e:  # one variant's failure (a diverged PPO) is a row of the table, not the sweep's end
+            mlflow.set_tag("outcome", f"failed: {type(e).__name__}")
+            row.error = f"{type(e).__name__}: {e}"
+            return row
+        cand, ref = ev.eval["candidate"], ev.eval["sft"]
+        row.metrics = tracking.finite(
+            {
+                "sweep/eval_reward": cand["reward_mean"],
+                "sweep/eval_reward_sft": ref["reward_mean"],
+                "sweep/judge": cand.get("judge_mean", float("nan")),
+                "sweep/judge_sft": ref.get("judge_mean", float("nan")),
+                "sweep/win_rate_vs_sft": win_rate(ev.rewards["candidate"], ev.rewards["sft"]),
+                "sweep/kl": cand["kl"],
+                # PPO's own time (generation, guide calls, scoring, updates), kept when its output is cached
+                "sweep/ppo_seconds": policy.metrics.get("ppo/train_seconds", time.perf_counter() - started),
+                "sweep/guide_tokens": policy.metrics.get("ppo/guide_tokens_mean", 0.0),
+            }
+        )
+        mlflow.log_metrics(row.metrics)
+        mlflow.set_tag("outcome", "done")
+        return row

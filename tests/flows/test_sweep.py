@@ -1,0 +1,58 @@
+"""`rlhf sweep`: plain PPO, roll-in, roll-out (AggreVaTeD) and D2LOLS side by side, one MLflow run each in one
+experiment with the same metric names; SFT and the reward model train once; nothing is registered."""
+
+import mlflow
+import pytest
+
+from components.tracking import tracking_uri
+from flows.cli import main
+from flows.sweep import expand, variant_name
+from tests.conftest import FAST_STAGES, make_project
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def test_expand_is_hydras_multirun_product():
+    assert expand(["seed=1", "ppo.target_kl=4,6", "ppo/guide=none,rollin"]) == [
+        ["seed=1", "ppo.target_kl=4", "ppo/guide=none"],
+        ["seed=1", "ppo.target_kl=4", "ppo/guide=rollin"],
+        ["seed=1", "ppo.target_kl=6", "ppo/guide=none"],
+        ["seed=1", "ppo.target_kl=6", "ppo/guide=rollin"],
+    ]
+    default = expand(["seed=1"])
+    assert [variant_name(v, ["seed=1"]) for v in default] == ["none", "rollin", "aggrevated", "d2lols"]
+
+
+def test_sweep_runs_the_four_variants_side_by_side(tmp_path, capsys):
+    cfg = make_project(tmp_path / "proj")
+    overrides = [f"root={cfg.root}", "data=demo_small", *FAST_STAGES, "ppo.steps=3", "ppo.guide.max_rollin_tokens=4"]
+    assert main(["sweep", *overrides]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    for variant in ("none", "rollin", "aggrevated", "d2lols"):
+        assert f"| {variant} |" in out
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
+    variants = {r.data.tags["sweep.variant"]: r for r in runs if "sweep.variant" in r.data.tags}
+    assert set(variants) == {"none", "rollin", "aggrevated", "d2lols"}
+    names = {v: {k for k in r.data.metrics if k.startswith("sweep/")} for v, r in variants.items()}
+    assert len({frozenset(n) for n in names.values()}) == 1 and "sweep/eval_reward" in names["none"]
+    for r in variants.values():  # same seed, same number of sampled responses
+        assert (r.data.params["ppo.steps"], r.data.params["ppo.batch_size"]) == ("3", "8")
+    parent = {r.data.tags.get("mlflow.parentRunId") for r in variants.values()}
+    assert len(parent) == 1  # one sweep
+
+    ppo_runs = {r.data.tags["mlflow.parentRunId"]: r for r in runs if r.data.tags.get("stage") == "ppo"}
+    shares = {
+        v: (
+            ppo_runs[r.info.run_id].data.metrics["ppo/guide_rollin_share"],
+            ppo_runs[r.info.run_id].data.metrics["ppo/guide_rollout_share"],
+        )
+        for v, r in variants.items()
+    }
+    assert shares["none"] == (0.0, 0.0) and shares["rollin"] == (0.5, 0.0)
+    assert shares["aggrevated"][0] == 0.0 and 0.25 <= shares["aggrevated"][1] <= 0.5
+    # SFT and the reward model trained once; the later variants took them from the cache
+    assert sum(1 for r in runs if r.data.tags.get("stage") == "sft") == 1
+    assert sum(1 for r in runs if r.data.tags.get("stage") == "reward") == 1
+    assert not mlflow.MlflowClient().search_registered_models(f"name='{cfg.tracking.registered_model_name}'")
