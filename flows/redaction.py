@@ -17,8 +17,18 @@ class ConfigFlow(Flow):
     """A Prefect flow whose `Config` parameters are stored redacted (the function still gets the real one)."""
 
     def serialize_parameters(self, parameters: dict[str, Any]) -> dict[str, Any]:
-        shown = {k: tracking.redacted(to_dict(v)) if isinstance(v, Config) else v for k, v in parameters.items()}
-        return super().serialize_parameters(shown)
+        return super().serialize_parameters({k: _shown(v) for k, v in parameters.items()})
+
+
+def _shown(value: Any) -> Any:
+    """A Config as its redacted dict; override strings (`key=value`, in lists: a sweep's variants) redacted."""
+    if isinstance(value, Config):
+        return tracking.redacted(to_dict(value))
+    if isinstance(value, (list, tuple)):
+        return [_shown(v) for v in value]
+    if isinstance(value, str) and "=" in value:
+        return tracking.redact_override(value)
+    return value
 
 
 def config_flow(**options: Any):

@@ -32,6 +32,7 @@ from flows.stages import (
     evaluate,
     gate,
     git_commit,
+    pin_guide,
     ppo,
     prepare_data,
     register,
@@ -88,7 +89,7 @@ def pipeline(cfg: Config) -> State:
         s.sft = run_stage(sft, cfg, data, s.base, run_id)
         s.reward = run_stage(reward_model, cfg, data, s.sft.dir, run_id)
         try:
-            s.policy = run_stage(ppo, cfg, data, s.sft.dir, s.reward.dir, run_id)
+            s.policy = run_stage(ppo, pin_guide(cfg), data, s.sft.dir, s.reward.dir, run_id)
         except PPODivergence as e:
             return finish(s, "PPO diverged", Failed(message=str(e), data=s))
         s.cached = [name for name, out in (("sft", s.sft), ("reward-model", s.reward), ("ppo", s.policy)) if out.cached]

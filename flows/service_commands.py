@@ -80,10 +80,17 @@ def cmd_sweep(args, overrides: list[str]) -> int:
         ) from None
     base = [o for o in overrides if o in variants[0] and all(o in v for v in variants)]
     cfg = _load(base)
-    for v in variants:  # every variant composes before anything trains
-        from components.config import compose
+    from components.config import ConfigError, compose
+    from components.training import guided
+    from components.training.ppo import kl_controller
 
-        compose(v)
+    for v in variants:  # every variant composes, and its PPO settings hold, before anything trains
+        try:
+            ppo = compose(v).ppo
+            guided.check_config(ppo)
+            kl_controller(ppo)
+        except ValueError as e:
+            raise ConfigError(f"variant {' '.join(v)}: {e}") from None
     from flows.sweep import sweep
 
     _sigterm_unwinds()

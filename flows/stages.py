@@ -11,7 +11,7 @@ import functools
 import inspect
 import os
 import subprocess
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +175,23 @@ def reward_model(cfg: Config, data: DataState, sft_dir: str, parent_run_id: str)
             result.metrics["rm/eval_margin"],
         )
         return StageOutput(result.head_dir, run.info.run_id, result.metrics)
+
+
+def pin_guide(cfg: Config) -> Config:
+    """A guide named by a registered model's alias (`models:/rlhf-policy@champion`) pinned to the version the
+    alias points at now, so that PPO's cache key and checkpoints name the guide that trained the policy: when
+    the alias moves, PPO trains again instead of reusing a policy another guide trained."""
+    spec = cfg.ppo.guide.model
+    if not (spec and spec.startswith("models:/") and "@" in spec):
+        return cfg
+    name, alias = spec.removeprefix("models:/").split("@", 1)
+    version = registry.alias_version(name, alias)
+    if version is None:
+        raise ValueError(f"ppo.guide.model={spec}: model {name!r} has no alias {alias!r} (`rlhf status`)")
+    get_run_logger().info("guide %s is version %s", spec, version)
+    pinned = f"models:/{name}/{version}"
+    guide = replace(cfg.ppo.guide, model=pinned)  # and as an override: a worker composes the same config
+    return replace(cfg, ppo=replace(cfg.ppo, guide=guide), overrides=[*cfg.overrides, f"ppo.guide.model={pinned}"])
 
 
 @task(name="ppo", **RETRY, **CACHED)

@@ -14,7 +14,6 @@ is registered. The table (held-out RM reward, independent-judge score, KL, wall 
 from __future__ import annotations
 
 import itertools
-import time
 from dataclasses import asdict, dataclass, field
 
 import mlflow
@@ -27,7 +26,17 @@ from components.evaluation.evaluate import win_rate
 from flows import lifecycle
 from flows.caching import run_stage
 from flows.redaction import config_flow
-from flows.stages import base_model, evaluate, git_commit, ppo, prepare_data, reward_model, sft, validate
+from flows.stages import (
+    base_model,
+    evaluate,
+    git_commit,
+    pin_guide,
+    ppo,
+    prepare_data,
+    reward_model,
+    sft,
+    validate,
+)
 
 DEFAULT_SWEEP = ["ppo/guide=none,rollin,aggrevated,d2lols"]
 COLUMNS = ("variant", "eval_reward", "eval_reward_sft", "judge", "judge_sft", "win_rate_vs_sft", "kl", "ppo_seconds")
@@ -41,6 +50,8 @@ def expand(overrides: list[str]) -> list[list[str]]:
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     if not any(o.is_sweep_override() for o in parsed):
+        if any(o.get_key_element() == "ppo/guide" for o in parsed):  # one variant, as asked
+            return [list(overrides)]
         return expand([*overrides, *DEFAULT_SWEEP])
     axes = [
         [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
@@ -126,27 +137,28 @@ def run_variant(cfg: Config, data, parent_run_id: str, name: str) -> SweepRow:
             base = base_model(cfg, data, run.info.run_id)
             sft_out = run_stage(sft, cfg, data, base, run.info.run_id)
             rm_out = run_stage(reward_model, cfg, data, sft_out.dir, run.info.run_id)
-            started = time.perf_counter()
-            policy = run_stage(ppo, cfg, data, sft_out.dir, rm_out.dir, run.info.run_id)
+            policy = run_stage(ppo, pin_guide(cfg), data, sft_out.dir, rm_out.dir, run.info.run_id)
             ev = evaluate(cfg, data, sft_out.dir, rm_out.dir, policy.dir, run.info.run_id)
         except Exception as e:  # one variant's failure (a diverged PPO) is a row of the table, not the sweep's end
             mlflow.set_tag("outcome", f"failed: {type(e).__name__}")
             row.error = f"{type(e).__name__}: {e}"
-            return row
-        cand, ref = ev.eval["candidate"], ev.eval["sft"]
-        row.metrics = tracking.finite(
-            {
-                "sweep/eval_reward": cand["reward_mean"],
-                "sweep/eval_reward_sft": ref["reward_mean"],
-                "sweep/judge": cand.get("judge_mean", float("nan")),
-                "sweep/judge_sft": ref.get("judge_mean", float("nan")),
-                "sweep/win_rate_vs_sft": win_rate(ev.rewards["candidate"], ev.rewards["sft"]),
-                "sweep/kl": cand["kl"],
-                # PPO's own time (generation, guide calls, scoring, updates), kept when its output is cached
-                "sweep/ppo_seconds": policy.metrics.get("ppo/train_seconds", time.perf_counter() - started),
-                "sweep/guide_tokens": policy.metrics.get("ppo/guide_tokens_mean", 0.0),
-            }
-        )
-        mlflow.log_metrics(row.metrics)
-        mlflow.set_tag("outcome", "done")
-        return row
+        else:
+            cand, ref = ev.eval["candidate"], ev.eval["sft"]
+            row.metrics = tracking.finite(
+                {
+                    "sweep/eval_reward": cand["reward_mean"],
+                    "sweep/eval_reward_sft": ref["reward_mean"],
+                    "sweep/judge": cand.get("judge_mean", float("nan")),
+                    "sweep/judge_sft": ref.get("judge_mean", float("nan")),
+                    "sweep/win_rate_vs_sft": win_rate(ev.rewards["candidate"], ev.rewards["sft"]),
+                    "sweep/kl": cand["kl"],
+                    # PPO's own time (generation, guide calls, scoring, updates), kept when its output is cached
+                    "sweep/ppo_seconds": policy.metrics.get("ppo/train_seconds", float("nan")),
+                    "sweep/guide_tokens": policy.metrics.get("ppo/guide_tokens_mean", 0.0),
+                }
+            )
+            mlflow.log_metrics(row.metrics)
+            mlflow.set_tag("outcome", "done")
+    if row.error:  # the run ended FINISHED with the block: FAILED, so the UI shows which variant failed
+        mlflow.MlflowClient().set_terminated(row.run_id, "FAILED")
+    return row

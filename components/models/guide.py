@@ -112,27 +112,36 @@ class HTTPGuide:
                 "dataframe_records": [{"prompt": c} for c in chunk],
                 "params": _params(self.cfg, max_new_tokens, seed + i),
             }
-            out.extend(_responses(self._post(body)["predictions"], len(chunk), self.name))
+            out.extend(_responses(self._post(body), len(chunk), self.name))
         return out
 
-    def _post(self, body: dict) -> dict:
+    def _post(self, body: dict) -> list:
         import requests
 
+        from components.tracking import redact_url
+
+        where = redact_url(self.url)  # errors reach logs and MLflow: never a credential in the URL
         for attempt in range(1, self.attempts + 1):
             try:
                 r = requests.post(self.url, json=body, timeout=self.cfg.timeout_s)
             except requests.RequestException as e:
                 if attempt == self.attempts:
                     raise GuideError(
-                        f"the guide at {self.url} did not answer ({type(e).__name__}: {e}) after {attempt} tries. "
+                        f"the guide at {where} did not answer ({type(e).__name__}) after {attempt} tries. "
                         "Is it being served (`rlhf model serve`)? Check ppo.guide.model."
                     ) from None
             else:
                 if r.status_code == 200:
-                    return r.json()
+                    try:
+                        return r.json()["predictions"]
+                    except (ValueError, KeyError, TypeError):
+                        raise GuideError(
+                            f"the guide at {where} answered 200 without MLflow's `predictions`: {r.text[:300]!r}. "
+                            "Is it an MLflow scoring server's /invocations?"
+                        ) from None
                 if r.status_code < 500 or attempt == self.attempts:
                     raise GuideError(
-                        f"the guide at {self.url} answered HTTP {r.status_code}: {r.text[:500]}. "
+                        f"the guide at {where} answered HTTP {r.status_code}: {r.text[:500]}. "
                         "A 400 names the request field it refused; lower ppo.guide.request_batch if it is `prompt`."
                     )
             time.sleep(attempt)
@@ -147,7 +156,9 @@ def load_guide(cfg: GuideConfig, roles: Roles, model_cfg: ModelConfig, max_promp
     if spec == "reference":
         return ModelGuide("reference", roles.model, roles.tok, cfg, max_prompt_tokens, roles=roles)
     if spec.startswith(("http://", "https://")):
-        return HTTPGuide(spec, spec, cfg)
+        from components.tracking import redact_url
+
+        return HTTPGuide(redact_url(spec), spec, cfg)
     if ":/" in spec:  # models:/name@alias, runs:/id/path, ... : an MLflow model
         import mlflow
 
@@ -201,7 +212,7 @@ def _responses(predictions, n: int, name: str) -> list[str]:
         predictions = predictions.to_dict(orient="records")
     try:
         texts = [str(p["response"] if isinstance(p, dict) else p).strip() for p in predictions]
-    except KeyError:
+    except (KeyError, TypeError):
         raise GuideError(f"the guide {name} answered without a `response` field: {str(predictions)[:300]}") from None
     if len(texts) != n:
         raise GuideError(f"the guide {name} answered {len(texts)} continuations for {n} contexts")

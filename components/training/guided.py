@@ -10,12 +10,13 @@ Each rollout of the batch is one of (`ppo.guide`, shares drawn exactly: `assign_
              mixes the guide's states into the policy's (RLGF's PPO++; TRIL ppo_pp.py + RollinProcessor in
              utils/logit_processors.py). The guide's tokens join the query, so they carry no loss, no KL, no
              value and no advantage: only the policy's own tokens do.
-    ROLLOUT  AggreVaTeD (Sun et al. 2017) / D2LOLS: the policy writes its response, it is cut at a random word
-             boundary t (1 <= t < length), and the guide completes it from there. The reward R of
-             prompt + policy[:t] + completion is a one-sample estimate of Q^{pi_g}(s_t, a_t), so the policy's
-             tokens up to t are credited with the guide's advantage
+    ROLLOUT  AggreVaTeD (Sun et al. 2017) / D2LOLS: the policy writes its response, it keeps its first t tokens
+             (t uniform over word boundaries, 1 <= t < length), and the guide completes it from there. The
+             reward R of prompt + policy[:t] + completion is a one-sample estimate of Q^{pi_g}(s, a) at the
+             policy's last kept token a = a_{t-1}, so the policy's tokens before the cut are credited with
+             the guide's advantage
 
-                 AggreVaTeD:  grad = E[ sum_{j<=t} grad log pi(a_j|s_j) * A^{pi_g}_j ],  A^{pi_g} by GAE over
+                 AggreVaTeD:  grad = E[ sum_{j<t} grad log pi(a_j|s_j) * A^{pi_g}_j ],  A^{pi_g} by GAE over
                               policy[:t] with R at its last token (TRIL aggrevated.py: the update is on the
                               roll-in part, the guide's part is masked out);
                  D2LOLS:      the LOLS mixture (Chang et al. 2015) of the guide's and the policy's advantage,
@@ -29,6 +30,7 @@ RNG: with both probabilities 0 no draw is made and PPO is plain PPO, bit for bit
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +42,7 @@ from components.models.roles import Roles
 
 POLICY, ROLLIN, ROLLOUT = 0, 1, 2
 ADVANTAGES = ("aggrevated", "d2lols")
-GUIDE_STREAM = 7_919  # offsets the guide's random stream from the minibatch order's (same seed, iteration)
+GUIDE_STREAM = 10**12  # the guide's generator seeds start here: disjoint from the minibatch order's (ppo.py)
 
 
 @dataclass
@@ -72,7 +74,7 @@ def check_config(cfg: PPOConfig) -> None:
         )
     if g.rollout_advantage not in ADVANTAGES:
         raise ValueError(f"ppo.guide.rollout_advantage={g.rollout_advantage!r}: expected one of {ADVANTAGES}")
-    if not 0 <= g.max_rollin_tokens < cfg.max_new_tokens:
+    if g.rollin_prob and not 0 <= g.max_rollin_tokens < cfg.max_new_tokens:
         raise ValueError(
             f"ppo.guide.max_rollin_tokens={g.max_rollin_tokens} must be in 0..ppo.max_new_tokens-1 "
             f"({cfg.max_new_tokens - 1}): the policy must write at least one token"
@@ -113,13 +115,16 @@ def cut_points(allowed: torch.Tensor, kinds: torch.Tensor, generator: torch.Gene
     return t
 
 
-def word_starts(tok) -> torch.Tensor:
-    """[V] bool: the token begins a word (byte-level BPE `Ġ`, SentencePiece `▁`, a leading space) or is EOS. A
-    cut there hands the guide whole words. A tokenizer with no such marks: every token."""
+@functools.lru_cache(maxsize=4)
+def word_starts(tok, vocab_size: int) -> torch.Tensor:
+    """[vocab_size] bool: the token begins a word (byte-level BPE `Ġ`, SentencePiece `▁`, a leading space) or is
+    EOS. A cut there hands the guide whole words. A tokenizer with no such marks: every token. Ids past the
+    tokenizer (a model's padded vocabulary) never begin one. Cached: once per tokenizer."""
     pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
-    starts = torch.tensor([bool(p) and p[0] in ("Ġ", "▁", " ") for p in pieces])
+    starts = torch.zeros(max(vocab_size, len(tok)), dtype=torch.bool)
+    starts[: len(tok)] = torch.tensor([bool(p) and p[0] in ("Ġ", "▁", " ") for p in pieces])
     if not starts.any():
-        starts[:] = True
+        starts[: len(tok)] = True
     starts[tok.eos_token_id] = True
     return starts
 
@@ -145,19 +150,23 @@ def rollouts(
     if guide is None:
         return sample(roles.model, roles.tok, prompts, *args, cfg.max_prompt_tokens), None
     g, tok = cfg.guide, roles.tok
-    gen = torch.Generator().manual_seed(seed * 100_003 + iteration + GUIDE_STREAM)
+    gen = torch.Generator().manual_seed(GUIDE_STREAM + seed * 100_003 + iteration)
     rollout_on = g.rollout_iterations is None or iteration < g.rollout_iterations
     kinds = assign_kinds(len(prompts), g.rollin_prob, g.rollout_prob if rollout_on else 0.0, gen)
     h = rollin_lengths(kinds, g.max_rollin_tokens, gen)
-    guide_seed = seed * 100_003 + iteration
+    guide_seeds = torch.randint(0, 2**31 - 1, (2,), generator=gen).tolist()  # its sampling: a stream of its own
+    # what the policy sees of each prompt (its end, max_prompt_tokens), as text: what the guide is shown
+    prompt_ids = [
+        tok(p, add_special_tokens=False)["input_ids"][-cfg.max_prompt_tokens :] or [tok.eos_token_id] for p in prompts
+    ]
+    shown = [
+        p if len(tok(p, add_special_tokens=False)["input_ids"]) <= cfg.max_prompt_tokens else tok.decode(ids).strip()
+        for p, ids in zip(prompts, prompt_ids, strict=True)
+    ]
 
     # roll-in: the guide writes the first h tokens; the policy continues within the same response budget
     if (h > 0).any():
-        prefixes = guide_prefixes(guide, tok, prompts, h, g.max_rollin_tokens, guide_seed)
-        prompt_ids = [
-            tok(p, add_special_tokens=False)["input_ids"][-cfg.max_prompt_tokens :] or [tok.eos_token_id]
-            for p in prompts
-        ]
+        prefixes = guide_prefixes(guide, tok, shown, h, g.max_rollin_tokens, guide_seeds[0])
         device = next(roles.model.parameters()).device
         query, qmask = left_pad([p + x for p, x in zip(prompt_ids, prefixes, strict=True)], tok.pad_token_id, device)
         ro = sample_from(roles.model, tok, query, qmask, *args)
@@ -172,13 +181,14 @@ def rollouts(
         written = torch.zeros(len(prompts), dtype=torch.long)
 
     # roll-out: cut the policy's response at a word boundary, the guide completes it
-    cut = cut_points(allowed_cuts(ro, word_starts(tok)), kinds, gen)
+    vocab = roles.model.get_output_embeddings().weight.shape[0]
+    cut = cut_points(allowed_cuts(ro, word_starts(tok, vocab)), kinds, gen)
     kinds = torch.where((kinds == ROLLOUT) & (cut == 0), torch.full_like(kinds, POLICY), kinds)
     rows = torch.nonzero(cut > 0).squeeze(1)
     completed = None
     if len(rows):
         completed, tokens = complete(
-            guide, tok, ro, [prompts[i] for i in rows.tolist()], rows, cut[rows], cfg, guide_seed + 1
+            guide, tok, ro, [shown[i] for i in rows.tolist()], rows, cut[rows], cfg, guide_seeds[1]
         )
         written[rows] = tokens
     return ro, Guidance(kinds, written, cut, rows, completed)
@@ -209,11 +219,12 @@ def complete(
     responses, ended, tokens = [], [], []
     for k, text, b in zip(kept, texts, budget.tolist(), strict=True):
         ids = tok(" " + text, add_special_tokens=False)["input_ids"] if text else []
-        stopped = len(ids) < b  # the guide ended before the budget: it ends with EOS, as a sampled response does
-        ids = ids[:b] + ([tok.eos_token_id] if stopped else [])
-        responses.append(k + ids)
+        # the guide ended before the budget: it ends with EOS, as a sampled response does. (A black box says
+        # only its text; re-tokenised, a completion that hit the guide's own limit can come out a token short.)
+        stopped = len(ids) < b
+        tokens.append(min(len(ids), b))
+        responses.append(k + ids[:b] + ([tok.eos_token_id] if stopped else []))
         ended.append(stopped)
-        tokens.append(len(ids))
     device = ro.response.device
     T = max(len(r) for r in responses)
     response = torch.full((len(responses), T), tok.pad_token_id, dtype=torch.long)

@@ -129,7 +129,8 @@ def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir
 def kl_controller(cfg: PPOConfig) -> AdaptiveKLController | PIDKLController:
     """The KL coefficient's controller (`ppo.kl_controller`): pid | ziegler | fixed."""
     if cfg.kl_controller == "pid":
-        return PIDKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_kp, cfg.kl_ki, cfg.kl_kd)
+        beta_max = max(1.0, cfg.init_kl_coef)
+        return PIDKLController(cfg.init_kl_coef, cfg.target_kl, cfg.kl_kp, cfg.kl_ki, cfg.kl_kd, beta_max=beta_max)
     if cfg.kl_controller in ("ziegler", "fixed"):
         target = cfg.target_kl if cfg.kl_controller == "ziegler" else None
         return AdaptiveKLController(cfg.init_kl_coef, target, cfg.kl_horizon)
@@ -204,6 +205,10 @@ class Trajectory:
 
     @property
     def kl_mean(self) -> float:
+        """Mean KL of the policy's whole responses: what the KL controller steers. Roll-in rows are left out
+        (the policy wrote only their ends), unless every row is one."""
+        if self.guidance is not None and (full := self.guidance.kinds != guided.ROLLIN).any():
+            return self.kl[full.to(self.kl.device)].mean().item()
         return self.kl.mean().item()
 
 
@@ -294,9 +299,10 @@ def credit_rollouts(
     mask: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Roll-out rows R (components/training/guided.py): the reward of prompt + policy[:t] + the guide's
-    completion estimates Q^{pi_g}(s_t, a_t). Its GAE over the policy's tokens up to t (KL penalty on those
-    tokens only, the score at the last) is the guide's advantage A^{pi_g}; it replaces PPO's own on those
-    tokens and the loss stops at t (AggreVaTeD), or mixes with it, LOLS's beta on the guide (D2LOLS).
+    completion estimates the guide's Q of the policy's last kept token (position t - 1). Its GAE over the
+    policy's tokens before the cut, positions 0..t-1 (KL penalty on those tokens only, the score at t - 1), is
+    the guide's advantage A^{pi_g}; it replaces PPO's own there and the loss stops at the cut (AggreVaTeD),
+    or mixes with it, LOLS's beta on the guide (D2LOLS).
     -> the guide's raw RM scores [R], and advantages, returns, training mask [B, Tr]."""
     r, g = guidance.rows.to(mask.device), cfg.guide
     completed = guidance.completed
@@ -488,7 +494,7 @@ def train_ppo(
     torch.manual_seed(seed)  # peft's LoRA init and a fresh value head's init draw from the global RNG
     guided.check_config(cfg)
     roles = build_roles(cfg, model_cfg, sft_dir, reward_dir, device)
-    guide = load_guide(cfg.guide, roles, model_cfg, cfg.max_prompt_tokens)
+    guide = load_guide(cfg.guide, roles, model_cfg, cfg.max_prompt_tokens + cfg.max_new_tokens)  # + a cut response
     params = [p for n, p in roles.model.named_parameters() if p.requires_grad] + list(roles.value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, eps=1e-5)
     kl_ctl = kl_controller(cfg)

@@ -169,7 +169,7 @@ class PIDKLController:
 
     value: float
     target: float = 6.0
-    kp: float = 0.05
+    kp: float = 0.1
     ki: float = 0.005
     kd: float = 0.0
     beta_min: float = 0.0

@@ -21,6 +21,22 @@ def test_expand_is_hydras_multirun_product():
     ]
     default = expand(["seed=1"])
     assert [variant_name(v, ["seed=1"]) for v in default] == ["none", "rollin", "aggrevated", "d2lols"]
+    assert expand(["seed=1", "ppo/guide=rollin"]) == [["seed=1", "ppo/guide=rollin"]]  # one variant, as asked
+
+
+def test_a_sweeps_stored_parameters_are_redacted():
+    from flows.redaction import _shown
+
+    variants = [["ppo/guide=rollin", "ppo.guide.model=http://user:tok3n@guide.example.com:5001/invocations"]]
+    assert "tok3n" not in str(_shown(variants)) and "guide.example.com" in str(_shown(variants))
+
+
+def test_a_variant_that_cannot_work_is_refused_before_training(tmp_path, capsys):
+    overrides = [f"root={tmp_path}", "ppo/guide=none,rollin", "ppo.guide.max_rollin_tokens=99"]
+    assert main(["sweep", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "variant" in err and "ppo/guide=rollin" in err and "max_rollin_tokens" in err
+    assert not (tmp_path / ".rlhf" / "stages").exists()
 
 
 def test_sweep_runs_the_four_variants_side_by_side(tmp_path, capsys):

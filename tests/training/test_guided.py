@@ -84,7 +84,8 @@ def test_a_batch_has_the_shares_asked_for_and_the_guide_writes(stages, roles):
         t = int(g.cut[i])
         assert 1 <= t < ro.response_mask[i].sum()
         assert torch.equal(c.response[j, :t], ro.response[i, :t])
-        assert c.response_mask[j].sum() == t + g.guide_tokens[i] <= cfg.max_new_tokens
+        assert c.response_mask[j].sum() == t + g.guide_tokens[i] + int(c.ended[j])  # + its EOS when it stopped
+        assert t + g.guide_tokens[i] <= cfg.max_new_tokens
 
 
 @pytest.mark.parametrize("advantage", ["aggrevated", "d2lols"])
@@ -143,11 +144,11 @@ def test_reference_guide_at_zero_probabilities_is_plain_ppo_bit_for_bit(stages, 
 
 
 def test_a_guide_config_that_cannot_work_is_refused_before_loading(stages, reward, tmp_path):
-    base = stages.cfg.ppo
+    base = replace(stages.cfg.ppo, steps=1, eval_max_prompts=4)  # (should one not be refused: a short run)
     for guide, match in (
         ({"rollin_prob": 0.5}, "ppo.guide.model is not"),
         ({"model": "reference", "rollin_prob": 0.7, "rollout_prob": 0.5}, "> 1"),
-        ({"model": "reference", "max_rollin_tokens": base.max_new_tokens}, "max_rollin_tokens"),
+        ({"model": "reference", "rollin_prob": 0.5, "max_rollin_tokens": base.max_new_tokens}, "max_rollin_tokens"),
         ({"model": "reference", "rollout_advantage": "dagger"}, "rollout_advantage"),
         ({"model": str(tmp_path / "nowhere"), "rollin_prob": 0.5}, "not `reference`"),
     ):
