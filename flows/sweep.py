@@ -61,9 +61,10 @@ def expand(overrides: list[str]) -> list[list[str]]:
 
 
 def variant_name(overrides: list[str], base: list[str]) -> str:
-    """What tells a variant apart: its sweep values (`ppo/guide=rollin` -> `rollin`)."""
-    own = [o for o in overrides if o not in base]
-    return " ".join(o.split("=", 1)[1] if o.startswith("ppo/guide=") else o for o in own) or "base"
+    """What tells a variant apart: its guide (`ppo/guide=rollin` -> `rollin`) and its other sweep values."""
+    guide = [o.split("=", 1)[1] for o in overrides if o.startswith("ppo/guide=")]
+    own = [o for o in overrides if o not in base and not o.startswith("ppo/guide=")]
+    return " ".join(guide[-1:] + own) or "base"
 
 
 @dataclass
