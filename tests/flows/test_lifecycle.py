@@ -154,7 +154,7 @@ def test_rlhf_run_waiting_for_the_slot_says_who_holds_it_and_stops_on_a_signal(t
     holder = RetrainSlot(project, print)
     holder.acquire()
     log_path = tmp_path / "run.log"
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PYTHONFAULTHANDLER": "1"}
     try:
         with log_path.open("w") as log:
             proc = subprocess.Popen(
@@ -178,7 +178,12 @@ def test_rlhf_run_waiting_for_the_slot_says_who_holds_it_and_stops_on_a_signal(t
         assert f"pid {os.getpid()}" in text, text[-2000:]  # who holds it
         sent = time.time()
         proc.send_signal(getattr(signal, sig))
-        code = proc.wait(timeout=10)
+        try:
+            code = proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # PYTHONFAULTHANDLER: SIGABRT dumps every thread's stack into the log
+            proc.send_signal(signal.SIGABRT)
+            time.sleep(3)
+            raise AssertionError(f"still running 10 s after {sig}:\n{log_path.read_text()[-20000:]}") from None
         print(f"rlhf run waiting for the slot, {sig}: exited {code} in {time.time() - sent:.1f} s")
         assert code in (130, 143), log_path.read_text()[-3000:]
         assert holder.read().token == holder.mine.token, "the waiter never took the slot"
