@@ -169,6 +169,9 @@ def test_rlhf_run_waiting_for_the_slot_says_who_holds_it_and_stops_on_a_signal(t
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,
+                # as from a terminal: a shell's background job (`make test &`, nohup) starts with SIGINT
+                # ignored, which a child inherits and Python then leaves ignored (no KeyboardInterrupt)
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
             )
         deadline = time.time() + 240
         while "waiting for the retrain slot" not in log_path.read_text():
