@@ -156,12 +156,12 @@ def rollouts(
     h = rollin_lengths(kinds, g.max_rollin_tokens, gen)
     guide_seeds = torch.randint(0, 2**31 - 1, (2,), generator=gen).tolist()  # its sampling: a stream of its own
     # what the policy sees of each prompt (its end, max_prompt_tokens), as text: what the guide is shown
-    prompt_ids = [
-        tok(p, add_special_tokens=False)["input_ids"][-cfg.max_prompt_tokens :] or [tok.eos_token_id] for p in prompts
-    ]
+    # (the cut as generation.encode_prompts makes it; each prompt tokenised once)
+    whole = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prompt_ids = [ids[-cfg.max_prompt_tokens :] or [tok.eos_token_id] for ids in whole]
     shown = [
-        p if len(tok(p, add_special_tokens=False)["input_ids"]) <= cfg.max_prompt_tokens else tok.decode(ids).strip()
-        for p, ids in zip(prompts, prompt_ids, strict=True)
+        p if len(ids) <= cfg.max_prompt_tokens else tok.decode(tail).strip()
+        for p, ids, tail in zip(prompts, whole, prompt_ids, strict=True)
     ]
 
     # roll-in: the guide writes the first h tokens; the policy continues within the same response budget
