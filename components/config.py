@@ -21,7 +21,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("model", "data", "sft", "reward", "ppo", "gate", "tracking", "infra")
+GROUPS = ("model", "data", "sft", "reward", "ppo", "policy", "gate", "registry", "tracking", "infra")
 SUBGROUPS = ("ppo/guide",)  # groups inside a group: `ppo/guide=rollin` sets ppo.guide
 
 
@@ -57,6 +57,8 @@ class DataConfig:
     max_rank_k: int = 6  # demo rankings have K in 3..max_rank_k
     n_prompts: int = 500
     n_eval: int = 100
+    n_feedback: int = 1000  # thumbs up/down the simulated annotator gives to sampled responses (data/feedback/)
+    feedback_rating_fraction: float = 0.3  # share of demo feedback rows that also carry a graded `rating`
     annotator_temperature: float = 0.15  # Bradley-Terry noise: labels agree with the latent order ~91%
     # Validation rules (apply to every data kind).
     min_prompt_chars: int = 3
@@ -65,6 +67,10 @@ class DataConfig:
     max_response_chars: int = 4000
     min_rank_k: int = 2
     max_rank_k_allowed: int = 9
+    # feedback `rating` (optional graded score, e.g. stars): its range; the reward model's soft target is
+    # (rating - min_rating) / (max_rating - min_rating), and a label must agree with the rating's side of the middle
+    min_rating: float = 1.0
+    max_rating: float = 5.0
     report_max_examples: int = 5  # offending lines shown per broken rule
 
 
@@ -103,6 +109,10 @@ class RewardConfig:
     max_grad_norm: float = 1.0
     log_steps: int = 10
     stats_max_responses: int = 2000  # training responses scored for the reward mean/std PPO normalises with
+    # Direct feedback (data/feedback/, thumbs up/down): a logistic loss on sigmoid(score + bias), bias learned,
+    # beside Bradley-Terry on the comparisons: loss = BT + feedback_weight * BCE (each a mean over its examples)
+    feedback_weight: float = 0.5
+    feedback_batch_size: int = 16  # feedback rows per step, beside batch_size comparisons
 
 
 @dataclass
@@ -126,6 +136,21 @@ class GuideConfig:
     top_p: float = 1.0
     request_batch: int = 16  # contexts per request to a served or MLflow guide (the pyfunc's max_prompts)
     timeout_s: float = 60.0  # a served guide's request timeout
+
+
+@dataclass
+class SelfEvalConfig:
+    """The self-evaluation reward ("the survey trick"): a judge model's probability of a positive verdict after a
+    question, read from its next-token distribution, nothing sampled:
+    P(positive) / (P(positive) + P(negative)) (components/training/self_eval.py). Use it as a reward with
+    ppo.reward_fn=components.training.self_eval:SelfEvalReward."""
+
+    judge: str = "reference"  # reference (the SFT model: PPO's adapters off, already in memory) | a local model dir
+    template: str = "{prompt} {response}\nQuestion: thumbs up? Answer:"  # {prompt} and {response} filled in
+    positive: str = " yes"  # each must be one token of the judge's tokenizer
+    negative: str = " no"
+    batch_size: int = 32
+    max_length: int = 160  # tokens of a filled template (the start of an over-long one is cut)
 
 
 @dataclass
@@ -177,6 +202,44 @@ class PPOConfig:
     merge: bool = False  # also write the policy merged into the SFT weights
     eval_max_prompts: int = 200  # held-out eval prompts scored at the end (policy vs reference)
     guide: GuideConfig = field(default_factory=GuideConfig)  # guided RL (RLGF); off unless guide.model is set
+    self_eval: SelfEvalConfig = field(default_factory=SelfEvalConfig)  # read by the self-evaluation reward_fn
+
+
+@dataclass
+class RejectionSamplingConfig:
+    """Rejection-sampling fine-tuning (components/training/rejection_sampling.py): for `rounds` rounds, sample
+    `samples_per_prompt` responses to each of `prompts_per_round` prompts, keep each prompt's best
+    `keep_fraction` of them (and, with `min_score`, only those scoring at least that), fine-tune the policy LoRA
+    on the kept ones with TRL's SFTTrainer. Sampling, reward and LoRA settings are PPO's (ppo.max_new_tokens,
+    ppo.temperature, ppo.use_reward_model, ppo.reward_fn, ppo.lora, ...): the same policy stage, another algorithm.
+    The defaults sample as many responses as PPO's defaults (4 x 80 x 4 = 40 x 32 = 1280)."""
+
+    rounds: int = 4
+    prompts_per_round: int = 80
+    samples_per_prompt: int = 4
+    keep_fraction: float = 0.25  # of each prompt's samples, the best round(keep_fraction * n) (at least 1)
+    min_score: Optional[float] = None  # also drop kept samples scoring below this (normalised reward units)
+    train_epochs: float = 2.0  # passes over a round's kept samples
+    batch_size: int = 8
+    learning_rate: float = 1e-3
+
+
+@dataclass
+class PolicyConfig:
+    """Which algorithm trains the policy from the SFT model and the reward: `policy=ppo` (default) or
+    `policy=rejection_sampling` (also `policy.algorithm=...`)."""
+
+    algorithm: str = "ppo"  # ppo | rejection_sampling
+    rejection_sampling: RejectionSamplingConfig = field(default_factory=RejectionSamplingConfig)
+
+
+@dataclass
+class RegistryConfig:
+    """What a registered model bundles (components/registry/registry.py)."""
+
+    # bundle the reward model (its adapter and head): the served model can then answer best-of-n
+    # (params.n > 1: n samples per prompt, the one the reward model scores highest) and returns a `score` column
+    include_reward_model: bool = True
 
 
 @dataclass
@@ -241,7 +304,9 @@ class InfraConfig:
             "sft.*",
             "reward.*",
             "ppo.*",
+            "policy.*",
             "gate.*",
+            "registry.*",
             "seed",
             "tracking.run_name_prefix",
         ]
@@ -258,7 +323,9 @@ class Config:
     sft: SFTConfig = MISSING
     reward: RewardConfig = MISSING
     ppo: PPOConfig = MISSING
+    policy: PolicyConfig = MISSING
     gate: GateConfig = MISSING
+    registry: RegistryConfig = MISSING
     tracking: TrackingConfig = MISSING
     infra: InfraConfig = MISSING
 
@@ -284,7 +351,9 @@ _SCHEMAS: dict[str, type] = {
     "sft": SFTConfig,
     "reward": RewardConfig,
     "ppo": PPOConfig,
+    "policy": PolicyConfig,
     "gate": GateConfig,
+    "registry": RegistryConfig,
     "tracking": TrackingConfig,
     "infra": InfraConfig,
 }

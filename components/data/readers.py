@@ -3,6 +3,7 @@
     read_prompts(data_dir, kind)                 PPO rollout prompts ("prompts") or frozen eval prompts ("eval")
     read_demonstrations(data_dir, eval_fraction) SFT prompt/completion examples, split train / held out by id
     read_preferences(data_dir, eval_fraction)    reward-model examples: lists of weighted pairs, split by id
+    read_feedback(data_dir, eval_fraction, ...)  reward-model thumbs up/down rows with their targets, split by id
     read_corpus_texts(data_dir)                  pretraining texts for the demo base model
 
 A ranking of K responses (best first) becomes its C(K,2) ordered pairs, each weighted 1/C(K,2), so
@@ -66,6 +67,37 @@ def read_preferences(data_dir: Path, eval_fraction: float) -> tuple[list[list[Pa
                 triples = [(row["chosen"], row["rejected"], 1.0)]
             pairs = [Pair(row["prompt"], c, r, w) for c, r, w in triples]
             (evals if held_out(row["id"], eval_fraction) else train).append(pairs)
+    return train, evals
+
+
+@dataclass(frozen=True)
+class Feedback:
+    prompt: str
+    response: str
+    label: int  # 1: thumbs up, 0: thumbs down
+    target: float  # what the reward model's logistic loss fits: the rating rescaled to [0, 1] when given, else the label
+
+
+def feedback_target(row: dict, min_rating: float, max_rating: float) -> float:
+    """The soft target of a feedback row: (rating - min) / (max - min) when it has a rating, else its label.
+
+    {"label": 1} -> 1.0; {"label": 1, "rating": 4} with range 1..5 -> 0.75
+    """
+    rating = row.get("rating")
+    if rating is None:
+        return float(row["label"])
+    return (float(rating) - min_rating) / (max_rating - min_rating)
+
+
+def read_feedback(
+    data_dir: Path, eval_fraction: float, min_rating: float = 1.0, max_rating: float = 5.0
+) -> tuple[list[Feedback], list[Feedback]]:
+    """Feedback rows (thumbs up/down on a response), split train / held out by id; none when there are none."""
+    train, evals = [], []
+    for shard in shard_files(data_dir / "feedback"):
+        for _, row in read_jsonl(shard, "feedback").rows:
+            fb = Feedback(row["prompt"], row["response"], int(row["label"]), feedback_target(row, min_rating, max_rating))
+            (evals if held_out(row["id"], eval_fraction) else train).append(fb)
     return train, evals
 
 
