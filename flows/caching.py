@@ -30,8 +30,9 @@ from flows.contracts import StageOutput
 STAGE_CONFIG = {
     "base": ("model",),
     "sft": ("sft", "model"),
-    "reward-model": ("reward", "model"),
+    "reward-model": ("reward", "model", "data"),  # data: the feedback rating range
     "ppo": ("ppo", "model"),
+    "rejection-sampling": ("policy", "ppo", "model"),  # ppo: its sampling, reward and LoRA settings
 }
 # Bumped when a cached task's result record changes shape, so older records are not read back.
 RESULT_SCHEMA = 2

@@ -43,6 +43,11 @@ def ppo_stage(request: dict) -> dict:
     return run_request(request, stages.ppo.fn)
 
 
+@flow(name="stage-rejection-sampling", validate_parameters=False)
+def rejection_sampling_stage(request: dict) -> dict:
+    return run_request(request, stages.rejection_sampling.fn)
+
+
 @flow(name="stage-evaluate", validate_parameters=False)
 def evaluate_stage(request: dict) -> dict:
     return run_request(request, stages.evaluate.fn)
@@ -53,6 +58,7 @@ STAGE_FLOWS = {
     "sft": sft_stage,
     "reward-model": reward_model_stage,
     "ppo": ppo_stage,
+    "rejection-sampling": rejection_sampling_stage,
     "evaluate": evaluate_stage,
 }
 

@@ -40,7 +40,7 @@ TRANSIENT_MARK = "[transient]"  # in a stage flow run's failure message: retry i
 # (a worker has its own infra and tracking settings; its stage runs join the parent run's experiment)
 LOCAL_ONLY = ("root", "infra.*", "tracking.*")
 SENT_ANYWAY = ("tracking.run_name_prefix",)
-STAGES = ("base", "sft", "reward-model", "ppo", "evaluate")
+STAGES = ("base", "sft", "reward-model", "ppo", "rejection-sampling", "evaluate")
 
 
 class StageFailed(RuntimeError):

@@ -33,7 +33,7 @@ from flows.stages import (
     gate,
     git_commit,
     pin_guide,
-    ppo,
+    policy_stage,
     prepare_data,
     register,
     reward_model,
@@ -84,15 +84,16 @@ def pipeline(cfg: Config) -> State:
         if stop := nothing_to_do(cfg, data, s):
             return stop
 
-        # 3. train: base -> SFT -> reward model -> PPO (unchanged stages come from the cache)
+        # 3. train: base -> SFT -> reward model -> policy (PPO or rejection sampling; unchanged stages: cached)
         s.base = base_model(cfg, data, run_id)
         s.sft = run_stage(sft, cfg, data, s.base, run_id)
         s.reward = run_stage(reward_model, cfg, data, s.sft.dir, run_id)
         try:
-            s.policy = run_stage(ppo, pin_guide(cfg), data, s.sft.dir, s.reward.dir, run_id)
+            s.policy = run_stage(policy_stage(cfg), pin_guide(cfg), data, s.sft.dir, s.reward.dir, run_id)
         except PPODivergence as e:
             return finish(s, "PPO diverged", Failed(message=str(e), data=s))
-        s.cached = [name for name, out in (("sft", s.sft), ("reward-model", s.reward), ("ppo", s.policy)) if out.cached]
+        trained = (("sft", s.sft), ("reward-model", s.reward), (policy_stage(cfg).name, s.policy))
+        s.cached = [name for name, out in trained if out.cached]
         prune(cfg, [s.sft, s.reward, s.policy])
 
         # 4. evaluate against the champion and gate
@@ -105,7 +106,7 @@ def pipeline(cfg: Config) -> State:
             )
 
         # 5. register (alias challenger), then promote: at once, or after a person approves
-        s.registered = register(cfg, data, s.sft.dir, s.policy.dir, s.gate, run_id)
+        s.registered = register(cfg, data, s.sft.dir, s.policy.dir, s.reward.dir, s.gate, run_id)
         return promote(cfg, s)
 
 

@@ -47,11 +47,12 @@ def cmd_run(args, overrides: list[str]) -> int:
     if s.cached:
         print(f"  reused from earlier runs (unchanged inputs, Prefect cache): {', '.join(s.cached)}")
     m = s.policy.metrics
-    if "ppo/eval_reward" in m:
-        print(
-            f"  PPO on {int(m['ppo/eval_prompts'])} held-out prompts: reward {m['ppo/eval_reward']:+.2f} "
-            f"(SFT {m['ppo/eval_reward_ref']:+.2f}), KL to SFT {m['ppo/eval_kl']:.2f}"
-        )
+    for ns, name in (("ppo", "PPO"), ("rs", "rejection sampling")):
+        if f"{ns}/eval_reward" in m:
+            print(
+                f"  {name} on {int(m[f'{ns}/eval_prompts'])} held-out prompts: reward {m[f'{ns}/eval_reward']:+.2f} "
+                f"(SFT {m[f'{ns}/eval_reward_ref']:+.2f}), KL to SFT {m[f'{ns}/eval_kl']:.2f}"
+            )
     print(f"  policy adapter: {s.policy.dir}\n  SFT model: {s.sft.dir}\n  reward model: {s.reward.dir}")
     print("\n" + s.gate.summary)
     if reg := s.registered:

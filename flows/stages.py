@@ -28,8 +28,9 @@ from components.evaluation.gate import decide
 from components.models.demo_base import build_demo_base
 from components.registry import registry
 from components.registry.model_card import model_card
-from components.training.plots import ppo_curves
+from components.training.plots import ppo_curves, rs_curves
 from components.training.ppo import PPODivergence, train_ppo
+from components.training.rejection_sampling import train_rejection_sampling
 from components.training.reward import train_reward
 from components.training.sft import train_sft
 from flows import lifecycle, remote
@@ -167,7 +168,7 @@ def sft(cfg: Config, data: DataState, base_path: str, parent_run_id: str) -> Sta
 def reward_model(cfg: Config, data: DataState, sft_dir: str, parent_run_id: str) -> StageOutput:
     out = stage_dir(cfg, "reward-model", data, sft_dir=sft_dir)
     with start_stage_run("reward", parent_run_id, data, asdict(cfg.reward)) as run:
-        result = train_reward(cfg.reward, cfg.model, sft_dir, Path(data.path), out, seed=cfg.seed)
+        result = train_reward(cfg.reward, cfg.model, sft_dir, Path(data.path), out, seed=cfg.seed, data_cfg=cfg.data)
         mlflow.set_tags({"adapter_dir": result.adapter_dir, "head_dir": result.head_dir})
         get_run_logger().info(
             "reward model: held-out pairwise accuracy %.3f, margin %.2f",
@@ -225,6 +226,45 @@ def ppo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_
         return StageOutput(result.policy_dir, run.info.run_id, result.metrics)
 
 
+@task(name="rejection-sampling", **RETRY, **CACHED)
+@on_pool("rejection-sampling")
+def rejection_sampling(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str) -> StageOutput:
+    """The policy stage by rejection-sampling fine-tuning (`policy=rejection_sampling`): PPO's place in the
+    pipeline, its inputs and its output layout."""
+    out = stage_dir(cfg, "rejection-sampling", data, sft_dir=sft_dir, reward_dir=reward_dir)
+    params = {"rejection_sampling": asdict(cfg.policy.rejection_sampling), "ppo": asdict(cfg.ppo)}
+    with start_stage_run("rejection-sampling", parent_run_id, data, params) as run:
+        result = train_rejection_sampling(
+            cfg.policy.rejection_sampling,
+            cfg.ppo,
+            cfg.model,
+            sft_dir,
+            reward_dir if cfg.ppo.use_reward_model else None,
+            Path(data.path),
+            out,
+            seed=cfg.seed,
+        )
+        mlflow.log_figure(rs_curves(result.history), "rs_curves.png")
+        mlflow.set_tags({"policy_dir": result.policy_dir})
+        m = result.metrics
+        get_run_logger().info(
+            "rejection sampling: eval reward %.2f (SFT %.2f), KL %.2f; policy %s",
+            m.get("rs/eval_reward", float("nan")),
+            m.get("rs/eval_reward_ref", float("nan")),
+            m.get("rs/eval_kl", float("nan")),
+            result.policy_dir,
+        )
+        return StageOutput(result.policy_dir, run.info.run_id, result.metrics)
+
+
+def policy_stage(cfg: Config):
+    """The task that trains the policy: `policy.algorithm` = ppo | rejection_sampling."""
+    stage = {"ppo": ppo, "rejection_sampling": rejection_sampling}.get(cfg.policy.algorithm)
+    if stage is None:
+        raise ValueError(f"policy.algorithm={cfg.policy.algorithm!r}: expected ppo | rejection_sampling")
+    return stage
+
+
 @task(name="evaluate", **RETRY)
 @on_pool("evaluate")
 def evaluate(
@@ -279,10 +319,17 @@ def gate(cfg: Config, ev: Evaluation) -> GateOutcome:
 
 @task(name="register", **RETRY)
 def register(
-    cfg: Config, data: DataState, sft_dir: str, policy_dir: str, gate: GateOutcome, parent_run_id: str
+    cfg: Config,
+    data: DataState,
+    sft_dir: str,
+    policy_dir: str,
+    reward_dir: str,
+    gate: GateOutcome,
+    parent_run_id: str,
 ) -> Registration:
     """Log and register the candidate once: a retry (transient error) finishes the version an earlier try
-    of this pipeline run created instead of registering a second one."""
+    of this pipeline run created instead of registering a second one. With `registry.include_reward_model`
+    the reward model goes with it: the served model can answer best-of-n."""
     name = cfg.tracking.registered_model_name
     tags = {
         "data_version": data.version,
@@ -302,7 +349,11 @@ def register(
             reg = registry.finish_registration(name, version, tags)
         else:
             reg = registry.log_and_register(
-                name, remote.local_path(cfg, sft_dir), remote.local_path(cfg, policy_dir), tags
+                name,
+                remote.local_path(cfg, sft_dir),
+                remote.local_path(cfg, policy_dir),
+                tags,
+                reward_dir=remote.local_path(cfg, reward_dir) if cfg.registry.include_reward_model else None,
             )
         card = model_card(reg.name, cfg.model.name, data.version, git_commit(cfg.root_path), asdict(gate))
         mlflow.log_text(card, "model_card.md")

@@ -3,12 +3,13 @@
     read_prompts(data_dir, kind)                 PPO rollout prompts ("prompts") or frozen eval prompts ("eval")
     read_demonstrations(data_dir, eval_fraction) SFT prompt/completion examples, split train / held out by id
     read_preferences(data_dir, eval_fraction)    reward-model examples: lists of weighted pairs, split by id
-    read_feedback(data_dir, eval_fraction, ...)  reward-model thumbs up/down rows with their targets, split by id
+    read_feedback(data_dir, eval_fraction, *range) reward-model thumbs up/down rows with their targets, split by id
     read_corpus_texts(data_dir)                  pretraining texts for the demo base model
 
 A ranking of K responses (best first) becomes its C(K,2) ordered pairs, each weighted 1/C(K,2), so
 one ranking counts as one example (InstructGPT, Ouyang et al. 2022, sec. 3.5): `ranking_to_pairs`.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,7 +76,9 @@ class Feedback:
     prompt: str
     response: str
     label: int  # 1: thumbs up, 0: thumbs down
-    target: float  # what the reward model's logistic loss fits: the rating rescaled to [0, 1] when given, else the label
+    target: (
+        float  # what the reward model's logistic loss fits: the rating rescaled to [0, 1] when given, else the label
+    )
 
 
 def feedback_target(row: dict, min_rating: float, max_rating: float) -> float:
@@ -90,13 +93,15 @@ def feedback_target(row: dict, min_rating: float, max_rating: float) -> float:
 
 
 def read_feedback(
-    data_dir: Path, eval_fraction: float, min_rating: float = 1.0, max_rating: float = 5.0
+    data_dir: Path, eval_fraction: float, min_rating: float, max_rating: float
 ) -> tuple[list[Feedback], list[Feedback]]:
     """Feedback rows (thumbs up/down on a response), split train / held out by id; none when there are none."""
     train, evals = [], []
     for shard in shard_files(data_dir / "feedback"):
         for _, row in read_jsonl(shard, "feedback").rows:
-            fb = Feedback(row["prompt"], row["response"], int(row["label"]), feedback_target(row, min_rating, max_rating))
+            fb = Feedback(
+                row["prompt"], row["response"], int(row["label"]), feedback_target(row, min_rating, max_rating)
+            )
             (evals if held_out(row["id"], eval_fraction) else train).append(fb)
     return train, evals
 

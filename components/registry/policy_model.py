@@ -1,18 +1,24 @@
 """The served policy: an MLflow pyfunc model defined by code (models-from-code).
 
-Artifacts: `base` (the SFT weights, safetensors + tokenizer) and `adapter` (the PPO policy's LoRA
-adapter, merged into the base at load). Loads with no network and no remote code. Deliberately
+Artifacts: `base` (the SFT weights, safetensors + tokenizer), `adapter` (the policy's LoRA adapter) and,
+when the model was logged with its reward model (`registry.include_reward_model`), `reward_adapter` and
+`reward_head` (the reward model's LoRA adapter on the same SFT weights, and its scalar head with the reward
+statistics). Without a reward model the policy adapter is merged into the base at load; with one, both stay
+adapters on one copy of the base (as in PPO: components/models/roles.py). Loads with no network and no
+remote code. Deliberately
 depends only on torch, transformers, peft and pandas, so the logged model serves anywhere (which is
 also why the request validation lives in this file: a models-from-code model carries only this file).
 
 Input: a DataFrame with a `prompt` column, or a list of prompt strings.
-Output: a DataFrame with one `response` per prompt.
-Params (per request): max_new_tokens, temperature (0 = greedy), top_p, seed (-1 = random).
+Output: a DataFrame with one `response` per prompt and, with a reward model, its `score` (the reward model's
+score in the units of its training responses' std, as the evaluation reports it).
+Params (per request): max_new_tokens, temperature (0 = greedy), top_p, seed (-1 = random), n (best-of-n:
+sample n responses per prompt, answer the one the reward model scores highest; 1 = plain sampling).
 
 Input contract (checked before any generation): 1..`max_prompts` prompts, each a non-blank string of at
 most `max_prompt_tokens` tokens and at most the model's context less `max_new_tokens`; `max_new_tokens`
 in 1..`max_new_tokens_cap` (and below the context); temperature in 0..2; 0 < top_p <= 1; seed in
--1..2**32-1. The caps are `Limits` (defaults below; `registry.log_and_register` writes them, with any
+-1..2**32-1; n in 1..`max_n` (and 1 for a model logged without its reward model). The caps are `Limits` (defaults below; `registry.log_and_register` writes them, with any
 overrides, into the logged model's `model_config`).
 """
 
@@ -28,7 +34,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
-DEFAULT_PARAMS = {"max_new_tokens": 48, "temperature": 0.7, "top_p": 0.9, "seed": -1}
+DEFAULT_PARAMS = {"max_new_tokens": 48, "temperature": 0.7, "top_p": 0.9, "seed": -1, "n": 1}
 MAX_TEMPERATURE = 2.0  # above it, sampling from these small models is noise
 MAX_SEED = 2**32 - 1
 
@@ -42,6 +48,7 @@ class Limits:
     max_new_tokens_cap: int = 256  # also held below the model's context (one prompt token must fit)
     max_prompt_tokens: int = 1024  # also held to the model's context less the request's max_new_tokens
     max_prompts: int = 16
+    max_n: int = 8  # best-of-n: responses sampled per prompt (a request generates up to max_prompts * max_n)
 
     def __post_init__(self):
         for f in fields(self):
@@ -97,7 +104,7 @@ def check_range(field: str, value, low, high, note: str = "") -> None:
         raise bad_request(field, f"{low}..{high}", f"{field} must be in {low}..{high}{note}, got {value!r}.")
 
 
-def validate_params(p: dict, limits: Limits, context: int | None) -> None:
+def validate_params(p: dict, limits: Limits, context: int | None, has_reward_model: bool = False) -> None:
     """The generation params of a request (types were already enforced by the model's signature)."""
     cap = limits.max_new_tokens_cap if context is None else min(limits.max_new_tokens_cap, context - 1)
     check_range("max_new_tokens", p["max_new_tokens"], 1, cap)
@@ -105,6 +112,15 @@ def validate_params(p: dict, limits: Limits, context: int | None) -> None:
     if not 0.0 < p["top_p"] <= 1.0:
         raise bad_request("top_p", "(0, 1]", f"top_p must be in (0, 1], got {p['top_p']!r}.")
     check_range("seed", p["seed"], -1, MAX_SEED, " (-1 = random)")
+    if has_reward_model:
+        check_range("n", p["n"], 1, limits.max_n, " (best-of-n)")
+    elif p["n"] != 1:
+        raise bad_request(
+            "n",
+            "1..1",
+            f"n must be in 1..1 for this model, got {p['n']!r}: it was registered without its reward model "
+            "(registry.include_reward_model=false), so it cannot choose the best of n.",
+        )
 
 
 def validate_prompts(prompts: list, limits: Limits) -> None:
@@ -158,11 +174,18 @@ class PolicyModel(PythonModel):
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "left"
-        model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True, trust_remote_code=False)
-        if adapter:
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-        self.context_tokens = getattr(model.config, "max_position_embeddings", None)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True, trust_remote_code=False)
+        self.context_tokens = getattr(model.config, "max_position_embeddings", None)
+        self.scorer = None
+        if "reward_adapter" in context.artifacts:  # policy and reward model as two adapters on one base
+            model = PeftModel.from_pretrained(model, context.artifacts["reward_adapter"], adapter_name="reward")
+            if adapter:
+                model.load_adapter(adapter, adapter_name="policy")
+            self.scorer = RewardScorer(model, context.artifacts["reward_head"], self.tok, self.device)
+        elif adapter:
+            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        self.has_policy_adapter = bool(adapter) and self.scorer is not None
         self.model = model.to(self.device).eval()
         # The scoring server runs predict in worker threads; one generation at a time keeps a seeded
         # request's draws from the global RNG its own.
@@ -174,20 +197,48 @@ class PolicyModel(PythonModel):
         # a plain list of strings (`inputs`) still arrives here, converted by the signature
         p = {**DEFAULT_PARAMS, **(params or {})}
         prompts = prompts_of(model_input)
-        validate_params(p, self.limits, self.context_tokens)
+        validate_params(p, self.limits, self.context_tokens, has_reward_model=self.scorer is not None)
         validate_prompts(prompts, self.limits)
+        texts, scores = self.candidates(prompts, p)
+        if scores is None:
+            return pd.DataFrame({"response": [row[0] for row in texts]})
+        best = [max(range(len(row)), key=row.__getitem__) for row in scores]  # the first of equal scores
+        return pd.DataFrame(
+            {
+                "response": [t[i] for t, i in zip(texts, best, strict=True)],
+                "score": [s[i] for s, i in zip(scores, best, strict=True)],
+            }
+        )
+
+    def candidates(self, prompts: list[str], p: dict) -> tuple[list[list[str]], list[list[float]] | None]:
+        """n sampled responses per prompt and, with a reward model, their scores: -> texts [P][n], scores [P][n]."""
+        n = int(p["n"])
         batch = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         check_lengths(
             batch["attention_mask"].sum(dim=1).tolist(), int(p["max_new_tokens"]), self.limits, self.context_tokens
         )
-        batch = batch.to(self.device)
+        batch = {k: v.repeat_interleave(n, dim=0).to(self.device) for k, v in batch.items()}  # prompt i: rows i*n..
         with self.lock, seeded(int(p["seed"]), self.device):
             out = self.generate(batch, p)
-        texts = self.tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-        return pd.DataFrame({"response": [t.strip() for t in texts]})
+            flat = [
+                t.strip()
+                for t in self.tok.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            ]
+            scores = None if self.scorer is None else self.scorer.scores([q for q in prompts for _ in range(n)], flat)
+        texts = [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+        return texts, None if scores is None else [scores[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def generate(self, batch, p: dict) -> torch.Tensor:
-        """Token ids (prompt + continuation) for a padded batch; temperature 0: greedy."""
+        """Token ids (prompt + continuation) for a padded batch, with the policy; temperature 0: greedy."""
+        if self.scorer is None:
+            return self._generate(batch, p)
+        if self.has_policy_adapter:
+            self.model.set_adapter("policy")
+            return self._generate(batch, p)
+        with self.model.disable_adapter():  # no policy adapter: the base (SFT) policy itself
+            return self._generate(batch, p)
+
+    def _generate(self, batch, p: dict) -> torch.Tensor:
         sampling = float(p["temperature"]) > 0
         return self.model.generate(
             **batch,
@@ -199,6 +250,46 @@ class PolicyModel(PythonModel):
             pad_token_id=self.tok.pad_token_id,
             eos_token_id=self.tok.eos_token_id,
         )
+
+
+class RewardScorer:
+    """The bundled reward model: adapter "reward" of the shared peft model + a linear head, scoring
+    prompt + " " + response + EOS at its last token, normalised with the reward statistics of its training
+    responses. The same computation as components.models.scoring.encode + roles.sequence_scores (a test holds
+    them equal); repeated here because a models-from-code model carries only this file."""
+
+    def __init__(self, model, head_dir: str, tok, device: str):
+        import json
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        meta = json.loads((Path(head_dir) / "head.json").read_text())
+        weights = load_file(str(Path(head_dir) / "head.safetensors"))
+        self.weight, self.bias = weights["linear.weight"].to(device), weights["linear.bias"].to(device)  # (1, H), (1,)
+        self.mean, self.std, self.max_length = meta["reward_mean"], meta["reward_std"], meta["max_length"]
+        self.model, self.tok, self.device = model, tok, device
+
+    @torch.no_grad()
+    def scores(self, prompts: list[str], responses: list[str]) -> list[float]:
+        ids = [
+            self.tok(f"{p} {r}", add_special_tokens=False)["input_ids"][: self.max_length - 1] + [self.tok.eos_token_id]
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+        T = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), T), self.tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), T), dtype=torch.long)
+        for i, x in enumerate(ids):  # right padding: positions start at 0 on the first token
+            input_ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        self.model.set_adapter("reward")
+        decoder = self.model.get_base_model().get_decoder()
+        hidden = decoder(
+            input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False
+        ).last_hidden_state  # (B, T, H)
+        last = hidden[torch.arange(len(ids), device=self.device), mask.sum(1) - 1]  # (B, H)
+        raw = (last @ self.weight.T).squeeze(-1) + self.bias  # (B,)
+        return ((raw - self.mean) / self.std).tolist()
 
 
 mlflow.models.set_model(PolicyModel())

@@ -23,32 +23,60 @@ class Registered:
 
 
 def log_and_register(
-    registered_name: str, base_dir: str, adapter_dir: str | None, tags: dict[str, str], limits: dict | None = None
+    registered_name: str,
+    base_dir: str,
+    adapter_dir: str | None,
+    tags: dict[str, str],
+    limits: dict | None = None,
+    reward_dir: str | None = None,
 ) -> Registered:
     """Log the pyfunc (base + adapter + tokenizer) to the active run, register it, alias `challenger`.
 
     `limits`: overrides of the serving caps (policy_model.Limits); all caps, defaults included, are written
     into the logged model's `model_config`, so the served model states the caps it enforces.
+    `reward_dir`: the reward stage's output (adapter/, head.safetensors, head.json), bundled so the served
+    model answers best-of-n (`params.n`) and returns each response's `score`.
     """
-    import mlflow
+    import shutil
+    import tempfile
+
     import pandas as pd
-    import peft
-    import torch
-    import transformers
     from mlflow.models import ModelSignature, infer_signature
     from mlflow.types import ColSpec, DataType, Schema
 
-    from components.registry.policy_model import DEFAULT_PARAMS, Limits
+    from components.registry.policy_model import DEFAULT_PARAMS
 
     example = pd.DataFrame({"prompt": EXAMPLE_PROMPTS})
     # One string column matched by position, not by name: a DataFrame with a `prompt` column and a plain
     # list of strings (`inputs`) both pass schema enforcement.
     params = infer_signature(example, params=DEFAULT_PARAMS).params
-    signature = ModelSignature(
-        inputs=Schema([ColSpec(DataType.string)]), outputs=Schema([ColSpec(DataType.string, "response")]), params=params
-    )
+    outputs = [ColSpec(DataType.string, "response")] + ([ColSpec(DataType.double, "score")] if reward_dir else [])
+    signature = ModelSignature(inputs=Schema([ColSpec(DataType.string)]), outputs=Schema(outputs), params=params)
     artifacts = {"base": base_dir, **({"adapter": adapter_dir} if adapter_dir else {})}
-    info = mlflow.pyfunc.log_model(
+    staging = Path(tempfile.mkdtemp(prefix="rlhf-register-"))
+    if reward_dir:  # the head and its statistics only: not the stage's checkpoints
+        head = staging / "reward_head"
+        head.mkdir()
+        for name in ("head.safetensors", "head.json"):
+            shutil.copy2(Path(reward_dir) / name, head / name)
+        artifacts |= {"reward_adapter": str(Path(reward_dir) / "adapter"), "reward_head": str(head)}
+    try:
+        info = _log_model(registered_name, artifacts, signature, example, limits)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return finish_registration(registered_name, str(info.registered_model_version), tags)
+
+
+def _log_model(registered_name: str, artifacts: dict[str, str], signature, example, limits: dict | None):
+    import mlflow
+    import pandas as pd
+    import peft
+    import torch
+    import transformers
+
+    from components.registry.policy_model import Limits
+
+    return mlflow.pyfunc.log_model(
         name="policy",
         python_model=str(POLICY_MODEL_FILE),
         artifacts=artifacts,
@@ -62,9 +90,15 @@ def log_and_register(
             f"peft=={peft.__version__}",
             f"pandas=={pd.__version__}",
             f"mlflow=={mlflow.__version__}",
+            f"safetensors=={_version('safetensors')}",
         ],
     )
-    return finish_registration(registered_name, str(info.registered_model_version), tags)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 def finish_registration(registered_name: str, version: str, tags: dict[str, str]) -> Registered:

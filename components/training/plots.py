@@ -24,3 +24,27 @@ def ppo_curves(history: list[dict[str, float]]):
         ax.legend()
     fig.tight_layout()
     return fig
+
+
+def rs_curves(history: list[dict[str, float]]):
+    """Rejection sampling per round: the reward of all samples, of the kept ones and of each prompt's best; the
+    KL of the samples to the reference; the fine-tuning loss (one figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    rounds = range(1, len(history) + 1)
+    for ax, keys, title in (
+        (axes[0], ("rs/score_mean", "rs/score_kept_mean", "rs/score_best_mean"), "reward of the samples"),
+        (axes[1], ("rs/kl", "rs/kl_kept"), "KL to the reference (per response)"),
+        (axes[2], ("rs/sft_loss",), "fine-tuning loss on the kept samples"),
+    ):
+        for k in keys:
+            ax.plot(rounds, [h[k] for h in history], marker="o", label=k.split("/")[1])
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.legend()
+    fig.tight_layout()
+    return fig

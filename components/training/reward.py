@@ -1,4 +1,5 @@
-"""Reward model stage: Bradley-Terry on preference pairs; a LoRA adapter + scalar head on the SFT model.
+"""Reward model stage: Bradley-Terry on preference pairs, plus a logistic loss on thumbs up/down feedback;
+a LoRA adapter + scalar head on the SFT model.
 
 Entry: `train_reward(cfg, model_cfg, sft_dir, data_dir, out_dir)` -> RewardResult (paths + metrics).
 
@@ -7,6 +8,16 @@ A ranking of K responses (best first) becomes its C(K,2) ordered pairs, each wei
 `components.data.readers.read_preferences`).
 TRL's RewardTrainer has no per-pair weights, hence this short loop. The score of a text is
 the head applied to the last token's hidden state (the EOS that closes the response).
+
+Direct feedback (data/feedback/: a response with label 1/0, optionally a graded rating) enters through the
+same score r: P(thumbs up) = sigmoid(r + b) with a learned bias b (Bradley-Terry is blind to a shift of r, so
+the bias lets the feedback fix the score's zero without moving its differences), fitted by binary cross-entropy
+on the row's target (the label, or the rating rescaled to [0, 1]). Per step:
+
+    loss = BT(batch_size comparisons) + reward.feedback_weight * BCE(feedback_batch_size feedback rows)
+
+each term the mean over its own examples; with only one kind of data, that term alone. Held out per kind:
+`rm/eval_accuracy` (comparisons) and `rm/feedback_auc`, `rm/feedback_accuracy`, `rm/feedback_loss` (feedback).
 
 Output (`out_dir`): `adapter/` (peft, safetensors), `head.safetensors` + `head.json` with the
 reward mean/std over training responses (PPO normalises with them) and the base it was
@@ -25,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from components.config import ModelConfig, RewardConfig
-from components.data.readers import Pair, read_preferences
+from components.config import DataConfig, ModelConfig, RewardConfig
+from components.data.readers import Feedback, Pair, read_feedback, read_preferences
 from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
 from components.models.roles import ScalarHead, lora_config, sequence_scores
 from components.models.scoring import encode
@@ -59,6 +70,23 @@ def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor, weights:
     return (weights * correct).sum() / weights.sum()
 
 
+def feedback_loss(scores: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean binary cross-entropy of sigmoid(score + bias) against soft targets in [0, 1]:
+    -(t log sigmoid(z) + (1 - t) log(1 - sigmoid(z))), z = score + bias. scores, targets: (F,); bias: () -> scalar.
+    """
+    return F.binary_cross_entropy_with_logits(scores + bias, targets)
+
+
+def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Area under the ROC curve: the share of (up, down) pairs where the thumbs-up response scores higher (a tie
+    counts half); nan without both labels. scores, labels: (F,)."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    diff = pos[:, None] - neg[None, :]  # (P, N)
+    return ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item()
+
+
 # ---------------------------------------------------------------------------- model
 
 
@@ -75,8 +103,46 @@ def score_pairs(
     return scores[: len(pairs)], scores[len(pairs) :], weights, int(mask.sum())
 
 
+def score_texts(model, head, tok, prompts: list[str], responses: list[str], cfg: RewardConfig, device) -> torch.Tensor:
+    """Scores of prompt + response texts in micro-batches of micro_batch_pairs: -> (N,)."""
+    out = []
+    for i in range(0, len(prompts), cfg.micro_batch_pairs):
+        ids, mask = encode(
+            tok,
+            prompts[i : i + cfg.micro_batch_pairs],
+            responses[i : i + cfg.micro_batch_pairs],
+            cfg.max_length,
+            device,
+        )
+        out.append(sequence_scores(model, head, ids, mask))
+    return torch.cat(out) if out else torch.zeros(0, device=device)
+
+
+@torch.no_grad()
+def evaluate_feedback(
+    model, head, bias: torch.Tensor, tok, rows: list[Feedback], cfg: RewardConfig, device
+) -> dict[str, float]:
+    """Held-out feedback: AUC of the score against the labels, accuracy of sigmoid(score + bias) > 1/2, the loss."""
+    if not rows:
+        return {}
+    model.eval()
+    scores = score_texts(model, head, tok, [r.prompt for r in rows], [r.response for r in rows], cfg, device)
+    model.train()
+    labels = torch.tensor([r.label for r in rows], device=device)
+    targets = torch.tensor([r.target for r in rows], device=device)
+    return {
+        "rm/feedback_auc": binary_auc(scores, labels),
+        "rm/feedback_accuracy": (((scores + bias) > 0).long() == labels).float().mean().item(),
+        "rm/feedback_loss": feedback_loss(scores, bias, targets).item(),
+        "rm/feedback_bias": bias.item(),
+        "rm/eval_feedback_rows": float(len(rows)),
+    }
+
+
 @torch.no_grad()
 def evaluate_reward_model(model, head, tok, examples: list[list[Pair]], cfg: RewardConfig, device) -> dict[str, float]:
+    if not examples:
+        return {"rm/eval_accuracy": float("nan"), "rm/eval_examples": 0.0}
     model.eval()
     rc, rr, w = [], [], []
     pairs = [p for ex in examples for p in ex]
@@ -99,17 +165,16 @@ def evaluate_reward_model(model, head, tok, examples: list[list[Pair]], cfg: Rew
 
 
 @torch.no_grad()
-def reward_stats(model, head, tok, examples: list[list[Pair]], cfg: RewardConfig, device) -> tuple[float, float]:
-    """Mean and std of the reward over (up to stats_max_responses) distinct training responses."""
+def reward_stats(
+    model, head, tok, examples: list[list[Pair]], cfg: RewardConfig, device, feedback: list[Feedback] = ()
+) -> tuple[float, float]:
+    """Mean and std of the reward over (up to stats_max_responses) distinct training responses (compared ones
+    first, then those with feedback)."""
     model.eval()
     seen = dict.fromkeys((p.prompt, r) for ex in examples for p in ex for r in (p.chosen, p.rejected))
+    seen.update(dict.fromkeys((f.prompt, f.response) for f in feedback))
     texts = list(seen)[: cfg.stats_max_responses]
-    scores = []
-    for i in range(0, len(texts), cfg.micro_batch_pairs):
-        chunk = texts[i : i + cfg.micro_batch_pairs]
-        ids, mask = encode(tok, [p for p, _ in chunk], [r for _, r in chunk], cfg.max_length, device)
-        scores.append(sequence_scores(model, head, ids, mask))
-    s = torch.cat(scores)
+    s = score_texts(model, head, tok, [p for p, _ in texts], [r for _, r in texts], cfg, device)
     model.train()
     return s.mean().item(), s.std().clamp(min=1e-6).item()
 
@@ -123,8 +188,9 @@ class RewardModel:
 
     model: object  # peft model: LoRA adapter on the SFT model
     head: ScalarHead
+    bias: torch.nn.Parameter  # () the feedback bias b: P(thumbs up) = sigmoid(score + b)
     tok: object
-    params: list[torch.nn.Parameter]  # the trainable ones: LoRA weights, then the head's
+    params: list[torch.nn.Parameter]  # the trainable ones: LoRA weights, the head's, then the feedback bias
     optimizer: torch.optim.Optimizer
     scheduler: object
     device: torch.device
@@ -132,12 +198,15 @@ class RewardModel:
     def restore(self, ckpt: Path) -> None:
         """Load a checkpoint's adapter and head weights in place (the optimizer keeps its params)."""
         checkpoint.load_adapter_weights(self.model, ckpt / "adapter")
-        self.head.load_state_dict(ScalarHead.load(ckpt, self.device)[0].state_dict())
+        head, meta = ScalarHead.load(ckpt, self.device)
+        self.head.load_state_dict(head.state_dict())
+        with torch.no_grad():
+            self.bias.fill_(meta["feedback_bias"])
 
     def write(self, d: Path) -> None:
         """Write a checkpoint: adapter, head, optimizer/scheduler and RNG state."""
         self.model.save_pretrained(d / "adapter", safe_serialization=True)
-        self.head.save(d)
+        self.head.save(d, feedback_bias=self.bias.item())
         checkpoint.save_trainer_state(d, optimizer=self.optimizer, scheduler=self.scheduler, rng=checkpoint.rng_state())
 
 
@@ -152,22 +221,39 @@ def setup_reward_model(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, 
     tok = load_tokenizer(sft_dir, model_cfg, padding_side="right")
     model = get_peft_model(load_causal_lm(sft_dir, model_cfg, device), lora_config(cfg.lora))
     head = ScalarHead(model.config.hidden_size).to(device)
-    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    bias = torch.nn.Parameter(torch.zeros((), device=device))
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters()) + [bias]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(10, cfg.max_steps // 10), cfg.max_steps)
-    return RewardModel(model, head, tok, params, optimizer, scheduler, device)
+    return RewardModel(model, head, bias, tok, params, optimizer, scheduler, device)
 
 
-def reward_step(rm: RewardModel, pairs: list[Pair], cfg: RewardConfig, step: int) -> tuple[float, float, int]:
-    """One optimizer step on a batch of pairs: -> (weighted loss, weighted accuracy, tokens scored).
+def reward_step(
+    rm: RewardModel, pairs: list[Pair], cfg: RewardConfig, step: int, feedback: list[Feedback] = ()
+) -> tuple[float, float, int, float]:
+    """One optimizer step on a batch of pairs and of feedback rows: -> (weighted BT loss, weighted accuracy,
+    tokens scored, feedback loss).
 
     A ranking of K expands to C(K,2) pairs, so a step's pair count varies; micro-batches of at most
     `micro_batch_pairs` keep memory bounded. Each chunk's loss is scaled by its share of the weight,
-    so the accumulated gradient is exactly that of the whole batch.
+    so the accumulated gradient is exactly that of the whole batch. The feedback rows add
+    feedback_weight * BCE (the BCE alone when there are no pairs).
     """
     total_w = sum(p.weight for p in pairs)
     rm.optimizer.zero_grad(set_to_none=True)
-    loss, correct, tokens = 0.0, 0.0, 0
+    loss, correct, tokens, fb_loss = 0.0, 0.0, 0, 0.0
+    if feedback:
+        ids, mask = encode(
+            rm.tok, [f.prompt for f in feedback], [f.response for f in feedback], cfg.max_length, rm.device
+        )
+        targets = torch.tensor([f.target for f in feedback], device=rm.device)
+        term = feedback_loss(sequence_scores(rm.model, rm.head, ids, mask), rm.bias, targets)
+        if not torch.isfinite(term):
+            raise FloatingPointError(
+                f"reward model feedback loss is {term.item()} at step {step}: lower reward.learning_rate"
+            )
+        (term * (cfg.feedback_weight if pairs else 1.0)).backward()
+        fb_loss, tokens = term.item(), int(mask.sum())
     for i in range(0, len(pairs), cfg.micro_batch_pairs):
         # rc, rr, w: (P,) each, P <= micro_batch_pairs
         rc, rr, w, n_tokens = score_pairs(
@@ -183,7 +269,7 @@ def reward_step(rm: RewardModel, pairs: list[Pair], cfg: RewardConfig, step: int
     torch.nn.utils.clip_grad_norm_(rm.params, cfg.max_grad_norm)
     rm.optimizer.step()
     rm.scheduler.step()
-    return loss, correct, tokens
+    return loss, correct, tokens, fb_loss
 
 
 def log_running(running: dict[str, float], rm: RewardModel, done: int, bar) -> None:
@@ -193,6 +279,7 @@ def log_running(running: dict[str, float], rm: RewardModel, done: int, bar) -> N
         {
             "rm/loss": running["loss"] / n,
             "rm/accuracy": running["acc"] / n,
+            "rm/feedback_train_loss": running["fb"] / n,
             "rm/learning_rate": rm.scheduler.get_last_lr()[0],
         },
         done,
@@ -204,46 +291,61 @@ def log_running(running: dict[str, float], rm: RewardModel, done: int, bar) -> N
 
 
 def train_reward(
-    cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, data_dir: Path, out_dir: Path, seed: int = 0
+    cfg: RewardConfig,
+    model_cfg: ModelConfig,
+    sft_dir: str,
+    data_dir: Path,
+    out_dir: Path,
+    seed: int = 0,
+    data_cfg: DataConfig | None = None,
 ) -> RewardResult:
-    """Train the reward model on the preferences under `data_dir`, resuming from the last checkpoint
+    """Train the reward model on the preferences and feedback under `data_dir` (`data_cfg`: the feedback rating
+    range; default: DataConfig's), resuming from the last checkpoint
     under `out_dir/checkpoints`; writes adapter, head and reward statistics to `out_dir`."""
     # 1. inputs
     checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
     train, evals = read_preferences(data_dir, cfg.eval_fraction)
-    if not train or not evals:
+    data_cfg = data_cfg or DataConfig()
+    fb_train, fb_evals = read_feedback(data_dir, cfg.eval_fraction, data_cfg.min_rating, data_cfg.max_rating)
+    if not (train and evals) and not (fb_train and fb_evals):
         raise ValueError(
-            f"the reward model needs preferences for training and held-out eval under {data_dir}/preferences"
+            f"the reward model needs preferences ({data_dir}/preferences) or feedback ({data_dir}/feedback) with rows "
+            f"for training and held-out eval (reward.eval_fraction={cfg.eval_fraction}): got {len(train)}/{len(evals)} "
+            f"comparisons and {len(fb_train)}/{len(fb_evals)} feedback rows (train/held out)"
         )
     # 2. model and optimizer, restored from the last checkpoint if there is one
     rm = setup_reward_model(cfg, model_cfg, sft_dir, resolve_device(model_cfg.device), seed)
     ckpt_root = out_dir / "checkpoints"
-    fp = checkpoint.fingerprint(cfg, sft_dir=str(sft_dir), data=str(data_dir), seed=seed, n_train=len(train))
+    fp = checkpoint.fingerprint(
+        cfg, sft_dir=str(sft_dir), data=str(data_dir), seed=seed, n_train=len(train), n_feedback=len(fb_train)
+    )
     start, _ = checkpoint.resume(ckpt_root, fp, rm.restore, optimizer=rm.optimizer, scheduler=rm.scheduler)
 
     # 3. train: one step per batch of rankings, logging every log_steps, checkpoints every save_steps
     rm.model.train()
-    running = {"loss": 0.0, "acc": 0.0, "n": 0}
+    running = {"loss": 0.0, "acc": 0.0, "fb": 0.0, "n": 0}
     tokens, started = 0, time.perf_counter()
     bar = tqdm(range(start, cfg.max_steps), desc="reward model", initial=start, total=cfg.max_steps, unit="step")
     for step in bar:
         pairs = [p for i in checkpoint.batch_for_step(len(train), cfg.batch_size, step, seed) for p in train[i]]
-        loss, correct, n_tokens = reward_step(rm, pairs, cfg, step)
+        fb = [fb_train[i] for i in checkpoint.batch_for_step(len(fb_train), cfg.feedback_batch_size, step, seed + 1)]
+        loss, correct, n_tokens, fb_loss = reward_step(rm, pairs, cfg, step, fb)
         tokens += n_tokens
         running["loss"] += loss
         running["acc"] += correct
+        running["fb"] += fb_loss
         running["n"] += 1
         done = step + 1
         if done % cfg.log_steps == 0 or done == cfg.max_steps:
             log_running(running, rm, done, bar)
-            running = {"loss": 0.0, "acc": 0.0, "n": 0}
+            running = {"loss": 0.0, "acc": 0.0, "fb": 0.0, "n": 0}
         if done % cfg.save_steps == 0 and done < cfg.max_steps:
             checkpoint.save(ckpt_root, done, fp, rm.write)
     bar.close()
     seconds = time.perf_counter() - started
 
     # 4. held-out metrics, reward statistics, outputs
-    metrics = finish_reward(rm, cfg, train, evals, sft_dir, out_dir, start, seconds, tokens)
+    metrics = finish_reward(rm, cfg, (train, evals), (fb_train, fb_evals), sft_dir, out_dir, start, seconds, tokens)
     checkpoint.save(ckpt_root, cfg.max_steps, fp, rm.write)
     checkpoint.mark_complete(
         out_dir, {"stage": "reward", "outputs": ["adapter", "head.safetensors", "head.json"], "metrics": metrics}
@@ -254,18 +356,20 @@ def train_reward(
 def finish_reward(
     rm: RewardModel,
     cfg: RewardConfig,
-    train: list[list[Pair]],
-    evals: list[list[Pair]],
+    comparisons: tuple[list[list[Pair]], list[list[Pair]]],
+    feedback: tuple[list[Feedback], list[Feedback]],
     sft_dir: str,
     out_dir: Path,
     start: int,
     seconds: float,
     tokens: int,
 ) -> dict[str, float]:
-    """Evaluate on the held-out rankings, measure the reward's mean/std on training responses, log the
-    metrics and write the adapter and the head (with the statistics) to `out_dir`: -> metrics."""
+    """Evaluate on the held-out comparisons and feedback (train, held out) each, measure the reward's mean/std on
+    training responses, log the metrics and write the adapter and the head (with the statistics) to `out_dir`."""
+    (train, evals), (fb_train, fb_evals) = comparisons, feedback
     metrics = evaluate_reward_model(rm.model, rm.head, rm.tok, evals, cfg, rm.device)
-    mean, std = reward_stats(rm.model, rm.head, rm.tok, train, cfg, rm.device)
+    metrics.update(evaluate_feedback(rm.model, rm.head, rm.bias.detach(), rm.tok, fb_evals, cfg, rm.device))
+    mean, std = reward_stats(rm.model, rm.head, rm.tok, train, cfg, rm.device, fb_train)
     metrics.update(
         {
             "rm/reward_mean": mean,
@@ -275,9 +379,17 @@ def finish_reward(
             "rm/tokens_per_second": tokens / seconds if seconds > 0 else float("nan"),
             "rm/train_examples": float(len(train)),
             "rm/train_pairs": float(sum(len(ex) for ex in train)),
+            "rm/train_feedback_rows": float(len(fb_train)),
         }
     )
     log_to_active_run(metrics, cfg.max_steps)
     rm.model.save_pretrained(out_dir / "adapter", safe_serialization=True)
-    rm.head.save(out_dir, reward_mean=mean, reward_std=std, base=str(sft_dir), max_length=cfg.max_length)
+    rm.head.save(
+        out_dir,
+        reward_mean=mean,
+        reward_std=std,
+        base=str(sft_dir),
+        max_length=cfg.max_length,
+        feedback_bias=rm.bias.item(),
+    )
     return metrics

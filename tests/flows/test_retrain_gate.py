@@ -100,7 +100,7 @@ def test_new_data_trains_again_and_compares_against_the_champion(tmp_path):
 
     @flow
     def retried_register():
-        return register(project, s.data, s.sft.dir, s.policy.dir, s.gate, s.run_id)
+        return register(project, s.data, s.sft.dir, s.policy.dir, s.reward.dir, s.gate, s.run_id)
 
     assert retried_register().version == "2"
     assert sorted(str(v.version) for v in mlflow.MlflowClient().search_model_versions("name='ingest-test'")) == [

@@ -29,8 +29,9 @@ SERVE_CONFIG = {"max_new_tokens_cap": 64}  # and served with this override (MLFL
 
 
 @pytest.fixture(scope="module")
-def registry(stages):
-    """Two registered versions of the SFT policy (base + SFT adapter)."""
+def registry(stages, reward):
+    """Two registered versions of the SFT policy: v1 the SFT weights with the reward model bundled (best-of-n),
+    v2 the base + SFT adapter without it."""
     tracking.setup(stages.cfg)
     adapter = str(Path(stages.root) / "sft" / "adapter")
     versions = []
@@ -39,10 +40,11 @@ def registry(stages):
             versions.append(
                 log_and_register(
                     NAME,
-                    stages.base_dir,
-                    adapter,
+                    stages.sft_dir if i == 0 else stages.base_dir,
+                    None if i == 0 else adapter,
                     {"data_version": "v1", "try": str(i)},
                     limits=V1_LIMITS if i == 0 else None,
+                    reward_dir=reward.head_dir if i == 0 else None,
                 )
             )
     return stages, versions
@@ -83,7 +85,8 @@ def test_registered_model_is_self_contained_and_generates(registry):
     out = model.predict(
         pd.DataFrame({"prompt": ["The film was", "These headphones"]}), params={"seed": 0, "max_new_tokens": 8}
     )
-    assert list(out.columns) == ["response"] and len(out) == 2 and all(isinstance(r, str) for r in out["response"])
+    assert list(out.columns) == ["response", "score"] and len(out) == 2
+    assert all(isinstance(r, str) for r in out["response"])
     again = model.predict(
         pd.DataFrame({"prompt": ["The film was", "These headphones"]}), params={"seed": 0, "max_new_tokens": 8}
     )
@@ -95,6 +98,57 @@ def test_registered_model_is_self_contained_and_generates(registry):
     local = Path(mlflow.artifacts.download_artifacts(v1.model_uri))
     weights = {p.suffix for p in local.rglob("*") if p.is_file()}
     assert ".safetensors" in weights and not ({".bin", ".pt", ".pkl"} & weights), "safetensors only"
+
+
+def test_best_of_n_returns_the_highest_scoring_of_its_n_samples(registry, reward):
+    from peft import PeftModel
+
+    from components.models.loading import load_causal_lm, load_tokenizer
+    from components.models.roles import ScalarHead, sequence_scores
+    from components.models.scoring import encode
+    from components.registry.policy_model import DEFAULT_PARAMS
+
+    stages, (v1, _) = registry
+    model = mlflow.pyfunc.load_model(v1.model_uri)
+    prompts = ["The film was", "After a week with these headphones, I think", "Honest review of the kettle:"]
+    params = {"seed": 3, "n": 4, "max_new_tokens": 12}
+    texts, scores = model.unwrap_python_model().candidates(prompts, {**DEFAULT_PARAMS, **params})
+    assert [len(t) for t in texts] == [4, 4, 4] and all(len(set(t)) > 1 for t in texts), "n different samples"
+    out = model.predict(prompts, params=params)
+    for i, row in out.iterrows():
+        best = max(range(4), key=scores[i].__getitem__)
+        assert row["response"] == texts[i][best] and row["score"] == pytest.approx(max(scores[i]))
+        assert row["score"] >= max(scores[i]) - 1e-9
+    # the bundled scorer is the reward model: the same scores as the pipeline's own scoring (evaluation, PPO)
+    cfg = stages.cfg
+    scorer = PeftModel.from_pretrained(
+        load_causal_lm(stages.sft_dir, cfg.model), str(Path(reward.head_dir) / "adapter")
+    )
+    head, meta = ScalarHead.load(Path(reward.head_dir))
+    flat = [t for row in texts for t in row]
+    ids, mask = encode(
+        load_tokenizer(stages.sft_dir, cfg.model),
+        [p for p in prompts for _ in range(4)],
+        flat,
+        meta["max_length"],
+        "cpu",
+    )
+    with torch.no_grad():
+        expected = (sequence_scores(scorer.eval(), head, ids, mask) - meta["reward_mean"]) / meta["reward_std"]
+    assert torch.allclose(torch.tensor([s for row in scores for s in row]), expected, atol=1e-4)
+    # best of 4 beats one sample on average over prompts (same seed)
+    many = ["The film was", "My new kettle", "Honest review of this tent:", "I watched the sequel and"]
+    one = model.predict(many, params={"seed": 7, "n": 1, "max_new_tokens": 12})["score"].mean()
+    four = model.predict(many, params={"seed": 7, "n": 4, "max_new_tokens": 12})["score"].mean()
+    assert four > one
+
+
+def test_best_of_n_needs_the_reward_model(registry):
+    _, (_, v2) = registry  # logged without its reward model
+    model = mlflow.pyfunc.load_model(v2.model_uri)
+    assert list(model.predict(["The film was"], params={"seed": 0, "max_new_tokens": 4}).columns) == ["response"]
+    with pytest.raises(MlflowException, match="n must be in 1..1 for this model, got 2: it was registered without"):
+        model.predict(["The film was"], params={"n": 2})
 
 
 def test_serving_caps_are_logged_and_held_to_the_model_context(registry):
@@ -212,8 +266,10 @@ def test_mlflow_models_serve_answers_invocations(served):
         rows = answer["predictions"]
         assert len(rows) == 2 and all(isinstance(r["response"], str) for r in rows), answer
     assert records == split == plain, "the same prompts and seed give the same text whatever the input format"
-    edges = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "seed": 0}  # every cap at its limit
+    edges = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "seed": 0, "n": 8}  # every cap at its limit
     assert len(predictions(served, {"inputs": ["The film was"] * 4, "params": edges})["predictions"]) == 4
+    best = predictions(served, ask(["The film was", "My new kettle"], n=4, seed=1, max_new_tokens=8))["predictions"]
+    assert len(best) == 2 and all(isinstance(r["response"], str) and isinstance(r["score"], float) for r in best)
 
 
 def ask(prompts, **params) -> dict:
@@ -234,6 +290,8 @@ BAD_REQUESTS = {  # id: (request, field, allowed)
     "top_p zero": (ask(["The film was"], top_p=0.0), "top_p", "(0, 1]"),
     "top_p above one": (ask(["The film was"], top_p=1.5), "top_p", "(0, 1]"),
     "seed below -1": (ask(["The film was"], seed=-7), "seed", "-1..4294967295"),
+    "n zero": (ask(["The film was"], n=0), "n", "1..8"),
+    "n over cap": (ask(["The film was"], n=9), "n", "1..8"),
 }
 
 

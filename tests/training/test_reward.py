@@ -18,7 +18,13 @@ from components.models.roles import ScalarHead, last_token_index, sequence_score
 from components.models.scoring import encode
 from components.training import checkpoint
 from components.training import reward as reward_module
-from components.training.reward import bradley_terry_loss, pairwise_accuracy, train_reward
+from components.training.reward import (
+    binary_auc,
+    bradley_terry_loss,
+    feedback_loss,
+    pairwise_accuracy,
+    train_reward,
+)
 
 
 def test_ranking_to_pairs_hand_computed():
@@ -47,6 +53,30 @@ def test_pairwise_accuracy_hand_computed():
     assert acc.item() == pytest.approx(0.5)
 
 
+def test_feedback_loss_hand_computed():
+    # z = score + bias = 1.5, -0.5, 0.5; targets 1 (thumbs up), 0 (down), 0.75 (a rating of 4 on 1..5)
+    # BCE: log(1 + e^-1.5) = 0.2014133; log(1 + e^-0.5) = 0.4740770;
+    #      0.75 * log(1 + e^-0.5) + 0.25 * log(1 + e^0.5) = 0.75 * 0.4740770 + 0.25 * 0.9740770 = 0.5990770
+    # mean = (0.2014133 + 0.4740770 + 0.5990770) / 3 = 0.4248558
+    scores, targets = torch.tensor([1.0, -1.0, 0.0]), torch.tensor([1.0, 0.0, 0.75])
+    bias = torch.tensor(0.5, requires_grad=True)
+    loss = feedback_loss(scores, bias, targets)
+    assert loss.item() == pytest.approx(0.4248558, abs=1e-6)
+    # d loss / d bias = mean(sigmoid(z) - t) = (0.8175745 - 1 + 0.3775407 - 0 + 0.6224593 - 0.75) / 3 = 0.0225248
+    loss.backward()
+    assert bias.grad.item() == pytest.approx(0.0225248, abs=1e-6)
+    # Bradley-Terry is blind to a shift of every score: only the feedback term fixes the score's zero
+    c, r, w = torch.tensor([2.0, 0.5]), torch.tensor([1.0, 1.0]), torch.ones(2)
+    assert bradley_terry_loss(c + 3, r + 3, w).item() == pytest.approx(bradley_terry_loss(c, r, w).item(), abs=1e-6)
+
+
+def test_binary_auc_hand_computed():
+    # thumbs up scored 3 and 2, down 1 and 2: (3>1) (3>2) (2>1) (2=2: half) -> 3.5 / 4
+    assert binary_auc(torch.tensor([3.0, 1.0, 2.0, 2.0]), torch.tensor([1, 0, 1, 0])) == pytest.approx(0.875)
+    assert binary_auc(torch.tensor([0.0, 1.0]), torch.tensor([1, 0])) == 0.0
+    assert math.isnan(binary_auc(torch.tensor([1.0, 2.0]), torch.tensor([1, 1])))  # one label only
+
+
 def test_last_token_index_left_and_right_padding():
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 1, 1]])
     assert last_token_index(mask).tolist() == [1, 3, 3]
@@ -67,6 +97,29 @@ def test_reward_model_ranks_held_out_preferences(reward):
     assert m["rm/eval_accuracy_pairwise"] > 0.78, m
     assert m["rm/eval_margin"] > 0.5, m
     assert m["rm/eval_pairs"] > m["rm/eval_examples"], "rankings expanded to pairs"
+
+
+def test_reward_model_learns_the_held_out_thumbs(reward):
+    m = reward.metrics
+    assert m["rm/eval_feedback_rows"] > 50 and m["rm/train_feedback_rows"] > 500, m
+    # the annotator's thumbs are a noisy threshold on the same latent score the comparisons are drawn from
+    assert m["rm/feedback_auc"] > 0.8, m
+    assert m["rm/feedback_accuracy"] > 0.7, m
+
+
+def test_reward_model_trains_on_feedback_alone(stages, tmp_path):
+    # the forum user's case: thumbs up/down and no comparisons at all
+    cfg = stages.cfg
+    data = tmp_path / "data"
+    shutil.copytree(cfg.data_path, data)
+    shutil.rmtree(data / "preferences")
+    short = replace(cfg.reward, max_steps=40, log_steps=10, stats_max_responses=64)
+    m = train_reward(short, cfg.model, stages.sft_dir, data, tmp_path / "rm", seed=1, data_cfg=cfg.data).metrics
+    assert math.isnan(m["rm/eval_accuracy"]) and m["rm/train_pairs"] == 0
+    assert m["rm/feedback_auc"] > 0.7, m
+    shutil.rmtree(data / "feedback")
+    with pytest.raises(ValueError, match="needs preferences .* or feedback"):
+        train_reward(short, cfg.model, stages.sft_dir, data, tmp_path / "rm2", seed=1)
 
 
 def test_reward_stats_saved_with_the_model(stages, reward):
@@ -111,6 +164,8 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(stages):
     a = load_file(str(full_dir / "head.safetensors"))
     b = load_file(str(resumed_dir / "head.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    bias = [json.loads((d / "head.json").read_text())["feedback_bias"] for d in (full_dir, resumed_dir)]
+    assert bias[0] != 0 and bias[0] == pytest.approx(bias[1], abs=1e-5), "the feedback bias trains and resumes"
     assert resumed.metrics["rm/eval_accuracy"] == pytest.approx(full.metrics["rm/eval_accuracy"], abs=1e-6)
     # a different config does not resume from these checkpoints
     other = train_reward(
