@@ -16,7 +16,8 @@ from tests.conftest import make_project
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
-STAGES = ("sft", "reward-model", "ppo")
+STAGES = ("sft", "reward-model", "ppo", "rejection-sampling")
+RS_FAST = ("rounds=1", "prompts_per_round=4", "samples_per_prompt=2", "keep_fraction=0.5")
 CLOSED_GATE = ("gate.min_win_rate=1.01", "gate.max_prompts=8", "tracking.registered_model_name=cache-test")
 
 
@@ -63,6 +64,16 @@ def test_unchanged_stages_are_cached_and_changes_recompute_downstream(tmp_path):
     assert states == {"sft": "Cached", "reward-model": "Cached", "ppo": "Completed"}
     assert ppo_changed.reward.dir == first.reward.dir and ppo_changed.policy.dir != first.policy.dir
 
+    # the other policy algorithm: SFT and RM reused, the policy trained by rejection sampling in PPO's place
+    rs_overrides = ("policy=rejection_sampling", *(f"policy.rejection_sampling.{k}" for k in RS_FAST))
+    rs, states, children_rs = run(tmp_path, *rs_overrides)
+    assert states == {"sft": "Cached", "reward-model": "Cached", "rejection-sampling": "Completed"}
+    assert "rejection-sampling" in children_rs and "ppo" not in children_rs and "evaluate" in children_rs
+    assert rs.reward.dir == first.reward.dir and "/rejection-sampling-" in rs.policy.dir
+    assert rs.cached == ["sft", "reward-model"] and rs.policy.metrics["rs/kept"] == 4
+    rs_again, states, _ = run(tmp_path, *rs_overrides)
+    assert states["rejection-sampling"] == "Cached" and rs_again.policy.dir == rs.policy.dir
+
     # an SFT setting changed: everything downstream of it is recomputed too
     sft_changed, states, _ = run(tmp_path, "sft.learning_rate=1e-3")
     assert states == {"sft": "Completed", "reward-model": "Completed", "ppo": "Completed"}
@@ -79,7 +90,7 @@ def test_unchanged_stages_are_cached_and_changes_recompute_downstream(tmp_path):
     pruned, states, _ = run(tmp_path, "infra.keep_stage_outputs=1")
     assert set(states.values()) == {"Cached"}
     stages = tmp_path / "proj" / ".rlhf" / "stages"
-    assert len(list(stages.iterdir())) == 3
+    assert len(list(stages.iterdir())) == 4  # this run's three, and the newest rejection-sampling output
     assert all(Path(p).exists() for p in (first.sft.dir, first.reward.dir, first.policy.dir))
     assert not any(Path(p).exists() for p in (ppo_changed.policy.dir, sft_changed.sft.dir, sft_changed.reward.dir))
 
