@@ -7,6 +7,8 @@ version, so `rollback` can move `champion` back). Uses the active tracking URI; 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,37 +39,49 @@ def log_and_register(
     `reward_dir`: the reward stage's output (adapter/, head.safetensors, head.json), bundled so the served
     model answers best-of-n (`params.n`) and returns each response's `score`.
     """
-    import shutil
-    import tempfile
+    with policy_artifacts(base_dir, adapter_dir, reward_dir) as artifacts:
+        info = _log_model(registered_name, artifacts, model_signature(reward_dir is not None), limits)
+    return finish_registration(registered_name, str(info.registered_model_version), tags)
 
+
+def model_signature(with_score: bool):
+    """The served policy's signature: one string column of prompts in, `response` (and `score`) out, with the
+    request params (policy_model.DEFAULT_PARAMS) declared, so that MLflow passes them on."""
     import pandas as pd
     from mlflow.models import ModelSignature, infer_signature
     from mlflow.types import ColSpec, DataType, Schema
 
     from components.registry.policy_model import DEFAULT_PARAMS
 
-    example = pd.DataFrame({"prompt": EXAMPLE_PROMPTS})
     # One string column matched by position, not by name: a DataFrame with a `prompt` column and a plain
     # list of strings (`inputs`) both pass schema enforcement.
-    params = infer_signature(example, params=DEFAULT_PARAMS).params
-    outputs = [ColSpec(DataType.string, "response")] + ([ColSpec(DataType.double, "score")] if reward_dir else [])
-    signature = ModelSignature(inputs=Schema([ColSpec(DataType.string)]), outputs=Schema(outputs), params=params)
+    params = infer_signature(pd.DataFrame({"prompt": EXAMPLE_PROMPTS}), params=DEFAULT_PARAMS).params
+    outputs = [ColSpec(DataType.string, "response")] + ([ColSpec(DataType.double, "score")] if with_score else [])
+    return ModelSignature(inputs=Schema([ColSpec(DataType.string)]), outputs=Schema(outputs), params=params)
+
+
+@contextmanager
+def policy_artifacts(base_dir: str, adapter_dir: str | None, reward_dir: str | None) -> Iterator[dict[str, str]]:
+    """The pyfunc's artifacts: base, adapter and, from a reward stage's output, the reward adapter and its head
+    (head.safetensors + head.json only, not the stage's checkpoints, staged in a temporary dir)."""
+    import shutil
+    import tempfile
+
     artifacts = {"base": base_dir, **({"adapter": adapter_dir} if adapter_dir else {})}
     staging = Path(tempfile.mkdtemp(prefix="rlhf-register-"))
-    if reward_dir:  # the head and its statistics only: not the stage's checkpoints
-        head = staging / "reward_head"
-        head.mkdir()
-        for name in ("head.safetensors", "head.json"):
-            shutil.copy2(Path(reward_dir) / name, head / name)
-        artifacts |= {"reward_adapter": str(Path(reward_dir) / "adapter"), "reward_head": str(head)}
     try:
-        info = _log_model(registered_name, artifacts, signature, example, limits)
+        if reward_dir:
+            head = staging / "reward_head"
+            head.mkdir()
+            for name in ("head.safetensors", "head.json"):
+                shutil.copy2(Path(reward_dir) / name, head / name)
+            artifacts |= {"reward_adapter": str(Path(reward_dir) / "adapter"), "reward_head": str(head)}
+        yield artifacts
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return finish_registration(registered_name, str(info.registered_model_version), tags)
 
 
-def _log_model(registered_name: str, artifacts: dict[str, str], signature, example, limits: dict | None):
+def _log_model(registered_name: str, artifacts: dict[str, str], signature, limits: dict | None):
     import mlflow
     import pandas as pd
     import peft
@@ -81,7 +95,7 @@ def _log_model(registered_name: str, artifacts: dict[str, str], signature, examp
         python_model=str(POLICY_MODEL_FILE),
         artifacts=artifacts,
         signature=signature,
-        input_example=example,
+        input_example=pd.DataFrame({"prompt": EXAMPLE_PROMPTS}),
         registered_model_name=registered_name,
         model_config=Limits.from_config(limits).as_config(),  # the serving caps, read back at load
         pip_requirements=[
