@@ -221,7 +221,9 @@ class RejectionSamplingConfig:
     min_score: Optional[float] = None  # also drop kept samples scoring below this (normalised reward units)
     train_epochs: float = 2.0  # passes over a round's kept samples
     batch_size: int = 8
-    learning_rate: float = 1e-3
+    # demo/tiny, seed 0, held-out RM reward / judge / KL: lr 1e-3: 0.12 / 0.01 / 0.9; 3e-3: 0.16 / 0.12 / 1.7;
+    # 5e-3: 0.31 / 0.07 / 5.9; 3e-3 x 4 epochs: 0.37 / 0.12 / 6.8; 8 rounds x 40 prompts: 0.22 / 0.10 / 3.8
+    learning_rate: float = 3e-3
 
 
 @dataclass
