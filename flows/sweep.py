@@ -3,6 +3,7 @@
     rlhf sweep                                   plain PPO, roll-in (PPO++), roll-out (AggreVaTeD), D2LOLS
     rlhf sweep ppo/guide=none,rollin ppo.steps=80 seed=1
     rlhf sweep ppo.target_kl=4,6,8               any Hydra sweep: comma lists multiply out (Hydra multirun)
+    rlhf sweep policy=ppo,rejection_sampling     PPO against rejection-sampling fine-tuning
 
 Each variant runs the stages it needs (unchanged ones come from the cache, so SFT and the reward model train
 once), then PPO and the evaluation, under its own MLflow run `sweep <variant>` in the project's experiment:
@@ -31,7 +32,7 @@ from flows.stages import (
     evaluate,
     git_commit,
     pin_guide,
-    ppo,
+    policy_stage,
     prepare_data,
     reward_model,
     sft,
@@ -132,13 +133,14 @@ def run_variant(cfg: Config, data, parent_run_id: str, name: str) -> SweepRow:
     ) as run:
         mlflow.set_tags({"sweep.variant": name, "data_version": data.version})
         tracking.log_params(tracking.flatten(asdict(cfg.ppo), prefix="ppo."))
+        tracking.log_params(tracking.flatten(asdict(cfg.policy), prefix="policy."))
         mlflow.log_param("sweep.overrides", " ".join(tracking.redact_override(o) for o in cfg.overrides)[:6000])
         row = SweepRow(name, list(cfg.overrides), run.info.run_id)
         try:
             base = base_model(cfg, data, run.info.run_id)
             sft_out = run_stage(sft, cfg, data, base, run.info.run_id)
             rm_out = run_stage(reward_model, cfg, data, sft_out.dir, run.info.run_id)
-            policy = run_stage(ppo, pin_guide(cfg), data, sft_out.dir, rm_out.dir, run.info.run_id)
+            policy = run_stage(policy_stage(cfg), pin_guide(cfg), data, sft_out.dir, rm_out.dir, run.info.run_id)
             ev = evaluate(cfg, data, sft_out.dir, rm_out.dir, policy.dir, run.info.run_id)
         except Exception as e:  # one variant's failure (a diverged PPO) is a row of the table, not the sweep's end
             mlflow.set_tag("outcome", f"failed: {type(e).__name__}")
@@ -153,8 +155,11 @@ def run_variant(cfg: Config, data, parent_run_id: str, name: str) -> SweepRow:
                     "sweep/judge_sft": ref.get("judge_mean", float("nan")),
                     "sweep/win_rate_vs_sft": win_rate(ev.rewards["candidate"], ev.rewards["sft"]),
                     "sweep/kl": cand["kl"],
-                    # PPO's own time (generation, guide calls, scoring, updates), kept when its output is cached
-                    "sweep/ppo_seconds": policy.metrics.get("ppo/train_seconds", float("nan")),
+                    # the policy stage's own time (generation, guide calls, scoring, updates), kept when its output
+                    # is cached: PPO's, or rejection sampling's (`rlhf sweep policy=ppo,rejection_sampling`)
+                    "sweep/ppo_seconds": policy.metrics.get(
+                        "ppo/train_seconds", policy.metrics.get("rs/train_seconds", float("nan"))
+                    ),
                     "sweep/guide_tokens": policy.metrics.get("ppo/guide_tokens_mean", 0.0),
                 }
             )

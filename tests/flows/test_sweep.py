@@ -22,6 +22,8 @@ def test_expand_is_hydras_multirun_product():
     default = expand(["seed=1"])
     assert [variant_name(v, ["seed=1"]) for v in default] == ["none", "rollin", "aggrevated", "d2lols"]
     assert expand(["seed=1", "ppo/guide=rollin"]) == [["seed=1", "ppo/guide=rollin"]]  # one variant, as asked
+    algorithms = expand(["policy=ppo,rejection_sampling"])  # PPO against rejection sampling
+    assert [variant_name(v, []) for v in algorithms] == ["policy=ppo", "policy=rejection_sampling"]
 
 
 def test_a_sweeps_stored_parameters_are_redacted():
