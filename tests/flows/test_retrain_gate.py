@@ -32,6 +32,14 @@ def test_passing_candidate_is_registered_and_promoted_then_a_failing_one_changes
     assert {"eval/candidate/reward_mean", "eval/sft/judge_mean", "gate/passed"} <= set(evaluate_run.data.metrics)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(evaluate_run.info.run_id)}
     assert {"eval_generations.json", "gate_verdict.txt"} <= artifacts
+    # the champion bundles its reward model (registry.include_reward_model): PPO's policy adapter and the RM's
+    # adapter on one base, answering best-of-n with the RM's score
+    info = mlflow.models.get_model_info("models:/gate-test@champion")
+    assert {"base", "adapter", "reward_adapter", "reward_head"} <= set(info.flavors["python_function"]["artifacts"])
+    best = mlflow.pyfunc.load_model("models:/gate-test@champion").predict(
+        ["The film was", "My new kettle"], params={"n": 3, "seed": 0, "max_new_tokens": 6}
+    )
+    assert list(best.columns) == ["response", "score"] and best["score"].notna().all()
 
     # the same data and config again: nothing new to train
     again = retrain(project, return_state=True)
