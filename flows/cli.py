@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from components.config import ConfigError
+from components.data.schemas import INGESTIBLE_KINDS, KINDS
 from flows.commands import cmd_config, cmd_data, cmd_ingest, cmd_validate
 from flows.credentials import Unauthorised
 from flows.service_commands import (
@@ -106,10 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--options", action="store_true", help="list the options of every config group")
     c.add_argument("rest", **over)
     v = sub.add_parser("validate", help="validate data (default: the data dir) with Great Expectations")
-    v.add_argument("--kind", choices=["demonstrations", "preferences", "prompts", "eval"])
+    v.add_argument("--kind", choices=list(KINDS))
     v.add_argument("rest", nargs="*", help="[PATH] then Hydra overrides")
     i = sub.add_parser("ingest", help="validate and add a batch of new examples")
-    i.add_argument("--kind", required=True, choices=["demonstrations", "preferences", "prompts"])
+    i.add_argument("--kind", required=True, choices=list(INGESTIBLE_KINDS))
     i.add_argument("--quarantine", action="store_true", help="ingest the good rows; write bad rows with reasons aside")
     i.add_argument("rest", nargs="*", help="FILE then Hydra overrides")
     return p

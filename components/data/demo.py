@@ -1,7 +1,8 @@
 """The embedded demo task: continue the opening of a short product or film review.
 
 A seeded generator writes demonstrations (mixed sentiment), preferences (pairwise
-and ranked lists of K responses), PPO prompts and disjoint eval prompts. The
+and ranked lists of K responses), PPO prompts, disjoint eval prompts, and feedback: thumbs up/down
+(some with a 1..5 rating) that the same annotator gives to single responses. The
 simulated annotator prefers more positive, fluent continuations: each response has
 a latent score (sentiment + fluency) and a comparison is a Bradley-Terry draw on
 the score difference with temperature `annotator_temperature` - realistic labels,
@@ -250,7 +251,47 @@ class DemoGenerator:
             for i, (p, _) in enumerate(train_pool[: cfg.n_prompts])
         ]
         evals = [{"id": f"eval-{i:06d}", "prompt": p, "source": "demo"} for i, (p, _) in enumerate(eval_prompts)]
-        return {"demonstrations": demonstrations, "preferences": preferences, "prompts": ppo_prompts, "eval": evals}
+        feedback = self._feedback(train_pool)  # last: the other kinds stay as they were before feedback existed
+        return {
+            "demonstrations": demonstrations,
+            "preferences": preferences,
+            "prompts": ppo_prompts,
+            "eval": evals,
+            "feedback": feedback,
+        }
+
+    # The annotator's thumbs: up with probability sigmoid((score - THUMBS_MIDPOINT) / T). The midpoint is the
+    # median latent score of a demo response (measured over 20000: 0.49), so about half the thumbs are up.
+    THUMBS_MIDPOINT = 0.49
+
+    def thumbs(self, r: Response) -> int:
+        z = (r.score - self.THUMBS_MIDPOINT) / self.cfg.annotator_temperature
+        return int(self.rng.random() < 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z)))))
+
+    def rating(self, r: Response, label: int) -> int:
+        """Stars 1..5 from the latent score with noise, on the label's side of 3 (3 goes with either)."""
+        stars = round(3 + 2 * math.tanh((r.score - self.THUMBS_MIDPOINT) / 0.5) + self.rng.gauss(0, 0.5))
+        stars = max(1, min(5, stars))
+        return max(stars, 3) if label == 1 else min(stars, 3)
+
+    def _feedback(self, train_pool: list[tuple[str, str]]) -> list[dict]:
+        """n_feedback distinct rows: a training prompt, one response (any sentiment, fluent or not), the
+        annotator's thumbs and, for a feedback_rating_fraction share, a rating."""
+        cfg, rng = self.cfg, self.rng
+        rows: list[dict] = []
+        seen: set[tuple] = set()
+        while len(rows) < cfg.n_feedback:
+            p, dom = rng.choice(train_pool)
+            r = self.response(dom)
+            label = self.thumbs(r)
+            if (p, r.text, label) in seen:
+                continue
+            seen.add((p, r.text, label))
+            row = {"id": f"fb-{len(rows):06d}", "prompt": p, "response": r.text, "label": label}
+            if rng.random() < cfg.feedback_rating_fraction:
+                row["rating"] = self.rating(r, label)
+            rows.append({**row, "source": "demo"})
+        return rows
 
     def _preferences(self, train_pool: list[tuple[str, str]]) -> list[dict]:
         """n_preferences distinct rows: a ranking with probability ranked_fraction, else a pair."""

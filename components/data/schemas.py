@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-KINDS = ("demonstrations", "preferences", "prompts", "eval")
-TRAINING_KINDS = ("demonstrations", "preferences", "prompts")
+KINDS = ("demonstrations", "preferences", "prompts", "eval", "feedback")
+TRAINING_KINDS = ("demonstrations", "preferences", "prompts", "feedback")
+OPTIONAL_KINDS = ("feedback",)  # a data dir may have none (the reward model needs preferences or feedback)
 INGESTIBLE_KINDS = TRAINING_KINDS  # eval prompts are frozen: never ingested, never trained on
 
 # The frames Great Expectations validates: preferences split by shape.
-FRAMES = ("demonstrations", "preferences_pairwise", "preferences_ranked", "prompts", "eval")
+FRAMES = ("demonstrations", "preferences_pairwise", "preferences_ranked", "prompts", "eval", "feedback")
 
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "demonstrations": ("id", "prompt", "response"),
@@ -29,6 +30,7 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "preferences_ranked": ("id", "prompt", "responses"),
     "prompts": ("id", "prompt"),
     "eval": ("id", "prompt"),
+    "feedback": ("id", "prompt", "response", "label"),
 }
 
 
@@ -252,6 +254,8 @@ def infer_kind(path: Path) -> str | None:
         return None
     if {"chosen", "rejected"} & obj.keys() or "responses" in obj:
         return "preferences"
+    if "label" in obj or "rating" in obj:
+        return "feedback"
     if "response" in obj:
         return "demonstrations"
     if "prompt" in obj:

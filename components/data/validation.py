@@ -1,6 +1,6 @@
 """Data validation with Great Expectations 1.x: one suite per data frame.
 
-Frames: demonstrations, preferences_pairwise, preferences_ranked, prompts, eval (a
+Frames: demonstrations, preferences_pairwise, preferences_ranked, prompts, eval, feedback (a
 preference shard may hold both shapes; rows are split by shape). Every expectation
 carries `meta = {rule, message, fix}` so a failed one becomes a `Finding` naming the
 rule, the rows (file and line, from the `_file`/`_line` columns), the values, and
@@ -15,6 +15,7 @@ pages (one self-contained HTML file per frame validated, under the site's valida
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from components.config import DataConfig
 from components.data.schemas import (
     FRAMES,
     KINDS,
+    OPTIONAL_KINDS,
     REQUIRED_FIELDS,
     TRAINING_KINDS,
     Finding,
@@ -49,6 +51,7 @@ TEXT_FIELDS = {
     "preferences_ranked": ("prompt",),
     "prompts": ("prompt",),
     "eval": ("prompt",),
+    "feedback": ("prompt", "response"),
 }
 # Derived columns are reported as the user's own fields.
 _SHOWN = {
@@ -58,6 +61,10 @@ _SHOWN = {
     "_n_distinct": ("responses",),
     "_responses_valid": ("responses",),
     "_key": ("prompt",),
+    "_label_ok": ("label",),
+    "_rating_ok": ("rating",),
+    "_rating_num": ("rating",),
+    "_label_agrees": ("label", "rating"),
 }
 PARAMETERS = ("existing_ids", "existing_keys", "eval_prompts", "training_prompts")
 
@@ -81,6 +88,26 @@ def _text_ok(value: Any, cfg: DataConfig) -> bool:
     )
 
 
+def _feedback_columns(obj: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
+    """Derived columns of a feedback row: the label is exactly the integer 1 or 0 (JSON true/false, "1", 0.5 are
+    not); a rating, when given, is a finite number; the label agrees with the rating's side of the middle.
+    None where the check does not apply (a missing label is its own rule), so the expectation skips the row."""
+    label, rating = obj.get("label"), obj.get("rating")
+    label_ok = None if label is None else (type(label) is int and label in (0, 1))
+    rating_ok = None if rating is None else (type(rating) in (int, float) and math.isfinite(rating))
+    agrees = None
+    if label_ok and rating_ok:
+        mid = (cfg.min_rating + cfg.max_rating) / 2
+        agrees = rating == mid or (label == 1) == (rating > mid)
+    return {
+        "rating": rating,
+        "_label_ok": label_ok,
+        "_rating_ok": rating_ok,
+        "_rating_num": float(rating) if rating_ok else None,
+        "_label_agrees": agrees,
+    }
+
+
 def build_frame(frame: str, rows: Iterable[tuple[str, int, dict[str, Any]]], cfg: DataConfig) -> pd.DataFrame:
     """rows: (file, line, object). Required fields always exist as columns (missing -> None)."""
     records = []
@@ -98,10 +125,14 @@ def build_frame(frame: str, rows: Iterable[tuple[str, int, dict[str, Any]]], cfg
             rec["_k"] = len(rs) if is_list else None
             rec["_n_distinct"] = len({normalise_text(r) for r in rs}) if is_list else None
             rec["_responses_valid"] = is_list and all(_text_ok(r, cfg) for r in rs)
+        if frame == "feedback":
+            rec.update(_feedback_columns(obj, cfg))
         records.append(rec)
     columns = list(REQUIRED_FIELDS[frame]) + ["_file", "_line", "_id_key", "_prompt_norm", "_key"]
     if frame == "preferences_ranked":
         columns += ["_k", "_n_distinct", "_responses_valid"]
+    if frame == "feedback":
+        columns += ["rating", "_label_ok", "_rating_ok", "_rating_num", "_label_agrees"]
     df = pd.DataFrame.from_records(records, columns=columns)
     return df.astype(object).where(df.notna(), None) if len(df) else df
 
@@ -122,6 +153,8 @@ def build_suite_expectations(frame: str, cfg: DataConfig) -> list:
         ex += _pairwise_expectations()
     if frame == "preferences_ranked":
         ex += _ranking_expectations(cfg)
+    if frame == "feedback":
+        ex += _feedback_expectations(cfg)
     ex += _duplicate_expectations(frame)
     ex += _eval_split_expectations(frame)
     return ex
@@ -271,6 +304,57 @@ def _ranking_expectations(cfg: DataConfig) -> list:
     ]
 
 
+def _feedback_expectations(cfg: DataConfig) -> list:
+    """A thumbs up/down is the integer 1 or 0; an optional rating is a number in range that agrees with it."""
+    import great_expectations.expectations as gxe
+
+    lo, hi = cfg.min_rating, cfg.max_rating
+    return [
+        _e(
+            gxe.ExpectColumnValuesToNotBeNull,
+            "label_present",
+            "field 'label' is missing or null",
+            "give every row a 'label': 1 for thumbs up, 0 for thumbs down",
+            column="label",
+        ),
+        _e(
+            gxe.ExpectColumnValuesToBeInSet,
+            "label_values",
+            "field 'label' must be the integer 1 (thumbs up) or 0 (thumbs down)",
+            "write 1 for thumbs up and 0 for thumbs down (not true/false, not a string, not a score: a graded "
+            "score goes in 'rating')",
+            column="_label_ok",
+            value_set=[True],
+        ),
+        _e(
+            gxe.ExpectColumnValuesToBeInSet,
+            "rating_type",
+            "field 'rating', when given, must be a number",
+            "write 'rating' as a JSON number (e.g. 4), or leave it out",
+            column="_rating_ok",
+            value_set=[True],
+        ),
+        _e(
+            gxe.ExpectColumnValuesToBeBetween,
+            "rating_range",
+            f"'rating' outside {lo:g}..{hi:g}",
+            f"rescale the ratings to {lo:g}..{hi:g}, or set data.min_rating / data.max_rating to your scale",
+            column="_rating_num",
+            min_value=lo,
+            max_value=hi,
+        ),
+        _e(
+            gxe.ExpectColumnValuesToBeInSet,
+            "label_matches_rating",
+            f"'label' disagrees with 'rating' (above the middle {(lo + hi) / 2:g} of {lo:g}..{hi:g} is a thumbs up, "
+            "below it a thumbs down)",
+            "fix the label or the rating of these rows (the middle of the range goes with either label)",
+            column="_label_agrees",
+            value_set=[True],
+        ),
+    ]
+
+
 def _duplicate_expectations(frame: str) -> list:
     """No row repeats another row of the batch or one already in data/ (by normalised content)."""
     import great_expectations.expectations as gxe
@@ -281,13 +365,19 @@ def _duplicate_expectations(frame: str) -> list:
         "preferences_ranked": "duplicate rankings (same prompt and responses)",
         "prompts": "duplicate prompts",
         "eval": "duplicate eval prompts",
+        "feedback": "duplicate feedback (same prompt, response and label)",
     }[frame]
     return [
         _e(
             gxe.ExpectColumnValuesToBeUnique,
             "no_duplicates",
             dup,
-            "drop the repeated rows (compared ignoring case and whitespace)",
+            "drop the repeated rows (compared ignoring case and whitespace)"
+            + (
+                "; several votes on one response: keep one row and put the count into 'rating'"
+                if frame == "feedback"
+                else ""
+            ),
             column="_key",
         ),
         _e(
@@ -499,13 +589,18 @@ def validate_dataset(data_dir: Path, cfg: DataConfig, gx_root: Path, kinds: Iter
     kinds = list(kinds)
     report = ValidationReport()
     for kind in kinds:
-        if not dataset[kind]:
+        if kind == "preferences" and not dataset[kind] and dataset["feedback"]:
+            pass  # the reward model can learn from feedback alone
+        elif not dataset[kind] and kind not in OPTIONAL_KINDS:
             report.findings.append(
                 Finding(
                     str(data_dir / kind),
                     "no_shards",
-                    f"no {kind} shards (*.jsonl) found",
-                    f"add data under {data_dir / kind}/ (`rlhf ingest FILE --kind {kind}`) or regenerate the demo",
+                    f"no {kind} shards (*.jsonl) found"
+                    + (" (nor feedback: the reward model needs one of them)" if kind == "preferences" else ""),
+                    f"add data under {data_dir / kind}/ (`rlhf ingest FILE --kind {kind}`)"
+                    + (" or feedback (`--kind feedback`)" if kind == "preferences" else "")
+                    + " or regenerate the demo",
                     1,
                 )
             )

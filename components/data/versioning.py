@@ -247,7 +247,9 @@ def fetch_version(cfg: Config, version: str) -> DataState:
                 dvc = Dvc(repo)
                 dvc.ensure_init()
                 dvc.set_remote(cfg.infra.dvc_remote_name, remote_url(cfg))
-                (repo / DVC_FILE).write_text(yaml.safe_dump({"outs": [{"md5": version, "hash": "md5", "path": "data"}]}))
+                (repo / DVC_FILE).write_text(
+                    yaml.safe_dump({"outs": [{"md5": version, "hash": "md5", "path": "data"}]})
+                )
                 if not dvc.pull(cfg.infra.dvc_remote_name):
                     raise DataVersionError(
                         f"data version {version} is not on the DVC remote {shown_remote(cfg)}: push it from the "

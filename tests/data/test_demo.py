@@ -32,11 +32,14 @@ def test_sizes_shapes_and_disjoint_eval():
         "preferences": 400,
         "prompts": 80,
         "eval": 30,
+        "feedback": 1000,
     }
     ranked = [r for r in sets["preferences"] if "responses" in r]
     assert 0.15 < len(ranked) / 400 < 0.45
     assert all(3 <= len(r["responses"]) <= cfg.max_rank_k for r in ranked)
-    train = {normalise_text(r["prompt"]) for k in ("demonstrations", "preferences", "prompts") for r in sets[k]}
+    train = {
+        normalise_text(r["prompt"]) for k in ("demonstrations", "preferences", "prompts", "feedback") for r in sets[k]
+    }
     assert not train & {normalise_text(r["prompt"]) for r in sets["eval"]}
 
 
@@ -67,3 +70,23 @@ def test_lexicon_sentiment_sign():
     assert lexicon_sentiment("the story was superb. I loved it.") > 0.5
     assert lexicon_sentiment("the battery was awful. Avoid it.") < -0.5
     assert lexicon_sentiment("the screen was") == 0.0
+
+
+def test_feedback_thumbs_follow_the_annotator_and_ratings_agree_with_them():
+    cfg = DataConfig(n_demonstrations=50, n_preferences=50, n_prompts=20, n_eval=20, n_feedback=2000)
+    rows = DemoGenerator(cfg).generate()["feedback"]
+    assert len(rows) == 2000 and len({r["id"] for r in rows}) == 2000
+    assert 0.4 < sum(r["label"] for r in rows) / 2000 < 0.6  # about half up
+    rated = [r for r in rows if "rating" in r]
+    assert 0.2 < len(rated) / 2000 < 0.4 and {r["rating"] for r in rated} == {1, 2, 3, 4, 5}
+    assert all(r["rating"] >= 3 if r["label"] else r["rating"] <= 3 for r in rated)
+    # thumbs up goes to more positive responses (the independent lexicon), not perfectly
+    up = [lexicon_sentiment(r["response"]) for r in rows if r["label"] == 1]
+    down = [lexicon_sentiment(r["response"]) for r in rows if r["label"] == 0]
+    assert sum(up) / len(up) > sum(down) / len(down) + 0.3
+
+
+def test_feedback_is_generated_last_so_the_other_kinds_do_not_change():
+    few = DemoGenerator(DataConfig(n_feedback=0)).generate()
+    many = DemoGenerator(DataConfig(n_feedback=500)).generate()
+    assert all(few[k] == many[k] for k in ("demonstrations", "preferences", "prompts", "eval"))

@@ -75,6 +75,27 @@ def test_good_batch_changes_version_and_adds_shard(versioned, tmp_path):
     assert Dvc(cfg.root_path).status() == {}
 
 
+def test_feedback_ingests_through_the_cli_and_a_bad_batch_changes_nothing(versioned, tmp_path, capsys):
+    from flows.cli import main
+
+    cfg = versioned
+    rows = [
+        {"id": f"thumb-{i}", "prompt": f"A served prompt {i}", "response": f"a served answer {i}", "label": i % 2}
+        for i in range(4)
+    ]
+    overrides = [f"root={cfg.root_path}", "data=demo_small"]
+    before = snapshot(cfg)
+    bad = [*rows, {**rows[0], "id": "thumb-9", "label": "up"}]
+    assert main(["ingest", str(batch(tmp_path, bad, "bad.jsonl")), "--kind", "feedback", *overrides]) == 1
+    err = capsys.readouterr().err
+    assert "label_values" in err and "line 5" in err and "Traceback" not in err
+    assert snapshot(cfg) == before
+    assert main(["ingest", str(batch(tmp_path, rows, "thumbs.jsonl")), "--kind", "feedback", *overrides]) == 0
+    shards = sorted((cfg.data_path / "feedback").glob("ingest-*.jsonl"))
+    assert len(shards) == 1 and len(shards[0].read_text().splitlines()) == 4
+    assert Dvc(cfg.root_path).status() == {} and data_version(cfg.root_path) != before[1]
+
+
 def test_bad_batch_changes_nothing(versioned, tmp_path):
     cfg = versioned
     before = snapshot(cfg)

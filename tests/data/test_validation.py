@@ -9,7 +9,7 @@ from components.config import DataConfig
 from components.data.demo import write_demo
 from components.data.validation import validate_batch, validate_dataset
 
-CFG = DataConfig(n_demonstrations=150, n_preferences=150, n_prompts=60, n_eval=25)
+CFG = DataConfig(n_demonstrations=150, n_preferences=150, n_prompts=60, n_eval=25, n_feedback=100)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,28 @@ CASES = [
     ),
     ("preferences", [GOOD_PAIR, '{"id": "n2", "prompt": "p p p", "responses": ["a", "b\\udc00"]}'], "valid_unicode", 2),
 ]
+
+
+GOOD_FB = {"id": "f1", "prompt": "A brand new prompt", "response": "a lovely answer", "label": 1}
+FEEDBACK_CASES = [  # thumbs up/down (issue 14): each rule, with a good row first
+    ("feedback", [GOOD_FB, {"id": "f2", "prompt": "Another prompt", "response": "ok"}], "label_present", 2),
+    ("feedback", [GOOD_FB, {**GOOD_FB, "id": "f2", "label": None}], "label_present", 2),
+    ("feedback", [GOOD_FB, {**GOOD_FB, "id": "f2", "label": 2}], "label_values", 2),
+    ("feedback", [GOOD_FB, {**GOOD_FB, "id": "f2", "label": True}], "label_values", 2),
+    ("feedback", [GOOD_FB, {**GOOD_FB, "id": "f2", "label": "1"}], "label_values", 2),
+    ("feedback", [GOOD_FB, {**GOOD_FB, "id": "f2", "label": 0.5}], "label_values", 2),
+    ("feedback", [GOOD_FB, {**GOOD_FB, "id": "f2", "rating": "five"}], "rating_type", 2),
+    ("feedback", [GOOD_FB, {**GOOD_FB, "id": "f2", "rating": True}], "rating_type", 2),
+    ("feedback", [GOOD_FB, {**GOOD_FB, "id": "f2", "rating": 9}], "rating_range", 2),
+    ("feedback", [GOOD_FB, {**GOOD_FB, "id": "f2", "rating": 0}], "rating_range", 2),
+    ("feedback", [GOOD_FB, {**GOOD_FB, "id": "f2", "label": 0, "rating": 4}], "label_matches_rating", 2),
+    ("feedback", [GOOD_FB, {**GOOD_FB, "id": "f2", "label": 1, "rating": 1.5}], "label_matches_rating", 2),
+    ("feedback", [GOOD_FB, {**GOOD_FB, "id": "f2", "response": "  "}], "response_not_blank", 2),
+    ("feedback", [GOOD_FB, {**GOOD_FB, "id": "f2", "prompt": 7}], "prompt_type", 2),
+    ("feedback", [GOOD_FB, {**GOOD_FB, "id": "f2", "response": "A LOVELY  answer"}], "no_duplicates", 2),
+    ("feedback", [GOOD_FB, {**GOOD_FB, "response": "other"}], "ids_unique", 2),
+]
+CASES += FEEDBACK_CASES
 
 
 @pytest.mark.parametrize("kind,rows,rule,line", CASES, ids=[f"{c[2]}-{i}" for i, c in enumerate(CASES)])
@@ -182,3 +204,49 @@ def test_docs_page_is_this_runs_own_result_and_does_not_grow(tmp_path, demo):
     assert max(sizes) - min(sizes) < 0.02 * min(sizes), sizes  # a page holds one result, not the history
     site_pages = sum(p.stat().st_size for p in (site / "validations").rglob("*.html"))
     assert site_pages >= 2.9 * sizes[-1]  # ...while the whole site keeps every result
+
+
+def test_feedback_batch_passes_and_the_middle_rating_goes_with_either_label(tmp_path, demo):
+    rows = [
+        GOOD_FB,
+        {**GOOD_FB, "id": "f2", "label": 0},  # the same answer down-voted by someone else: not a duplicate
+        {**GOOD_FB, "id": 3, "response": "meh", "label": 1, "rating": 3},
+        {**GOOD_FB, "id": 4, "response": "meh", "label": 0, "rating": 3.0},
+        {**GOOD_FB, "id": "f5", "response": "great", "label": 1, "rating": 5, "user": "u1"},  # extra fields kept
+    ]
+    report, _ = validate_batch(
+        write_lines(tmp_path / "fb.jsonl", rows), "feedback", CFG, tmp_path / "gx", demo / "data"
+    )
+    assert report.ok, report.format("feedback")
+    assert report.rows == {"feedback": 5}
+
+
+def test_feedback_checks_against_existing_data(tmp_path, demo):
+    existing = json.loads((demo / "data" / "feedback" / "demo-000.jsonl").read_text().splitlines()[0])
+    eval_prompt = json.loads((demo / "data" / "eval" / "demo-000.jsonl").read_text().splitlines()[0])["prompt"]
+    rows = [GOOD_FB, existing, {**GOOD_FB, "id": "f9", "prompt": eval_prompt}]
+    report, _ = validate_batch(
+        write_lines(tmp_path / "fb.jsonl", rows), "feedback", CFG, tmp_path / "gx", demo / "data"
+    )
+    rules = {f.rule: f.locations for f in report.findings}
+    assert (str(tmp_path / "fb.jsonl"), 2) in rules["id_new"] and (str(tmp_path / "fb.jsonl"), 2) in rules[
+        "not_already_in_data"
+    ]
+    assert rules["no_eval_leakage"] == [(str(tmp_path / "fb.jsonl"), 3)]
+
+
+def test_feedback_is_optional_but_the_reward_model_needs_comparisons_or_feedback(tmp_path, demo):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo / "data", data)
+    assert validate_dataset(data, CFG, tmp_path / "gx").ok  # the demo, feedback included
+    shutil.rmtree(data / "feedback")
+    assert validate_dataset(data, CFG, tmp_path / "gx").ok  # no feedback: fine
+    shutil.copytree(demo / "data" / "feedback", data / "feedback")
+    shutil.rmtree(data / "preferences")
+    assert validate_dataset(data, CFG, tmp_path / "gx").ok  # feedback instead of comparisons: fine
+    shutil.rmtree(data / "feedback")
+    report = validate_dataset(data, CFG, tmp_path / "gx")
+    (finding,) = report.findings
+    assert finding.rule == "no_shards" and "nor feedback" in finding.message and "--kind feedback" in finding.fix
