@@ -41,7 +41,9 @@ class ModelConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 4
     max_position_embeddings: int = 128
-    pretrain_steps: int = 300
+    # 600: the tiny base also learns to answer the self-evaluation question from the feedback's judgement texts
+    # (held-out AUC of P(" yes") vs the annotator: 0.45 after 300 steps, 0.83 after 600, 0.87 after 1000)
+    pretrain_steps: int = 600
     pretrain_batch_size: int = 32
     pretrain_lr: float = 3e-3
 

@@ -108,7 +108,12 @@ def read_feedback(
 
 def read_corpus_texts(data_dir: Path) -> list[str]:
     """Prompt + continuation texts for pretraining: preferences (all sentiments, some disfluent) and
-    prompts. Not the demonstrations - those are what SFT teaches - and never the eval prompts."""
+    prompts. Not the demonstrations - those are what SFT teaches - and never the eval prompts.
+    Then the feedback rows as judgement texts: the self-evaluation question about the response, answered with
+    its thumbs (SelfEvalConfig's template, " yes" for up, " no" for down), so that the demo's tiny model learns
+    to answer the question the self-evaluation reward asks (components/training/self_eval.py)."""
+    from components.config import SelfEvalConfig
+
     texts = []
     for kind in PRETRAIN_KINDS:
         for shard in shard_files(data_dir / kind):
@@ -120,4 +125,9 @@ def read_corpus_texts(data_dir: Path) -> list[str]:
                     texts.extend(f"{prompt} {o}" for o in outs)
                 else:  # a PPO prompt on its own
                     texts.append(prompt)
+    judge = SelfEvalConfig()
+    for shard in shard_files(data_dir / "feedback"):
+        for _, row in read_jsonl(shard, "feedback").rows:
+            question = judge.template.replace("{prompt}", row["prompt"]).replace("{response}", row["response"])
+            texts.append(question + (judge.positive if row["label"] == 1 else judge.negative))
     return texts

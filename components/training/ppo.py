@@ -123,7 +123,11 @@ def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir
     else:
         raise ValueError(f"ppo.value_init={cfg.value_init!r}: expected reward | fresh")
     activate(model, "policy", TRAINABLE)  # the policy is the resting role: `Roles.use` switches back to it
-    return Roles(model, tok, value_head, reward_head, mean, std, load_reward_fn(cfg.reward_fn))
+    roles = Roles(model, tok, value_head, reward_head, mean, std, None)
+    reward_fn = load_reward_fn(cfg.reward_fn)
+    # a reward that needs the model (the self-evaluation reward's judge `reference`) is built on these roles
+    roles.reward_fn = reward_fn.build(cfg, model_cfg, roles) if hasattr(reward_fn, "build") else reward_fn
+    return roles
 
 
 def kl_controller(cfg: PPOConfig) -> AdaptiveKLController | PIDKLController:

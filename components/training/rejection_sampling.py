@@ -218,7 +218,7 @@ def train_rejection_sampling(
     torch.manual_seed(seed)  # peft's LoRA init draws from the global RNG
     roles = build_roles(replace(ppo_cfg, value_init="fresh"), model_cfg, sft_dir, reward_dir, device)
     roles.model.delete_adapter("value")  # PPO's critic: not needed here
-    roles = replace(roles, value_head=None, trainable=frozenset({POLICY}))
+    roles.value_head, roles.trainable = None, frozenset({POLICY})  # in place: a reward built on roles keeps them
     roles.model.set_adapter(POLICY)
     history: list[dict[str, float]] = []
 

@@ -65,7 +65,7 @@ def test_passing_candidate_is_registered_and_promoted_then_a_failing_one_changes
     assert alias_version("gate-test", CHAMPION) == "1"
 
 
-def test_new_data_trains_again_and_compares_against_the_champion(tmp_path):
+def test_thumbs_on_served_answers_train_again_and_compare_against_the_champion(tmp_path):
     import json
 
     from components.data.versioning import data_version
@@ -75,22 +75,19 @@ def test_new_data_trains_again_and_compares_against_the_champion(tmp_path):
     assert retrain(project, return_state=True).is_completed()
     assert alias_version("ingest-test", CHAMPION) == "1"
     before = data_version(project.root_path)
-    new = tmp_path / "batch.jsonl"
+    # the loop closes: the served champion answers (best-of-2), users give thumbs up/down, the thumbs are ingested
+    prompts = [f"A fresh prompt number {i}" for i in range(6)]
+    answers = mlflow.pyfunc.load_model("models:/ingest-test@champion").predict(
+        prompts, params={"n": 2, "seed": 0, "max_new_tokens": 8}
+    )
+    new = tmp_path / "thumbs.jsonl"
     new.write_text(
         "".join(
-            json.dumps(
-                {
-                    "id": f"fresh-{i}",
-                    "prompt": f"A fresh prompt number {i}",
-                    "chosen": f"a wonderful answer {i}",
-                    "rejected": f"a dull answer {i}",
-                }
-            )
-            + "\n"
-            for i in range(5)
+            json.dumps({"id": f"thumb-{i}", "prompt": p, "response": r.strip() or "(no answer)", "label": i % 2}) + "\n"
+            for i, (p, r) in enumerate(zip(prompts, answers["response"], strict=True))
         )
     )
-    assert ingest_flow(project, str(new), "preferences", return_state=True).is_completed()
+    assert ingest_flow(project, str(new), "feedback", return_state=True).is_completed()
     assert data_version(project.root_path) != before
 
     state = retrain(project, return_state=True)
@@ -100,6 +97,8 @@ def test_new_data_trains_again_and_compares_against_the_champion(tmp_path):
     assert s.gate.champion_version == "1"  # ... and was compared with the champion,
     assert "champion" in s.gate.eval  # loaded from its own registered model (its own base and tokenizer)
     assert s.registered.version == "2" and s.registered.previous_champion == "1"
+    rm_run = mlflow.get_run(s.reward.run_id).data.metrics  # the reward model learned from the new thumbs too
+    assert rm_run["rm/train_feedback_rows"] + rm_run["rm/eval_feedback_rows"] == project.data.n_feedback + 6
 
     # a retried register (a transient error after the version was created) finishes that version
     from prefect import flow
