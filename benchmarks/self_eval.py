@@ -123,12 +123,12 @@ def main() -> None:
             }
         learning["ppo on self-eval"]["seconds"] = on_self.metrics["ppo/train_seconds"]
         learning["ppo on RM"]["seconds"] = on_rm.metrics["ppo/train_seconds"]
-        curve = [round(h["ppo/score_mean"], 3) for h in on_self.history]
+        curve = [round(h["ppo/reward_mean"], 3) for h in on_self.history[::5]]  # the self-eval score optimised
 
     md = [
         "# The self-evaluation reward on the demo (benchmarks/self_eval.py)\n",
         f"Seed {args.seed}; tiny demo model (2 layers, hidden 64, {cfg.model.pretrain_steps} pretraining steps).\n",
-        "## Does P(\" yes\") judge? (400 unseen responses, the annotator's thumbs)\n",
+        '## Does P(" yes") judge? (400 unseen responses, the annotator\'s thumbs)\n',
         "| judge | AUC vs thumbs | corr. with sentiment (judge) | corr. with fluency | mean P(yes) |",
         "|---|---|---|---|---|",
     ]
@@ -146,12 +146,18 @@ def main() -> None:
         f"{m.get('seconds', float('nan')):.1f} |"
         for n, m in learning.items()
     ]
-    md.append(f"\nself-eval reward per PPO iteration (batch mean): {curve}")
+    md.append(f"\nself-eval reward optimised (batch mean, minus the missing-EOS penalty), every 5 iterations: {curve}")
     text = "\n".join(md) + "\n"
     print(text)
     write_results(
         "self_eval",
-        {"seed": args.seed, "judgement": judged, "learning": learning, "curve": curve, "ppo_self_seconds": self_seconds},
+        {
+            "seed": args.seed,
+            "judgement": judged,
+            "learning": learning,
+            "curve": curve,
+            "ppo_self_seconds": self_seconds,
+        },
     )
     (RESULTS / "self_eval.md").write_text(text)
     print(f"wrote {(RESULTS / 'self_eval.md').relative_to(REPO)}")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 
 def ppo_curves(history: list[dict[str, float]]):
-    """Reward-model score, KL to the reference and the KL coefficient per PPO iteration (one figure)."""
+    """The score PPO optimises (normalised RM + reward_fn, EOS penalty) and the raw reward-model score (zero
+    without one), KL to the reference and the KL coefficient per PPO iteration (one figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -13,7 +14,7 @@ def ppo_curves(history: list[dict[str, float]]):
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     steps = range(1, len(history) + 1)
     for ax, keys, title in (
-        (axes[0], ("ppo/score_mean",), "reward-model score"),
+        (axes[0], ("ppo/reward_mean", "ppo/score_mean"), "reward optimised (normalised) and raw RM score"),
         (axes[1], ("ppo/kl", "ppo/kl_k3"), "KL to the reference (per response)"),
         (axes[2], ("ppo/beta",), "KL coefficient beta"),
     ):
