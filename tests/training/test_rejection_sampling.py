@@ -41,7 +41,9 @@ def test_keeps_exactly_the_configured_fraction_and_the_best(prompts, n, fraction
 
 
 def test_settings_that_cannot_work_are_refused():
-    with pytest.raises(ValueError, match=r"rounds must be at least 1, got 0; .*keep_fraction must be in \(0, 1\], got 0.0"):
+    with pytest.raises(
+        ValueError, match=r"rounds must be at least 1, got 0; .*keep_fraction must be in \(0, 1\], got 0.0"
+    ):
         check_config(RejectionSamplingConfig(keep_fraction=0.0, rounds=0))
 
 
