@@ -215,15 +215,20 @@ def ppo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_
             raise
         mlflow.log_figure(ppo_curves(result.history), "ppo_curves.png")
         mlflow.set_tags({"policy_dir": result.policy_dir, "value_dir": result.value_dir})
-        m = result.metrics
-        get_run_logger().info(
-            "PPO: eval reward %.2f (SFT %.2f), KL %.2f; policy %s",
-            m.get("ppo/eval_reward", float("nan")),
-            m.get("ppo/eval_reward_ref", float("nan")),
-            m.get("ppo/eval_kl", float("nan")),
-            result.policy_dir,
-        )
+        log_policy_result("PPO", "ppo", result.metrics, result.policy_dir)
         return StageOutput(result.policy_dir, run.info.run_id, result.metrics)
+
+
+def log_policy_result(name: str, namespace: str, m: dict[str, float], policy_dir: str) -> None:
+    """One line for the person watching: the policy's held-out reward against the SFT policy's, its KL, where."""
+    get_run_logger().info(
+        "%s: eval reward %.2f (SFT %.2f), KL %.2f; policy %s",
+        name,
+        m.get(f"{namespace}/eval_reward", float("nan")),
+        m.get(f"{namespace}/eval_reward_ref", float("nan")),
+        m.get(f"{namespace}/eval_kl", float("nan")),
+        policy_dir,
+    )
 
 
 @task(name="rejection-sampling", **RETRY, **CACHED)
@@ -246,14 +251,7 @@ def rejection_sampling(cfg: Config, data: DataState, sft_dir: str, reward_dir: s
         )
         mlflow.log_figure(rs_curves(result.history), "rs_curves.png")
         mlflow.set_tags({"policy_dir": result.policy_dir})
-        m = result.metrics
-        get_run_logger().info(
-            "rejection sampling: eval reward %.2f (SFT %.2f), KL %.2f; policy %s",
-            m.get("rs/eval_reward", float("nan")),
-            m.get("rs/eval_reward_ref", float("nan")),
-            m.get("rs/eval_kl", float("nan")),
-            result.policy_dir,
-        )
+        log_policy_result("rejection sampling", "rs", result.metrics, result.policy_dir)
         return StageOutput(result.policy_dir, run.info.run_id, result.metrics)
 
 
