@@ -33,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -156,24 +157,28 @@ def yardstick_of(yardstick: str | None, sft_dir: str, rm_dir: str) -> tuple[str,
 
 
 def score_texts(sft_dir: str, rm_dir: str, prompts: list[str], texts: dict[str, list[str]], cfg) -> dict[str, float]:
-    """Mean normalised score of each policy's responses under one reward model."""
+    """Mean normalised score of each policy's responses under one reward model (the reward stage's own scoring)."""
     import torch
     from peft import PeftModel
 
     from components.models.loading import load_causal_lm, load_tokenizer
-    from components.models.roles import ScalarHead, sequence_scores
-    from components.models.scoring import encode
+    from components.models.roles import ScalarHead
+    from components.training import reward
 
     scorer = PeftModel.from_pretrained(load_causal_lm(sft_dir, cfg.model), str(Path(rm_dir) / "adapter")).eval()
     head, meta = ScalarHead.load(Path(rm_dir))
     tok = load_tokenizer(sft_dir, cfg.model, padding_side="right")
-    out = {}
+    rm_cfg = replace(cfg.reward, max_length=meta["max_length"])
     with torch.no_grad():
-        for name, responses in texts.items():
-            ids, mask = encode(tok, prompts, responses, meta["max_length"], "cpu")
-            s = (sequence_scores(scorer, head, ids, mask) - meta["reward_mean"]) / meta["reward_std"]
-            out[name] = s.mean().item()
-    return out
+        return {
+            name: (
+                (reward.score_texts(scorer, head, tok, prompts, responses, rm_cfg, "cpu") - meta["reward_mean"])
+                / meta["reward_std"]
+            )
+            .mean()
+            .item()
+            for name, responses in texts.items()
+        }
 
 
 def cell(runs: list[dict], policy: str, key: str, spread: bool = True, fmt: str = "{:.3f}") -> str:

@@ -182,6 +182,21 @@ def scores_for(roles: Roles, ro: Rollout, prompts: list[str], cfg: PPOConfig) ->
     return raw, score
 
 
+def penalise_missing_eos(score: torch.Tensor, ended: torch.Tensor, cfg: PPOConfig) -> torch.Tensor:
+    """`ppo.missing_eos_penalty` off the score of each response that never emitted EOS: [B], [B] -> [B]."""
+    if cfg.missing_eos_penalty is None:
+        return score
+    return torch.where(ended, score, score - cfg.missing_eos_penalty)
+
+
+@torch.no_grad()
+def response_kl(roles: Roles, ro: Rollout, temperature: float) -> torch.Tensor:
+    """k1 KL of the active policy to the reference, summed over each response: -> [B]."""
+    logits = policy_logits(roles, ro.sequence, ro.sequence_mask, ro.query.shape[1])
+    kl = kl_k1(logprobs_of(logits, ro.response, temperature), reference_logprobs(roles, ro, temperature))
+    return (kl * ro.response_mask).sum(1)
+
+
 # ---------------------------------------------------------------------------- 2. score: rollout -> Trajectory
 
 
@@ -251,8 +266,7 @@ def score_rollout(
     if cfg.whiten_scores:
         moments.update(score)
         score = (score - moments.mean) / moments.std
-    if cfg.missing_eos_penalty is not None:
-        score = torch.where(ro.ended, score, score - cfg.missing_eos_penalty)
+    score = penalise_missing_eos(score, ro.ended, cfg)
     kl = (kl_k1(logprobs, ref_logprobs) * mask).sum(1)  # (B,)
     kl_mean = kl.mean().item()
     if not kl_mean <= cfg.kl_ceiling:  # also catches NaN
@@ -313,8 +327,7 @@ def credit_rollouts(
     raw, score = scores_for(roles, completed, [prompts[i] for i in r.tolist()], cfg)
     if cfg.whiten_scores:
         score = (score - moments.mean) / moments.std
-    if cfg.missing_eos_penalty is not None:
-        score = torch.where(completed.ended, score, score - cfg.missing_eos_penalty)
+    score = penalise_missing_eos(score, completed.ended, cfg)
     positions = torch.arange(mask.shape[1], device=mask.device)[None, :]
     cut_mask = (positions < guidance.cut.to(mask.device)[r, None]).float() * mask[r]  # [R, Tr] policy[:t]
     g_rewards, _ = rewards_with_kl(score, kl_tokens[r], cut_mask, kl_coef)
@@ -600,11 +613,7 @@ def evaluate_policy_vs_reference(roles: Roles, prompts: list[str], cfg: PPOConfi
         out[f"ppo/eval_response_length{tag}"] = mask.sum(1).mean().item()
         out[f"ppo/eval_eos_rate{tag}"] = ro.ended.float().mean().item()
         if role == "policy":
-            logprobs = logprobs_of(
-                policy_logits(roles, ro.sequence, ro.sequence_mask, ro.query.shape[1]), ro.response, cfg.temperature
-            )
-            ref_logprobs = reference_logprobs(roles, ro, cfg.temperature)
-            out["ppo/eval_kl"] = (kl_k1(logprobs, ref_logprobs) * mask).sum(1).mean().item()
+            out["ppo/eval_kl"] = response_kl(roles, ro, cfg.temperature).mean().item()
     out["ppo/eval_prompts"] = float(len(prompts))
     return out
 

@@ -44,11 +44,10 @@ from components.training.callbacks import log_table_to_active_run, log_to_active
 from components.training.ppo import (
     build_roles,
     evaluate_policy_vs_reference,
-    policy_logits,
-    reference_logprobs,
+    penalise_missing_eos,
+    response_kl,
     scores_for,
 )
-from components.training.ppo_math import kl_k1, logprobs_of
 
 POLICY = "policy"
 
@@ -150,14 +149,8 @@ def score_round(roles, ro: Rollout, rows: list[str], cfg: PPOConfig) -> tuple[to
     for i in range(0, len(rows), cfg.batch_size):
         part = ro.select(torch.arange(i, min(i + cfg.batch_size, len(rows))))
         _, score = scores_for(roles, part, rows[i : i + cfg.batch_size], cfg)
-        if cfg.missing_eos_penalty is not None:
-            score = torch.where(part.ended, score, score - cfg.missing_eos_penalty)
-        logits = policy_logits(roles, part.sequence, part.sequence_mask, part.query.shape[1])
-        kl = kl_k1(
-            logprobs_of(logits, part.response, cfg.temperature), reference_logprobs(roles, part, cfg.temperature)
-        )
-        scores.append(score)
-        kls.append((kl * part.response_mask).sum(1))
+        scores.append(penalise_missing_eos(score, part.ended, cfg))
+        kls.append(response_kl(roles, part, cfg.temperature))
     return torch.cat(scores), torch.cat(kls)
 
 
