@@ -103,7 +103,9 @@ class RewardConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     max_steps: int = 400
     batch_size: int = 16  # preference examples per step (a ranking expands to its C(K,2) pairs)
-    micro_batch_pairs: int = 64  # pairs per forward/backward (gradient accumulation): bounds memory
+    # sequences per forward/backward (gradient accumulation over groups of whole examples): bounds memory. Each
+    # distinct response of a ranking is encoded once, its C(K,2) pairs read from those K scores
+    micro_batch_size: int = 128
     learning_rate: float = 5e-3  # demo/tiny: held-out accuracy 0.857 (1e-3 x 200 steps: 0.784)
     max_length: int = 96
     eval_fraction: float = 0.1

@@ -5,7 +5,8 @@ Entry: `train_reward(cfg, model_cfg, sft_dir, data_dir, out_dir)` -> RewardResul
 
 A ranking of K responses (best first) becomes its C(K,2) ordered pairs, each weighted
 1/C(K,2), so one ranking counts as one example (InstructGPT, Ouyang et al. 2022, sec. 3.5;
-`components.data.readers.read_preferences`).
+`components.data.readers.read_preferences`). Each of the K responses is encoded once and the pairs are read
+from those K scores (`score_comparisons`): K forwards instead of 2 * C(K,2), the same loss and gradient.
 TRL's RewardTrainer has no per-pair weights, hence this short loop. The score of a text is
 the head applied to the last token's hidden state (the EOS that closes the response).
 
@@ -90,27 +91,79 @@ def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------- model
 
 
-def score_pairs(
-    model, head, tok, pairs: list[Pair], max_length: int, device
+@dataclass
+class Comparisons:
+    """A batch of preference examples with each distinct (prompt, response) encoded once: a ranking of K is K
+    sequences and C(K,2) pairs of indices into them (the per-pair way encodes 2 * C(K,2): 30 for K = 6).
+    S = distinct sequences, P = pairs."""
+
+    prompts: list[str]  # [S]
+    responses: list[str]  # [S]
+    chosen: torch.Tensor  # [P] long: index of each pair's better response among the S sequences
+    rejected: torch.Tensor  # [P] long: index of its worse response
+    weights: torch.Tensor  # [P] 1 for a pairwise example, 1/C(K,2) for a pair of a ranking of K
+
+
+def index_comparisons(examples: list[list[Pair]]) -> Comparisons:
+    """Examples (each a list of weighted pairs) -> the distinct sequences and the pairs as indices into them.
+
+    [[("p", "a", "b", 1/3), ("p", "a", "c", 1/3), ("p", "b", "c", 1/3)]] -> sequences p+a, p+b, p+c;
+    chosen [0, 0, 1], rejected [1, 2, 2]
+    """
+    index: dict[tuple[str, str], int] = {}
+    chosen, rejected, weights = [], [], []
+    for ex in examples:
+        for p in ex:
+            chosen.append(index.setdefault((p.prompt, p.chosen), len(index)))
+            rejected.append(index.setdefault((p.prompt, p.rejected), len(index)))
+            weights.append(p.weight)
+    return Comparisons(
+        [p for p, _ in index],
+        [r for _, r in index],
+        torch.tensor(chosen, dtype=torch.long),
+        torch.tensor(rejected, dtype=torch.long),
+        torch.tensor(weights, dtype=torch.float),
+    )
+
+
+def example_chunks(examples: list[list[Pair]], max_sequences: int) -> list[list[list[Pair]]]:
+    """Consecutive examples grouped so that each group has at most `max_sequences` distinct sequences (an example
+    with more is a group of its own): a group's pairs never reach into another group, so each group's loss and
+    gradient are complete on their own (gradient accumulation)."""
+    chunks: list[list[list[Pair]]] = []
+    current: list[list[Pair]] = []
+    seen: set[tuple[str, str]] = set()
+    for ex in examples:
+        texts = {(p.prompt, r) for p in ex for r in (p.chosen, p.rejected)}
+        if current and len(seen | texts) > max_sequences:
+            chunks.append(current)
+            current, seen = [], set()
+        current.append(ex)
+        seen |= texts
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+def score_comparisons(
+    model, head, tok, examples: list[list[Pair]], max_length: int, device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Scores of chosen and rejected in one forward: -> r_chosen (P,), r_rejected (P,), weights (P,),
-    and the number of non-padding tokens scored."""
-    prompts = [p.prompt for p in pairs] * 2
-    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    ids, mask = encode(tok, prompts, responses, max_length, device)
-    scores = sequence_scores(model, head, ids, mask)
-    weights = torch.tensor([p.weight for p in pairs], device=device)
-    return scores[: len(pairs)], scores[len(pairs) :], weights, int(mask.sum())
+    """Every distinct response of the examples scored once, in one forward; the pairs read from those scores:
+    -> r_chosen (P,), r_rejected (P,), weights (P,), and the number of non-padding tokens scored."""
+    c = index_comparisons(examples)
+    ids, mask = encode(tok, c.prompts, c.responses, max_length, device)
+    scores = sequence_scores(model, head, ids, mask)  # (S,)
+    return scores[c.chosen.to(device)], scores[c.rejected.to(device)], c.weights.to(device), int(mask.sum())
 
 
 def score_texts(model, head, tok, prompts: list[str], responses: list[str], cfg: RewardConfig, device) -> torch.Tensor:
-    """Scores of prompt + response texts in micro-batches of micro_batch_pairs: -> (N,)."""
+    """Scores of prompt + response texts in micro-batches of micro_batch_size: -> (N,)."""
     out = []
-    for i in range(0, len(prompts), cfg.micro_batch_pairs):
+    for i in range(0, len(prompts), cfg.micro_batch_size):
         ids, mask = encode(
             tok,
-            prompts[i : i + cfg.micro_batch_pairs],
-            responses[i : i + cfg.micro_batch_pairs],
+            prompts[i : i + cfg.micro_batch_size],
+            responses[i : i + cfg.micro_batch_size],
             cfg.max_length,
             device,
         )
@@ -146,8 +199,8 @@ def evaluate_reward_model(model, head, tok, examples: list[list[Pair]], cfg: Rew
     model.eval()
     rc, rr, w = [], [], []
     pairs = [p for ex in examples for p in ex]
-    for i in range(0, len(pairs), cfg.micro_batch_pairs):
-        c, r, wt, _ = score_pairs(model, head, tok, pairs[i : i + cfg.micro_batch_pairs], cfg.max_length, device)
+    for chunk in example_chunks(examples, cfg.micro_batch_size):
+        c, r, wt, _ = score_comparisons(model, head, tok, chunk, cfg.max_length, device)
         rc.append(c), rr.append(r), w.append(wt)
     rc, rr, w = torch.cat(rc), torch.cat(rr), torch.cat(w)
     single = w == 1.0
@@ -229,17 +282,18 @@ def setup_reward_model(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, 
 
 
 def reward_step(
-    rm: RewardModel, pairs: list[Pair], cfg: RewardConfig, step: int, feedback: list[Feedback] = ()
+    rm: RewardModel, examples: list[list[Pair]], cfg: RewardConfig, step: int, feedback: list[Feedback] = ()
 ) -> tuple[float, float, int, float]:
-    """One optimizer step on a batch of pairs and of feedback rows: -> (weighted BT loss, weighted accuracy,
-    tokens scored, feedback loss).
+    """One optimizer step on a batch of preference examples and of feedback rows: -> (weighted BT loss, weighted
+    accuracy, tokens scored, feedback loss).
 
-    A ranking of K expands to C(K,2) pairs, so a step's pair count varies; micro-batches of at most
-    `micro_batch_pairs` keep memory bounded. Each chunk's loss is scaled by its share of the weight,
-    so the accumulated gradient is exactly that of the whole batch. The feedback rows add
+    Each distinct response of an example is encoded once and its pairs are read from those scores
+    (`score_comparisons`). A ranking of K is K sequences, so a step's sequence count varies; groups of whole examples
+    with at most `micro_batch_size` sequences keep memory bounded. Each group's loss is scaled by its share of the
+    weight, so the accumulated gradient is exactly that of the whole batch. The feedback rows add
     feedback_weight * BCE (the BCE alone when there are no pairs).
     """
-    total_w = sum(p.weight for p in pairs)
+    total_w = sum(p.weight for ex in examples for p in ex)
     rm.optimizer.zero_grad(set_to_none=True)
     loss, correct, tokens, fb_loss = 0.0, 0.0, 0, 0.0
     if feedback:
@@ -252,19 +306,19 @@ def reward_step(
             raise FloatingPointError(
                 f"reward model feedback loss is {term.item()} at step {step}: lower reward.learning_rate"
             )
-        (term * (cfg.feedback_weight if pairs else 1.0)).backward()
+        (term * (cfg.feedback_weight if total_w else 1.0)).backward()
         fb_loss, tokens = term.item(), int(mask.sum())
-    for i in range(0, len(pairs), cfg.micro_batch_pairs):
-        # rc, rr, w: (P,) each, P <= micro_batch_pairs
-        rc, rr, w, n_tokens = score_pairs(
-            rm.model, rm.head, rm.tok, pairs[i : i + cfg.micro_batch_pairs], cfg.max_length, rm.device
-        )
+    for chunk in example_chunks(examples, cfg.micro_batch_size):
+        # rc, rr, w: (P,) each: the pairs of the chunk's examples
+        rc, rr, w, n_tokens = score_comparisons(rm.model, rm.head, rm.tok, chunk, cfg.max_length, rm.device)
         tokens += n_tokens
-        chunk = bradley_terry_loss(rc, rr, w) * (w.sum() / total_w)
-        if not torch.isfinite(chunk):
-            raise FloatingPointError(f"reward model loss is {chunk.item()} at step {step}: lower reward.learning_rate")
-        chunk.backward()
-        loss += chunk.item()
+        chunk_loss = bradley_terry_loss(rc, rr, w) * (w.sum() / total_w)
+        if not torch.isfinite(chunk_loss):
+            raise FloatingPointError(
+                f"reward model loss is {chunk_loss.item()} at step {step}: lower reward.learning_rate"
+            )
+        chunk_loss.backward()
+        loss += chunk_loss.item()
         correct += (pairwise_accuracy(rc.detach(), rr.detach(), w) * w.sum() / total_w).item()
     torch.nn.utils.clip_grad_norm_(rm.params, cfg.max_grad_norm)
     rm.optimizer.step()
@@ -327,9 +381,9 @@ def train_reward(
     tokens, started = 0, time.perf_counter()
     bar = tqdm(range(start, cfg.max_steps), desc="reward model", initial=start, total=cfg.max_steps, unit="step")
     for step in bar:
-        pairs = [p for i in checkpoint.batch_for_step(len(train), cfg.batch_size, step, seed) for p in train[i]]
+        examples = [train[i] for i in checkpoint.batch_for_step(len(train), cfg.batch_size, step, seed)]
         fb = [fb_train[i] for i in checkpoint.batch_for_step(len(fb_train), cfg.feedback_batch_size, step, seed + 1)]
-        loss, correct, n_tokens, fb_loss = reward_step(rm, pairs, cfg, step, fb)
+        loss, correct, n_tokens, fb_loss = reward_step(rm, examples, cfg, step, fb)
         tokens += n_tokens
         running["loss"] += loss
         running["acc"] += correct

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.data.readers import ranking_to_pairs, read_preferences
+from components.data.readers import Pair, ranking_to_pairs, read_preferences
 from components.models.loading import load_causal_lm, load_tokenizer
 from components.models.roles import ScalarHead, last_token_index, sequence_scores
 from components.models.scoring import encode
@@ -21,8 +21,11 @@ from components.training import reward as reward_module
 from components.training.reward import (
     binary_auc,
     bradley_terry_loss,
+    example_chunks,
     feedback_loss,
+    index_comparisons,
     pairwise_accuracy,
+    score_comparisons,
     train_reward,
 )
 
@@ -210,3 +213,73 @@ def test_micro_batches_add_up_to_the_whole_batch_loss():
         for i in range(0, 10, 4)
     )
     assert chunks.item() == pytest.approx(bradley_terry_loss(rc, rr, w).item(), abs=1e-6)
+
+
+def _ranking(prompt: str, responses: list[str]) -> list[Pair]:
+    return [Pair(prompt, c, r, w) for c, r, w in ranking_to_pairs(responses)]
+
+
+def test_index_comparisons_encodes_each_response_once():
+    # a ranking of 3 (pairs ab, ac, bc) and a pairwise example whose chosen response is also in the ranking
+    c = index_comparisons([_ranking("p", ["a", "b", "c"]), [Pair("p", "b", "d", 1.0)]])
+    assert list(zip(c.prompts, c.responses, strict=True)) == [("p", "a"), ("p", "b"), ("p", "c"), ("p", "d")]
+    assert c.chosen.tolist() == [0, 0, 1, 1] and c.rejected.tolist() == [1, 2, 2, 3]
+    assert c.weights.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 1.0])
+    # the same response text under another prompt is another sequence
+    assert index_comparisons([[Pair("p", "a", "b", 1.0)], [Pair("q", "a", "b", 1.0)]]).prompts == ["p", "p", "q", "q"]
+
+
+def test_example_chunks_keep_whole_examples_under_the_sequence_budget():
+    rank4, rank3, pair = _ranking("p", list("abcd")), _ranking("q", list("abc")), [Pair("r", "x", "y", 1.0)]
+    chunks = example_chunks([rank4, rank3, pair, rank4], max_sequences=6)
+    assert chunks == [[rank4], [rank3, pair], [rank4]]  # 4 | 3 + 2 | 4 sequences
+    assert example_chunks([rank4], max_sequences=2) == [[rank4]]  # an example over the budget is alone
+
+
+def test_ranking_once_loss_and_gradient_equal_the_per_pair_ones(stages):
+    """Each response of a ranking encoded once (K forwards) gives the per-pair loss (2 * C(K,2) forwards) and the
+    same gradient on the LoRA weights and the head."""
+    from peft import get_peft_model
+
+    from components.config import LoraConfig
+    from components.models.roles import lora_config
+
+    cfg = stages.cfg
+    train, _ = read_preferences(cfg.data_path, 0.1)
+    examples = [ex for ex in train if len(ex) > 1][:3] + [ex for ex in train if len(ex) == 1][:3]
+    assert {len(ex) for ex in examples} - {1}, "the demo has rankings"
+    tok = load_tokenizer(stages.sft_dir, cfg.model, padding_side="right")
+    torch.manual_seed(0)
+    model = get_peft_model(load_causal_lm(stages.sft_dir, cfg.model), lora_config(LoraConfig(dropout=0.0)))
+    for name, p in model.named_parameters():  # LoRA B starts at 0: make the adapter matter to the gradient
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    head = ScalarHead(model.config.hidden_size)
+    params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+
+    def loss_and_grads(per_pair: bool):
+        for p in params:
+            p.grad = None
+        if per_pair:  # each pair's chosen and rejected encoded on their own
+            pairs = [p for ex in examples for p in ex]
+            ids, mask = encode(
+                tok, [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs], 96, "cpu"
+            )
+            scores = sequence_scores(model, head, ids, mask)
+            rc, rr = scores[: len(pairs)], scores[len(pairs) :]
+            w = torch.tensor([p.weight for p in pairs])
+            n_sequences = 2 * len(pairs)
+        else:
+            rc, rr, w, _ = score_comparisons(model, head, tok, examples, 96, "cpu")
+            n_sequences = len(index_comparisons(examples).prompts)
+        loss = bradley_terry_loss(rc, rr, w)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in params], n_sequences
+
+    model.eval()  # no dropout: the two ways see the same network
+    once, grads_once, n_once = loss_and_grads(per_pair=False)
+    pairwise, grads_pairwise, n_pairwise = loss_and_grads(per_pair=True)
+    assert once == pytest.approx(pairwise, abs=1e-5)
+    for a, b in zip(grads_once, grads_pairwise, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert n_once < n_pairwise  # fewer sequences encoded: the point of it
