@@ -18,6 +18,9 @@ def _load(overrides: list[str], prefect: bool = True) -> Config:
     configure_environment(cfg)
     if prefect and (notice := temporary_server_notice(cfg)):
         print(notice, file=sys.stderr)
+        from flows.env import start_temporary_server_early
+
+        start_temporary_server_early()  # boots while the command imports and sets up the rest
     check_servers(cfg, prefect)
     return cfg
 

@@ -40,6 +40,41 @@ def temporary_server_notice(cfg: Config) -> str | None:
     )
 
 
+def start_temporary_server_early() -> None:
+    """Without a shared Prefect server (no PREFECT_API_URL), boot the command's temporary one now, in a background
+    thread, instead of on the first Prefect call: its ~7-15 s start (a uvicorn subprocess that opens and migrates its
+    SQLite database) then overlaps the command's own imports and setup (torch, transformers, MLflow). Prefect's
+    client asks the same per-process singleton to `start()` when it first needs the API; that call waits for this
+    boot, then starts it the usual way if the boot failed (so a failure is reported where Prefect reports it)."""
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():  # a shared server (environment or Prefect profile): nothing to boot
+        return
+    import threading
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    if server.running or "start" in vars(server):  # already up, or already booting
+        return
+    boot = threading.Thread(target=_boot, args=(server,), name="prefect-temporary-server", daemon=True)
+    start = server.start
+
+    def start_after_boot(timeout: int | None = None) -> None:
+        boot.join()
+        start(timeout)  # a no-op when the boot succeeded
+
+    server.start = start_after_boot
+    boot.start()
+
+
+def _boot(server) -> None:
+    try:
+        server.start()  # the class's start: the instance's own waits for this thread
+    except Exception:  # noqa: BLE001 - Prefect's own start() retries it in the main thread and reports the error
+        pass
+
+
 def configure_environment(cfg: Config) -> None:
     # TRL and peft still read transformers' deprecated `is_gradient_checkpointing`: not ours to fix, and
     # the warning repeats on every stage

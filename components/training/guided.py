@@ -38,7 +38,7 @@ import torch
 from components.config import PPOConfig
 from components.models.generation import Rollout, left_pad, sample, sample_from
 from components.models.guide import Guide
-from components.models.roles import Roles
+from components.models.roles import Roles, lora_merged
 
 POLICY, ROLLIN, ROLLOUT = 0, 1, 2
 ADVANTAGES = ("aggrevated", "d2lols")
@@ -148,7 +148,8 @@ def rollouts(
     and what the guide did (None without a guide)."""
     args = (cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     if guide is None:
-        return sample(roles.model, roles.tok, prompts, *args, cfg.max_prompt_tokens), None
+        with lora_merged(roles.model):  # sampling only: one matmul per adapted layer
+            return sample(roles.model, roles.tok, prompts, *args, cfg.max_prompt_tokens), None
     g, tok = cfg.guide, roles.tok
     gen = torch.Generator().manual_seed(GUIDE_STREAM + seed * 100_003 + iteration)
     rollout_on = g.rollout_iterations is None or iteration < g.rollout_iterations

@@ -34,10 +34,12 @@ import copy
 import json
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from components.config import ModelConfig, PPOConfig
@@ -52,7 +54,7 @@ from components.models.roles import (
     activate,
     hidden_states,
     lora_config,
-    position_ids,
+    lora_merged,
     sequence_scores,
 )
 from components.models.scoring import load_reward_fn
@@ -75,8 +77,6 @@ from components.training.ppo_math import (
     value_loss,
     whiten,
 )
-
-TRAINABLE = Roles.trainable  # the adapters PPO trains: policy and value
 
 
 class PPODivergence(RuntimeError):
@@ -114,16 +114,26 @@ def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir
         reward_head, meta = ScalarHead.load(Path(reward_dir), device)
         reward_head.requires_grad_(False)
         mean, std = meta["reward_mean"], meta["reward_std"]
-    if cfg.value_init == "reward":
-        model.load_adapter(rm_adapter, adapter_name="value", is_trainable=True)
-        value_head = copy.deepcopy(reward_head).requires_grad_(True)
-    elif cfg.value_init == "fresh":
-        model.add_adapter("value", lora)
-        value_head = ScalarHead(model.config.hidden_size).to(device)
-    else:
+    if cfg.value_init not in ("reward", "fresh"):
         raise ValueError(f"ppo.value_init={cfg.value_init!r}: expected reward | fresh")
-    activate(model, "policy", TRAINABLE)  # the policy is the resting role: `Roles.use` switches back to it
-    roles = Roles(model, tok, value_head, reward_head, mean, std, None)
+    if cfg.value_model not in ("adapter", "shared"):
+        raise ValueError(f"ppo.value_model={cfg.value_model!r}: expected adapter | shared")
+    # the value head starts as the reward model's head (InstructGPT) or fresh; with value_model=adapter it reads
+    # the hidden states of its own LoRA adapter (the RM's adapter, or a new one), with shared those of the policy
+    trainable = frozenset({"policy"})
+    if cfg.value_model == "adapter":
+        if cfg.value_init == "reward":
+            model.load_adapter(rm_adapter, adapter_name="value", is_trainable=True)
+        else:
+            model.add_adapter("value", lora)
+        trainable = frozenset({"policy", "value"})
+    value_head = (
+        copy.deepcopy(reward_head).requires_grad_(True)
+        if cfg.value_init == "reward"
+        else ScalarHead(model.config.hidden_size).to(device)
+    )
+    activate(model, "policy", trainable)  # the policy is the resting role: `Roles.use` switches back to it
+    roles = Roles(model, tok, value_head, reward_head, mean, std, None, trainable)
     reward_fn = load_reward_fn(cfg.reward_fn)
     # a reward that needs the model (the self-evaluation reward's judge `reference`) is built on these roles
     roles.reward_fn = reward_fn.build(cfg, model_cfg, roles) if hasattr(reward_fn, "build") else reward_fn
@@ -141,10 +151,18 @@ def kl_controller(cfg: PPOConfig) -> AdaptiveKLController | PIDKLController:
     raise ValueError(f"ppo.kl_controller={cfg.kl_controller!r}: expected pid | ziegler | fixed")
 
 
+def forward_response(
+    roles: Roles, seq: torch.Tensor, mask: torch.Tensor, q_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward with the active adapter: the logits that predict the response tokens (B, Tq + Tr) -> (B, Tr, V)
+    and the last hidden states they come from (B, Tr, H). The LM head runs on the response positions only."""
+    h = hidden_states(roles.model, seq, mask)[:, q_len - 1 : -1]
+    return roles.model.get_output_embeddings()(h), h
+
+
 def policy_logits(roles: Roles, seq: torch.Tensor, mask: torch.Tensor, q_len: int) -> torch.Tensor:
     """Logits that predict the response tokens: (B, Tq + Tr) -> (B, Tr, V). Active adapter decides the role."""
-    out = roles.model(input_ids=seq, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
-    return out.logits[:, q_len - 1 : -1]
+    return forward_response(roles, seq, mask, q_len)[0]
 
 
 def reference_logprobs(roles: Roles, ro: Rollout, temperature: float) -> torch.Tensor:
@@ -154,8 +172,13 @@ def reference_logprobs(roles: Roles, ro: Rollout, temperature: float) -> torch.T
     return logprobs_of(logits, ro.response, temperature)
 
 
-def token_values(roles: Roles, seq: torch.Tensor, mask: torch.Tensor, q_len: int) -> torch.Tensor:
-    """V(prefix) before each response token, from the value adapter + head: -> (B, Tr)."""
+def token_values(
+    roles: Roles, seq: torch.Tensor, mask: torch.Tensor, q_len: int, policy_hidden: torch.Tensor
+) -> torch.Tensor:
+    """V(prefix) before each response token: -> (B, Tr). ppo.value_model=shared: the value head on the policy's
+    own hidden states `policy_hidden` (B, Tr, H), no second forward; adapter: on the value adapter's (a forward)."""
+    if "value" not in roles.trainable:
+        return roles.value_head(policy_hidden)
     with roles.use("value"):
         return roles.value_head(hidden_states(roles.model, seq, mask)[:, q_len - 1 : -1])
 
@@ -251,7 +274,7 @@ def score_rollout(
     `moments` when `cfg.whiten_scores`. Raises PPODivergence on NaN/inf logits or a KL above `cfg.kl_ceiling`."""
     ro, T = rollout, cfg.temperature
     seq, smask, q_len, mask = ro.sequence, ro.sequence_mask, ro.query.shape[1], ro.response_mask.float()
-    logits = policy_logits(roles, seq, smask, q_len)
+    logits, hidden = forward_response(roles, seq, smask, q_len)
     if not torch.isfinite(logits).all():
         raise PPODivergence(
             f"PPO diverged{_at(iteration)}: the policy's logits contain NaN/inf. "
@@ -261,7 +284,8 @@ def score_rollout(
     entropy = masked_mean(entropy_from_logits(logits / T), mask).item()
     del logits
     ref_logprobs = reference_logprobs(roles, ro, T)
-    values = token_values(roles, seq, smask, q_len) * mask
+    values = token_values(roles, seq, smask, q_len, hidden) * mask
+    del hidden
     raw, score = scores_for(roles, ro, prompts, cfg)
     if cfg.whiten_scores:
         moments.update(score)
@@ -365,10 +389,9 @@ def ppo_update(
         stop = False
         for mb in torch.randperm(len(traj.prompts), generator=generator).to(seq.device).split(cfg.minibatch_size):
             mb_mask = traj.mask[mb]
-            new_logprobs = logprobs_of(
-                policy_logits(roles, seq[mb], smask[mb], q_len), ro.response[mb], cfg.temperature
-            )
-            new_values = token_values(roles, seq[mb], smask[mb], q_len)
+            logits, hidden = forward_response(roles, seq[mb], smask[mb], q_len)
+            new_logprobs = logprobs_of(logits, ro.response[mb], cfg.temperature)
+            new_values = token_values(roles, seq[mb], smask[mb], q_len, hidden)
             pg, clipfrac, approx_kl = policy_loss(
                 new_logprobs, traj.logprobs[mb], traj.advantages[mb], mb_mask, cfg.cliprange
             )
@@ -471,7 +494,7 @@ def write_checkpoint(
 ) -> None:
     """The trainable adapters, the value head and the trainer state (optimizer, KL coefficient, score moments,
     history, RNG) into checkpoint dir `d`."""
-    roles.model.save_pretrained(d / "adapters", selected_adapters=sorted(TRAINABLE), safe_serialization=True)
+    roles.model.save_pretrained(d / "adapters", selected_adapters=sorted(roles.trainable), safe_serialization=True)
     roles.value_head.save(d / "value_head")
     checkpoint.save_trainer_state(
         d,
@@ -485,7 +508,7 @@ def write_checkpoint(
 
 def restore(ckpt: Path, roles: Roles) -> None:
     """The trainable adapters and the value head, in place, from a checkpoint."""
-    for name in TRAINABLE:
+    for name in roles.trainable:
         checkpoint.load_adapter_weights(roles.model, ckpt / "adapters" / name, adapter_name=name)
     head, _ = ScalarHead.load(ckpt / "value_head")
     roles.value_head.load_state_dict(head.state_dict())
@@ -539,7 +562,9 @@ def train_ppo(
         write_checkpoint(d, roles, optimizer, kl_ctl, moments, history)
 
     bar = tqdm(range(start, cfg.steps), desc="PPO", initial=start, total=cfg.steps, unit="iter")
+    elapsed = history[-1].get("ppo/train_elapsed_seconds", 0.0) if history else 0.0  # training clock, evals left out
     for it in bar:
+        t_start = time.perf_counter()
         # The same draws whether or not the run was resumed: transformers' generate samples from the global RNG
         # (it takes no generator), so that is seeded per iteration; the minibatch order has its own generator.
         torch.manual_seed(seed * 100_003 + it)
@@ -548,21 +573,29 @@ def train_ppo(
 
         # 1. generate ---------------------------------------------------------------------------
         t0 = time.perf_counter()
-        ro, guidance = guided.rollouts(roles, guide, batch, cfg, it, seed)  # the guide's roll-ins/roll-outs, if any
+        with record_function("ppo/generate"):  # phases named for torch.profiler (benchmarks/ppo_profile.py)
+            ro, guidance = guided.rollouts(roles, guide, batch, cfg, it, seed)  # the guide's roll-ins/outs, if any
         t1 = time.perf_counter()
 
         # 2. score ------------------------------------------------------------------------------
-        traj = score_rollout(roles, ro, batch, cfg, kl_ctl.value, moments, iteration=it, guidance=guidance)
+        with record_function("ppo/score"):
+            traj = score_rollout(roles, ro, batch, cfg, kl_ctl.value, moments, iteration=it, guidance=guidance)
         t2 = time.perf_counter()
 
         # 3. train ------------------------------------------------------------------------------
-        stats = ppo_update(roles, traj, optimizer, params, cfg, generator=minibatch_order, iteration=it)
+        with record_function("ppo/train"):
+            stats = ppo_update(roles, traj, optimizer, params, cfg, generator=minibatch_order, iteration=it)
         t3 = time.perf_counter()
 
         # 4. adapt, log, checkpoint ------------------------------------------------------------
         beta = kl_ctl.value
         kl_ctl.update(traj.kl_mean, len(batch))
         row = iteration_metrics(traj, stats, beta, (t0, t1, t2, t3))
+        elapsed += time.perf_counter() - t_start
+        row["ppo/train_elapsed_seconds"] = elapsed
+        if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.steps:  # the last one is the final eval
+            ev = evaluate_policy_vs_reference(roles, eval_prompts[: cfg.eval_max_prompts], cfg, seed, reference=False)
+            row.update({k: v for k, v in ev.items() if k != "ppo/eval_prompts"})
         history.append(row)
         log_to_active_run(row, it + 1)
         bar.set_postfix(score=f"{row['ppo/score_mean']:.2f}", kl=f"{row['ppo/kl']:.2f}", beta=f"{beta:.3f}")
@@ -577,8 +610,10 @@ def train_ppo(
                 },
                 f"ppo/samples/iter_{it + 1:04d}.json",
             )
+        t_save = time.perf_counter()
         if (it + 1) % cfg.save_every == 0 and it + 1 < cfg.steps:
             checkpoint.save(ckpt_root, it + 1, fp, save_checkpoint)
+        elapsed += time.perf_counter() - t_save  # a checkpoint is part of training; logging and evals are not
     bar.close()
 
     # 5. evaluate on held-out prompts, write the outputs -----------------------------------------
@@ -595,14 +630,17 @@ def train_ppo(
 
 
 @torch.no_grad()
-def evaluate_policy_vs_reference(roles: Roles, prompts: list[str], cfg: PPOConfig, seed: int) -> dict[str, float]:
-    """Held-out eval prompts, one sample each with the same seed: the policy vs the reference (SFT)."""
+def evaluate_policy_vs_reference(
+    roles: Roles, prompts: list[str], cfg: PPOConfig, seed: int, reference: bool = True
+) -> dict[str, float]:
+    """Held-out eval prompts, one sample each with the same seed: the policy vs the reference (SFT); with
+    `reference=False` the policy alone."""
     if not prompts:
         return {}
     out = {}
-    for tag, role in (("", "policy"), ("_ref", REFERENCE)):
+    for tag, role in (("", roles.policy), ("_ref", REFERENCE))[: 2 if reference else 1]:
         torch.manual_seed(seed)  # generate samples from the global RNG (it takes no generator): same draws for both
-        with roles.use(role):
+        with roles.use(role), lora_merged(roles.model) if role != REFERENCE else nullcontext():
             ro = sample(
                 roles.model, roles.tok, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.max_prompt_tokens
             )
@@ -612,7 +650,7 @@ def evaluate_policy_vs_reference(roles: Roles, prompts: list[str], cfg: PPOConfi
         out[f"ppo/eval_reward{tag}"] = score.mean().item()
         out[f"ppo/eval_response_length{tag}"] = mask.sum(1).mean().item()
         out[f"ppo/eval_eos_rate{tag}"] = ro.ended.float().mean().item()
-        if role == "policy":
+        if role == roles.policy:
             out["ppo/eval_kl"] = response_kl(roles, ro, cfg.temperature).mean().item()
     out["ppo/eval_prompts"] = float(len(prompts))
     return out
@@ -625,9 +663,8 @@ def write_outputs(
     `COMPLETE.json` in its parent (the stage's out_dir) as the very last step."""
     tmp = final.with_name(".final-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    roles.model.save_pretrained(
-        tmp, selected_adapters=sorted(TRAINABLE), safe_serialization=True
-    )  # tmp/policy, tmp/value
+    # tmp/policy and (ppo.value_model=adapter) tmp/value; the value head goes to tmp/value in either case
+    roles.model.save_pretrained(tmp, selected_adapters=sorted(roles.trainable), safe_serialization=True)
     roles.tok.save_pretrained(tmp / "policy")
     roles.value_head.save(tmp / "value")
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))

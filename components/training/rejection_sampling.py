@@ -209,7 +209,9 @@ def train_rejection_sampling(
         raise ValueError(f"rejection sampling needs prompts under {data_dir}/prompts")
     device = resolve_device(model_cfg.device)
     torch.manual_seed(seed)  # peft's LoRA init draws from the global RNG
-    roles = build_roles(replace(ppo_cfg, value_init="fresh"), model_cfg, sft_dir, reward_dir, device)
+    roles = build_roles(
+        replace(ppo_cfg, value_init="fresh", value_model="adapter"), model_cfg, sft_dir, reward_dir, device
+    )
     roles.model.delete_adapter("value")  # PPO's critic: not needed here
     roles.value_head, roles.trainable = None, frozenset({POLICY})  # in place: a reward built on roles keeps them
     roles.model.set_adapter(POLICY)

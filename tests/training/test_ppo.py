@@ -85,18 +85,48 @@ def test_every_iteration_logs_the_ppo_metrics(stages, ppo):
     assert result.history[0]["ppo/kl"] == pytest.approx(0.0, abs=1e-4), "the policy starts as the reference"
 
 
-def test_only_policy_and_value_adapters_train(ppo, reward):
+def test_only_the_policy_adapter_and_the_value_head_train(ppo, reward):
     result, frozen = ppo
     for path, before in frozen.items():
         assert digest(path) == before, f"{path} changed: SFT weights and the reward model are frozen"
     policy = load_file(str(Path(result.policy_dir) / "adapter_model.safetensors"))
     assert policy and all("lora_" in k for k in policy)
     assert all(v.abs().sum() > 0 for k, v in policy.items() if "lora_B" in k), "policy LoRA B starts at 0: it must move"
+    # ppo.value_model=shared (the default): the value head reads the policy's hidden states; no value adapter
+    assert not (Path(result.value_dir) / "adapter_model.safetensors").exists()
+    value_head = load_file(str(Path(result.value_dir) / "head.safetensors"))
+    rm_head = load_file(str(Path(reward.head_dir) / "head.safetensors"))
+    assert any(not torch.equal(value_head[k], rm_head[k]) for k in value_head), "value head starts from the RM's"
+
+
+def test_a_value_adapter_of_its_own_starts_from_the_reward_model_and_trains(stages, reward):
+    """ppo.value_model=adapter: the value function is a LoRA adapter + head of its own (a second forward per
+    minibatch); it starts as the reward model's adapter and head (InstructGPT) and trains; the policy trains too."""
+    cfg = small(stages.cfg.ppo, value_model="adapter")
+    result = train_ppo(
+        cfg, stages.cfg.model, stages.sft_dir, reward.head_dir, stages.cfg.data_path, stages.root / "ppo-va", seed=2
+    )
     value = load_file(str(Path(result.value_dir) / "adapter_model.safetensors"))
     rm = load_file(str(Path(reward.adapter_dir) / "adapter_model.safetensors"))
-    assert any(not torch.equal(value[k], rm[k]) for k in value if k in rm), (
-        "value adapter starts from the RM and trains"
+    assert value and all(k in rm for k in value)
+    assert any(not torch.equal(value[k], rm[k]) for k in value), "value adapter starts from the RM and trains"
+    policy = load_file(str(Path(result.policy_dir) / "adapter_model.safetensors"))
+    assert all(v.abs().sum() > 0 for k, v in policy.items() if "lora_B" in k)
+    assert len(result.history) == cfg.steps and all(h["ppo/value_loss"] >= 0 for h in result.history)
+
+
+def test_held_out_curves_every_n_iterations_on_a_clock_without_the_evals(stages, reward):
+    cfg = small(stages.cfg.ppo, eval_every=2, steps=5)
+    result = train_ppo(
+        cfg, stages.cfg.model, stages.sft_dir, reward.head_dir, stages.cfg.data_path, stages.root / "ppo-ev", seed=4
     )
+    h = result.history
+    assert [i + 1 for i, row in enumerate(h) if "ppo/eval_reward" in row] == [2, 4]  # the end: the final eval
+    assert "ppo/eval_reward_ref" not in h[1] and "ppo/eval_kl" in h[1]
+    clock = [row["ppo/train_elapsed_seconds"] for row in h]
+    assert all(b > a for a, b in zip(clock, clock[1:], strict=False))
+    phases = sum(row["ppo/time_generate"] + row["ppo/time_score"] + row["ppo/time_train"] for row in h)
+    assert phases <= clock[-1] <= phases + 5, "the clock is the loop's time: phases, checkpoints; not the evals"
 
 
 def test_policy_improves_under_an_independent_judge(stages, ppo):
