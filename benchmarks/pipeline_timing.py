@@ -3,13 +3,15 @@
 orchestration, parent-run tracking, data preparation). Then a second run with only a gate threshold
 changed: SFT, RM and PPO come from Prefect's cache, so it measures what a cached rerun costs.
 
-    .venv/bin/python benchmarks/pipeline_timing.py [extra overrides...]
+    .venv/bin/python benchmarks/pipeline_timing.py [--tag NAME] [extra overrides...]
+    PYTHONPATH=/path/to/older/checkout .venv/bin/python benchmarks/pipeline_timing.py --tag before   # its code
 
-Writes benchmarks/results/pipeline_timing.json.
+Writes benchmarks/results/pipeline_timing.json (under --tag, default "latest"; other tags are kept).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -18,13 +20,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, write_results  # noqa: E402
+from common import REPO, RESULTS, write_results  # noqa: E402
 
 
 def main() -> None:
+    args = sys.argv[1:]
+    tag = "latest"
+    if "--tag" in args:
+        i = args.index("--tag")
+        tag, args = args[i + 1], args[:i] + args[i + 2 :]
     root = Path(tempfile.mkdtemp(prefix="rlhf-pipeline-"))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    overrides = [f"root={root}", *sys.argv[1:]]
+    overrides = [f"root={root}", *args]
     total = rlhf_run(overrides)
     rerun_overrides = [*overrides, "gate.min_win_rate=0.5"]  # a new config hash, the same stage inputs
     rerun = rlhf_run(rerun_overrides)
@@ -56,19 +63,22 @@ def main() -> None:
         f"rerun with only gate.min_win_rate changed: {rerun:.1f} s total wall; stages from Prefect's cache: "
         f"{', '.join(cached) or 'none'}"
     )
-    write_results(
-        "pipeline_timing",
-        {
-            "overrides": overrides[1:],
-            "total_wall_s": total,
-            "parent_run_wall_s": parent_wall,
-            "stages_s": stages,
-            "in_stages_s": in_stages,
-            "outside_stages_share": 1 - in_stages / total,
-            "cached_rerun_wall_s": rerun,
-            "cached_rerun_stages": cached,
-        },
-    )
+    import components
+
+    path = RESULTS / "pipeline_timing.json"
+    results = json.loads(path.read_text()).get("runs", {}) if path.is_file() else {}
+    results[tag] = {
+        "code": str(Path(components.__file__).resolve().parents[1]),
+        "overrides": overrides[1:],
+        "total_wall_s": total,
+        "parent_run_wall_s": parent_wall,
+        "stages_s": stages,
+        "in_stages_s": in_stages,
+        "outside_stages_share": 1 - in_stages / total,
+        "cached_rerun_wall_s": rerun,
+        "cached_rerun_stages": cached,
+    }
+    write_results("pipeline_timing", {"runs": results})
 
 
 def rlhf_run(overrides: list[str]) -> float:

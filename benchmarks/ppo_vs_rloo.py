@@ -227,6 +227,24 @@ def summarise(runs: list[dict], threshold: float) -> dict:
     }
 
 
+def write_table(summary: dict[str, dict], args, path: Path) -> None:
+    """The summary as a markdown table (means over seeds)."""
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    rows = [
+        f"| run | samples | samples/s | training s | s to reward >= {args.threshold} | held-out reward | KL | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        rows.append(
+            f"| {name} | {s['samples']} | {fmt(s['samples_per_second'], '.0f')} | {fmt(s['train_seconds'], '.1f')} | "
+            f"{fmt(s.get('seconds_to_threshold'), '.1f')} | {fmt(s['final_reward'], '.3f')} | "
+            f"{fmt(s['final_kl'], '.2f')} | {fmt(s.get('peak_rss_mb'), '.0f')} |"
+        )
+    path.write_text(
+        f"# PPO vs TRL RLOOTrainer (benchmarks/ppo_vs_rloo.py), seeds {args.seeds}\n\n" + "\n".join(rows) + "\n"
+    )
+
+
 def plot(groups: dict[str, list[dict]], threshold: float, path: Path) -> None:
     import matplotlib
 
@@ -261,18 +279,22 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.3, help="held-out reward for the time-to-threshold")
     ap.add_argument("--tag", default="default", help="name of this PPO configuration in the results")
     ap.add_argument("--skip-trl", action="store_true", help="keep the TRL runs already in the results")
+    ap.add_argument("--report", action="store_true", help="no runs: the summary, table and plot of the results")
     args, overrides = ap.parse_known_args()
     if args.one:
         print("RESULT " + json.dumps(one(args, overrides)))
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="rlhf-ppo-vs-rloo-"))
     work.mkdir(parents=True, exist_ok=True)
-    prepare(work)
+    if not args.report:
+        prepare(work)
     path = RESULTS / "ppo_vs_rloo.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
-    groups: dict[str, list[dict]] = {k: v for k, v in old.get("raw", {}).items() if k != f"ppo:{args.tag}"}
+    groups: dict[str, list[dict]] = {
+        k: v for k, v in old.get("raw", {}).items() if args.report or k != f"ppo:{args.tag}"
+    }
     common = ["--work", str(work), "--eval-every", str(args.eval_every)]
-    for seed in args.seeds:
+    for seed in [] if args.report else args.seeds:
         run = spawn(
             __file__, ["--one", "ppo", "--seed", str(seed), "--samples", str(args.samples), *common, *overrides]
         )
@@ -280,7 +302,7 @@ def main() -> None:
             f"ppo:{args.tag} seed {seed}: {run['samples_per_second']:.0f} samples/s, reward {run['final_reward']:.3f}"
         )
         groups.setdefault(f"ppo:{args.tag}", []).append(run)
-    if not args.skip_trl or "rloo" not in groups:
+    if not (args.skip_trl or args.report) or "rloo" not in groups:
         groups["rloo"] = []
         for seed in args.seeds:
             run = spawn(__file__, ["--one", "rloo", "--seed", str(seed), "--samples", str(args.trl_samples), *common])
@@ -316,6 +338,7 @@ def main() -> None:
             "raw": groups,
         },
     )
+    write_table(summary, args, RESULTS / "ppo_vs_rloo.md")
     plot(groups, args.threshold, RESULTS / "ppo_vs_rloo.png")
     print(f"wrote {(RESULTS / 'ppo_vs_rloo.png').relative_to(RESULTS.parents[1])}")
 

@@ -6,19 +6,30 @@ The SFT weights (merged) are loaded once. On them, as peft adapters:
 
     policy     trainable LoRA adapter "policy"              -> LM head      (starts equal to SFT: LoRA B = 0)
     reference  the same model with adapters disabled         -> LM head      (= the SFT policy)
-    value      trainable LoRA adapter "value" + scalar head  -> per token    (init from the RM, as InstructGPT)
+    value      a scalar head on the policy's hidden states   -> per token    (ppo.value_model=shared, the default)
+               or a LoRA adapter "value" of its own + head   -> per token    (ppo.value_model=adapter)
     reward     frozen adapter "reward" + head from the RM    -> per sequence (normalised with the RM's mean/std)
 
-plus an optional reward callable by import path (`ppo.reward_fn`), added to the RM score.
+plus an optional reward callable by import path (`ppo.reward_fn`), added to the RM score. The value head (and the
+value adapter) start from the RM's (`ppo.value_init=reward`, as InstructGPT) or fresh.
+
+The value function, a trade-off (benchmarks/results/ppo_vs_rloo.md): `shared` (as TRL's old PPOTrainer's
+value head) reads the policy's own forward, so scoring and every minibatch run one forward, not two, and the
+value loss (scaled by vf_coef) also trains the policy's LoRA. `adapter` keeps policy and critic apart (no
+coupling, an RM-initialised critic body) at the cost of a second forward and backward per minibatch.
 
 One iteration reads top to bottom (CleanRL style), each step a function the loop, the tests and
 benchmarks/ppo_bench.py call (as torchtune's PPO recipe does):
-    1. generate   `sample`: a batch of responses from the policy (KV cache, left padding, stop at EOS)
+    1. generate   `sample`: a batch of responses from the policy (KV cache, left padding, stop at EOS), its
+                  LoRA folded into the base weights meanwhile (`roles.lora_merged`: one matmul per layer)
     2. score      `score_rollout` -> Trajectory: log-probs (policy, reference), values, sequence scores;
                   per-token rewards r_t = -beta * KL_t (+ score at the last token); GAE; whitened advantages
     3. train      `ppo_update` -> stats: PPO epochs over minibatches: clipped policy loss + vf_coef * clipped
                   value loss, gradient clipping, early stop on approx-KL
-    4. adapt      the KL coefficient (Ziegler et al. 2019), log `ppo/*`, checkpoint every N
+    4. adapt      the KL coefficient (PID or Ziegler et al. 2019), log `ppo/*`, checkpoint every N, and
+                  every `ppo.eval_every` iterations the held-out reward and KL (a curve against
+                  `ppo/train_elapsed_seconds`, the training clock without the evals)
+The phases are torch.profiler ranges ppo/generate, ppo/score, ppo/train (benchmarks/ppo_profile.py).
 A restarted run continues from its last checkpoint (`checkpoint.resume`, shared with the reward model).
 Roles switch with `with roles.use("value"):` (components/models/roles.py), which always switches back.
 The math lives in `ppo_math.py` as pure, hand-tested functions.
