@@ -48,7 +48,7 @@ def start_temporary_server_early() -> None:
     boot, then starts it the usual way if the boot failed (so a failure is reported where Prefect reports it)."""
     from prefect.settings import PREFECT_API_URL
 
-    if PREFECT_API_URL.value():  # a shared server (environment or Prefect profile): nothing to boot
+    if os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value():  # a shared server (env or profile): no boot
         return
     import threading
 
