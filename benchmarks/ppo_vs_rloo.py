@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, memory, rss_mb, spawn, write_results  # noqa: E402
+from common import RESULTS, demo_sft, memory, rss_mb, spawn, write_results  # noqa: E402
 
 REWARD_FN = "components.evaluation.judges:sentiment"
 BATCH = 32  # sampled responses per iteration (PPO) / per step (TRL: 8 prompts x k=4)
@@ -58,19 +58,7 @@ def compose_cfg(work: Path, overrides: list[str], samples: int, eval_every: int)
 
 def prepare(work: Path) -> str:
     """Demo data, the tiny base and SFT with default settings, cached in `work`: -> the merged SFT dir."""
-    from components.config import compose
-    from components.data.demo import write_demo
-    from components.models.demo_base import build_demo_base
-    from components.training.sft import train_sft
-
-    cfg = compose([f"root={work}"])
-    if not cfg.data_path.is_dir():
-        write_demo(cfg.data, cfg.data_path)
-    sft_dir = work / "sft"
-    if not (sft_dir / "merged").is_dir():
-        base = build_demo_base(cfg.model, cfg.data_path, "bench", work / "models")
-        train_sft(cfg.sft, cfg.model, base.path, cfg.data_path, sft_dir, seed=cfg.seed)
-    return str(sft_dir / "merged")
+    return demo_sft(work)[1]
 
 
 def run_ppo(work: Path, sft_dir: str, samples: int, eval_every: int, seed: int, overrides: list[str]) -> dict:

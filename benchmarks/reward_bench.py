@@ -20,24 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, rss_mb, write_results  # noqa: E402
-
-
-def prepare(work: Path):
-    """Demo data, the tiny base and SFT with default settings (cached in `work`)."""
-    from components.config import compose
-    from components.data.demo import write_demo
-    from components.models.demo_base import build_demo_base
-    from components.training.sft import train_sft
-
-    cfg = compose([f"root={work}"])
-    if not cfg.data_path.is_dir():
-        write_demo(cfg.data, cfg.data_path)
-    sft_dir = work / "sft"
-    if not (sft_dir / "merged").is_dir():
-        base = build_demo_base(cfg.model, cfg.data_path, "bench", work / "models")
-        train_sft(cfg.sft, cfg.model, base.path, cfg.data_path, sft_dir, seed=cfg.seed)
-    return cfg, str(sft_dir / "merged")
+from common import RESULTS, demo_sft, rss_mb, write_results  # noqa: E402
 
 
 def encoding_costs(cfg, sft_dir: str) -> dict:
@@ -92,7 +75,7 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     work = args.work or Path(tempfile.mkdtemp(prefix="rlhf-rm-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    cfg, sft_dir = prepare(work)
+    cfg, sft_dir = demo_sft(work)
 
     import components
     from components.training.reward import train_reward
