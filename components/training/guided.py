@@ -170,7 +170,8 @@ def rollouts(
         prefixes = guide_prefixes(guide, tok, shown, h, g.max_rollin_tokens, guide_seeds[0])
         device = next(roles.model.parameters()).device
         query, qmask = left_pad([p + x for p, x in zip(prompt_ids, prefixes, strict=True)], tok.pad_token_id, device)
-        ro = sample_from(roles.model, tok, query, qmask, *args)
+        with lora_merged(roles.model):
+            ro = sample_from(roles.model, tok, query, qmask, *args)
         written = torch.tensor([len(x) for x in prefixes])
         ro = truncate(ro, cfg.max_new_tokens - written, tok)
         ro.texts = [
@@ -178,7 +179,8 @@ def rollouts(
             for i, x in enumerate(prefixes)
         ]
     else:
-        ro = sample(roles.model, tok, prompts, *args, cfg.max_prompt_tokens)
+        with lora_merged(roles.model):
+            ro = sample(roles.model, tok, prompts, *args, cfg.max_prompt_tokens)
         written = torch.zeros(len(prompts), dtype=torch.long)
 
     # roll-out: cut the policy's response at a word boundary, the guide completes it
