@@ -6,6 +6,7 @@ Must run before prefect is imported (Prefect reads its settings at import time).
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -40,7 +41,7 @@ def temporary_server_notice(cfg: Config) -> str | None:
     )
 
 
-def start_temporary_server_early() -> None:
+def start_temporary_server_early() -> threading.Thread | None:
     """Without a shared Prefect server (no PREFECT_API_URL), boot the command's temporary one now, in a background
     thread, instead of on the first Prefect call: its ~7-15 s start (a uvicorn subprocess that opens and migrates its
     SQLite database) then overlaps the command's own imports and setup (torch, transformers, MLflow). Prefect's
@@ -49,16 +50,14 @@ def start_temporary_server_early() -> None:
     from prefect.settings import PREFECT_API_URL
 
     if os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value():  # a shared server (env or profile): no boot
-        return
-    import threading
-
+        return None
     from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()
     if server.running or "start" in vars(server):  # already up, or already booting
-        return
-    boot = threading.Thread(target=_boot, args=(server,), name="prefect-temporary-server", daemon=True)
-    start = server.start
+        return None
+    start = server.start  # the class's start, bound: the instance attribute set below would wait for itself
+    boot = threading.Thread(target=_boot, args=(start,), name="prefect-temporary-server", daemon=True)
 
     def start_after_boot(timeout: int | None = None) -> None:
         boot.join()
@@ -66,11 +65,12 @@ def start_temporary_server_early() -> None:
 
     server.start = start_after_boot
     boot.start()
+    return boot
 
 
-def _boot(server) -> None:
+def _boot(start) -> None:
     try:
-        server.start()  # the class's start: the instance's own waits for this thread
+        start()
     except Exception:  # noqa: BLE001 - Prefect's own start() retries it in the main thread and reports the error
         pass
 

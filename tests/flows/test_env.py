@@ -9,9 +9,12 @@ import textwrap
 SCRIPT = textwrap.dedent(
     """
     from flows.env import start_temporary_server_early
-    start_temporary_server_early()  # returns at once; the boot runs on in a thread
-    from prefect import flow
+    boot = start_temporary_server_early()  # returns at once; the boot runs on in a thread
     from prefect.server.api.server import SubprocessASGIServer
+    boot.join()
+    # the background thread itself started the server (not Prefect's first call, later)
+    assert SubprocessASGIServer().server_process is not None, "the background boot did not start the server"
+    from prefect import flow
 
     @flow
     def add(a, b):
