@@ -301,6 +301,16 @@ class InfraConfig:
     # None: every stage runs in the retrain flow's process
     training_pool: Optional[str] = None
     stage_timeout_s: Optional[float] = None  # how long the retrain waits for a dispatched stage (None: no limit)
+    # Data parallel training (flows/launch.py): SFT, the reward model and PPO as num_processes processes per machine
+    # (one per GPU; on CPU, gloo), started by torchrun or `accelerate launch` where the stage runs (this process, or
+    # the pool's worker). Batch sizes stay global: each process takes its share. README, "Scale".
+    num_processes: int = 1
+    launcher: str = "torchrun"  # torchrun | accelerate (GPUs; with accelerate_config: FSDP, DeepSpeed)
+    accelerate_config: Optional[str] = None  # a file of conf/accelerate/ by name (ddp, fsdp, deepspeed_zero2, ...)
+    num_machines: int = 1  # several machines: each runs the stage's launcher with its machine_rank
+    machine_rank: int = 0
+    main_process_ip: Optional[str] = None  # the address of machine_rank 0 (num_machines > 1)
+    main_process_port: int = 29500
     retrain_cron: Optional[str] = "0 3 * * *"  # `rlhf serve`: scheduled retrain (None: no schedule)
     retrain_on_new_data: bool = True  # `rlhf serve`: retrain on each `rlhf.data.updated` event
     keep_stage_outputs: Optional[int] = 3  # per stage, the most recently used output dirs kept (None: all)

@@ -29,11 +29,9 @@ from components.models.demo_base import build_demo_base
 from components.registry import registry
 from components.registry.model_card import model_card
 from components.training.plots import ppo_curves, rs_curves
-from components.training.ppo import PPODivergence, train_ppo
+from components.training.ppo import PPODivergence
 from components.training.rejection_sampling import train_rejection_sampling
-from components.training.reward import train_reward
-from components.training.sft import train_sft
-from flows import lifecycle, remote
+from flows import launch, lifecycle, remote
 from flows.caching import CACHED, config_hash, prune_stage_outputs, stage_dir, stage_key
 from flows.contracts import Evaluation, GateOutcome, Registration, StageOutput, ValidationSummary
 
@@ -152,7 +150,7 @@ def demo_base(cfg: Config, data: DataState, parent_run_id: str) -> str:
 def sft(cfg: Config, data: DataState, base_path: str, parent_run_id: str) -> StageOutput:
     out = stage_dir(cfg, "sft", data, base_path=base_path)
     with start_stage_run("sft", parent_run_id, data, asdict(cfg.sft)) as run:
-        result = train_sft(cfg.sft, cfg.model, base_path, Path(data.path), out, seed=cfg.seed)
+        result = launch.run("sft", cfg, base_path=base_path, data_dir=data.path, out_dir=str(out))
         mlflow.set_tags({"adapter_dir": result.adapter_dir, "merged_dir": result.merged_dir})
         get_run_logger().info(
             "SFT: held-out loss %.3f -> %.3f; adapter %s",
@@ -168,7 +166,7 @@ def sft(cfg: Config, data: DataState, base_path: str, parent_run_id: str) -> Sta
 def reward_model(cfg: Config, data: DataState, sft_dir: str, parent_run_id: str) -> StageOutput:
     out = stage_dir(cfg, "reward-model", data, sft_dir=sft_dir)
     with start_stage_run("reward", parent_run_id, data, asdict(cfg.reward)) as run:
-        result = train_reward(cfg.reward, cfg.model, sft_dir, Path(data.path), out, seed=cfg.seed, data_cfg=cfg.data)
+        result = launch.run("reward", cfg, sft_dir=sft_dir, data_dir=data.path, out_dir=str(out))
         mlflow.set_tags({"adapter_dir": result.adapter_dir, "head_dir": result.head_dir})
         get_run_logger().info(
             "reward model: held-out pairwise accuracy %.3f, margin %.2f",
@@ -201,14 +199,13 @@ def ppo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_
     out = stage_dir(cfg, "ppo", data, sft_dir=sft_dir, reward_dir=reward_dir)
     with start_stage_run("ppo", parent_run_id, data, asdict(cfg.ppo)) as run:
         try:
-            result = train_ppo(
-                cfg.ppo,
-                cfg.model,
-                sft_dir,
-                reward_dir if cfg.ppo.use_reward_model else None,
-                Path(data.path),
-                out,
-                seed=cfg.seed,
+            result = launch.run(
+                "ppo",
+                cfg,
+                sft_dir=sft_dir,
+                reward_dir=reward_dir if cfg.ppo.use_reward_model else None,
+                data_dir=data.path,
+                out_dir=str(out),
             )
         except PPODivergence:
             mlflow.set_tag("outcome", "diverged")

@@ -1,7 +1,8 @@
 """Metric logging from components to the *active* MLflow run, under a namespace (`sft/loss`), and the
 completion marker of HF Trainer checkpoints.
 
-Components never set up tracking; when no run is active nothing is logged.
+Components never set up tracking; when no run is active nothing is logged, and in a stage that runs as several
+processes only rank 0 logs (components/training/distributed.py).
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from components.training.checkpoint import mark_checkpoint_complete
+from components.training.distributed import is_main
 
 
 def log_to_active_run(metrics: dict[str, float], step: int) -> None:
-    """Log finite metrics to the active MLflow run, if there is one."""
+    """Log finite metrics to the active MLflow run, if there is one (rank 0 only)."""
     import mlflow
 
-    if mlflow.active_run() is None:
+    if mlflow.active_run() is None or not is_main():
         return
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     if clean:
@@ -27,10 +29,10 @@ def log_to_active_run(metrics: dict[str, float], step: int) -> None:
 
 
 def log_table_to_active_run(columns: dict[str, list], artifact_file: str) -> None:
-    """Log a table (column -> values) as an MLflow table artifact of the active run, if there is one."""
+    """Log a table (column -> values) as an MLflow table artifact of the active run, if there is one (rank 0 only)."""
     import mlflow
 
-    if mlflow.active_run() is not None:
+    if mlflow.active_run() is not None and is_main():
         mlflow.log_table(data=columns, artifact_file=artifact_file)
 
 

@@ -34,6 +34,13 @@ A restarted run continues from its last checkpoint (`checkpoint.resume`, shared 
 Roles switch with `with roles.use("value"):` (components/models/roles.py), which always switches back.
 The math lives in `ppo_math.py` as pure, hand-tested functions.
 
+Data parallel (`infra.num_processes` > 1, components/training/distributed.py): each rank samples and scores its own
+slice of the global batch (`ppo.batch_size`, `ppo.minibatch_size` stay global), advantages are whitened with the
+moments of the whole batch, gradients are averaged over the ranks after each backward, the KL controller steers
+the ranks' mean KL, the `ppo/*` rows are averaged (throughputs summed) and rank 0 alone evaluates, logs, writes
+checkpoints and outputs. A run resumes from its checkpoints on any number of processes (rollout draws are seeded
+per iteration and rank, not restored).
+
 Divergence (NaN/inf in logits or loss, or KL above `kl_ceiling`) raises `PPODivergence` before
 anything is written to `out_dir/final`, so no later stage can take a diverged policy for a valid one.
 `out_dir/COMPLETE.json` is written after `final/` (`checkpoint.is_complete(out_dir)`).
@@ -46,7 +53,7 @@ import json
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -69,7 +76,7 @@ from components.models.roles import (
     sequence_scores,
 )
 from components.models.scoring import load_reward_fn
-from components.training import checkpoint, guided
+from components.training import checkpoint, distributed, guided
 from components.training.callbacks import log_table_to_active_run, log_to_active_run
 from components.training.ppo_math import (
     KL_ESTIMATORS,
@@ -87,6 +94,7 @@ from components.training.ppo_math import (
     rewards_with_kl,
     value_loss,
     whiten,
+    whiten_with,
 )
 
 
@@ -299,11 +307,11 @@ def score_rollout(
     del hidden
     raw, score = scores_for(roles, ro, prompts, cfg)
     if cfg.whiten_scores:
-        moments.update(score)
+        moments.update(distributed.gather_tensor(score))  # every rank's scores: the same moments on all
         score = (score - moments.mean) / moments.std
     score = penalise_missing_eos(score, ro.ended, cfg)
     kl = (kl_k1(logprobs, ref_logprobs) * mask).sum(1)  # (B,)
-    kl_mean = kl.mean().item()
+    kl_mean = mean_across_ranks(kl)  # all ranks stop together
     if not kl_mean <= cfg.kl_ceiling:  # also catches NaN
         raise PPODivergence(
             f"PPO diverged{_at(iteration)}: mean KL to the reference {kl_mean:.2f} exceeds "
@@ -329,13 +337,34 @@ def score_rollout(
         score,
         rewards,
         non_score,
-        whiten(advantages, mask),
+        whiten_across_ranks(advantages, mask),
         returns,
         kl,
         entropy,
         guidance,
         guide_scores,
     )
+
+
+def mean_across_ranks(x: torch.Tensor) -> float:
+    """The mean of a [B] tensor over every rank's rows (x.mean() in a single process)."""
+    if distributed.world().size == 1:
+        return x.mean().item()
+    total, n = distributed.all_sum(
+        torch.stack([x.sum().double(), torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)])
+    )
+    return (total / n).item()
+
+
+def whiten_across_ranks(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`whiten` with the masked mean and (Bessel-corrected) variance of the whole global batch: [B, Tr] -> [B, Tr]."""
+    if distributed.world().size == 1:
+        return whiten(x, mask)
+    m = mask.double()
+    total, squares, n = distributed.all_sum(torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()])).unbind()
+    mean = total / n
+    var = (squares / n - mean**2) * n / (n - 1).clamp(min=1)
+    return whiten_with(x, mask, mean.float().to(x.device), var.float().to(x.device))
 
 
 def credit_rollouts(
@@ -408,18 +437,20 @@ def ppo_update(
             )
             vf, vf_clipfrac = value_loss(new_values, traj.values[mb], traj.returns[mb], mb_mask, cfg.cliprange_value)
             loss = pg + cfg.vf_coef * vf
-            if not torch.isfinite(loss):
-                raise PPODivergence(
-                    f"PPO diverged{_at(iteration)}: the loss is {loss.item()}. No policy was written. "
-                    "Lower ppo.learning_rate."
-                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            # the ranks' mean gradient (in place); the loss and approx-KL ride along so every rank decides alike
+            total_loss, mean_approx_kl = distributed.all_reduce_gradients(params, loss, approx_kl)
+            if not torch.isfinite(total_loss):
+                raise PPODivergence(
+                    f"PPO diverged{_at(iteration)}: the loss is {total_loss.item()}. No policy was written. "
+                    "Lower ppo.learning_rate."
+                )
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             for k, v in zip(stats, (pg, vf, clipfrac, vf_clipfrac, approx_kl), strict=True):
                 stats[k].append(v.item())
-            if cfg.max_approx_kl is not None and approx_kl.item() > cfg.max_approx_kl:
+            if cfg.max_approx_kl is not None and mean_approx_kl.item() > cfg.max_approx_kl:
                 stop = True
                 break
         if stop:
@@ -468,6 +499,11 @@ def iteration_metrics(
         "ppo/generate_tokens_per_second": mask.sum().item() / (t1 - t0),
         **guide_metrics(traj),
     }
+
+
+# metrics a rank may lack in an iteration (no guided or no unguided rows): averaged over the ranks that have them
+OPTIONAL_METRICS = ("ppo/guided_score", "ppo/unguided_score")
+THROUGHPUTS = ("ppo/tokens_per_second", "ppo/generate_tokens_per_second")  # summed over the ranks
 
 
 def guide_metrics(traj: Trajectory) -> dict[str, float]:
@@ -537,10 +573,24 @@ def train_ppo(
     out_dir: Path,
     seed: int = 0,
 ) -> PPOResult:
-    checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
+    w = distributed.world()
+    # per rank: its share of each global batch (sizes that do not divide are an error, before anything is loaded)
+    rank_cfg = replace(
+        cfg,
+        batch_size=distributed.per_rank(cfg.batch_size, "ppo.batch_size", w),
+        minibatch_size=distributed.per_rank(cfg.minibatch_size, "ppo.minibatch_size", w),
+    )
+    rank_seed = seed + 1_000_003 * w.rank  # this rank's rollout draws (rank 0's are a single process's)
     prompts, eval_prompts = read_prompts(data_dir, "prompts"), read_prompts(data_dir, "eval")
     if not prompts:
         raise ValueError(f"PPO needs rollout prompts under {data_dir}/prompts")
+    final = out_dir / "final"
+    ckpt_root = out_dir / "checkpoints"
+    if w.main:  # rank 0 alone writes: its outputs, checkpoints, MLflow
+        checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
+        shutil.rmtree(final, ignore_errors=True)  # never leave an older policy where this run's belongs
+        checkpoint.recover(ckpt_root)  # what a kill left mid-save, put right before any rank reads a checkpoint
+    distributed.barrier()
     device = resolve_device(model_cfg.device)
     torch.manual_seed(seed)  # peft's LoRA init and a fresh value head's init draw from the global RNG
     guided.check_config(cfg)
@@ -552,9 +602,6 @@ def train_ppo(
     moments = RunningMoments()
     history: list[dict[str, float]] = []
 
-    final = out_dir / "final"
-    shutil.rmtree(final, ignore_errors=True)  # never leave an older policy where this run's belongs
-    ckpt_root = out_dir / "checkpoints"
     fp = checkpoint.fingerprint(
         cfg,
         sft_dir=str(sft_dir),
@@ -572,20 +619,21 @@ def train_ppo(
     def save_checkpoint(d: Path) -> None:
         write_checkpoint(d, roles, optimizer, kl_ctl, moments, history)
 
-    bar = tqdm(range(start, cfg.steps), desc="PPO", initial=start, total=cfg.steps, unit="iter")
+    bar = tqdm(range(start, cfg.steps), desc="PPO", initial=start, total=cfg.steps, unit="iter", disable=not w.main)
     elapsed = history[-1].get("ppo/train_elapsed_seconds", 0.0) if history else 0.0  # training clock, evals left out
     for it in bar:
         t_start = time.perf_counter()
         # The same draws whether or not the run was resumed: transformers' generate samples from the global RNG
         # (it takes no generator), so that is seeded per iteration; the minibatch order has its own generator.
-        torch.manual_seed(seed * 100_003 + it)
-        minibatch_order = torch.Generator().manual_seed(seed * 100_003 + it)
-        batch = [prompts[i] for i in checkpoint.batch_for_step(len(prompts), cfg.batch_size, it, seed)]
+        torch.manual_seed(rank_seed * 100_003 + it)
+        minibatch_order = torch.Generator().manual_seed(rank_seed * 100_003 + it)
+        global_batch = [prompts[i] for i in checkpoint.batch_for_step(len(prompts), cfg.batch_size, it, seed)]
+        batch = distributed.shard(global_batch, w)  # this rank's rollouts
 
         # 1. generate ---------------------------------------------------------------------------
         t0 = time.perf_counter()
         with record_function("ppo/generate"):  # phases named for torch.profiler (benchmarks/ppo_profile.py)
-            ro, guidance = guided.rollouts(roles, guide, batch, cfg, it, seed)  # the guide's roll-ins/outs, if any
+            ro, guidance = guided.rollouts(roles, guide, batch, cfg, it, rank_seed)  # the guide's roll-ins/outs, if any
         t1 = time.perf_counter()
 
         # 2. score ------------------------------------------------------------------------------
@@ -595,22 +643,27 @@ def train_ppo(
 
         # 3. train ------------------------------------------------------------------------------
         with record_function("ppo/train"):
-            stats = ppo_update(roles, traj, optimizer, params, cfg, generator=minibatch_order, iteration=it)
+            stats = ppo_update(roles, traj, optimizer, params, rank_cfg, generator=minibatch_order, iteration=it)
         t3 = time.perf_counter()
 
         # 4. adapt, log, checkpoint ------------------------------------------------------------
         beta = kl_ctl.value
-        kl_ctl.update(traj.kl_mean, len(batch))
-        row = iteration_metrics(traj, stats, beta, (t0, t1, t2, t3))
+        # the ranks' mean (throughputs: their sum); the KL controller steers the mean KL of the whole batch
+        row = distributed.reduce_metrics(
+            iteration_metrics(traj, stats, beta, (t0, t1, t2, t3)), OPTIONAL_METRICS, sum_keys=THROUGHPUTS
+        )
+        kl_ctl.update(row["ppo/kl"], len(global_batch))
+        row["ppo/world_size"] = float(w.size)
         elapsed += time.perf_counter() - t_start
         row["ppo/train_elapsed_seconds"] = elapsed
-        if cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.steps:  # the last one is the final eval
+        evaluate_now = cfg.eval_every and (it + 1) % cfg.eval_every == 0 and it + 1 < cfg.steps  # last: final eval
+        if evaluate_now and w.main:  # rank 0 alone; the others wait for it in the next iteration's first collective
             ev = evaluate_policy_vs_reference(roles, eval_prompts[: cfg.eval_max_prompts], cfg, seed, reference=False)
             row.update({k: v for k, v in ev.items() if k != "ppo/eval_prompts"})
         history.append(row)
         log_to_active_run(row, it + 1)
         bar.set_postfix(score=f"{row['ppo/score_mean']:.2f}", kl=f"{row['ppo/kl']:.2f}", beta=f"{beta:.3f}")
-        if cfg.sample_every and (it + 1) % cfg.sample_every == 0:
+        if cfg.sample_every and (it + 1) % cfg.sample_every == 0 and w.main:  # rank 0's rollouts
             log_table_to_active_run(
                 {
                     "iteration": [it + 1] * len(batch),
@@ -622,7 +675,7 @@ def train_ppo(
                 f"ppo/samples/iter_{it + 1:04d}.json",
             )
         t_save = time.perf_counter()
-        if (it + 1) % cfg.save_every == 0 and it + 1 < cfg.steps:
+        if (it + 1) % cfg.save_every == 0 and it + 1 < cfg.steps and w.main:
             checkpoint.save(ckpt_root, it + 1, fp, save_checkpoint)
         elapsed += time.perf_counter() - t_save  # a checkpoint is part of training; logging and evals are not
     bar.close()
@@ -633,8 +686,11 @@ def train_ppo(
         h["ppo/time_generate"] + h["ppo/time_score"] + h["ppo/time_train"] for h in history
     )
     metrics["ppo/guide_tokens_mean"] = sum(h["ppo/guide_tokens"] for h in history) / max(1, len(history))
-    metrics.update(evaluate_policy_vs_reference(roles, eval_prompts[: cfg.eval_max_prompts], cfg, seed))
     metrics["ppo/resumed_from_iteration"] = float(start)
+    distributed.check_replicas(params, "PPO")
+    if not w.main:  # the policy is the same on every rank: rank 0 evaluates it and writes it
+        return PPOResult(str(final / "policy"), str(final / "value"), None, metrics, history)
+    metrics.update(evaluate_policy_vs_reference(roles, eval_prompts[: cfg.eval_max_prompts], cfg, seed))
     log_to_active_run(metrics, cfg.steps)
     checkpoint.save(ckpt_root, cfg.steps, fp, save_checkpoint)
     return write_outputs(roles, final, metrics, history, cfg.merge)

@@ -37,7 +37,19 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / std over the masked entries; padding positions come back as 0. (B, T) -> (B, T)"""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    return whiten_with(x, mask, masked_mean(x, mask), masked_var(x, mask), shift_mean, eps)
+
+
+def whiten_with(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """`whiten` with a given mean and variance (scalars; e.g. those of a batch spread over several processes):
+    (B, T) -> (B, T), 0 where mask is 0."""
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

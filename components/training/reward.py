@@ -25,6 +25,11 @@ reward mean/std over training responses (PPO normalises with them) and the base 
 trained on; `COMPLETE.json` once all of it is written (`checkpoint.is_complete(out_dir)`).
 Checkpoints every `save_steps` under `out_dir/checkpoints`, resumed when the stage is restarted
 with the same config and inputs.
+
+Data parallel (`infra.num_processes` > 1, components/training/distributed.py): each rank takes its share of every
+step's `batch_size` comparisons and `feedback_batch_size` feedback rows, the gradients are averaged over the ranks
+before the step (each example weighs 1 in its rank's loss and every rank has as many, so the average is the whole
+batch's gradient), and rank 0 alone evaluates, logs and writes checkpoints and outputs.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from components.data.readers import Feedback, Pair, read_feedback, read_preferen
 from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
 from components.models.roles import ScalarHead, lora_config, sequence_scores
 from components.models.scoring import encode
-from components.training import checkpoint
+from components.training import checkpoint, distributed
 from components.training.callbacks import log_to_active_run
 
 
@@ -320,6 +325,11 @@ def reward_step(
         chunk_loss.backward()
         loss += chunk_loss.item()
         correct += (pairwise_accuracy(rc.detach(), rr.detach(), w) * w.sum() / total_w).item()
+    # the ranks' mean gradient; the step's loss, accuracy and feedback loss averaged with it
+    loss_t, correct_t, fb_t = distributed.all_reduce_gradients(
+        rm.params, *(torch.tensor(v, dtype=torch.float64) for v in (loss, correct, fb_loss))
+    )
+    loss, correct, fb_loss = loss_t.item(), correct_t.item(), fb_t.item()
     torch.nn.utils.clip_grad_norm_(rm.params, cfg.max_grad_norm)
     rm.optimizer.step()
     rm.scheduler.step()
@@ -357,7 +367,14 @@ def train_reward(
     range; default: DataConfig's), resuming from the last checkpoint
     under `out_dir/checkpoints`; writes adapter, head and reward statistics to `out_dir`."""
     # 1. inputs
-    checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
+    w = distributed.world()
+    per_rank = distributed.per_rank(cfg.batch_size, "reward.batch_size", w)
+    fb_per_rank = distributed.per_rank(cfg.feedback_batch_size, "reward.feedback_batch_size", w)
+    ckpt_root = out_dir / "checkpoints"
+    if w.main:  # rank 0 alone writes
+        checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
+        checkpoint.recover(ckpt_root)  # what a kill left mid-save, put right before any rank reads a checkpoint
+    distributed.barrier()
     train, evals = read_preferences(data_dir, cfg.eval_fraction)
     data_cfg = data_cfg or DataConfig()
     fb_train, fb_evals = read_feedback(data_dir, cfg.eval_fraction, data_cfg.min_rating, data_cfg.max_rating)
@@ -369,7 +386,6 @@ def train_reward(
         )
     # 2. model and optimizer, restored from the last checkpoint if there is one
     rm = setup_reward_model(cfg, model_cfg, sft_dir, resolve_device(model_cfg.device), seed)
-    ckpt_root = out_dir / "checkpoints"
     fp = checkpoint.fingerprint(
         cfg, sft_dir=str(sft_dir), data=str(data_dir), seed=seed, n_train=len(train), n_feedback=len(fb_train)
     )
@@ -379,10 +395,18 @@ def train_reward(
     rm.model.train()
     running = {"loss": 0.0, "acc": 0.0, "fb": 0.0, "n": 0}
     tokens, started = 0, time.perf_counter()
-    bar = tqdm(range(start, cfg.max_steps), desc="reward model", initial=start, total=cfg.max_steps, unit="step")
+    bar = tqdm(
+        range(start, cfg.max_steps),
+        desc="reward model",
+        initial=start,
+        total=cfg.max_steps,
+        unit="step",
+        disable=not w.main,
+    )
     for step in bar:
         examples = [train[i] for i in checkpoint.batch_for_step(len(train), cfg.batch_size, step, seed)]
         fb = [fb_train[i] for i in checkpoint.batch_for_step(len(fb_train), cfg.feedback_batch_size, step, seed + 1)]
+        examples, fb = distributed.shard(examples, w)[:per_rank], distributed.shard(fb, w)[:fb_per_rank]  # this rank's
         loss, correct, n_tokens, fb_loss = reward_step(rm, examples, cfg, step, fb)
         tokens += n_tokens
         running["loss"] += loss
@@ -393,10 +417,14 @@ def train_reward(
         if done % cfg.log_steps == 0 or done == cfg.max_steps:
             log_running(running, rm, done, bar)
             running = {"loss": 0.0, "acc": 0.0, "fb": 0.0, "n": 0}
-        if done % cfg.save_steps == 0 and done < cfg.max_steps:
+        if done % cfg.save_steps == 0 and done < cfg.max_steps and w.main:
             checkpoint.save(ckpt_root, done, fp, rm.write)
     bar.close()
     seconds = time.perf_counter() - started
+    tokens = int(distributed.all_sum(torch.tensor([float(tokens)])).item())  # every rank's
+    distributed.check_replicas(rm.params, "the reward model")
+    if not w.main:  # the model is the same on every rank: rank 0 evaluates it and writes it
+        return RewardResult(str(out_dir / "adapter"), str(out_dir), {})
 
     # 4. held-out metrics, reward statistics, outputs
     metrics = finish_reward(rm, cfg, (train, evals), (fb_train, fb_evals), sft_dir, out_dir, start, seconds, tokens)

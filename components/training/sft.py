@@ -6,6 +6,11 @@ last complete one when restarted with the same config and out_dir (a checkpoint 
 written is removed, not resumed from). Output: the adapter and the adapter merged into the base (the
 SFT model that the reward model and PPO start from); `out_dir/COMPLETE.json` once both are written
 (`checkpoint.is_complete(out_dir)`).
+
+Data parallel (`infra.num_processes` > 1): the trainer is accelerate's, so launched as N processes it runs DDP
+(gloo on CPU, nccl on GPU; FSDP or DeepSpeed through an accelerate config file, `infra.accelerate_config`).
+`sft.batch_size` stays the global batch (accelerate splits each batch between the ranks); rank 0 alone writes the
+outputs.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from components.config import ModelConfig, SFTConfig
 from components.data.readers import read_demonstrations
 from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
 from components.models.roles import lora_config
-from components.training import checkpoint
+from components.training import checkpoint, distributed
 from components.training.callbacks import CheckpointCompleteCallback, MlflowNamespaceCallback, log_to_active_run
 
 
@@ -34,21 +39,30 @@ def train_sft(
 ) -> SFTResult:
     """LoRA SFT of the model at `base_path` on the demonstrations under `data_dir`, resuming from the
     last complete checkpoint under `out_dir/checkpoints`; writes the adapter and the merged model."""
-    checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
+    w = distributed.world()
+    distributed.per_rank(cfg.batch_size, "sft.batch_size", w)  # each rank an equal share of every batch
+    ckpt_dir = out_dir / "checkpoints"
+    if w.main:  # rank 0 alone writes
+        checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
+        checkpoint.last_complete_checkpoint(ckpt_dir)  # removes what a kill left half written, before any rank looks
+    distributed.barrier()
     train, evals = read_demonstrations(data_dir, cfg.eval_fraction)
     if not train or not evals:
         raise ValueError(f"SFT needs demonstrations for training and held-out eval under {data_dir}/demonstrations")
     tok = load_tokenizer(base_path, model_cfg, padding_side="right")
     model = load_causal_lm(base_path, model_cfg)
-    ckpt_dir = out_dir / "checkpoints"
     trainer = build_trainer(cfg, model_cfg, model, tok, train, evals, ckpt_dir, seed)
     before = trainer.evaluate()["eval_loss"]
+    # evaluate() prepared the model for evaluation and accelerate marked it prepared, so train() would not wrap it in
+    # DistributedDataParallel: the ranks would step unsynchronised replicas (transformers 5.23, accelerate 1.15;
+    # `check_replicas` below catches it). Unmarked, train() wraps it.
+    trainer.model._is_accelerate_prepared = False
     last = checkpoint.last_complete_checkpoint(ckpt_dir)  # HF's get_last_checkpoint would take a partial one
     resume = str(last) if last else None
     out = trainer.train(resume_from_checkpoint=resume)
     after = trainer.evaluate()["eval_loss"]
 
-    adapter_dir, merged_dir = save_outputs(trainer, tok, out_dir)
+    adapter_dir, merged_dir = out_dir / "adapter", out_dir / "merged"
     metrics = {
         "sft/eval_loss_base": before,
         "sft/eval_loss": after,
@@ -63,7 +77,12 @@ def train_sft(
         "sft/tokens_per_second": trainer.state.num_input_tokens_seen / out.metrics["train_runtime"]
         if not resume
         else float("nan"),
+        "sft/world_size": float(w.size),
     }
+    distributed.check_replicas([p for p in trainer.model.parameters() if p.requires_grad], "SFT")
+    if not w.main:
+        return SFTResult(str(adapter_dir), str(merged_dir), metrics)
+    save_outputs(trainer, tok, out_dir)
     log_to_active_run(metrics, cfg.max_steps)
     checkpoint.mark_complete(out_dir, {"stage": "sft", "outputs": ["adapter", "merged"], "metrics": metrics})
     return SFTResult(str(adapter_dir), str(merged_dir), metrics)
@@ -81,8 +100,12 @@ def build_trainer(
     args = TrlSFTConfig(
         output_dir=str(ckpt_dir),
         max_steps=cfg.max_steps,
+        # the global batch: with several processes accelerate splits each batch between them (split_batches), so
+        # they see the examples one process would, and the loss is averaged over all their tokens
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
+        accelerator_config={"split_batches": True},
+        average_tokens_across_devices=True,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type="cosine",
         warmup_steps=min(10, cfg.max_steps // 10),
