@@ -91,6 +91,8 @@ def run(stage: str, cfg: Config, **args: str | None) -> Any:
     }
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
     cmd = command(cfg, run_dir / "spec.json")
+    if cfg.infra.num_machines > 1:  # the other machines join with the same command, their own rank
+        _announce_other_machines(cfg, cmd)
     try:
         proc = subprocess.run(cmd, cwd=cfg.root_path, env=_env(cfg))  # the ranks' progress goes to this terminal
         result = run_dir / "result.json"
@@ -137,6 +139,21 @@ def command(cfg: Config, spec: Path) -> list[str]:
             cmd.append("--multi_gpu")
         return [*cmd, *entry]
     raise ValueError(f"infra.launcher={infra.launcher!r}: expected one of {', '.join(LAUNCHERS)}")
+
+
+def _announce_other_machines(cfg: Config, cmd: list[str]) -> None:
+    import logging
+
+    rank_flag = "--node-rank=" if cfg.infra.launcher == "torchrun" else "--machine_rank="
+    log = logging.getLogger("rlhf.launch")
+    for rank in range(1, cfg.infra.num_machines):
+        other = [f"{rank_flag}{rank}" if a.startswith(rank_flag) else a for a in cmd]
+        log.warning(
+            "machine %d of %d: run `%s` there (the spec must be on storage it shares)",
+            rank,
+            cfg.infra.num_machines,
+            " ".join(other),
+        )
 
 
 def accelerate_config_path(name: str) -> Path:

@@ -574,6 +574,13 @@ def train_ppo(
     seed: int = 0,
 ) -> PPOResult:
     w = distributed.world()
+    final = out_dir / "final"
+    ckpt_root = out_dir / "checkpoints"
+    if w.main:  # rank 0 alone writes: its outputs, checkpoints, MLflow
+        checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
+        shutil.rmtree(final, ignore_errors=True)  # never leave an older policy where this run's belongs
+        checkpoint.recover(ckpt_root)  # what a kill left mid-save, put right before any rank reads a checkpoint
+    distributed.barrier()
     # per rank: its share of each global batch (sizes that do not divide are an error, before anything is loaded)
     rank_cfg = replace(
         cfg,
@@ -584,13 +591,6 @@ def train_ppo(
     prompts, eval_prompts = read_prompts(data_dir, "prompts"), read_prompts(data_dir, "eval")
     if not prompts:
         raise ValueError(f"PPO needs rollout prompts under {data_dir}/prompts")
-    final = out_dir / "final"
-    ckpt_root = out_dir / "checkpoints"
-    if w.main:  # rank 0 alone writes: its outputs, checkpoints, MLflow
-        checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
-        shutil.rmtree(final, ignore_errors=True)  # never leave an older policy where this run's belongs
-        checkpoint.recover(ckpt_root)  # what a kill left mid-save, put right before any rank reads a checkpoint
-    distributed.barrier()
     device = resolve_device(model_cfg.device)
     torch.manual_seed(seed)  # peft's LoRA init and a fresh value head's init draw from the global RNG
     guided.check_config(cfg)

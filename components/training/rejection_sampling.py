@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from components.config import ModelConfig, PPOConfig, RejectionSamplingConfig
 from components.data.readers import read_prompts
+from components.models import chat
 from components.models.generation import Rollout, sample
 from components.models.loading import resolve_device
 from components.training import checkpoint
@@ -178,6 +179,8 @@ def finetune(roles, examples: list[dict], cfg: RejectionSamplingConfig, ppo_cfg:
         dataloader_num_workers=0,
         disable_tqdm=True,
     )
+    if chat.uses_template(roles.tok):  # rendered as SFT renders them (components/models/chat.py)
+        examples = [chat.conversation(x) for x in examples]
     roles.tok.padding_side = "right"  # training pads on the right; sampling (left) is restored below
     try:
         trainer = SFTTrainer(

@@ -368,13 +368,13 @@ def train_reward(
     under `out_dir/checkpoints`; writes adapter, head and reward statistics to `out_dir`."""
     # 1. inputs
     w = distributed.world()
-    per_rank = distributed.per_rank(cfg.batch_size, "reward.batch_size", w)
-    fb_per_rank = distributed.per_rank(cfg.feedback_batch_size, "reward.feedback_batch_size", w)
     ckpt_root = out_dir / "checkpoints"
     if w.main:  # rank 0 alone writes
         checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
         checkpoint.recover(ckpt_root)  # what a kill left mid-save, put right before any rank reads a checkpoint
     distributed.barrier()
+    per_rank = distributed.per_rank(cfg.batch_size, "reward.batch_size", w)
+    fb_per_rank = distributed.per_rank(cfg.feedback_batch_size, "reward.feedback_batch_size", w)
     train, evals = read_preferences(data_dir, cfg.eval_fraction)
     data_cfg = data_cfg or DataConfig()
     fb_train, fb_evals = read_feedback(data_dir, cfg.eval_fraction, data_cfg.min_rating, data_cfg.max_rating)

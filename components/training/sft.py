@@ -21,6 +21,7 @@ from pathlib import Path
 
 from components.config import ModelConfig, SFTConfig
 from components.data.readers import read_demonstrations
+from components.models import chat
 from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
 from components.models.roles import lora_config
 from components.training import checkpoint, distributed
@@ -40,16 +41,18 @@ def train_sft(
     """LoRA SFT of the model at `base_path` on the demonstrations under `data_dir`, resuming from the
     last complete checkpoint under `out_dir/checkpoints`; writes the adapter and the merged model."""
     w = distributed.world()
-    distributed.per_rank(cfg.batch_size, "sft.batch_size", w)  # each rank an equal share of every batch
     ckpt_dir = out_dir / "checkpoints"
     if w.main:  # rank 0 alone writes
         checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
         checkpoint.last_complete_checkpoint(ckpt_dir)  # removes what a kill left half written, before any rank looks
     distributed.barrier()
+    distributed.per_rank(cfg.batch_size, "sft.batch_size", w)  # each rank an equal share of every batch
     train, evals = read_demonstrations(data_dir, cfg.eval_fraction)
     if not train or not evals:
         raise ValueError(f"SFT needs demonstrations for training and held-out eval under {data_dir}/demonstrations")
     tok = load_tokenizer(base_path, model_cfg, padding_side="right")
+    if chat.uses_template(tok):  # TRL renders messages with the tokenizer's template, as PPO and serving render prompts
+        train, evals = [chat.conversation(x) for x in train], [chat.conversation(x) for x in evals]
     model = load_causal_lm(base_path, model_cfg)
     trainer = build_trainer(cfg, model_cfg, model, tok, train, evals, ckpt_dir, seed)
     before = trainer.evaluate()["eval_loss"]
