@@ -32,6 +32,12 @@ class ModelConfig:
     trust_remote_code: bool = False
     dtype: str = "float32"  # float32 | bfloat16 | float16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # render prompts with the tokenizer's chat template when it has one (an instruct checkpoint's), in every stage
+    # and in serving (components/models/chat.py); false: plain "prompt response" text
+    chat_template: bool = True
+    # recompute activations in the backward pass instead of keeping them (SFT, reward model, PPO): less memory for
+    # long sequences and big models, ~30% more time
+    gradient_checkpointing: bool = False
     # Demo base model (built locally when `build_demo_base` is true): tokenizer + tiny Llama.
     build_demo_base: bool = False
     vocab_size: int = 2048

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from components.models.chat import render_prompt
+
 
 @dataclass
 class Rollout:
@@ -40,8 +42,12 @@ class Rollout:
 
 
 def encode_prompts(tok, prompts: list[str], max_prompt_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids (keeping the *end* of an over-long prompt): -> (B, Tq) ids, mask."""
-    ids = [tok(p, add_special_tokens=False)["input_ids"][-max_prompt_tokens:] or [tok.eos_token_id] for p in prompts]
+    """Left-padded prompt ids (keeping the *end* of an over-long prompt; with a chat template, of the rendered
+    prompt: components/models/chat.py): -> (B, Tq) ids, mask."""
+    ids = [
+        tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"][-max_prompt_tokens:] or [tok.eos_token_id]
+        for p in prompts
+    ]
     return left_pad(ids, tok.pad_token_id, device)
 
 

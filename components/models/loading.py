@@ -27,14 +27,20 @@ def load_tokenizer(path: str | Path, cfg: ModelConfig, padding_side: str = "righ
     tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    if not cfg.chat_template:  # model.chat_template=false: plain text in every stage (and in what the stages save)
+        tok.chat_template = None
     tok.padding_side = padding_side
     return tok
 
 
 def load_causal_lm(path: str | Path, cfg: ModelConfig, device: torch.device | None = None):
+    """The model at `path` in `model.dtype` on `device`; with `model.gradient_checkpointing`, its layers recompute
+    their activations in the backward pass (non-reentrant: LoRA's frozen inputs need no requires_grad)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, use_safetensors=True
     )
+    if cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device or resolve_device(cfg.device))

@@ -12,11 +12,15 @@ from collections.abc import Callable
 
 import torch
 
+from components.models.chat import prompt_and_response
+
 
 def encode(tok, prompts: list[str], responses: list[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """prompt + " " + response + EOS, truncated to max_length (EOS kept), right-padded: -> (B, T) x2."""
+    """prompt + " " + response + EOS (with a chat template: the rendered prompt + response + EOS,
+    components/models/chat.py), truncated to max_length (EOS kept), right-padded: -> (B, T) x2."""
     ids = [
-        tok(f"{p} {r}", add_special_tokens=False)["input_ids"][: max_length - 1] + [tok.eos_token_id]
+        tok(prompt_and_response(tok, p, r), add_special_tokens=False)["input_ids"][: max_length - 1]
+        + [tok.eos_token_id]
         for p, r in zip(prompts, responses, strict=True)
     ]
     T = max(len(x) for x in ids)

@@ -213,7 +213,9 @@ class PolicyModel(PythonModel):
     def candidates(self, prompts: list[str], p: dict) -> tuple[list[list[str]], list[list[float]] | None]:
         """n sampled responses per prompt and, with a reward model, their scores: -> texts [P][n], scores [P][n]."""
         n = int(p["n"])
-        batch = self.tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = self.tok(
+            [render_prompt(self.tok, q) for q in prompts], return_tensors="pt", padding=True, add_special_tokens=False
+        )
         check_lengths(
             batch["attention_mask"].sum(dim=1).tolist(), int(p["max_new_tokens"]), self.limits, self.context_tokens
         )
@@ -252,6 +254,19 @@ class PolicyModel(PythonModel):
         )
 
 
+def render_prompt(tok, prompt: str) -> str:
+    """components.models.chat.render_prompt, repeated (the served file stands alone; a test holds them equal): with
+    a chat template, the prompt as a user message with the assistant's turn opened; else the prompt itself."""
+    if not getattr(tok, "chat_template", None):
+        return prompt
+    return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
+def prompt_and_response(tok, prompt: str, response: str) -> str:
+    """components.models.chat.prompt_and_response, repeated."""
+    return render_prompt(tok, prompt) + response if getattr(tok, "chat_template", None) else f"{prompt} {response}"
+
+
 class RewardScorer:
     """The bundled reward model: adapter "reward" of the shared peft model + a linear head, scoring
     prompt + " " + response + EOS at its last token, normalised with the reward statistics of its training
@@ -273,7 +288,8 @@ class RewardScorer:
     @torch.no_grad()
     def scores(self, prompts: list[str], responses: list[str]) -> list[float]:
         ids = [
-            self.tok(f"{p} {r}", add_special_tokens=False)["input_ids"][: self.max_length - 1] + [self.tok.eos_token_id]
+            self.tok(prompt_and_response(self.tok, p, r), add_special_tokens=False)["input_ids"][: self.max_length - 1]
+            + [self.tok.eos_token_id]
             for p, r in zip(prompts, responses, strict=True)
         ]
         T = max(len(x) for x in ids)

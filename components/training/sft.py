@@ -123,6 +123,8 @@ def build_trainer(
         use_cpu=resolve_device(model_cfg.device).type == "cpu",
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
+        activation_checkpointing=model_cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if model_cfg.gradient_checkpointing else None,
     )
     return SFTTrainer(
         model=model,
