@@ -38,6 +38,9 @@ class ModelConfig:
     # recompute activations in the backward pass instead of keeping them (SFT, reward model, PPO): less memory for
     # long sequences and big models, ~30% more time
     gradient_checkpointing: bool = False
+    # 4bit | 8bit: the frozen base loaded quantised through bitsandbytes (QLoRA: the adapters train in model.dtype on
+    # top); CUDA only (`pip install bitsandbytes`). The SFT stage's merged model is written in model.dtype
+    quantization: Optional[str] = None
     # Demo base model (built locally when `build_demo_base` is true): tokenizer + tiny Llama.
     build_demo_base: bool = False
     vocab_size: int = 2048

@@ -123,7 +123,10 @@ def lora_merged(model) -> Iterator[object]:
     even by an exception; float rounding leaves the base weights within a few ulp of where they were (TRL's GRPO
     does the same before each vLLM weight sync). For a training process only: never around a model that serves
     requests from several threads, nor inside `disable_adapter()` (the reference role). A plain model runs as it is."""
-    merge = hasattr(model, "merge_adapter")
+    from components.models.loading import is_quantized
+
+    # a 4/8-bit base (model.quantization) is not merged into: requantising on every merge would drift its weights
+    merge = hasattr(model, "merge_adapter") and not is_quantized(model)
     if merge:
         model.merge_adapter()
     try:

@@ -19,10 +19,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from components.config import ModelConfig, SFTConfig
 from components.data.readers import read_demonstrations
 from components.models import chat
-from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
+from components.models.loading import is_quantized, load_causal_lm, load_tokenizer, resolve_device
 from components.models.roles import lora_config
 from components.training import checkpoint, distributed
 from components.training.callbacks import CheckpointCompleteCallback, MlflowNamespaceCallback, log_to_active_run
@@ -85,7 +87,7 @@ def train_sft(
     distributed.check_replicas([p for p in trainer.model.parameters() if p.requires_grad], "SFT")
     if not w.main:
         return SFTResult(str(adapter_dir), str(merged_dir), metrics)
-    save_outputs(trainer, tok, out_dir)
+    save_outputs(trainer, tok, out_dir, base_path, model_cfg)
     log_to_active_run(metrics, cfg.max_steps)
     checkpoint.mark_complete(out_dir, {"stage": "sft", "outputs": ["adapter", "merged"], "metrics": metrics})
     return SFTResult(str(adapter_dir), str(merged_dir), metrics)
@@ -137,13 +139,19 @@ def build_trainer(
     )
 
 
-def save_outputs(trainer, tok, out_dir: Path) -> tuple[Path, Path]:
+def save_outputs(trainer, tok, out_dir: Path, base_path: str, model_cfg: ModelConfig) -> tuple[Path, Path]:
     """Save the trained adapter and the adapter merged into the base (each with the tokenizer):
     -> (out_dir/adapter, out_dir/merged)."""
     adapter_dir, merged_dir = out_dir / "adapter", out_dir / "merged"
     trainer.model.save_pretrained(adapter_dir, safe_serialization=True)
     tok.save_pretrained(adapter_dir)
-    merged = trainer.model.merge_and_unload()
+    if is_quantized(trainer.model):  # QLoRA: merged into the base in model.dtype, not into its 4/8-bit weights
+        from peft import PeftModel
+
+        full = load_causal_lm(base_path, model_cfg, torch.device("cpu"), quantize=False)
+        merged = PeftModel.from_pretrained(full, adapter_dir).merge_and_unload()
+    else:
+        merged = trainer.model.merge_and_unload()
     merged.save_pretrained(merged_dir, safe_serialization=True)
     tok.save_pretrained(merged_dir)
     return adapter_dir, merged_dir

@@ -156,3 +156,14 @@ def test_gradient_checkpointing_changes_memory_not_results(project, tmp_path):
     ]
     for key in ("rm/eval_loss", "rm/eval_accuracy", "rm/reward_mean"):
         assert abs(runs[0].metrics[key] - runs[1].metrics[key]) < 1e-5, key
+
+
+def test_a_quantised_base_needs_a_gpu_and_says_so(project):
+    """model.quantization (QLoRA through bitsandbytes) runs on CUDA only: elsewhere a clear error, before loading."""
+    from components.models.loading import load_causal_lm
+
+    cfg, dirs = project
+    with pytest.raises(ValueError, match="expected 4bit | 8bit"):
+        load_causal_lm(dirs["plain"], replace(cfg.model, quantization="3bit"), torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"model.quantization=4bit needs a CUDA GPU .* set model.quantization=null"):
+        load_causal_lm(dirs["plain"], replace(cfg.model, quantization="4bit"), torch.device("cpu"))
