@@ -462,6 +462,7 @@ def finish_reward(
             "rm/train_examples": float(len(train)),
             "rm/train_pairs": float(sum(len(ex) for ex in train)),
             "rm/train_feedback_rows": float(len(fb_train)),
+            "rm/world_size": float(distributed.world().size),
         }
     )
     log_to_active_run(metrics, cfg.max_steps)

@@ -110,6 +110,7 @@ def build_trainer(
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.batch_size,
         accelerator_config={"split_batches": True},
+        ddp_find_unused_parameters=False,  # every LoRA weight is in every forward: no extra graph traversal
         average_tokens_across_devices=True,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type="cosine",
