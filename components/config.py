@@ -90,10 +90,10 @@ class LoraConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    # All linear layers of a Llama-style block (attention-only LoRA halves the SFT gain on the demo).
-    target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    )
+    # All linear layers but the LM head (attention-only LoRA halves the SFT gain on the demo): peft's "all-linear",
+    # in every family (components/models/families.py: GPT-2's Conv1D too). On the demo's Llama it adapts exactly
+    # q/k/v/o/gate/up/down_proj with the same init as that list did. Or name modules: [q_proj, v_proj]
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
 
 
 @dataclass

@@ -14,7 +14,8 @@ memory once. This module holds the pieces every role shares:
 - `Roles`: the shared model with its adapters and heads (PPO's four roles); `with roles.use("value"):`
   runs a block with one role active and always switches back, even when the block raises.
 - `lora_merged(model)`: the active adapter folded into the base weights for a block of sampling.
-- `lora_config(settings)`: the peft LoraConfig of a stage's `lora` settings (SFT, reward model, PPO).
+- `lora_config(settings)`: the peft LoraConfig of a stage's `lora` settings (SFT, reward model, PPO); "all-linear"
+  adapts every linear layer but the LM head in any family (components/models/families.py).
 """
 
 from __future__ import annotations
@@ -92,6 +93,21 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return out.last_hidden_state
 
 
+def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on last hidden states, with what the family's own forward applies after it (Gemma 2/3's final
+    logit soft-capping, Cohere's logit_scale, Granite's logits_scaling): (..., H) -> (..., V), equal to
+    model(...).logits at those positions."""
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config
+    if scale := getattr(config, "logit_scale", None):  # Cohere
+        logits = logits * scale
+    if scaling := getattr(config, "logits_scaling", None):  # Granite
+        logits = logits / scaling
+    if cap := getattr(config, "final_logit_softcapping", None):  # Gemma 2, Gemma 3
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 def sequence_scores(
     model: nn.Module, head: ScalarHead, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
@@ -136,15 +152,31 @@ def lora_merged(model) -> Iterator[object]:
             model.unmerge_adapter()
 
 
-def lora_config(settings):
-    """peft LoraConfig for a causal LM from a stage's `lora` settings (components.config.LoraConfig)."""
+def lora_config(settings, model=None):
+    """peft LoraConfig for a causal LM from a stage's `lora` settings (components.config.LoraConfig).
+
+    target_modules ["all-linear"] (the default) goes to peft as "all-linear": every nn.Linear and transformers
+    Conv1D layer but the LM head, resolved on the model by peft, whatever the family (the modules per family:
+    components/models/families.py). A Conv1D layer (GPT-2) stores its weight (in, out): LoRA needs
+    fan_in_fan_out=True there. peft sets it on the config itself when it meets one (with a UserWarning; merges
+    and saved adapters are right: tests/models/test_families.py), so callers need not pass `model`. With `model`:
+    fan_in_fan_out is set up front (no warning), and a family whose `all_linear` is false in the table gets its
+    explicit module list instead."""
     from peft import LoraConfig
 
+    from components.models.families import ALL_LINEAR, family_of, has_conv1d
+
+    targets = [settings.target_modules] if isinstance(settings.target_modules, str) else list(settings.target_modules)
+    all_linear = [t.lower() for t in targets] == [ALL_LINEAR]
+    family = family_of(model) if model is not None else None
+    if all_linear and family is not None and not family.all_linear:
+        targets, all_linear = list(family.lora_targets), False
     return LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
+        target_modules=ALL_LINEAR if all_linear else targets,
+        fan_in_fan_out=model is not None and has_conv1d(model),
         task_type="CAUSAL_LM",
     )
 

@@ -71,6 +71,7 @@ from components.models.roles import (
     ScalarHead,
     activate,
     hidden_states,
+    lm_logits,
     lora_config,
     lora_merged,
     sequence_scores,
@@ -176,7 +177,7 @@ def forward_response(
     """One forward with the active adapter: the logits that predict the response tokens (B, Tq + Tr) -> (B, Tr, V)
     and the last hidden states they come from (B, Tr, H). The LM head runs on the response positions only."""
     h = hidden_states(roles.model, seq, mask)[:, q_len - 1 : -1]
-    return roles.model.get_output_embeddings()(h), h
+    return lm_logits(roles.model, h), h
 
 
 def policy_logits(roles: Roles, seq: torch.Tensor, mask: torch.Tensor, q_len: int) -> torch.Tensor:
