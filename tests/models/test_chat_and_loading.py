@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from components import tracking
 from components.config import compose
 from components.data.demo import write_demo
 from components.data.readers import read_corpus_texts
@@ -127,7 +128,7 @@ def test_sft_reward_ppo_and_serving_with_a_chat_template(project, tmp_path):
     rm = train_reward(cfg.reward, cfg.model, sft.merged_dir, cfg.data_path, tmp_path / "rm")
     ppo = train_ppo(cfg.ppo, cfg.model, sft.merged_dir, rm.head_dir, cfg.data_path, tmp_path / "ppo")
     assert torch.isfinite(torch.tensor(ppo.metrics["ppo/eval_reward"]))
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.setup(cfg)  # the tracking store and experiment (an earlier test may have left another active)
     with mlflow.start_run():
         reg = log_and_register("chat-policy", sft.merged_dir, ppo.policy_dir, {}, reward_dir=rm.head_dir)
     served = mlflow.pyfunc.load_model(f"models:/chat-policy/{reg.version}")

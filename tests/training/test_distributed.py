@@ -19,6 +19,7 @@ import mlflow
 import pytest
 import torch
 
+from components import tracking
 from components.config import compose
 from components.training import distributed
 from components.training.ppo import whiten_across_ranks
@@ -183,7 +184,7 @@ PPO = (
 
 
 def test_ppo_on_two_processes_trains_like_one_and_only_rank_0_logs(stages, reward, tmp_path):
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.setup(stages.cfg)  # the tracking store and experiment (an earlier test may have left another active)
     args = {"sft_dir": stages.sft_dir, "reward_dir": reward.head_dir, "data_dir": str(stages.cfg.data_path)}
     with mlflow.start_run() as run_one:
         one = launch.run("ppo", stage_cfg(stages, 1, *PPO), **args, out_dir=str(tmp_path / "one"))
