@@ -30,31 +30,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import memory, rss_mb, write_results  # noqa: E402
 
-SHAPES = {
-    # Qwen/Qwen2.5-0.5B's config.json
-    "qwen2.5-0.5b": dict(
-        vocab_size=151936,
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_theta=1000000.0,
-        tie_word_embeddings=True,
-    ),
-    # the CPU path's: the same family, a few layers
-    "tiny": dict(
-        vocab_size=None,  # the tokenizer's
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    ),
-}
+# Qwen/Qwen2.5-0.5B's config.json; `--shape tiny` (the CPU path) is the families table's tiny Qwen2 instead
+QWEN_0_5B = dict(
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    tie_word_embeddings=True,
+)
+SHAPES = ("qwen2.5-0.5b", "tiny")
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
 
 
@@ -63,29 +51,28 @@ def build(shape: str, work: Path, dtype: str) -> tuple[Path, Path, Path, int]:
     reward model (random LoRA adapter + head) on it: -> (data dir, SFT dir, RM dir, parameter count)."""
     import torch
     from peft import get_peft_model
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM, Qwen2Config
 
     from components.config import compose
     from components.data.demo import write_demo
     from components.data.readers import read_corpus_texts
     from components.models.demo_base import train_tokenizer
+    from components.models.families import tiny_config
     from components.models.roles import ScalarHead, lora_config
 
     cfg = compose([f"root={work}", "data=demo_small"])
     write_demo(cfg.data, cfg.data_path)
     tok = train_tokenizer(read_corpus_texts(cfg.data_path), 2048)
-    size = dict(SHAPES[shape])
-    size["vocab_size"] = size["vocab_size"] or len(tok)
+    special = {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+    config = tiny_config("qwen2", tok) if shape == "tiny" else Qwen2Config(**QWEN_0_5B, **special)
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(
-        Qwen2Config(**size, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    ).to(getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
     n_params = sum(p.numel() for p in model.parameters())
     sft, rm = work / "sft", work / "rm"
     model.save_pretrained(sft, safe_serialization=True)
     tok.save_pretrained(sft)
     get_peft_model(model, lora_config(cfg.reward.lora)).save_pretrained(rm / "adapter", safe_serialization=True)
-    ScalarHead(size["hidden_size"]).save(rm, reward_mean=0.0, reward_std=1.0, base=str(sft), max_length=96)
+    ScalarHead(config.hidden_size).save(rm, reward_mean=0.0, reward_std=1.0, base=str(sft), max_length=96)
     return cfg.data_path, sft, rm, n_params
 
 
@@ -100,7 +87,7 @@ def peak_tflops(given: float | None) -> float | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen2.5-0.5b")
+    ap.add_argument("--shape", choices=SHAPES, default="qwen2.5-0.5b")
     ap.add_argument("--iterations", type=int, default=6)
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on a GPU, float32 on CPU)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's peak dense FLOP/s, in TFLOP/s")
