@@ -80,21 +80,23 @@ def run(stage: str, cfg: Config, **args: str | None) -> Any:
     import mlflow
 
     run_dir = cfg.state_path / "launch" / uuid.uuid4().hex[:12]
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, mode=0o700)  # the spec holds the operator's overrides: readable by this user only
     active = mlflow.active_run()
     spec = {
         "stage": stage,
         "overrides": [*cfg.overrides, f"root={cfg.root_path}"],
         "args": {k: str(v) for k, v in args.items() if v is not None},
         "mlflow_run_id": active.info.run_id if active else None,
-        "tracking_uri": mlflow.get_tracking_uri(),
     }
     (run_dir / "spec.json").write_text(json.dumps(spec, indent=2))
+    (run_dir / "spec.json").chmod(0o600)
     cmd = command(cfg, run_dir / "spec.json")
     if cfg.infra.num_machines > 1:  # the other machines join with the same command, their own rank
         _announce_other_machines(cfg, cmd)
     try:
-        proc = subprocess.run(cmd, cwd=cfg.root_path, env=_env(cfg))  # the ranks' progress goes to this terminal
+        proc = subprocess.run(
+            cmd, cwd=cfg.root_path, env=_env(cfg, mlflow.get_tracking_uri())
+        )  # the ranks' progress goes to this terminal
         result = run_dir / "result.json"
         if proc.returncode != 0 or not result.exists():
             raise _error(stage, run_dir, proc.returncode, cmd)
@@ -209,8 +211,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(cfg: Config) -> dict[str, str]:
-    env = dict(os.environ)
+def _env(cfg: Config, tracking_uri: str) -> dict[str, str]:
+    env = dict(os.environ)  # credentials included (environment or RLHF_CREDENTIALS_FILE, loaded into it)
+    env["MLFLOW_TRACKING_URI"] = tracking_uri  # the caller's store, by the environment: never written to a file
     # each rank a share of the cores (torchrun's default is 1 thread per process)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // cfg.infra.num_processes)))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH")]))
@@ -250,8 +253,7 @@ def main(spec_path: str) -> None:
     try:
         import mlflow
 
-        if w.main and spec["mlflow_run_id"]:
-            mlflow.set_tracking_uri(spec["tracking_uri"])
+        if w.main and spec["mlflow_run_id"]:  # the store: MLFLOW_TRACKING_URI, set by the caller
             mlflow.start_run(run_id=spec["mlflow_run_id"])  # the caller's stage run: curves and tables go there
         result = STAGES[spec["stage"]](cfg, spec["args"])
         if w.main:
