@@ -94,9 +94,8 @@ def run(stage: str, cfg: Config, **args: str | None) -> Any:
     if cfg.infra.num_machines > 1:  # the other machines join with the same command, their own rank
         _announce_other_machines(cfg, cmd)
     try:
-        proc = subprocess.run(
-            cmd, cwd=cfg.root_path, env=_env(cfg, mlflow.get_tracking_uri())
-        )  # the ranks' progress goes to this terminal
+        # the ranks' output (progress bars, logs) goes to this terminal
+        proc = subprocess.run(cmd, cwd=cfg.root_path, env=_env(cfg, mlflow.get_tracking_uri()))
         result = run_dir / "result.json"
         if proc.returncode != 0 or not result.exists():
             raise _error(stage, run_dir, proc.returncode, cmd)
