@@ -21,9 +21,11 @@ the spec and the stage's outputs must be on storage they share (`infra.state_dir
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -95,7 +97,11 @@ def run(stage: str, cfg: Config, **args: str | None) -> Any:
         _announce_other_machines(cfg, cmd)
     try:
         # the ranks' output (progress bars, logs) goes to this terminal
-        proc = subprocess.run(cmd, cwd=cfg.root_path, env=_env(cfg, mlflow.get_tracking_uri()))
+        proc = subprocess.run(
+            [sys.executable, "-m", "flows.launch", "--exec", *cmd],  # the launcher dies with this process
+            cwd=cfg.root_path,
+            env=_env(cfg, mlflow.get_tracking_uri()),
+        )
         result = run_dir / "result.json"
         if proc.returncode != 0 or not result.exists():
             raise _error(stage, run_dir, proc.returncode, cmd)
@@ -237,8 +243,24 @@ def _error(stage: str, run_dir: Path, returncode: int, cmd: list[str]) -> Except
     return StageFailed(f"{stage} failed on rank {err['rank']}: {err['type']}: {message}")
 
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent() -> None:
+    """SIGKILL this process when its parent dies (Linux; elsewhere nothing). torchrun starts each rank in a session
+    of its own, so a SIGKILL of the retrain's process group (an operator, the OOM killer) killed the launcher but
+    not the ranks: they trained on, unseen, and raced the next run resuming the same stage directory."""
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the call: no signal will come
+        os._exit(1)
+
+
 def main(spec_path: str) -> None:
     """One rank of a launched stage."""
+    die_with_parent()
     import torch
 
     from components.config import compose
@@ -269,4 +291,7 @@ def main(spec_path: str) -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1] == "--exec":  # `run` starts the launcher so: it dies with its caller, then its ranks with it
+        die_with_parent()
+        os.execv(sys.argv[2], sys.argv[2:])
     main(sys.argv[1])

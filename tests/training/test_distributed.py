@@ -13,6 +13,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -95,6 +100,60 @@ def test_launch_settings_are_checked_before_anything_runs(tmp_path):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="GPUs only"):
             launch.check(compose([*base, "infra.launcher=accelerate", "infra.num_processes=2"]))
+
+
+# torchrun's stand-in: it starts its rank in a session of its own, as torchrun does; the rank is launch.main's first step
+LAUNCHER = """
+import subprocess, sys, time
+rank = "from flows.launch import die_with_parent; die_with_parent(); import time; time.sleep(120)"
+p = subprocess.Popen([sys.executable, "-c", rank], start_new_session=True)
+open(sys.argv[1], "w").write(str(p.pid))
+time.sleep(120)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status  # a zombie nobody reaped is dead
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG) is Linux's")
+def test_a_sigkilled_caller_takes_its_launcher_and_ranks_with_it(tmp_path):
+    """Found by SIGKILLing `rlhf run infra.num_processes=2` in PPO: the ranks, in torchrun's own sessions, trained
+    on to the end. Now the launcher (started as `run` starts it) dies with its caller, and each rank with the
+    launcher."""
+    ranks = tmp_path / "rank.pid"
+    launcher = [sys.executable, "-m", "flows.launch", "--exec", sys.executable, "-c", LAUNCHER, str(ranks)]
+    caller = subprocess.Popen(
+        [sys.executable, "-c", f"import subprocess; subprocess.run({launcher!r})"],
+        cwd=Path(launch.__file__).resolve().parents[1],
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 60
+        while not (ranks.exists() and ranks.read_text()):
+            assert time.time() < deadline and caller.poll() is None, "the launcher never started its rank"
+            time.sleep(0.05)
+        rank = int(ranks.read_text())
+        time.sleep(1.0)  # the rank is past die_with_parent()
+        assert _alive(rank)
+        caller.send_signal(signal.SIGKILL)  # the caller alone, as the OOM killer picks one process
+        caller.wait()
+        deadline = time.time() + 10
+        while _alive(rank) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _alive(rank), "the rank outlived its caller"
+    finally:
+        for pid in (caller.pid, int(ranks.read_text() or 0) if ranks.exists() else 0):
+            if pid and _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            os.killpg(caller.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_launcher_command_lines(tmp_path):
