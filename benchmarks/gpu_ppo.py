@@ -85,6 +85,34 @@ def peak_tflops(given: float | None) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
+def flop_rates(history: list[dict], n_params: int, batch_size: int, peak: float | None) -> dict:
+    """Tokens/s, phase seconds, achieved TFLOP/s and MFU (the FLOP model above) of PPO's steady iterations (the
+    first, with its one-off warm-up, left out) from `train_ppo`'s history rows."""
+    steady = history[1:] or history
+    rows = []
+    for h in steady:
+        seconds = h["ppo/time_generate"] + h["ppo/time_score"] + h["ppo/time_train"]
+        tokens = h["ppo/tokens_per_second"] * seconds  # prompt + response tokens of the batch
+        flops = 2 * n_params * tokens * (1 + 3 + 3 * h["ppo/epochs"])
+        response = h["ppo/response_length"] * batch_size
+        rows.append({"seconds": seconds, "tokens": tokens, "response_tokens": response, "flops": flops})
+    mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
+    phase = lambda k: sum(h[f"ppo/time_{k}"] for h in steady) / len(steady)  # noqa: E731
+    tflops = mean("flops") / mean("seconds") / 1e12
+    return {
+        "tokens_per_second": mean("tokens") / mean("seconds"),
+        "response_tokens_per_second": mean("response_tokens") / mean("seconds"),
+        "generate_tokens_per_second": sum(h["ppo/generate_tokens_per_second"] for h in steady) / len(steady),
+        "seconds_per_iteration": mean("seconds"),
+        "time_generate": phase("generate"),
+        "time_score": phase("score"),
+        "time_train": phase("train"),
+        "achieved_tflops": tflops,
+        "peak_tflops": peak,
+        "mfu": tflops / peak if peak else None,
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=SHAPES, default="qwen2.5-0.5b")
@@ -121,17 +149,8 @@ def main() -> None:
         if gpu:
             torch.cuda.reset_peak_memory_stats()
         result = train_ppo(cfg.ppo, cfg.model, str(sft), str(rm), data, work / "ppo", seed=0)
-    steady = result.history[1:] or result.history  # the first iteration includes one-off warm-up
     peak = peak_tflops(args.peak_tflops)
-    rows = []
-    for h in steady:
-        seconds = h["ppo/time_generate"] + h["ppo/time_score"] + h["ppo/time_train"]
-        tokens = h["ppo/tokens_per_second"] * seconds  # prompt + response tokens of the batch
-        response = h["ppo/response_length"] * cfg.ppo.batch_size
-        flops = 2 * n_params * tokens * (1 + 3 + 3 * h["ppo/epochs"])
-        rows.append({"seconds": seconds, "tokens": tokens, "response_tokens": response, "flops": flops})
-    mean = lambda k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
-    tflops = mean("flops") / mean("seconds") / 1e12
+    rates = flop_rates(result.history, n_params, cfg.ppo.batch_size, peak)
     body = {
         "shape": args.shape,
         "parameters": n_params,
@@ -141,16 +160,7 @@ def main() -> None:
         "batch_size": cfg.ppo.batch_size,
         "max_new_tokens": cfg.ppo.max_new_tokens,
         "overrides": args.set,
-        "tokens_per_second": mean("tokens") / mean("seconds"),
-        "response_tokens_per_second": mean("response_tokens") / mean("seconds"),
-        "generate_tokens_per_second": sum(h["ppo/generate_tokens_per_second"] for h in steady) / len(steady),
-        "seconds_per_iteration": mean("seconds"),
-        "time_generate": sum(h["ppo/time_generate"] for h in steady) / len(steady),
-        "time_score": sum(h["ppo/time_score"] for h in steady) / len(steady),
-        "time_train": sum(h["ppo/time_train"] for h in steady) / len(steady),
-        "achieved_tflops": tflops,
-        "peak_tflops": peak,
-        "mfu": tflops / peak if peak else None,
+        **rates,
         "memory": memory(baseline),
     }
     if gpu:
@@ -165,7 +175,7 @@ def main() -> None:
     mem = body.get("cuda_max_memory_allocated_mb") or body["memory"]["peak_over_baseline_mb"]
     print(
         f"PPO, {args.shape} ({n_params / 1e6:.0f}M parameters, {dtype}) on {body['device']}: "
-        f"{body['tokens_per_second']:.0f} tokens/s, {tflops:.2f} TFLOP/s, {mfu}, peak memory {mem:.0f} MB"
+        f"{body['tokens_per_second']:.0f} tokens/s, {body['achieved_tflops']:.2f} TFLOP/s, {mfu}, peak memory {mem:.0f} MB"
     )
 
 

@@ -36,7 +36,12 @@ REFERENCE = "reference"  # the role with every adapter disabled (the SFT model),
 
 
 class ScalarHead(nn.Module):
-    """Linear(hidden, 1). Initialised small (std 1/sqrt(hidden+1)), as in summarize_from_feedback."""
+    """Linear(hidden, 1). Initialised small (std 1/sqrt(hidden+1)), as in summarize_from_feedback.
+
+    Runs in fp32 whatever the base's `model.dtype`: its weights are created, saved and loaded in fp32, and the
+    hidden states (bf16 or fp16 from a half-precision base) are cast up before it. A reward or a value is one
+    number read from H features: bf16's 8-bit mantissa would round it to ~0.4% of its size (a reward margin or a
+    GAE target smaller than that vanishes), and the head is H + 1 weights, so fp32 costs nothing measurable."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -45,8 +50,8 @@ class ScalarHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        # hidden: (..., H) -> (...)
-        return self.linear(hidden).squeeze(-1)
+        # hidden: (..., H) in the base's dtype -> (...) fp32
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)
 
     def save(self, directory: Path, **meta) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -57,7 +62,7 @@ class ScalarHead(nn.Module):
     def load(cls, directory: Path, device: torch.device | str = "cpu") -> tuple[ScalarHead, dict]:
         meta = json.loads((Path(directory) / HEAD_META).read_text())
         head = cls(meta["hidden_size"])
-        head.load_state_dict(load_file(str(Path(directory) / HEAD_FILE)))
+        head.load_state_dict({k: v.float() for k, v in load_file(str(Path(directory) / HEAD_FILE)).items()})
         return head.to(device), meta
 
 
@@ -134,15 +139,20 @@ def activate(model, name: str, trainable: set[str] | frozenset[str] = frozenset(
 @contextmanager
 def lora_merged(model) -> Iterator[object]:
     """The active LoRA adapter folded into the base weights for the block (peft's merge_adapter / unmerge_adapter):
-    each adapted linear layer then runs one matmul instead of three (x W + x A B). For sampling, where nothing
-    trains: ~18% less time per PPO rollout batch on the demo (benchmarks/results/ppo_vs_rloo.md). Unfolded on exit,
-    even by an exception; float rounding leaves the base weights within a few ulp of where they were (TRL's GRPO
-    does the same before each vLLM weight sync). For a training process only: never around a model that serves
-    requests from several threads, nor inside `disable_adapter()` (the reference role). A plain model runs as it is."""
+    each adapted linear layer then runs one matmul instead of three (x W + x A B), and launches a third of the
+    kernels. For sampling, where nothing trains: ~18% less time per PPO rollout batch on the demo
+    (benchmarks/results/ppo_vs_rloo.md). Unfolded on exit, even by an exception. In fp32, float rounding leaves the
+    base weights within a few ulp of where they were (TRL's GRPO does the same before each vLLM weight sync). In bf16
+    or fp16, W + BA - BA does not: it moved every weight of a tiny Llama, by up to 0.0025 after ten cycles, which
+    would drift the frozen reference role a little each PPO iteration; so a half-precision base's adapted weights
+    are copied before the merge and copied back after the unmerge, bit for bit (memory: one copy of the adapted
+    weights while the block runs). A 4/8-bit base (model.quantization) is not merged into: requantising on every
+    merge would drift it. For a training process only: never around a model that serves requests from several
+    threads, nor inside `disable_adapter()` (the reference role). A plain model runs as it is."""
     from components.models.loading import is_quantized
 
-    # a 4/8-bit base (model.quantization) is not merged into: requantising on every merge would drift its weights
     merge = hasattr(model, "merge_adapter") and not is_quantized(model)
+    saved = half_precision_base_weights(model) if merge else []
     if merge:
         model.merge_adapter()
     try:
@@ -150,6 +160,20 @@ def lora_merged(model) -> Iterator[object]:
     finally:
         if merge:
             model.unmerge_adapter()
+            with torch.no_grad():
+                for weight, copy in saved:
+                    weight.copy_(copy)
+
+
+def half_precision_base_weights(model) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(weight, a copy of it) for each LoRA-adapted base weight stored in bf16 or fp16; [] for an fp32 base."""
+    return [
+        (m.base_layer.weight, m.base_layer.weight.detach().clone())
+        for m in model.modules()
+        if hasattr(m, "lora_A")
+        and hasattr(m, "base_layer")
+        and m.base_layer.weight.dtype in (torch.bfloat16, torch.float16)
+    ]
 
 
 def lora_config(settings, model=None):

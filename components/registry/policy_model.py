@@ -304,7 +304,7 @@ class RewardScorer:
             input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False
         ).last_hidden_state  # (B, T, H)
         last = hidden[torch.arange(len(ids), device=self.device), mask.sum(1) - 1]  # (B, H)
-        raw = (last @ self.weight.T).squeeze(-1) + self.bias  # (B,)
+        raw = (last.float() @ self.weight.float().T).squeeze(-1) + self.bias.float()  # (B,): fp32, as ScalarHead
         return ((raw - self.mean) / self.std).tolist()
 
 

@@ -2,12 +2,15 @@
 completion marker of HF Trainer checkpoints.
 
 Components never set up tracking; when no run is active nothing is logged, and in a stage that runs as several
-processes only rank 0 logs (components/training/distributed.py).
+processes only rank 0 logs (components/training/distributed.py). A process that never imported MLflow has no active
+run, so a component called outside any run (a benchmark, a GPU machine without MLflow) does not need MLflow at all:
+`active_mlflow()` looks in `sys.modules` and imports nothing.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -17,11 +20,18 @@ from components.training.checkpoint import mark_checkpoint_complete
 from components.training.distributed import is_main
 
 
+def active_mlflow():
+    """The mlflow module when this process has an active run on rank 0, else None. MLflow is not imported: a run
+    can only be active if something in this process imported it already."""
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None or not hasattr(mlflow, "active_run") or mlflow.active_run() is None or not is_main():
+        return None
+    return mlflow
+
+
 def log_to_active_run(metrics: dict[str, float], step: int) -> None:
     """Log finite metrics to the active MLflow run, if there is one (rank 0 only)."""
-    import mlflow
-
-    if mlflow.active_run() is None or not is_main():
+    if (mlflow := active_mlflow()) is None:
         return
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
     if clean:
@@ -30,9 +40,7 @@ def log_to_active_run(metrics: dict[str, float], step: int) -> None:
 
 def log_table_to_active_run(columns: dict[str, list], artifact_file: str) -> None:
     """Log a table (column -> values) as an MLflow table artifact of the active run, if there is one (rank 0 only)."""
-    import mlflow
-
-    if mlflow.active_run() is not None and is_main():
+    if (mlflow := active_mlflow()) is not None:
         mlflow.log_table(data=columns, artifact_file=artifact_file)
 
 

@@ -141,8 +141,8 @@ def value_loss(
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy of softmax(logits): (B, T, V) -> (B, T)."""
-    logp = torch.log_softmax(logits, dim=-1)
+    """Per-position entropy of softmax(logits), in fp32: (B, T, V) -> (B, T)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
     return -(logp.exp() * logp).sum(-1)
 
 

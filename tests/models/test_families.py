@@ -180,24 +180,26 @@ def test_backbone_reads_left_padded_rows_like_unpadded_ones_and_samples(demo, ti
     assert rollout.response.shape[0] == 2 and len(rollout.texts) == 2
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_sft_reward_ppo_register_and_serve(demo, tiny, family):
-    """Each stage runs on the family; LoRA trains the table's modules; the registered pyfunc (base + policy and
-    reward adapters) loads and answers."""
+def test_sft_reward_ppo_register_and_serve(demo, tiny, family, dtype):
+    """Each stage runs on the family, in fp32 and in bf16 (`model.dtype`); LoRA trains the table's modules; the
+    registered pyfunc (base + policy and reward adapters) loads in the dtype the model was saved in, and answers."""
     from components.registry.registry import log_and_register
     from components.training.ppo import train_ppo
     from components.training.reward import train_reward
     from components.training.sft import train_sft
 
-    cfg, fam, out = demo.cfg, FAMILIES[family], demo.root / "runs" / family
-    mcfg = model_cfg(demo, tiny(family), family)
+    cfg, fam, out = demo.cfg, FAMILIES[family], demo.root / "runs" / dtype / family
+    mcfg = replace(model_cfg(demo, tiny(family), family), dtype=dtype)
 
     sft = train_sft(cfg.sft, mcfg, mcfg.name_or_path, cfg.data_path, out / "sft", seed=0)
     assert all(math.isfinite(v) for k, v in sft.metrics.items() if k != "sft/tokens_per_second"), sft.metrics
     assert_trained(lora_tensors(Path(sft.adapter_dir)), "SFT")
     base_sd = load_file(str(Path(mcfg.name_or_path) / "model.safetensors"))
     merged = load_file(str(Path(sft.merged_dir) / "model.safetensors"))
-    changed = {k for k in merged if k in base_sd and not torch.equal(merged[k], base_sd[k])}
+    assert {v.dtype for v in merged.values()} == {getattr(torch, dtype)}
+    changed = {k for k in merged if k in base_sd and not torch.equal(merged[k], base_sd[k].to(merged[k].dtype))}
     assert changed and all(k.split(".")[-2] in fam.lora_targets for k in changed), sorted(changed)
 
     rm = train_reward(cfg.reward, mcfg, sft.merged_dir, cfg.data_path, out / "rm", seed=0, data_cfg=cfg.data)
@@ -212,9 +214,10 @@ def test_sft_reward_ppo_register_and_serve(demo, tiny, family):
 
     with mlflow.start_run(run_name=f"register-{family}"):
         version = log_and_register(
-            f"tiny-{family}", sft.merged_dir, ppo.policy_dir, {"family": family}, reward_dir=rm.head_dir
+            f"tiny-{family}-{dtype}", sft.merged_dir, ppo.policy_dir, {"family": family}, reward_dir=rm.head_dir
         )
     served = mlflow.pyfunc.load_model(version.model_uri)
+    assert served.unwrap_python_model().model.get_base_model().dtype == getattr(torch, dtype)
     answer = served.predict(
         pd.DataFrame({"prompt": ["The film was", "These headphones"]}), params={"seed": 0, "max_new_tokens": 8}
     )
