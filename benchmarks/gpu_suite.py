@@ -232,7 +232,7 @@ def side_by_side(work, data, sft, dtype, n_params, batch, lengths, minibatch) ->
 
 def table(body: dict) -> str:
     lines = [
-        f"# GPU suite: {body['shape']} ({body['parameters'] / 1e6:.0f}M parameters, {body['dtype']}) "
+        f"# GPU suite: {body['shape']} ({body['parameters'] / 1e6:.1f}M parameters, {body['dtype']}) "
         f"on {body['device']}",
         "",
         "| batch | PPO samples/s | TRL RLOO samples/s | PPO / TRL | PPO MFU | peak MB, PPO / TRL |",

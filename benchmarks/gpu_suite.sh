@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU suite in one device call (issue 26): installs the carried wheels (benchmarks/gpu_wheels.sh made .whl/),
 # then runs benchmarks/gpu_suite.py at the Qwen2.5-0.5B shape in bf16 and benchmarks/gpu_ppo.py's profile row.
-# Results: benchmarks/results/gpu_suite.json + .md (and a copy in $OUT when the device tool's OUT is set).
+# Results: benchmarks/results/gpu_suite.json + .md (SUITE_OUT=path.json elsewhere; a copy in $OUT where the device
+# tool sets OUT). Extra arguments go to gpu_suite.py (the CPU test: --shape tiny --batches 8 --lengths 1 2).
 #   device run: carry [".whl"], command: bash benchmarks/gpu_suite.sh, timeout_s 540
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,8 +16,9 @@ export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && ! nvidia-smi >/dev/null 2>&1 && PY=.venv/bin/python
 echo "installed in $(( $(date +%s) - start )) s; $($PY -c 'import torch; print(torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())')"
-$PY benchmarks/gpu_suite.py --budget-s "${SUITE_BUDGET_S:-360}" "$@"
+result=${SUITE_OUT:-benchmarks/results/gpu_suite.json}
+$PY benchmarks/gpu_suite.py --budget-s "${SUITE_BUDGET_S:-360}" --out "$result" "$@"
 rc=$?
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/gpu_suite.json benchmarks/results/gpu_suite.md "$OUT"/ 2>/dev/null; fi
+if [ -n "${OUT:-}" ]; then cp "$result" "${result%.json}.md" "$OUT"/ 2>/dev/null; fi
 echo "suite done in $(( $(date +%s) - start )) s (exit $rc)"
 exit $rc
