@@ -188,6 +188,9 @@ class PPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     missing_eos_penalty: Optional[float] = 1.0  # subtracted from the score of a response that never emits EOS
+    # the rollouts' KV cache: dynamic | static (preallocated: on CUDA transformers compiles the decode step into a
+    # CUDA graph; the same samples either way, tested on CPU; not yet measured on a GPU, so not the default)
+    generation_cache: str = "dynamic"
     # objective
     kl_estimator: str = "k1"  # k1 | k3: per-token KL to the reference in the reward
     init_kl_coef: float = 0.1  # the KL coefficient beta at the start

@@ -11,6 +11,8 @@ import torch
 
 from components.models.chat import render_prompt
 
+CACHES = ("dynamic", "static")  # KV caches `sample_from` can generate with
+
 
 @dataclass
 class Rollout:
@@ -79,12 +81,14 @@ def sample(
     top_p: float = 1.0,
     max_prompt_tokens: int = 64,
     do_sample: bool = True,
+    cache: str = "dynamic",
 ) -> Rollout:
     """Sample one response per prompt. `temperature`/`top_p` as in transformers; top_k is off so the
-    sampling distribution is exactly softmax(logits / temperature) (what PPO's log-probs assume)."""
+    sampling distribution is exactly softmax(logits / temperature) (what PPO's log-probs assume). `cache`: see
+    `sample_from`."""
     device = next(model.parameters()).device
     query, qmask = encode_prompts(tok, prompts, max_prompt_tokens, device)
-    return sample_from(model, tok, query, qmask, max_new_tokens, temperature, top_p, do_sample)
+    return sample_from(model, tok, query, qmask, max_new_tokens, temperature, top_p, do_sample, cache)
 
 
 @torch.no_grad()
@@ -97,10 +101,17 @@ def sample_from(
     temperature: float = 1.0,
     top_p: float = 1.0,
     do_sample: bool = True,
+    cache: str = "dynamic",
 ) -> Rollout:
-    """`sample` from left-padded ids: query (B, Tq), qmask (B, Tq) -> Rollout."""
+    """`sample` from left-padded ids: query (B, Tq), qmask (B, Tq) -> Rollout.
+
+    cache: "dynamic" (transformers' default KV cache, grown each step) or "static" (preallocated to the whole
+    length: fixed shapes, so on CUDA transformers compiles the decode step and replays it as a CUDA graph; on CPU
+    it runs eagerly). The same draws either way (tests/training/test_ppo.py holds them equal)."""
     from transformers import GenerationConfig
 
+    if cache not in CACHES:
+        raise ValueError(f"generation cache {cache!r}: expected one of {', '.join(CACHES)}")
     device = query.device
     gen = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -109,6 +120,7 @@ def sample_from(
         top_p=top_p if do_sample else None,
         top_k=0 if do_sample else None,
         use_cache=True,
+        cache_implementation=None if cache == "dynamic" else cache,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
     )

@@ -149,7 +149,9 @@ def rollouts(
     args = (cfg.max_new_tokens, cfg.temperature, cfg.top_p)
     if guide is None:
         with lora_merged(roles.model):  # sampling only: one matmul per adapted layer
-            return sample(roles.model, roles.tok, prompts, *args, cfg.max_prompt_tokens), None
+            return sample(
+                roles.model, roles.tok, prompts, *args, cfg.max_prompt_tokens, cache=cfg.generation_cache
+            ), None
     g, tok = cfg.guide, roles.tok
     gen = torch.Generator().manual_seed(GUIDE_STREAM + seed * 100_003 + iteration)
     rollout_on = g.rollout_iterations is None or iteration < g.rollout_iterations
@@ -171,7 +173,7 @@ def rollouts(
         device = next(roles.model.parameters()).device
         query, qmask = left_pad([p + x for p, x in zip(prompt_ids, prefixes, strict=True)], tok.pad_token_id, device)
         with lora_merged(roles.model):
-            ro = sample_from(roles.model, tok, query, qmask, *args)
+            ro = sample_from(roles.model, tok, query, qmask, *args, cache=cfg.generation_cache)
         written = torch.tensor([len(x) for x in prefixes])
         ro = truncate(ro, cfg.max_new_tokens - written, tok)
         ro.texts = [
@@ -180,7 +182,7 @@ def rollouts(
         ]
     else:
         with lora_merged(roles.model):
-            ro = sample(roles.model, tok, prompts, *args, cfg.max_prompt_tokens)
+            ro = sample(roles.model, tok, prompts, *args, cfg.max_prompt_tokens, cache=cfg.generation_cache)
         written = torch.zeros(len(prompts), dtype=torch.long)
 
     # roll-out: cut the policy's response at a word boundary, the guide completes it

@@ -62,7 +62,7 @@ from tqdm.auto import tqdm
 
 from components.config import ModelConfig, PPOConfig
 from components.data.readers import read_prompts
-from components.models.generation import Rollout, sample
+from components.models.generation import CACHES, Rollout, sample
 from components.models.guide import load_guide
 from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
 from components.models.roles import (
@@ -595,6 +595,8 @@ def train_ppo(
     device = resolve_device(model_cfg.device)
     torch.manual_seed(seed)  # peft's LoRA init and a fresh value head's init draw from the global RNG
     guided.check_config(cfg)
+    if cfg.generation_cache not in CACHES:
+        raise ValueError(f"ppo.generation_cache={cfg.generation_cache!r}: expected one of {', '.join(CACHES)}")
     roles = build_roles(cfg, model_cfg, sft_dir, reward_dir, device)
     guide = load_guide(cfg.guide, roles, model_cfg, cfg.max_prompt_tokens + cfg.max_new_tokens)  # + a cut response
     params = [p for n, p in roles.model.named_parameters() if p.requires_grad] + list(roles.value_head.parameters())
