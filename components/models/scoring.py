@@ -32,13 +32,34 @@ def encode(tok, prompts: list[str], responses: list[str], max_length: int, devic
     return input_ids.to(device), mask.to(device)
 
 
-def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+CHUNK_ELEMENTS = 2**26  # fp32 logits worked on at once without autograd: 256 MB (a 152k vocabulary: 441 positions)
+
+
+def row_chunks(logits: torch.Tensor, chunk_rows: int | None = None) -> list[torch.Tensor]:
+    """The positions of (..., V) logits as (n, V) pieces to upcast one at a time. With autograd the fp32 copy is
+    saved for the backward whatever the chunking, so one piece; without it (scoring, evaluation), pieces of
+    CHUNK_ELEMENTS (or `chunk_rows` rows): the peak is one piece's fp32 copy, not the whole batch's."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    if chunk_rows is None:
+        grad = torch.is_grad_enabled() and logits.requires_grad
+        chunk_rows = flat.shape[0] if grad else max(1, CHUNK_ELEMENTS // logits.shape[-1])
+    return list(flat.split(chunk_rows))
+
+
+def logprobs_of(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0, chunk_rows: int | None = None
+) -> torch.Tensor:
     """log softmax(logits / temperature) at the given tokens, in fp32 whatever the logits' dtype:
     (B, T, V), (B, T) -> (B, T) fp32. A bf16 log-prob is off by up to ~0.03 nats at |log p| ~ 8, more than a PPO
-    step moves it, so the ratio, the KL and the clip fraction would be rounding noise."""
-    logits = logits.float() / temperature
-    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return picked - torch.logsumexp(logits, dim=-1)
+    step moves it, so the ratio, the KL and the clip fraction would be rounding noise. Without autograd the
+    vocabulary is upcast a few positions at a time (`row_chunks`)."""
+    chunks = row_chunks(logits, chunk_rows)
+    picked = tokens.reshape(-1, 1).split([len(c) for c in chunks])
+    out = []
+    for c, t in zip(chunks, picked, strict=True):
+        c = c.float() / temperature  # (n, V) fp32
+        out.append(c.gather(-1, t).squeeze(-1) - torch.logsumexp(c, dim=-1))
+    return torch.cat(out).reshape(tokens.shape)
 
 
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:

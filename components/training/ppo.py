@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import shutil
 import time
 from contextlib import nullcontext
@@ -301,7 +302,7 @@ def score_rollout(
             "No policy was written. Lower ppo.learning_rate or ppo.max_grad_norm."
         )
     logprobs = logprobs_of(logits, ro.response, T)
-    entropy = masked_mean(entropy_from_logits(logits / T), mask).item()
+    entropy = masked_mean(entropy_from_logits(logits, T), mask).item()
     del logits
     ref_logprobs = reference_logprobs(roles, ro, T)
     values = token_values(roles, seq, smask, q_len, hidden) * mask
@@ -423,7 +424,8 @@ def ppo_update(
     once approx-KL exceeds `cfg.max_approx_kl`. -> the means of the losses and fractions, and the epochs run.
     Raises PPODivergence on a NaN/inf loss."""
     ro, seq, smask, q_len = traj.rollout, traj.rollout.sequence, traj.rollout.sequence_mask, traj.rollout.query.shape[1]
-    stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clipfrac", "vf_clipfrac", "approx_kl")}
+    stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg", "vf", "clipfrac", "vf_clipfrac", "approx_kl")}
+    losses: list[torch.Tensor] = []  # without an approx-KL stop, checked once at the end (no per-minibatch sync)
     epochs = 0
     for _ in range(cfg.ppo_epochs):
         epochs += 1
@@ -442,32 +444,39 @@ def ppo_update(
             loss.backward()
             # the ranks' mean gradient (in place); the loss and approx-KL ride along so every rank decides alike
             total_loss, mean_approx_kl = distributed.all_reduce_gradients(params, loss, approx_kl)
-            if not torch.isfinite(total_loss):
-                raise PPODivergence(
-                    f"PPO diverged{_at(iteration)}: the loss is {total_loss.item()}. No policy was written. "
-                    "Lower ppo.learning_rate."
-                )
+            if cfg.max_approx_kl is not None:  # the early stop decides now: one sync for both numbers
+                loss_value, kl_value = torch.stack([total_loss.detach(), mean_approx_kl.detach()]).tolist()
+                check_loss(loss_value, iteration)
+            else:
+                losses.append(total_loss.detach())
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             for k, v in zip(stats, (pg, vf, clipfrac, vf_clipfrac, approx_kl), strict=True):
-                stats[k].append(v.item())
-            if cfg.max_approx_kl is not None and mean_approx_kl.item() > cfg.max_approx_kl:
+                stats[k].append(v.detach())
+            if cfg.max_approx_kl is not None and kl_value > cfg.max_approx_kl:
                 stop = True
                 break
         if stop:
             break
+    if losses:  # a NaN step taken meanwhile does not matter: the run stops here and writes nothing
+        for value in torch.stack(losses).tolist():
+            check_loss(value, iteration)
+    means = torch.stack([torch.stack(v).float().mean() for v in stats.values()]).tolist()  # one sync
     return {
-        "ppo/policy_loss": _mean(stats["pg"]),
-        "ppo/value_loss": _mean(stats["vf"]),
-        "ppo/clipfrac": _mean(stats["clipfrac"]),
-        "ppo/value_clipfrac": _mean(stats["vf_clipfrac"]),
-        "ppo/approx_kl": _mean(stats["approx_kl"]),
+        **{f"ppo/{name}": m for name, m in zip(STAT_NAMES, means, strict=True)},
         "ppo/epochs": float(epochs),
     }
 
 
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
+STAT_NAMES = ("policy_loss", "value_loss", "clipfrac", "value_clipfrac", "approx_kl")  # ppo_update's stats, in order
+
+
+def check_loss(value: float, iteration: int | None) -> None:
+    """PPODivergence on a NaN/inf loss."""
+    if not math.isfinite(value):
+        raise PPODivergence(
+            f"PPO diverged{_at(iteration)}: the loss is {value}. No policy was written. Lower ppo.learning_rate."
+        )
 
 
 # ---------------------------------------------------------------------------- 4. metrics of one iteration

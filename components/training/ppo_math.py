@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 # Shared with evaluation, so defined with the other model-scoring helpers; part of the PPO math all the same.
-from components.models.scoring import kl_k1, logprobs_of  # noqa: F401
+from components.models.scoring import kl_k1, logprobs_of, row_chunks  # noqa: F401
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -140,10 +140,14 @@ def value_loss(
     return loss, masked_mean((clipped > unclipped).float(), mask)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-position entropy of softmax(logits), in fp32: (B, T, V) -> (B, T)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0, chunk_rows: int | None = None) -> torch.Tensor:
+    """Per-position entropy of softmax(logits / temperature), in fp32, a few positions at a time without autograd
+    (`scoring.row_chunks`): (B, T, V) -> (B, T)."""
+    out = []
+    for c in row_chunks(logits, chunk_rows):
+        logp = torch.log_softmax(c.float() / temperature, dim=-1)  # (n, V)
+        out.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(out).reshape(logits.shape[:-1])
 
 
 @dataclass

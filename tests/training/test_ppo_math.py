@@ -164,3 +164,23 @@ def test_logprobs_entropy_and_masks():
     assert masked_mean(T([[1.0, 3.0], [5.0, 100.0]]), T([[1.0, 1.0], [1.0, 0.0]]), dim=1).tolist() == [2.0, 5.0]
     mask, ended = response_mask(T([[5, 2, 9, 9], [5, 6, 7, 8]]), eos_token_id=2)
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]] and ended.tolist() == [True, False]
+
+
+def test_log_probs_and_entropy_are_fp32_and_the_same_a_few_positions_at_a_time():
+    """bf16 logits give fp32 log-probs and entropies; without autograd the vocabulary is upcast a chunk of positions
+    at a time (scoring.row_chunks), with the very same numbers; with autograd one piece, and gradients flow."""
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(3, 5, 11, generator=g)).to(torch.bfloat16)  # (B, T, V)
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    whole = logprobs_of(logits, tokens, 0.7, chunk_rows=15)
+    assert whole.dtype == torch.float32 and whole.shape == (3, 5)
+    expected = torch.log_softmax(logits.float() / 0.7, -1).gather(-1, tokens[..., None])[..., 0]
+    assert torch.allclose(whole, expected, atol=1e-6)
+    assert torch.equal(logprobs_of(logits, tokens, 0.7, chunk_rows=4), whole)  # 4 + 4 + 4 + 3 positions
+    entropy = entropy_from_logits(logits, 0.7, chunk_rows=15)
+    assert entropy.dtype == torch.float32 and torch.equal(entropy_from_logits(logits, 0.7, chunk_rows=2), entropy)
+    p = torch.softmax(logits.float() / 0.7, -1)
+    assert torch.allclose(entropy, -(p * p.log()).sum(-1), atol=1e-5)
+    trained = logits.float().requires_grad_()
+    logprobs_of(trained, tokens).sum().backward()
+    assert trained.grad is not None and torch.isfinite(trained.grad).all()
