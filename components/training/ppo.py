@@ -98,6 +98,7 @@ from components.training.ppo_math import (
     whiten,
     whiten_with,
 )
+from components.training.precision import LossScaler
 
 
 class PPODivergence(RuntimeError):
@@ -418,11 +419,14 @@ def ppo_update(
     cfg: PPOConfig,
     generator: torch.Generator | None = None,
     iteration: int | None = None,
+    scaler: LossScaler | None = None,
 ) -> dict[str, float]:
     """Step 3: `cfg.ppo_epochs` passes over shuffled minibatches (order drawn from `generator`, a CPU
     torch.Generator): clipped policy loss + vf_coef * clipped value loss, gradient clipping, early stop
-    once approx-KL exceeds `cfg.max_approx_kl`. -> the means of the losses and fractions, and the epochs run.
-    Raises PPODivergence on a NaN/inf loss."""
+    once approx-KL exceeds `cfg.max_approx_kl`; `scaler`: loss scaling on an fp16 base (precision.LossScaler; none:
+    plain steps). -> the means of the losses and fractions, and the epochs run. Raises PPODivergence on a NaN/inf
+    loss."""
+    scaler = scaler or LossScaler("float32", "cpu")  # a pass-through
     ro, seq, smask, q_len = traj.rollout, traj.rollout.sequence, traj.rollout.sequence_mask, traj.rollout.query.shape[1]
     stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg", "vf", "clipfrac", "vf_clipfrac", "approx_kl")}
     losses: list[torch.Tensor] = []  # without an approx-KL stop, checked once at the end (no per-minibatch sync)
@@ -441,7 +445,7 @@ def ppo_update(
             vf, vf_clipfrac = value_loss(new_values, traj.values[mb], traj.returns[mb], mb_mask, cfg.cliprange_value)
             loss = pg + cfg.vf_coef * vf
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.backward(loss)
             # the ranks' mean gradient (in place); the loss and approx-KL ride along so every rank decides alike
             total_loss, mean_approx_kl = distributed.all_reduce_gradients(params, loss, approx_kl)
             if cfg.max_approx_kl is not None:  # the early stop decides now: one sync for both numbers
@@ -449,8 +453,7 @@ def ppo_update(
                 check_loss(loss_value, iteration)
             else:
                 losses.append(total_loss.detach())
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
+            scaler.step(optimizer, params, cfg.max_grad_norm)
             for k, v in zip(stats, (pg, vf, clipfrac, vf_clipfrac, approx_kl), strict=True):
                 stats[k].append(v.detach())
             if cfg.max_approx_kl is not None and kl_value > cfg.max_approx_kl:
@@ -465,6 +468,7 @@ def ppo_update(
     return {
         **{f"ppo/{name}": m for name, m in zip(STAT_NAMES, means, strict=True)},
         "ppo/epochs": float(epochs),
+        **({"ppo/loss_scale": scaler.scaler.get_scale()} if scaler.enabled else {}),
     }
 
 
@@ -610,6 +614,7 @@ def train_ppo(
     guide = load_guide(cfg.guide, roles, model_cfg, cfg.max_prompt_tokens + cfg.max_new_tokens)  # + a cut response
     params = [p for n, p in roles.model.named_parameters() if p.requires_grad] + list(roles.value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, eps=1e-5)
+    scaler = LossScaler(model_cfg.dtype, device)  # fp16: loss scaling; fp32/bf16: a pass-through
     kl_ctl = kl_controller(cfg)
     moments = RunningMoments()
     history: list[dict[str, float]] = []
@@ -655,7 +660,9 @@ def train_ppo(
 
         # 3. train ------------------------------------------------------------------------------
         with record_function("ppo/train"):
-            stats = ppo_update(roles, traj, optimizer, params, rank_cfg, generator=minibatch_order, iteration=it)
+            stats = ppo_update(
+                roles, traj, optimizer, params, rank_cfg, generator=minibatch_order, iteration=it, scaler=scaler
+            )
         t3 = time.perf_counter()
 
         # 4. adapt, log, checkpoint ------------------------------------------------------------

@@ -49,6 +49,7 @@ from components.models.roles import ScalarHead, lora_config, sequence_scores
 from components.models.scoring import encode
 from components.training import checkpoint, distributed
 from components.training.callbacks import log_to_active_run
+from components.training.precision import LossScaler
 
 
 @dataclass
@@ -252,6 +253,7 @@ class RewardModel:
     optimizer: torch.optim.Optimizer
     scheduler: object
     device: torch.device
+    scaler: LossScaler  # fp16: loss scaling; fp32/bf16: a pass-through
 
     def restore(self, ckpt: Path) -> None:
         """Load a checkpoint's adapter and head weights in place (the optimizer keeps its params)."""
@@ -283,7 +285,9 @@ def setup_reward_model(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, 
     params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters()) + [bias]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(10, cfg.max_steps // 10), cfg.max_steps)
-    return RewardModel(model, head, bias, tok, params, optimizer, scheduler, device)
+    return RewardModel(
+        model, head, bias, tok, params, optimizer, scheduler, device, LossScaler(model_cfg.dtype, device)
+    )
 
 
 def reward_step(
@@ -311,7 +315,7 @@ def reward_step(
             raise FloatingPointError(
                 f"reward model feedback loss is {term.item()} at step {step}: lower reward.learning_rate"
             )
-        (term * (cfg.feedback_weight if total_w else 1.0)).backward()
+        rm.scaler.backward(term * (cfg.feedback_weight if total_w else 1.0))
         fb_loss, tokens = term.item(), int(mask.sum())
     for chunk in example_chunks(examples, cfg.micro_batch_size):
         # rc, rr, w: (P,) each: the pairs of the chunk's examples
@@ -322,7 +326,7 @@ def reward_step(
             raise FloatingPointError(
                 f"reward model loss is {chunk_loss.item()} at step {step}: lower reward.learning_rate"
             )
-        chunk_loss.backward()
+        rm.scaler.backward(chunk_loss)
         loss += chunk_loss.item()
         correct += (pairwise_accuracy(rc.detach(), rr.detach(), w) * w.sum() / total_w).item()
     # the ranks' mean gradient; the step's loss, accuracy and feedback loss averaged with it
@@ -330,8 +334,7 @@ def reward_step(
         rm.params, *(torch.tensor(v, dtype=torch.float64) for v in (loss, correct, fb_loss))
     )
     loss, correct, fb_loss = loss_t.item(), correct_t.item(), fb_t.item()
-    torch.nn.utils.clip_grad_norm_(rm.params, cfg.max_grad_norm)
-    rm.optimizer.step()
+    rm.scaler.step(rm.optimizer, rm.params, cfg.max_grad_norm)
     rm.scheduler.step()
     return loss, correct, tokens, fb_loss
 

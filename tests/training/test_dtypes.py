@@ -255,3 +255,43 @@ def test_merged_sampling_on_a_half_base_folds_the_adapter_in_and_restores_the_ba
                 merged = model(input_ids=ids).logits.float()
     assert all(torch.equal(p, base[n]) for n, p in model.named_parameters() if "base_layer" in n)
     assert (merged - adapter).abs().max() < 0.05 * adapter.abs().max(), "the merged forward is the adapter's"
+
+
+def test_loss_scaling_is_on_for_fp16_alone_and_keeps_small_gradients_alive():
+    """precision.LossScaler: an fp16 activation gradient of 1e-8 underflows to 0 unscaled; scaled by 2^16 it
+    survives, and the step sees it unscaled (1e-8, as an fp32 backward gives). An overflowing step is skipped and
+    the scale halves. fp32 and bf16: a pass-through."""
+    from components.training.precision import LossScaler
+
+    assert [LossScaler(d, "cpu").enabled for d in ("float32", "bfloat16", "float16")] == [False, False, True]
+
+    def one_step(scaler):
+        w = torch.nn.Parameter(torch.ones(1))
+        opt = torch.optim.SGD([w], lr=1.0)
+        x = torch.full((1,), 1e-4, dtype=torch.float16)  # (w x)^2 / 2 in fp16: grad w = w x^2 = 1e-8
+        loss = 0.5 * (w.half() * x).pow(2).sum().float()
+        scaler.backward(loss)
+        scaler.step(opt, [w], max_grad_norm=1e9)
+        return w.grad.item()  # what the step used, unscaled
+
+    assert one_step(LossScaler("float32", "cpu")) == 0.0, "unscaled, the fp16 gradient underflows to 0"
+    assert one_step(LossScaler("float16", "cpu")) == pytest.approx(1e-8, rel=1e-2)
+    scaler = LossScaler("float16", "cpu")
+    w = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([w], lr=1.0)
+    scaler.backward((w.half() * torch.full((1,), 60000.0, dtype=torch.float16)).sum().float())  # inf once scaled
+    scaler.step(opt, [w], max_grad_norm=1e9)
+    assert w.item() == 1.0 and scaler.scaler.get_scale() == 2.0**15, "skipped, the scale halved"
+
+
+def test_ppo_on_an_fp16_base_logs_its_loss_scale(stages, reward, tmp_path):
+    from components.training.ppo import train_ppo
+
+    cfg = cfg_in(stages, "float16")
+    result = train_ppo(cfg.ppo, cfg.model, stages.sft_dir, reward.head_dir, cfg.data_path, tmp_path / "ppo", seed=0)
+    assert all(0 < h["ppo/loss_scale"] <= 2.0**16 for h in result.history), [
+        h["ppo/loss_scale"] for h in result.history
+    ]
+    bf16 = cfg_in(stages, "bfloat16")
+    result = train_ppo(bf16.ppo, bf16.model, stages.sft_dir, reward.head_dir, bf16.data_path, tmp_path / "bf", seed=0)
+    assert all("ppo/loss_scale" not in h for h in result.history)
