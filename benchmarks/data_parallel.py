@@ -1,4 +1,4 @@
-"""Data-parallel stages: SFT, the reward model and PPO on 1 and N processes (flows/launch.py, torchrun) at the same
+"""Data-parallel stages: SFT, the reward model and PPO on 1 and N processes (service/launch.py, torchrun) at the same
 global batch, on the demo (model=tiny): wall seconds per stage (the launch included: N fresh processes importing
 torch), training samples/s, and the metrics that should agree.
 
@@ -46,7 +46,7 @@ def main() -> None:
 
     from components.config import compose
     from components.models.demo_base import build_demo_base
-    from flows import launch
+    from service import launch
 
     base_cfg, sft_dir = demo_sft(args.work)  # data, base and a default SFT model (cached in --work)
     base = build_demo_base(base_cfg.model, base_cfg.data_path, "bench", args.work / "models")

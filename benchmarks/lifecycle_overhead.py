@@ -1,5 +1,5 @@
 """What crash safety costs a retrain: ending orphans, taking and releasing the retrain slot, freeing a dead
-holder's slot, and pinning a data snapshot (flows/lifecycle.py, flows/slot.py, components/data/versioning.py).
+holder's slot, and pinning a data snapshot (service/lifecycle.py, service/slot.py, components/data/versioning.py).
 
 Runs on a fresh project with its own temporary Prefect server and SQLite MLflow; prints the numbers and
 writes them to benchmarks/results/lifecycle_overhead.json.
@@ -39,7 +39,7 @@ def main() -> None:
     root.mkdir(parents=True)
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     from components.config import compose
-    from flows.env import configure_environment
+    from service.env import configure_environment
 
     cfg = compose([f"root={root}", "data=demo_small"])
     os.environ.pop("PREFECT_API_URL", None)
@@ -50,8 +50,8 @@ def main() -> None:
     from components import tracking
     from components.data.versioning import ensure_data, pinned_data
     from components.owner import HOST, Owner, _start_time
-    from flows.lifecycle import reap_orphans, slot_name
-    from flows.slot import Holder, RetrainSlot
+    from service.lifecycle import reap_orphans, slot_name
+    from service.slot import Holder, RetrainSlot
 
     tracking.setup(cfg)
     ensure_data(cfg)

@@ -309,11 +309,11 @@ class InfraConfig:
     dvc_remote_url: Optional[str] = None  # None: <root>/<state_dir>/dvc-remote; any DVC remote URL works
     dvc_push: bool = True
     prefect_api_url: Optional[str] = None  # None: Prefect's local (ephemeral) server under <state_dir>/prefect
-    # a Prefect work pool: SFT, reward model, PPO and evaluation run as flow runs on its workers (flows/remote.py);
+    # a Prefect work pool: SFT, reward model, PPO and evaluation run as flow runs on its workers (flows/dispatch.py);
     # None: every stage runs in the retrain flow's process
     training_pool: Optional[str] = None
     stage_timeout_s: Optional[float] = None  # how long the retrain waits for a dispatched stage (None: no limit)
-    # Data parallel training (flows/launch.py): SFT, the reward model and PPO as num_processes processes per machine
+    # Data parallel training (service/launch.py): SFT, the reward model and PPO as num_processes processes per machine
     # (one per GPU; on CPU, gloo), started by torchrun or `accelerate launch` where the stage runs (this process, or
     # the pool's worker). Batch sizes stay global: each process takes its share. README, "Scale".
     num_processes: int = 1

@@ -33,12 +33,14 @@ RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu 
 
 # the dependencies in their own layer (see trainer.Dockerfile): editable, conf/ is found next to the code
 COPY constraints.txt pyproject.toml ./
-RUN mkdir components flows \
-    && touch components/__init__.py flows/__init__.py \
+RUN mkdir cli components flows service \
+    && touch cli/__init__.py components/__init__.py flows/__init__.py service/__init__.py \
     && pip install --no-cache-dir -c constraints.txt -e .
 
 COPY components ./components
+COPY cli ./cli
 COPY flows ./flows
+COPY service ./service
 COPY conf ./conf
 COPY dockerfiles/healthcheck.py /usr/local/lib/rlhf/healthcheck.py
 

@@ -38,13 +38,15 @@ RUN pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cu12
 # an editable install of empty packages; the code copied next is what it then imports (conf/ is found
 # next to the code, so the install must stay editable)
 COPY constraints.txt pyproject.toml ./
-RUN mkdir components flows \
-    && touch components/__init__.py flows/__init__.py \
+RUN mkdir cli components flows service \
+    && touch cli/__init__.py components/__init__.py flows/__init__.py service/__init__.py \
     && pip install --no-cache-dir -c constraints.txt -e .
 
 # code and config read-only (root-owned); the DVC files writable by the worker, which pulls data/
 COPY components ./components
+COPY cli ./cli
 COPY flows ./flows
+COPY service ./service
 COPY conf ./conf
 COPY --chown=rlhf:rlhf .dvc ./.dvc
 COPY --chown=rlhf:rlhf data.dvc .dvcignore ./

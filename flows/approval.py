@@ -25,7 +25,7 @@ def await_approval(cfg: Config, reg: Registration) -> Approval | None:
     from prefect.flow_runs import pause_flow_run
     from prefect.runtime import flow_run
 
-    from flows.prefect_compat import resume_after_pause_timeout
+    from service.prefect_compat import resume_after_pause_timeout
 
     get_run_logger().warning(
         "%s v%s passed the gate and waits for approval (timeout %ss): resume flow run %s in the Prefect UI, or run "

@@ -25,6 +25,7 @@ from components.config import Config, to_dict
 from components.data.versioning import DataState
 from components.training.checkpoint import is_complete
 from flows.contracts import StageOutput
+from flows.locations import available, is_uri
 
 # The config sections each cached stage reads.
 STAGE_CONFIG = {
@@ -120,10 +121,8 @@ def log_on_parent(metrics: dict[str, float]) -> None:
 
 def output_available(cfg: Config, location: str) -> bool:
     """A cached stage's output can still be read: its local dir complete, or its MLflow run finished (a URI)."""
-    from flows import remote
-
-    if remote.is_uri(location):
-        return remote.available(location)
+    if is_uri(location):
+        return available(location)
     return Path(location).exists() and is_complete(stage_root(cfg, location))
 
 

@@ -2,7 +2,7 @@
 result store (a cached stage's record is read back on the next run).
 
 A stage output names its artifacts by a location (`StageOutput.dir`): a local directory when stages run in
-the retrain's process, a `runs:/<run_id>/output/...` URI when they run on a work pool (flows/remote.py).
+the retrain's process, a `runs:/<run_id>/output/...` URI when they run on a work pool (flows/dispatch.py).
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from prefect.states import Completed, Failed
 from components.config import Config
 from components.data.ingest import IngestRefused, IngestResult, ingest
 from components.data.versioning import DataVersionError
-from flows import lifecycle
-from flows.redaction import config_flow
+from service import lifecycle
+from service.redaction import config_flow
 
 DATA_UPDATED = "rlhf.data.updated"
 

@@ -10,6 +10,7 @@ see dockerfiles/README.md (base job templates that request a GPU).
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows import stages
-from flows.remote import deployment_name, run_request
+from flows.dispatch import deployment_name, run_request
 
 DEFAULT_POOL = "gpu"
 
@@ -83,6 +84,14 @@ def ensure_pool(pool: str) -> None:
                 )
             except ObjectAlreadyExists:  # another process created it meanwhile
                 pass
+
+
+@functools.cache  # once per process: deployments are upserted, a worker may run older code until restarted
+def ensure_deployed(pool: str) -> None:
+    """The stage deployments on `pool`, upserted once per process by the flow that dispatches to it (retrain,
+    sweep) before its first stage: dispatch itself only submits runs (it cannot import this module, which imports
+    the stages, which import dispatch)."""
+    deploy(pool)
 
 
 def deploy(pool: str = DEFAULT_POOL) -> list[str]:

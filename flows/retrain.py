@@ -4,7 +4,7 @@
     -> reward model (LoRA + head) -> PPO (LoRA, one shared base) -> evaluate vs champion -> gate
     -> register (alias challenger) -> promote (alias champion: auto, or after a person approves)
 
-One retrain of a project at a time (flows/lifecycle.py); SFT, RM and PPO are cached across runs
+One retrain of a project at a time (service/lifecycle.py); SFT, RM and PPO are cached across runs
 (flows/caching.py). The flow returns a `RetrainSummary` (flows/contracts.py).
 """
 
@@ -21,12 +21,10 @@ from components.config import Config
 from components.data.versioning import DataState, DataVersionError
 from components.registry import registry
 from components.training.ppo import PPODivergence
-from flows import lifecycle
 from flows.approval import await_approval
 from flows.caching import config_hash, log_on_parent, prune_stage_outputs, run_stage, stage_root
 from flows.contracts import RetrainSummary, StageOutput
-from flows.redaction import config_flow
-from flows.slot import RetrainSlot
+from flows.pool import ensure_deployed
 from flows.stages import (
     base_model,
     evaluate,
@@ -40,6 +38,9 @@ from flows.stages import (
     sft,
     validate,
 )
+from service import lifecycle
+from service.redaction import config_flow
+from service.slot import RetrainSlot
 
 
 @config_flow(
@@ -57,6 +58,8 @@ def retrain(cfg: Config):
 
 
 def pipeline(cfg: Config) -> State:
+    if cfg.infra.training_pool:  # the stage flows its stages dispatch to, deployed before the first one
+        ensure_deployed(cfg.infra.training_pool)
     with mlflow.start_run(run_name=tracking.run_name(cfg, "retrain"), tags=lifecycle.mlflow_owner_tags()) as parent:
         run_id = parent.info.run_id
         # 1. the run's record: config, code, data version

@@ -24,10 +24,10 @@ from prefect.states import Failed
 
 from components.config import Config, OverrideNotAllowed, check_remote_overrides, compose
 from components.tracking import redact_override
-from flows import lifecycle
-from flows.env import configure_environment
 from flows.ingest import DATA_UPDATED, data_resource
 from flows.retrain import retrain
+from service import lifecycle
+from service.env import configure_environment
 
 DEPLOYMENT = "rlhf-retrain"
 # the operator's `rlhf serve` overrides, for the flow runs the runner starts (subprocesses: they inherit
@@ -103,14 +103,14 @@ def serve(cfg: Config, overrides: list[str]) -> None:
     """Serve the deployment until SIGTERM or SIGINT (Ctrl-C): both stop polling, cancel a run in flight
     (it resumes from its checkpoints next time), pause the schedule and return.
 
-    The signals are ours, not Prefect's (flows/prefect_compat.py: Prefect 3.8's Runner SIGTERM handling
+    The signals are ours, not Prefect's (service/prefect_compat.py: Prefect 3.8's Runner SIGTERM handling
     could hang, and a SIGINT-to-cancel of the main task was swallowed by its task group). Here a signal
     only sets an event; the runner is stopped from the event loop, with a deadline."""
     import asyncio
     import signal
 
     from components import tracking
-    from flows.prefect_compat import runner_with_own_sigterm
+    from service.prefect_compat import runner_with_own_sigterm
 
     tracking.setup(cfg)
     os.environ[SERVED_OVERRIDES] = json.dumps(overrides)  # what the runs it starts trust

@@ -31,9 +31,11 @@ from components.registry.model_card import model_card
 from components.training.plots import ppo_curves, rs_curves
 from components.training.ppo import PPODivergence
 from components.training.rejection_sampling import train_rejection_sampling
-from flows import launch, lifecycle, remote
+from flows import dispatch
 from flows.caching import CACHED, config_hash, prune_stage_outputs, stage_dir, stage_key
 from flows.contracts import Evaluation, GateOutcome, Registration, StageOutput, ValidationSummary
+from flows.locations import local_path
+from service import launch, lifecycle
 
 
 def git_commit(root: Path) -> str:
@@ -51,7 +53,7 @@ def transient(task, task_run, state) -> bool:
     except FlowPauseTimeout:
         return False
     except Exception as e:
-        return remote.is_transient(e)
+        return dispatch.is_transient(e)
     return False
 
 
@@ -60,7 +62,7 @@ RETRY = {"retries": 2, "retry_delay_seconds": 10, "retry_condition_fn": transien
 
 def on_pool(stage: str):
     """A training stage that runs in this process, or - with `infra.training_pool` set - as a flow run on
-    that pool's workers (flows/remote.py), its upstream locations passed as URIs."""
+    that pool's workers (flows/dispatch.py), its upstream locations passed as URIs."""
 
     def wrap(body):
         params = list(inspect.signature(body).parameters)  # cfg, data, <upstream locations...>, parent_run_id
@@ -73,7 +75,7 @@ def on_pool(stage: str):
                 return body(**bound)
             inputs = {k: bound[k] for k in params[2:-1]}
             reuse = stage_key(stage, cfg, bound["data"]) if stage == "base" else None  # the others: Prefect cache
-            return remote.dispatch(stage, cfg, bound["data"], bound["parent_run_id"], inputs, reuse)
+            return dispatch.dispatch(stage, cfg, bound["data"], bound["parent_run_id"], inputs, reuse)
 
         return run
 
@@ -345,10 +347,10 @@ def register(
         else:
             reg = registry.log_and_register(
                 name,
-                remote.local_path(cfg, sft_dir),
-                remote.local_path(cfg, policy_dir),
+                local_path(cfg, sft_dir),
+                local_path(cfg, policy_dir),
                 tags,
-                reward_dir=remote.local_path(cfg, reward_dir) if cfg.registry.include_reward_model else None,
+                reward_dir=local_path(cfg, reward_dir) if cfg.registry.include_reward_model else None,
             )
         card = model_card(reg.name, cfg.model.name, data.version, git_commit(cfg.root_path), asdict(gate))
         mlflow.log_text(card, "model_card.md")

@@ -24,9 +24,8 @@ from prefect.states import Completed, Failed
 from components import tracking
 from components.config import Config, compose
 from components.evaluation.evaluate import win_rate
-from flows import lifecycle
 from flows.caching import run_stage
-from flows.redaction import config_flow
+from flows.pool import ensure_deployed
 from flows.stages import (
     base_model,
     evaluate,
@@ -38,6 +37,8 @@ from flows.stages import (
     sft,
     validate,
 )
+from service import lifecycle
+from service.redaction import config_flow
 
 DEFAULT_SWEEP = ["ppo/guide=none,rollin,aggrevated,d2lols"]
 COLUMNS = ("variant", "eval_reward", "eval_reward_sft", "judge", "judge_sft", "win_rate_vs_sft", "kl", "ppo_seconds")
@@ -112,6 +113,8 @@ def sweep(cfg: Config, variants: list[list[str]]):
         summary = SweepSummary(parent.info.run_id, data.version, [])
         for overrides in variants:
             vcfg = compose(overrides)
+            if vcfg.infra.training_pool:  # the stage flows its stages dispatch to
+                ensure_deployed(vcfg.infra.training_pool)
             row = run_variant(vcfg, data, parent.info.run_id, variant_name(overrides, cfg.overrides))
             summary.rows.append(row)
             log.info("sweep %s: %s", row.variant, row.error or {k: round(v, 3) for k, v in row.metrics.items()})

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.env import PROCESS_ENV  # noqa: E402  (imports no Prefect: its settings are read at import)
+from service.env import PROCESS_ENV  # noqa: E402  (imports no Prefect: its settings are read at import)
 
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="rlhf-tests-"))
 for key, value in {**PROCESS_ENV, "PREFECT_HOME": str(_SESSION_DIR / "prefect")}.items():

@@ -1,7 +1,7 @@
 """Data parallelism for the project's own training loops (reward model, PPO): ranks, reductions, rank 0's side
 effects. TRL's trainers (SFT, rejection sampling's fine-tuning) are accelerate-native and need none of this.
 
-A stage runs as N processes when `infra.num_processes` > 1 (flows/launch.py starts them with torchrun or
+A stage runs as N processes when `infra.num_processes` > 1 (service/launch.py starts them with torchrun or
 `accelerate launch`); the launcher sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT and `init` joins the
 process group through accelerate's PartialState (gloo on CPU, nccl on GPU, each rank on its own GPU). Without a
 launcher a stage is rank 0 of 1 and every function here is the identity or a no-op, so one code path serves both.

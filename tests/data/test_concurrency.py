@@ -96,7 +96,7 @@ def test_a_retrain_reads_its_pinned_version_while_an_ingest_lands(versioned, tmp
         [
             sys.executable,
             "-m",
-            "flows.cli",
+            "cli.main",
             "ingest",
             str(batch(tmp_path, GOOD)),
             "--kind",

@@ -76,7 +76,7 @@ def test_good_batch_changes_version_and_adds_shard(versioned, tmp_path):
 
 
 def test_feedback_ingests_through_the_cli_and_a_bad_batch_changes_nothing(versioned, tmp_path, capsys):
-    from flows.cli import main
+    from cli.main import main
 
     cfg = versioned
     rows = [

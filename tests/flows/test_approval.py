@@ -48,7 +48,7 @@ def approve_when_paused(argv_tail: list[str], timeout: float = 300) -> threading
                         [
                             sys.executable,
                             "-m",
-                            "flows.cli",
+                            "cli.main",
                             "approve",
                             str(runs[0].id),
                             *argv_tail,
@@ -110,7 +110,7 @@ def test_approve_reaches_the_configured_server_and_names_an_unknown_run():
         [
             sys.executable,
             "-m",
-            "flows.cli",
+            "cli.main",
             "approve",
             "00000000-0000-0000-0000-000000000000",
             f"infra.prefect_api_url={PREFECT_API_URL.value()}",

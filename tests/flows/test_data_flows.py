@@ -7,8 +7,8 @@ import time
 import mlflow
 import pytest
 
+from cli.main import main
 from components.data.versioning import data_version
-from flows.cli import main
 from flows.ingest import DATA_UPDATED, ingest_flow
 from flows.retrain import retrain
 

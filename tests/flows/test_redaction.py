@@ -4,11 +4,11 @@ retrain's config.yaml artifact, the data version's remote, `rlhf config`, the ML
 import mlflow
 import pytest
 
+from cli.commands import _prefect_server, _where
+from cli.main import main
 from components import tracking
 from components.data.versioning import DataVersionError, ensure_data
 from flows import retrain as retrain_module
-from flows.cli import main
-from flows.commands import _prefect_server, _where
 from tests.conftest import make_project
 
 DVC_REMOTE = "https://dvcuser:dvc-pw/1@dvc.example.com/store?token=dvctok"
@@ -68,8 +68,8 @@ def test_flows_taking_the_config_store_it_redacted_in_prefect(tmp_path, prefect_
     from prefect.client.orchestration import get_client
 
     from flows.ingest import ingest_flow
-    from flows.redaction import ConfigFlow
     from flows.retrain import retrain
+    from service.redaction import ConfigFlow
 
     assert isinstance(retrain, ConfigFlow) and isinstance(ingest_flow, ConfigFlow)
     cfg = make_project(tmp_path / "proj", *CREDENTIALS[:2])

@@ -13,8 +13,8 @@ import pytest
 
 from components.config import ConfigError, compose
 from components.data.versioning import DVC_FILE, DataVersionError, ensure_data, fetch_version
-from flows import credentials
-from flows.remote import remote_overrides
+from flows.dispatch import remote_overrides
+from service import credentials
 from tests.conftest import make_project
 
 
@@ -53,7 +53,7 @@ def test_a_worker_gets_the_overrides_but_not_the_orchestrators_paths_or_credenti
 def test_a_lost_worker_is_retried_a_failed_stage_is_not():
     from prefect.states import Failed
 
-    from flows.remote import StageFailed, StageLost
+    from flows.dispatch import StageFailed, StageLost
     from flows.stages import transient
 
     def state(exc):
@@ -108,7 +108,7 @@ def test_rlhf_worker_without_a_shared_prefect_server_says_so(tmp_path):
 
 
 def test_a_worker_whose_conf_differs_from_the_orchestrators_is_named_key_by_key(tmp_path):
-    from flows.remote import config_differences, config_digest
+    from flows.dispatch import config_differences, config_digest
 
     orch = compose([f"root={tmp_path / 'o'}", "ppo.steps=3", "tracking.experiment=x", "infra=server"])
     same = compose([f"root={tmp_path / 'w'}", "ppo.steps=3"])  # where and how it tracks may differ

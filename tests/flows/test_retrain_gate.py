@@ -116,7 +116,7 @@ def test_thumbs_on_served_answers_train_again_and_compare_against_the_champion(t
     ]
 
     # rollback holds: the same data and config do not promote the rolled-back policy again
-    from flows.cli import main
+    from cli.main import main
 
     assert (
         main(
@@ -141,7 +141,7 @@ def test_thumbs_on_served_answers_train_again_and_compare_against_the_champion(t
 
 
 def test_the_retrain_slot_is_released_after_a_failed_run(tmp_path):
-    from flows.slot import RetrainSlot
+    from service.slot import RetrainSlot
 
     project = make_project(tmp_path / "proj", "ppo.kl_ceiling=-1")  # the quickest full run: fails at PPO
     assert retrain(project, return_state=True).is_failed()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from flows import services
+from service import servers as services
 from tests.conftest import FAST_STAGES, OPEN_GATE
 from tests.registry.test_registry import free_port, predictions, wait_until_serving
 

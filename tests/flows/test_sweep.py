@@ -4,8 +4,8 @@ experiment with the same metric names; SFT and the reward model train once; noth
 import mlflow
 import pytest
 
+from cli.main import main
 from components.tracking import tracking_uri
-from flows.cli import main
 from flows.sweep import expand, variant_name
 from tests.conftest import FAST_STAGES, make_project
 
@@ -27,7 +27,7 @@ def test_expand_is_hydras_multirun_product():
 
 
 def test_a_sweeps_stored_parameters_are_redacted():
-    from flows.redaction import _shown
+    from service.redaction import _shown
 
     variants = [["ppo/guide=rollin", "ppo.guide.model=http://user:tok3n@guide.example.com:5001/invocations"]]
     assert "tok3n" not in str(_shown(variants)) and "guide.example.com" in str(_shown(variants))

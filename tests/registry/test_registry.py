@@ -66,7 +66,7 @@ def test_register_promote_and_rollback(registry):
 
 
 def test_cli_rollback(registry, capsys):
-    from flows.cli import main
+    from cli.main import main
 
     stages, (v1, v2) = registry
     overrides = [f"root={stages.root}", f"tracking.registered_model_name={NAME}"]

@@ -1,5 +1,5 @@
 """Data-parallel stages on CPU (gloo): the collectives by hand under a real 2-process group, then SFT, the reward
-model and PPO launched as 2 processes by torchrun (flows/launch.py) against 1 process at the same global batch.
+model and PPO launched as 2 processes by torchrun (service/launch.py) against 1 process at the same global batch.
 
 Tolerances, stated: SFT (accelerate splits each global batch between the ranks, the loss averages over all their
 tokens) and the reward model (each rank half of every step's examples, the gradients averaged) see the same
@@ -29,7 +29,7 @@ from components.config import compose
 from components.training import distributed
 from components.training.ppo import whiten_across_ranks
 from components.training.ppo_math import whiten
-from flows import launch
+from service import launch
 
 # ---------------------------------------------------------------------------- collectives, by hand
 
@@ -105,7 +105,7 @@ def test_launch_settings_are_checked_before_anything_runs(tmp_path):
 # torchrun's stand-in: it starts its rank in a session of its own, as torchrun does; the rank is launch.main's first step
 LAUNCHER = """
 import subprocess, sys, time
-rank = "from flows.launch import die_with_parent; die_with_parent(); import time; time.sleep(120)"
+rank = "from service.launch import die_with_parent; die_with_parent(); import time; time.sleep(120)"
 p = subprocess.Popen([sys.executable, "-c", rank], start_new_session=True)
 open(sys.argv[1], "w").write(str(p.pid))
 time.sleep(120)
@@ -126,7 +126,7 @@ def test_a_sigkilled_caller_takes_its_launcher_and_ranks_with_it(tmp_path):
     on to the end. Now the launcher (started as `run` starts it) dies with its caller, and each rank with the
     launcher."""
     ranks = tmp_path / "rank.pid"
-    launcher = [sys.executable, "-m", "flows.launch", "--exec", sys.executable, "-c", LAUNCHER, str(ranks)]
+    launcher = [sys.executable, "-m", "service.launch", "--exec", sys.executable, "-c", LAUNCHER, str(ranks)]
     caller = subprocess.Popen(
         [sys.executable, "-c", f"import subprocess; subprocess.run({launcher!r})"],
         cwd=Path(launch.__file__).resolve().parents[1],
@@ -159,7 +159,7 @@ def test_a_sigkilled_caller_takes_its_launcher_and_ranks_with_it(tmp_path):
 def test_launcher_command_lines(tmp_path):
     spec = tmp_path / "spec.json"
     one = launch.command(compose([f"root={tmp_path}", "infra.num_processes=4"]), spec)
-    assert one[1:] == ["-m", "torch.distributed.run", "--nproc-per-node=4", "--standalone", "-m", "flows.launch"] + [
+    assert one[1:] == ["-m", "torch.distributed.run", "--nproc-per-node=4", "--standalone", "-m", "service.launch"] + [
         str(spec)
     ]
     nodes = launch.command(

@@ -217,7 +217,7 @@ def test_a_half_precision_model_registers_loads_in_its_dtype_and_serves_best_of_
 
 @pytest.mark.parametrize("dtype", HALF)
 def test_data_parallel_ppo_on_a_half_base(stages, reward, dtype, tmp_path):
-    from flows import launch
+    from service import launch
 
     tracking.setup(stages.cfg)
     cfg = compose(

@@ -13,12 +13,12 @@ from components.config import Config, compose, group_options
 def _load(overrides: list[str], prefect: bool = True) -> Config:
     """The config, and the process environment set from it (before Prefect is imported)."""
     cfg = compose(overrides)
-    from flows.env import configure_environment, temporary_server_notice
+    from service.env import configure_environment, temporary_server_notice
 
     configure_environment(cfg)
     if prefect and (notice := temporary_server_notice(cfg)):
         print(notice, file=sys.stderr)
-        from flows.env import start_temporary_server_early
+        from service.env import start_temporary_server_early
 
         start_temporary_server_early()  # boots while the command imports and sets up the rest
     check_servers(cfg, prefect)
@@ -28,7 +28,7 @@ def _load(overrides: list[str], prefect: bool = True) -> Config:
 def check_servers(cfg: Config, prefect: bool = True) -> None:
     """Shared servers answer and accept our credentials (`credentials.Unauthorised` says what to set)."""
     from components import tracking
-    from flows import credentials
+    from service import credentials
 
     credentials.check_access(tracking.tracking_uri(cfg), os.environ.get("PREFECT_API_URL") if prefect else None)
 

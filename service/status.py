@@ -7,8 +7,8 @@ import time
 from datetime import datetime, timezone
 
 from components.config import Config
-from flows.lifecycle import PROJECT_LABEL, _client, project_id
-from flows.slot import RetrainSlot
+from service.lifecycle import PROJECT_LABEL, _client, project_id
+from service.slot import RetrainSlot
 
 
 # ----------------------------------------------------------------------------------------

@@ -13,10 +13,10 @@ import pytest
 
 from components import tracking
 from components.owner import HOST, Owner, _start_time
-from flows import lifecycle
-from flows import slot as slot_module
-from flows.lifecycle import reap_orphans
-from flows.slot import Holder, RetrainSlot, stale_reason
+from service import lifecycle
+from service import slot as slot_module
+from service.lifecycle import reap_orphans
+from service.slot import Holder, RetrainSlot, stale_reason
 from tests.conftest import make_project
 
 pytestmark = pytest.mark.usefixtures("prefect_server")

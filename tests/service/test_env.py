@@ -8,7 +8,7 @@ import textwrap
 
 SCRIPT = textwrap.dedent(
     """
-    from flows.env import start_temporary_server_early
+    from service.env import start_temporary_server_early
     boot = start_temporary_server_early()  # returns at once; the boot runs on in a thread
     from prefect.server.api.server import SubprocessASGIServer
     boot.join()
@@ -45,7 +45,7 @@ def test_the_temporary_server_boots_in_the_background_and_prefect_uses_it(tmp_pa
 def test_no_temporary_server_with_a_shared_one(monkeypatch):
     from prefect.server.api.server import SubprocessASGIServer
 
-    from flows.env import start_temporary_server_early
+    from service.env import start_temporary_server_early
 
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")
     before = dict(SubprocessASGIServer._instances)

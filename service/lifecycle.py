@@ -1,6 +1,6 @@
 """Crash safety of the service: each flow run and MLflow run records its owner process, and what a dead
 process left behind (Running flow runs, RUNNING MLflow runs) is ended by the next command. The retrain
-slot that builds on this is in flows/slot.py.
+slot that builds on this is in service/slot.py.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ else as `infra.num_processes` processes per machine (`infra.num_machines` machin
                  CPU processes only through MPI)
 
 Whoever runs the stage launches it: the retrain flow's process on the local profile, the worker's flow run with a
-work pool (flows/remote.py). Each process runs this module's `main` on a spec file (`<state>/launch/<id>/spec.json`:
+work pool (flows/dispatch.py). Each process runs this module's `main` on a spec file (`<state>/launch/<id>/spec.json`:
 the stage, the config's overrides, the inputs, the MLflow run to log to): it composes the same config, joins the
 process group (components/training/distributed.py) and calls the stage's component. Rank 0 logs to the stage's
 MLflow run (the caller's, resumed by id) and writes the result; a rank that fails writes its error, and the caller
@@ -98,7 +98,7 @@ def run(stage: str, cfg: Config, **args: str | None) -> Any:
     try:
         # the ranks' output (progress bars, logs) goes to this terminal
         proc = subprocess.run(
-            [sys.executable, "-m", "flows.launch", "--exec", *cmd],  # the launcher dies with this process
+            [sys.executable, "-m", "service.launch", "--exec", *cmd],  # the launcher dies with this process
             cwd=cfg.root_path,
             env=_env(cfg, mlflow.get_tracking_uri()),
         )
@@ -114,7 +114,7 @@ def run(stage: str, cfg: Config, **args: str | None) -> Any:
 def command(cfg: Config, spec: Path) -> list[str]:
     """The launcher's command line for a spec file (every machine runs it, each with its `infra.machine_rank`)."""
     infra = cfg.infra
-    entry = ["-m", "flows.launch", str(spec)]
+    entry = ["-m", "service.launch", str(spec)]
     if infra.launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={infra.num_processes}"]
         if infra.num_machines == 1:

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 from components.config import Config
 from components.owner import Owner
-from flows.lifecycle import (
+from service.lifecycle import (
     _client,
     _crash_flow_run,
     _current_flow_run,

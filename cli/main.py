@@ -14,7 +14,7 @@
     rlhf worker    [--pool gpu] [--dir D]               a Prefect process worker that runs training stages
 
 Exit codes: 0 ok, 1 refused or failed (the message says why), 2 usage or config error.
-The commands themselves: flows/commands.py (data) and flows/service_commands.py (the service).
+The commands themselves: cli/commands.py (data) and cli/service_commands.py (the service).
 """
 
 from __future__ import annotations
@@ -24,11 +24,8 @@ import os
 import sys
 from pathlib import Path
 
-from components.config import ConfigError
-from components.data.schemas import INGESTIBLE_KINDS, KINDS
-from flows.commands import cmd_config, cmd_data, cmd_ingest, cmd_validate
-from flows.credentials import Unauthorised
-from flows.service_commands import (
+from cli.commands import cmd_config, cmd_data, cmd_ingest, cmd_validate
+from cli.service_commands import (
     cmd_approve,
     cmd_deploy,
     cmd_model,
@@ -40,6 +37,9 @@ from flows.service_commands import (
     cmd_sweep,
     cmd_worker,
 )
+from components.config import ConfigError
+from components.data.schemas import INGESTIBLE_KINDS, KINDS
+from service.credentials import Unauthorised
 
 
 def services_dir() -> Path:

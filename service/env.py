@@ -81,7 +81,7 @@ def configure_environment(cfg: Config) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, message=".*gradient_checkpointing.*")
     # MLflow guesses a dataset source for the data dir (a plain path) and warns that it may be ambiguous
     warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.data.*")
-    from flows import credentials
+    from service import credentials
 
     credentials.load(cfg)  # RLHF_CREDENTIALS_FILE: a file outside the repo; the environment wins
     state = cfg.state_path

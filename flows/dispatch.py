@@ -17,11 +17,8 @@ reaches it (shared storage for a pool of several machines).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
 from fnmatch import fnmatchcase
@@ -31,6 +28,7 @@ from typing import Any
 from components.config import Config, compose
 from components.data.versioning import DataState
 from flows.contracts import Evaluation, StageOutput
+from flows.locations import available, local_path
 
 OUTPUT = "output"  # artifact path of a stage's outputs in its MLflow run
 RECORD = "stage_output.json"  # what the stage hands back: its StageOutput / Evaluation, or its error
@@ -57,10 +55,6 @@ class StageTimeout(TimeoutError):
 
 class StageLost(ConnectionError):
     """A stage's flow run crashed or was cancelled with no record (a lost worker): transient, retried."""
-
-
-def is_uri(location: str) -> bool:
-    return location.startswith(("runs:/", "mlflow-artifacts:/", "models:/"))
 
 
 def worker_dir() -> Path:
@@ -134,7 +128,6 @@ def dispatch(
         "parent_run_id": parent_run_id,
         "reuse_key": reuse_key,
     }
-    ensure_deployed(pool)
     log.info("%s: dispatched to work pool %r (deployment %s)", stage, pool, deployment_name(stage, pool))
     warn_if_no_worker(pool, log)
     run = run_deployment(
@@ -179,13 +172,6 @@ def _cancel(flow_run_id) -> None:
         client.set_flow_run_state(flow_run_id, Cancelling(message="stage timeout (infra.stage_timeout_s)"), force=True)
 
 
-@functools.cache  # once per process: deployments are upserted, a worker may run older code until restarted
-def ensure_deployed(pool: str) -> None:
-    from flows.pool import deploy  # flows.pool imports the stages, which import this module
-
-    deploy(pool)
-
-
 def warn_if_no_worker(pool: str, log) -> None:
     from prefect.client.orchestration import get_client
 
@@ -223,44 +209,6 @@ def _decode(stage: str, result: dict) -> Any:
     return Evaluation(**result) if stage == "evaluate" else StageOutput(**result)
 
 
-def available(location: str) -> bool:
-    """A stage output that can still be read: a finished MLflow run's artifact (URIs)."""
-    import mlflow
-
-    run_id = location.split("/")[1] if location.startswith("runs:/") else None
-    if run_id is None:
-        return False
-    try:
-        return mlflow.MlflowClient().get_run(run_id).info.status == "FINISHED"
-    except Exception:
-        return False
-
-
-def local_path(cfg: Config, location: str) -> str:
-    """A stage output on this machine: downloaded once into `<state>/inputs/` (a URI), else the path itself."""
-    if not is_uri(location):
-        return location
-    import fcntl
-
-    import mlflow
-
-    dest = cfg.state_path / "inputs" / location.replace(":/", "/").strip("/").replace("/", "__")
-    done = dest.parent / f"{dest.name}.complete"  # beside it, not in it (it may be bundled into a model)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest.parent / f"{dest.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two stages of this machine fetching the same input: one downloads
-        if not done.exists():
-            tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
-            try:
-                got = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(tmp)))
-                shutil.rmtree(dest, ignore_errors=True)  # a partial copy of a killed download
-                os.replace(got, dest)
-                done.write_text(location)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-    return str(dest)
-
-
 # ---------------------------------------------------------------------------------------------- worker
 def run_request(request: dict[str, Any], body: Callable[..., Any]) -> dict:
     """The worker side of a stage: config, data and inputs on this machine, then `body` (the in-process
@@ -284,7 +232,7 @@ def _run_here(request: dict[str, Any], body: Callable[..., Any]) -> Any:
     from components import tracking
     from components.config import check_remote_overrides
     from components.data.versioning import fetch_version
-    from flows.env import configure_environment
+    from service.env import configure_environment
 
     root = worker_dir()
     local = compose([f"root={root}"])

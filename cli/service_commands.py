@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from flows.commands import _load, _prefect_server, _where, check_servers
+from cli.commands import _load, _prefect_server, _where, check_servers
 
 
 def _sigterm_unwinds() -> None:
@@ -205,7 +205,7 @@ def cmd_status(args, overrides: list[str]) -> int:
     """Who holds the retrain slot (and whether it is alive), and the last runs with their outcomes."""
     cfg = _load(overrides)
     from components import tracking
-    from flows.status import status_lines
+    from service.status import status_lines
 
     tracking.setup(cfg)
     print(f"project {cfg.root_path}, Prefect server {_prefect_server(cfg)}")
@@ -239,7 +239,7 @@ def cmd_serve(args, overrides: list[str]) -> int:
 
 def cmd_services(args, overrides: list[str]) -> int:
     """`rlhf services up|down|status`: PostgreSQL, MLflow (auth) and Prefect (auth) on this machine."""
-    from flows import services
+    from service import servers as services
 
     layout = services.Layout(Path(args.dir).expanduser().resolve())
     if args.action == "up":

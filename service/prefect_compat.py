@@ -21,7 +21,7 @@ def _check(name: str) -> None:
         _warned.add(name)
         logging.getLogger("rlhf").warning(
             "Prefect %s: workaround %r was verified on %s only; re-check whether it "
-            "is still needed (flows/prefect_compat.py)",
+            "is still needed (service/prefect_compat.py)",
             prefect.__version__,
             name,
             VERIFIED,

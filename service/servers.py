@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from flows.credentials import http_status, read_env_file
+from service.credentials import http_status, read_env_file
 
 PG_SYSTEM_USER = "rlhf_postgres"  # PostgreSQL refuses to run as root
 DB_USER = "rlhf"
@@ -98,7 +98,7 @@ def ensure_credentials(layout: Layout) -> dict[str, str]:
         "MLFLOW_AUTH_ADMIN_PASSWORD": (mlflow_pw := secrets.token_urlsafe(18)),
         "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(24),
         "PREFECT_SERVER_API_AUTH_STRING": f"{ADMIN}:{prefect_pw}",
-        # what clients read (flows/credentials.py)
+        # what clients read (service/credentials.py)
         "MLFLOW_TRACKING_USERNAME": ADMIN,
         "MLFLOW_TRACKING_PASSWORD": mlflow_pw,
         "PREFECT_API_AUTH_STRING": f"{ADMIN}:{prefect_pw}",
