@@ -71,3 +71,28 @@ def test_no_import_circles():
         if m not in state:
             visit(m, [m])
     assert not circles, "\n".join(circles)
+
+
+# the entrypoints that deployments stored by earlier versions name (`rlhf deploy`: flows.pool.<fn>; `rlhf serve`:
+# the retrain-service flow): the layout change kept every flow in its module, so they load as they are
+STORED_ENTRYPOINTS = (
+    "flows.pool.base_stage",
+    "flows.pool.sft_stage",
+    "flows.pool.reward_model_stage",
+    "flows.pool.ppo_stage",
+    "flows.pool.rejection_sampling_stage",
+    "flows.pool.evaluate_stage",
+    "flows.serve.retrain_service",
+)
+
+
+def test_entrypoints_of_stored_deployments_still_load():
+    import importlib
+
+    from flows import pool
+
+    for entrypoint in STORED_ENTRYPOINTS:
+        module, _, name = entrypoint.rpartition(".")
+        assert hasattr(getattr(importlib.import_module(module), name), "fn"), f"{entrypoint} is not a Prefect flow"
+    written = {f"{pool.__name__}.{f.fn.__name__}" for f in pool.STAGE_FLOWS.values()}  # what `deploy` writes now
+    assert written == {e for e in STORED_ENTRYPOINTS if e.startswith("flows.pool.")}
