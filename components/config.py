@@ -330,8 +330,11 @@ class InfraConfig:
     retrain_slot_stale_s: float = 120.0
     data_lock_timeout_s: float = 1800.0  # an ingest or retrain waits this long for another writer of data/
     # What a triggered or remote run (a Prefect parameter, not the operator's command line) may override:
-    # fnmatch patterns of override keys (`ppo.*`; a bare group name is its choice, `model=small`). Never,
-    # whatever matches: NEVER_REMOTE (import paths, trust_remote_code, root, state_dir, this list).
+    # fnmatch patterns of override keys (`ppo.*`). A group choice (`model=small`) is checked as the keys it
+    # changes in the serving config (`model.name_or_path`, ...), each against this list. Never, whatever
+    # matches: NEVER_REMOTE (import paths, trust_remote_code, the gate's approval, root, state_dir, this list).
+    # Not by default: gate.* (the operator's thresholds and how the candidate is measured), registry.*,
+    # data.dir (where the data lives).
     remote_overrides: list[str] = field(
         default_factory=lambda: [
             *GROUPS,
@@ -339,13 +342,11 @@ class InfraConfig:
             "model.dtype",
             "model.device",
             "model.pretrain_*",
-            "data.*",
+            *(f"data.{name}" for name in DataConfig.__dataclass_fields__ if name != "dir"),
             "sft.*",
             "reward.*",
             "ppo.*",
             "policy.*",
-            "gate.*",
-            "registry.*",
             "seed",
             "tracking.run_name_prefix",
         ]
@@ -458,11 +459,15 @@ class OverrideNotAllowed(ValueError):
     """A triggered or remote run asked to override what it may not (infra.remote_overrides)."""
 
 
-def check_remote_overrides(overrides: list[str] | tuple[str, ...], allowed: list[str]) -> None:
+def check_remote_overrides(
+    overrides: list[str] | tuple[str, ...], allowed: list[str], base: Config | None = None
+) -> None:
     """Raise OverrideNotAllowed naming each refused override, the allow-list setting (infra.remote_overrides)
     and what to do. Whoever can reach the Prefect API can set a run's parameters: an import path or
-    `trust_remote_code` there would run their code on this host."""
-    refused = [f"  {o}: {why}" for o in overrides if (why := _refusal(o, allowed))]
+    `trust_remote_code` there would run their code on this host, `gate=default` would replace the operator's
+    `gate=manual`. With `base` (the config the run starts from), a group choice is checked as every key it
+    changes there; without, as its group name (a worker's check: it neither gates nor registers)."""
+    refused = [f"  {o}: {why}" for o in overrides if (why := _refusal(o, allowed, base))]
     if refused:
         raise OverrideNotAllowed(
             "refused override(s) of a triggered or remote run:\n"
@@ -474,9 +479,10 @@ def check_remote_overrides(overrides: list[str] | tuple[str, ...], allowed: list
         )
 
 
-def _refusal(override: str, allowed: list[str]) -> str | None:
+def _refusal(override: str, allowed: list[str], base: Config | None = None) -> str | None:
     """Why `override` is refused, or None. A dict value (`model={trust_remote_code:true}`) is checked
-    key by key; an interpolation (`${oc.env:AWS_SECRET_ACCESS_KEY}`) would read this host's environment."""
+    key by key, and so is a group choice when `base` is given (the keys it changes); an interpolation
+    (`${oc.env:AWS_SECRET_ACCESS_KEY}`) would read this host's environment."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -488,13 +494,35 @@ def _refusal(override: str, allowed: list[str]) -> str | None:
         return "a package override (`group@package`) moves config under other keys: never remote"
     if "${" in override.partition("=")[2]:
         return "an interpolation (`${...}`) would read this host's environment or config"
-    for key in _leaf_keys(parsed.key_or_group.replace("/", "."), parsed.value()):
+    key = parsed.key_or_group.replace("/", ".")
+    is_choice = parsed.key_or_group in (*GROUPS, *SUBGROUPS) and isinstance(parsed.value(), str)
+    keys = _changed_keys(base, override, key) if is_choice and base is not None else _leaf_keys(key, parsed.value())
+    for key in keys:
         denied = next((p for p in NEVER_REMOTE if fnmatchcase(key.lower(), p)), None)
         if denied:
             return f"`{key}` matches `{denied}`, which is never overridable remotely ({NEVER_REMOTE[denied]})"
         if not any(fnmatchcase(key, p) for p in allowed):
             return f"`{key}` matches no pattern in infra.remote_overrides"
     return None
+
+
+def _changed_keys(base: Config, override: str, group: str) -> list[str]:
+    """The leaf keys under `group` whose values a group choice changes in `base` (e.g. `gate=default` over
+    `gate=manual`: gate.approval): composed with and without it."""
+
+    def flat(node: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for sub, value in node.items() for k, v in flat(value, f"{prefix}.{sub}").items()}
+        return {prefix: node}
+
+    def leaves(cfg: Config) -> dict[str, Any]:
+        node: Any = to_dict(cfg)
+        for part in group.split("."):
+            node = node[part]
+        return flat(node, group)
+
+    before, after = leaves(base), leaves(compose([*base.overrides, override]))
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
 def _leaf_keys(key: str, value: Any) -> list[str]:

@@ -38,6 +38,11 @@ TRANSIENT_MARK = "[transient]"  # in a stage flow run's failure message: retry i
 # (a worker has its own infra and tracking settings; its stage runs join the parent run's experiment)
 LOCAL_ONLY = ("root", "infra.*", "tracking.*")
 SENT_ANYWAY = ("tracking.run_name_prefix",)
+# what a worker also takes from a request, beyond its infra.remote_overrides: the orchestrator's evaluation and gate
+# settings (the evaluate stage measures with them) and registry settings. A worker neither gates, approves nor
+# registers, and what it records reaches only the retrain that dispatched the run: the operator's decisions are
+# made on the orchestrator, which checks its triggered runs against its own list (flows/serve.py).
+WORKER_ALSO = ("gate.*", "registry.*")
 STAGES = ("base", "sft", "reward-model", "ppo", "rejection-sampling", "evaluate")
 
 
@@ -236,7 +241,7 @@ def _run_here(request: dict[str, Any], body: Callable[..., Any]) -> Any:
 
     root = worker_dir()
     local = compose([f"root={root}"])
-    check_remote_overrides(request["overrides"], local.infra.remote_overrides)
+    check_remote_overrides(request["overrides"], [*local.infra.remote_overrides, *WORKER_ALSO])
     cfg = compose([*request["overrides"], f"root={root}", "infra.training_pool=null"])  # run here, not dispatch
     if diff := config_differences(request["config"], cfg):
         raise ConfigMismatch(

@@ -56,7 +56,7 @@ def allowed_overrides(served: list[str], requested: list[str], cfg: Config) -> l
     operator's override (`root=...`): one it leaves out still applies."""
     trusted = {redact_override(o): o for o in served} | {o: o for o in served}
     asked = [trusted.get(o, o) for o in requested]
-    check_remote_overrides([o for o in asked if o not in served], cfg.infra.remote_overrides)
+    check_remote_overrides([o for o in asked if o not in served], cfg.infra.remote_overrides, base=cfg)
     changed = {_key(o) for o in asked}
     return [o for o in served if _key(o) not in changed] + asked
 

@@ -84,7 +84,6 @@ REMOTE_OK = [
     "sft.learning_rate=1e-3",
     "reward.max_steps=10",
     "data.n_preferences=100",
-    "gate.min_win_rate=0.6",
     "seed=7",
     "tracking.run_name_prefix=nightly-",
 ]
@@ -107,6 +106,11 @@ REMOTE_REFUSED = [
     ("model.name_or_path=evil/model", "no pattern"),
     ("tracking.uri=http://evil:5000", "no pattern"),
     ("infra.dvc_remote_url=s3://evil", "no pattern"),
+    # the operator's by default (issue 28): the gate's thresholds and measurement, the registry, where data lives
+    ("gate.min_win_rate=0", "no pattern"),
+    ("gate.max_prompts=1", "no pattern"),
+    ("registry.include_reward_model=false", "no pattern"),
+    ("data.dir=data/../../../tmp/x", "no pattern"),
     ("tracking.run_name_prefix=${oc.env:AWS_SECRET_ACCESS_KEY}", "interpolation"),
     ("model@_global_=tiny", "package override"),
     ("not an override ]", "not a Hydra override"),

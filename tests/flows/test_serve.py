@@ -70,14 +70,40 @@ def test_allowed_overrides_trusts_the_operator_and_checks_the_rest(tmp_path):
     local = compose(served)
     assert allowed_overrides(served, served, local) == served
     # a changed stage setting replaces the operator's; left-out operator overrides still apply
-    assert allowed_overrides(served, ["ppo.steps=3", "model=small"], local) == [
+    assert allowed_overrides(served, ["ppo.steps=3", "ppo/guide=rollin"], local) == [
         *(o for o in served if not o.startswith("ppo.steps")),
         "ppo.steps=3",
-        "model=small",
+        "ppo/guide=rollin",
     ]
     for bad in ("ppo.reward_fn=os.system", "model.trust_remote_code=true", f"root={tmp_path}/other", "tracking.uri=x"):
         with pytest.raises(OverrideNotAllowed, match="infra.remote_overrides"):
             allowed_overrides(served, [*served, bad], local)
+
+
+def test_a_run_cannot_switch_off_the_operators_gate_or_approval(tmp_path):
+    """Issue 28, as confirmed end to end: an operator serving `gate=manual`, a run asking for `gate=default` and a
+    zeroed gate. A group choice is checked as the keys it changes (gate.approval: never remote), and the gate's
+    thresholds are the operator's by default; so are the registry and where the data lives."""
+    served = [*served_overrides(tmp_path), "gate=manual"]
+    local = compose(served)
+    attack = ["gate=default", "gate.min_win_rate=0", "gate.min_reward_gain=-99", "gate.max_kl=1e9"]
+    with pytest.raises(OverrideNotAllowed) as e:
+        allowed_overrides(served, [*served, *attack, "gate.min_judge_gain=null"], local)
+    msg = str(e.value)
+    assert "gate=default: `gate.approval` matches `gate.approval`, which is never overridable remotely" in msg
+    for o in (*attack[1:], "gate.min_judge_gain=null"):
+        assert f"  {o}: `{o.split('=')[0]}` matches no pattern in infra.remote_overrides" in msg
+    # a group choice that changes what the list does not allow: other weights, other servers
+    for choice, key in (("model=small", "model."), ("infra=server", "infra."), ("tracking=server", "tracking.uri")):
+        with pytest.raises(OverrideNotAllowed, match=f"{choice}: `{key}"):
+            allowed_overrides(served, [choice], local)
+    # one that changes only allowed keys passes: the operator's other overrides stay
+    assert allowed_overrides(served, ["data=demo"], local)[-1] == "data=demo"
+    # the operator may open the gate to runs on purpose, but never its approval
+    opened = [*served, "infra.remote_overrides=[gate.*,gate]"]
+    assert allowed_overrides(opened, ["gate.min_win_rate=0.6"], compose(opened))[-1] == "gate.min_win_rate=0.6"
+    with pytest.raises(OverrideNotAllowed, match="never overridable"):
+        allowed_overrides(opened, ["gate=default"], compose(opened))
 
 
 def test_the_allow_list_is_the_serving_configs_not_the_runs(tmp_path):
