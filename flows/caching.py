@@ -54,18 +54,37 @@ def code_version() -> str:
 
 
 def stage_key(stage: str, cfg: Config, data: DataState, **upstream: Any) -> str:
-    blob = {
-        "stage": stage,
+    return _key(
+        stage,
+        **_built_from(stage, cfg, data),
+        project=str(cfg.state_path),
+        where=cfg.infra.training_pool or "here",  # local paths vs URIs of a pool's runs: never mixed
+        **upstream,
+    )
+
+
+def reuse_key_of(stage: str, cfg: Config, data: DataState) -> str:
+    """The key under which a built demo base is found again by a later retrain on the pool (dispatch's
+    `rlhf.reuse_key` tag): what the base is built from, and no path, so that the orchestrator (to look it up) and
+    the worker (from the config and data it actually used) compute the same key. A request never carries it."""
+    return _key(stage, **_built_from(stage, cfg, data))
+
+
+def _built_from(stage: str, cfg: Config, data: DataState) -> dict[str, Any]:
+    """What a stage's result depends on besides its upstream outputs: data version, seed, code, the config sections
+    it reads."""
+    return {
         "data": data.version,
         "seed": cfg.seed,
         "code": code_version(),
         "schema": RESULT_SCHEMA,
-        "project": str(cfg.state_path),
-        "where": cfg.infra.training_pool or "here",  # local paths vs URIs of a pool's runs: never mixed
         **{s: asdict(getattr(cfg, s)) for s in STAGE_CONFIG[stage]},
-        **upstream,
     }
-    return f"{stage}-{hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]}"
+
+
+def _key(stage: str, **blob: Any) -> str:
+    body = json.dumps({"stage": stage, **blob}, sort_keys=True, default=str).encode()
+    return f"{stage}-{hashlib.sha256(body).hexdigest()[:16]}"
 
 
 def stage_cache_key(context, parameters: dict[str, Any]) -> str:

@@ -27,10 +27,10 @@ from typing import Any
 
 from components.config import Config, compose
 from components.data.versioning import DataState
+from flows.caching import prune_stage_outputs, reuse_key_of, stage_root
 from flows.contracts import Evaluation, StageOutput
-from flows.locations import available, local_path
+from flows.locations import OUTPUT, available, check_input, local_path
 
-OUTPUT = "output"  # artifact path of a stage's outputs in its MLflow run
 RECORD = "stage_output.json"  # what the stage hands back: its StageOutput / Evaluation, or its error
 REUSE_TAG = "rlhf.reuse_key"  # on a finished run whose result may be reused (the demo base)
 TRANSIENT_MARK = "[transient]"  # in a stage flow run's failure message: retry it
@@ -131,7 +131,6 @@ def dispatch(
         "data_version": data.version,
         "inputs": inputs,
         "parent_run_id": parent_run_id,
-        "reuse_key": reuse_key,
     }
     log.info("%s: dispatched to work pool %r (deployment %s)", stage, pool, deployment_name(stage, pool))
     warn_if_no_worker(pool, log)
@@ -227,11 +226,14 @@ def run_request(request: dict[str, Any], body: Callable[..., Any]) -> dict:
         if not _write_record(record) and record["transient"]:
             raise RuntimeError(f"{TRANSIENT_MARK} {type(e).__name__}: {e}") from e
         raise
-    _write_record({"result": asdict(out)}, request.get("reuse_key"))
+    out, key = out
+    _write_record({"result": asdict(out)}, key)
     return {"result": asdict(out)}
 
 
-def _run_here(request: dict[str, Any], body: Callable[..., Any]) -> Any:
+def _run_here(request: dict[str, Any], body: Callable[..., Any]) -> tuple[Any, str | None]:
+    """-> the stage's output, and the reuse key of what was built (the demo base; None otherwise), computed here
+    from the config and data this worker used: a request cannot name it."""
     import mlflow
 
     from components import tracking
@@ -252,19 +254,19 @@ def _run_here(request: dict[str, Any], body: Callable[..., Any]) -> Any:
     tracking.setup(cfg)
     parent = mlflow.MlflowClient().get_run(request["parent_run_id"])
     mlflow.set_experiment(experiment_id=parent.info.experiment_id)  # the stage's run sits beside its parent
+    for name, location in request["inputs"].items():  # before anything is fetched: nothing to another host
+        check_input(name, location, cfg, parent.info.experiment_id)
     data = fetch_version(cfg, request["data_version"])
     inputs = {k: local_path(cfg, v) for k, v in request["inputs"].items()}
     out = body(cfg, data, parent_run_id=request["parent_run_id"], **inputs)  # by name: JSON may reorder
-    if isinstance(out, str):  # the demo base: a local dir
-        return StageOutput(_publish(Path(out), Path(out)), _active_or_last_run(), {})
+    if isinstance(out, str):  # the demo base: a local dir, reusable by a later retrain (a key of what was built)
+        return StageOutput(_publish(Path(out), Path(out)), _active_or_last_run(), {}), reuse_key_of("base", cfg, data)
     if isinstance(out, StageOutput):
-        from flows.caching import prune_stage_outputs, stage_root
-
         stage_dir = stage_root(cfg, out.dir)
         out.dir = _publish(stage_dir, Path(out.dir), out.run_id)
         os.utime(stage_dir)  # this worker keeps its most recently used stage dirs, as a local run does
         prune_stage_outputs(cfg.state_path / "stages", cfg.infra.keep_stage_outputs, {stage_dir.resolve()})
-    return out
+    return out, None
 
 
 def is_transient(e: BaseException) -> bool:

@@ -32,7 +32,7 @@ from components.training.plots import ppo_curves, rs_curves
 from components.training.ppo import PPODivergence
 from components.training.rejection_sampling import train_rejection_sampling
 from flows import dispatch
-from flows.caching import CACHED, config_hash, prune_stage_outputs, stage_dir, stage_key
+from flows.caching import CACHED, config_hash, prune_stage_outputs, reuse_key_of, stage_dir
 from flows.contracts import Evaluation, GateOutcome, Registration, StageOutput, ValidationSummary
 from flows.locations import local_path
 from service import launch, lifecycle
@@ -74,7 +74,7 @@ def on_pool(stage: str):
             if not cfg.infra.training_pool:
                 return body(**bound)
             inputs = {k: bound[k] for k in params[2:-1]}
-            reuse = stage_key(stage, cfg, bound["data"]) if stage == "base" else None  # the others: Prefect cache
+            reuse = reuse_key_of(stage, cfg, bound["data"]) if stage == "base" else None  # the others: Prefect cache
             return dispatch.dispatch(stage, cfg, bound["data"], bound["parent_run_id"], inputs, reuse)
 
         return run

@@ -115,3 +115,60 @@ def test_a_worker_whose_conf_differs_from_the_orchestrators_is_named_key_by_key(
     other = compose([f"root={tmp_path / 'w'}", "ppo.steps=3", "gate.min_win_rate=0.9"])
     assert config_differences(config_digest(orch), same) == []
     assert config_differences(config_digest(orch), other) == ["gate.min_win_rate: orchestrator '0.52', worker '0.9'"]
+
+
+# ---- what a worker reads from a request (issue 28, item 2): anyone who reaches the Prefect API can send one ----
+def test_a_worker_reads_only_run_outputs_of_the_requesting_experiment_or_the_configured_model(tmp_path):
+    import mlflow
+
+    from components import tracking
+    from flows.locations import UntrustedInput, check_input
+
+    cfg = compose([f"root={tmp_path}", "tracking.experiment=worker-inputs"])
+    tracking.setup(cfg)
+    experiment = mlflow.get_experiment_by_name("worker-inputs").experiment_id
+    with mlflow.start_run() as finished:
+        pass
+    running = mlflow.MlflowClient().create_run(experiment)  # still RUNNING
+    other = mlflow.create_experiment("someone-else", artifact_location=str(tmp_path / "other-artifacts"))
+    with mlflow.start_run(experiment_id=other) as elsewhere:
+        pass
+    ok = f"runs:/{finished.info.run_id}/output/merged"
+    check_input("sft_dir", ok, cfg, experiment)
+    check_input("base_path", cfg.model.name_or_path, cfg, experiment)  # the configured model itself
+    refused = {
+        "mlflow-artifacts://evil.example:5000/api/2.0/mlflow-artifacts/artifacts/x": "runs:/<run id>/output",
+        "runs:/0123/output": "runs:/<run id>/output",  # not a run id
+        f"runs:/{finished.info.run_id}/output/../../secrets": "runs:/<run id>/output",
+        f"runs:/{finished.info.run_id}/checkpoints": "runs:/<run id>/output",
+        "models:/rlhf-policy@champion": "runs:/<run id>/output",
+        "/home/worker/.ssh/id_rsa": "runs:/<run id>/output",  # a worker-local path
+        f"runs:/{'f' * 32}/output": "no such run",
+        f"runs:/{elsewhere.info.run_id}/output": "not a finished run of the requesting retrain's experiment",
+        f"runs:/{running.info.run_id}/output": "not a finished run of the requesting retrain's experiment",
+    }
+    for location, why in refused.items():
+        with pytest.raises(UntrustedInput, match="refused: .*" + why.replace("(", r"\(")) as e:
+            check_input("sft_dir", location, cfg, experiment)
+        assert "\n" not in str(e.value)
+    with pytest.raises(UntrustedInput, match="base_path='/etc' refused"):  # a path that is not the model
+        check_input("base_path", "/etc", cfg, experiment)
+    with pytest.raises(UntrustedInput):
+        check_input("sft_dir", {"not": "a string"}, cfg, experiment)
+
+
+def test_the_reuse_key_of_a_built_base_is_what_it_was_built_from_not_where(tmp_path):
+    """The orchestrator looks a built demo base up by `reuse_key_of`; the worker tags it with the key of the config
+    and data it actually used (a request carries no key): the same on both sides, whatever their paths."""
+    from components.data.versioning import DataState
+    from flows.caching import reuse_key_of, stage_key
+
+    data = DataState("0123456789abcdef0123456789abcdef.dir", "generated", {}, "")
+    orch = compose([f"root={tmp_path / 'o'}", "infra.training_pool=gpu", "infra.state_dir=st"])
+    worker = compose([f"root={tmp_path / 'w'}", "infra.training_pool=null"])
+    assert reuse_key_of("base", orch, data) == reuse_key_of("base", worker, data)
+    assert stage_key("base", orch, data) != stage_key("base", worker, data)  # the local cache keeps paths apart
+    bigger = compose([f"root={tmp_path / 'w'}", "model.pretrain_steps=7"])
+    assert reuse_key_of("base", bigger, data) != reuse_key_of("base", worker, data)
+    other = DataState("f" * 32 + ".dir", "generated", {}, "")
+    assert reuse_key_of("base", worker, other) != reuse_key_of("base", worker, data)
