@@ -6,16 +6,21 @@ temporary server of a project shares `<state>/prefect`) and across machines on a
 value names the holder: flow run, owner process (`host:pid:start`), since, heartbeat (every 15 s).
 
 A waiting retrain frees the slot when its holder is stale: the owner process is gone (same host), its
-flow run has ended, or its heartbeat is older than `infra.retrain_slot_stale_s` (another host). Two
-waiters never both free it: the one that creates the claim `<slot>_reap_<token>` does, after checking
-that the slot still names that holder. Prefect's own global concurrency limits were not used for this:
+flow run has ended, or (another host) its heartbeat has not changed for `infra.retrain_slot_stale_s` by the
+waiter's own monotonic clock: two hosts' clocks are never compared, so clock skew or a step of the waiter's wall
+clock frees no live holder. Two waiters never both free it: the one that creates the claim `<slot>_reap_<token>`
+does, after checking that the slot still names that holder. A holder whose slot was freed all the same (a Prefect
+outage longer than the limit) stops its run at the next heartbeat (`on_lost`, by default SIGTERM to its main
+thread, as `rlhf run` unwinds on it), so two retrains never train, register and promote at once. Prefect's own global concurrency limits were not used for this:
 on a temporary server their leases live in that server's memory, so a SIGKILLed holder's slot was
 never given back (issue 10).
 """
 
 from __future__ import annotations
 
+import _thread
 import contextvars
+import signal
 import threading
 import time
 import uuid
@@ -60,28 +65,42 @@ class Holder:
 
 
 def stale_reason(
-    holder: Holder, now: float, owner_alive: bool | None, run_final: str | None, stale_after_s: float
+    holder: Holder, unchanged_s: float, owner_alive: bool | None, run_final: str | None, stale_after_s: float
 ) -> str | None:
     """Why a slot holder is dead, or None while it may be alive.
-    owner_alive: the owner process on this host (None: another host); run_final: the name of the final
+    unchanged_s: how long this process has seen the holder's heartbeat value unchanged, by its own monotonic
+    clock; owner_alive: the owner process on this host (None: another host); run_final: the name of the final
     state its flow run ended in (None: not ended, or unknown)."""
     if owner_alive is False:
         return f"its process ({Owner.parse(holder.owner).describe()}) is gone"
     if run_final:
         return f"its flow run ended ({run_final}) without releasing the slot"
-    if owner_alive is None and now - holder.heartbeat > stale_after_s:
-        return f"no heartbeat for {now - holder.heartbeat:.0f} s (limit infra.retrain_slot_stale_s={stale_after_s:g})"
+    if owner_alive is None and unchanged_s > stale_after_s:
+        return (
+            f"no heartbeat for {unchanged_s:.0f} s (its value unchanged by this process's clock; limit "
+            f"infra.retrain_slot_stale_s={stale_after_s:g})"
+        )
     return None
+
+
+def stop_main_thread() -> None:
+    """The default `on_lost`: the signal the main thread unwinds on (SIGTERM where Python handles it, as `rlhf run`
+    does; else SIGINT, a KeyboardInterrupt), delivered to it from the heartbeat thread."""
+    handled = signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+    _thread.interrupt_main(signal.SIGTERM if handled else signal.SIGINT)
 
 
 class RetrainSlot:
     """`with RetrainSlot(cfg, say):` runs the body as the only retrain of the project. Waits while
     another live retrain holds it (saying so every 30 s), frees it from a dead one."""
 
-    def __init__(self, cfg: Config, say: Callable[[str], None]):
-        self.cfg, self.say = cfg, say
+    def __init__(self, cfg: Config, say: Callable[[str], None], on_lost: Callable[[], None] = stop_main_thread):
+        self.cfg, self.say, self.on_lost = cfg, say, on_lost
         self.name = slot_name(cfg)
         self.mine: Holder | None = None
+        self.lost = False
+        self.heartbeat_s = HEARTBEAT_S
+        self._seen: dict[str, tuple[float, float]] = {}  # holder token -> (heartbeat value, monotonic first seen)
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
 
@@ -115,7 +134,7 @@ class RetrainSlot:
                 said = now
                 self.say(
                     f"waiting for the retrain slot ({now - waiting_since:.0f} s so far): held by "
-                    f"{current.describe()}, last heartbeat {now - current.heartbeat:.0f} s ago"
+                    f"{current.describe()}, its heartbeat last changed {self.unchanged_s(current):.0f} s ago"
                 )
             time.sleep(POLL_S)  # in the main thread: SIGTERM / Ctrl-C stop the wait at once
 
@@ -154,11 +173,19 @@ class RetrainSlot:
         except ObjectAlreadyExists:
             return False
 
+    def unchanged_s(self, holder: Holder) -> float:
+        """How long this process has seen `holder`'s heartbeat value unchanged, by its own monotonic clock."""
+        value, first = self._seen.get(holder.token, (None, 0.0))
+        if value != holder.heartbeat:
+            self._seen[holder.token] = (holder.heartbeat, time.monotonic())
+            return 0.0
+        return time.monotonic() - first
+
     def verdict(self, holder: Holder) -> str | None:
         owner = Owner.parse(holder.owner)
         return stale_reason(
             holder,
-            time.time(),
+            self.unchanged_s(holder),
             owner.alive() if owner else None,
             _final_state(holder.flow_run_id),
             self.cfg.infra.retrain_slot_stale_s,
@@ -198,17 +225,20 @@ class RetrainSlot:
     def _heartbeat(self) -> None:
         from prefect.client.schemas.actions import VariableUpdate
 
-        while not self._stop.wait(HEARTBEAT_S):
+        while not self._stop.wait(self.heartbeat_s):
             try:
                 current = self.read()
                 if current is None or self.mine is None or current.token != self.mine.token:
+                    self.lost = True
                     self.say(
-                        "lost the retrain slot: another process judged this run dead "
-                        f"(heartbeat late by more than {self.cfg.infra.retrain_slot_stale_s:g} s)"
+                        "lost the retrain slot: another process judged this run dead (its heartbeat unseen for "
+                        f"more than infra.retrain_slot_stale_s={self.cfg.infra.retrain_slot_stale_s:g} s); stopping "
+                        "this run, so that two retrains never train, register or promote at once"
                     )
+                    self.on_lost()
                     return
                 self.mine.heartbeat = time.time()
                 with _client() as client:
                     client.update_variable(VariableUpdate(name=self.name, value=asdict(self.mine)))
             except Exception as e:  # a missed beat is not fatal; the next one retries
-                self.say(f"retrain slot heartbeat failed ({type(e).__name__}: {e}); retrying in {HEARTBEAT_S:g} s")
+                self.say(f"retrain slot heartbeat failed ({type(e).__name__}: {e}); retrying in {self.heartbeat_s:g} s")

@@ -31,22 +31,19 @@ def dead_owner() -> Owner:
 
 
 # ---- pure verdicts, by hand
-NOW = 1000.0
-
-
 @pytest.mark.parametrize(
-    "alive, final, heartbeat, stale",
+    "alive, final, unchanged_s, stale",
     [
-        (True, None, 0.0, False),  # alive on this host: never stale, however old the heartbeat
-        (False, None, NOW, True),  # the process is gone
-        (None, "Crashed", NOW, True),  # another host, its flow run ended
-        (None, None, NOW - 60, False),  # another host, recent heartbeat
-        (None, None, NOW - 121, True),  # another host, heartbeat older than the limit
+        (True, None, 1e9, False),  # alive on this host: never stale, however long its heartbeat stood still
+        (False, None, 0.0, True),  # the process is gone
+        (None, "Crashed", 0.0, True),  # another host, its flow run ended
+        (None, None, 60.0, False),  # another host, its heartbeat changed 60 s ago (by the waiter's clock)
+        (None, None, 121.0, True),  # another host, unchanged for longer than the limit
     ],
 )
-def test_stale_reason(alive, final, heartbeat, stale):
-    holder = Holder("t", "run", "name", f"{HOST}:1:1.00", 0.0, heartbeat)
-    assert (stale_reason(holder, NOW, alive, final, 120.0) is not None) is stale
+def test_stale_reason(alive, final, unchanged_s, stale):
+    holder = Holder("t", "run", "name", f"{HOST}:1:1.00", 0.0, 0.0)
+    assert (stale_reason(holder, unchanged_s, alive, final, 120.0) is not None) is stale
 
 
 def test_owner_tells_a_dead_process_and_a_reused_pid():
@@ -121,6 +118,59 @@ def test_a_dead_holder_is_freed_and_its_runs_are_ended(tmp_path):
     assert ended.info.status == "KILLED" and "ended without finishing" in ended.data.tags["rlhf.ended_because"]
     assert mlflow.get_run(alive.info.run_id).info.status == "RUNNING", "a live process's run is left alone"
     assert reap_orphans(project, said.append) == [], "nothing left to clean"
+
+
+def test_clock_skew_or_a_jump_of_the_waiters_clock_frees_no_live_holder(tmp_path, monkeypatch):
+    """Issue 28, item 3: staleness is the holder's heartbeat value standing still on the waiter's own monotonic
+    clock. A holder whose clock is 10 minutes behind (its heartbeat looks old), seen by a waiter whose wall clock
+    then jumps +5 minutes, is not freed; it is only once its value stays unchanged for the limit."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import VariableCreate, VariableUpdate
+
+    project = make_project(tmp_path / "proj", "infra.retrain_slot_stale_s=2")
+    slot = RetrainSlot(project, print)
+    skewed = Holder("skew", "", "", "another-host:42:1.00", time.time() - 600, time.time() - 600)
+    with get_client(sync_client=True) as client:
+        client.create_variable(VariableCreate(name=slot.name, value=skewed.__dict__))
+    assert slot.verdict(slot.read()) is None  # before: 600 s "old" > 2 s: freed
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() + 300)  # the waiter's wall clock steps 5 minutes ahead
+    assert slot.verdict(slot.read()) is None
+    time.sleep(1.2)
+    skewed.heartbeat += 15  # the live holder beats (on its own clock)
+    with get_client(sync_client=True) as client:
+        client.update_variable(VariableUpdate(name=slot.name, value=skewed.__dict__))
+    time.sleep(1.2)
+    assert slot.verdict(slot.read()) is None, "2.4 s since it was first seen, but its value changed: counted anew"
+    time.sleep(1.2)
+    assert slot.verdict(slot.read()) is None
+    time.sleep(1.0)
+    assert "no heartbeat for" in slot.verdict(slot.read())  # unchanged for 2.2 s > 2 s
+    assert slot.free(slot.read(), "test")
+
+
+def test_a_holder_that_lost_the_slot_stops_its_run(tmp_path):
+    """Freed all the same (a Prefect outage longer than the limit): at its next heartbeat the holder sees another
+    token and stops its run (on_lost; by default the main thread's SIGTERM), and leaves the new holder's slot."""
+    import threading
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import VariableUpdate
+
+    project = make_project(tmp_path / "proj")
+    stopped, said = threading.Event(), []
+    slot = RetrainSlot(project, said.append, on_lost=stopped.set)
+    slot.heartbeat_s = 0.2
+    slot.acquire()
+    other = Holder("someone-else", "", "", "another-host:7:1.00", time.time(), time.time())
+    with get_client(sync_client=True) as client:
+        client.update_variable(VariableUpdate(name=slot.name, value=other.__dict__))
+    assert stopped.wait(10), "the holder never noticed it lost the slot"
+    assert slot.lost and any("stopping this run" in s for s in said), said
+    slot.release()
+    assert slot.read().token == "someone-else", "the new holder's slot is left alone"
+    with get_client(sync_client=True) as client:
+        client.delete_variable_by_name(slot.name)
 
 
 def test_a_holder_on_another_host_is_stale_only_without_heartbeat(tmp_path):
