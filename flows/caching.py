@@ -9,10 +9,15 @@ restarted with the same inputs resumes the stage there from its last checkpoint.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
+import os
 import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -100,6 +105,58 @@ def stage_dir(cfg: Config, stage: str, data: DataState, **upstream: Any) -> Path
     return cfg.state_path / "stages" / stage_key(stage, cfg, data, **upstream)
 
 
+class StageDirBusy(RuntimeError):
+    """Another process is writing a stage's output dir (never retried)."""
+
+
+@contextmanager
+def stage_dir_lock(out: Path) -> Iterator[Path]:
+    """`out` locked for this process while a stage writes it: an exclusive flock on `<state>/locks/<dir>.lock`,
+    taken at once or refused in one sentence (StageDirBusy), so two retrains never write one stage dir even if the
+    retrain slot failed them. The kernel drops the lock when its holder dies, SIGKILL included; pruning skips a
+    locked dir."""
+    fh = _lock_file(out).open("a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        who = fh.read().strip() or "another process"
+        fh.close()
+        raise StageDirBusy(
+            f"stage dir {out} is being written by {who}: two retrains never write one stage dir; wait for that "
+            "one to finish (`rlhf status` names the retrain slot's holder)"
+        ) from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        fh.flush()
+        yield out
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def _lock_file(out: Path) -> Path:
+    locks = out.parent.parent / "locks"  # <state>/locks beside <state>/stages
+    locks.mkdir(parents=True, exist_ok=True)
+    return locks / f"{out.name}.lock"
+
+
+def _locked(d: Path) -> bool:
+    """A stage dir some process holds `stage_dir_lock` on."""
+    path = d.parent.parent / "locks" / f"{d.name}.lock"
+    if not path.exists():
+        return False
+    with path.open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+    return False
+
+
 def stage_root(cfg: Config, path: str) -> Path:
     """The `<state>/stages/<stage>-<key>` dir that holds a stage output path."""
     stages = cfg.state_path / "stages"
@@ -121,6 +178,8 @@ def prune_stage_outputs(stages: Path, keep: int | None, in_use: set[Path]) -> li
         dirs.sort(key=lambda d: (d.resolve() in in_use, d.stat().st_mtime), reverse=True)  # in use, then newest
         n_in_use = sum(d.resolve() in in_use for d in dirs)
         for d in dirs[max(keep, 0, n_in_use) :]:
+            if _locked(d):  # another retrain is writing it
+                continue
             shutil.rmtree(d, ignore_errors=True)
             removed.append(d)
     return removed

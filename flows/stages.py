@@ -32,7 +32,7 @@ from components.training.plots import ppo_curves, rs_curves
 from components.training.ppo import PPODivergence
 from components.training.rejection_sampling import train_rejection_sampling
 from flows import dispatch
-from flows.caching import CACHED, config_hash, prune_stage_outputs, reuse_key_of, stage_dir
+from flows.caching import CACHED, config_hash, prune_stage_outputs, reuse_key_of, stage_dir, stage_dir_lock
 from flows.contracts import Evaluation, GateOutcome, Registration, StageOutput, ValidationSummary
 from flows.locations import local_path
 from service import launch, lifecycle
@@ -151,7 +151,7 @@ def demo_base(cfg: Config, data: DataState, parent_run_id: str) -> str:
 @on_pool("sft")
 def sft(cfg: Config, data: DataState, base_path: str, parent_run_id: str) -> StageOutput:
     out = stage_dir(cfg, "sft", data, base_path=base_path)
-    with start_stage_run("sft", parent_run_id, data, asdict(cfg.sft)) as run:
+    with stage_dir_lock(out), start_stage_run("sft", parent_run_id, data, asdict(cfg.sft)) as run:
         result = launch.run("sft", cfg, base_path=base_path, data_dir=data.path, out_dir=str(out))
         mlflow.set_tags({"adapter_dir": result.adapter_dir, "merged_dir": result.merged_dir})
         get_run_logger().info(
@@ -167,7 +167,7 @@ def sft(cfg: Config, data: DataState, base_path: str, parent_run_id: str) -> Sta
 @on_pool("reward-model")
 def reward_model(cfg: Config, data: DataState, sft_dir: str, parent_run_id: str) -> StageOutput:
     out = stage_dir(cfg, "reward-model", data, sft_dir=sft_dir)
-    with start_stage_run("reward", parent_run_id, data, asdict(cfg.reward)) as run:
+    with stage_dir_lock(out), start_stage_run("reward", parent_run_id, data, asdict(cfg.reward)) as run:
         result = launch.run("reward", cfg, sft_dir=sft_dir, data_dir=data.path, out_dir=str(out))
         mlflow.set_tags({"adapter_dir": result.adapter_dir, "head_dir": result.head_dir})
         get_run_logger().info(
@@ -199,7 +199,7 @@ def pin_guide(cfg: Config) -> Config:
 @on_pool("ppo")
 def ppo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str) -> StageOutput:
     out = stage_dir(cfg, "ppo", data, sft_dir=sft_dir, reward_dir=reward_dir)
-    with start_stage_run("ppo", parent_run_id, data, asdict(cfg.ppo)) as run:
+    with stage_dir_lock(out), start_stage_run("ppo", parent_run_id, data, asdict(cfg.ppo)) as run:
         try:
             result = launch.run(
                 "ppo",
@@ -237,7 +237,7 @@ def rejection_sampling(cfg: Config, data: DataState, sft_dir: str, reward_dir: s
     pipeline, its inputs and its output layout."""
     out = stage_dir(cfg, "rejection-sampling", data, sft_dir=sft_dir, reward_dir=reward_dir)
     params = {"rejection_sampling": asdict(cfg.policy.rejection_sampling), "ppo": asdict(cfg.ppo)}
-    with start_stage_run("rejection-sampling", parent_run_id, data, params) as run:
+    with stage_dir_lock(out), start_stage_run("rejection-sampling", parent_run_id, data, params) as run:
         result = train_rejection_sampling(
             cfg.policy.rejection_sampling,
             cfg.ppo,

@@ -115,3 +115,51 @@ def test_prune_keeps_the_most_recently_used_outputs_per_stage_and_never_one_in_u
     assert len(prune_stage_outputs(stages, 0, in_use)) == 3  # 0: only what this run uses survives
     assert sorted(d.name for d in stages.iterdir()) == ["ppo-a", "sft-a"]
     assert prune_stage_outputs(stages, None, set()) == []  # None keeps everything
+
+
+def test_one_writer_per_stage_dir_and_a_killed_writer_leaves_no_lock(tmp_path):
+    """Issue 28, item 3: a stage dir is locked while a stage writes it; a second writer is refused at once in one
+    sentence naming the holder, pruning skips the locked dir, and a SIGKILLed holder's lock is gone with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from flows.caching import StageDirBusy, prune_stage_outputs, stage_dir_lock
+
+    stages = tmp_path / "state" / "stages"
+    out = stages / "sft-0123456789abcdef"
+    out.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"from pathlib import Path; from flows.caching import stage_dir_lock\n"
+            f"import time\nwith stage_dir_lock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(StageDirBusy, match=f"stage dir {out} is being written by pid {holder.pid} on "):
+            with stage_dir_lock(out):
+                pass
+        older = stages / "sft-older"
+        older.mkdir()
+        os.utime(older, (1, 1))
+        os.utime(out, (2, 2))
+        assert prune_stage_outputs(stages, 0, set()) == [older], "the locked dir is not pruned"
+        assert out.is_dir()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    deadline = time.time() + 5
+    while True:  # the kernel drops a dead process's lock
+        try:
+            with stage_dir_lock(out):
+                break
+        except StageDirBusy:
+            assert time.time() < deadline
+            time.sleep(0.1)
