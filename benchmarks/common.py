@@ -70,3 +70,44 @@ def demo_sft(work: Path):
         base = build_demo_base(cfg.model, cfg.data_path, "bench", work / "models")
         train_sft(cfg.sft, cfg.model, base.path, cfg.data_path, sft_dir, seed=cfg.seed)
     return cfg, str(sft_dir / "merged")
+
+
+def rloo_trainer(cfg, model, tok, output_dir: Path, batch: int, steps: int, seed: int, callbacks=(), **args):
+    """TRL's RLOOTrainer as the peer benchmarks run it: the demo judge as the reward, the demo's rollout prompts,
+    k=4 completions per prompt, `batch` completions per optimizer step, PPO's sampling settings and learning rate
+    (`cfg.ppo`), TRL's defaults otherwise; `args`: more RLOOConfig fields."""
+    import torch
+    from datasets import Dataset
+    from trl import RLOOConfig, RLOOTrainer
+
+    from components.data.readers import read_prompts
+    from components.evaluation.judges import sentiment
+
+    def reward(prompts, completions, **kw):
+        return sentiment(prompts, completions)
+
+    config = RLOOConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch,
+        num_generations=4,
+        max_completion_length=cfg.ppo.max_new_tokens,
+        learning_rate=cfg.ppo.learning_rate,
+        max_steps=steps,
+        temperature=cfg.ppo.temperature,
+        top_p=cfg.ppo.top_p,
+        seed=seed,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=True,
+        **args,
+    )
+    dataset = Dataset.from_dict({"prompt": read_prompts(cfg.data_path, "prompts")})
+    return RLOOTrainer(
+        model=model,
+        reward_funcs=reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tok,
+        callbacks=list(callbacks),
+    )

@@ -31,11 +31,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, rss_mb  # noqa: E402
+from common import RESULTS, rloo_trainer, rss_mb  # noqa: E402
 from gpu_ppo import SHAPES, build, flop_rates, peak_tflops  # noqa: E402
 
 REWARD_FN = "components.evaluation.judges:sentiment"
-K = 4  # TRL RLOO: completions per prompt
 
 
 def cuda() -> bool:
@@ -157,50 +156,21 @@ def ppo_run(work: Path, data: Path, sft: Path, dtype: str, batch: int, minibatch
 def rloo_run(work: Path, data: Path, sft: Path, dtype: str, batch: int, iterations: int) -> dict:
     """TRL's RLOOTrainer on the same model, prompts, reward and LoRA: `iterations` steps of `batch` completions."""
     import torch
-    from datasets import Dataset
     from peft import get_peft_model
-    from trl import RLOOConfig, RLOOTrainer
 
-    from components.data.readers import read_prompts
-    from components.evaluation.judges import sentiment
     from components.models.loading import load_causal_lm, load_tokenizer
     from components.models.roles import lora_config
 
     cfg = stage_cfg(work, dtype)
-
-    def reward(prompts, completions, **kw):
-        return sentiment(prompts, completions)
 
     with Peak() as p:
         t = time.perf_counter()
         torch.manual_seed(0)
         tok = load_tokenizer(sft, cfg.model, padding_side="left")
         model = get_peft_model(load_causal_lm(sft, cfg.model), lora_config(cfg.ppo.lora))
-        args = RLOOConfig(
-            output_dir=str(work / f"rloo-{batch}-{iterations}"),
-            per_device_train_batch_size=batch,
-            num_generations=K,
-            max_completion_length=cfg.ppo.max_new_tokens,
-            learning_rate=cfg.ppo.learning_rate,
-            max_steps=iterations,
-            temperature=cfg.ppo.temperature,
-            top_p=cfg.ppo.top_p,
-            seed=0,
-            save_strategy="no",
-            report_to="none",
-            logging_steps=1000000,
-            use_cpu=not cuda(),
-            bf16=cuda() and dtype == "bfloat16",
-            disable_tqdm=True,
-        )
-        prompts = read_prompts(data, "prompts")
-        trainer = RLOOTrainer(
-            model=model,
-            reward_funcs=reward,
-            args=args,
-            train_dataset=Dataset.from_dict({"prompt": prompts}),
-            processing_class=tok,
-        )
+        out = work / f"rloo-{batch}-{iterations}"
+        bf16 = cuda() and dtype == "bfloat16"
+        trainer = rloo_trainer(cfg, model, tok, out, batch, iterations, 0, logging_steps=1000000, bf16=bf16)
         trainer.train()
         seconds = time.perf_counter() - t
     del trainer, model

@@ -30,11 +30,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, demo_sft, memory, rss_mb, spawn, write_results  # noqa: E402
+from common import RESULTS, demo_sft, memory, rloo_trainer, rss_mb, spawn, write_results  # noqa: E402
 
 REWARD_FN = "components.evaluation.judges:sentiment"
 BATCH = 32  # sampled responses per iteration (PPO) / per step (TRL: 8 prompts x k=4)
-K = 4
+K = 4  # TRL RLOO: completions per prompt (common.rloo_trainer)
 
 
 def compose_cfg(work: Path, overrides: list[str], samples: int, eval_every: int):
@@ -98,7 +98,6 @@ def run_rloo(work: Path, sft_dir: str, samples: int, eval_every: int, seed: int)
     import torch
     from peft import get_peft_model
     from transformers import TrainerCallback
-    from trl import RLOOConfig, RLOOTrainer
 
     from components.data.readers import read_prompts
     from components.evaluation.judges import sentiment
@@ -107,7 +106,6 @@ def run_rloo(work: Path, sft_dir: str, samples: int, eval_every: int, seed: int)
     from components.training.ppo import evaluate_policy_vs_reference
 
     cfg = compose_cfg(work, [], samples, eval_every)
-    from datasets import Dataset
 
     torch.manual_seed(seed)
     tok = load_tokenizer(sft_dir, cfg.model, padding_side="left")
@@ -142,28 +140,8 @@ def run_rloo(work: Path, sft_dir: str, samples: int, eval_every: int, seed: int)
             self.eval_seconds += time.perf_counter() - t
             curve.append({"samples": n, "seconds": elapsed, "reward": ev["ppo/eval_reward"], "kl": ev["ppo/eval_kl"]})
 
-    def reward(prompts, completions, **kw):
-        return sentiment(prompts, completions)
-
-    args = RLOOConfig(
-        output_dir=str(work / f"rloo-run-{seed}"),
-        per_device_train_batch_size=BATCH,
-        num_generations=K,
-        max_completion_length=cfg.ppo.max_new_tokens,
-        learning_rate=cfg.ppo.learning_rate,
-        max_steps=steps,
-        temperature=cfg.ppo.temperature,
-        top_p=cfg.ppo.top_p,
-        seed=seed,
-        save_strategy="no",
-        report_to="none",
-        logging_steps=max(1, steps // 10),
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True,
-    )
-    dataset = Dataset.from_dict({"prompt": read_prompts(cfg.data_path, "prompts")})
-    trainer = RLOOTrainer(
-        model=model, reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tok, callbacks=[Clock()]
+    trainer = rloo_trainer(
+        cfg, model, tok, work / f"rloo-run-{seed}", BATCH, steps, seed, [Clock()], logging_steps=max(1, steps // 10)
     )
     t = time.perf_counter()
     trainer.train()

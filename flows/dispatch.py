@@ -123,7 +123,7 @@ def dispatch(
     from components.config import check_remote_overrides
     from components.tracking import redacted
 
-    check_remote_overrides(remote_overrides(cfg), cfg.infra.remote_overrides)  # fail here, not on the worker
+    check_remote_overrides(remote_overrides(cfg), [*cfg.infra.remote_overrides, *WORKER_ALSO])  # as the worker will
     request = {
         "stage": stage,
         "config": redacted(config_digest(cfg)),  # stored in Prefect: no secret in it
