@@ -137,15 +137,18 @@ def stage_dir_lock(out: Path) -> Iterator[Path]:
         fh.close()
 
 
+def _lock_path(out: Path) -> Path:
+    return out.parent.parent / "locks" / f"{out.name}.lock"  # <state>/locks beside <state>/stages
+
+
 def _lock_file(out: Path) -> Path:
-    locks = out.parent.parent / "locks"  # <state>/locks beside <state>/stages
-    locks.mkdir(parents=True, exist_ok=True)
-    return locks / f"{out.name}.lock"
+    _lock_path(out).parent.mkdir(parents=True, exist_ok=True)
+    return _lock_path(out)
 
 
 def _locked(d: Path) -> bool:
     """A stage dir some process holds `stage_dir_lock` on."""
-    path = d.parent.parent / "locks" / f"{d.name}.lock"
+    path = _lock_path(d)
     if not path.exists():
         return False
     with path.open("a+") as fh:

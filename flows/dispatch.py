@@ -62,6 +62,11 @@ class StageLost(ConnectionError):
     """A stage's flow run crashed or was cancelled with no record (a lost worker): transient, retried."""
 
 
+def worker_allows(cfg: Config) -> list[str]:
+    """The override patterns a worker with config `cfg` takes from a request."""
+    return [*cfg.infra.remote_overrides, *WORKER_ALSO]
+
+
 def worker_dir() -> Path:
     return Path(os.environ.get("RLHF_WORKER_DIR", ".")).expanduser().resolve()
 
@@ -123,7 +128,7 @@ def dispatch(
     from components.config import check_remote_overrides
     from components.tracking import redacted
 
-    check_remote_overrides(remote_overrides(cfg), [*cfg.infra.remote_overrides, *WORKER_ALSO])  # as the worker will
+    check_remote_overrides(remote_overrides(cfg), worker_allows(cfg))  # as the worker will
     request = {
         "stage": stage,
         "config": redacted(config_digest(cfg)),  # stored in Prefect: no secret in it
@@ -243,7 +248,7 @@ def _run_here(request: dict[str, Any], body: Callable[..., Any]) -> tuple[Any, s
 
     root = worker_dir()
     local = compose([f"root={root}"])
-    check_remote_overrides(request["overrides"], [*local.infra.remote_overrides, *WORKER_ALSO])
+    check_remote_overrides(request["overrides"], worker_allows(local))
     cfg = compose([*request["overrides"], f"root={root}", "infra.training_pool=null"])  # run here, not dispatch
     if diff := config_differences(request["config"], cfg):
         raise ConfigMismatch(

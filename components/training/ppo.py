@@ -428,7 +428,7 @@ def ppo_update(
     loss."""
     scaler = scaler or LossScaler("float32", "cpu")  # a pass-through
     ro, seq, smask, q_len = traj.rollout, traj.rollout.sequence, traj.rollout.sequence_mask, traj.rollout.query.shape[1]
-    stats: dict[str, list[torch.Tensor]] = {k: [] for k in ("pg", "vf", "clipfrac", "vf_clipfrac", "approx_kl")}
+    stats: dict[str, list[torch.Tensor]] = {name: [] for name in STAT_NAMES}
     losses: list[torch.Tensor] = []  # without an approx-KL stop, checked once at the end (no per-minibatch sync)
     epochs = 0
     for _ in range(cfg.ppo_epochs):
@@ -466,7 +466,7 @@ def ppo_update(
             check_loss(value, iteration)
     means = torch.stack([torch.stack(v).float().mean() for v in stats.values()]).tolist()  # one sync
     return {
-        **{f"ppo/{name}": m for name, m in zip(STAT_NAMES, means, strict=True)},
+        **{f"ppo/{name}": m for name, m in zip(stats, means, strict=True)},
         "ppo/epochs": float(epochs),
         **({"ppo/loss_scale": scaler.scaler.get_scale()} if scaler.enabled else {}),
     }
