@@ -12,6 +12,7 @@
    completions per optimizer step, its defaults otherwise. Samples/s is marginal: each side runs `--lengths`
    (two numbers of iterations) in this process, and (B x the extra iterations) / the extra seconds cancels loading,
    compilation and warm-up. Peak CUDA memory of the longer run, above what was allocated before it.
+3. Then, while the budget lasts, PPO again at each batch with `ppo.generation_cache=static` (`--no-static` skips it).
 
 Writes one JSON (benchmarks/results/gpu_suite.json, or --out) after each part, so a run cut short by its time
 budget still leaves what it measured; `--budget-s` skips what would not fit (said in the JSON) and a markdown table
@@ -130,7 +131,15 @@ def run_stages(work: Path, data: Path, sft: Path, dtype: str, n_params: int, ste
 
 
 def ppo_run(
-    work: Path, data: Path, sft: Path, dtype: str, batch: int, minibatch: int, iterations: int, name: str = ""
+    work: Path,
+    data: Path,
+    sft: Path,
+    dtype: str,
+    batch: int,
+    minibatch: int,
+    iterations: int,
+    name: str = "",
+    cache: str = "dynamic",
 ) -> dict:
     """This project's PPO with the judge as its reward, `iterations` iterations of `batch` rollouts."""
     from components.training.ppo import train_ppo
@@ -147,6 +156,7 @@ def ppo_run(
         "ppo.eval_max_prompts=0",
         "ppo.save_every=100000",
         "ppo.sample_every=0",
+        f"ppo.generation_cache={cache}",
     )
     with Peak() as p:
         t = time.perf_counter()
@@ -205,20 +215,32 @@ def side_by_side(work, data, sft, dtype, n_params, batch, lengths, minibatch) ->
     return row
 
 
+def static_cache(work, data, sft, dtype, n_params, batch, lengths, minibatch) -> dict:
+    """This project's PPO again at one batch size, sampling with `ppo.generation_cache=static` (a preallocated KV
+    cache, which transformers compiles on CUDA); its warm-up iteration pays the compilation."""
+    ppo_run(work, data, sft, dtype, batch, minibatch, 1, name="warm-up-static", cache="static")
+    ppo = [ppo_run(work, data, sft, dtype, batch, minibatch, n, name="-static", cache="static") for n in lengths]
+    out = marginal(batch, lengths, *ppo)
+    out.update(flop_rates(ppo[1]["history"], n_params, batch, peak_tflops(None)))
+    return out
+
+
 def table(body: dict) -> str:
     lines = [
         f"# GPU suite: {body['shape']} ({body['parameters'] / 1e6:.1f}M parameters, {body['dtype']}) "
         f"on {body['device']}",
         "",
-        "| batch | PPO samples/s | TRL RLOO samples/s | PPO / TRL | PPO MFU | peak MB, PPO / TRL |",
-        "|---|---|---|---|---|---|",
+        "| batch | PPO samples/s | TRL RLOO samples/s | PPO / TRL | PPO MFU | peak MB, PPO / TRL "
+        "| PPO, static cache: samples/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in body.get("side_by_side", []):
-        p, t = r["ppo"], r["trl_rloo"]
+        p, t, st = r["ppo"], r["trl_rloo"], r.get("ppo_static", {})
         fmt = lambda x, f: "n/a" if x is None else format(x, f)  # noqa: E731
         lines.append(
             f"| {r['batch']} | {fmt(p['samples_per_second'], '.1f')} | {fmt(t['samples_per_second'], '.1f')} "
-            f"| {fmt(r.get('speedup'), '.2f')} | {fmt(p.get('mfu'), '.1%')} | {p['peak_mb']:.0f} / {t['peak_mb']:.0f} |"
+            f"| {fmt(r.get('speedup'), '.2f')} | {fmt(p.get('mfu'), '.1%')} | {p['peak_mb']:.0f} / {t['peak_mb']:.0f} "
+            f"| {fmt(st.get('samples_per_second'), '.1f')} |"
         )
     for name, s in body.get("stages", {}).items():
         lines.append(f"\n{name}: {s['tokens_per_second']:.0f} tokens/s, peak {s['peak_mb']:.0f} MB")
@@ -235,6 +257,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs=2, default=[2, 5], help="the two run lengths, in iterations")
     ap.add_argument("--stage-steps", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip parts that start after this many seconds")
+    ap.add_argument("--static", action=argparse.BooleanOptionalAction, default=True, help="also PPO, static cache")
     ap.add_argument("--out", type=Path, default=RESULTS / "gpu_suite.json")
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -279,6 +302,12 @@ def main() -> None:
                 body["side_by_side"].append(row)
                 save()
                 print(f"batch {batch}: {json.dumps({k: v for k, v in row.items() if k != 'lengths'})}", flush=True)
+        for row in body["side_by_side"] if args.static else []:  # lower priority: after every side-by-side row
+            if fits(f"static cache batch {row['batch']}"):
+                b, lengths = row["batch"], tuple(args.lengths)
+                row["ppo_static"] = static_cache(work, data, sft, dtype, n_params, b, lengths, row["minibatch"])
+                save()
+                print(f"batch {b}, static cache: {json.dumps(row['ppo_static'])}", flush=True)
         save()
     print(table(body))
     print(f"wrote {args.out} and {args.out.with_suffix('.md')} ({body['suite_seconds']:.0f} s)")

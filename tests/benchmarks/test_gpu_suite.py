@@ -1,5 +1,5 @@
 """benchmarks/gpu_suite.sh, the one script a device call runs, on CPU in its tiny shape: stages, then PPO and TRL's
-RLOOTrainer side by side with marginal samples/s from two run lengths."""
+RLOOTrainer side by side with marginal samples/s from two run lengths, then PPO with the static KV cache."""
 
 import json
 import os
@@ -31,8 +31,10 @@ def test_the_gpu_suite_runs_on_cpu_in_its_tiny_shape(tmp_path):
         assert row[side]["samples_per_second"] == (8 / (long - short) if long > short else None), row
     rates = [row[side]["samples_per_second"] for side in ("ppo", "trl_rloo")]
     assert row.get("speedup") == (rates[0] / rates[1] if all(rates) else None)
+    short, long = row["ppo_static"]["seconds"]  # then PPO again with the static KV cache
+    assert row["ppo_static"]["samples_per_second"] == (8 / (long - short) if long > short else None), row
     table = out.with_suffix(".md").read_text()
-    assert "| 8 |" in table and "TRL RLOO samples/s" in table
+    assert "| 8 |" in table and "TRL RLOO samples/s" in table and "static cache" in table
     assert f"wrote {out}" in proc.stdout
 
 
