@@ -12,7 +12,8 @@
    completions per optimizer step, its defaults otherwise. Samples/s is marginal: each side runs `--lengths`
    (two numbers of iterations) in this process, and (B x the extra iterations) / the extra seconds cancels loading,
    compilation and warm-up. Peak CUDA memory of the longer run, above what was allocated before it.
-3. Then, while the budget lasts, PPO again at each batch with `ppo.generation_cache=static` (`--no-static` skips it).
+3. Then, while the budget lasts, PPO again at each batch with `ppo.generation_cache=static`.
+`--parts` picks among stages, side and static (all three by default).
 
 Writes one JSON (benchmarks/results/gpu_suite.json, or --out) after each part, so a run cut short by its time
 budget still leaves what it measured; `--budget-s` skips what would not fit (said in the JSON) and a markdown table
@@ -235,7 +236,8 @@ def table(body: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for r in body.get("side_by_side", []):
-        p, t, st = r["ppo"], r["trl_rloo"], r.get("ppo_static", {})
+        nothing = {"samples_per_second": None, "peak_mb": float("nan")}
+        p, t, st = r.get("ppo", nothing), r.get("trl_rloo", nothing), r.get("ppo_static", {})
         fmt = lambda x, f: "n/a" if x is None else format(x, f)  # noqa: E731
         lines.append(
             f"| {r['batch']} | {fmt(p['samples_per_second'], '.1f')} | {fmt(t['samples_per_second'], '.1f')} "
@@ -257,7 +259,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs=2, default=[2, 5], help="the two run lengths, in iterations")
     ap.add_argument("--stage-steps", type=int, default=4)
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip parts that start after this many seconds")
-    ap.add_argument("--static", action=argparse.BooleanOptionalAction, default=True, help="also PPO, static cache")
+    ap.add_argument("--parts", default="stages,side,static", help="which of stages,side,static to run")
     ap.add_argument("--out", type=Path, default=RESULTS / "gpu_suite.json")
     args = ap.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -292,17 +294,22 @@ def main() -> None:
             body["skipped"].append(what)
             return False
 
-        if fits("stages"):
+        parts = set(args.parts.split(","))
+        if "stages" in parts and fits("stages"):
             body["stages"] = run_stages(work, data, sft, dtype, n_params, args.stage_steps)
             save()
-        for batch in args.batches:
+        for batch in args.batches if "side" in parts else []:
             if fits(f"side_by_side batch {batch}"):
                 minibatch = min(batch // 2, 64)
                 row = side_by_side(work, data, sft, dtype, n_params, batch, tuple(args.lengths), minibatch)
                 body["side_by_side"].append(row)
                 save()
                 print(f"batch {batch}: {json.dumps({k: v for k, v in row.items() if k != 'lengths'})}", flush=True)
-        for row in body["side_by_side"] if args.static else []:  # lower priority: after every side-by-side row
+        if "side" not in parts:  # static alone: rows of its own
+            body["side_by_side"] = [
+                {"batch": b, "minibatch": min(b // 2, 64), "lengths": args.lengths} for b in args.batches
+            ]
+        for row in body["side_by_side"] if "static" in parts else []:  # lower priority: after every side-by-side row
             if fits(f"static cache batch {row['batch']}"):
                 b, lengths = row["batch"], tuple(args.lengths)
                 row["ppo_static"] = static_cache(work, data, sft, dtype, n_params, b, lengths, row["minibatch"])

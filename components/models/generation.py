@@ -12,6 +12,7 @@ import torch
 from components.models.chat import render_prompt
 
 CACHES = ("dynamic", "static")  # KV caches `sample_from` can generate with
+STATIC_BUCKET = 64  # a static cache's prompts are left-padded to a multiple of this: one compiled shape per bucket
 
 
 @dataclass
@@ -107,7 +108,10 @@ def sample_from(
 
     cache: "dynamic" (transformers' default KV cache, grown each step) or "static" (preallocated to the whole
     length: fixed shapes, so on CUDA transformers compiles the decode step and replays it as a CUDA graph; on CPU
-    it runs eagerly). The same draws either way (tests/training/test_ppo.py holds them equal)."""
+    it runs eagerly). The same draws either way (tests/training/test_ppo.py holds them equal). With a static
+    cache the prompts are left-padded further, to a multiple of STATIC_BUCKET, for generating only: every new
+    prompt length would otherwise compile again (measured on an H200: 30-50 s per new length, and torch gives up
+    compiling after 8); the Rollout keeps the ids as given."""
     from transformers import GenerationConfig
 
     if cache not in CACHES:
@@ -126,10 +130,15 @@ def sample_from(
     )
     was_training = model.training
     model.eval()
-    out = model.generate(input_ids=query, attention_mask=qmask, generation_config=gen)
+    ids, mask = query, qmask
+    if cache == "static" and query.shape[1] % STATIC_BUCKET:
+        extra = STATIC_BUCKET - query.shape[1] % STATIC_BUCKET  # (B, Tq) -> (B, Tq + extra), masked out
+        ids = torch.cat([query.new_full((len(query), extra), tok.pad_token_id), query], dim=1)
+        mask = torch.cat([qmask.new_zeros((len(query), extra)), qmask], dim=1)
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
     if was_training:
         model.train()
-    response = out[:, query.shape[1] :]
+    response = out[:, ids.shape[1] :]
     if response.shape[1] == 0:  # every row stopped at once: keep one (EOS/pad) column
         response = torch.full((len(query), 1), tok.eos_token_id, dtype=torch.long, device=device)
     rmask, ended = response_mask(response, tok.eos_token_id)

@@ -15,6 +15,7 @@ outputs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +103,13 @@ def build_trainer(
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
+    checkpointing = {
+        "activation_checkpointing": model_cfg.gradient_checkpointing,
+        "activation_checkpointing_kwargs": {"use_reentrant": False} if model_cfg.gradient_checkpointing else None,
+    }
+    if "activation_checkpointing" not in {f.name for f in dataclasses.fields(TrlSFTConfig)}:
+        # transformers before 5.2x names it gradient_checkpointing (the GPU machine's 5.17 does)
+        checkpointing = {k.replace("activation", "gradient"): v for k, v in checkpointing.items()}
     args = TrlSFTConfig(
         output_dir=str(ckpt_dir),
         max_steps=cfg.max_steps,
@@ -126,8 +134,7 @@ def build_trainer(
         use_cpu=resolve_device(model_cfg.device).type == "cpu",
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
-        activation_checkpointing=model_cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if model_cfg.gradient_checkpointing else None,
+        **checkpointing,
     )
     return SFTTrainer(
         model=model,

@@ -253,12 +253,16 @@ def test_a_static_kv_cache_samples_and_trains_exactly_as_the_dynamic_one(stages,
     before any model loads."""
     import transformers.cache_utils
 
+    from components.models.generation import STATIC_BUCKET
+
     made = []
     static_init = transformers.cache_utils.StaticCache.__init__
     monkeypatch.setattr(
         transformers.cache_utils.StaticCache,
         "__init__",
-        lambda self, *a, **k: made.append(1) or static_init(self, *a, **k),
+        lambda self, *a, **k: (
+            made.append(k.get("max_cache_len", a[1] if len(a) > 1 else None)) or static_init(self, *a, **k)
+        ),
     )
     runs = {}
     for cache in ("dynamic", "static"):
@@ -271,6 +275,9 @@ def test_a_static_kv_cache_samples_and_trains_exactly_as_the_dynamic_one(stages,
         args = (stages.cfg.model, stages.sft_dir, reward.head_dir, stages.cfg.data_path, tmp_path / cache)
         runs[cache] = train_ppo(cfg, *args)
         assert bool(made) == (cache == "static"), "the static run generates with a StaticCache, the dynamic one not"
+    # prompts of every length are padded to one bucket, so CUDA compiles one shape, not one per prompt length
+    # (transformers sizes the cache to the padded prompt + max_new_tokens - 1: the last token is never attended to)
+    assert {n + 1 - cfg.max_new_tokens for n in made} == {STATIC_BUCKET}, made
     keys = ("ppo/score_mean", "ppo/kl", "ppo/response_length", "ppo/guide_tokens", "ppo/policy_loss")
     for dynamic, static in zip(runs["dynamic"].history, runs["static"].history, strict=True):
         assert all(dynamic[k] == static[k] for k in keys), (dynamic, static)
