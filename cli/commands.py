@@ -43,7 +43,7 @@ def _prefect_server(cfg: Config) -> str:
 def _where(cfg: Config) -> str:
     from components import tracking
 
-    return f"MLflow UI: {tracking.ui_command(cfg)}   (then open http://127.0.0.1:5000)"
+    return f"MLflow UI: {tracking.ui_command(cfg)}"
 
 
 def cmd_config(args, overrides: list[str]) -> int:

@@ -170,9 +170,12 @@ def child_run_ids(parent_run_id: str, stage: str) -> list[str]:
 
 
 def ui_command(cfg: Config) -> str:
-    """What to run to see the runs; printed, so credentials in the tracking URI are redacted."""
+    """Where to see the runs, said once: the command that serves a local store and the page it opens, or the
+    tracking server's address. Printed, so credentials in the tracking URI are redacted."""
     uri = redact_url(tracking_uri(cfg))
-    return f"mlflow ui --backend-store-uri {uri}" if uri.startswith("sqlite") else f"open {uri}"
+    if uri.startswith("sqlite"):
+        return f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000"
+    return f"open {uri}"
 
 
 def log_data_input(data_path: Path, version: str, rows: dict[str, int], remote: str | None) -> None:

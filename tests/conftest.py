@@ -57,6 +57,33 @@ def project(tmp_path: Path) -> Config:
     return make_project(tmp_path / "proj")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _stop_temporary_prefect_servers():
+    """Stop any temporary Prefect server a test started (a flow run without `prefect_server`) at the last test's
+    teardown, where its output is captured like the test's. Prefect stops it at exit otherwise, after pytest's
+    summary, and its "Stopping temporary server" line then hits a closed stream with a logging traceback."""
+    yield
+    import inspect
+    import sys
+
+    server = sys.modules.get("prefect.server.api.server")
+    running = [s for s in set(server.SubprocessASGIServer._instances.values()) if s.running] if server else []
+    if not running:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain():  # what prefect_test_harness does before it stops its server: logs and events sent first
+        for result in (APILogWorker.instance().drain(), EventsWorker.drain_all()):
+            if inspect.isawaitable(result):
+                await result
+
+    run_coro_as_sync(drain())
+    for instance in running:
+        instance.stop()
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     from prefect.testing.utilities import prefect_test_harness

@@ -192,7 +192,8 @@ def test_ui_command_redacts_the_tracking_uri(tmp_path):
     cfg = compose([f"root={tmp_path}", "tracking.uri=https://mlf-user:mlf-pw@mlflow.example.com"])
     assert tracking.ui_command(cfg) == "open https://***@mlflow.example.com"
     local = compose([f"root={tmp_path}"])
-    assert tracking.ui_command(local) == f"mlflow ui --backend-store-uri {tracking.tracking_uri(local)}"
+    uri = tracking.tracking_uri(local)
+    assert tracking.ui_command(local) == f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000"
 
 
 @pytest.mark.parametrize(
