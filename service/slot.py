@@ -9,7 +9,8 @@ A waiting retrain frees the slot when its holder is stale: the owner process is 
 flow run has ended, or (another host) its heartbeat has not changed for `infra.retrain_slot_stale_s` by the
 waiter's own monotonic clock: two hosts' clocks are never compared, so clock skew or a step of the waiter's wall
 clock frees no live holder. Two waiters never both free it: the one that creates the claim `<slot>_reap_<token>`
-does, after checking that the slot still names that holder. A holder whose slot was freed all the same (a Prefect
+does, after checking that the slot still names that holder; a claim whose creator died is removed the same way
+(its process gone, or standing for the stale limit). A holder whose slot was freed all the same (a Prefect
 outage longer than the limit) stops its run at the next heartbeat (`on_lost`, by default SIGTERM to its main
 thread, as `rlhf run` unwinds on it), so two retrains never train, register and promote at once. Prefect's own global concurrency limits were not used for this:
 on a temporary server their leases live in that server's memory, so a SIGKILLed holder's slot was
@@ -19,6 +20,7 @@ never given back (issue 10).
 from __future__ import annotations
 
 import _thread
+import contextlib
 import contextvars
 import signal
 import threading
@@ -127,8 +129,7 @@ class RetrainSlot:
             current = self.read()
             if current is None:
                 continue  # released in between: try again at once
-            if reason := self.verdict(current):
-                self.free(current, reason)
+            if (reason := self.verdict(current)) and self.free(current, reason):
                 continue
             if now - said >= SAY_EVERY_S:
                 said = now
@@ -192,7 +193,8 @@ class RetrainSlot:
         )
 
     def free(self, holder: Holder, reason: str) -> bool:
-        """Delete a stale holder's record (only one waiter does) and end what it left running."""
+        """Delete a stale holder's record (only one waiter does) and end what it left running. False when another
+        waiter holds the claim to free it (the caller waits a poll, then looks again)."""
         from prefect.client.schemas.actions import VariableCreate
         from prefect.exceptions import ObjectAlreadyExists
 
@@ -201,7 +203,8 @@ class RetrainSlot:
             try:
                 client.create_variable(VariableCreate(name=claim, value=str(Owner.me())))
             except ObjectAlreadyExists:
-                return False  # another waiter frees it
+                self._clear_leftover_claim(claim)
+                return False  # another waiter frees it, or its leftover claim is gone now: look again
             try:
                 current = self.read()
                 if current is None or current.token != holder.token:
@@ -214,6 +217,26 @@ class RetrainSlot:
             _crash_flow_run(holder.flow_run_id, f"crashed: {reason} (slot freed by {Owner.me().describe()})")
         reap_orphans(self.cfg, self.say)
         return True
+
+    def _clear_leftover_claim(self, claim: str) -> None:
+        """A claim to free a holder lives for a few requests. One whose creator died in between (same host: its
+        process is gone; another host: it has stood for `infra.retrain_slot_stale_s` by this process's monotonic
+        clock) would block the slot forever: delete it, said once."""
+        from prefect.exceptions import ObjectNotFound
+
+        with _client() as client:
+            var = client.read_variable_by_name(claim)
+            if var is None:
+                return
+            owner = Owner.parse(str(var.value))
+            first = self._seen.setdefault(f"claim:{claim}:{var.value}", (0.0, time.monotonic()))[1]
+            alive = owner.alive() if owner else None
+            standing_s = time.monotonic() - first
+            if alive is False or (alive is None and standing_s > self.cfg.infra.retrain_slot_stale_s):
+                why = "its process is gone" if alive is False else f"it has stood for {standing_s:.0f} s"
+                with contextlib.suppress(ObjectNotFound):  # another waiter removed it first
+                    client.delete_variable_by_name(claim)
+                self.say(f"removed a leftover claim to free the retrain slot ({claim}, by {var.value}): {why}")
 
     # -- heartbeat
     def _start_heartbeat(self) -> None:

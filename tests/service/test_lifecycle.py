@@ -120,6 +120,35 @@ def test_a_dead_holder_is_freed_and_its_runs_are_ended(tmp_path):
     assert reap_orphans(project, said.append) == [], "nothing left to clean"
 
 
+def test_a_leftover_claim_of_a_dead_waiter_does_not_block_the_slot(tmp_path):
+    """Issue 28, item 4: a waiter that died between claiming a stale holder and freeing it leaves
+    `<slot>_reap_<token>`. The next waiter removes that claim (its creator is gone), frees the holder and takes the
+    slot, saying both; while a claim stands it waits a poll between looks instead of spinning."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import VariableCreate
+
+    project = make_project(tmp_path / "proj")
+    tracking.setup(project)  # freeing a holder ends its MLflow runs: the project's store, not ./mlflow.db
+    holder = Holder(uuid.uuid4().hex, "", "", str(dead_owner()), time.time(), time.time())
+    claim = f"{lifecycle.slot_name(project)}_reap_{holder.token}"
+    with get_client(sync_client=True) as client:
+        client.create_variable(VariableCreate(name=lifecycle.slot_name(project), value=holder.__dict__))
+        client.create_variable(VariableCreate(name=claim, value=str(dead_owner())))
+    said: list[str] = []
+    slot = RetrainSlot(project, said.append)
+    reads = []
+    slot.read = lambda read=slot.read: reads.append(1) or read()
+    done = threading.Event()
+    threading.Thread(target=lambda: (slot.acquire(), done.set()), daemon=True).start()
+    assert done.wait(30), f"the slot stayed blocked by the leftover claim: {said}"
+    slot.release()
+    assert any("removed a leftover claim" in s and "its process is gone" in s for s in said), said
+    assert any("freed the retrain slot" in s for s in said), said
+    assert len(reads) < 20, f"{len(reads)} reads: the waiter spun instead of polling"
+    with get_client(sync_client=True) as client:
+        assert client.read_variable_by_name(claim) is None
+
+
 def test_clock_skew_or_a_jump_of_the_waiters_clock_frees_no_live_holder(tmp_path, monkeypatch):
     """Issue 28, item 3: staleness is the holder's heartbeat value standing still on the waiter's own monotonic
     clock. A holder whose clock is 10 minutes behind (its heartbeat looks old), seen by a waiter whose wall clock
