@@ -183,14 +183,20 @@ def _has_shards(data_dir: Path) -> bool:
 
 
 def _dvc_target(cfg: Config) -> str:
-    """`dvc add` target: data/ relative to root (data.dvc must sit at the root)."""
+    """`dvc add` target: data/ relative to root (data.dvc must sit at the root). Judged on the resolved paths, `..`
+    and symlinks followed: `data/../../tmp/x`, or a data/ that links out of the project, would version (and
+    snapshot) content from outside it."""
+    root, data = cfg.root_path.resolve(), cfg.data_path.resolve()
     try:
-        return str(cfg.data_path.relative_to(cfg.root_path))
+        target = data.relative_to(root)
     except ValueError:
         raise DataVersionError(
-            f"data.dir ({cfg.data_path}) must be inside the project root ({cfg.root_path}) "
-            "so that data.dvc can track it"
+            f"data.dir ({cfg.data.dir}) resolves to {data}, outside the project root ({root}): set data.dir to a "
+            "folder inside the project (no '..' out of it, no symlink out of it) so that data.dvc can track it"
         ) from None
+    if target == Path("."):
+        raise DataVersionError(f"data.dir ({cfg.data.dir}) is the project root itself: set it to a folder inside it")
+    return str(target)
 
 
 def open_repo(cfg: Config) -> Dvc:
@@ -266,8 +272,8 @@ def fetch_version(cfg: Config, version: str) -> DataState:
 
 
 def _ensure_data(cfg: Config) -> DataState:
+    remote, target = cfg.infra.dvc_remote_name, _dvc_target(cfg)  # refused before DVC touches anything
     dvc = open_repo(cfg)
-    remote, target = cfg.infra.dvc_remote_name, _dvc_target(cfg)
     recorded = data_version(cfg.root_path)
     if recorded is not None:
         if not dvc.status():
