@@ -24,10 +24,12 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# ruff (pyproject.toml [tool.ruff]): formatting and lint, as CI runs them; `make format` fixes what it can
+# ruff (pyproject.toml [tool.ruff]): formatting and lint; mypy ([tool.mypy]): types of components/ and
+# flows/contracts.py. As CI runs them (and .pre-commit-config.yaml); `make format` fixes what ruff can
 lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/python -m mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -49,7 +49,8 @@ def read_prompts(data_dir: Path, kind: str) -> list[str]:
 
 def read_demonstrations(data_dir: Path, eval_fraction: float) -> tuple[list[dict], list[dict]]:
     """Demonstrations as {"prompt", "completion"} (completion = " " + response), split train / held out by id."""
-    train, evals = [], []
+    train: list[dict] = []
+    evals: list[dict] = []
     for shard in shard_files(data_dir / "demonstrations"):
         for _, row in read_jsonl(shard, "demonstrations").rows:
             ex = {"prompt": row["prompt"], "completion": " " + row["response"]}
@@ -59,7 +60,8 @@ def read_demonstrations(data_dir: Path, eval_fraction: float) -> tuple[list[dict
 
 def read_preferences(data_dir: Path, eval_fraction: float) -> tuple[list[list[Pair]], list[list[Pair]]]:
     """Preference rows as lists of pairs (one list per example), split train / held out by id."""
-    train, evals = [], []
+    train: list[list[Pair]] = []
+    evals: list[list[Pair]] = []
     for shard in shard_files(data_dir / "preferences"):
         for _, row in read_jsonl(shard, "preferences").rows:
             if "responses" in row:
@@ -96,7 +98,8 @@ def read_feedback(
     data_dir: Path, eval_fraction: float, min_rating: float, max_rating: float
 ) -> tuple[list[Feedback], list[Feedback]]:
     """Feedback rows (thumbs up/down on a response), split train / held out by id; none when there are none."""
-    train, evals = [], []
+    train: list[Feedback] = []
+    evals: list[Feedback] = []
     for shard in shard_files(data_dir / "feedback"):
         for _, row in read_jsonl(shard, "feedback").rows:
             fb = Feedback(
@@ -114,7 +117,7 @@ def read_corpus_texts(data_dir: Path) -> list[str]:
     to answer the question the self-evaluation reward asks (components/training/self_eval.py)."""
     from components.config import SelfEvalConfig
 
-    texts = []
+    texts: list[str] = []
     for kind in PRETRAIN_KINDS:
         for shard in shard_files(data_dir / kind):
             for _, row in read_jsonl(shard, kind).rows:

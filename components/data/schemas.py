@@ -188,7 +188,7 @@ def _read_lines(path: Path, kind: str, data: bytes) -> ParsedFile:
         if not chunk.strip():
             continue
         raw[lineno], problem = _decode_line(chunk)
-        obj = None
+        obj: Any = None  # a dict once _parse_line finds no problem
         if problem is None:
             obj, problem = _parse_line(raw[lineno], kind)
         if problem is None:

@@ -97,13 +97,14 @@ def _feedback_columns(obj: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
     rating_ok = None if rating is None else (type(rating) in (int, float) and math.isfinite(rating))
     agrees = None
     if label_ok and rating_ok:
+        assert rating is not None  # rating_ok is None without a rating
         mid = (cfg.min_rating + cfg.max_rating) / 2
         agrees = rating == mid or (label == 1) == (rating > mid)
     return {
         "rating": rating,
         "_label_ok": label_ok,
         "_rating_ok": rating_ok,
-        "_rating_num": float(rating) if rating_ok else None,
+        "_rating_num": float(rating) if rating is not None and rating_ok else None,
         "_label_agrees": agrees,
     }
 
@@ -121,10 +122,13 @@ def build_frame(frame: str, rows: Iterable[tuple[str, int, dict[str, Any]]], cfg
         rec["_key"] = content_key(*[c if isinstance(c, (str, list)) else json.dumps(c, default=str) for c in content])
         if frame == "preferences_ranked":
             rs = obj.get("responses")
-            is_list = isinstance(rs, list)
-            rec["_k"] = len(rs) if is_list else None
-            rec["_n_distinct"] = len({normalise_text(r) for r in rs}) if is_list else None
-            rec["_responses_valid"] = is_list and all(_text_ok(r, cfg) for r in rs)
+            if isinstance(rs, list):
+                rec["_k"] = len(rs)
+                rec["_n_distinct"] = len({normalise_text(r) for r in rs})
+                rec["_responses_valid"] = all(_text_ok(r, cfg) for r in rs)
+            else:
+                rec["_k"] = rec["_n_distinct"] = None
+                rec["_responses_valid"] = False
         if frame == "feedback":
             rec.update(_feedback_columns(obj, cfg))
         records.append(rec)
@@ -431,7 +435,10 @@ class GXValidator:
         self.cfg = cfg
         gx_root.mkdir(parents=True, exist_ok=True)
         self.context = gx.get_context(mode="file", project_root_dir=str(gx_root))
-        self.context.variables.progress_bars = {"globally": False, "metric_calculations": False}
+        # GX annotates this setter ProgressBarsConfig, but stores the value as given and its reader
+        # (Validator._determine_progress_bars) looks keys up in it: a mapping, as in the config file
+        bars = {"globally": False, "metric_calculations": False}
+        self.context.variables.progress_bars = bars  # type: ignore[assignment]
         self.source = self.context.data_sources.add_or_update_pandas("rlhf")
 
     def _batch_definition(self, frame: str):

@@ -136,7 +136,9 @@ def pretrain(model, tok, texts: list[str], cfg: ModelConfig, rng: random.Random)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(), sched.step(), opt.zero_grad()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
     tail = losses[-20:]

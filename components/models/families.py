@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 # our size names (ModelConfig's) -> the same setting in a family's config
 STANDARD = {
@@ -51,7 +52,7 @@ class Family:
     names: dict[str, str | None] = field(default_factory=lambda: dict(STANDARD))  # None: the family has no such
     all_linear: bool = True  # peft's "all-linear" adapts exactly `lora_targets` (else lora_config uses the list)
     conv1d: bool = False  # layers are transformers' Conv1D (weight (in, out)): LoRA with fan_in_fan_out=True
-    extra: dict = field(default_factory=dict)  # further config arguments of the tiny model
+    extra: dict[str, Any] = field(default_factory=dict)  # further config arguments of the tiny model
 
 
 def _without(*keys: str) -> dict[str, str | None]:
@@ -99,7 +100,8 @@ FAMILIES: dict[str, Family] = {
 def family_of(model) -> Family | None:
     """The table's entry for a (plain or peft-wrapped) model, by its config's model_type; None if not listed."""
     config = getattr(model, "config", None)
-    return FAMILIES.get(getattr(config, "model_type", None))
+    model_type = getattr(config, "model_type", None)
+    return FAMILIES.get(model_type) if model_type is not None else None
 
 
 def tiny_config(family: str, tok, **size):
@@ -115,7 +117,7 @@ def tiny_config(family: str, tok, **size):
         raise ValueError(f"unknown size setting(s) {unknown} for build_tiny; known: {sorted(STANDARD)}")
     ours = {**TINY, "vocab_size": len(tok), **size}
     ours.setdefault("head_dim", ours["hidden_size"] // ours["num_attention_heads"])
-    kwargs = {fam.names[k]: v for k, v in ours.items() if fam.names.get(k)}
+    kwargs = {name: v for k, v in ours.items() if (name := fam.names.get(k))}
     special = {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
     return getattr(transformers, fam.config_class)(**kwargs, **special, **fam.extra)
 

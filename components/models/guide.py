@@ -19,13 +19,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from components.config import GuideConfig, ModelConfig
 from components.models.generation import sample
 from components.models.roles import REFERENCE, Roles
+
+if TYPE_CHECKING:  # annotations only: these load lazily, where a guide needs them
+    from mlflow.pyfunc import PyFuncModel
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 MAX_SEED = 2**32 - 1  # the served pyfunc's seed range (components/registry/policy_model.py)
 
@@ -45,8 +50,8 @@ class ModelGuide:
     """A causal LM in this process: the reference role of PPO's shared model, or a model loaded from a dir."""
 
     name: str
-    model: object
-    tok: object
+    model: PreTrainedModel | PeftModel  # PeftModel: PPO's shared model (the reference role)
+    tok: PreTrainedTokenizerBase
     cfg: GuideConfig
     max_prompt_tokens: int
     roles: Roles | None = None  # set: the reference role of these roles (adapters disabled while it writes)
@@ -82,7 +87,7 @@ class PyfuncGuide:
     max_new_tokens/temperature/top_p/seed and answering a `response` column)."""
 
     name: str
-    model: object  # mlflow.pyfunc.PyFuncModel
+    model: PyFuncModel
     cfg: GuideConfig
 
     def complete(self, contexts: list[str], max_new_tokens: int, seed: int) -> list[str]:

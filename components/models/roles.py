@@ -25,10 +25,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+if TYPE_CHECKING:  # annotations only: peft and transformers load lazily, where a stage needs them
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 HEAD_FILE = "head.safetensors"
 HEAD_META = "head.json"
@@ -84,13 +89,16 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def backbone(model: nn.Module) -> nn.Module:
+def backbone(model: PreTrainedModel | PeftModel) -> nn.Module:
     """The transformer without its LM head, for a plain or peft-wrapped causal LM."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    unwrap = getattr(model, "get_base_model", None)  # a PeftModel's; a plain model has none
+    base = unwrap() if unwrap is not None else model
     return base.get_decoder()
 
 
-def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def hidden_states(
+    model: PreTrainedModel | PeftModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """Last-layer hidden states with the currently active adapter: (B, T) -> (B, T, H)."""
     out = backbone(model)(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False
@@ -98,7 +106,7 @@ def hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     return out.last_hidden_state
 
 
-def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def lm_logits(model: PreTrainedModel | PeftModel, hidden: torch.Tensor) -> torch.Tensor:
     """The LM head on last hidden states, with what the family's own forward applies after it (Gemma 2/3's final
     logit soft-capping, Cohere's logit_scale, Granite's logits_scaling): (..., H) -> (..., V), equal to
     model(...).logits at those positions."""
@@ -114,7 +122,7 @@ def lm_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_scores(
-    model: nn.Module, head: ScalarHead, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    model: PreTrainedModel | PeftModel, head: ScalarHead, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> torch.Tensor:
     """One scalar per sequence, read at its last real token: (B, T) -> (B,)."""
     h = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
@@ -211,9 +219,9 @@ class Roles:
     reference (adapters disabled), value (adapter "value" + `value_head`), reward (frozen adapter "reward" +
     `reward_head`, normalised with `reward_mean`/`reward_std`), and an optional reward callable."""
 
-    model: object  # PeftModelForCausalLM: SFT base + adapters policy, value[, reward]
-    tok: object
-    value_head: ScalarHead
+    model: PeftModel  # PeftModelForCausalLM: SFT base + adapters policy, value[, reward]
+    tok: PreTrainedTokenizerBase
+    value_head: ScalarHead | None  # None: rejection sampling's roles, which have no critic
     reward_head: ScalarHead | None
     reward_mean: float
     reward_std: float
@@ -222,7 +230,7 @@ class Roles:
     policy: str = "policy"  # the policy's adapter name
 
     @contextmanager
-    def use(self, name: str) -> Iterator[object]:
+    def use(self, name: str) -> Iterator[PeftModel]:
         """Run the block with adapter `name` active (`REFERENCE`: all adapters disabled); on exit, even by an
         exception, the adapter active before is active again and exactly `trainable` keep requires_grad."""
         previous = self.model.active_adapter

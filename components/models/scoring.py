@@ -68,7 +68,7 @@ def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 
 
 def load_reward_fn(path: str | None) -> Callable[[list[str], list[str]], list[float]] | None:
-    """ "package.module:function" -> the function (called as fn(prompts, responses) -> scores); None -> None.
+    """`package.module:function` -> the function (called as fn(prompts, responses) -> scores); None -> None.
     An object with a `build(ppo_cfg, model_cfg, roles)` classmethod instead (a reward that needs PPO's model,
     e.g. components.training.self_eval:SelfEvalReward) is built by PPO's `build_roles`."""
     if not path:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -175,7 +176,9 @@ class PolicyModel(PythonModel):
             self.tok.pad_token = self.tok.eos_token
         self.tok.padding_side = "left"
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True, trust_remote_code=False)
+        # Any: the base, or peft's model over it (the reward and policy adapters, or the policy merged in), and only
+        # self.scorer tells generate() which: it calls the adapter methods where there are adapters
+        model: Any = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True, trust_remote_code=False)
         self.context_tokens = getattr(model.config, "max_position_embeddings", None)
         self.scorer = None
         if "reward_adapter" in context.artifacts:  # policy and reward model as two adapters on one base

@@ -49,14 +49,16 @@ def model_signature(with_score: bool):
     request params (policy_model.DEFAULT_PARAMS) declared, so that MLflow passes them on."""
     import pandas as pd
     from mlflow.models import ModelSignature, infer_signature
-    from mlflow.types import ColSpec, DataType, Schema
+    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
 
     from components.registry.policy_model import DEFAULT_PARAMS
 
     # One string column matched by position, not by name: a DataFrame with a `prompt` column and a plain
     # list of strings (`inputs`) both pass schema enforcement.
     params = infer_signature(pd.DataFrame({"prompt": EXAMPLE_PROMPTS}), params=DEFAULT_PARAMS).params
-    outputs = [ColSpec(DataType.string, "response")] + ([ColSpec(DataType.double, "score")] if with_score else [])
+    outputs: list[ColSpec | TensorSpec] = [ColSpec(DataType.string, "response")]
+    if with_score:
+        outputs.append(ColSpec(DataType.double, "score"))
     return ModelSignature(inputs=Schema([ColSpec(DataType.string)]), outputs=Schema(outputs), params=params)
 
 

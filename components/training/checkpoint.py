@@ -92,7 +92,7 @@ def write_json_durable(path: Path, obj: Any) -> None:
 
 
 def fingerprint(cfg: Any, **inputs: Any) -> str:
-    body = asdict(cfg) if is_dataclass(cfg) else dict(cfg)
+    body = asdict(cfg) if is_dataclass(cfg) and not isinstance(cfg, type) else dict(cfg)
     body = {k: v for k, v in body.items() if k not in RESUMABLE_FIELDS}
     blob = json.dumps({"cfg": body, "inputs": inputs}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -230,7 +230,7 @@ def is_complete(out_dir: Path | str) -> bool:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

@@ -131,6 +131,7 @@ def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir
     model = get_peft_model(load_causal_lm(sft_dir, model_cfg, device), lora, adapter_name="policy")
     reward_head, mean, std = None, 0.0, 1.0
     if cfg.use_reward_model:
+        assert reward_dir is not None  # checked above: the reward model needs its dir
         rm_adapter = str(Path(reward_dir) / "adapter")
         model.load_adapter(rm_adapter, adapter_name="reward", is_trainable=False)
         reward_head, meta = ScalarHead.load(Path(reward_dir), device)
@@ -149,16 +150,19 @@ def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir
         else:
             model.add_adapter("value", lora)
         trainable = frozenset({"policy", "value"})
-    value_head = (
-        copy.deepcopy(reward_head).requires_grad_(True)
-        if cfg.value_init == "reward"
-        else ScalarHead(model.config.hidden_size).to(device)
-    )
+    if cfg.value_init == "reward":
+        assert reward_head is not None  # checked above: value_init=reward needs the reward model
+        value_head = copy.deepcopy(reward_head).requires_grad_(True)
+    else:
+        value_head = ScalarHead(model.config.hidden_size).to(device)
     activate(model, "policy", trainable)  # the policy is the resting role: `Roles.use` switches back to it
     roles = Roles(model, tok, value_head, reward_head, mean, std, None, trainable)
     reward_fn = load_reward_fn(cfg.reward_fn)
     # a reward that needs the model (the self-evaluation reward's judge `reference`) is built on these roles
-    roles.reward_fn = reward_fn.build(cfg, model_cfg, roles) if hasattr(reward_fn, "build") else reward_fn
+    if reward_fn is not None and hasattr(reward_fn, "build"):
+        roles.reward_fn = reward_fn.build(cfg, model_cfg, roles)
+    else:
+        roles.reward_fn = reward_fn
     return roles
 
 
@@ -199,6 +203,7 @@ def token_values(
 ) -> torch.Tensor:
     """V(prefix) before each response token: -> (B, Tr). ppo.value_model=shared: the value head on the policy's
     own hidden states `policy_hidden` (B, Tr, H), no second forward; adapter: on the value adapter's (a forward)."""
+    assert roles.value_head is not None  # PPO's roles have a critic (rejection sampling's alone have none)
     if "value" not in roles.trainable:
         return roles.value_head(policy_hidden)
     with roles.use("value"):
@@ -207,6 +212,7 @@ def token_values(
 
 def rm_scores(roles: Roles, ro: Rollout) -> torch.Tensor:
     """Raw reward-model score of prompt + response, read at the last token: -> (B,)."""
+    assert roles.reward_head is not None  # called only with a reward model (scores_for)
     with roles.use("reward"):
         return sequence_scores(roles.model, roles.reward_head, ro.sequence, ro.sequence_mask)
 
@@ -391,6 +397,7 @@ def credit_rollouts(
     -> the guide's raw RM scores [R], and advantages, returns, training mask [B, Tr]."""
     r, g = guidance.rows.to(mask.device), cfg.guide
     completed = guidance.completed
+    assert completed is not None  # score_rollout credits a batch with roll-outs only
     raw, score = scores_for(roles, completed, [prompts[i] for i in r.tolist()], cfg)
     if cfg.whiten_scores:
         score = (score - moments.mean) / moments.std
@@ -555,7 +562,8 @@ def write_checkpoint(
 ) -> None:
     """The trainable adapters, the value head and the trainer state (optimizer, KL coefficient, score moments,
     history, RNG) into checkpoint dir `d`."""
-    roles.model.save_pretrained(d / "adapters", selected_adapters=sorted(roles.trainable), safe_serialization=True)
+    assert roles.value_head is not None  # PPO's roles have a critic
+    roles.model.save_pretrained(str(d / "adapters"), selected_adapters=sorted(roles.trainable), safe_serialization=True)
     roles.value_head.save(d / "value_head")
     checkpoint.save_trainer_state(
         d,
@@ -569,6 +577,7 @@ def write_checkpoint(
 
 def restore(ckpt: Path, roles: Roles) -> None:
     """The trainable adapters and the value head, in place, from a checkpoint."""
+    assert roles.value_head is not None  # PPO's roles have a critic
     for name in roles.trainable:
         checkpoint.load_adapter_weights(roles.model, ckpt / "adapters" / name, adapter_name=name)
     head, _ = ScalarHead.load(ckpt / "value_head")
@@ -611,6 +620,7 @@ def train_ppo(
     if cfg.generation_cache not in CACHES:
         raise ValueError(f"ppo.generation_cache={cfg.generation_cache!r}: expected one of {', '.join(CACHES)}")
     roles = build_roles(cfg, model_cfg, sft_dir, reward_dir, device)
+    assert roles.value_head is not None  # build_roles gives PPO's roles a critic
     guide = load_guide(cfg.guide, roles, model_cfg, cfg.max_prompt_tokens + cfg.max_new_tokens)  # + a cut response
     params = [p for n, p in roles.model.named_parameters() if p.requires_grad] + list(roles.value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, eps=1e-5)
@@ -747,10 +757,11 @@ def write_outputs(
 ) -> PPOResult:
     """Everything to a tmp dir, then one rename: `final/` exists only for a finished, healthy run; then
     `COMPLETE.json` in its parent (the stage's out_dir) as the very last step."""
+    assert roles.value_head is not None  # PPO's roles have a critic
     tmp = final.with_name(".final-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     # tmp/policy and (ppo.value_model=adapter) tmp/value; the value head goes to tmp/value in either case
-    roles.model.save_pretrained(tmp, selected_adapters=sorted(roles.trainable), safe_serialization=True)
+    roles.model.save_pretrained(str(tmp), selected_adapters=sorted(roles.trainable), safe_serialization=True)
     roles.tok.save_pretrained(tmp / "policy")
     roles.value_head.save(tmp / "value")
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))

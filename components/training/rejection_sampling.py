@@ -237,7 +237,7 @@ def train_rejection_sampling(
         checkpoint.load_adapter_weights(roles.model, ckpt / "adapters" / POLICY, adapter_name=POLICY)
 
     def save_checkpoint(d: Path) -> None:
-        roles.model.save_pretrained(d / "adapters", selected_adapters=[POLICY], safe_serialization=True)
+        roles.model.save_pretrained(str(d / "adapters"), selected_adapters=[POLICY], safe_serialization=True)
         checkpoint.save_trainer_state(d, history=history, rng=checkpoint.rng_state())
 
     start, state = checkpoint.resume(ckpt_root, fp, restore)

@@ -35,8 +35,10 @@ batch's gradient), and rank 0 alone evaluates, logs and writes checkpoints and o
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,10 @@ from components.models.scoring import encode
 from components.training import checkpoint, distributed
 from components.training.callbacks import log_to_active_run
 from components.training.precision import LossScaler
+
+if TYPE_CHECKING:  # annotations only: peft and transformers load lazily, where a stage needs them
+    from peft import PeftModel
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -203,12 +209,16 @@ def evaluate_reward_model(model, head, tok, examples: list[list[Pair]], cfg: Rew
     if not examples:
         return {"rm/eval_accuracy": float("nan"), "rm/eval_examples": 0.0}
     model.eval()
-    rc, rr, w = [], [], []
+    rc_parts: list[torch.Tensor] = []  # per chunk: chosen and rejected scores, pair weights
+    rr_parts: list[torch.Tensor] = []
+    w_parts: list[torch.Tensor] = []
     pairs = [p for ex in examples for p in ex]
     for chunk in example_chunks(examples, cfg.micro_batch_size):
         c, r, wt, _ = score_comparisons(model, head, tok, chunk, cfg.max_length, device)
-        rc.append(c), rr.append(r), w.append(wt)
-    rc, rr, w = torch.cat(rc), torch.cat(rr), torch.cat(w)
+        rc_parts.append(c)
+        rr_parts.append(r)
+        w_parts.append(wt)
+    rc, rr, w = torch.cat(rc_parts), torch.cat(rr_parts), torch.cat(w_parts)
     single = w == 1.0
     model.train()
     return {
@@ -225,7 +235,7 @@ def evaluate_reward_model(model, head, tok, examples: list[list[Pair]], cfg: Rew
 
 @torch.no_grad()
 def reward_stats(
-    model, head, tok, examples: list[list[Pair]], cfg: RewardConfig, device, feedback: list[Feedback] = ()
+    model, head, tok, examples: list[list[Pair]], cfg: RewardConfig, device, feedback: Sequence[Feedback] = ()
 ) -> tuple[float, float]:
     """Mean and std of the reward over (up to stats_max_responses) distinct training responses (compared ones
     first, then those with feedback)."""
@@ -245,13 +255,13 @@ def reward_stats(
 class RewardModel:
     """What the reward stage trains and the optimiser state that goes with it."""
 
-    model: object  # peft model: LoRA adapter on the SFT model
+    model: PeftModel  # LoRA adapter on the SFT model
     head: ScalarHead
     bias: torch.nn.Parameter  # () the feedback bias b: P(thumbs up) = sigmoid(score + b)
-    tok: object
+    tok: PreTrainedTokenizerBase
     params: list[torch.nn.Parameter]  # the trainable ones: LoRA weights, the head's, then the feedback bias
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     device: torch.device
     scaler: LossScaler  # fp16: loss scaling; fp32/bf16: a pass-through
 
@@ -265,7 +275,7 @@ class RewardModel:
 
     def write(self, d: Path) -> None:
         """Write a checkpoint: adapter, head, optimizer/scheduler and RNG state."""
-        self.model.save_pretrained(d / "adapter", safe_serialization=True)
+        self.model.save_pretrained(str(d / "adapter"), safe_serialization=True)
         self.head.save(d, feedback_bias=self.bias.item())
         checkpoint.save_trainer_state(d, optimizer=self.optimizer, scheduler=self.scheduler, rng=checkpoint.rng_state())
 
@@ -291,7 +301,7 @@ def setup_reward_model(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, 
 
 
 def reward_step(
-    rm: RewardModel, examples: list[list[Pair]], cfg: RewardConfig, step: int, feedback: list[Feedback] = ()
+    rm: RewardModel, examples: list[list[Pair]], cfg: RewardConfig, step: int, feedback: Sequence[Feedback] = ()
 ) -> tuple[float, float, int, float]:
     """One optimizer step on a batch of preference examples and of feedback rows: -> (weighted BT loss, weighted
     accuracy, tokens scored, feedback loss).
@@ -347,7 +357,7 @@ def log_running(running: dict[str, float], rm: RewardModel, done: int, bar) -> N
             "rm/loss": running["loss"] / n,
             "rm/accuracy": running["acc"] / n,
             "rm/feedback_train_loss": running["fb"] / n,
-            "rm/learning_rate": rm.scheduler.get_last_lr()[0],
+            "rm/learning_rate": float(rm.scheduler.get_last_lr()[0]),  # a float lr: torch types it float | Tensor
         },
         done,
     )
@@ -469,7 +479,7 @@ def finish_reward(
         }
     )
     log_to_active_run(metrics, cfg.max_steps)
-    rm.model.save_pretrained(out_dir / "adapter", safe_serialization=True)
+    rm.model.save_pretrained(str(out_dir / "adapter"), safe_serialization=True)
     rm.head.save(
         out_dir,
         reward_mean=mean,

@@ -1,4 +1,4 @@
-"""The self-evaluation reward ("the survey trick"): a model scores a response by how likely it is to answer a
+r"""The self-evaluation reward ("the survey trick"): a model scores a response by how likely it is to answer a
 question about it positively, read from its next-token distribution; nothing is sampled.
 
     r(prompt, response) = P(positive | q) / (P(positive | q) + P(negative | q)),   q = template(prompt, response)
@@ -10,7 +10,7 @@ probability of a verdict instead of sampling one gives a smooth score in (0, 1) 
 
 Use it as PPO's reward, alone or beside the reward model:
 
-    rlhf run ppo.reward_fn=components.training.self_eval:SelfEvalReward ppo.use_reward_model=false \\
+    rlhf run ppo.reward_fn=components.training.self_eval:SelfEvalReward ppo.use_reward_model=false \
         ppo.value_init=fresh
 
 Settings are `ppo.self_eval` (components.config.SelfEvalConfig): the judge (`reference`: the SFT model, i.e.

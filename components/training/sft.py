@@ -19,6 +19,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -103,7 +104,7 @@ def build_trainer(
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
-    checkpointing = {
+    checkpointing: dict[str, Any] = {
         "activation_checkpointing": model_cfg.gradient_checkpointing,
         "activation_checkpointing_kwargs": {"use_reentrant": False} if model_cfg.gradient_checkpointing else None,
     }
