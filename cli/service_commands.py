@@ -114,9 +114,12 @@ def cmd_sweep(args, overrides: list[str]) -> int:
 
 
 def cmd_model(args, overrides: list[str]) -> int:
-    """`rlhf model serve`: `mlflow models serve` of a registered version, with the venv's bin on PATH
-    (MLflow execs uvicorn from PATH) and the project's tracking URI; prints the URL and a curl example."""
+    """`rlhf model serve`: MLflow's scoring server for a registered version, as `mlflow models serve --env-manager
+    local` runs it (uvicorn, one worker), behind the request-body cap of service/serving.py; the venv's bin on PATH
+    and the project's tracking URI; prints the URL and a curl example."""
     cfg = _load(overrides, prefect=False)
+    from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+
     from components import tracking
 
     name, venv = cfg.tracking.registered_model_name, Path(sys.executable).parent
@@ -125,6 +128,8 @@ def cmd_model(args, overrides: list[str]) -> int:
         **os.environ,
         "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}",
         "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg),
+        "__pyfunc_model_path__": uri,  # scoring_server._SERVER_MODEL_PATH: what service/serving.py loads
+        MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name: str(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()),
     }
     print(f"serving {uri} on http://{args.host}:{args.port}/invocations  (Ctrl-C stops)")
     print(
@@ -132,23 +137,8 @@ def cmd_model(args, overrides: list[str]) -> int:
         '-d \'{"inputs": ["The film was"], "params": {"max_new_tokens": 24, "temperature": 0.7, "seed": 0}}\'',
         flush=True,
     )
-    os.execvpe(
-        str(venv / "mlflow"),
-        [
-            str(venv / "mlflow"),
-            "models",
-            "serve",
-            "-m",
-            uri,
-            "--env-manager",
-            "local",
-            "-h",
-            args.host,
-            "-p",
-            str(args.port),
-        ],
-        env,
-    )
+    uvicorn = str(venv / "uvicorn")
+    os.execvpe(uvicorn, [uvicorn, "--host", args.host, "--port", str(args.port), "service.serving:app"], env)
 
 
 def cmd_rollback(args, overrides: list[str]) -> int:

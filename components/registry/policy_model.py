@@ -15,8 +15,8 @@ score in the units of its training responses' std, as the evaluation reports it)
 Params (per request): max_new_tokens, temperature (0 = greedy), top_p, seed (-1 = random), n (best-of-n:
 sample n responses per prompt, answer the one the reward model scores highest; 1 = plain sampling).
 
-Input contract (checked before any generation): 1..`max_prompts` prompts, each a non-blank string of at
-most `max_prompt_tokens` tokens and at most the model's context less `max_new_tokens`; `max_new_tokens`
+Input contract (checked before any generation): a body of at most `max_body_bytes` (`rlhf model serve`), 1..`max_prompts`
+prompts, each a non-blank string of at most `max_prompt_chars` characters (before tokenizing) and `max_prompt_tokens` tokens and at most the model's context less `max_new_tokens`; `max_new_tokens`
 in 1..`max_new_tokens_cap` (and below the context); temperature in 0..2; 0 < top_p <= 1; seed in
 -1..2**32-1; n in 1..`max_n` (and 1 for a model logged without its reward model). The caps are `Limits` (defaults below; `registry.log_and_register` writes them, with any
 overrides, into the logged model's `model_config`).
@@ -50,6 +50,10 @@ class Limits:
     max_prompt_tokens: int = 1024  # also held to the model's context less the request's max_new_tokens
     max_prompts: int = 16
     max_n: int = 8  # best-of-n: responses sampled per prompt (a request generates up to max_prompts * max_n)
+    max_prompt_chars: int = 8192  # checked before tokenizing: a longer prompt is never tokenized or padded
+    # the request body, checked before MLflow's server parses it (`rlhf model serve`: service/serving.py); room for
+    # max_prompts prompts of max_prompt_chars characters of up to 4 UTF-8 bytes each
+    max_body_bytes: int = 1 << 20
 
     def __post_init__(self):
         for f in fields(self):
@@ -73,6 +77,10 @@ class Limits:
 
     def as_config(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
 
 
 # A bad request raises MlflowException(error_code=INVALID_PARAMETER_VALUE): the supported way to get a clean
@@ -136,6 +144,13 @@ def validate_prompts(prompts: list, limits: Limits) -> None:
         if not isinstance(prompt, str) or not prompt.strip():
             shown = repr(prompt) if len(repr(prompt)) <= 40 else repr(prompt)[:40] + "..."
             raise bad_request("prompt", "non-blank string", f"prompt {i} must be a non-blank string, got {shown}.")
+        if len(prompt) > limits.max_prompt_chars:
+            raise bad_request(
+                "prompt",
+                f"1..{limits.max_prompt_chars} characters",
+                f"prompt {i} has {len(prompt)} characters, allowed 1..{limits.max_prompt_chars} characters "
+                f"(max_prompt_chars={limits.max_prompt_chars}).",
+            )
 
 
 def check_lengths(lengths: list[int], max_new_tokens: int, limits: Limits, context: int | None) -> None:

@@ -25,7 +25,8 @@ from components.registry.registry import CHALLENGER, CHAMPION, alias_version, lo
 
 NAME = "test-policy"
 V1_LIMITS = {"max_prompt_tokens": 24, "max_prompts": 4}  # v1 is logged with these caps; v2 with the defaults
-SERVE_CONFIG = {"max_new_tokens_cap": 64}  # and served with this override (MLFLOW_PYFUNC_INFERENCE_CONFIG)
+# and served with these overrides (MLFLOW_PYFUNC_INFERENCE_CONFIG)
+SERVE_CONFIG = {"max_new_tokens_cap": 64, "max_prompt_chars": 200, "max_body_bytes": 4096}
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +283,8 @@ BAD_REQUESTS = {  # id: (request, field, allowed)
     "non-string prompt": ({"dataframe_records": [{"prompt": 7}]}, "prompt", "non-blank string"),
     "null prompt": ({"dataframe_split": {"columns": ["prompt"], "data": [[None]]}}, "prompt", "non-blank string"),
     "too many prompts": (ask(["The film was"] * 5), "prompt", "1..4"),
-    "prompt too long": (ask(["The film was " * 20]), "prompt", "1..24 tokens"),
+    "prompt too long": (ask(["The film was " * 15]), "prompt", "1..24 tokens"),
+    "prompt too many characters": (ask(["x" * 201]), "prompt", "1..200 characters"),
     "max_new_tokens negative": (ask(["The film was"], max_new_tokens=-5), "max_new_tokens", "1..64"),
     "max_new_tokens over cap": (ask(["The film was"], max_new_tokens=65), "max_new_tokens", "1..64"),
     "temperature negative": (ask(["The film was"], temperature=-0.1), "temperature", "0.0..2.0"),
@@ -305,6 +307,39 @@ def test_bad_requests_get_a_clean_400(served, case):
     sentence = body["message"].rsplit("Error: ", 1)[-1]  # MLflow prefixes "Failed to predict data '...'. \nError: "
     assert field in sentence and allowed in sentence and sentence.count(". ") == 0, sentence
     assert "Traceback" not in text and not body.get("stack_trace"), text
+
+
+def test_a_body_over_the_cap_gets_413_before_anything_parses_it(served):
+    """Issue 28, item 7: max_body_bytes (4096 here) is held before MLflow's server reads the body into memory and
+    parses it: declared by Content-Length, or streamed in chunks with none declared. The server stays up."""
+    import http.client
+
+    big = json.dumps(ask(["The film was " * 400])).encode()  # ~5 KB: over the 4096-byte cap
+    status, text = post(served, json.loads(big))
+    body = json.loads(text)
+    assert status == 413 and body["field"] == "body" and body["allowed"] == "1..4096 bytes", text
+    assert body["message"] == (
+        f"The request body declares {len(big)} bytes, allowed 1..4096 bytes (serving limit max_body_bytes): "
+        "send fewer or shorter prompts."
+    )
+    conn = http.client.HTTPConnection("127.0.0.1", served, timeout=60)
+    conn.putrequest("POST", "/invocations")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    try:
+        for i in range(0, len(big), 1000):
+            chunk = big[i : i + 1000]
+            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        conn.send(b"0\r\n\r\n")
+    except OSError:
+        pass  # the server may answer and close before the last chunk
+    streamed = conn.getresponse()
+    assert streamed.status == 413, streamed.read()
+    assert "sent more than 4096 bytes" in json.loads(streamed.read())["message"]
+    conn.close()
+    # within the cap, the same server answers as before
+    assert len(predictions(served, ask(["The film was"], max_new_tokens=4, seed=0))["predictions"]) == 1
 
 
 # ---- a served or registered policy as the guide of guided PPO (RLGF, issue 13) ----

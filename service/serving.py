@@ -1,0 +1,97 @@
+"""The served model's web app, as `rlhf model serve` runs it: MLflow's own scoring server
+(`mlflow.pyfunc.scoring_server.init`, what `mlflow models serve` runs) behind a cap on the request body.
+
+    uvicorn service.serving:app        # with __pyfunc_model_path__=models:/NAME@ALIAS (rlhf model serve sets it)
+
+MLflow's server reads the whole body and parses it before the model sees a prompt, so a 20 MB request would be
+held, parsed and handed over whole. `BodyCap` reads at most `max_body_bytes` (the served model's serving limit,
+components/registry/policy_model.Limits) and answers 413 in one sentence past it, declared or streamed; what is
+within the cap is replayed to MLflow's app unchanged. The model's own checks (characters before tokens) follow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class BodyCap:
+    """Pure ASGI middleware: an HTTP request body over `max_bytes` gets a 413 before the app sees any of it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self.refuse(send, f"declares {declared.decode(errors='replace')} bytes")
+            return
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                await self.refuse(send, f"sent more than {self.max_bytes} bytes")
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # the app then waits for the client's disconnect, as with any request
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def refuse(self, send: Send, what: str) -> None:
+        sentence = (
+            f"The request body {what}, allowed 1..{self.max_bytes} bytes (serving limit max_body_bytes): "
+            "send fewer or shorter prompts."
+        )
+        payload = json.dumps(
+            {
+                "error_code": "REQUEST_LIMIT_EXCEEDED",
+                "message": sentence,
+                "field": "body",
+                "allowed": f"1..{self.max_bytes} bytes",
+            }
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers + [(b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def build(model_uri: str) -> BodyCap:
+    """MLflow's scoring app for `model_uri` (its serving limits applied, MLFLOW_PYFUNC_INFERENCE_CONFIG included),
+    behind the body cap those limits name."""
+    from mlflow.pyfunc import scoring_server
+
+    from components.registry.policy_model import Limits
+
+    model = scoring_server.load_model_with_mlflow_config(model_uri)
+    limits = Limits.from_config({k: v for k, v in (model.model_config or {}).items() if k in Limits.names()})
+    return BodyCap(scoring_server.init(model), limits.max_body_bytes)
+
+
+def __getattr__(name: str) -> Any:  # `uvicorn service.serving:app` builds the app on first access only
+    if name == "app":
+        from mlflow.pyfunc import scoring_server
+
+        globals()["app"] = application = build(os.environ[scoring_server._SERVER_MODEL_PATH])
+        return application
+    raise AttributeError(name)
