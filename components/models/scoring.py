@@ -17,9 +17,11 @@ from components.models.chat import prompt_and_response
 
 def encode(tok, prompts: list[str], responses: list[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """prompt + " " + response + EOS (with a chat template: the rendered prompt + response + EOS,
-    components/models/chat.py), truncated to max_length (EOS kept), right-padded: -> (B, T) x2."""
+    components/models/chat.py), truncated to max_length from the left (the prompt's start goes first, the response
+    and EOS stay: a reward model scores at the last token, and a cut response would score every candidate of a long
+    prompt alike), right-padded: -> (B, T) x2."""
     ids = [
-        tok(prompt_and_response(tok, p, r), add_special_tokens=False)["input_ids"][: max_length - 1]
+        tok(prompt_and_response(tok, p, r), add_special_tokens=False)["input_ids"][-(max_length - 1) :]
         + [tok.eos_token_id]
         for p, r in zip(prompts, responses, strict=True)
     ]

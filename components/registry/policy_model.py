@@ -306,7 +306,10 @@ class RewardScorer:
     @torch.no_grad()
     def scores(self, prompts: list[str], responses: list[str]) -> list[float]:
         ids = [
-            self.tok(prompt_and_response(self.tok, p, r), add_special_tokens=False)["input_ids"][: self.max_length - 1]
+            # the last max_length - 1 tokens, as scoring.encode: a long prompt loses its start, never the response
+            self.tok(prompt_and_response(self.tok, p, r), add_special_tokens=False)["input_ids"][
+                -(self.max_length - 1) :
+            ]
             + [self.tok.eos_token_id]
             for p, r in zip(prompts, responses, strict=True)
         ]

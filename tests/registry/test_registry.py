@@ -144,6 +144,22 @@ def test_best_of_n_returns_the_highest_scoring_of_its_n_samples(registry, reward
     assert four > one
 
 
+def test_best_of_n_tells_candidates_apart_after_a_prompt_longer_than_the_reward_models_window(registry):
+    """Issue 28, item 8: the reward model reads max_length tokens (96 here); serving takes prompts up to the context.
+    Cut from the right, a long prompt filled the window and every candidate scored the same. Cut from the left,
+    each candidate is scored on its own response and the end of its prompt."""
+    from components.registry.policy_model import DEFAULT_PARAMS
+
+    _, (v1, _) = registry
+    model = mlflow.pyfunc.load_model(v1.model_uri, model_config={"max_prompt_tokens": 1000})
+    policy = model.unwrap_python_model()
+    prompt = "I bought this after reading many reviews of it, and " * 6 + "my verdict:"
+    n_tokens = len(policy.tok(prompt, add_special_tokens=False)["input_ids"])
+    assert policy.scorer.max_length < n_tokens <= policy.context_tokens - 8, n_tokens
+    texts, scores = policy.candidates([prompt], {**DEFAULT_PARAMS, "seed": 3, "n": 4, "max_new_tokens": 8})
+    assert len(set(texts[0])) > 1 and len(set(scores[0])) == len(set(texts[0])), (texts, scores)
+
+
 def test_best_of_n_needs_the_reward_model(registry):
     _, (_, v2) = registry  # logged without its reward model
     model = mlflow.pyfunc.load_model(v2.model_uri)
