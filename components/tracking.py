@@ -185,11 +185,7 @@ def log_data_input(data_path: Path, version: str, rows: dict[str, int], remote: 
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    # MLflow's MetaDataset leaves Dataset.profile abstract, but Dataset is no ABC: MetaDataset(source) is its
-    # documented use
-    dataset = MetaDataset(  # type: ignore[abstract]
-        resolve_dataset_source(str(data_path)), name=f"data@{version}", digest=version[:36]
-    )
+    dataset = MetaDataset(resolve_dataset_source(str(data_path)), name=f"data@{version}", digest=version[:36])
     tags = {
         "dvc_path": "data",
         "dvc_md5": version,

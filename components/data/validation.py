@@ -435,10 +435,8 @@ class GXValidator:
         self.cfg = cfg
         gx_root.mkdir(parents=True, exist_ok=True)
         self.context = gx.get_context(mode="file", project_root_dir=str(gx_root))
-        # GX annotates this setter ProgressBarsConfig, but stores the value as given and its reader
-        # (Validator._determine_progress_bars) looks keys up in it: a mapping, as in the config file
-        bars = {"globally": False, "metric_calculations": False}
-        self.context.variables.progress_bars = bars  # type: ignore[assignment]
+        bars = {"globally": False, "metric_calculations": False}  # a mapping, as in GX's config file
+        self.context.variables.progress_bars = bars
         self.source = self.context.data_sources.add_or_update_pandas("rlhf")
 
     def _batch_definition(self, frame: str):

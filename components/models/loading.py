@@ -46,8 +46,7 @@ def load_causal_lm(path: str | Path, cfg: ModelConfig, device: torch.device | No
     )
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    # transformers wraps PreTrainedModel.to in functools.wraps(nn.Module.to): mypy then reads an unbound signature
-    return model if kwargs else model.to(device)  # type: ignore[arg-type]
+    return model if kwargs else model.to(device)
 
 
 def quantization_kwargs(cfg: ModelConfig, device: torch.device) -> dict:

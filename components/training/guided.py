@@ -162,9 +162,8 @@ def rollouts(
     # (the cut as generation.encode_prompts makes it; each prompt tokenised once)
     whole = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     prompt_ids = [ids[-cfg.max_prompt_tokens :] or [tok.eos_token_id] for ids in whole]
-    # transformers annotates decode str | list[str] whatever the input (no overloads): one sequence gives a str
     shown = [
-        p if len(ids) <= cfg.max_prompt_tokens else tok.decode(tail).strip()  # type: ignore[union-attr]
+        p if len(ids) <= cfg.max_prompt_tokens else tok.decode(tail).strip()
         for p, ids, tail in zip(prompts, whole, prompt_ids, strict=True)
     ]
 
@@ -177,8 +176,8 @@ def rollouts(
             ro = sample_from(roles.model, tok, query, qmask, *args, cache=cfg.generation_cache)
         written = torch.tensor([len(x) for x in prefixes])
         ro = truncate(ro, cfg.max_new_tokens - written, tok)
-        ro.texts = [  # one sequence each: decode gives a str (its annotation says str | list[str])
-            tok.decode(x + ro.response[i][ro.response_mask[i].bool()].tolist(), skip_special_tokens=True).strip()  # type: ignore[union-attr]
+        ro.texts = [
+            tok.decode(x + ro.response[i][ro.response_mask[i].bool()].tolist(), skip_special_tokens=True).strip()
             for i, x in enumerate(prefixes)
         ]
     else:
