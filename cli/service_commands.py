@@ -300,4 +300,6 @@ def cmd_worker(args, overrides: list[str]) -> int:
         flush=True,
     )
     os.chdir(work_dir)
-    os.execv(argv[0], argv)  # the worker is Prefect's own process: its signals, its logs
+    from service.worker import supervise
+
+    return supervise(argv, lambda m: print(m, flush=True))  # Prefect's worker, stopped within 10 s when asked

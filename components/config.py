@@ -312,7 +312,10 @@ class InfraConfig:
     # a Prefect work pool: SFT, reward model, PPO and evaluation run as flow runs on its workers (flows/dispatch.py);
     # None: every stage runs in the retrain flow's process
     training_pool: Optional[str] = None
-    stage_timeout_s: Optional[float] = None  # how long the retrain waits for a dispatched stage (None: no limit)
+    stage_timeout_s: Optional[float] = 86400.0  # how long the retrain waits for a dispatched stage (None: no limit)
+    # a dispatched stage whose pool has had no worker online this long is lost (crashed, retried): Prefect's server
+    # marks a worker offline ~90 s after its last heartbeat
+    worker_lost_s: float = 180.0
     # Data parallel training (service/launch.py): SFT, the reward model and PPO as num_processes processes per machine
     # (one per GPU; on CPU, gloo), started by torchrun or `accelerate launch` where the stage runs (this process, or
     # the pool's worker). Batch sizes stay global: each process takes its share. README, "Scale".

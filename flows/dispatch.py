@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import asdict
 from fnmatch import fnmatchcase
@@ -29,7 +30,7 @@ from components.config import Config, compose
 from components.data.versioning import DataState
 from flows.caching import prune_stage_outputs, reuse_key_of, stage_root
 from flows.contracts import Evaluation, StageOutput
-from flows.locations import OUTPUT, available, check_input, local_path
+from flows.locations import OUTPUT, available, check_input, inputs_in_use, prune_inputs
 
 RECORD = "stage_output.json"  # what the stage hands back: its StageOutput / Evaluation, or its error
 REUSE_TAG = "rlhf.reuse_key"  # on a finished run whose result may be reused (the demo base)
@@ -142,11 +143,11 @@ def dispatch(
     run = run_deployment(
         deployment_name(stage, pool),
         parameters={"request": request},
-        timeout=cfg.infra.stage_timeout_s,
+        timeout=0,  # created, not waited for: `wait_for_stage` watches the worker too
         as_subflow=True,
-        poll_interval=1,  # Prefect's default 5 s would add up to 5 s to every stage
         tags=["rlhf", f"stage:{stage}"],
     )
+    run = wait_for_stage(run.id, pool, cfg.infra.stage_timeout_s, cfg.infra.worker_lost_s)
     record = _read_record(run.id, parent_run_id)
     state = run.state
     if record and "error" not in record and state is not None and state.is_completed():
@@ -162,7 +163,7 @@ def dispatch(
         cls = StageLost if record.get("transient") else StageFailed
         raise cls(f"{stage} failed on work pool {pool!r} (flow run {run.name}): {err}: {msg}")
     if state is None or not state.is_final():  # infra.stage_timeout_s passed: stop it, retry
-        _cancel(run.id)
+        _cancel(run.id, "stage timeout (infra.stage_timeout_s)")
         raise StageTimeout(
             f"{stage} did not finish within infra.stage_timeout_s={cfg.infra.stage_timeout_s} s on work pool "
             f"{pool!r} (flow run {run.name}, state {state.name if state else 'none'}); it was cancelled"
@@ -173,12 +174,60 @@ def dispatch(
     )
 
 
-def _cancel(flow_run_id) -> None:
+POLL_S = 1.0  # Prefect's default 5 s would add up to 5 s to every stage
+CANCEL_WAIT_S = 60.0  # how long a cancelled stage is given to stop before its retry is dispatched
+
+
+def wait_for_stage(flow_run_id, pool: str, timeout_s: float | None, worker_lost_s: float):
+    """Poll a dispatched stage's flow run until it is final, `timeout_s` passes (-> the run, not final), or no worker
+    of `pool` has been online for `worker_lost_s` by this process's monotonic clock (Prefect's server marks a worker
+    offline when its heartbeats stop; Prefect OSS never crashes the flow run a vanished worker held): then the run
+    is marked Crashed and StageLost raised, which the retrain retries."""
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    started = time.monotonic()
+    none_online_since: float | None = None
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                run = client.read_flow_run(flow_run_id)
+                workers = client.read_workers_for_work_pool(pool)
+            except (OSError, httpx.HTTPError):  # the Prefect server restarting: nothing known, wait on
+                time.sleep(POLL_S)
+                continue
+            if run.state is not None and run.state.is_final():
+                return run
+            now = time.monotonic()
+            if timeout_s is not None and now - started > timeout_s:
+                return run
+            online = any(str(w.status).upper().endswith("ONLINE") for w in workers)
+            none_online_since = None if online else (none_online_since or now)
+            if none_online_since is not None and now - none_online_since > worker_lost_s:
+                why = (
+                    f"no worker of work pool {pool!r} has been online for {now - none_online_since:.0f} s "
+                    f"(infra.worker_lost_s={worker_lost_s:g}) while flow run {run.name} was {run.state_name}"
+                )
+                client.set_flow_run_state(flow_run_id, Crashed(message=f"worker lost: {why}"), force=True)
+                raise StageLost(f"{why}: its worker is gone; start one with `rlhf worker --pool {pool}`")
+            time.sleep(POLL_S)
+
+
+def _cancel(flow_run_id, why: str) -> None:
+    """Cancel a stage's flow run and wait (at most CANCEL_WAIT_S) until it has stopped, so that its retry does
+    not start while it still writes its stage dir (which a second writer is refused: flows/caching.stage_dir_lock)."""
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelling
 
     with get_client(sync_client=True) as client:
-        client.set_flow_run_state(flow_run_id, Cancelling(message="stage timeout (infra.stage_timeout_s)"), force=True)
+        client.set_flow_run_state(flow_run_id, Cancelling(message=why), force=True)
+        deadline = time.monotonic() + CANCEL_WAIT_S
+        while time.monotonic() < deadline:
+            state = client.read_flow_run(flow_run_id).state
+            if state is None or state.is_final():
+                return
+            time.sleep(POLL_S)
 
 
 def warn_if_no_worker(pool: str, log) -> None:
@@ -262,8 +311,14 @@ def _run_here(request: dict[str, Any], body: Callable[..., Any]) -> tuple[Any, s
     for name, location in request["inputs"].items():  # before anything is fetched: nothing to another host
         check_input(name, location, cfg, parent.info.experiment_id)
     data = fetch_version(cfg, request["data_version"])
-    inputs = {k: local_path(cfg, v) for k, v in request["inputs"].items()}
-    out = body(cfg, data, parent_run_id=request["parent_run_id"], **inputs)  # by name: JSON may reorder
+    with inputs_in_use(cfg, request["inputs"]) as inputs:  # not pruned while this stage reads them
+        out = body(cfg, data, parent_run_id=request["parent_run_id"], **inputs)  # by name: JSON may reorder
+    if removed := prune_inputs(cfg):
+        from prefect import get_run_logger
+
+        get_run_logger().info(
+            "pruned %d downloaded input(s) beyond the most recently used: %s", len(removed), ", ".join(removed)
+        )
     if isinstance(out, str):  # the demo base: a local dir, reusable by a later retrain (a key of what was built)
         return StageOutput(_publish(Path(out), Path(out)), _active_or_last_run(), {}), reuse_key_of("base", cfg, data)
     if isinstance(out, StageOutput):

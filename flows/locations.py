@@ -4,10 +4,13 @@ cache and dispatch read locations through these functions alone."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from components.config import Config
@@ -67,26 +70,100 @@ def available(location: str) -> bool:
         return False
 
 
-def local_path(cfg: Config, location: str) -> str:
-    """A stage output on this machine: downloaded once into `<state>/inputs/` (a URI), else the path itself."""
-    if not is_uri(location):
-        return location
-    import fcntl
+INPUTS = "inputs"  # <state>/inputs/: stage outputs of other machines, downloaded once
+INPUTS_PER_STAGE_OUTPUT = 4  # inputs kept: this many per kept stage output (base, SFT, reward model, policy)
 
+
+def _input_dest(cfg: Config, location: str) -> Path:
+    return cfg.state_path / INPUTS / location.replace(":/", "/").strip("/").replace("/", "__")
+
+
+def local_path(cfg: Config, location: str) -> str:
+    """A stage output on this machine: downloaded once into `<state>/inputs/` (a URI), else the path itself.
+    Nothing holds it in use afterwards: a stage that reads it uses `inputs_in_use`."""
+    with inputs_in_use(cfg, {"input": location}) as paths:
+        return paths["input"]
+
+
+@contextmanager
+def inputs_in_use(cfg: Config, locations: dict[str, str]) -> Iterator[dict[str, str]]:
+    """Each location on this machine (`local_path`), marked in use until the block ends: a shared lock on
+    `<input>.inuse`, which `prune_inputs` (an exclusive, non-blocking lock) respects. -> {name: local path}."""
+    with ExitStack() as stack:
+        paths = {}
+        for name, location in locations.items():
+            if not is_uri(location):
+                paths[name] = location
+                continue
+            dest = _input_dest(cfg, location)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(_held(dest.parent / f"{dest.name}.inuse", fcntl.LOCK_SH))
+            with _held(dest.parent / f"{dest.name}.lock", fcntl.LOCK_EX):  # one download per machine
+                done = dest.parent / f"{dest.name}.complete"  # beside it, not in it (it may be bundled into a model)
+                if not done.exists():
+                    _download(location, dest)
+                    done.write_text(location)
+            os.utime(done)  # recently used: kept by prune_inputs
+            paths[name] = str(dest)
+        yield paths
+
+
+@contextmanager
+def _held(path: Path, how: int, blocking: bool = True) -> Iterator[bool]:
+    """flock `path` (`how`: LOCK_SH or LOCK_EX) for the block; -> False at once when not `blocking` and it is held.
+    A lock on a file that a prune unlinked in between is taken again on the file now at `path`."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, how | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                yield True
+                return
+        finally:
+            os.close(fd)
+
+
+def _download(location: str, dest: Path) -> None:
     import mlflow
 
-    dest = cfg.state_path / "inputs" / location.replace(":/", "/").strip("/").replace("/", "__")
-    done = dest.parent / f"{dest.name}.complete"  # beside it, not in it (it may be bundled into a model)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with open(dest.parent / f"{dest.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two stages of this machine fetching the same input: one downloads
-        if not done.exists():
-            tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
-            try:
-                got = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(tmp)))
-                shutil.rmtree(dest, ignore_errors=True)  # a partial copy of a killed download
-                os.replace(got, dest)
-                done.write_text(location)
-            finally:
+    tmp = Path(tempfile.mkdtemp(prefix=f".download-{dest.name}-", dir=dest.parent))
+    try:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=location, dst_path=str(tmp)))
+        shutil.rmtree(dest, ignore_errors=True)  # a partial copy of a killed download
+        os.replace(got, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prune_inputs(cfg: Config) -> list[str]:
+    """Delete downloaded inputs beyond the most recently used `INPUTS_PER_STAGE_OUTPUT x infra.keep_stage_outputs`
+    (None: keep all), never one in use, and downloads a killed process left half-done. -> the deleted names."""
+    root, keep = cfg.state_path / INPUTS, cfg.infra.keep_stage_outputs
+    if keep is None or not root.is_dir():
+        return []
+    for tmp in root.glob(".download-*"):  # a killed download's leftovers (a live one holds its input's .lock)
+        lock = root / f"{tmp.name.removeprefix('.download-').rsplit('-', 1)[0]}.lock"
+        with _held(lock, fcntl.LOCK_EX, blocking=False) as free:
+            if free:
                 shutil.rmtree(tmp, ignore_errors=True)
-    return str(dest)
+    done = sorted(root.glob("*.complete"), key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = []
+    for marker in done[keep * INPUTS_PER_STAGE_OUTPUT :]:
+        dest = marker.with_suffix("")
+        with _held(root / f"{dest.name}.inuse", fcntl.LOCK_EX, blocking=False) as free:
+            if not free:
+                continue
+            marker.unlink(missing_ok=True)  # first: a half-deleted input is never taken for a complete one
+            shutil.rmtree(dest, ignore_errors=True)
+            for suffix in (".lock", ".inuse"):
+                (root / f"{dest.name}{suffix}").unlink(missing_ok=True)
+        removed.append(dest.name)
+    return removed

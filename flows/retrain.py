@@ -24,6 +24,7 @@ from components.training.ppo import PPODivergence
 from flows.approval import await_approval
 from flows.caching import config_hash, log_on_parent, prune_stage_outputs, run_stage, stage_root
 from flows.contracts import RetrainSummary, StageOutput
+from flows.locations import prune_inputs
 from flows.pool import ensure_deployed
 from flows.stages import (
     base_model,
@@ -145,7 +146,10 @@ def nothing_to_do(cfg: Config, data: DataState, s: RetrainSummary) -> State | No
 
 
 def prune(cfg: Config, outputs: list[StageOutput]) -> None:
-    """Mark this run's stage dirs recently used, and prune the others beyond `infra.keep_stage_outputs`."""
+    """Mark this run's stage dirs recently used, and prune the others beyond `infra.keep_stage_outputs`; the same
+    for the inputs downloaded from other machines (flows/locations.prune_inputs)."""
+    if removed := prune_inputs(cfg):
+        get_run_logger().info("pruned %d downloaded input(s) beyond the most recently used", len(removed))
     if cfg.infra.training_pool:  # the outputs are on the workers (each prunes its own)
         return
     in_use = {stage_root(cfg, out.dir).resolve() for out in outputs}

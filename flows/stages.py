@@ -34,7 +34,7 @@ from components.training.rejection_sampling import train_rejection_sampling
 from flows import dispatch
 from flows.caching import CACHED, config_hash, prune_stage_outputs, reuse_key_of, stage_dir, stage_dir_lock
 from flows.contracts import Evaluation, GateOutcome, Registration, StageOutput, ValidationSummary
-from flows.locations import local_path
+from flows.locations import inputs_in_use
 from service import launch, lifecycle
 
 
@@ -345,13 +345,13 @@ def register(
             )
             reg = registry.finish_registration(name, version, tags)
         else:
-            reg = registry.log_and_register(
-                name,
-                local_path(cfg, sft_dir),
-                local_path(cfg, policy_dir),
-                tags,
-                reward_dir=local_path(cfg, reward_dir) if cfg.registry.include_reward_model else None,
-            )
+            wanted = {"sft": sft_dir, "policy": policy_dir}
+            if cfg.registry.include_reward_model:
+                wanted["reward"] = reward_dir
+            with inputs_in_use(cfg, wanted) as local:
+                reg = registry.log_and_register(
+                    name, local["sft"], local["policy"], tags, reward_dir=local.get("reward")
+                )
         card = model_card(reg.name, cfg.model.name, data.version, git_commit(cfg.root_path), asdict(gate))
         mlflow.log_text(card, "model_card.md")
         registry.describe(reg.name, reg.version, card)

@@ -29,12 +29,14 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from components.config import CONF_DIR, Config
+from components.owner import Owner
 
 LAUNCHERS = ("torchrun", "accelerate")
 
@@ -81,8 +83,10 @@ def run(stage: str, cfg: Config, **args: str | None) -> Any:
         return STAGES[stage](cfg, args)
     import mlflow
 
+    prune_launch_dirs(cfg.state_path / "launch")
     run_dir = cfg.state_path / "launch" / uuid.uuid4().hex[:12]
     run_dir.mkdir(parents=True, mode=0o700)  # the spec holds the operator's overrides: readable by this user only
+    (run_dir / OWNER_FILE).write_text(str(Owner.me()))
     active = mlflow.active_run()
     spec = {
         "stage": stage,
@@ -98,7 +102,8 @@ def run(stage: str, cfg: Config, **args: str | None) -> Any:
     try:
         # the ranks' output (progress bars, logs) goes to this terminal
         proc = subprocess.run(
-            [sys.executable, "-m", "service.launch", "--exec", *cmd],  # the launcher dies with this process
+            # the launcher dies with this process (named by pid: it may die while the launcher imports)
+            [sys.executable, "-m", "service.launch", "--exec", str(os.getpid()), *cmd],
             cwd=cfg.root_path,
             env=_env(cfg, mlflow.get_tracking_uri()),
         )
@@ -109,6 +114,27 @@ def run(stage: str, cfg: Config, **args: str | None) -> Any:
         return getattr(__import__(module, fromlist=[name]), name)(**json.loads(result.read_text()))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+OWNER_FILE = "owner"  # host:pid:start of the process that made a launch dir (components/owner.py)
+STALE_LAUNCH_DIR_S = 24 * 3600  # a launch dir whose owner cannot be judged (another host) is removed after this
+
+
+def prune_launch_dirs(root: Path) -> list[Path]:
+    """Launch dirs of processes that are gone: `run` removes its own when it returns, a SIGKILL leaves it, and it
+    holds the operator's overrides. Another host's (shared storage) is removed once older than a day."""
+    removed = []
+    for d in root.iterdir() if root.is_dir() else []:
+        try:
+            owner = Owner.parse((d / OWNER_FILE).read_text().strip())
+            age_s = time.time() - d.stat().st_mtime
+        except OSError:  # no owner written (an older version, or a dir made a moment ago): judged by age
+            owner, age_s = None, time.time() - d.stat().st_mtime if d.exists() else 0.0
+        alive = owner.alive() if owner else None
+        if alive is False or (alive is None and age_s > STALE_LAUNCH_DIR_S):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
 
 
 def command(cfg: Config, spec: Path) -> list[str]:
@@ -246,13 +272,15 @@ def _error(stage: str, run_dir: Path, returncode: int, cmd: list[str]) -> Except
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def die_with_parent() -> None:
+def die_with_parent(parent: int | None = None) -> None:
     """SIGKILL this process when its parent dies (Linux; elsewhere nothing). torchrun starts each rank in a session
     of its own, so a SIGKILL of the retrain's process group (an operator, the OOM killer) killed the launcher but
-    not the ranks: they trained on, unseen, and raced the next run resuming the same stage directory."""
+    not the ranks: they trained on, unseen, and raced the next run resuming the same stage directory.
+    `parent`: the pid the caller gave on the command line. Read here instead, after this module's imports (about a
+    second), a caller that died meanwhile would be missed: the pid read would already be its successor's."""
     if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # it died before the call: no signal will come
         os._exit(1)
@@ -292,6 +320,6 @@ def main(spec_path: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "--exec":  # `run` starts the launcher so: it dies with its caller, then its ranks with it
-        die_with_parent()
-        os.execv(sys.argv[2], sys.argv[2:])
+        die_with_parent(int(sys.argv[2]))
+        os.execv(sys.argv[3], sys.argv[3:])
     main(sys.argv[1])

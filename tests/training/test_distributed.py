@@ -126,9 +126,14 @@ def test_a_sigkilled_caller_takes_its_launcher_and_ranks_with_it(tmp_path):
     on to the end. Now the launcher (started as `run` starts it) dies with its caller, and each rank with the
     launcher."""
     ranks = tmp_path / "rank.pid"
-    launcher = [sys.executable, "-m", "service.launch", "--exec", sys.executable, "-c", LAUNCHER, str(ranks)]
+    launcher = [sys.executable, "-c", LAUNCHER, str(ranks)]
     caller = subprocess.Popen(
-        [sys.executable, "-c", f"import subprocess; subprocess.run({launcher!r})"],
+        [
+            sys.executable,
+            "-c",
+            "import os, subprocess, sys; "
+            f"subprocess.run([sys.executable, '-m', 'service.launch', '--exec', str(os.getpid()), *{launcher!r}])",
+        ],
         cwd=Path(launch.__file__).resolve().parents[1],
         start_new_session=True,
     )
@@ -154,6 +159,19 @@ def test_a_sigkilled_caller_takes_its_launcher_and_ranks_with_it(tmp_path):
             os.killpg(caller.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_a_launcher_whose_caller_died_while_it_started_does_not_run():
+    """Issue 28, item 12: the caller names itself on the command line. A launcher whose parent is no longer that
+    caller (it died during the launcher's imports) exits at once instead of running unwatched."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.launch", "--exec", "999999999", sys.executable, "-c", "print('ran')"],
+        cwd=Path(launch.__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1 and "ran" not in proc.stdout, (proc.stdout, proc.stderr)
 
 
 def test_launcher_command_lines(tmp_path):
