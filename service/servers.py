@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from components.owner import boot_ticks
 from service.credentials import http_status, read_env_file
 
 PG_SYSTEM_USER = "rlhf_postgres"  # PostgreSQL refuses to run as root
@@ -259,7 +260,10 @@ def _spawn(layout: Layout, name: str, argv: list[str], env: dict[str, str]) -> N
         )
     import psutil
 
-    layout.pidfile(name).write_text(f"{proc.pid} {psutil.Process(proc.pid).create_time()}")
+    ticks = boot_ticks(proc.pid)
+    layout.pidfile(name).write_text(
+        f"{proc.pid} {psutil.Process(proc.pid).create_time()}" + ("" if ticks is None else f" {ticks}")
+    )
 
 
 def start_mlflow(layout: Layout, ports: Ports, creds: dict[str, str]) -> None:
@@ -347,11 +351,14 @@ def _pid(layout: Layout, name: str) -> int | None:
     import psutil
 
     try:
-        pid, started = layout.pidfile(name).read_text().split()
+        pid, started, *ticks = layout.pidfile(name).read_text().split()
         proc = psutil.Process(int(pid))
-        if abs(proc.create_time() - float(started)) > 1 or proc.status() == psutil.STATUS_ZOMBIE:
+        if proc.status() == psutil.STATUS_ZOMBIE:
             return None
-        return proc.pid
+        now = boot_ticks(proc.pid)
+        if ticks and now is not None:  # ticks since boot: immune to wall-clock steps (components/owner.py)
+            return proc.pid if int(ticks[0]) == now else None
+        return proc.pid if abs(proc.create_time() - float(started)) <= 1 else None
     except (OSError, ValueError, psutil.Error):
         return None
 

@@ -50,7 +50,18 @@ def test_owner_tells_a_dead_process_and_a_reused_pid():
     assert Owner.me().alive() is True
     assert dead_owner().alive() is False
     me = Owner.me()
-    assert Owner(me.host, me.pid, me.started - 100).alive() is False  # same pid, another process
+    assert Owner(me.host, me.pid, me.started - 100).alive() is False  # a record of an earlier version: start differs
+    assert Owner(me.host, me.pid, me.started, me.ticks + 1).alive() is False  # same pid, another process
+
+
+def test_a_live_owner_stays_alive_across_a_wall_clock_step():
+    """Issue 28, item 11: psutil's epoch start moves with the wall clock (an NTP step, a VM resume). Recorded with
+    its ticks since boot, a live owner whose recorded epoch start is 5 minutes off is still alive, and its retrain
+    is not crashed; the record reads back the same, and earlier versions' records still parse."""
+    me = Owner.me()
+    assert me.ticks is not None and Owner.parse(str(me)) == me
+    assert Owner(me.host, me.pid, me.started + 300, me.ticks).alive() is True
+    assert Owner.parse(f"{HOST}:{me.pid}:{me.started:.2f}") == Owner(HOST, me.pid, round(me.started, 2))
     assert Owner("another-host", 1, 1.0).alive() is None
     assert Owner.parse(str(me)) == me and Owner.parse(f"{HOST}:{me.pid}") == Owner(HOST, me.pid, 0.0)
 
