@@ -78,17 +78,10 @@ def _input_dest(cfg: Config, location: str) -> Path:
     return cfg.state_path / INPUTS / location.replace(":/", "/").strip("/").replace("/", "__")
 
 
-def local_path(cfg: Config, location: str) -> str:
-    """A stage output on this machine: downloaded once into `<state>/inputs/` (a URI), else the path itself.
-    Nothing holds it in use afterwards: a stage that reads it uses `inputs_in_use`."""
-    with inputs_in_use(cfg, {"input": location}) as paths:
-        return paths["input"]
-
-
 @contextmanager
 def inputs_in_use(cfg: Config, locations: dict[str, str]) -> Iterator[dict[str, str]]:
-    """Each location on this machine (`local_path`), marked in use until the block ends: a shared lock on
-    `<input>.inuse`, which `prune_inputs` (an exclusive, non-blocking lock) respects. -> {name: local path}."""
+    """Each location on this machine: a URI downloaded once into `<state>/inputs/`, a path as it is; marked in use
+    until the block ends (a shared lock on `<input>.inuse`, which `prune_inputs` respects). -> {name: local path}."""
     with ExitStack() as stack:
         paths = {}
         for name, location in locations.items():
