@@ -44,6 +44,7 @@ SENT_ANYWAY = ("tracking.run_name_prefix",)
 # registers, and what it records reaches only the retrain that dispatched the run: the operator's decisions are
 # made on the orchestrator, which checks its triggered runs against its own list (flows/serve.py).
 WORKER_ALSO = ("gate.*", "registry.*")
+WORKER_LABEL = "prefect.worker.name"  # Prefect's label on a flow run: the worker that took it
 STAGES = ("base", "sft", "reward-model", "ppo", "rejection-sampling", "evaluate")
 
 
@@ -179,16 +180,18 @@ CANCEL_WAIT_S = 60.0  # how long a cancelled stage is given to stop before its r
 
 
 def wait_for_stage(flow_run_id, pool: str, timeout_s: float | None, worker_lost_s: float):
-    """Poll a dispatched stage's flow run until it is final, `timeout_s` passes (-> the run, not final), or no worker
-    of `pool` has been online for `worker_lost_s` by this process's monotonic clock (Prefect's server marks a worker
-    offline when its heartbeats stop; Prefect OSS never crashes the flow run a vanished worker held): then the run
-    is marked Crashed and StageLost raised, which the retrain retries."""
+    """Poll a dispatched stage's flow run until it is final, `timeout_s` passes (-> the run, not final), or its worker
+    has not been online for `worker_lost_s` by this process's monotonic clock: then the run is marked Crashed and
+    StageLost raised, which the retrain retries. Its worker is the one that took the run (Prefect labels the run
+    with the worker's name); before one takes it, any worker of `pool`. Prefect's server marks a worker offline when
+    its heartbeats stop, and Prefect OSS never crashes the flow run a vanished worker held: a worker lost while
+    another of the pool polls on would otherwise leave its stage Running forever."""
     import httpx
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
     started = time.monotonic()
-    none_online_since: float | None = None
+    lost_since: float | None = None
     with get_client(sync_client=True) as client:
         while True:
             try:
@@ -202,15 +205,18 @@ def wait_for_stage(flow_run_id, pool: str, timeout_s: float | None, worker_lost_
             now = time.monotonic()
             if timeout_s is not None and now - started > timeout_s:
                 return run
-            online = any(str(w.status).upper().endswith("ONLINE") for w in workers)
-            none_online_since = None if online else (none_online_since or now)
-            if none_online_since is not None and now - none_online_since > worker_lost_s:
+            took = (run.labels or {}).get(WORKER_LABEL)
+            online = {w.name for w in workers if str(w.status).upper().endswith("ONLINE")}
+            alive = took in online if took else bool(online)
+            lost_since = None if alive else (lost_since or now)
+            if lost_since is not None and now - lost_since > worker_lost_s:
+                whose = f"its worker {took!r} has not" if took else f"no worker of work pool {pool!r} has"
                 why = (
-                    f"no worker of work pool {pool!r} has been online for {now - none_online_since:.0f} s "
+                    f"{whose} been online for {now - lost_since:.0f} s "
                     f"(infra.worker_lost_s={worker_lost_s:g}) while flow run {run.name} was {run.state_name}"
                 )
                 client.set_flow_run_state(flow_run_id, Crashed(message=f"worker lost: {why}"), force=True)
-                raise StageLost(f"{why}: its worker is gone; start one with `rlhf worker --pool {pool}`")
+                raise StageLost(f"{why}: the stage is retried on a worker of the pool (`rlhf worker --pool {pool}`)")
             time.sleep(POLL_S)
 
 

@@ -177,7 +177,7 @@ def test_the_reuse_key_of_a_built_base_is_what_it_was_built_from_not_where(tmp_p
 @pytest.mark.usefixtures("prefect_server")
 def test_a_stage_whose_worker_is_gone_is_crashed_and_retried_not_waited_for_forever():
     """Issue 28, item 6: Prefect OSS never crashes the flow run of a worker that vanished. The retrain watches the
-    pool: with no worker online for infra.worker_lost_s it marks the stage Crashed and raises StageLost (retried).
+    run's worker: with it (or, before one took the run, every worker of the pool) offline for infra.worker_lost_s it marks the stage Crashed and raises StageLost (retried).
     With a worker online it waits on, up to infra.stage_timeout_s (a day by default; here 3 s)."""
     import time
 
@@ -209,3 +209,12 @@ def test_a_stage_whose_worker_is_gone_is_crashed_and_retried_not_waited_for_fore
         client.set_flow_run_state(second.id, Running(), force=True)
         client.send_worker_heartbeat(pool, "alive-worker")  # a live worker: not lost, the timeout governs
         assert not wait_for_stage(second.id, pool, timeout_s=3, worker_lost_s=2).state.is_final()
+
+        # the worker that took a run is the one watched: lost while another worker of the pool polls on
+        third = client.create_flow_run_from_deployment(deployment)
+        client.set_flow_run_state(third.id, Running(), force=True)
+        client.update_flow_run_labels(third.id, {"prefect.worker.name": "gone-worker"})
+        client.send_worker_heartbeat(pool, "alive-worker")
+        with pytest.raises(StageLost, match=r"its worker 'gone-worker' has not been online for \d+ s"):
+            wait_for_stage(third.id, pool, timeout_s=None, worker_lost_s=2)
+        assert client.read_flow_run(third.id).state.is_crashed()
