@@ -5,8 +5,9 @@
 
 MLflow's server reads the whole body and parses it before the model sees a prompt, so a 20 MB request would be
 held, parsed and handed over whole. `BodyCap` reads at most `max_body_bytes` (the served model's serving limit,
-components/registry/policy_model.Limits) and answers 413 in one sentence past it, declared or streamed; what is
-within the cap is replayed to MLflow's app unchanged. The model's own checks (characters before tokens) follow.
+components/registry/policy_model.Limits) and answers 413 in one sentence past it, declared or streamed. A JSON body
+that is not an object with one of MLflow's input fields gets a 400 in one sentence (MLflow's own answer has several,
+and a stack trace for some). What passes is replayed to MLflow's app unchanged. The model's own checks (characters before tokens) follow.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ class BodyCap:
             if len(body) > self.max_bytes:
                 await self.refuse(send, f"sent more than {self.max_bytes} bytes")
                 return
+        if scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == "/invocations":
+            content_type = dict(scope.get("headers") or []).get(b"content-type", b"application/json")
+            if content_type.split(b";")[0].strip() == b"application/json" and (problem := json_problem(bytes(body))):
+                await self.refuse(send, problem, status=400)
+                return
         replayed = False
 
         async def replay() -> Message:
@@ -58,22 +64,46 @@ class BodyCap:
 
         await self.app(scope, replay, send)
 
-    async def refuse(self, send: Send, what: str) -> None:
-        sentence = (
-            f"The request body {what}, allowed 1..{self.max_bytes} bytes (serving limit max_body_bytes): "
-            "send fewer or shorter prompts."
-        )
-        payload = json.dumps(
-            {
+    async def refuse(self, send: Send, what: str, status: int = 413) -> None:
+        """One sentence, in MLflow's error shape: 413 for a body over the cap (and the connection closed, as the
+        rest of the body is not read), 400 for a JSON body MLflow could not take (`what` is then the sentence)."""
+        if status == 413:
+            error = {
                 "error_code": "REQUEST_LIMIT_EXCEEDED",
-                "message": sentence,
+                "message": f"The request body {what}, allowed 1..{self.max_bytes} bytes (serving limit "
+                "max_body_bytes): send fewer or shorter prompts.",
                 "field": "body",
                 "allowed": f"1..{self.max_bytes} bytes",
             }
-        ).encode()
+        else:
+            error = {"error_code": "MALFORMED_REQUEST", "message": what, "field": "body", "allowed": INPUT_FIELDS}
+        payload = json.dumps(error).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers + [(b"connection", b"close")]})
+        if status == 413:
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+
+INPUT_FIELDS = "a JSON object with one of: inputs, instances, dataframe_records, dataframe_split"
+
+
+def json_problem(body: bytes) -> str | None:
+    """What is wrong with a JSON request body, in one sentence, or None: what MLflow's server says about it has
+    several sentences (and a stack trace for some), so the shape is checked here first; the contents are the
+    model's to check."""
+    fields = {"inputs", "instances", "dataframe_records", "dataframe_split"}
+    try:
+        doc = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"The request body is not valid JSON ({str(e).split(':')[0].lower()}): send {INPUT_FIELDS}."
+    if not isinstance(doc, dict):
+        return f"The request body is a JSON {type(doc).__name__}, not an object: send {INPUT_FIELDS}."
+    given = sorted(fields & doc.keys())
+    if len(given) != 1:
+        has = f"has {', '.join(given)}" if given else "has none of them"
+        return f"The request body {has}: send {INPUT_FIELDS}."
+    return None
 
 
 def build(model_uri: str) -> BodyCap:

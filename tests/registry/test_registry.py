@@ -215,8 +215,9 @@ def predictions(port: int, body: dict) -> dict:
     return json.loads(text)
 
 
-def wait_until_serving(proc: subprocess.Popen, port: int, timeout_s: float = 180) -> None:
-    """Until the scoring server answers /ping; its output in the failure when it exits or times out."""
+def wait_until_serving(proc: subprocess.Popen, port: int, timeout_s: float = 180, log: Path | None = None) -> None:
+    """Until the scoring server answers /ping; its output (piped, or its `log` file) in the failure when it exits or
+    times out."""
     deadline = time.time() + timeout_s
     while True:
         try:
@@ -224,12 +225,13 @@ def wait_until_serving(proc: subprocess.Popen, port: int, timeout_s: float = 180
             return
         except OSError as e:
             if proc.poll() is not None or time.time() > deadline:
-                raise AssertionError(f"server did not start:\n{proc.stdout.read().decode()[-3000:]}") from e
+                out = log.read_text(errors="replace") if log else proc.stdout.read().decode()
+                raise AssertionError(f"server did not start:\n{out[-3000:]}") from e
             time.sleep(1)
 
 
 @pytest.fixture(scope="module")
-def served(registry):
+def served(registry, tmp_path_factory):
     """One `mlflow models serve` of the champion (v1: V1_LIMITS, SERVE_CONFIG) for all serving tests: -> port."""
     stages, (v1, _) = registry
     promote(NAME, v1.version, approver="test")
@@ -244,6 +246,8 @@ def served(registry):
         "MLFLOW_PYFUNC_INFERENCE_CONFIG": json.dumps(SERVE_CONFIG),
     }
     rlhf = str(Path(sys.executable).with_name("rlhf"))
+    log_path = tmp_path_factory.mktemp("served") / "serve.log"
+    log = log_path.open("wb")
     proc = subprocess.Popen(
         [
             rlhf,
@@ -257,16 +261,17 @@ def served(registry):
             f"tracking.registered_model_name={NAME}",
         ],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,  # a file: a pipe nobody reads would fill with access lines and stall the server under load
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
-        wait_until_serving(proc, port)
+        wait_until_serving(proc, port, log=log_path)
         yield port
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+        log.close()
 
 
 def test_mlflow_models_serve_answers_invocations(served):
@@ -356,6 +361,98 @@ def test_a_body_over_the_cap_gets_413_before_anything_parses_it(served):
     conn.close()
     # within the cap, the same server answers as before
     assert len(predictions(served, ask(["The film was"], max_new_tokens=4, seed=0))["predictions"]) == 1
+
+
+LOAD_CLIENTS, LOAD_S = 8, float(os.environ.get("RLHF_LOAD_S", "60"))
+RSS_BOUND_MB = 1024  # the serving process's resident memory, peak, under this load (measured: 582 -> 588 MB)
+RSS_GROWTH_MB = 150  # from the first quarter of the load to its end: bad requests leave nothing behind
+
+
+def test_under_load_the_server_stays_up_answers_bad_requests_in_one_sentence_and_holds_its_memory(served):
+    """Issue 28, chaos and load: 8 clients for 60 s (RLHF_LOAD_S), each sending in turn a good request, a bad
+    parameter, an oversized body and a malformed one. The server stays up, every good request is answered, every
+    bad one gets a 4xx in one sentence, and its resident memory stays under RSS_BOUND_MB without growing."""
+    import http.client
+    import threading
+
+    import psutil
+
+    (pid,) = {
+        c.pid for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.laddr.port == served
+    }
+    server = psutil.Process(pid)
+    oversized = json.dumps(ask(["The film was " * 400]))
+    bad = list(BAD_REQUESTS.values())
+    malformed = ['{"inputs": ["The film was"', "not json at all", '{"inputs": 7}', "[]"]
+
+    def raw(conn: http.client.HTTPConnection, body: str) -> tuple[int, str]:
+        conn.request("POST", "/invocations", body=body.encode(), headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, r.read().decode()
+
+    results: list[tuple[str, int, str, float]] = []
+    problems: list[str] = []
+    stop = time.monotonic() + LOAD_S
+
+    def client(i: int) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", served, timeout=120)
+        k = i
+        while time.monotonic() < stop:
+            kind = ("good", "bad", "oversized", "malformed")[k % 4]
+            if kind == "good":
+                body = json.dumps(ask([f"Review {k}: the film was"], max_new_tokens=8, seed=k))
+            elif kind == "bad":
+                body = json.dumps(bad[k % len(bad)][0])
+            else:
+                body = oversized if kind == "oversized" else malformed[k % len(malformed)]
+            t0 = time.monotonic()
+            try:
+                status, text = raw(conn, body)
+            except (OSError, http.client.HTTPException) as e:  # the server closes after a 413: a new connection
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", served, timeout=120)
+                if kind != "oversized":
+                    problems.append(f"{kind}: {type(e).__name__}: {e}")
+                k += 1
+                continue
+            results.append((kind, status, text, time.monotonic() - t0))
+            k += 1
+        conn.close()
+
+    rss: list[float] = []
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(LOAD_CLIENTS)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        rss.append(server.memory_info().rss / 2**20)
+        time.sleep(0.5)
+    for t in threads:
+        t.join()
+
+    assert server.is_running() and not problems, problems[:5]
+    by_kind: dict[str, list[tuple[int, str, float]]] = {}
+    for kind, status, text, took in results:
+        by_kind.setdefault(kind, []).append((status, text, took))
+    assert set(by_kind) == {"good", "bad", "oversized", "malformed"}, {k: len(v) for k, v in by_kind.items()}
+    assert all(status == 200 for status, _, _ in by_kind["good"]), [r for r in by_kind["good"] if r[0] != 200][:3]
+    for kind in ("bad", "oversized", "malformed"):
+        for status, text, _ in by_kind[kind]:
+            assert 400 <= status < 500, (kind, status, text[:300])
+            message = json.loads(text)["message"]
+            sentence = message.rsplit("Error: ", 1)[-1].strip()
+            assert sentence.count(". ") == 0 and "Traceback" not in text, (kind, message)
+    assert {s for s, _, _ in by_kind["oversized"]} == {413}
+    quarter = rss[: max(1, len(rss) // 4)]
+    assert max(rss) < RSS_BOUND_MB, f"peak RSS {max(rss):.0f} MB"
+    assert rss[-1] - max(quarter) < RSS_GROWTH_MB, f"RSS grew {max(quarter):.0f} -> {rss[-1]:.0f} MB"
+    good = sorted(took for _, _, took in by_kind["good"])
+    print(
+        f"{LOAD_CLIENTS} clients, {time.monotonic() - started:.0f} s: "
+        + ", ".join(f"{k} {len(v)}" for k, v in sorted(by_kind.items()))
+        + f"; good p50 {good[len(good) // 2]:.2f} s, p95 {good[int(len(good) * 0.95)]:.2f} s; "
+        f"RSS {rss[0]:.0f} -> peak {max(rss):.0f} MB"
+    )
 
 
 # ---- a served or registered policy as the guide of guided PPO (RLGF, issue 13) ----
