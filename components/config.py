@@ -254,12 +254,36 @@ class RejectionSamplingConfig:
 
 
 @dataclass
-class PolicyConfig:
-    """Which algorithm trains the policy from the SFT model and the reward: `policy=ppo` (default) or
-    `policy=rejection_sampling` (also `policy.algorithm=...`)."""
+class GroupRLConfig:
+    """Critic-free online RL (components/training/group_rl.py), GRPO or RLOO: each step samples
+    `samples_per_prompt` responses to each of `prompts_per_step` prompts, scores them with PPO's reward (the reward
+    model and/or ppo.reward_fn, the missing-EOS penalty), turns each prompt's group of scores into advantages (GRPO:
+    normalised by the group's mean and std; RLOO: minus the mean of the others) and takes `epochs` passes of clipped
+    policy-gradient minibatches. The KL to the SFT reference: GRPO, `kl_coef` x k3 in the loss; RLOO, `kl_coef` x the
+    response's KL off the score. Sampling, reward and LoRA settings are PPO's (`ppo.*`). The defaults sample as many
+    responses as PPO's (40 x 8 x 4 = 1280)."""
 
-    algorithm: str = "ppo"  # ppo | rejection_sampling
+    steps: int = 40
+    prompts_per_step: int = 8
+    samples_per_prompt: int = 4
+    epochs: int = 2
+    minibatch_size: int = 16  # rows of a step's prompts_per_step * samples_per_prompt
+    learning_rate: float = 2e-3
+    cliprange: float = 0.2
+    kl_coef: float = 0.05
+    max_grad_norm: float = 1.0
+    save_every: int = 10  # checkpoint interval in steps (resume picks up the last one)
+
+
+@dataclass
+class PolicyConfig:
+    """Which algorithm trains the policy from the SFT model and the reward: `policy=ppo` (default),
+    `policy=rejection_sampling`, `policy=grpo` or `policy=rloo` (also `policy.algorithm=...`)."""
+
+    algorithm: str = "ppo"  # ppo | rejection_sampling | grpo | rloo
     rejection_sampling: RejectionSamplingConfig = field(default_factory=RejectionSamplingConfig)
+    grpo: GroupRLConfig = field(default_factory=GroupRLConfig)
+    rloo: GroupRLConfig = field(default_factory=GroupRLConfig)
 
 
 @dataclass

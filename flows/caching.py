@@ -39,6 +39,8 @@ STAGE_CONFIG = {
     "reward-model": ("reward", "model", "data"),  # data: the feedback rating range
     "ppo": ("ppo", "model"),
     "rejection-sampling": ("policy", "ppo", "model"),  # ppo: its sampling, reward and LoRA settings
+    "grpo": ("policy", "ppo", "model"),
+    "rloo": ("policy", "ppo", "model"),
 }
 # Bumped when a cached task's result record changes shape, so older records are not read back.
 RESULT_SCHEMA = 2

@@ -49,6 +49,16 @@ def rejection_sampling_stage(request: dict) -> dict:
     return run_request(request, stages.rejection_sampling.fn)
 
 
+@flow(name="stage-grpo", validate_parameters=False)
+def grpo_stage(request: dict) -> dict:
+    return run_request(request, stages.grpo.fn)
+
+
+@flow(name="stage-rloo", validate_parameters=False)
+def rloo_stage(request: dict) -> dict:
+    return run_request(request, stages.rloo.fn)
+
+
 @flow(name="stage-evaluate", validate_parameters=False)
 def evaluate_stage(request: dict) -> dict:
     return run_request(request, stages.evaluate.fn)
@@ -60,6 +70,8 @@ STAGE_FLOWS = {
     "reward-model": reward_model_stage,
     "ppo": ppo_stage,
     "rejection-sampling": rejection_sampling_stage,
+    "grpo": grpo_stage,
+    "rloo": rloo_stage,
     "evaluate": evaluate_stage,
 }
 

@@ -28,7 +28,8 @@ from components.evaluation.gate import decide
 from components.models.demo_base import build_demo_base
 from components.registry import registry
 from components.registry.model_card import model_card
-from components.training.plots import ppo_curves, rs_curves
+from components.training.group_rl import train_group_rl
+from components.training.plots import group_rl_curves, ppo_curves, rs_curves
 from components.training.ppo import PPODivergence
 from components.training.rejection_sampling import train_rejection_sampling
 from flows import dispatch
@@ -254,11 +255,51 @@ def rejection_sampling(cfg: Config, data: DataState, sft_dir: str, reward_dir: s
         return StageOutput(result.policy_dir, run.info.run_id, result.metrics)
 
 
+def _group_rl(algorithm: str, cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str):
+    """GRPO or RLOO (`policy=grpo`, `policy=rloo`): PPO's place in the pipeline, its inputs and its output layout."""
+    out = stage_dir(cfg, algorithm, data, sft_dir=sft_dir, reward_dir=reward_dir)
+    settings = getattr(cfg.policy, algorithm)
+    params = {algorithm: asdict(settings), "ppo": asdict(cfg.ppo)}
+    with stage_dir_lock(out), start_stage_run(algorithm, parent_run_id, data, params) as run:
+        result = train_group_rl(
+            algorithm,
+            settings,
+            cfg.ppo,
+            cfg.model,
+            sft_dir,
+            reward_dir if cfg.ppo.use_reward_model else None,
+            Path(data.path),
+            out,
+            seed=cfg.seed,
+        )
+        mlflow.log_figure(group_rl_curves(result.history, algorithm), f"{algorithm}_curves.png")
+        mlflow.set_tags({"policy_dir": result.policy_dir})
+        log_policy_result(algorithm.upper(), algorithm, result.metrics, result.policy_dir)
+        return StageOutput(result.policy_dir, run.info.run_id, result.metrics)
+
+
+@task(name="grpo", **RETRY, **CACHED)
+@on_pool("grpo")
+def grpo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str) -> StageOutput:
+    """The policy stage by GRPO (components/training/group_rl.py)."""
+    return _group_rl("grpo", cfg, data, sft_dir, reward_dir, parent_run_id)
+
+
+@task(name="rloo", **RETRY, **CACHED)
+@on_pool("rloo")
+def rloo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str) -> StageOutput:
+    """The policy stage by RLOO (components/training/group_rl.py)."""
+    return _group_rl("rloo", cfg, data, sft_dir, reward_dir, parent_run_id)
+
+
+POLICY_STAGES = {"ppo": ppo, "rejection_sampling": rejection_sampling, "grpo": grpo, "rloo": rloo}
+
+
 def policy_stage(cfg: Config):
-    """The task that trains the policy: `policy.algorithm` = ppo | rejection_sampling."""
-    stage = {"ppo": ppo, "rejection_sampling": rejection_sampling}.get(cfg.policy.algorithm)
+    """The task that trains the policy: `policy.algorithm` = ppo | rejection_sampling | grpo | rloo."""
+    stage = POLICY_STAGES.get(cfg.policy.algorithm)
     if stage is None:
-        raise ValueError(f"policy.algorithm={cfg.policy.algorithm!r}: expected ppo | rejection_sampling")
+        raise ValueError(f"policy.algorithm={cfg.policy.algorithm!r}: expected {' | '.join(POLICY_STAGES)}")
     return stage
 
 

@@ -41,6 +41,7 @@ from service import lifecycle
 from service.redaction import config_flow
 
 DEFAULT_SWEEP = ["ppo/guide=none,rollin,aggrevated,d2lols"]
+POLICY_NAMESPACES = ("ppo", "rs", "grpo", "rloo")  # each policy stage's metrics prefix
 COLUMNS = ("variant", "eval_reward", "eval_reward_sft", "judge", "judge_sft", "win_rate_vs_sft", "kl", "ppo_seconds")
 
 
@@ -159,9 +160,14 @@ def run_variant(cfg: Config, data, parent_run_id: str, name: str) -> SweepRow:
                     "sweep/win_rate_vs_sft": win_rate(ev.rewards["candidate"], ev.rewards["sft"]),
                     "sweep/kl": cand["kl"],
                     # the policy stage's own time (generation, guide calls, scoring, updates), kept when its output
-                    # is cached: PPO's, or rejection sampling's (`rlhf sweep policy=ppo,rejection_sampling`)
-                    "sweep/ppo_seconds": policy.metrics.get(
-                        "ppo/train_seconds", policy.metrics.get("rs/train_seconds", float("nan"))
+                    # is cached: PPO's, rejection sampling's, GRPO's or RLOO's (`rlhf sweep policy=ppo,grpo,...`)
+                    "sweep/ppo_seconds": next(
+                        (
+                            policy.metrics[f"{ns}/train_seconds"]
+                            for ns in POLICY_NAMESPACES
+                            if f"{ns}/train_seconds" in policy.metrics
+                        ),
+                        float("nan"),
                     ),
                     "sweep/guide_tokens": policy.metrics.get("ppo/guide_tokens_mean", 0.0),
                 }

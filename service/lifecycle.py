@@ -20,9 +20,17 @@ OWNER_LABEL, PROJECT_LABEL = "rlhf.owner", "rlhf.project"
 
 
 def project_id(cfg: Config) -> str:
-    """Stable per project (its state dir), usable in Prefect names: `<dir name>-<hash>`."""
-    slug = re.sub(r"[^a-z0-9]+", "-", cfg.root_path.name.lower()).strip("-")[:40] or "project"
-    return f"{slug}-{hashlib.sha256(str(cfg.state_path.resolve()).encode()).hexdigest()[:8]}"
+    """Stable per project, usable in Prefect names: `<name>-<hash>`. With a tracking server (an http(s) URI) the
+    project is what its retrains promote into, the registered model on that server: two orchestrators in two state
+    dirs (or on two machines) share one retrain slot. Otherwise it is the state dir (its own MLflow store)."""
+    uri = cfg.tracking.uri or ""
+    if uri.startswith(("http://", "https://")):
+        where = re.sub(r"//[^/@]*@", "//", uri.rstrip("/"))  # credentials in the URI are not part of the identity
+        name, key = cfg.tracking.registered_model_name, f"{where}|{cfg.tracking.registered_model_name}"
+    else:
+        name, key = cfg.root_path.name, str(cfg.state_path.resolve())
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:40] or "project"
+    return f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
 
 
 def slot_name(cfg: Config) -> str:

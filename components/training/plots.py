@@ -49,3 +49,29 @@ def rs_curves(history: list[dict[str, float]]):
         ax.legend()
     fig.tight_layout()
     return fig
+
+
+def group_rl_curves(history: list[dict[str, float]], algorithm: str):
+    """GRPO / RLOO per step: the raw RM score and the reward optimised, the KL of the samples to the reference,
+    and the share of prompt groups whose samples all scored alike (no learning signal) (one figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = algorithm
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    steps = range(1, len(history) + 1)
+    for ax, keys, title in (
+        (axes[0], (f"{ns}/reward_mean", f"{ns}/score_mean"), "reward optimised (normalised) and raw RM score"),
+        (axes[1], (f"{ns}/kl",), "KL to the reference (per response)"),
+        (axes[2], (f"{ns}/groups_without_signal", f"{ns}/clipfrac"), "groups without signal, clip fraction"),
+    ):
+        for k in keys:
+            ax.plot(steps, [h[k] for h in history], label=k.split("/")[1])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.suptitle(algorithm.upper())
+    fig.tight_layout()
+    return fig

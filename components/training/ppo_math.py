@@ -225,3 +225,45 @@ class RunningMoments:
     @property
     def std(self) -> float:
         return math.sqrt(max(self.var, 1e-12))
+
+
+# ---------------------------------------------------------------------------- critic-free group RL (GRPO, RLOO)
+
+
+def grpo_advantages(scores: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO (Shao et al. 2024, "DeepSeekMath", sec. 4.1.2): each sample's score normalised within its prompt's
+    group, A_i = (s_i - mean(s)) / (std(s) + eps), std with Bessel's correction (as TRL's GRPOTrainer).
+    scores: [P, k] (prompt, sample) -> [P, k]. A group whose scores are all equal has advantages 0."""
+    mean = scores.mean(dim=1, keepdim=True)
+    std = scores.std(dim=1, keepdim=True) if scores.shape[1] > 1 else torch.zeros_like(mean)
+    return (scores - mean) / (std + eps)
+
+
+def rloo_advantages(scores: torch.Tensor) -> torch.Tensor:
+    """RLOO (Kool et al. 2019; Ahmadian et al. 2024, "Back to Basics"): each sample's score minus the mean of the
+    other k - 1 samples of its prompt, A_i = s_i - (sum(s) - s_i) / (k - 1) = k / (k - 1) * (s_i - mean(s)).
+    scores: [P, k], k >= 2 -> [P, k]."""
+    k = scores.shape[1]
+    if k < 2:
+        raise ValueError("RLOO needs at least 2 samples per prompt (its baseline is the mean of the others)")
+    return scores - (scores.sum(dim=1, keepdim=True) - scores) / (k - 1)
+
+
+def group_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cliprange: float,
+    kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The clipped surrogate of a sequence-level advantage, plus kl_coef x the k3 KL to the reference in the loss
+    (GRPO; RLOO passes kl_coef = 0, its KL is in the score), both averaged over every response token of the batch:
+
+        loss = mean_t[ max(-A r_t, -A clip(r_t, 1 - eps, 1 + eps)) ] + kl_coef * mean_t[ k3_t ],  r_t = exp(lp_t - old_t)
+
+    logprobs, old_logprobs, ref_logprobs, mask: [B, T]; advantages: [B] -> loss, clipfrac, kl (k3, mean per token)."""
+    pg, clipfrac, _ = policy_loss(logprobs, old_logprobs, advantages[:, None].expand_as(logprobs), mask, cliprange)
+    kl = masked_mean(kl_k3(logprobs, ref_logprobs), mask)
+    return pg + kl_coef * kl, clipfrac, kl

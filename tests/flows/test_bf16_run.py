@@ -1,4 +1,4 @@
-"""The whole `rlhf run model.dtype=bfloat16` on demo_small, as a user runs it (its own temporary Prefect server,
+"""The whole `rlhf run model.dtype=bfloat16` on demo_small, as a user runs it (the session's Prefect server,
 SQLite MLflow, the default stage settings): it completes, raises the held-out reward over the SFT policy, passes the
 default gate, and registers a champion whose weights are bf16 and which serves in bf16."""
 
@@ -16,7 +16,9 @@ from components.tracking import tracking_uri
 from tests.conftest import make_project
 
 
-def test_a_bf16_run_completes_learns_registers_and_serves_in_bf16(tmp_path):
+def test_a_bf16_run_completes_learns_registers_and_serves_in_bf16(tmp_path, prefect_server):
+    from prefect.settings import PREFECT_API_URL
+
     root = tmp_path / "proj"
     cfg = make_project(root, "model.dtype=bfloat16", "tracking.registered_model_name=bf16-run")
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
@@ -28,6 +30,7 @@ def test_a_bf16_run_completes_learns_registers_and_serves_in_bf16(tmp_path):
             "data=demo_small",
             "model.dtype=bfloat16",
             "tracking.registered_model_name=bf16-run",
+            f"infra.prefect_api_url={PREFECT_API_URL.value()}",  # the session's server: no start-up of its own
         ],
         cwd=root,
         env={**env, "TQDM_DISABLE": "1"},

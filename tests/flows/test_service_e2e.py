@@ -5,8 +5,11 @@
     `rlhf run infra=server tracking=server data=demo_small` in another directory (the orchestrator)
 
 The two directories share only what a real deployment shares: the servers and the DVC remote. The one retrain
-of the module goes through a crash (the orchestrator SIGKILLed mid-SFT, then run again: it resumes). Then the
-champion is served from the tracking server's registry, and the servers refuse clients without credentials.
+of the module goes through a crash (the orchestrator SIGKILLed mid-SFT, then run again: it resumes) and, while it
+resumes, through a restart of each server (issue 28, chaos): PostgreSQL during SFT, MLflow during the reward
+model, Prefect during PPO. The second retrain loses its worker mid-stage (SIGKILL) and is finished by another.
+Then the champion is served from the tracking server's registry, and the servers refuse clients without
+credentials. Each fault's outage and recovery are printed, and written as JSON to $RLHF_CHAOS_REPORT if set.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from base64 import b64encode
@@ -38,6 +42,63 @@ def client_env(env_file: Path, **extra: str) -> dict[str, str]:
     return base | services.read_env_file(env_file) | extra
 
 
+def start_worker(stack: dict, name: str) -> subprocess.Popen:
+    """`rlhf worker` on pool `gpu` in the worker's directory (a replacement shares it, as on one machine), its output
+    appended to worker.log. Heartbeats every 5 s: Prefect's server marks it offline 15 s after it is gone."""
+    with open(stack["worker_log"], "ab") as log:
+        return subprocess.Popen(
+            [RLHF, "worker", "--pool", "gpu", "--name", name],
+            cwd=stack["worker_dir"],
+            env=stack["env"] | {"PREFECT_WORKER_HEARTBEAT_SECONDS": "5"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+class ServerRestarts(threading.Thread):
+    """Restarts each server once while a retrain runs on the worker (issue 28, chaos): PostgreSQL once SFT has
+    written a checkpoint, MLflow once the reward model's stage has started, Prefect once PPO's has. Each restart is
+    a stop (SIGTERM; PostgreSQL's fast shutdown) and `services.up`; its outage (stop to healthy) is recorded."""
+
+    PLAN = (("postgres", "sft"), ("mlflow", "reward-model"), ("prefect", "ppo"))
+
+    def __init__(self, stack: dict, since: float):
+        super().__init__(daemon=True)
+        self.stack, self.since, self.stop = stack, since, threading.Event()
+        self.done: list[dict] = []
+        self.error: BaseException | None = None
+
+    def started(self, stage: str) -> bool:
+        stages = self.stack["worker_dir"] / ".rlhf" / "stages"
+        pattern = "sft-*/checkpoints/checkpoint-*" if stage == "sft" else f"{stage}-*"
+        return any(p.stat().st_ctime > self.since for p in stages.glob(pattern))
+
+    def run(self) -> None:
+        layout, ports = self.stack["layout"], self.stack["ports"]
+        try:
+            for server, stage in self.PLAN:
+                while not self.started(stage):
+                    if self.stop.wait(0.2):
+                        return
+                t0 = time.monotonic()
+                if server == "postgres":
+                    services.stop_postgres(layout)
+                else:
+                    services.stop_server(layout, server)
+                stopped = time.monotonic()
+                services.up(layout, ports)
+                self.done.append(
+                    {
+                        "fault": f"{server} restarted during {stage}",
+                        "stop_s": stopped - t0,
+                        "outage_s": time.monotonic() - t0,
+                    }
+                )
+        except BaseException as e:  # noqa: BLE001 - reported by the fixture, not lost in a thread
+            self.error = e
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """Servers + one worker for the module; stopped at the end (worker by SIGTERM, servers by `down`)."""
@@ -49,34 +110,29 @@ def stack(tmp_path_factory):
     env = client_env(layout.endpoints)
     worker_dir = root / "worker"
     worker_dir.mkdir()
-    log = open(root / "worker.log", "wb")
-    worker = subprocess.Popen(
-        [RLHF, "worker", "--pool", "gpu", "--name", "e2e-worker"],
-        cwd=worker_dir,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    stack = {
+        "root": root,
+        "layout": layout,
+        "ports": ports,
+        "env": env,
+        "worker_dir": worker_dir,
+        "worker_log": root / "worker.log",
+        "parent_modes": parent_modes,
+        "faults": [],  # what each injected fault cost: the chaos report
+    }
+    stack["worker"] = start_worker(stack, "e2e-worker")
     try:
-        yield {
-            "root": root,
-            "layout": layout,
-            "ports": ports,
-            "env": env,
-            "worker_dir": worker_dir,
-            "worker_log": root / "worker.log",
-            "parent_modes": parent_modes,
-            "worker": worker,
-        }
+        yield stack
     finally:
+        worker = stack["worker"]
         if worker.poll() is None:  # the last test stops it itself
             os.killpg(worker.pid, signal.SIGTERM)
             try:
                 worker.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(worker.pid, signal.SIGKILL)
-        log.close()
+        if report := os.environ.get("RLHF_CHAOS_REPORT"):
+            Path(report).write_text(json.dumps(stack["faults"], indent=2) + "\n")
         services.down(layout)
         if layout.root not in layout.pgdata.parents:  # as root: the cluster lives in PG_HOME
             shutil.rmtree(layout.pgdata, ignore_errors=True)
@@ -147,15 +203,32 @@ def retrained(stack):
     os.killpg(first.pid, signal.SIGKILL)
     first.wait()
 
-    proc = subprocess.run(cmd, cwd=orch, env=stack["env"], capture_output=True, text=True, timeout=900)
+    resumed_at = time.time()
+    faults = ServerRestarts(stack, since=resumed_at)
+    faults.start()
+    t_resume = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, cwd=orch, env=stack["env"], capture_output=True, text=True, timeout=900)
+    finally:
+        faults.stop.set()
+        faults.join(timeout=120)
     worker_log = stack["worker_log"].read_text(errors="replace")
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}\n--- worker:\n{worker_log[-4000:]}"
+    assert faults.error is None, f"injecting a fault failed: {faults.error!r}"
+    assert [f["fault"] for f in faults.done] == [f"{s} restarted during {st}" for s, st in ServerRestarts.PLAN]
+    for f in faults.done:
+        f["retrain_completed_s"] = time.monotonic() - t_resume  # the resumed retrain, all three faults included
+        print(f"chaos: {f['fault']}: down {f['outage_s']:.1f} s; the retrain completed")
+    stack["faults"].extend(faults.done)
+    counts = stage_run_counts(stack["env"])
+    stack["faults"].append({"fault": "none: the stage flow runs of both retrains, by state", "stage_runs": counts})
     return stack | {
+        "stack": stack,  # what a test changes for the tests after it (the worker)
         "cmd": cmd,
         "orchestrator": orch,
         "stdout": proc.stdout,
         "stderr": proc.stderr,
-        "stage_runs": stage_run_counts(stack["env"]),
+        "stage_runs": counts,
     }
 
 
@@ -227,23 +300,108 @@ def test_the_champion_serves_from_the_tracking_servers_registry(retrained):
             proc.wait(timeout=30)
 
 
-def test_a_second_retrain_reuses_the_trained_stages_from_the_orchestrators_cache(retrained):
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started, as a lost machine: no handler runs, nothing reports back."""
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
+
+
+def test_a_second_retrain_reuses_the_trained_stages_and_survives_losing_its_worker(retrained):
     """Only the gate changed (the operator tightened it): the base, SFT, RM and PPO are reused (their runs' URIs),
-    evaluation runs again, the candidate fails the gate and the registry is unchanged."""
-    proc = subprocess.run(
-        [*retrained["cmd"], "gate.max_kl=0"],
-        cwd=retrained["orchestrator"],
-        env=retrained["env"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "reused from earlier runs (unchanged inputs, Prefect cache): sft, reward-model, ppo" in proc.stdout
-    assert "✗ not promoted because" in proc.stdout and "✓ registered" not in proc.stdout, proc.stdout[-3000:]
-    after = stage_run_counts(retrained["env"])
-    new = {name: sum(after[name].values()) - sum(retrained["stage_runs"][name].values()) for name in STAGE_FLOWS}
-    assert new == {"stage-base": 0, "stage-sft": 0, "stage-reward-model": 0, "stage-ppo": 0, "stage-evaluate": 1}
+    evaluation runs again, the candidate fails the gate and the registry is unchanged.
+    Chaos (issue 28): the worker is SIGKILLed with its stage (a lost machine) while evaluation runs, no
+    infra.stage_timeout_s given, and a replacement worker of the pool starts at once. The retrain sees the stage's
+    own worker offline (infra.worker_lost_s=5; Prefect marks it offline 15 s after its last heartbeat), marks the
+    stage Crashed and retries it, and the replacement finishes it."""
+    env = retrained["env"]
+    before = {r["id"] for r in prefect_post(env, "/flow_runs/filter", {"limit": 200})}
+    flows = {f["id"]: f["name"] for f in prefect_post(env, "/flows/filter", {"limit": 200})}
+    log_path = retrained["root"] / "reuse-run.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [*retrained["cmd"], "gate.max_kl=0", "infra.worker_lost_s=5"],
+            cwd=retrained["orchestrator"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.time() + 300
+        while True:  # until the worker runs the evaluation
+            runs = [r for r in prefect_post(env, "/flow_runs/filter", {"limit": 200}) if r["id"] not in before]
+            if any(flows.get(r["flow_id"]) == "stage-evaluate" and r["state_type"] == "RUNNING" for r in runs):
+                break
+            flows = {f["id"]: f["name"] for f in prefect_post(env, "/flows/filter", {"limit": 200})}
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text(errors="replace")[-4000:]
+            time.sleep(0.5)
+        time.sleep(2)  # evaluating
+        lost_at = time.monotonic()
+        kill_tree(retrained["worker"].pid)
+        retrained["stack"]["worker"] = start_worker(retrained, "e2e-worker-2")  # the next tests and the teardown
+        code = proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = log_path.read_text(errors="replace")
+    assert code == 0, out[-4000:]
+    recovered_s = time.monotonic() - lost_at
+    assert "reused from earlier runs (unchanged inputs, Prefect cache): sft, reward-model, ppo" in out
+    assert "✗ not promoted because" in out and "✓ registered" not in out, out[-3000:]
+    assert "its worker 'e2e-worker' has not been online for" in out, out[-4000:]
+    after = stage_run_counts(env)
+    new = {
+        name: {k: n - retrained["stage_runs"][name].get(k, 0) for k, n in after[name].items()} for name in STAGE_FLOWS
+    }
+    new = {name: {k: n for k, n in by_state.items() if n} for name, by_state in new.items()}
+    assert new == {
+        "stage-base": {},
+        "stage-sft": {},
+        "stage-reward-model": {},
+        "stage-ppo": {},
+        "stage-evaluate": {"CRASHED": 1, "COMPLETED": 1},
+    }, new
+    retrained["faults"].append({"fault": "worker SIGKILLed during evaluate", "retrain_completed_s": recovered_s})
+    print(f"chaos: worker SIGKILLed during evaluate: the retrain completed {recovered_s:.0f} s later")
+
+
+def test_after_the_faults_the_registry_and_the_data_are_whole(retrained, monkeypatch, tmp_path):
+    """Issue 28, chaos: after the crash and the server restarts, the champion alias points at a READY version whose
+    model files download, and the data version the orchestrator's data.dvc names is whole on the DVC remote."""
+    import mlflow
+
+    for k, v in services.read_env_file(Path(retrained["env"]["RLHF_CREDENTIALS_FILE"])).items():
+        if k.startswith("MLFLOW_TRACKING_"):
+            monkeypatch.setenv(k, v)
+    mlflow.set_tracking_uri(retrained["env"]["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient()
+    for name in [m.name for m in client.search_registered_models()]:
+        for alias, version in client.get_registered_model(name).aliases.items():
+            mv = client.get_model_version(name, version)
+            assert mv.status == "READY", (name, alias, mv.status)
+    local = Path(mlflow.artifacts.download_artifacts("models:/rlhf-policy@champion", dst_path=str(tmp_path)))
+    assert (local / "MLmodel").exists() and list(local.rglob("*.safetensors")), sorted(local.rglob("*"))
+
+    import yaml
+
+    (out,) = yaml.safe_load((retrained["orchestrator"] / "data.dvc").read_text())["outs"]
+    remote = Path(retrained["env"]["RLHF_DVC_REMOTE"]) / "files" / "md5"
+
+    def stored(md5: str) -> Path:
+        return remote / md5[:2] / md5[2:]
+
+    listing = stored(out["md5"])
+    assert listing.exists(), f"data.dvc names {out['md5']}, which the DVC remote does not hold"
+    entries = json.loads(listing.read_text())
+    missing = [e["relpath"] for e in entries if not stored(e["md5"]).exists()]
+    assert entries and not missing, missing
 
 
 def test_the_retrain_after_the_crash_said_it_cancelled_the_orphaned_stage(retrained):
@@ -299,6 +457,71 @@ def test_no_secret_reaches_mlflow_prefect_or_the_logs(retrained, monkeypatch, tm
     leaked = [name for name, value in creds.items() if value in text and name != "MLFLOW_TRACKING_USERNAME"]
     assert not leaked, f"secrets found: {leaked}"
     assert all(s not in text for s in secrets)
+
+
+RACER = """
+import sys, threading, time
+from pathlib import Path
+from components.config import compose
+from service.slot import RetrainSlot
+root, go, jump = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
+cfg = compose([f"root={root}", "infra=server", "tracking=server"])
+slot = RetrainSlot(cfg, lambda m: print("SAY", m, flush=True))
+print("READY", flush=True)
+while not go.exists():
+    time.sleep(0.002)
+at = float(go.read_text())  # one wall-clock instant for both
+while time.time() < at:
+    pass
+threading.Thread(target=slot.acquire, daemon=True).start()
+if jump:  # this process's wall clock steps ahead (an NTP step, a VM resume)
+    real = time.time
+    time.time = lambda: real() + jump
+t0 = time.monotonic()
+while time.monotonic() - t0 < 8:
+    time.sleep(0.1)
+print("HELD" if slot.mine else "WAITING", flush=True)
+if slot.mine:
+    time.sleep(2)
+    slot.release()
+else:
+    while slot.mine is None and time.monotonic() - t0 < 40:
+        time.sleep(0.1)
+    print("TOOK IT AFTER THE RELEASE" if slot.mine else "NEVER TOOK IT", flush=True)
+    slot.release()
+"""
+
+
+def test_two_orchestrators_started_at_one_instant_in_two_state_dirs_take_turns(retrained):
+    """Issue 28, chaos: two orchestrators in two state dirs against the servers, each asking for the retrain slot at
+    the same wall-clock instant, both with their clocks stepped 5 minutes ahead right after. Exactly one holds it;
+    the other waits, naming the holder (a live one is not freed by a clock jump), and takes it once it is released."""
+    go = retrained["root"] / "race-go"
+    racers = []
+    for name in ("racer-a", "racer-b"):
+        d = retrained["root"] / name
+        d.mkdir()
+        racers.append(
+            subprocess.Popen(
+                [sys.executable, "-c", RACER, str(d), str(go), "300"],
+                cwd=Path(__file__).parents[2],
+                env=retrained["env"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    for r in racers:
+        assert r.stdout.readline().strip() == "READY", r.stdout.read()[-3000:]
+    go.write_text(str(time.time() + 1))
+    outs = [r.communicate(timeout=120)[0] for r in racers]
+    assert all(r.returncode == 0 for r in racers), outs
+    verdicts = sorted(next(line for line in o.splitlines() if line in ("HELD", "WAITING")) for o in outs)
+    assert verdicts == ["HELD", "WAITING"], outs
+    (waiter,) = [o for o in outs if "WAITING" in o.splitlines()]
+    assert "SAY waiting for the retrain slot" in waiter and "held by" in waiter, waiter
+    assert "freed the retrain slot" not in "".join(outs), outs
+    assert "TOOK IT AFTER THE RELEASE" in waiter, waiter
 
 
 def test_the_worker_stops_within_10_s_of_sigterm(stack):

@@ -66,6 +66,20 @@ def test_a_live_owner_stays_alive_across_a_wall_clock_step():
     assert Owner.parse(str(me)) == me and Owner.parse(f"{HOST}:{me.pid}") == Owner(HOST, me.pid, 0.0)
 
 
+def test_the_project_is_the_registered_model_on_a_tracking_server_and_the_state_dir_without_one(tmp_path):
+    """Issue 28, chaos: two orchestrators in two state dirs against one tracking server retrain one project (one
+    slot); without a server each state dir is a project of its own."""
+    server = ("tracking.uri=http://127.0.0.1:5000",)
+    a, b = make_project(tmp_path / "a", *server), make_project(tmp_path / "b", *server)
+    assert lifecycle.project_id(a) == lifecycle.project_id(b)
+    assert lifecycle.project_id(a).startswith("rlhf-policy-")
+    with_user = make_project(tmp_path / "c", "tracking.uri=http://someone:pw@127.0.0.1:5000/")
+    assert lifecycle.project_id(with_user) == lifecycle.project_id(a)
+    other_model = make_project(tmp_path / "d", *server, "tracking.registered_model_name=other")
+    assert lifecycle.project_id(other_model) != lifecycle.project_id(a)
+    assert lifecycle.project_id(make_project(tmp_path / "e")) != lifecycle.project_id(make_project(tmp_path / "f"))
+
+
 # ---- the slot
 def test_slot_is_exclusive_and_says_who_holds_it(tmp_path):
     project = make_project(tmp_path / "proj")
