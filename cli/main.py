@@ -61,9 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     over = {"nargs": "*", "help": "Hydra overrides, e.g. model=tiny data.seed=7"}
     sub.add_parser("run", help="run the pipeline").add_argument("rest", **over)
-    sub.add_parser(
-        "sweep", help="PPO variants side by side (Hydra sweep syntax: ppo/guide=none,rollin ppo.target_kl=4,6)"
-    ).add_argument("rest", **over)
+    sw = sub.add_parser(
+        "sweep", help="variants side by side (Hydra sweep syntax: policy=ppo,grpo,rloo ppo/guide=none,rollin)"
+    )
+    sw.add_argument("rest", **over)
+    sw.add_argument(
+        "--promote-best",
+        action="store_true",
+        help="gate every variant; register and promote the best that passes (highest win rate), as `rlhf run` does",
+    )
     sub.add_parser("data", help="materialise and show the data version").add_argument("rest", **over)
     sub.add_parser(
         "serve", help="run retrain as a long-lived deployment: cron schedule + new-data trigger"

@@ -98,13 +98,17 @@ def cmd_sweep(args, overrides: list[str]) -> int:
     print(f"sweep of {len(variants)} variant(s) on the same data, SFT and reward model:")
     for v in variants:
         print("  " + " ".join(o for o in v if o not in base))
-    state = sweep(cfg, variants, return_state=True)
+    state = sweep(cfg, variants, promote_best=args.promote_best, return_state=True)
     summary = state.result(raise_on_failure=False)
     if hasattr(summary, "table"):
         print(f"\nsweep run {summary.run_id} (data version {summary.data_version}):\n")
         print(summary.table())
         print("  the same table: artifact sweep_results.md of that run; one run per variant (`sweep <variant>`),")
-        print("  their PPO curves in each variant's `ppo` child run. Compare them: select the runs, Compare.")
+        print("  their policy curves in each variant's policy child run. Compare them: select the runs, Compare.")
+        if args.promote_best:
+            print(f"\npromote best: {summary.best_why}")
+            if reg := summary.registered:
+                print(f"{'✓' if reg.alias == 'champion' else '…'} {state.message}")
     if state.is_failed():
         print(f"\n✗ sweep: {state.message}", file=sys.stderr)
         print(f"  {_where(cfg)}", file=sys.stderr)

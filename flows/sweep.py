@@ -3,13 +3,18 @@
     rlhf sweep                                   plain PPO, roll-in (PPO++), roll-out (AggreVaTeD), D2LOLS
     rlhf sweep ppo/guide=none,rollin ppo.steps=80 seed=1
     rlhf sweep ppo.target_kl=4,6,8               any Hydra sweep: comma lists multiply out (Hydra multirun)
-    rlhf sweep policy=ppo,rejection_sampling     PPO against rejection-sampling fine-tuning
+    rlhf sweep policy=ppo,rejection_sampling,grpo,rloo     the policy algorithms side by side
+    rlhf sweep policy=ppo,grpo,rloo --promote-best         ... and the best one through the gate to the registry
 
 Each variant runs the stages it needs (unchanged ones come from the cache, so SFT and the reward model train
 once), then PPO and the evaluation, under its own MLflow run `sweep <variant>` in the project's experiment:
 the same seed, the same number of sampled responses (ppo.steps x ppo.batch_size), the same metric names
 (`sweep/*` on the variant's run, `ppo/*` curves on its PPO child run), so they compare in the MLflow UI. Nothing
-is registered. The table (held-out RM reward, independent-judge score, KL, wall time) goes on the sweep's run.
+is registered, unless `--promote-best`: then each variant is also gated (the sweep's own gate settings, against the
+champion, else the SFT policy), and of those that pass, the one with the highest win rate (then reward gain) is
+registered and promoted as a retrain's candidate is, with the same approval (`gate=manual` waits for a person). The
+sweep's run says which variant won and why (tags `sweep.best`, `sweep.best_why`). The table (held-out RM reward,
+independent-judge score, KL, wall time) goes on the sweep's run.
 """
 
 from __future__ import annotations
@@ -25,14 +30,17 @@ from components import tracking
 from components.config import Config, compose
 from components.evaluation.evaluate import win_rate
 from flows.caching import run_stage
+from flows.contracts import GateOutcome, Registration, RetrainSummary, StageOutput, ValidationSummary
 from flows.pool import ensure_deployed
 from flows.stages import (
     base_model,
     evaluate,
+    gate,
     git_commit,
     pin_guide,
     policy_stage,
     prepare_data,
+    register,
     reward_model,
     sft,
     validate,
@@ -77,6 +85,8 @@ class SweepRow:
     run_id: str  # the variant's MLflow run
     metrics: dict[str, float] = field(default_factory=dict)  # `sweep/*`
     error: str | None = None
+    gate: GateOutcome | None = None  # with --promote-best
+    outputs: tuple[StageOutput, StageOutput, StageOutput] | None = None  # sft, reward model, policy
 
 
 @dataclass
@@ -84,6 +94,9 @@ class SweepSummary:
     run_id: str
     data_version: str
     rows: list[SweepRow]
+    best: str | None = None  # --promote-best: the variant taken to the registry
+    best_why: str = ""
+    registered: Registration | None = None
 
     def table(self) -> str:
         """A markdown table of the variants."""
@@ -98,9 +111,30 @@ class SweepSummary:
         return head + "\n".join(lines) + "\n"
 
 
+def pick_best(rows: list[SweepRow]) -> tuple[SweepRow | None, str]:
+    """Of the variants that passed the gate, the one with the highest win rate, then reward gain -> it and why."""
+    gated = [r for r in rows if r.gate is not None]
+    passed = [r for r in gated if r.gate.passed]
+    if not passed:
+        fails = "; ".join(f"{r.variant}: {', '.join(r.gate.reasons)}" for r in gated) or "no variant was evaluated"
+        return None, f"no variant passed the gate ({fails})"
+
+    def key(r: SweepRow) -> tuple[float, float]:
+        return r.gate.gate_metrics.get("gate/win_rate", 0.0), r.gate.gate_metrics.get("gate/reward_gain", 0.0)
+
+    best = max(passed, key=key)
+    baseline = f"champion v{best.gate.champion_version}" if best.gate.champion_version else "the SFT policy"
+    others = ", ".join(f"{r.variant} {key(r)[0]:.2f}" for r in passed if r is not best) or "none"
+    return best, (
+        f"{len(passed)} of {len(gated)} variants passed the gate; {best.variant} has the highest win rate against "
+        f"{baseline}, {key(best)[0]:.2f} (reward gain {key(best)[1]:+.3f}; the others that passed: {others})"
+    )
+
+
 @config_flow(name="sweep", validate_parameters=False)
-def sweep(cfg: Config, variants: list[list[str]]):
-    """The variants (override lists composed over `cfg`'s) one after another; `sweep/*` per variant."""
+def sweep(cfg: Config, variants: list[list[str]], promote_best: bool = False):
+    """The variants (override lists composed over `cfg`'s) one after another; `sweep/*` per variant. With
+    `promote_best` the best variant that passes `cfg`'s gate is registered and promoted (retrain's approval)."""
     tracking.setup(cfg)
     log = get_run_logger()
     with mlflow.start_run(run_name=tracking.run_name(cfg, "sweep"), tags=lifecycle.mlflow_owner_tags()) as parent:
@@ -116,7 +150,9 @@ def sweep(cfg: Config, variants: list[list[str]]):
             vcfg = compose(overrides)
             if vcfg.infra.training_pool:  # the stage flows its stages dispatch to
                 ensure_deployed(vcfg.infra.training_pool)
-            row = run_variant(vcfg, data, parent.info.run_id, variant_name(overrides, cfg.overrides))
+            row = run_variant(
+                vcfg, data, parent.info.run_id, variant_name(overrides, cfg.overrides), cfg if promote_best else None
+            )
             summary.rows.append(row)
             log.info("sweep %s: %s", row.variant, row.error or {k: round(v, 3) for k, v in row.metrics.items()})
         mlflow.log_table(
@@ -124,14 +160,42 @@ def sweep(cfg: Config, variants: list[list[str]]):
             "sweep_results.json",
         )
         mlflow.log_text(summary.table(), "sweep_results.md")
+        if promote_best:
+            promoted = promote_the_best(cfg, data, checked, summary)
+            if promoted is not None:
+                return promoted
         failed = [r.variant for r in summary.rows if r.error]
         if failed:
             return Failed(message=f"variant(s) failed: {', '.join(failed)}", data=summary)
         return Completed(data=summary, message=f"{len(summary.rows)} variants")
 
 
-def run_variant(cfg: Config, data, parent_run_id: str, name: str) -> SweepRow:
-    """One variant: its stages (cached when unchanged), PPO, the evaluation; `sweep/*` on its own run."""
+def promote_the_best(cfg: Config, data, checked: ValidationSummary, summary: SweepSummary):
+    """Register the best variant that passed the gate (flows/stages.register) and promote it as a retrain does
+    (flows/retrain.promote: at once, or after a person approves). -> a final state when it was registered, else None
+    (the sweep ends as without --promote-best)."""
+    from flows.retrain import promote
+
+    best, why = pick_best(summary.rows)
+    summary.best, summary.best_why = (best.variant if best else None), why
+    mlflow.set_tags({"sweep.best": summary.best or "none", "sweep.best_why": why[:5000]})
+    get_run_logger().info("promote best: %s", why)
+    if best is None or best.gate is None or best.outputs is None:
+        return None
+    sft_out, rm_out, policy_out = best.outputs
+    vcfg = compose(best.overrides)
+    reg = register(vcfg, data, sft_out.dir, policy_out.dir, rm_out.dir, best.gate, summary.run_id)
+    summary.registered = reg
+    s = RetrainSummary(summary.run_id, data, checked, changed=f"sweep best: {best.variant}", registered=reg)
+    state = promote(cfg, s)
+    summary.registered = s.registered
+    state.data = summary
+    return state
+
+
+def run_variant(cfg: Config, data, parent_run_id: str, name: str, gated_by: Config | None = None) -> SweepRow:
+    """One variant: its stages (cached when unchanged), PPO, the evaluation; `sweep/*` on its own run. With
+    `gated_by` (--promote-best: the sweep's own config) the evaluation also goes through that config's gate."""
     with mlflow.start_run(
         run_name=f"sweep {name}", nested=True, parent_run_id=parent_run_id, tags=lifecycle.mlflow_owner_tags()
     ) as run:
@@ -146,6 +210,8 @@ def run_variant(cfg: Config, data, parent_run_id: str, name: str) -> SweepRow:
             rm_out = run_stage(reward_model, cfg, data, sft_out.dir, run.info.run_id)
             policy = run_stage(policy_stage(cfg), pin_guide(cfg), data, sft_out.dir, rm_out.dir, run.info.run_id)
             ev = evaluate(cfg, data, sft_out.dir, rm_out.dir, policy.dir, run.info.run_id)
+            if gated_by is not None:
+                row.gate, row.outputs = gate(gated_by, ev), (sft_out, rm_out, policy)
         except Exception as e:  # one variant's failure (a diverged PPO) is a row of the table, not the sweep's end
             mlflow.set_tag("outcome", f"failed: {type(e).__name__}")
             row.error = f"{type(e).__name__}: {e}"

@@ -74,3 +74,47 @@ def test_sweep_runs_the_four_variants_side_by_side(tmp_path, capsys):
     assert sum(1 for r in runs if r.data.tags.get("stage") == "sft") == 1
     assert sum(1 for r in runs if r.data.tags.get("stage") == "reward") == 1
     assert not mlflow.MlflowClient().search_registered_models(f"name='{cfg.tracking.registered_model_name}'")
+
+
+def test_a_sweep_of_policy_algorithms_reuses_sft_and_the_reward_model_and_promotes_the_best(tmp_path, capsys):
+    """Issue 29: `rlhf sweep policy=ppo,grpo,rloo --promote-best`: each algorithm's stage on the SFT model and reward
+    model trained once (cached for the others), its own metrics namespace and curves; every variant is gated and the
+    one with the highest win rate among those that pass is registered and promoted; the sweep's run says why."""
+    from components.registry import registry
+
+    cfg = make_project(tmp_path / "proj")
+    overrides = [
+        f"root={cfg.root}",
+        "data=demo_small",
+        *FAST_STAGES,
+        "policy=ppo,grpo,rloo",
+        "policy.grpo.steps=4",
+        "policy.rloo.steps=4",
+        "gate.min_judge_gain=null",
+        "gate.min_reward_gain=-100",
+        "gate.min_win_rate=0",
+        "gate.max_kl=1e9",
+        "gate.max_prompts=8",
+    ]
+    assert main(["sweep", "--promote-best", *overrides]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    for variant in ("policy=ppo", "policy=grpo", "policy=rloo"):
+        assert f"| {variant} |" in out
+    assert "promote best: 3 of 3 variants passed the gate;" in out and "has the highest win rate against" in out
+
+    mlflow.set_tracking_uri(tracking_uri(cfg))
+    runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
+    stages = [r.data.tags.get("stage") for r in runs]
+    assert stages.count("sft") == 1 and stages.count("reward") == 1, "SFT and the reward model came from the cache"
+    for algorithm in ("grpo", "rloo"):
+        (run,) = [r for r in runs if r.data.tags.get("stage") == algorithm]
+        # 4 steps on a 10-step reward model: the namespace and the held-out measures, not learning (test_group_rl)
+        assert {
+            f"{algorithm}/{k}" for k in ("eval_reward", "eval_reward_ref", "eval_kl", "kl")
+        } <= run.data.metrics.keys()
+        assert f"{algorithm}_curves.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    (parent,) = [r for r in runs if r.data.tags.get("pipeline") == "sweep"]
+    best = parent.data.tags["sweep.best"]
+    assert best in ("policy=ppo", "policy=grpo", "policy=rloo") and best in parent.data.tags["sweep.best_why"]
+    assert registry.alias_version(cfg.tracking.registered_model_name, registry.CHAMPION) == "1"
+    assert f"promoted {cfg.tracking.registered_model_name} v1 to champion" in out
