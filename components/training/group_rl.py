@@ -108,7 +108,8 @@ def check_config(algorithm: str, cfg: GroupRLConfig) -> None:
 def score_group(roles, ro: Rollout, rows: list[str], ppo_cfg: PPOConfig) -> dict[str, torch.Tensor]:
     """Step 2, in chunks of ppo.batch_size rows: the policy's (old) and the reference's log-probs [B, T], the raw RM
     score and the optimised score (missing-EOS penalty applied) [B], and each response's k1 KL (summed) [B]."""
-    T, out = ppo_cfg.temperature, {"old": [], "ref": [], "raw": [], "score": [], "kl": [], "entropy": []}
+    T = ppo_cfg.temperature
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("old", "ref", "raw", "score", "kl", "entropy")}
     for i in range(0, len(rows), ppo_cfg.batch_size):
         part = ro.select(torch.arange(i, min(i + ppo_cfg.batch_size, len(rows))))
         logits = policy_logits(roles, part.sequence, part.sequence_mask, part.query.shape[1])
