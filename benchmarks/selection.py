@@ -1,6 +1,7 @@
-"""Selection is RL, side by side, on the demo and on small data: PPO, rejection-sampling fine-tuning (RS) and
-best-of-4 at serving (on the SFT policy and on the PPO policy), at an equal number of sampled responses for the
-two training algorithms (PPO: 40 iterations x 32; RS: 4 rounds x 80 prompts x 4 samples = 1280).
+"""The policy methods side by side, on the demo and on small data: PPO, GRPO, RLOO, rejection-sampling fine-tuning
+(RS) and best-of-4 at serving (on the SFT policy and on the PPO policy), at an equal number of sampled responses for
+the training algorithms (PPO: 40 iterations x 32; GRPO, RLOO: 40 steps x 8 prompts x 4 samples; RS: 4 rounds x 80
+prompts x 4 samples = 1280).
 
     .venv/bin/python benchmarks/selection.py [--settings demo small_prefs small_feedback] [--seeds 0 1 2]
 
@@ -18,7 +19,9 @@ and is measured by:
   - the KL to the SFT policy (nats per response; best-of-n: the policy's own KL plus at most
     log n - (n-1)/n = 0.636 for n = 4 (Stiennon et al. 2020 / Beirami et al. 2024): its exact KL is not a sum over
     tokens of one policy, so it is reported as the bound),
-  - wall seconds of the policy stage, and for best-of-4 the serving seconds per prompt (n=4 vs n=1).
+  - degeneration: the share of answers with a word repeated back to back ("every every"), and distinct-2,
+  - wall seconds of the policy stage and its peak resident memory (the process's, so an upper bound after the
+    first), and for best-of-4 the serving seconds per prompt (n=4 vs n=1).
 Best-of-4 goes through the real served model (mlflow.pyfunc, components/registry/policy_model.py, n=4); its RM
 reward is measured by the RM that chose it, so read its judge score first.
 
@@ -44,7 +47,7 @@ SETTINGS = {
     "small_prefs": ["data.n_demonstrations=300", "data.n_preferences=100", "data.n_feedback=0"],
     "small_feedback": ["data.n_demonstrations=300", "data.n_preferences=0", "data.n_feedback=300"],
 }
-POLICIES = ("sft", "ppo", "rs", "sft best-of-4", "ppo best-of-4")
+POLICIES = ("sft", "ppo", "grpo", "rloo", "rs", "sft best-of-4", "ppo best-of-4")
 N = 4
 
 
@@ -85,6 +88,7 @@ def one(setting: str, seed: int, work: Path, yardstick: str | None) -> dict:
     from components.evaluation.evaluate import PolicySpec, evaluate_policies
     from components.evaluation.judges import sentiment
     from components.models.demo_base import build_demo_base
+    from components.training.group_rl import train_group_rl
     from components.training.ppo import train_ppo
     from components.training.rejection_sampling import train_rejection_sampling
     from components.training.reward import train_reward
@@ -105,14 +109,33 @@ def one(setting: str, seed: int, work: Path, yardstick: str | None) -> dict:
     t0 = time.perf_counter()
     rm = train_reward(cfg.reward, cfg.model, sft.merged_dir, cfg.data_path, out / "rm", seed=seed, data_cfg=cfg.data)
     t["rm"] = time.perf_counter() - t0
+    peak = {}
     ppo = train_ppo(cfg.ppo, cfg.model, sft.merged_dir, rm.head_dir, cfg.data_path, out / "ppo", seed=seed)
+    peak["ppo"] = peak_rss_mb()
+    group = {}
+    for algorithm in ("grpo", "rloo"):
+        group[algorithm] = train_group_rl(
+            algorithm,
+            getattr(cfg.policy, algorithm),
+            cfg.ppo,
+            cfg.model,
+            sft.merged_dir,
+            rm.head_dir,
+            cfg.data_path,
+            out / algorithm,
+            seed,
+        )
+        peak[algorithm] = peak_rss_mb()
     rs = train_rejection_sampling(
         cfg.policy.rejection_sampling, cfg.ppo, cfg.model, sft.merged_dir, rm.head_dir, cfg.data_path, out / "rs", seed
     )
+    peak["rs"] = peak_rss_mb()
     prompts = read_prompts(cfg.data_path, "eval")[: cfg.gate.max_prompts]
     specs = [
         PolicySpec("sft", sft.merged_dir),
         PolicySpec("ppo", sft.merged_dir, ppo.policy_dir),
+        PolicySpec("grpo", sft.merged_dir, group["grpo"].policy_dir),
+        PolicySpec("rloo", sft.merged_dir, group["rloo"].policy_dir),
         PolicySpec("rs", sft.merged_dir, rs.policy_dir),
     ]
     evals = evaluate_policies(specs, sft.merged_dir, rm.head_dir, prompts, cfg.gate, cfg.model)
@@ -122,12 +145,18 @@ def one(setting: str, seed: int, work: Path, yardstick: str | None) -> dict:
     }
     rows["ppo"]["seconds"] = ppo.metrics["ppo/train_seconds"]
     rows["rs"]["seconds"] = rs.metrics["rs/train_seconds"]
+    for algorithm, result in group.items():
+        rows[algorithm]["seconds"] = result.metrics[f"{algorithm}/train_seconds"]
+    for name in peak:
+        rows[name]["peak_rss_mb"] = peak[name]
     texts = {name: e.responses for name, e in evals.items()}
+    for name, e in evals.items():
+        rows[name] |= degeneration(e.responses)
     bound = __import__("math").log(N) - (N - 1) / N
     for name, adapter in (("sft", None), ("ppo", ppo.policy_dir)):
         served = best_of_n(sft.merged_dir, adapter, rm.head_dir, prompts, cfg, out / f"serve-{name}")
         texts[f"{name} best-of-{N}"] = served[N]["responses"]
-        rows[f"{name} best-of-{N}"] = {
+        rows[f"{name} best-of-{N}"] = degeneration(served[N]["responses"]) | {
             "judge": statistics.mean(sentiment(prompts, served[N]["responses"])),
             "kl_bound": rows[name]["kl"] + bound,
             "serve_seconds_per_prompt": served[N]["seconds_per_prompt"],
@@ -147,9 +176,30 @@ def one(setting: str, seed: int, work: Path, yardstick: str | None) -> dict:
         "rows": rows,
         "stage_seconds": t,
         "rm": {k: v for k, v in rm.metrics.items() if k in ("rm/eval_accuracy", "rm/feedback_auc")},
-        "samples": {"ppo": cfg.ppo.steps * cfg.ppo.batch_size, "rs": rs.metrics["rs/samples"]},
+        "samples": {
+            "ppo": cfg.ppo.steps * cfg.ppo.batch_size,
+            "rs": rs.metrics["rs/samples"],
+            **{a: r.metrics[f"{a}/samples"] for a, r in group.items()},
+        },
         "dirs": {"sft": sft.merged_dir, "rm": rm.head_dir},
     }
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far (MB): each method's column is an upper bound on its own."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def degeneration(texts: list[str]) -> dict[str, float]:
+    """The share of answers with a word repeated back to back ("every every"), and distinct-2 over all answers."""
+    import re
+
+    from components.evaluation.evaluate import distinct_n
+
+    repeated = [bool(re.search(r"\b(\w+)\s+\1\b", t.lower())) for t in texts]
+    return {"repeat_share": sum(repeated) / max(1, len(texts)), "distinct_2": distinct_n(texts, 2)}
 
 
 def yardstick_of(yardstick: str | None, sft_dir: str, rm_dir: str) -> tuple[str, str]:
@@ -190,7 +240,17 @@ def cell(runs: list[dict], policy: str, key: str, spread: bool = True, fmt: str 
 
 
 def table(results: list[dict], settings: list[str]) -> str:
-    cols = ("RM reward", "yardstick RM", "judge", "KL to SFT", "train s", "serve s/prompt (n=1)")
+    cols = (
+        "RM reward",
+        "yardstick RM",
+        "judge",
+        "KL to SFT",
+        "repeated word",
+        "distinct-2",
+        "train s",
+        "peak MB",
+        "serve s/prompt (n=1)",
+    )
     lines = []
     for setting in settings:
         runs = [r for r in results if r["setting"] == setting]
@@ -214,7 +274,8 @@ def table(results: list[dict], settings: list[str]) -> str:
                 )
             lines.append(
                 f"| {p} | {cell(runs, p, 'rm_reward')} | {cell(runs, p, 'yardstick')} | {cell(runs, p, 'judge')} | "
-                f"{kl} | {cell(runs, p, 'seconds', False, '{:.1f}')} | {serve} |"
+                f"{kl} | {cell(runs, p, 'repeat_share', False, '{:.2f}')} | {cell(runs, p, 'distinct_2', False, '{:.2f}')} | "
+                f"{cell(runs, p, 'seconds', False, '{:.1f}')} | {cell(runs, p, 'peak_rss_mb', False, '{:.0f}')} | {serve} |"
             )
         acc = [
             r["rm"]["rm/eval_accuracy"]
@@ -259,7 +320,7 @@ def main() -> None:
     print(body)
     write_results("selection", {"seeds": args.seeds, "runs": results})
     (RESULTS / "selection.md").write_text(
-        "# Selection-based RL vs PPO (benchmarks/selection.py)\n\nMean ± std over seeds "
+        "# The policy methods side by side (benchmarks/selection.py)\n\nMean ± std over seeds "
         + ", ".join(map(str, args.seeds))
         + f"; equal sampled responses for PPO and RS. Rerun: `.venv/bin/python benchmarks/selection.py --seeds {' '.join(map(str, args.seeds))}`\n"
         + body

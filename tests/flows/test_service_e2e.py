@@ -492,20 +492,20 @@ else:
 """
 
 
-def test_two_orchestrators_started_at_one_instant_in_two_state_dirs_take_turns(retrained):
+def test_two_orchestrators_started_at_one_instant_in_two_state_dirs_take_turns(stack):
     """Issue 28, chaos: two orchestrators in two state dirs against the servers, each asking for the retrain slot at
     the same wall-clock instant, both with their clocks stepped 5 minutes ahead right after. Exactly one holds it;
     the other waits, naming the holder (a live one is not freed by a clock jump), and takes it once it is released."""
-    go = retrained["root"] / "race-go"
+    go = stack["root"] / "race-go"
     racers = []
     for name in ("racer-a", "racer-b"):
-        d = retrained["root"] / name
+        d = stack["root"] / name
         d.mkdir()
         racers.append(
             subprocess.Popen(
                 [sys.executable, "-c", RACER, str(d), str(go), "300"],
                 cwd=Path(__file__).parents[2],
-                env=retrained["env"],
+                env=stack["env"] | services.read_env_file(Path(stack["env"]["RLHF_CREDENTIALS_FILE"])),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
