@@ -81,6 +81,8 @@ STORED_ENTRYPOINTS = (
     "flows.pool.reward_model_stage",
     "flows.pool.ppo_stage",
     "flows.pool.rejection_sampling_stage",
+    "flows.pool.grpo_stage",
+    "flows.pool.rloo_stage",
     "flows.pool.evaluate_stage",
     "flows.serve.retrain_service",
 )

@@ -1,5 +1,5 @@
-"""The whole `rlhf run model.dtype=bfloat16` on demo_small, as a user runs it (the session's Prefect server,
-SQLite MLflow, the default stage settings): it completes, raises the held-out reward over the SFT policy, passes the
+"""The whole `rlhf run model.dtype=bfloat16` on demo_small, as a user runs it (the session's Prefect server
+and demo base, SQLite MLflow, the default stage settings): it completes, raises the held-out reward over the SFT policy, passes the
 default gate, and registers a champion whose weights are bf16 and which serves in bf16."""
 
 import json
@@ -16,11 +16,13 @@ from components.tracking import tracking_uri
 from tests.conftest import make_project
 
 
-def test_a_bf16_run_completes_learns_registers_and_serves_in_bf16(tmp_path, prefect_server):
+def test_a_bf16_run_completes_learns_registers_and_serves_in_bf16(tmp_path, prefect_server, stages):
     from prefect.settings import PREFECT_API_URL
 
     root = tmp_path / "proj"
-    cfg = make_project(root, "model.dtype=bfloat16", "tracking.registered_model_name=bf16-run")
+    # the session's demo base (a real model is downloaded, not built): SFT, RM, PPO, registry and serving in bf16
+    base = ("model.build_demo_base=false", f"model.name_or_path={stages.base_dir}")
+    cfg = make_project(root, "model.dtype=bfloat16", "tracking.registered_model_name=bf16-run", *base)
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
     proc = subprocess.run(
         [
@@ -31,6 +33,7 @@ def test_a_bf16_run_completes_learns_registers_and_serves_in_bf16(tmp_path, pref
             "model.dtype=bfloat16",
             "tracking.registered_model_name=bf16-run",
             f"infra.prefect_api_url={PREFECT_API_URL.value()}",  # the session's server: no start-up of its own
+            *base,
         ],
         cwd=root,
         env={**env, "TQDM_DISABLE": "1"},

@@ -44,12 +44,12 @@ def client_env(env_file: Path, **extra: str) -> dict[str, str]:
 
 def start_worker(stack: dict, name: str) -> subprocess.Popen:
     """`rlhf worker` on pool `gpu` in the worker's directory (a replacement shares it, as on one machine), its output
-    appended to worker.log. Heartbeats every 5 s: Prefect's server marks it offline 15 s after it is gone."""
+    appended to worker.log. Heartbeats every 2 s: Prefect's server marks it offline 6 s after it is gone."""
     with open(stack["worker_log"], "ab") as log:
         return subprocess.Popen(
             [RLHF, "worker", "--pool", "gpu", "--name", name],
             cwd=stack["worker_dir"],
-            env=stack["env"] | {"PREFECT_WORKER_HEARTBEAT_SECONDS": "5"},
+            env=stack["env"] | {"PREFECT_WORKER_HEARTBEAT_SECONDS": "2"},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -318,7 +318,7 @@ def test_a_second_retrain_reuses_the_trained_stages_and_survives_losing_its_work
     evaluation runs again, the candidate fails the gate and the registry is unchanged.
     Chaos (issue 28): the worker is SIGKILLed with its stage (a lost machine) while evaluation runs, no
     infra.stage_timeout_s given, and a replacement worker of the pool starts at once. The retrain sees the stage's
-    own worker offline (infra.worker_lost_s=5; Prefect marks it offline 15 s after its last heartbeat), marks the
+    own worker offline (infra.worker_lost_s=5; Prefect marks it offline 6 s after its last heartbeat), marks the
     stage Crashed and retries it, and the replacement finishes it."""
     env = retrained["env"]
     before = {r["id"] for r in prefect_post(env, "/flow_runs/filter", {"limit": 200})}
@@ -478,7 +478,7 @@ if jump:  # this process's wall clock steps ahead (an NTP step, a VM resume)
     real = time.time
     time.time = lambda: real() + jump
 t0 = time.monotonic()
-while time.monotonic() - t0 < 8:
+while time.monotonic() - t0 < 5:
     time.sleep(0.1)
 print("HELD" if slot.mine else "WAITING", flush=True)
 if slot.mine:
