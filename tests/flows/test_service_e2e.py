@@ -318,7 +318,7 @@ def test_a_second_retrain_reuses_the_trained_stages_and_survives_losing_its_work
     evaluation runs again, the candidate fails the gate and the registry is unchanged.
     Chaos (issue 28): the worker is SIGKILLed with its stage (a lost machine) while evaluation runs, no
     infra.stage_timeout_s given, and a replacement worker of the pool starts at once. The retrain sees the stage's
-    own worker offline (infra.worker_lost_s=5; Prefect marks it offline 6 s after its last heartbeat), marks the
+    own worker offline (infra.worker_lost_s=1; Prefect marks it offline 6 s after its last heartbeat), marks the
     stage Crashed and retries it, and the replacement finishes it."""
     env = retrained["env"]
     before = {r["id"] for r in prefect_post(env, "/flow_runs/filter", {"limit": 200})}
@@ -326,7 +326,7 @@ def test_a_second_retrain_reuses_the_trained_stages_and_survives_losing_its_work
     log_path = retrained["root"] / "reuse-run.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [*retrained["cmd"], "gate.max_kl=0", "infra.worker_lost_s=5"],
+            [*retrained["cmd"], "gate.max_kl=0", "infra.worker_lost_s=1"],
             cwd=retrained["orchestrator"],
             env=env,
             stdout=log,

@@ -6,7 +6,7 @@ into (a bf16 merge/unmerge cycle moves the frozen reference); and the half-preci
 within the half dtype's rounding. A bf16 model registers, loads in bf16 and serves best-of-n.
 
 The architecture matrix in bf16 is tests/models/test_families.py; the whole `rlhf run model.dtype=bfloat16` is
-tests/flows/test_bf16_run.py."""
+tests/flows/test_crash_resume.py (killed mid-PPO, resumed, registered and served in bf16)."""
 
 from __future__ import annotations
 
