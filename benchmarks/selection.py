@@ -293,6 +293,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--name", default="selection", help="results file name under benchmarks/results/")
     ap.add_argument("--one", nargs=3, metavar=("SETTING", "SEED", "WORK"), help=argparse.SUPPRESS)
     ap.add_argument("--yardstick", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -318,15 +319,15 @@ def main() -> None:
                 print(table([r], [setting]))
     body = table(results, args.settings)
     print(body)
-    write_results("selection", {"seeds": args.seeds, "runs": results})
-    (RESULTS / "selection.md").write_text(
+    write_results(args.name, {"seeds": args.seeds, "runs": results})
+    (RESULTS / f"{args.name}.md").write_text(
         "# The policy methods side by side (benchmarks/selection.py)\n\nMean ± std over seeds "
         + ", ".join(map(str, args.seeds))
         + f"; equal sampled responses for PPO and RS. Rerun: `.venv/bin/python benchmarks/selection.py --seeds {' '.join(map(str, args.seeds))}`\n"
         + body
         + "\n"
     )
-    print(f"wrote {(RESULTS / 'selection.md').relative_to(REPO)}")
+    print(f"wrote {(RESULTS / f'{args.name}.md').relative_to(REPO)}")
 
 
 if __name__ == "__main__":
