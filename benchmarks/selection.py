@@ -323,7 +323,8 @@ def main() -> None:
     (RESULTS / f"{args.name}.md").write_text(
         "# The policy methods side by side (benchmarks/selection.py)\n\nMean ± std over seeds "
         + ", ".join(map(str, args.seeds))
-        + f"; equal sampled responses for PPO and RS. Rerun: `.venv/bin/python benchmarks/selection.py --seeds {' '.join(map(str, args.seeds))}`\n"
+        + "; equal sampled responses (1280) for PPO, GRPO, RLOO and RS. Rerun: `.venv/bin/python benchmarks/selection.py "
+        + f"--seeds {' '.join(map(str, args.seeds))} --settings {' '.join(args.settings)} --name {args.name}`\n"
         + body
         + "\n"
     )
