@@ -31,10 +31,9 @@ PPO's layout (`final/policy`).
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,12 +48,13 @@ from components.training import checkpoint
 from components.training.callbacks import log_table_to_active_run, log_to_active_run
 from components.training.ppo import (
     PPODivergence,
-    build_roles,
+    build_policy_roles,
     evaluate_policy_vs_reference,
     penalise_missing_eos,
     policy_logits,
     reference_logprobs,
     scores_for,
+    write_policy_outputs,
 )
 from components.training.ppo_math import (
     entropy_from_logits,
@@ -194,12 +194,7 @@ def train_group_rl(
         raise ValueError(f"{algorithm} needs prompts under {data_dir}/prompts")
     device = resolve_device(model_cfg.device)
     torch.manual_seed(seed)  # peft's LoRA init draws from the global RNG
-    roles = build_roles(
-        replace(ppo_cfg, value_init="fresh", value_model="adapter"), model_cfg, sft_dir, reward_dir, device
-    )
-    roles.model.delete_adapter("value")  # PPO's critic: not needed, the group is the baseline
-    roles.value_head, roles.trainable = None, frozenset({POLICY})  # in place: a reward built on roles keeps them
-    roles.model.set_adapter(POLICY)
+    roles = build_policy_roles(ppo_cfg, model_cfg, sft_dir, reward_dir, device)
     params = [p for p in roles.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, eps=1e-5)
     history: list[dict[str, float]] = []
@@ -296,17 +291,4 @@ def train_group_rl(
     metrics[f"{ns}/resumed_from_step"] = float(start)
     log_to_active_run(metrics, cfg.steps)
     checkpoint.save(ckpt_root, cfg.steps, fp, save_checkpoint)
-    return write_outputs(roles, final, algorithm, metrics, history)
-
-
-def write_outputs(roles, final: Path, algorithm: str, metrics: dict[str, float], history: list[dict[str, float]]):
-    """As PPO's: everything to a tmp dir, one rename to `final/`, then `COMPLETE.json` in the stage's out_dir."""
-    tmp = final.with_name(".final-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    roles.model.save_pretrained(tmp, selected_adapters=[POLICY], safe_serialization=True)  # tmp/policy
-    roles.tok.save_pretrained(tmp / POLICY)
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (tmp / "history.json").write_text(json.dumps(history))
-    tmp.rename(final)
-    checkpoint.mark_complete(final.parent, {"stage": algorithm, "outputs": [final.name], "metrics": metrics})
-    return GroupRLResult(str(final / POLICY), metrics, history)
+    return GroupRLResult(write_policy_outputs(roles, final, algorithm, metrics, history), metrics, history)

@@ -166,6 +166,32 @@ def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir
     return roles
 
 
+def build_policy_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: str | None, device) -> Roles:
+    """PPO's roles without a critic, for the policy stages that need none (rejection sampling, GRPO, RLOO): the
+    policy adapter (trainable, active), the reward model, the reference as the adapters disabled."""
+    roles = build_roles(replace(cfg, value_init="fresh", value_model="adapter"), model_cfg, sft_dir, reward_dir, device)
+    roles.model.delete_adapter("value")
+    roles.value_head, roles.trainable = None, frozenset({"policy"})  # in place: a reward built on roles keeps them
+    roles.model.set_adapter("policy")
+    return roles
+
+
+def write_policy_outputs(
+    roles: Roles, final: Path, stage: str, metrics: dict[str, float], history: list[dict[str, float]]
+) -> str:
+    """A critic-free policy stage's outputs in PPO's layout: everything to a tmp dir, one rename to `final/`, then
+    `COMPLETE.json` in the stage's out_dir. -> the policy adapter's dir (`final/policy`)."""
+    tmp = final.with_name(".final-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    roles.model.save_pretrained(tmp, selected_adapters=["policy"], safe_serialization=True)  # tmp/policy
+    roles.tok.save_pretrained(tmp / "policy")
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (tmp / "history.json").write_text(json.dumps(history))
+    tmp.rename(final)
+    checkpoint.mark_complete(final.parent, {"stage": stage, "outputs": [final.name], "metrics": metrics})
+    return str(final / "policy")
+
+
 def kl_controller(cfg: PPOConfig) -> AdaptiveKLController | PIDKLController:
     """The KL coefficient's controller (`ppo.kl_controller`): pid | ziegler | fixed."""
     if cfg.kl_controller == "pid":

@@ -26,10 +26,9 @@ PPO's layout (`final/policy`: adapter + tokenizer), so evaluation, gate and regi
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,11 +42,12 @@ from components.models.loading import resolve_device
 from components.training import checkpoint
 from components.training.callbacks import log_table_to_active_run, log_to_active_run
 from components.training.ppo import (
-    build_roles,
+    build_policy_roles,
     evaluate_policy_vs_reference,
     penalise_missing_eos,
     response_kl,
     scores_for,
+    write_policy_outputs,
 )
 
 POLICY = "policy"
@@ -212,12 +212,7 @@ def train_rejection_sampling(
         raise ValueError(f"rejection sampling needs prompts under {data_dir}/prompts")
     device = resolve_device(model_cfg.device)
     torch.manual_seed(seed)  # peft's LoRA init draws from the global RNG
-    roles = build_roles(
-        replace(ppo_cfg, value_init="fresh", value_model="adapter"), model_cfg, sft_dir, reward_dir, device
-    )
-    roles.model.delete_adapter("value")  # PPO's critic: not needed here
-    roles.value_head, roles.trainable = None, frozenset({POLICY})  # in place: a reward built on roles keeps them
-    roles.model.set_adapter(POLICY)
+    roles = build_policy_roles(ppo_cfg, model_cfg, sft_dir, reward_dir, device)
     history: list[dict[str, float]] = []
 
     final = out_dir / "final"
@@ -315,17 +310,5 @@ def train_rejection_sampling(
     metrics["rs/resumed_from_round"] = float(start)
     log_to_active_run(metrics, cfg.rounds)
     checkpoint.save(ckpt_root, cfg.rounds, fp, save_checkpoint)
-    return write_outputs(roles, final, metrics, history)
-
-
-def write_outputs(roles, final: Path, metrics: dict[str, float], history: list[dict[str, float]]):
-    """As PPO's: everything to a tmp dir, one rename to `final/`, then `COMPLETE.json` in the stage's out_dir."""
-    tmp = final.with_name(".final-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    roles.model.save_pretrained(tmp, selected_adapters=[POLICY], safe_serialization=True)  # tmp/policy
-    roles.tok.save_pretrained(tmp / POLICY)
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (tmp / "history.json").write_text(json.dumps(history))
-    tmp.rename(final)
-    checkpoint.mark_complete(final.parent, {"stage": "rejection-sampling", "outputs": [final.name], "metrics": metrics})
-    return RejectionSamplingResult(str(final / POLICY), metrics, history)
+    policy_dir = write_policy_outputs(roles, final, "rejection-sampling", metrics, history)
+    return RejectionSamplingResult(policy_dir, metrics, history)
