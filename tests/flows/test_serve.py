@@ -144,10 +144,15 @@ def test_a_run_with_allowed_changes_trains_on_the_operators_config(tmp_path, mon
     assert cfg.infra.dvc_remote_url == "https://dvcuser:dvc-pw@dvc.example.com/store?token=dvctok"
 
 
-def test_an_ingest_event_runs_the_served_deployment(tmp_path):
-    """`rlhf serve` in its own process against the test server; `ingest` emits rlhf.data.updated; the
-    automation starts the deployment; the served process runs the retrain, which registers a champion."""
-    import json
+def test_an_ingest_event_runs_the_served_deployment_and_a_sigkilled_serve_does_not_block_it(tmp_path):
+    """One served deployment's life, in `rlhf serve` processes against the session's test server:
+    1. `ingest` emits rlhf.data.updated; the automation starts the deployment (the only run: no cron), with the
+       operator's overrides as its parameters, and the served process runs the retrain.
+    2. `rlhf serve` is SIGKILLed (with its process group) while that run is in PPO: the run stays Running on the
+       server and holds the deployment's concurrency slot (limit 1); nothing on a server gives it back.
+    3. The restarted `rlhf serve` ends the dead run as Crashed, which frees the slot; the next run of the
+       deployment resumes PPO from its checkpoint, registers a champion on the ingested data version, and a
+       service manager's SIGTERM stops the service cleanly."""
     import os
     import signal
     import subprocess
@@ -171,6 +176,8 @@ def test_an_ingest_event_runs_the_served_deployment(tmp_path):
         f"root={root}",
         "data=demo_small",
         *FAST_STAGES,
+        "ppo.steps=8",  # killed at its first checkpoint: 7 iterations (~1 s each) still to go
+        "ppo.save_every=1",
         "infra.retrain_cron=null",
         f"infra.prefect_api_url={PREFECT_API_URL.value()}",
         "tracking.registered_model_name=served-test",
@@ -178,29 +185,33 @@ def test_an_ingest_event_runs_the_served_deployment(tmp_path):
     ]
     project = make_project(root, *overrides[1:])
     ensure_data(project)  # `rlhf data`: the demo data, versioned
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
 
-    log = (tmp_path / "serve.log").open("w")
-    serve = subprocess.Popen(
-        [str(Path(sys.executable).with_name("rlhf")), "serve", *overrides],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "TQDM_DISABLE": "1"},
-        start_new_session=True,
-    )
+    def serve(log_path: Path) -> subprocess.Popen:
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(
+                [str(Path(sys.executable).with_name("rlhf")), "serve", *overrides],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**env, "TQDM_DISABLE": "1"},
+                start_new_session=True,
+            )
+        deadline = time.time() + 240
+        while "waiting for scheduled or triggered runs" not in log_path.read_text():
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        return proc
+
+    log1, log2 = tmp_path / "serve1.log", tmp_path / "serve2.log"
+    first = serve(log1)
     try:
         with get_client(sync_client=True) as client:
-            deadline = time.time() + 120
-            while True:  # the served process registers the deployment and its automation
-                try:
-                    dep = client.read_deployment_by_name(f"retrain-service/{DEPLOYMENT}")
-                    if dep.parameters == {"overrides": overrides} and client.read_automations_by_name(
-                        "retrain on new data"
-                    ):
-                        break
-                except Exception:
-                    pass
-                assert serve.poll() is None and time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-                time.sleep(1)
+            dep = client.read_deployment_by_name(f"retrain-service/{DEPLOYMENT}")
+            assert dep.parameters == {"overrides": overrides}
+            deadline = time.time() + 60
+            while not client.read_automations_by_name("retrain on new data"):
+                assert time.time() < deadline, log1.read_text()[-3000:]
+                time.sleep(0.5)
             time.sleep(3)  # let the server's trigger service load the new automation
 
             batch = tmp_path / "batch.jsonl"
@@ -221,28 +232,48 @@ def test_an_ingest_event_runs_the_served_deployment(tmp_path):
             assert ingest_flow(project, str(batch), "preferences", return_state=True).is_completed()
             version = data_version(root)
 
-            deadline = time.time() + 420
-            while True:  # the triggered run, executed by the served process
-                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
-                if runs and runs[0].state.is_final():
-                    break
-                assert serve.poll() is None and time.time() < deadline, (
-                    f"runs: {[(r.name, r.state_name) for r in runs]}\n" + (tmp_path / "serve.log").read_text()[-3000:]
-                )
-                time.sleep(2)
-        (run,) = runs  # no cron: the event was the only thing that started it
-        assert run.state.is_completed(), f"{run.state.message}\n" + (tmp_path / "serve.log").read_text()[-3000:]
-        assert run.parameters == {"overrides": overrides}
-        serve.send_signal(signal.SIGTERM)  # as a service manager stops it: a clean exit
-        assert serve.wait(timeout=10) == 0, (tmp_path / "serve.log").read_text()[-3000:]
-        assert "stopped serving" in (tmp_path / "serve.log").read_text()
+            stages = root / ".rlhf" / "stages"
+            deadline = time.time() + 400
+            while not list(stages.glob("ppo-*/checkpoints/step-*")):  # the triggered run is well into PPO
+                assert first.poll() is None and time.time() < deadline, log1.read_text()[-3000:]
+                time.sleep(0.2)
+            os.killpg(first.pid, signal.SIGKILL)  # the service and the run it was executing
+            first.wait()
+            (run,) = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
+            assert run.parameters == {"overrides": overrides}  # the event was the only thing that started it
+            assert client.read_flow_run(run.id).state.is_running(), "a SIGKILLed run stays Running on the server"
     finally:
-        if serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGKILL)
-        log.close()
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+
+    second = serve(log2)
+    try:
+        assert "Running -> Crashed" in log2.read_text()
+        with get_client(sync_client=True) as client:
+            assert client.read_flow_run(run.id).state.name == "Crashed"
+            again = client.create_flow_run_from_deployment(dep.id)
+            deadline = time.time() + 600
+            while not (done := client.read_flow_run(again.id)).state.is_final():
+                assert second.poll() is None and time.time() < deadline, log2.read_text()[-3000:]
+                time.sleep(1)
+            assert done.state.is_completed(), f"{done.state.message}\n" + log2.read_text()[-3000:]
+        second.send_signal(signal.SIGTERM)  # as a service manager stops it: a clean exit
+        assert second.wait(timeout=10) == 0, log2.read_text()[-3000:]
+        assert "stopped serving" in log2.read_text()
+    finally:
+        if second.poll() is None:
+            os.killpg(second.pid, signal.SIGKILL)
+
     mlflow.set_tracking_uri(tracking_uri(project))
     assert alias_version("served-test", CHAMPION) == "1"
     assert mlflow.MlflowClient().get_model_version("served-test", "1").tags["data_version"] == version
+    ppo_runs = mlflow.search_runs(
+        search_all_experiments=True, filter_string="attributes.run_name = 'ppo'", output_format="list"
+    )
+    assert max(r.data.metrics.get("ppo/resumed_from_iteration", 0) for r in ppo_runs) > 0, "PPO resumed its checkpoint"
+    assert not [
+        r for r in mlflow.search_runs(search_all_experiments=True, output_format="list") if r.info.status == "RUNNING"
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -255,11 +286,12 @@ def quiet_project(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("sig, server", [("SIGTERM", "temporary"), ("SIGINT", "shared")])
+@pytest.mark.parametrize("sig, server", [("SIGINT", "temporary")])
 def test_serve_stops_within_10s_on_sigterm_and_sigint(quiet_project, tmp_path, server, sig):
     """A service manager's stop (SIGTERM) or Ctrl-C (SIGINT): exit 0 within 10 s, schedule paused. Prefect's
     own SIGTERM handling had `rlhf serve` run on after SIGTERM (issue 10). Each signal once, each kind of Prefect
-    server once: the signal handling does not depend on the server (the other two pairs measured the same)."""
+    server once: SIGTERM on the shared server ends the deployment test above; here Ctrl-C on `rlhf serve`'s own
+    temporary server. The signal handling does not depend on the server (all four pairs measured the same)."""
     import os
     import signal
     import subprocess
@@ -298,101 +330,3 @@ def test_serve_stops_within_10s_on_sigterm_and_sigint(quiet_project, tmp_path, s
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-
-
-def test_a_sigkilled_serve_does_not_block_the_deployment_after_restart(tmp_path):
-    """`rlhf serve` SIGKILLed (with its process group) while a run of its deployment is Running: that run
-    holds the deployment's concurrency slot (limit 1) and nothing on a server gives it back. The restarted
-    `rlhf serve` ends the dead run as Crashed, which frees the slot, and the next run of the deployment runs."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
-
-    from tests.conftest import FAST_STAGES, OPEN_GATE, make_project
-
-    root = tmp_path / "proj"
-    overrides = [
-        f"root={root}",
-        "data=demo_small",
-        *FAST_STAGES,
-        "ppo.steps=8",  # killed at its first checkpoint: 7 iterations (~1 s each) still to go
-        "ppo.save_every=1",
-        "infra.retrain_cron=null",
-        "infra.retrain_on_new_data=false",
-        f"infra.prefect_api_url={PREFECT_API_URL.value()}",
-        "tracking.registered_model_name=restart-test",
-        *OPEN_GATE,
-    ]
-    make_project(root, *overrides[1:])
-    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
-
-    def serve(log_path: Path) -> subprocess.Popen:
-        with log_path.open("w") as log:
-            proc = subprocess.Popen(
-                [str(Path(sys.executable).with_name("rlhf")), "serve", *overrides],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**env, "TQDM_DISABLE": "1"},
-                start_new_session=True,
-            )
-        deadline = time.time() + 240
-        while "waiting for scheduled or triggered runs" not in log_path.read_text():
-            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.5)
-        return proc
-
-    def wait_state(client, run_id, done, timeout: float, log_path: Path):
-        deadline = time.time() + timeout
-        while not done(run := client.read_flow_run(run_id)):
-            assert time.time() < deadline, f"{run.state_name}\n" + log_path.read_text()[-3000:]
-            time.sleep(1)
-        return run
-
-    first = serve(tmp_path / "serve1.log")
-    try:
-        with get_client(sync_client=True) as client:
-            dep = client.read_deployment_by_name(f"retrain-service/{DEPLOYMENT}")
-            run = client.create_flow_run_from_deployment(dep.id)
-            stages = root / ".rlhf" / "stages"
-            deadline = time.time() + 400
-            while not list(stages.glob("ppo-*/checkpoints/step-*")):  # well into the run: PPO is checkpointing
-                assert time.time() < deadline, (tmp_path / "serve1.log").read_text()[-3000:]
-                time.sleep(0.2)
-            os.killpg(first.pid, signal.SIGKILL)  # the service and the run it was executing
-            first.wait()
-            assert client.read_flow_run(run.id).state.is_running(), "a SIGKILLed run stays Running on the server"
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-
-    second = serve(tmp_path / "serve2.log")
-    try:
-        assert "Running -> Crashed" in (tmp_path / "serve2.log").read_text()
-        with get_client(sync_client=True) as client:
-            assert client.read_flow_run(run.id).state.name == "Crashed"
-            again = client.create_flow_run_from_deployment(dep.id)
-            done = wait_state(client, again.id, lambda r: r.state.is_final(), 600, tmp_path / "serve2.log")
-            assert done.state.is_completed(), done.state.message
-        second.send_signal(signal.SIGTERM)
-        assert second.wait(timeout=10) == 0
-    finally:
-        if second.poll() is None:
-            os.killpg(second.pid, signal.SIGKILL)
-    import mlflow
-
-    from components.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri(make_project(root, *overrides[1:])))
-    ppo_runs = mlflow.search_runs(
-        search_all_experiments=True, filter_string="attributes.run_name = 'ppo'", output_format="list"
-    )
-    assert max(r.data.metrics.get("ppo/resumed_from_iteration", 0) for r in ppo_runs) > 0, "PPO resumed its checkpoint"
-    assert not [
-        r for r in mlflow.search_runs(search_all_experiments=True, output_format="list") if r.info.status == "RUNNING"
-    ]
