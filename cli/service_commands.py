@@ -47,7 +47,14 @@ def cmd_run(args, overrides: list[str]) -> int:
     if s.cached:
         print(f"  reused from earlier runs (unchanged inputs, Prefect cache): {', '.join(s.cached)}")
     m = s.policy.metrics
-    for ns, name in (("ppo", "PPO"), ("rs", "rejection sampling"), ("grpo", "GRPO"), ("rloo", "RLOO")):
+    for ns, name in (
+        ("ppo", "PPO"),
+        ("rs", "rejection sampling"),
+        ("grpo", "GRPO"),
+        ("rloo", "RLOO"),
+        ("dpo", "DPO"),
+        ("kto", "KTO"),
+    ):
         if f"{ns}/eval_reward" in m:
             print(
                 f"  {name} on {int(m[f'{ns}/eval_prompts'])} held-out prompts: reward {m[f'{ns}/eval_reward']:+.2f} "

@@ -276,14 +276,56 @@ class GroupRLConfig:
 
 
 @dataclass
+class DirectConfig:
+    """Direct alignment (components/training/direct.py): the policy's LoRA trained offline on the project's
+    judgements, no sampling and no reward model in the loss; the reference is the SFT model (the adapters disabled).
+    `beta` scales the implicit reward beta * log(pi / pi_ref): higher keeps the policy nearer the SFT model. The LoRA
+    settings, and the held-out evaluation's sampling, are PPO's (`ppo.*`)."""
+
+    # Set by measurement on the demo (seed 0, 64 held-out prompts): beta 0.1 (the usual for long responses) let the
+    # ~20-token responses drift (KL 30-55 nats, held-out RM reward below SFT's); DPO beta 2 and KTO beta 1 at lr 1e-3
+    # for 200 steps raised it by 0.28 and 0.35 with KL 1.0 and 1.1 (benchmarks/results/methods.md: 3 seeds).
+    steps: int = 200
+    batch_size: int = 16  # DPO: comparisons per step (a ranking of K counts as one); KTO: feedback rows per step
+    learning_rate: float = 1e-3
+    beta: float = 1.0
+    max_response_tokens: int = 64  # a longer response is cut (and then has no EOS)
+    max_grad_norm: float = 1.0
+    save_every: int = 25  # checkpoint interval in steps (resume picks up the last one)
+    eval_max_examples: int = 200  # held-out comparisons / feedback rows for the implicit reward's accuracy
+
+
+@dataclass
+class DPOConfig(DirectConfig):
+    """DPO on the comparisons (data/preferences/): `policy=dpo`."""
+
+    beta: float = 2.0
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge | robust: TRL's DPOTrainer's names and formulas
+    label_smoothing: float = 0.0  # robust: the share of comparisons assumed flipped, in [0, 0.5)
+
+
+@dataclass
+class KTOConfig(DirectConfig):
+    """KTO on the thumbs (data/feedback/): `policy=kto`."""
+
+    desirable_weight: float = 1.0  # lambda_D: the loss's weight on thumbs up
+    undesirable_weight: float = (
+        1.0  # lambda_U: on thumbs down (KTO's paper: keep lambda_D n_D / (lambda_U n_U) in 1..4/3)
+    )
+
+
+@dataclass
 class PolicyConfig:
     """Which algorithm trains the policy from the SFT model and the reward: `policy=ppo` (default),
-    `policy=rejection_sampling`, `policy=grpo` or `policy=rloo` (also `policy.algorithm=...`)."""
+    `policy=rejection_sampling`, `policy=grpo`, `policy=rloo` (online, from the reward), `policy=dpo` (offline, from
+    the comparisons) or `policy=kto` (offline, from the thumbs); also `policy.algorithm=...`."""
 
-    algorithm: str = "ppo"  # ppo | rejection_sampling | grpo | rloo
+    algorithm: str = "ppo"  # ppo | rejection_sampling | grpo | rloo | dpo | kto
     rejection_sampling: RejectionSamplingConfig = field(default_factory=RejectionSamplingConfig)
     grpo: GroupRLConfig = field(default_factory=GroupRLConfig)
     rloo: GroupRLConfig = field(default_factory=GroupRLConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
 
 
 @dataclass

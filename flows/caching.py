@@ -41,6 +41,8 @@ STAGE_CONFIG = {
     "rejection-sampling": ("policy", "ppo", "model"),  # ppo: its sampling, reward and LoRA settings
     "grpo": ("policy", "ppo", "model"),
     "rloo": ("policy", "ppo", "model"),
+    "dpo": ("policy", "ppo", "model", "data"),  # data: the rating range of the feedback it reads
+    "kto": ("policy", "ppo", "model", "data"),
 }
 # Bumped when a cached task's result record changes shape, so older records are not read back.
 RESULT_SCHEMA = 2

@@ -45,7 +45,7 @@ SENT_ANYWAY = ("tracking.run_name_prefix",)
 # made on the orchestrator, which checks its triggered runs against its own list (flows/serve.py).
 WORKER_ALSO = ("gate.*", "registry.*")
 WORKER_LABEL = "prefect.worker.name"  # Prefect's label on a flow run: the worker that took it
-STAGES = ("base", "sft", "reward-model", "ppo", "rejection-sampling", "grpo", "rloo", "evaluate")
+STAGES = ("base", "sft", "reward-model", "ppo", "rejection-sampling", "grpo", "rloo", "dpo", "kto", "evaluate")
 
 
 class StageFailed(RuntimeError):

@@ -59,6 +59,16 @@ def rloo_stage(request: dict) -> dict:
     return run_request(request, stages.rloo.fn)
 
 
+@flow(name="stage-dpo", validate_parameters=False)
+def dpo_stage(request: dict) -> dict:
+    return run_request(request, stages.dpo.fn)
+
+
+@flow(name="stage-kto", validate_parameters=False)
+def kto_stage(request: dict) -> dict:
+    return run_request(request, stages.kto.fn)
+
+
 @flow(name="stage-evaluate", validate_parameters=False)
 def evaluate_stage(request: dict) -> dict:
     return run_request(request, stages.evaluate.fn)
@@ -72,6 +82,8 @@ STAGE_FLOWS = {
     "rejection-sampling": rejection_sampling_stage,
     "grpo": grpo_stage,
     "rloo": rloo_stage,
+    "dpo": dpo_stage,
+    "kto": kto_stage,
     "evaluate": evaluate_stage,
 }
 

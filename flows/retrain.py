@@ -20,6 +20,7 @@ from components import tracking
 from components.config import Config
 from components.data.versioning import DataState, DataVersionError
 from components.registry import registry
+from components.training.direct import data_problem
 from components.training.ppo import PPODivergence
 from flows.approval import await_approval
 from flows.caching import config_hash, log_on_parent, prune_stage_outputs, run_stage, stage_root
@@ -85,6 +86,8 @@ def pipeline(cfg: Config) -> State:
                     data=s,
                 ),
             )
+        if problem := data_problem(cfg.policy.algorithm, s.validation.rows):  # before any model loads
+            return finish(s, "wrong data for the policy", Failed(message=f"{problem}; no training ran.", data=s))
         if stop := nothing_to_do(cfg, data, s):
             return stop
 

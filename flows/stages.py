@@ -28,8 +28,9 @@ from components.evaluation.gate import decide
 from components.models.demo_base import build_demo_base
 from components.registry import registry
 from components.registry.model_card import model_card
+from components.training.direct import train_direct
 from components.training.group_rl import train_group_rl
-from components.training.plots import group_rl_curves, ppo_curves, rs_curves
+from components.training.plots import direct_curves, group_rl_curves, ppo_curves, rs_curves
 from components.training.ppo import PPODivergence
 from components.training.rejection_sampling import train_rejection_sampling
 from flows import dispatch
@@ -292,11 +293,58 @@ def rloo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run
     return _group_rl("rloo", cfg, data, sft_dir, reward_dir, parent_run_id)
 
 
-POLICY_STAGES = {"ppo": ppo, "rejection_sampling": rejection_sampling, "grpo": grpo, "rloo": rloo}
+def _direct(method: str, cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str):
+    """DPO or KTO (`policy=dpo`, `policy=kto`): PPO's place in the pipeline, its inputs and its output layout; the
+    reward model only for the held-out evaluation."""
+    out = stage_dir(cfg, method, data, sft_dir=sft_dir, reward_dir=reward_dir)
+    settings = getattr(cfg.policy, method)
+    params = {method: asdict(settings), "ppo": asdict(cfg.ppo)}
+    with stage_dir_lock(out), start_stage_run(method, parent_run_id, data, params) as run:
+        result = train_direct(
+            method,
+            settings,
+            cfg.ppo,
+            cfg.model,
+            sft_dir,
+            reward_dir if cfg.ppo.use_reward_model else None,
+            Path(data.path),
+            out,
+            eval_fraction=cfg.reward.eval_fraction,
+            seed=cfg.seed,
+            data_cfg=cfg.data,
+        )
+        mlflow.log_figure(direct_curves(result.history, method), f"{method}_curves.png")
+        mlflow.set_tags({"policy_dir": result.policy_dir})
+        log_policy_result(method.upper(), method, result.metrics, result.policy_dir)
+        return StageOutput(result.policy_dir, run.info.run_id, result.metrics)
+
+
+@task(name="dpo", **RETRY, **CACHED)
+@on_pool("dpo")
+def dpo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str) -> StageOutput:
+    """The policy stage by DPO on the comparisons (components/training/direct.py)."""
+    return _direct("dpo", cfg, data, sft_dir, reward_dir, parent_run_id)
+
+
+@task(name="kto", **RETRY, **CACHED)
+@on_pool("kto")
+def kto(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str) -> StageOutput:
+    """The policy stage by KTO on the thumbs (components/training/direct.py)."""
+    return _direct("kto", cfg, data, sft_dir, reward_dir, parent_run_id)
+
+
+POLICY_STAGES = {
+    "ppo": ppo,
+    "rejection_sampling": rejection_sampling,
+    "grpo": grpo,
+    "rloo": rloo,
+    "dpo": dpo,
+    "kto": kto,
+}
 
 
 def policy_stage(cfg: Config):
-    """The task that trains the policy: `policy.algorithm` = ppo | rejection_sampling | grpo | rloo."""
+    """The task that trains the policy: `policy.algorithm` = ppo | rejection_sampling | grpo | rloo | dpo | kto."""
     stage = POLICY_STAGES.get(cfg.policy.algorithm)
     if stage is None:
         raise ValueError(f"policy.algorithm={cfg.policy.algorithm!r}: expected {' | '.join(POLICY_STAGES)}")

@@ -49,7 +49,7 @@ from service import lifecycle
 from service.redaction import config_flow
 
 DEFAULT_SWEEP = ["ppo/guide=none,rollin,aggrevated,d2lols"]
-POLICY_NAMESPACES = ("ppo", "rs", "grpo", "rloo")  # each policy stage's metrics prefix
+POLICY_NAMESPACES = ("ppo", "rs", "grpo", "rloo", "dpo", "kto")  # each policy stage's metrics prefix
 COLUMNS = ("variant", "eval_reward", "eval_reward_sft", "judge", "judge_sft", "win_rate_vs_sft", "kl", "ppo_seconds")
 
 

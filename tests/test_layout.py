@@ -83,6 +83,8 @@ STORED_ENTRYPOINTS = (
     "flows.pool.rejection_sampling_stage",
     "flows.pool.grpo_stage",
     "flows.pool.rloo_stage",
+    "flows.pool.dpo_stage",
+    "flows.pool.kto_stage",
     "flows.pool.evaluate_stage",
     "flows.serve.retrain_service",
 )

@@ -339,8 +339,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_demo(cfg: DataConfig, data_dir: Path) -> dict[str, int]:
-    """Write the demo data set as one shard per kind; returns rows per kind."""
+    """Write the demo data set as one shard per kind; returns rows per kind. A kind set to 0 rows (e.g.
+    `data.n_feedback=0`: a project with comparisons only) gets no shard: an empty file is bad data."""
     sets = DemoGenerator(cfg).generate()
     for kind, rows in sets.items():
-        write_jsonl(data_dir / kind / DEMO_SHARD, rows)
+        if rows:
+            write_jsonl(data_dir / kind / DEMO_SHARD, rows)
     return {k: len(v) for k, v in sets.items()}

@@ -75,3 +75,31 @@ def group_rl_curves(history: list[dict[str, float]], algorithm: str):
     fig.suptitle(algorithm.upper())
     fig.tight_layout()
     return fig
+
+
+def direct_curves(history: list[dict[str, float]], method: str):
+    """DPO / KTO per step: the loss; the share of the batch the implicit reward orders (DPO) or sides (KTO) as the
+    people did; the log-ratios to the reference of the chosen / thumbs-up and rejected / thumbs-down responses (a
+    falling chosen log-ratio is DPO's known drift), and KTO's reference point z (one figure)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = method
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    steps = range(1, len(history) + 1)
+    ratios = (f"{ns}/chosen_logratio", f"{ns}/rejected_logratio") + ((f"{ns}/z",) if method == "kto" else ())
+    for ax, keys, title in (
+        (axes[0], (f"{ns}/loss",), "loss"),
+        (axes[1], (f"{ns}/accuracy",), "implicit reward agrees with the judgements"),
+        (axes[2], ratios, "log-ratio to the reference (per response)"),
+    ):
+        for k in keys:
+            ax.plot(steps, [h[k] for h in history], label=k.split("/")[1])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.suptitle(method.upper())
+    fig.tight_layout()
+    return fig

@@ -124,3 +124,18 @@ def test_cli_validate_exit_codes(project, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[utf8]" in out and "line 1" in out and "Traceback" not in out
     assert main(["validate", "data.n_eval=abc", f"root={project.root_path}"]) == 2
+
+
+def test_a_policy_its_data_cannot_train_is_refused_before_any_model_loads(tmp_path, capsys):
+    """Issue 29: comparisons only (no thumbs), `policy=kto`: one sentence naming the method the data supports; the
+    base model, SFT and the reward model never start."""
+    from cli.main import main
+
+    root = tmp_path / "proj"
+    overrides = [f"root={root}", "data=demo_small", "data.n_feedback=0", "policy=kto"]
+    assert main(["run", *overrides]) == 1
+    out = capsys.readouterr()
+    said = out.out + out.err
+    assert "policy=kto trains on thumbs up/down (data/feedback/) and this data version has 0 such rows" in said
+    assert "or use policy=dpo, which trains on the 300 rows it has" in said and "Traceback" not in said
+    assert not (root / ".rlhf" / "stages").exists() and not (root / ".rlhf" / "models").exists()

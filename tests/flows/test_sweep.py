@@ -10,6 +10,7 @@ from flows.sweep import expand, variant_name
 from tests.conftest import FAST_STAGES, make_project
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
+POLICIES = ("ppo", "rejection_sampling", "dpo", "kto", "grpo", "rloo")  # every policy stage
 
 
 def test_expand_is_hydras_multirun_product():
@@ -77,9 +78,10 @@ def test_sweep_runs_the_four_variants_side_by_side(tmp_path, capsys):
 
 
 def test_a_sweep_of_policy_algorithms_reuses_sft_and_the_reward_model_and_promotes_the_best(tmp_path, capsys):
-    """Issue 29: `rlhf sweep policy=ppo,grpo,rloo --promote-best`: each algorithm's stage on the SFT model and reward
-    model trained once (cached for the others), its own metrics namespace and curves; every variant is gated and the
-    one with the highest win rate among those that pass is registered and promoted; the sweep's run says why."""
+    """Issue 29: `rlhf sweep policy=ppo,rejection_sampling,dpo,kto,grpo,rloo --promote-best`, all six policy stages
+    in one table: each on the SFT model and reward model trained once (cached for the others), its own metrics
+    namespace and curves; every variant is gated and the one with the highest win rate among those that pass is
+    registered and promoted; the sweep's run says why."""
     from components.registry import registry
 
     cfg = make_project(tmp_path / "proj")
@@ -87,9 +89,13 @@ def test_a_sweep_of_policy_algorithms_reuses_sft_and_the_reward_model_and_promot
         f"root={cfg.root}",
         "data=demo_small",
         *FAST_STAGES,
-        "policy=ppo,grpo,rloo",
+        f"policy={','.join(POLICIES)}",
         "policy.grpo.steps=4",
         "policy.rloo.steps=4",
+        "policy.dpo.steps=4",
+        "policy.kto.steps=4",
+        "policy.rejection_sampling.rounds=1",
+        "policy.rejection_sampling.prompts_per_round=8",
         "gate.min_judge_gain=null",
         "gate.min_reward_gain=-100",
         "gate.min_win_rate=0",
@@ -98,23 +104,25 @@ def test_a_sweep_of_policy_algorithms_reuses_sft_and_the_reward_model_and_promot
     ]
     assert main(["sweep", "--promote-best", *overrides]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    for variant in ("policy=ppo", "policy=grpo", "policy=rloo"):
-        assert f"| {variant} |" in out
-    assert "promote best: 3 of 3 variants passed the gate;" in out and "has the highest win rate against" in out
+    for policy in POLICIES:
+        assert f"| policy={policy} |" in out
+    assert "promote best: 6 of 6 variants passed the gate;" in out and "has the highest win rate against" in out
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
     runs = mlflow.search_runs(experiment_names=[cfg.tracking.experiment], output_format="list")
     stages = [r.data.tags.get("stage") for r in runs]
     assert stages.count("sft") == 1 and stages.count("reward") == 1, "SFT and the reward model came from the cache"
-    for algorithm in ("grpo", "rloo"):
+    for algorithm in ("grpo", "rloo", "dpo", "kto"):
         (run,) = [r for r in runs if r.data.tags.get("stage") == algorithm]
-        # 4 steps on a 10-step reward model: the namespace and the held-out measures, not learning (test_group_rl)
+        # 4 steps on a 10-step reward model: the namespace and the held-out measures, not learning (test_group_rl,
+        # test_direct)
+        trained = "kl" if algorithm in ("grpo", "rloo") else "loss"  # DPO and KTO sample nothing while training
         assert {
-            f"{algorithm}/{k}" for k in ("eval_reward", "eval_reward_ref", "eval_kl", "kl")
+            f"{algorithm}/{k}" for k in ("eval_reward", "eval_reward_ref", "eval_kl", trained)
         } <= run.data.metrics.keys()
         assert f"{algorithm}_curves.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
     (parent,) = [r for r in runs if r.data.tags.get("pipeline") == "sweep"]
     best = parent.data.tags["sweep.best"]
-    assert best in ("policy=ppo", "policy=grpo", "policy=rloo") and best in parent.data.tags["sweep.best_why"]
+    assert best in {f"policy={p}" for p in POLICIES} and best in parent.data.tags["sweep.best_why"]
     assert registry.alias_version(cfg.tracking.registered_model_name, registry.CHAMPION) == "1"
     assert f"promoted {cfg.tracking.registered_model_name} v1 to champion" in out
