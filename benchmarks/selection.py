@@ -1,7 +1,8 @@
 """The policy methods side by side, on the demo and on small data: PPO, GRPO, RLOO, rejection-sampling fine-tuning
-(RS) and best-of-4 at serving (on the SFT policy and on the PPO policy), at an equal number of sampled responses for
-the training algorithms (PPO: 40 iterations x 32; GRPO, RLOO: 40 steps x 8 prompts x 4 samples; RS: 4 rounds x 80
-prompts x 4 samples = 1280).
+(RS), DPO, KTO and best-of-4 at serving (on the SFT policy and on the PPO policy). The online algorithms at an equal
+number of sampled responses (PPO: 40 iterations x 32; GRPO, RLOO: 40 steps x 8 prompts x 4 samples; RS: 4 rounds x
+80 prompts x 4 samples = 1280); DPO and KTO, offline, sample nothing: their stage defaults (200 steps of 16
+judgements), each where its data kind exists (DPO: comparisons; KTO: thumbs).
 
     .venv/bin/python benchmarks/selection.py [--settings demo small_prefs small_feedback] [--seeds 0 1 2]
 
@@ -20,6 +21,7 @@ and is measured by:
     log n - (n-1)/n = 0.636 for n = 4 (Stiennon et al. 2020 / Beirami et al. 2024): its exact KL is not a sum over
     tokens of one policy, so it is reported as the bound),
   - degeneration: the share of answers with a word repeated back to back ("every every"), and distinct-2,
+  - the win rate against SFT (the share of prompts where the setting's RM prefers the policy's answer, ties half),
   - wall seconds of the policy stage and its peak resident memory (the process's, so an upper bound after the
     first), and for best-of-4 the serving seconds per prompt (n=4 vs n=1).
 Best-of-4 goes through the real served model (mlflow.pyfunc, components/registry/policy_model.py, n=4); its RM
@@ -47,7 +49,7 @@ SETTINGS = {
     "small_prefs": ["data.n_demonstrations=300", "data.n_preferences=100", "data.n_feedback=0"],
     "small_feedback": ["data.n_demonstrations=300", "data.n_preferences=0", "data.n_feedback=300"],
 }
-POLICIES = ("sft", "ppo", "grpo", "rloo", "rs", "sft best-of-4", "ppo best-of-4")
+POLICIES = ("sft", "ppo", "grpo", "rloo", "rs", "dpo", "kto", "sft best-of-4", "ppo best-of-4")
 N = 4
 
 
@@ -85,9 +87,10 @@ def one(setting: str, seed: int, work: Path, yardstick: str | None) -> dict:
     from components.config import compose
     from components.data.demo import write_demo
     from components.data.readers import read_prompts
-    from components.evaluation.evaluate import PolicySpec, evaluate_policies
+    from components.evaluation.evaluate import PolicySpec, evaluate_policies, win_rate
     from components.evaluation.judges import sentiment
     from components.models.demo_base import build_demo_base
+    from components.training.direct import train_direct
     from components.training.group_rl import train_group_rl
     from components.training.ppo import train_ppo
     from components.training.rejection_sampling import train_rejection_sampling
@@ -130,6 +133,24 @@ def one(setting: str, seed: int, work: Path, yardstick: str | None) -> dict:
         cfg.policy.rejection_sampling, cfg.ppo, cfg.model, sft.merged_dir, rm.head_dir, cfg.data_path, out / "rs", seed
     )
     peak["rs"] = peak_rss_mb()
+    direct = {}
+    for method, kind in (("dpo", "preferences"), ("kto", "feedback")):
+        if not (cfg.data_path / kind).is_dir():
+            continue  # the method its data cannot train
+        direct[method] = train_direct(
+            method,
+            getattr(cfg.policy, method),
+            cfg.ppo,
+            cfg.model,
+            sft.merged_dir,
+            rm.head_dir,
+            cfg.data_path,
+            out / method,
+            cfg.reward.eval_fraction,
+            seed,
+            cfg.data,
+        )
+        peak[method] = peak_rss_mb()
     prompts = read_prompts(cfg.data_path, "eval")[: cfg.gate.max_prompts]
     specs = [
         PolicySpec("sft", sft.merged_dir),
@@ -137,15 +158,21 @@ def one(setting: str, seed: int, work: Path, yardstick: str | None) -> dict:
         PolicySpec("grpo", sft.merged_dir, group["grpo"].policy_dir),
         PolicySpec("rloo", sft.merged_dir, group["rloo"].policy_dir),
         PolicySpec("rs", sft.merged_dir, rs.policy_dir),
+        *(PolicySpec(m, sft.merged_dir, r.policy_dir) for m, r in direct.items()),
     ]
     evals = evaluate_policies(specs, sft.merged_dir, rm.head_dir, prompts, cfg.gate, cfg.model)
     rows = {
-        name: {"rm_reward": e.metrics["reward_mean"], "judge": e.metrics["judge_mean"], "kl": e.metrics["kl"]}
+        name: {
+            "rm_reward": e.metrics["reward_mean"],
+            "judge": e.metrics["judge_mean"],
+            "kl": e.metrics["kl"],
+            "win_rate": win_rate(e.rewards, evals["sft"].rewards),
+        }
         for name, e in evals.items()
     }
     rows["ppo"]["seconds"] = ppo.metrics["ppo/train_seconds"]
     rows["rs"]["seconds"] = rs.metrics["rs/train_seconds"]
-    for algorithm, result in group.items():
+    for algorithm, result in (group | direct).items():
         rows[algorithm]["seconds"] = result.metrics[f"{algorithm}/train_seconds"]
     for name in peak:
         rows[name]["peak_rss_mb"] = peak[name]
@@ -233,7 +260,7 @@ def score_texts(sft_dir: str, rm_dir: str, prompts: list[str], texts: dict[str, 
 
 def cell(runs: list[dict], policy: str, key: str, spread: bool = True, fmt: str = "{:.3f}") -> str:
     """Mean (± std over seeds) of one measurement of one policy; '-' when not measured."""
-    xs = [r["rows"][policy][key] for r in runs if key in r["rows"][policy]]
+    xs = [r["rows"][policy][key] for r in runs if key in r["rows"].get(policy, {})]
     if not xs:
         return "-"
     return fmt.format(statistics.mean(xs)) + (f" ± {statistics.stdev(xs):.3f}" if spread and len(xs) > 1 else "")
@@ -244,6 +271,7 @@ def table(results: list[dict], settings: list[str]) -> str:
         "RM reward",
         "yardstick RM",
         "judge",
+        "win rate vs SFT",
         "KL to SFT",
         "repeated word",
         "distinct-2",
@@ -262,6 +290,8 @@ def table(results: list[dict], settings: list[str]) -> str:
             "|---" * (len(cols) + 1) + "|",
         ]
         for p in POLICIES:
+            if not any(p in r["rows"] for r in runs):
+                continue  # a method this setting's data cannot train
             best = "best" in p
             kl = "≤ " + cell(runs, p, "kl_bound", False, "{:.2f}") if best else cell(runs, p, "kl", False, "{:.2f}")
             serve = "-"
@@ -274,6 +304,7 @@ def table(results: list[dict], settings: list[str]) -> str:
                 )
             lines.append(
                 f"| {p} | {cell(runs, p, 'rm_reward')} | {cell(runs, p, 'yardstick')} | {cell(runs, p, 'judge')} | "
+                f"{cell(runs, p, 'win_rate', False, '{:.2f}')} | "
                 f"{kl} | {cell(runs, p, 'repeat_share', False, '{:.2f}')} | {cell(runs, p, 'distinct_2', False, '{:.2f}')} | "
                 f"{cell(runs, p, 'seconds', False, '{:.1f}')} | {cell(runs, p, 'peak_rss_mb', False, '{:.0f}')} | {serve} |"
             )

@@ -97,13 +97,86 @@ def cmd_validate(args, overrides: list[str], positional: list[str]) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_feedback(args, overrides: list[str], positional: list[str]) -> int:
+    """`rlhf feedback TRACE_ID up|down [--rating R] [--rater ID]`: a person's judgement of a served answer, as
+    MLflow's feedback assessment on its trace (components/registry/feedback.py)."""
+    if len(positional) != 2 or positional[1] not in ("up", "down"):
+        print("rlhf feedback: expected TRACE_ID then up or down, e.g. `rlhf feedback tr-1a2b up`", file=sys.stderr)
+        return 2
+    trace_id, vote = positional
+    cfg = _load(overrides, prefect=False)
+    from components import tracking
+    from components.registry.feedback import BadFeedback, record_feedback
+
+    experiment_id = tracking.setup(cfg)
+    try:
+        with quiet("mlflow.tracing.fluent"):  # an unknown trace is our one sentence, not MLflow's warning too
+            record_feedback(trace_id, vote == "up", args.rating, args.rater, experiment_id, cfg.data)
+    except BadFeedback as e:
+        print(f"✗ feedback refused: {e}", file=sys.stderr)
+        return 1
+    rated = f", rating {args.rating:g}" if args.rating is not None else ""
+    print(f"✓ {args.rater}: thumbs {vote}{rated} on {trace_id}")
+    print("  `rlhf ingest --from-traces` turns the judged answers into feedback rows for the next retrain")
+    return 0
+
+
+def quiet(logger: str):
+    """A context in which `logger` says nothing below ERROR."""
+    import contextlib
+    import logging
+
+    @contextlib.contextmanager
+    def block():
+        log = logging.getLogger(logger)
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            log.setLevel(level)
+
+    return block()
+
+
+def since_ms(text: str | None) -> int | None:
+    """--since as epoch milliseconds (an ISO 8601 date or time; UTC when it names no zone)."""
+    if text is None:
+        return None
+    from datetime import datetime, timezone
+
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise SystemExit(
+            f"rlhf ingest: --since {text!r} is not an ISO 8601 date or time (e.g. 2026-12-01T09:00)"
+        ) from None
+    return int((t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp() * 1000)
+
+
 def cmd_ingest(args, overrides: list[str], positional: list[str]) -> int:
-    if len(positional) != 1:
-        raise SystemExit("rlhf ingest: expected exactly one FILE")
+    if args.from_traces:
+        if positional or args.kind not in (None, "feedback"):
+            raise SystemExit("rlhf ingest --from-traces: no FILE and no --kind (the rows are feedback)")
+        args.kind = "feedback"
+    elif len(positional) != 1 or args.kind is None:
+        raise SystemExit("rlhf ingest: expected exactly one FILE and --kind (or --from-traces)")
     cfg = _load(overrides)
     from flows.ingest import ingest_flow
 
-    state = ingest_flow(cfg, str(Path(positional[0]).resolve()), args.kind, args.quarantine, return_state=True)
+    source: Path | None = None if args.from_traces else Path(positional[0]).resolve()
+    if args.from_traces:
+        from flows.ingest import traces_to_file
+
+        source, h = traces_to_file(cfg, since_ms(args.since))
+        print(
+            f"traces: {h.judged} judged answer(s) in experiment {cfg.tracking.experiment!r}; "
+            f"{h.known} already in the data, {h.ties} tied (left out), {len(h.rows)} new"
+        )
+        if source is None:
+            print("  nothing to ingest: the data and its version are unchanged")
+            return 0
+    state = ingest_flow(cfg, str(source), args.kind, args.quarantine, return_state=True)
     if state.is_failed():
         print(f"\n{state.result(raise_on_failure=False)}", file=sys.stderr)
         print("  data/ and data.dvc are unchanged.", file=sys.stderr)

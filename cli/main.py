@@ -5,6 +5,8 @@
                                                         AggreVaTeD, D2LOLS), one MLflow run each
     rlhf validate  [PATH] [--kind K] [overrides]        Great Expectations checks, readable report
     rlhf ingest    FILE --kind K [--quarantine] [...]   validate + version a new batch, emit rlhf.data.updated
+    rlhf ingest    --from-traces [--since T] [...]      the people's judgements of served answers, as feedback rows
+    rlhf feedback  TRACE_ID up|down [--rating R] [--rater ID]   judge a served answer (an MLflow assessment)
     rlhf data      [overrides]                          materialise data/ (dvc pull, else the demo) and show its version
     rlhf config    [--options] [overrides]              print the resolved config (or every group's options)
     rlhf status    [overrides]                          who holds the retrain slot; the last runs and outcomes
@@ -24,7 +26,7 @@ import os
 import sys
 from pathlib import Path
 
-from cli.commands import cmd_config, cmd_data, cmd_ingest, cmd_validate
+from cli.commands import cmd_config, cmd_data, cmd_feedback, cmd_ingest, cmd_validate
 from cli.service_commands import (
     cmd_approve,
     cmd_deploy,
@@ -116,9 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--kind", choices=list(KINDS))
     v.add_argument("rest", nargs="*", help="[PATH] then Hydra overrides")
     i = sub.add_parser("ingest", help="validate and add a batch of new examples")
-    i.add_argument("--kind", required=True, choices=list(INGESTIBLE_KINDS))
+    i.add_argument("--kind", choices=list(INGESTIBLE_KINDS))
     i.add_argument("--quarantine", action="store_true", help="ingest the good rows; write bad rows with reasons aside")
+    i.add_argument(
+        "--from-traces",
+        action="store_true",
+        help="the judged answers of `rlhf model serve` (kind feedback), not a FILE",
+    )
+    i.add_argument("--since", help="with --from-traces: answers served after this time (ISO 8601, e.g. 2026-12-01)")
     i.add_argument("rest", nargs="*", help="FILE then Hydra overrides")
+    f = sub.add_parser("feedback", help="judge a served answer: thumbs up or down on its trace")
+    f.add_argument("--rating", type=float, default=None, help="a graded score in data.min_rating..data.max_rating")
+    f.add_argument("--rater", default=os.environ.get("USER") or "unknown", help="who judges (default: $USER)")
+    f.add_argument("rest", nargs="*", help="TRACE_ID up|down, then Hydra overrides")
     return p
 
 
@@ -130,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     overrides, positional = _split(args.rest + [t for t in extra if t not in unknown])
     try:
-        if args.command in ("validate", "ingest", "approve"):
-            return {"validate": cmd_validate, "ingest": cmd_ingest, "approve": cmd_approve}[args.command](
-                args, overrides, positional
-            )
+        if args.command in ("validate", "ingest", "approve", "feedback"):
+            return {"validate": cmd_validate, "ingest": cmd_ingest, "approve": cmd_approve, "feedback": cmd_feedback}[
+                args.command
+            ](args, overrides, positional)
         if positional:
             print(
                 f"rlhf {args.command}: unexpected arguments {positional} (overrides look like key=value)",

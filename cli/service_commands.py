@@ -135,14 +135,27 @@ def cmd_model(args, overrides: list[str]) -> int:
 
     name, venv = cfg.tracking.registered_model_name, Path(sys.executable).parent
     uri = f"models:/{name}@{args.alias}" if not args.alias.isdigit() else f"models:/{name}/{args.alias}"
+    tracing = {}
+    if cfg.registry.trace_requests:  # where the served model records its answers (components/registry/policy_model.py)
+        from components.registry import registry
+
+        experiment_id = tracking.setup(cfg)
+        version = args.alias if args.alias.isdigit() else registry.alias_version(name, args.alias)
+        tracing = {"RLHF_TRACE_EXPERIMENT_ID": experiment_id, "RLHF_SERVED_MODEL": f"{name}/{version}@{args.alias}"}
     env = {
         **os.environ,
         "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}",
         "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg),
         "__pyfunc_model_path__": uri,  # scoring_server._SERVER_MODEL_PATH: what service/serving.py loads
         MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.name: str(MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get()),
+        **tracing,
     }
     print(f"serving {uri} on http://{args.host}:{args.port}/invocations  (Ctrl-C stops)")
+    if tracing:
+        print(
+            f"  each answer is an MLflow trace in experiment {cfg.tracking.experiment!r} (its id in `trace_id`; "
+            "registry.trace_requests=false turns it off); judge one: rlhf feedback TRACE_ID up|down"
+        )
     print(
         f"  try: curl -s {args.host}:{args.port}/invocations -H 'Content-Type: application/json' "
         '-d \'{"inputs": ["The film was"], "params": {"max_new_tokens": 24, "temperature": 0.7, "seed": 0}}\'',
@@ -217,13 +230,18 @@ def cmd_status(args, overrides: list[str]) -> int:
 
 def cmd_serve(args, overrides: list[str]) -> int:
     cfg = _load(overrides)
-    from flows.serve import DEPLOYMENT, serve
+    from flows.serve import DEPLOYMENT, INGEST_TRACES, serve
 
     print(
         f"serving deployment retrain-service/{DEPLOYMENT}: schedule {cfg.infra.retrain_cron or 'none'}, "
         f"{'retrain on every rlhf.data.updated event for ' + str(cfg.data_path) if cfg.infra.retrain_on_new_data else 'no event trigger'}, "
         "one run at a time (Ctrl-C or SIGTERM stops)"
     )
+    if cfg.infra.ingest_traces_cron:
+        print(
+            f"  and ingest-traces-service/{INGEST_TRACES}: the judged served answers into the data, schedule "
+            f"{cfg.infra.ingest_traces_cron}"
+        )
     if cfg.infra.prefect_api_url:
         print(f"  Prefect server: {_prefect_server(cfg)} (runs, schedule and automation in its UI)")
     else:

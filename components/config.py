@@ -335,6 +335,10 @@ class RegistryConfig:
     # bundle the reward model (its adapter and head): the served model can then answer best-of-n
     # (params.n > 1: n samples per prompt, the one the reward model scores highest) and returns a `score` column
     include_reward_model: bool = True
+    # `rlhf model serve`: each answered prompt is an MLflow trace in the project's experiment (prompt, response,
+    # candidates and scores, model version), which `rlhf feedback` and `rlhf ingest --from-traces` build on. Prompts
+    # are user data: false serves without recording them
+    trace_requests: bool = True
 
 
 @dataclass
@@ -349,6 +353,11 @@ class GateConfig:
     # above 0.5, so a candidate identical to the champion (all ties: 0.5) is not promoted again
     min_judge_gain: Optional[float] = 0.0  # mean independent-judge score, candidate minus baseline (None: not gated)
     max_kl: float = 20.0  # the candidate's KL to its SFT reference (nats per response)
+    # the reward-hacking guard: the candidate's degeneration against the SFT policy's on the same prompts
+    # (components/evaluation/degeneration.py); null switches a check off
+    max_repeated_word_gain: Optional[float] = 0.05  # share of answers repeating a word back to back, minus SFT's
+    min_distinct_2_ratio: Optional[float] = 0.9  # distinct-2 over all answers, as a share of SFT's
+    max_length_ratio: Optional[float] = None  # mean answer length in words, as a multiple of SFT's
     # evaluation
     judge: Optional[str] = "components.evaluation.judges:sentiment"  # f(prompts, responses) -> scores; not the RM
     max_prompts: int = 200
@@ -393,6 +402,9 @@ class InfraConfig:
     main_process_ip: Optional[str] = None  # the address of machine_rank 0 (num_machines > 1)
     main_process_port: int = 29500
     retrain_cron: Optional[str] = "0 3 * * *"  # `rlhf serve`: scheduled retrain (None: no schedule)
+    # `rlhf serve`: `rlhf ingest --from-traces` on this schedule (the judged served answers become feedback rows,
+    # whose new data version triggers the retrain); None: by hand only
+    ingest_traces_cron: Optional[str] = None
     retrain_on_new_data: bool = True  # `rlhf serve`: retrain on each `rlhf.data.updated` event
     keep_stage_outputs: Optional[int] = 3  # per stage, the most recently used output dirs kept (None: all)
     # a retrain slot holder on another host with no heartbeat (every 15 s) for this long is taken as crashed

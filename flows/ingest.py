@@ -1,7 +1,8 @@
 """Flow `ingest`: validate a batch, append it as a versioned shard, announce the new data version.
 
 Emits the Prefect event `rlhf.data.updated` (payload: data_version, kind, shard, rows)
-that the retrain deployment is triggered by.
+that the retrain deployment is triggered by. `traces_to_file`: the batch of `rlhf ingest --from-traces`, the
+judged served answers the data does not hold yet (components/registry/feedback.py).
 """
 
 from __future__ import annotations
@@ -16,10 +17,34 @@ from prefect.states import Completed, Failed
 from components.config import Config
 from components.data.ingest import IngestRefused, IngestResult, ingest
 from components.data.versioning import DataVersionError
+from components.registry.feedback import TraceHarvest, feedback_rows
 from service import lifecycle
 from service.redaction import config_flow
 
 DATA_UPDATED = "rlhf.data.updated"
+
+
+def traces_to_file(cfg: Config, since_ms: int | None = None) -> tuple[Path | None, TraceHarvest]:
+    """The judged served answers (since `since_ms`) whose trace ids the feedback data does not hold yet, as a
+    feedback JSONL under the state dir: -> (its path, or None when there are none; what was found)."""
+    import json
+    import time
+
+    from components import tracking
+    from components.data.schemas import read_jsonl, shard_files
+    from components.data.versioning import ensure_data
+
+    ensure_data(cfg)
+    known = {
+        row["id"] for shard in shard_files(cfg.data_path / "feedback") for _, row in read_jsonl(shard, "feedback").rows
+    }
+    harvest = feedback_rows(tracking.setup(cfg), known, since_ms)
+    if not harvest.rows:
+        return None, harvest
+    path = cfg.state_path / "traces" / f"feedback-{time.strftime('%Y%m%d-%H%M%S')}-{len(harvest.rows)}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in harvest.rows))
+    return path, harvest
 
 
 def data_resource(cfg: Config) -> dict[str, str]:

@@ -3,7 +3,10 @@
 - schedule: `infra.retrain_cron` (default nightly at 03:00);
 - trigger: every `rlhf.data.updated` event that `rlhf ingest` emits for this project's data
   (`infra.retrain_on_new_data`);
-- at most one retrain at a time (deployment concurrency limit 1; later runs queue).
+- at most one retrain at a time (deployment concurrency limit 1; later runs queue);
+- with `infra.ingest_traces_cron`, a second deployment: `rlhf ingest --from-traces` on that schedule (the judged
+  served answers become feedback rows; their `rlhf.data.updated` event then triggers the retrain). It takes no
+  parameters: it runs on the operator's config alone.
 
 The deployment's parameter is the list of Hydra overrides, so a scheduled or triggered run
 composes the same config as `rlhf run <overrides>` (shown redacted: the Prefect API stores them).
@@ -20,16 +23,17 @@ import json
 import os
 
 from prefect import flow
-from prefect.states import Failed
+from prefect.states import Completed, Failed
 
 from components.config import Config, OverrideNotAllowed, check_remote_overrides, compose
 from components.tracking import redact_override
-from flows.ingest import DATA_UPDATED, data_resource
+from flows.ingest import DATA_UPDATED, data_resource, ingest_flow, traces_to_file
 from flows.retrain import retrain
 from service import lifecycle
 from service.env import configure_environment
 
 DEPLOYMENT = "rlhf-retrain"
+INGEST_TRACES = "rlhf-ingest-traces"
 # the operator's `rlhf serve` overrides, for the flow runs the runner starts (subprocesses: they inherit
 # the environment, not the serving process's variables)
 SERVED_OVERRIDES = "RLHF_SERVED_OVERRIDES"
@@ -47,6 +51,19 @@ def retrain_service(overrides: list[str] | None = None):
     configure_environment(cfg)
     lifecycle.claim_run(cfg)  # if this process dies, the next `rlhf serve` or retrain ends this run as Crashed
     return retrain(cfg, return_state=True)
+
+
+@flow(name="ingest-traces-service", validate_parameters=False)
+def ingest_traces_service():
+    """`rlhf ingest --from-traces` on the operator's config (no parameters: nothing a caller of the Prefect API
+    could change): the judged served answers not in the data yet become a feedback batch through the usual ingest."""
+    cfg = compose(json.loads(os.environ.get(SERVED_OVERRIDES, "[]")))
+    configure_environment(cfg)
+    lifecycle.claim_run(cfg)
+    path, harvest = traces_to_file(cfg)
+    if path is None:
+        return Completed(message=f"no new judged answers ({harvest.judged} judged, {harvest.known} in the data)")
+    return ingest_flow(cfg, str(path), "feedback", return_state=True)
 
 
 def allowed_overrides(served: list[str], requested: list[str], cfg: Config) -> list[str]:
@@ -125,6 +142,16 @@ def serve(cfg: Config, overrides: list[str]) -> None:
 
     runner = runner_with_own_sigterm(lambda: loop.call_soon_threadsafe(stop.set))(pause_on_shutdown=True)
     runner.add_deployment(deployment(cfg, overrides))
+    if cfg.infra.ingest_traces_cron:
+        runner.add_deployment(
+            ingest_traces_service.to_deployment(
+                name=INGEST_TRACES,
+                cron=cfg.infra.ingest_traces_cron,
+                concurrency_limit=1,
+                description="the judged served answers -> feedback rows (rlhf ingest --from-traces)",
+                tags=["rlhf"],
+            )
+        )
 
     async def main() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):

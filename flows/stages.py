@@ -390,6 +390,8 @@ def gate(cfg: Config, ev: Evaluation) -> GateOutcome:
         win_rate(ev.rewards["candidate"], ev.rewards[baseline]),
         f"champion v{ev.champion_version}" if ev.champion_version else "the SFT policy",
         cfg.gate,
+        sft=ev.eval.get("sft"),
+        champion=ev.eval.get("champion"),
     )
     client = mlflow.MlflowClient()
     for key, value in tracking.finite(verdict.metrics()).items():

@@ -8,6 +8,9 @@ held, parsed and handed over whole. `BodyCap` reads at most `max_body_bytes` (th
 components/registry/policy_model.Limits) and answers 413 in one sentence past it, declared or streamed. A JSON body
 that is not an object with one of MLflow's input fields gets a 400 in one sentence (MLflow's own answer has several,
 and a stack trace for some). What passes is replayed to MLflow's app unchanged. The model's own checks (characters before tokens) follow.
+
+`GET /tracing` answers the served model's tracing counts: {"enabled", "experiment_id", "traced", "dropped",
+"build_ms_per_trace"} (components/registry/policy_model.Tracer), or {"enabled": false}.
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 class BodyCap:
     """Pure ASGI middleware: an HTTP request body over `max_bytes` gets a 413 before the app sees any of it."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, tracing: Callable[[], dict] | None = None):
+        self.app, self.max_bytes, self.tracing = app, max_bytes, tracing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if scope.get("method") == "GET" and scope.get("path", "").rstrip("/") == "/tracing":
+            await self.answer(send, 200, self.tracing() if self.tracing else {"enabled": False})
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
@@ -63,6 +69,12 @@ class BodyCap:
             return {"type": "http.request", "body": bytes(body), "more_body": False}
 
         await self.app(scope, replay, send)
+
+    async def answer(self, send: Send, status: int, doc: dict) -> None:
+        body = json.dumps(doc).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     async def refuse(self, send: Send, what: str, status: int = 413) -> None:
         """One sentence, in MLflow's error shape: 413 for a body over the cap (and the connection closed, as the
@@ -115,7 +127,8 @@ def build(model_uri: str) -> BodyCap:
 
     model = scoring_server.load_model_with_mlflow_config(model_uri)
     limits = Limits.from_config({k: v for k, v in (model.model_config or {}).items() if k in Limits.names()})
-    return BodyCap(scoring_server.init(model), limits.max_body_bytes)
+    tracer = getattr(model.unwrap_python_model(), "tracer", None)  # a model logged before tracing has none
+    return BodyCap(scoring_server.init(model), limits.max_body_bytes, tracer.stats if tracer else None)
 
 
 def __getattr__(name: str) -> Any:  # `uvicorn service.serving:app` builds the app on first access only

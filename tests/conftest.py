@@ -42,6 +42,8 @@ OPEN_GATE = (
     "gate.min_judge_gain=null",
     "gate.max_kl=1e9",
     "gate.max_prompts=8",
+    "gate.max_repeated_word_gain=null",  # the guard on 8 prompts: one answer is 0.125 of the share
+    "gate.min_distinct_2_ratio=null",
 )
 
 

@@ -3,7 +3,8 @@
 
 Per policy: mean reward (RM score normalised with the RM's statistics), the independent judge's
 mean (a callable by import path that is not the RM), KL to the SFT reference (nats per response;
-only where the policy shares the reference's tokenizer), response length, EOS rate and distinct-n.
+only where the policy shares the reference's tokenizer), response length, EOS rate, and the degeneration measures
+(components/evaluation/degeneration.py: repeated words and 3-grams, distinct-1/2, mean words) the gate's guard reads.
 Between two policies: the RM win rate (ties count half).
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from components.config import GateConfig, ModelConfig
+from components.evaluation.degeneration import degeneration, distinct_n  # noqa: F401  (distinct_n: its old home)
 from components.models.generation import sample
 from components.models.loading import load_causal_lm, load_tokenizer
 from components.models.roles import ScalarHead, position_ids, sequence_scores
@@ -34,12 +36,6 @@ class PolicyEval:
     prompts: list[str]  # one per response (a prompt repeats with samples_per_prompt > 1)
     responses: list[str]
     rewards: list[float]
-
-
-def distinct_n(texts: list[str], n: int) -> float:
-    """Distinct word n-grams / all word n-grams over the responses (diversity; 1.0 = no repeats)."""
-    grams = [tuple(words[i : i + n]) for t in texts for words in [t.split()] for i in range(len(words) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
 
 
 def win_rate(a: list[float], b: list[float]) -> float:
@@ -79,8 +75,7 @@ def evaluate_policies(
             "reward_mean": sum(rewards) / len(rewards),
             "response_length": rmask.sum(1).mean().item(),
             "eos_rate": ro.ended.float().mean().item(),
-            "distinct_1": distinct_n(ro.texts, 1),
-            "distinct_2": distinct_n(ro.texts, 2),
+            **degeneration(ro.texts),  # repeated words and n-grams, distinct-1/2, mean words: the guard's measures
             "kl": float("nan"),
         }
         if tok.get_vocab() == scorer_tok.get_vocab():  # same tokenizer: the KL to this run's reference is defined

@@ -1,5 +1,9 @@
 """The gate: compare a candidate with the baseline (the champion, or the SFT policy when there is
-none) on the evaluation numbers and the thresholds in `conf/gate`. Pure: numbers in, verdict out."""
+none) on the evaluation numbers and the thresholds in `conf/gate`. Pure: numbers in, verdict out.
+
+The reward-hacking guard is part of it: the candidate's degeneration (repeated words, distinct-2, length) against
+the SFT policy's on the same prompts, always SFT's, so a drift each generation of champions inherits is still
+caught; against the champion the same measures are reported, not gated. A refusal names the measure."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ class Verdict:
     passed: bool
     baseline: str  # "champion v3" or "sft"
     checks: list[tuple[str, float, str, float, bool]] = field(default_factory=list)  # (name, value, op, threshold, ok)
+    info: dict[str, float] = field(default_factory=dict)  # measured, not gated: degeneration against the champion
 
     @property
     def reasons(self) -> list[str]:
@@ -25,6 +30,7 @@ class Verdict:
 
     def metrics(self) -> dict[str, float]:
         out = {f"gate/{name}": value for name, value, *_ in self.checks}
+        out |= {f"gate/{name}": value for name, value in self.info.items()}
         out["gate/passed"] = float(self.passed)
         return out
 
@@ -37,10 +43,29 @@ class Verdict:
         return "\n".join(lines)
 
 
+def degeneration_against(candidate: dict[str, float], other: dict[str, float], name: str) -> dict[str, float]:
+    """The guard's measures of the candidate against another policy's evaluation (those both have):
+    repeated_word_gain_vs_<name> (difference of shares), distinct_2_ratio_vs_<name>, length_ratio_vs_<name>."""
+    out = {}
+    if "repeated_word_share" in candidate and "repeated_word_share" in other:
+        out[f"repeated_word_gain_vs_{name}"] = candidate["repeated_word_share"] - other["repeated_word_share"]
+    for key, measure in (("distinct_2", "distinct_2_ratio"), ("mean_words", "length_ratio")):
+        if key in candidate and other.get(key):
+            out[f"{measure}_vs_{name}"] = candidate[key] / other[key]
+    return out
+
+
 def decide(
-    candidate: dict[str, float], baseline: dict[str, float], win_rate: float, baseline_name: str, cfg: GateConfig
+    candidate: dict[str, float],
+    baseline: dict[str, float],
+    win_rate: float,
+    baseline_name: str,
+    cfg: GateConfig,
+    sft: dict[str, float] | None = None,
+    champion: dict[str, float] | None = None,
 ) -> Verdict:
-    """candidate/baseline: evaluation metrics (reward_mean, judge_mean, kl); win_rate: candidate vs baseline."""
+    """candidate/baseline: evaluation metrics (reward_mean, judge_mean, kl, the degeneration measures); win_rate:
+    candidate vs baseline; sft, champion: their evaluations, for the guard (against SFT) and the report."""
     checks = [
         ("reward_gain", candidate["reward_mean"] - baseline["reward_mean"], "min", cfg.min_reward_gain),
         ("win_rate", win_rate, "min", cfg.min_win_rate),
@@ -48,5 +73,16 @@ def decide(
     ]
     if cfg.min_judge_gain is not None and "judge_mean" in candidate and "judge_mean" in baseline:
         checks.append(("judge_gain", candidate["judge_mean"] - baseline["judge_mean"], "min", cfg.min_judge_gain))
+    guard = degeneration_against(candidate, sft or {}, "sft")
+    for measure, op, limit in (
+        ("repeated_word_gain_vs_sft", "max", cfg.max_repeated_word_gain),
+        ("distinct_2_ratio_vs_sft", "min", cfg.min_distinct_2_ratio),
+        ("length_ratio_vs_sft", "max", cfg.max_length_ratio),
+    ):
+        if limit is not None and measure in guard:
+            checks.append((measure, guard[measure], op, limit))
+    gated = {name for name, *_ in checks}
+    info = {k: v for k, v in guard.items() if k not in gated}
+    info |= degeneration_against(candidate, champion or {}, "champion")
     rows = [(n, v, op, t, (v >= t) if op == "min" else (v <= t)) for n, v, op, t in checks]
-    return Verdict(all(ok for *_, ok in rows), baseline_name, rows)
+    return Verdict(all(ok for *_, ok in rows), baseline_name, rows, info)

@@ -15,6 +15,14 @@ score in the units of its training responses' std, as the evaluation reports it)
 Params (per request): max_new_tokens, temperature (0 = greedy), top_p, seed (-1 = random), n (best-of-n:
 sample n responses per prompt, answer the one the reward model scores highest; 1 = plain sampling).
 
+Tracing (`Tracer`): when the serving process names an experiment in RLHF_TRACE_EXPERIMENT_ID (`rlhf model serve` does,
+unless `registry.trace_requests=false`), each answered prompt is an MLflow trace in that experiment: the prompt, the
+params, the response, the n candidates with their scores, the model's name, version and alias (RLHF_SERVED_MODEL),
+and the request's latency; the output gets a `trace_id` column, which `rlhf feedback` attaches a person's judgement
+to. MLflow exports traces from a background queue, so a request never waits on the tracking server; building them
+costs the request well under a millisecond per prompt (docs/service.md). A trace that cannot be built or sent is
+dropped and counted (`Tracer.stats`, logged, and `GET /tracing` under `rlhf model serve`); the request succeeds.
+
 Input contract (checked before any generation): a body of at most `max_body_bytes` (`rlhf model serve`), 1..`max_prompts`
 prompts, each a non-blank string of at most `max_prompt_chars` characters (before tokenizing) and `max_prompt_tokens` tokens and at most the model's context less `max_new_tokens`; `max_new_tokens`
 in 1..`max_new_tokens_cap` (and below the context); temperature in 0..2; 0 < top_p <= 1; seed in
@@ -24,7 +32,10 @@ overrides, into the logged model's `model_config`).
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -208,25 +219,32 @@ class PolicyModel(PythonModel):
         # The scoring server runs predict in worker threads; one generation at a time keeps a seeded
         # request's draws from the global RNG its own.
         self.lock = threading.Lock()
+        self.tracer = Tracer.from_env()
 
     @torch.no_grad()
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         # pd.DataFrame: MLflow does no type-hint validation (the signature, logged explicitly, governs), and
         # a plain list of strings (`inputs`) still arrives here, converted by the signature
+        started = time.time_ns()
         p = {**DEFAULT_PARAMS, **(params or {})}
         prompts = prompts_of(model_input)
         validate_params(p, self.limits, self.context_tokens, has_reward_model=self.scorer is not None)
         validate_prompts(prompts, self.limits)
         texts, scores = self.candidates(prompts, p)
         if scores is None:
-            return pd.DataFrame({"response": [row[0] for row in texts]})
-        best = [max(range(len(row)), key=row.__getitem__) for row in scores]  # the first of equal scores
-        return pd.DataFrame(
-            {
-                "response": [t[i] for t, i in zip(texts, best, strict=True)],
-                "score": [s[i] for s, i in zip(scores, best, strict=True)],
-            }
-        )
+            out = pd.DataFrame({"response": [row[0] for row in texts]})
+        else:
+            best = [max(range(len(row)), key=row.__getitem__) for row in scores]  # the first of equal scores
+            out = pd.DataFrame(
+                {
+                    "response": [t[i] for t, i in zip(texts, best, strict=True)],
+                    "score": [s[i] for s, i in zip(scores, best, strict=True)],
+                }
+            )
+        tracer = getattr(self, "tracer", None)  # None: not traced (and a model loaded without load_context)
+        if tracer is not None:
+            out["trace_id"] = tracer.record(prompts, p, texts, scores, out, started)
+        return out
 
     def candidates(self, prompts: list[str], p: dict) -> tuple[list[list[str]], list[list[float]] | None]:
         """n sampled responses per prompt and, with a reward model, their scores: -> texts [P][n], scores [P][n]."""
@@ -270,6 +288,97 @@ class PolicyModel(PythonModel):
             pad_token_id=self.tok.pad_token_id,
             eos_token_id=self.tok.eos_token_id,
         )
+
+
+class _Drops(logging.Handler):
+    """Counts the traces MLflow's exporter failed to send (its background queue logs a warning and drops them)."""
+
+    def __init__(self, tracer: Tracer):
+        super().__init__(logging.WARNING)
+        self.tracer = tracer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "trace" in message.lower():
+            self.tracer.dropped_one(message)
+
+
+class Tracer:
+    """Each answered prompt as an MLflow trace (see the module docstring); never raises into a request."""
+
+    EXPORT_LOGGERS = ("mlflow.tracing.export.mlflow_v3", "mlflow.tracing.export.async_export_queue")
+
+    def __init__(self, experiment_id: str, served: str):
+        name, _, alias = served.partition("@")
+        self.model, _, self.version = name.partition("/")
+        self.experiment_id, self.alias = experiment_id, alias
+        self.traced = self.dropped = 0
+        self.build_ns = 0  # time spent building traces inside requests (the cost a request pays)
+        self.count_lock = threading.Lock()
+        self.log = logging.getLogger("rlhf.tracing")
+        handler = _Drops(self)
+        for name in self.EXPORT_LOGGERS:
+            logging.getLogger(name).addHandler(handler)
+
+    @classmethod
+    def from_env(cls) -> Tracer | None:
+        """The tracer `rlhf model serve` asks for (RLHF_TRACE_EXPERIMENT_ID, RLHF_SERVED_MODEL="name/version@alias"),
+        or None: no tracing."""
+        experiment = os.environ.get("RLHF_TRACE_EXPERIMENT_ID")
+        return cls(experiment, os.environ.get("RLHF_SERVED_MODEL", "")) if experiment else None
+
+    def dropped_one(self, why: str) -> None:
+        with self.count_lock:
+            self.dropped += 1
+            n = self.dropped
+        self.log.warning("trace dropped (%d so far); the request was answered: %s", n, why[:300])
+
+    def stats(self) -> dict:
+        with self.count_lock:
+            return {
+                "enabled": True,
+                "experiment_id": self.experiment_id,
+                "traced": self.traced,
+                "dropped": self.dropped,
+                "build_ms_per_trace": self.build_ns / 1e6 / max(1, self.traced),
+            }
+
+    def record(self, prompts: list[str], p: dict, texts, scores, out: pd.DataFrame, started_ns: int) -> list[str]:
+        """One trace per prompt: -> its trace id ("" where it could not be built)."""
+        t0 = time.time_ns()
+        latency_ms = (t0 - started_ns) / 1e6
+        ids = []
+        for i, prompt in enumerate(prompts):
+            try:
+                ids.append(self._one(i, prompt, p, texts, scores, out, started_ns, t0, latency_ms))
+            except Exception as e:  # tracing never fails a request
+                self.dropped_one(f"{type(e).__name__}: {e}")
+                ids.append("")
+        with self.count_lock:
+            self.build_ns += time.time_ns() - t0
+        return ids
+
+    def _one(self, i, prompt, p, texts, scores, out, started_ns, ended_ns, latency_ms) -> str:
+        import mlflow
+
+        candidates = [
+            {"response": t, **({"score": scores[i][j]} if scores is not None else {})} for j, t in enumerate(texts[i])
+        ]
+        span = mlflow.start_span_no_context(
+            "answer",
+            span_type="LLM",
+            inputs={"prompt": prompt, "params": p},
+            attributes={"latency_ms": latency_ms, "n": int(p["n"])},
+            tags={"rlhf.model": self.model, "rlhf.version": self.version, "rlhf.alias": self.alias},
+            experiment_id=self.experiment_id,
+            start_time_ns=started_ns,
+        )
+        row = out.iloc[i]
+        response = {"response": row["response"], **({"score": float(row["score"])} if "score" in row else {})}
+        span.end(outputs={**response, "candidates": candidates}, end_time_ns=ended_ns)
+        with self.count_lock:
+            self.traced += 1
+        return span.trace_id
 
 
 def render_prompt(tok, prompt: str) -> str:

@@ -5,21 +5,24 @@ from __future__ import annotations
 
 def ppo_curves(history: list[dict[str, float]]):
     """The score PPO optimises (normalised RM + reward_fn, EOS penalty) and the raw reward-model score (zero
-    without one), KL to the reference and the KL coefficient per PPO iteration (one figure)."""
+    without one), KL to the reference, the KL coefficient, and the batch's degeneration (the share of answers
+    repeating a word, distinct-2: where the reward keeps rising while these turn, it is being hacked) per PPO
+    iteration (one figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.5))
     steps = range(1, len(history) + 1)
     for ax, keys, title in (
         (axes[0], ("ppo/reward_mean", "ppo/score_mean"), "reward optimised (normalised) and raw RM score"),
         (axes[1], ("ppo/kl", "ppo/kl_k3"), "KL to the reference (per response)"),
         (axes[2], ("ppo/beta",), "KL coefficient beta"),
+        (axes[3], ("ppo/repeated_word_share", "ppo/distinct_2"), "degeneration: reward bought with quality?"),
     ):
         for k in keys:
-            ax.plot(steps, [h[k] for h in history], label=k.split("/")[1])
+            ax.plot(steps, [h.get(k, float("nan")) for h in history], label=k.split("/")[1])
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.legend()

@@ -63,6 +63,7 @@ from tqdm.auto import tqdm
 
 from components.config import ModelConfig, PPOConfig
 from components.data.readers import read_prompts
+from components.evaluation.degeneration import distinct_n, repeated_word_share
 from components.models.generation import CACHES, Rollout, sample
 from components.models.guide import load_guide
 from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
@@ -522,7 +523,8 @@ def check_loss(value: float, iteration: int | None) -> None:
 def iteration_metrics(
     traj: Trajectory, stats: dict[str, float], beta: float, times: tuple[float, float, float, float]
 ) -> dict[str, float]:
-    """The `ppo/*` row of one iteration: scores, KL (k1 and k3), the update's stats, lengths, timings.
+    """The `ppo/*` row of one iteration: scores, KL (k1 and k3), the update's stats, lengths, the degeneration of
+    the batch's answers (repeated words, distinct-2: where reward rises while quality falls), timings.
     `times`: perf_counter before generate, after generate, after score, after train."""
     t0, t1, t2, t3 = times
     ro = traj.rollout
@@ -539,6 +541,8 @@ def iteration_metrics(
         **stats,
         "ppo/response_length": mask.sum(1).mean().item(),
         "ppo/eos_rate": ro.ended.float().mean().item(),
+        "ppo/repeated_word_share": repeated_word_share(ro.texts),
+        "ppo/distinct_2": distinct_n(ro.texts, 2),
         "ppo/time_generate": t1 - t0,
         "ppo/time_score": t2 - t1,
         "ppo/time_train": t3 - t2,

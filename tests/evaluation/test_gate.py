@@ -1,9 +1,10 @@
-"""The gate's verdicts and the evaluation metrics, on hand-made numbers."""
+"""The gate's verdicts, its reward-hacking guard and the evaluation's measures, on hand-made numbers."""
 
 import pytest
 
 from components.config import GateConfig
-from components.evaluation.evaluate import distinct_n, win_rate
+from components.evaluation.degeneration import degeneration, distinct_n, repeated_ngram_share, repeated_word_share
+from components.evaluation.evaluate import win_rate
 from components.evaluation.gate import decide
 
 BASE = {"reward_mean": 0.10, "judge_mean": 0.05, "kl": 0.0}
@@ -44,3 +45,43 @@ def test_a_copy_of_the_champion_is_not_promoted_again_by_default():
     # the same policy evaluated twice: equal means, every prompt a tie -> win rate exactly 0.5
     v = decide(dict(BASE, kl=2.0), BASE, 0.5, "champion v1", GateConfig())
     assert not v.passed and v.reasons == ["win_rate 0.500 < 0.52"]
+
+
+def test_the_degeneration_measures_by_hand():
+    texts = ["Worth every every penny", "worth it", "The the best", "a b c a b c"]
+    assert repeated_word_share(texts) == 0.5, "case is ignored: 'The the'"
+    assert repeated_ngram_share(texts, 3) == 0.25 and repeated_ngram_share(["a b c a b"], 3) == 0.0
+    # words: 4 + 2 + 3 + 6 = 15 over 4 answers; distinct unigrams: worth every penny it the best a b c = 9 of 15
+    m = degeneration(texts)
+    assert m["mean_words"] == 15 / 4 and m["distinct_1"] == pytest.approx(9 / 15)
+    assert repeated_word_share([]) == 0.0 and degeneration([])["mean_words"] == 0.0
+
+
+SFT = {**BASE, "repeated_word_share": 0.10, "distinct_2": 0.40, "mean_words": 12.0}
+GOOD = {"reward_mean": 0.40, "judge_mean": 0.20, "kl": 5.0, "repeated_word_share": 0.12, "distinct_2": 0.38}
+
+
+def test_the_guard_refuses_a_degenerate_candidate_and_names_the_measure():
+    """Reward and judge up, but a third of the answers repeat a word (SFT: a tenth) and diversity fell: refused."""
+    hacked = {**GOOD, "repeated_word_share": 0.35, "distinct_2": 0.30, "mean_words": 30.0}
+    v = decide(hacked, SFT, 0.7, "the SFT policy", GateConfig(max_length_ratio=2.0), sft=SFT)
+    assert not v.passed
+    assert v.reasons == [
+        "repeated_word_gain_vs_sft 0.250 > 0.05",
+        "distinct_2_ratio_vs_sft 0.750 < 0.9",
+        "length_ratio_vs_sft 2.500 > 2",
+    ]
+    off = GateConfig(max_repeated_word_gain=None, min_distinct_2_ratio=None)
+    assert decide(hacked, SFT, 0.7, "the SFT policy", off, sft=SFT).passed, "with the guard off the same one passes"
+    good = decide({**GOOD, "mean_words": 13.0}, SFT, 0.7, "the SFT policy", GateConfig(), sft=SFT)
+    assert good.passed and good.metrics()["gate/repeated_word_gain_vs_sft"] == pytest.approx(0.02)
+    assert good.metrics()["gate/length_ratio_vs_sft"] == pytest.approx(13 / 12), "measured, gated only when set"
+
+
+def test_against_the_champion_the_guard_reports_and_sft_stays_the_anchor():
+    """A champion that had already drifted (0.30) does not make a candidate at 0.32 look fine: it is SFT's + 0.22."""
+    champion = {**SFT, "repeated_word_share": 0.30, "distinct_2": 0.32}
+    drifted = {**GOOD, "repeated_word_share": 0.32, "distinct_2": 0.33}
+    v = decide(drifted, champion, 0.6, "champion v3", GateConfig(), sft=SFT, champion=champion)
+    assert v.reasons == ["repeated_word_gain_vs_sft 0.220 > 0.05", "distinct_2_ratio_vs_sft 0.825 < 0.9"]
+    assert v.metrics()["gate/repeated_word_gain_vs_champion"] == pytest.approx(0.02)

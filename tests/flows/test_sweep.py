@@ -101,6 +101,8 @@ def test_a_sweep_of_policy_algorithms_reuses_sft_and_the_reward_model_and_promot
         "gate.min_win_rate=0",
         "gate.max_kl=1e9",
         "gate.max_prompts=8",
+        "gate.max_repeated_word_gain=null",
+        "gate.min_distinct_2_ratio=null",
     ]
     assert main(["sweep", "--promote-best", *overrides]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out

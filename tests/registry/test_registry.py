@@ -30,11 +30,20 @@ SERVE_CONFIG = {"max_new_tokens_cap": 64, "max_prompt_chars": 200, "max_body_byt
 
 
 @pytest.fixture(scope="module")
-def registry(stages, reward):
-    """Two registered versions of the SFT policy: v1 the SFT weights with the reward model bundled (best-of-n),
-    v2 the base + SFT adapter without it."""
+def registry(stages, reward, tmp_path_factory):
+    """Two registered versions of the SFT policy, in a project of this module's own (its registry, its traces and
+    the data its feedback lands in): v1 the SFT weights with the reward model bundled (best-of-n), v2 the base + SFT
+    adapter without it. -> (the session's stages with this project's root and config, versions)"""
+    from dataclasses import replace
+
+    from components.data.versioning import ensure_data
+    from tests.conftest import make_project
+
+    root = tmp_path_factory.mktemp("registry") / "proj"
+    stages = replace(stages, cfg=make_project(root), root=root)
+    ensure_data(stages.cfg)  # the demo_small data, versioned: what guided PPO reads and feedback lands in
     tracking.setup(stages.cfg)
-    adapter = str(Path(stages.root) / "sft" / "adapter")
+    adapter = str(Path(stages.sft_dir).parent / "adapter")
     versions = []
     for i in range(2):
         with mlflow.start_run(run_name=f"register-{i}"):
@@ -287,6 +296,7 @@ def test_mlflow_models_serve_answers_invocations(served):
     for answer in (records, split, plain):
         rows = answer["predictions"]
         assert len(rows) == 2 and all(isinstance(r["response"], str) for r in rows), answer
+        assert len({r.pop("trace_id") for r in rows}) == 2, "every answer its own trace"
     assert records == split == plain, "the same prompts and seed give the same text whatever the input format"
     edges = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0, "seed": 0, "n": 8}  # every cap at its limit
     assert len(predictions(served, {"inputs": ["The film was"] * 4, "params": edges})["predictions"]) == 4
@@ -500,3 +510,89 @@ def test_a_registered_policy_guides_ppo_by_model_uri(registry, served, reward, t
     stages, (v1, _) = registry  # `served` promoted v1 to champion
     result = guided_ppo(stages, reward, f"models:/{NAME}@{CHAMPION}", tmp_path / "ppo")
     assert all(row["ppo/guide_tokens"] > 0 for row in result.history)
+
+
+# ---- the loop from serving: traces, a person's feedback, and back into the data (issue 30) ----
+def test_served_answers_are_traced_judged_and_ingested_once_as_feedback(registry, served, prefect_server, capsys):
+    """Each answer of `rlhf model serve` is an MLflow trace in the project's experiment (prompt, params, response,
+    candidates and scores, model name, version and alias, latency) whose id the response carries. `rlhf feedback`
+    judges 10 of 12, refusing bad calls in one sentence; `rlhf ingest --from-traces` lands exactly those 10 as
+    validated feedback rows in a new data version and emits the event that triggers the served retrain; a second
+    run changes nothing."""
+    from cli.main import main
+    from components.data.schemas import read_jsonl, shard_files
+    from components.data.versioning import data_version
+    from flows.ingest import DATA_UPDATED
+    from tests.flows.test_data_flows import wait_for_event
+
+    stages, (v1, _) = registry  # `served` promoted v1 to champion
+    ids = []
+    for i in range(12):  # 12 requests, one prompt each (a request of k prompts is k traces)
+        (row,) = predictions(served, ask([f"Review {i}: the film was"], max_new_tokens=8, seed=i, n=2))["predictions"]
+        assert row["trace_id"].startswith("tr-") and isinstance(row["response"], str)
+        ids.append(row["trace_id"])
+    assert len(set(ids)) == 12
+    with urllib.request.urlopen(f"http://127.0.0.1:{served}/tracing", timeout=10) as r:
+        stats = json.loads(r.read())
+    assert stats["enabled"] and stats["traced"] >= 12 and stats["dropped"] == 0, stats
+    assert stats["build_ms_per_trace"] < 50, "building a trace costs the request little (export is in the background)"
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(stages.cfg))
+    experiment = mlflow.get_experiment_by_name(stages.cfg.tracking.experiment).experiment_id
+    deadline = time.time() + 60  # exported from the server's background queue
+    while (trace := mlflow.get_trace(ids[-1])) is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert trace is not None and trace.info.experiment_id == experiment
+    assert trace.info.tags["rlhf.model"] == NAME and trace.info.tags["rlhf.version"] == v1.version
+    assert trace.info.tags["rlhf.alias"] == CHAMPION
+    (span,) = trace.data.spans
+    assert span.inputs["prompt"] == "Review 11: the film was" and span.inputs["params"]["seed"] == 11
+    assert len(span.outputs["candidates"]) == 2 and span.outputs["response"] in {
+        c["response"] for c in span.outputs["candidates"]
+    }
+    assert span.outputs["score"] == max(c["score"] for c in span.outputs["candidates"])
+    assert span.attributes["latency_ms"] > 0
+
+    from prefect.settings import PREFECT_API_URL
+
+    project = [
+        f"root={stages.root}",
+        f"tracking.registered_model_name={NAME}",
+        f"infra.prefect_api_url={PREFECT_API_URL.value()}",  # the session's server: the event lands where we look
+    ]
+    for i, trace_id in enumerate(ids[:10]):  # 10 judged: 7 up (rated 4 or 5), 3 down
+        vote, rating = ("down", ["--rating", "2"]) if i % 3 == 0 else ("up", ["--rating", str(4 + i % 2)])
+        assert main(["feedback", trace_id, vote, *rating, "--rater", "alice", *project]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    for bad, says in (
+        ([ids[0], "up", "--rater", "alice"], "alice has already judged trace"),
+        ([ids[10], "up", "--rating", "9"], "rating 9 is outside 1..5"),
+        ([ids[10], "down", "--rating", "5"], "rating 5 is a thumbs up"),
+        (["tr-00000000000000000000000000000000", "up"], "is not a served answer of this project"),
+    ):
+        assert main(["feedback", *bad, *project]) == 1
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+    before = data_version(stages.root)
+    assert main(["ingest", "--from-traces", *project]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "10 judged answer(s)" in out and "10 new" in out and "10 row(s) ingested" in out, out
+    after = data_version(stages.root)
+    assert after != before
+    rows = [
+        row for shard in shard_files(stages.cfg.data_path / "feedback") for _, row in read_jsonl(shard, "feedback").rows
+    ]
+    landed = {r["id"]: r for r in rows if r.get("source") == "traces"}
+    assert set(landed) == set(ids[:10])
+    assert [landed[t]["label"] for t in ids[:10]] == [0 if i % 3 == 0 else 1 for i in range(10)]
+    assert (
+        landed[ids[1]]["rating"] == 5
+        and landed[ids[0]]["response"] == mlflow.get_trace(ids[0]).data.spans[0].outputs["response"]
+    )
+    assert wait_for_event(DATA_UPDATED, after)["payload"]["kind"] == "feedback"  # what triggers the served retrain
+
+    assert main(["ingest", "--from-traces", *project]) == 0  # again: every judged answer is in the data already
+    out = capsys.readouterr().out
+    assert "10 already in the data" in out and "0 new" in out and "nothing to ingest" in out
+    assert data_version(stages.root) == after

@@ -1,0 +1,83 @@
+"""Judgements of served answers (components/registry/feedback.py) by hand, and the served model's tracer when the
+tracking server is down: the request is answered at once, the trace dropped and counted. The whole loop (serve,
+trace, feedback, ingest) runs on real servers in tests/registry/test_registry.py."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from components.config import DataConfig
+from components.registry.feedback import BadFeedback, Vote, check_rating, row_of
+
+
+def test_a_traces_votes_become_one_row_by_majority():
+    up4, up5, down2 = Vote("a", True, 4.0), Vote("b", True, 5.0), Vote("c", False, 2.0)
+    assert row_of("tr-1", "p", "r", [up4, up5, down2]) == {
+        "id": "tr-1",
+        "prompt": "p",
+        "response": "r",
+        "label": 1,
+        "rating": pytest.approx(11 / 3, abs=1e-4),
+        "source": "traces",
+    }
+    assert row_of("tr-1", "p", "r", [up4, down2]) is None, "a tie waits for another vote"
+    unrated = row_of("tr-1", "p", "r", [Vote("a", False, None), down2])
+    assert unrated["label"] == 0 and "rating" not in unrated, "a rating only when every rater gave one"
+
+
+def test_a_rating_must_be_in_range_and_on_the_votes_side():
+    cfg = DataConfig()  # 1..5, middle 3
+    check_rating(True, 4.0, cfg)
+    check_rating(False, 3.0, cfg)  # the middle goes with either vote
+    check_rating(True, None, cfg)
+    with pytest.raises(BadFeedback, match=r"^rating 0 is outside 1..5: give a rating in that range, or none$"):
+        check_rating(True, 0.0, cfg)
+    with pytest.raises(BadFeedback, match=r"rating 2 is a thumbs down .* but the vote is up: make them agree"):
+        check_rating(True, 2.0, cfg)
+
+
+def test_with_the_tracking_server_down_a_request_is_answered_and_its_trace_dropped_and_counted(tmp_path):
+    """The served model's Tracer (components/registry/policy_model.py) against a tracking server nobody listens on:
+    recording returns at once (MLflow exports in the background), then the failed export is counted as dropped."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    script = textwrap.dedent(
+        """
+        import json, time
+        import pandas as pd
+        from components.registry.policy_model import Tracer
+
+        tracer = Tracer.from_env()
+        out = pd.DataFrame({"response": ["fine", "great"], "score": [0.1, 0.2]})
+        t0 = time.perf_counter()
+        ids = tracer.record(["p1", "p2"], {"n": 1, "seed": 0}, [["fine"], ["great"]], [[0.1], [0.2]], out, time.time_ns())
+        took = time.perf_counter() - t0
+        deadline = time.time() + 60
+        while tracer.stats()["dropped"] < 2 and time.time() < deadline:
+            time.sleep(0.2)
+        print("RESULT " + json.dumps({"ids": ids, "took": took, **tracer.stats()}))
+        """
+    )
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{dead}",
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "2",
+        "RLHF_TRACE_EXPERIMENT_ID": "1",
+        "RLHF_SERVED_MODEL": "m/3@champion",
+    }
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads(line[len("RESULT ") :])
+    assert result["took"] < 0.5, "recording never waits on the tracking server"
+    assert all(t.startswith("tr-") for t in result["ids"]), "the answer still carries its trace id"
+    assert result["traced"] == 2 and result["dropped"] == 2, result
+    assert "trace dropped (2 so far); the request was answered" in proc.stderr
