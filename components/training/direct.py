@@ -36,6 +36,7 @@ policy vs reference as PPO reports them (`<method>/eval_reward`, `eval_kl`, ...)
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -89,6 +90,7 @@ def check_config(method: str, cfg: DirectConfig) -> None:
     checks: list[tuple[str, object, bool, str]] = [
         ("steps", cfg.steps, cfg.steps >= 1, "at least 1"),
         ("batch_size", cfg.batch_size, cfg.batch_size >= 1, "at least 1"),
+        ("max_epochs", cfg.max_epochs, cfg.max_epochs > 0, "above 0"),
         ("learning_rate", cfg.learning_rate, cfg.learning_rate > 0, "above 0"),
         ("beta", cfg.beta, cfg.beta > 0, "above 0"),
         ("max_response_tokens", cfg.max_response_tokens, cfg.max_response_tokens >= 2, "at least 2"),
@@ -132,6 +134,11 @@ def data_problem(method: str, rows: dict[str, int]) -> str | None:
 
 
 # ---------------------------------------------------------------------------- steps 1-2
+
+
+def planned_steps(cfg: DirectConfig, n_train: int) -> int:
+    """`steps`, but at most `max_epochs` passes over the n_train judgements: (200, 10, 90 examples, 16) -> 57."""
+    return max(1, min(cfg.steps, math.ceil(cfg.max_epochs * n_train / cfg.batch_size)))
 
 
 def device_of(roles) -> torch.device:
@@ -281,6 +288,7 @@ def train_direct(
         train, evals = read_feedback(data_dir, eval_fraction, data_cfg.min_rating, data_cfg.max_rating)
     if not train:
         raise ValueError(f"policy={method} trains on {METHODS[method]}, and {data_dir} has none for training")
+    steps = planned_steps(cfg, len(train))
     eval_prompts = read_prompts(data_dir, "eval")
     device = resolve_device(model_cfg.device)
     torch.manual_seed(seed)  # peft's LoRA init draws from the global RNG
@@ -316,7 +324,7 @@ def train_direct(
 
     batch_loss = dpo_batch if method == "dpo" else kto_batch
     roles.model.train()
-    bar = tqdm(range(start, cfg.steps), desc=method.upper(), initial=start, total=cfg.steps, unit="step")
+    bar = tqdm(range(start, steps), desc=method.upper(), initial=start, total=steps, unit="step")
     for step in bar:
         torch.manual_seed(seed * 100_003 + step)  # LoRA dropout's draws: the same on resume
         t0 = time.perf_counter()
@@ -336,18 +344,19 @@ def train_direct(
         history.append(row)
         log_to_active_run(row, step + 1)
         bar.set_postfix(loss=f"{row[f'{ns}/loss']:.3f}", acc=f"{row[f'{ns}/accuracy']:.2f}")
-        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+        if (step + 1) % cfg.save_every == 0 and step + 1 < steps:
             checkpoint.save(ckpt_root, step + 1, fp, save_checkpoint)
     bar.close()
 
     # 6. held-out judgements and prompts, then the outputs -----------------------------------------
     metrics = dict(history[-1]) if history else {}
     metrics[f"{ns}/train_seconds"] = sum(h[f"{ns}/time_step"] for h in history)
-    metrics[f"{ns}/examples"] = float(cfg.steps * cfg.batch_size)
+    metrics[f"{ns}/examples"] = float(steps * cfg.batch_size)
+    metrics[f"{ns}/steps"] = float(steps)
     metrics.update(held_out(roles, method, evals, cfg, ppo_cfg))
     held = evaluate_policy_vs_reference(roles, eval_prompts[: ppo_cfg.eval_max_prompts], ppo_cfg, seed)
     metrics.update({key.replace("ppo/", f"{ns}/", 1): v for key, v in held.items()})
     metrics[f"{ns}/resumed_from_step"] = float(start)
-    log_to_active_run(metrics, cfg.steps)
-    checkpoint.save(ckpt_root, cfg.steps, fp, save_checkpoint)
+    log_to_active_run(metrics, steps)
+    checkpoint.save(ckpt_root, steps, fp, save_checkpoint)
     return DirectResult(write_policy_outputs(roles, final, method, metrics, history), metrics, history)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from components.config import DPOConfig, KTOConfig
 from components.training import checkpoint
-from components.training.direct import check_config, data_problem, encode_responses, train_direct
+from components.training.direct import check_config, data_problem, encode_responses, planned_steps, train_direct
 from components.training.direct_math import dpo_pair_losses, kto_losses, kto_reference_point, weighted_mean
 
 
@@ -76,6 +76,12 @@ def test_each_method_needs_its_data_kind_and_names_the_other():
     assert data_problem("kto", only_thumbs) is None
     assert "or use policy=kto, which trains on the 300 rows it has" in data_problem("dpo", only_thumbs)
     assert data_problem("ppo", {}) is None and "or use" not in data_problem("dpo", {})
+
+
+def test_small_data_caps_the_steps_at_max_epochs_passes():
+    assert planned_steps(DPOConfig(steps=200, max_epochs=10, batch_size=16), 90) == 57  # ceil(10 * 90 / 16)
+    assert planned_steps(DPOConfig(steps=200, max_epochs=10, batch_size=16), 1800) == 200
+    assert planned_steps(KTOConfig(steps=200, max_epochs=0.01, batch_size=16), 10) == 1
 
 
 def test_settings_that_cannot_work_are_refused():
