@@ -111,6 +111,19 @@ def deployment(cfg: Config, overrides: list[str]):
     )
 
 
+def ingest_traces_deployment(cfg: Config):
+    """`rlhf ingest --from-traces` on `infra.ingest_traces_cron` (None when unset): no parameters, one at a time."""
+    if not cfg.infra.ingest_traces_cron:
+        return None
+    return ingest_traces_service.to_deployment(
+        name=INGEST_TRACES,
+        cron=cfg.infra.ingest_traces_cron,
+        concurrency_limit=1,
+        description="the judged served answers -> feedback rows (rlhf ingest --from-traces)",
+        tags=["rlhf"],
+    )
+
+
 # SIGTERM/SIGINT -> runner stopped: at most this; then Prefect stops its temporary server (if any; up to
 # 5 s, then it kills it), so the process exits within 10 s of the signal
 STOP_GRACE_S = 3.0
@@ -142,16 +155,8 @@ def serve(cfg: Config, overrides: list[str]) -> None:
 
     runner = runner_with_own_sigterm(lambda: loop.call_soon_threadsafe(stop.set))(pause_on_shutdown=True)
     runner.add_deployment(deployment(cfg, overrides))
-    if cfg.infra.ingest_traces_cron:
-        runner.add_deployment(
-            ingest_traces_service.to_deployment(
-                name=INGEST_TRACES,
-                cron=cfg.infra.ingest_traces_cron,
-                concurrency_limit=1,
-                description="the judged served answers -> feedback rows (rlhf ingest --from-traces)",
-                tags=["rlhf"],
-            )
-        )
+    if (ingest := ingest_traces_deployment(cfg)) is not None:
+        runner.add_deployment(ingest)
 
     async def main() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):

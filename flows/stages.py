@@ -84,6 +84,15 @@ def on_pool(stage: str):
     return wrap
 
 
+def log_curves(fig, name: str) -> None:
+    """A stage's curves on its MLflow run, then the figure closed (pyplot keeps every open figure: a sweep's stages
+    in one process would pile them up)."""
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(fig, name)
+    plt.close(fig)
+
+
 def start_stage_run(stage: str, parent_run_id: str, data: DataState, params: dict[str, Any]):
     """A child run of the pipeline's parent run, owned by this process (lifecycle), with its params."""
     run = mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id, tags=lifecycle.mlflow_owner_tags())
@@ -214,7 +223,7 @@ def ppo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_
         except PPODivergence:
             mlflow.set_tag("outcome", "diverged")
             raise
-        mlflow.log_figure(ppo_curves(result.history), "ppo_curves.png")
+        log_curves(ppo_curves(result.history), "ppo_curves.png")
         mlflow.set_tags({"policy_dir": result.policy_dir, "value_dir": result.value_dir})
         log_policy_result("PPO", "ppo", result.metrics, result.policy_dir)
         return StageOutput(result.policy_dir, run.info.run_id, result.metrics)
@@ -250,7 +259,7 @@ def rejection_sampling(cfg: Config, data: DataState, sft_dir: str, reward_dir: s
             out,
             seed=cfg.seed,
         )
-        mlflow.log_figure(rs_curves(result.history), "rs_curves.png")
+        log_curves(rs_curves(result.history), "rs_curves.png")
         mlflow.set_tags({"policy_dir": result.policy_dir})
         log_policy_result("rejection sampling", "rs", result.metrics, result.policy_dir)
         return StageOutput(result.policy_dir, run.info.run_id, result.metrics)
@@ -273,7 +282,7 @@ def _group_rl(algorithm: str, cfg: Config, data: DataState, sft_dir: str, reward
             out,
             seed=cfg.seed,
         )
-        mlflow.log_figure(group_rl_curves(result.history, algorithm), f"{algorithm}_curves.png")
+        log_curves(group_rl_curves(result.history, algorithm), f"{algorithm}_curves.png")
         mlflow.set_tags({"policy_dir": result.policy_dir})
         log_policy_result(algorithm.upper(), algorithm, result.metrics, result.policy_dir)
         return StageOutput(result.policy_dir, run.info.run_id, result.metrics)
@@ -313,7 +322,7 @@ def _direct(method: str, cfg: Config, data: DataState, sft_dir: str, reward_dir:
             seed=cfg.seed,
             data_cfg=cfg.data,
         )
-        mlflow.log_figure(direct_curves(result.history, method), f"{method}_curves.png")
+        log_curves(direct_curves(result.history, method), f"{method}_curves.png")
         mlflow.set_tags({"policy_dir": result.policy_dir})
         log_policy_result(method.upper(), method, result.metrics, result.policy_dir)
         return StageOutput(result.policy_dir, run.info.run_id, result.metrics)

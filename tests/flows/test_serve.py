@@ -46,6 +46,21 @@ def test_no_schedule_and_no_trigger_when_configured_off(tmp_path):
     assert d.schedules in (None, []) and d.triggers == []
 
 
+def test_the_traces_ingest_runs_on_its_own_schedule_on_the_operators_config(tmp_path, monkeypatch):
+    """Issue 30: `infra.ingest_traces_cron` adds a deployment that runs `rlhf ingest --from-traces` with no parameters
+    (nothing a caller of the Prefect API could change); with no judged answers it changes nothing."""
+    from flows.serve import INGEST_TRACES, ingest_traces_deployment, ingest_traces_service
+
+    overrides = [f"root={tmp_path}", "data=demo_small"]
+    assert ingest_traces_deployment(compose(overrides)) is None, "off by default"
+    d = ingest_traces_deployment(compose([*overrides, "infra.ingest_traces_cron=*/30 * * * *"]))
+    assert d.name == INGEST_TRACES and [s.schedule.cron for s in d.schedules] == ["*/30 * * * *"]
+    assert d.parameters == {} and d.concurrency_limit == 1
+    monkeypatch.setenv(serve_module.SERVED_OVERRIDES, json.dumps(overrides))
+    state = ingest_traces_service(return_state=True)
+    assert state.is_completed() and state.message.startswith("no new judged answers (0 judged"), state.message
+
+
 # ---- what a run of the deployment may change (issue 12) ----
 SECRET_DVC = "infra.dvc_remote_url='https://dvcuser:dvc-pw@dvc.example.com/store?token=dvctok'"
 
