@@ -20,7 +20,7 @@ unless `registry.trace_requests=false`), each answered prompt is an MLflow trace
 params, the response, the n candidates with their scores, the model's name, version and alias (RLHF_SERVED_MODEL),
 and the request's latency; the output gets a `trace_id` column, which `rlhf feedback` attaches a person's judgement
 to. MLflow exports traces from a background queue, so a request never waits on the tracking server; building them
-costs the request well under a millisecond per prompt (docs/service.md). A trace that cannot be built or sent is
+costs the request about 5 ms per prompt on a 2-core CPU (measured in tests/registry/test_registry.py; docs/service.md). A trace that cannot be built or sent is
 dropped and counted (`Tracer.stats`, logged, and `GET /tracing` under `rlhf model serve`); the request succeeds.
 
 Input contract (checked before any generation): a body of at most `max_body_bytes` (`rlhf model serve`), 1..`max_prompts`

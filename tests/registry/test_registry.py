@@ -536,6 +536,7 @@ def test_served_answers_are_traced_judged_and_ingested_once_as_feedback(registry
         stats = json.loads(r.read())
     assert stats["enabled"] and stats["traced"] >= 12 and stats["dropped"] == 0, stats
     assert stats["build_ms_per_trace"] < 50, "building a trace costs the request little (export is in the background)"
+    print(f"tracing: {stats}", file=sys.__stderr__)  # past capsys: the measured cost, for the record
 
     mlflow.set_tracking_uri(tracking.tracking_uri(stages.cfg))
     experiment = mlflow.get_experiment_by_name(stages.cfg.tracking.experiment).experiment_id
