@@ -173,6 +173,11 @@ def cmd_ingest(args, overrides: list[str], positional: list[str]) -> int:
             f"traces: {h.judged} judged answer(s) in experiment {cfg.tracking.experiment!r}; "
             f"{h.known} already in the data, {h.ties} tied (left out), {len(h.rows)} new"
         )
+        if h.empty or h.repeats:
+            print(
+                f"  left out: {h.empty} empty answer(s) (a feedback row needs a response), {h.repeats} repeat(s) of "
+                "an earlier judged answer (the data holds each once)"
+            )
         if source is None:
             print("  nothing to ingest: the data and its version are unchanged")
             return 0

@@ -122,9 +122,33 @@ def row_of(trace_id: str, prompt: str, response: str, votes: list[Vote]) -> dict
 @dataclass
 class TraceHarvest:
     rows: list[dict]  # new feedback rows, one per judged trace not in the data yet
-    judged: int  # traces with at least one person's vote
-    known: int  # of those, already in the data (skipped)
-    ties: int  # left out: as many ups as downs
+    judged: int = 0  # traces with at least one person's vote
+    known: int = 0  # of those, already in the data (skipped)
+    ties: int = 0  # left out: as many ups as downs
+    empty: int = 0  # left out: an empty answer (the feedback contract needs a response)
+    repeats: int = 0  # left out: the same prompt and answer as an earlier judged trace (the data holds it once)
+
+
+def harvest(judged: list[tuple[str, str, str, list[Vote]]], known_ids: set[str]) -> TraceHarvest:
+    """Judged answers (trace id, prompt, response, votes), oldest first -> the rows the data does not hold yet, and
+    what was left out and why. Pure: the part of `feedback_rows` that decides."""
+    out = TraceHarvest([])
+    seen: set[tuple[str, str]] = set()
+    for trace_id, prompt, response, votes in judged:
+        out.judged += 1
+        key = (" ".join(prompt.lower().split()), " ".join(response.lower().split()))  # as the data suite compares
+        if trace_id in known_ids:
+            out.known += 1
+        elif not response.strip():
+            out.empty += 1
+        elif key in seen:
+            out.repeats += 1
+        elif (row := row_of(trace_id, prompt, response, votes)) is None:
+            out.ties += 1
+        else:
+            out.rows.append(row)
+        seen.add(key)
+    return out
 
 
 def feedback_rows(experiment_id: str, known_ids: set[str], since_ms: int | None = None) -> TraceHarvest:
@@ -137,19 +161,9 @@ def feedback_rows(experiment_id: str, known_ids: set[str], since_ms: int | None 
         return_type="list",
         order_by=["timestamp_ms ASC"],
     )
-    harvest = TraceHarvest([], 0, 0, 0)
+    judged = []
     for trace in traces:
-        votes = votes_of(trace)
-        answer = answer_of(trace)
-        if not votes or answer is None:
-            continue
-        harvest.judged += 1
-        if trace.info.trace_id in known_ids:
-            harvest.known += 1
-            continue
-        row = row_of(trace.info.trace_id, *answer, votes)
-        if row is None:
-            harvest.ties += 1
-        else:
-            harvest.rows.append(row)
-    return harvest
+        votes, answer = votes_of(trace), answer_of(trace)
+        if votes and answer is not None:
+            judged.append((trace.info.trace_id, *answer, votes))
+    return harvest(judged, known_ids)

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 
 from components.config import DataConfig
-from components.registry.feedback import BadFeedback, Vote, check_rating, row_of
+from components.registry.feedback import BadFeedback, Vote, check_rating, harvest, row_of
 
 
 def test_a_traces_votes_become_one_row_by_majority():
@@ -27,6 +27,23 @@ def test_a_traces_votes_become_one_row_by_majority():
     assert row_of("tr-1", "p", "r", [up4, down2]) is None, "a tie waits for another vote"
     unrated = row_of("tr-1", "p", "r", [Vote("a", False, None), down2])
     assert unrated["label"] == 0 and "rating" not in unrated, "a rating only when every rater gave one"
+
+
+def test_what_a_harvest_leaves_out_and_why():
+    """Oldest first: one already ingested, an empty answer, a tie, a repeat of an earlier answer (case and spaces
+    ignored, as the data suite compares), and two new rows."""
+    up, down = Vote("a", True, None), Vote("b", False, None)
+    judged = [
+        ("tr-1", "p", "old answer", [up]),
+        ("tr-2", "p", "  ", [down]),
+        ("tr-3", "p", "tied", [up, down]),
+        ("tr-4", "p", "Good  answer", [up]),
+        ("tr-5", "P", "good answer", [down]),
+        ("tr-6", "q", "good answer", [down]),
+    ]
+    h = harvest(judged, known_ids={"tr-1"})
+    assert [r["id"] for r in h.rows] == ["tr-4", "tr-6"] and [r["label"] for r in h.rows] == [1, 0]
+    assert (h.judged, h.known, h.empty, h.ties, h.repeats) == (6, 1, 1, 1, 1)
 
 
 def test_a_rating_must_be_in_range_and_on_the_votes_side():

@@ -593,6 +593,8 @@ def test_served_answers_are_traced_judged_and_ingested_once_as_feedback(registry
     )
     assert wait_for_event(DATA_UPDATED, after)["payload"]["kind"] == "feedback"  # what triggers the served retrain
 
+    assert main(["ingest", "--from-traces", "--since", "2999-01-01", *project]) == 0  # nothing served after then
+    assert "traces: 0 judged answer(s)" in capsys.readouterr().out
     assert main(["ingest", "--from-traces", *project]) == 0  # again: every judged answer is in the data already
     out = capsys.readouterr().out
     assert "10 already in the data" in out and "0 new" in out and "nothing to ingest" in out
