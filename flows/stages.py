@@ -241,51 +241,51 @@ def log_policy_result(name: str, namespace: str, m: dict[str, float], policy_dir
     )
 
 
+def critic_free_stage(
+    stage: str, label: str, ns: str, cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str,
+    params: dict[str, Any], train, curves,
+) -> StageOutput:  # fmt: skip
+    """A critic-free policy stage (rejection sampling, GRPO, RLOO, DPO, KTO) in PPO's place in the pipeline: its
+    stage dir, its MLflow run with `params`, `train(out_dir, reward_dir)` (the reward model unless
+    ppo.use_reward_model=false), the curves plot `<ns>_curves.png` from `curves(history)`, the policy's line."""
+    out = stage_dir(cfg, stage, data, sft_dir=sft_dir, reward_dir=reward_dir)
+    with stage_dir_lock(out), start_stage_run(stage, parent_run_id, data, params) as run:
+        result = train(out, reward_dir if cfg.ppo.use_reward_model else None)
+        log_curves(curves(result.history), f"{ns}_curves.png")
+        mlflow.set_tags({"policy_dir": result.policy_dir})
+        log_policy_result(label, ns, result.metrics, result.policy_dir)
+        return StageOutput(result.policy_dir, run.info.run_id, result.metrics)
+
+
 @task(name="rejection-sampling", **RETRY, **CACHED)
 @on_pool("rejection-sampling")
 def rejection_sampling(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str) -> StageOutput:
-    """The policy stage by rejection-sampling fine-tuning (`policy=rejection_sampling`): PPO's place in the
-    pipeline, its inputs and its output layout."""
-    out = stage_dir(cfg, "rejection-sampling", data, sft_dir=sft_dir, reward_dir=reward_dir)
-    params = {"rejection_sampling": asdict(cfg.policy.rejection_sampling), "ppo": asdict(cfg.ppo)}
-    with stage_dir_lock(out), start_stage_run("rejection-sampling", parent_run_id, data, params) as run:
-        result = train_rejection_sampling(
-            cfg.policy.rejection_sampling,
-            cfg.ppo,
-            cfg.model,
-            sft_dir,
-            reward_dir if cfg.ppo.use_reward_model else None,
-            Path(data.path),
-            out,
-            seed=cfg.seed,
-        )
-        log_curves(rs_curves(result.history), "rs_curves.png")
-        mlflow.set_tags({"policy_dir": result.policy_dir})
-        log_policy_result("rejection sampling", "rs", result.metrics, result.policy_dir)
-        return StageOutput(result.policy_dir, run.info.run_id, result.metrics)
+    """The policy stage by rejection-sampling fine-tuning (`policy=rejection_sampling`)."""
+    settings = cfg.policy.rejection_sampling
+
+    def train(out: Path, rm: str | None):
+        return train_rejection_sampling(settings, cfg.ppo, cfg.model, sft_dir, rm, Path(data.path), out, seed=cfg.seed)
+
+    params = {"rejection_sampling": asdict(settings), "ppo": asdict(cfg.ppo)}
+    return critic_free_stage(
+        "rejection-sampling", "rejection sampling", "rs", cfg, data, sft_dir, reward_dir, parent_run_id, params, train,
+        rs_curves,
+    )  # fmt: skip
 
 
 def _group_rl(algorithm: str, cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str):
-    """GRPO or RLOO (`policy=grpo`, `policy=rloo`): PPO's place in the pipeline, its inputs and its output layout."""
-    out = stage_dir(cfg, algorithm, data, sft_dir=sft_dir, reward_dir=reward_dir)
+    """GRPO or RLOO (`policy=grpo`, `policy=rloo`)."""
     settings = getattr(cfg.policy, algorithm)
+
+    def train(out: Path, rm: str | None):
+        args = (cfg.ppo, cfg.model, sft_dir, rm, Path(data.path), out)
+        return train_group_rl(algorithm, settings, *args, seed=cfg.seed)
+
     params = {algorithm: asdict(settings), "ppo": asdict(cfg.ppo)}
-    with stage_dir_lock(out), start_stage_run(algorithm, parent_run_id, data, params) as run:
-        result = train_group_rl(
-            algorithm,
-            settings,
-            cfg.ppo,
-            cfg.model,
-            sft_dir,
-            reward_dir if cfg.ppo.use_reward_model else None,
-            Path(data.path),
-            out,
-            seed=cfg.seed,
-        )
-        log_curves(group_rl_curves(result.history, algorithm), f"{algorithm}_curves.png")
-        mlflow.set_tags({"policy_dir": result.policy_dir})
-        log_policy_result(algorithm.upper(), algorithm, result.metrics, result.policy_dir)
-        return StageOutput(result.policy_dir, run.info.run_id, result.metrics)
+    return critic_free_stage(
+        algorithm, algorithm.upper(), algorithm, cfg, data, sft_dir, reward_dir, parent_run_id, params, train,
+        lambda history: group_rl_curves(history, algorithm),
+    )  # fmt: skip
 
 
 @task(name="grpo", **RETRY, **CACHED)
@@ -303,29 +303,18 @@ def rloo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run
 
 
 def _direct(method: str, cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str):
-    """DPO or KTO (`policy=dpo`, `policy=kto`): PPO's place in the pipeline, its inputs and its output layout; the
-    reward model only for the held-out evaluation."""
-    out = stage_dir(cfg, method, data, sft_dir=sft_dir, reward_dir=reward_dir)
+    """DPO or KTO (`policy=dpo`, `policy=kto`); the reward model only for the held-out evaluation."""
     settings = getattr(cfg.policy, method)
+
+    def train(out: Path, rm: str | None):
+        args = (cfg.ppo, cfg.model, sft_dir, rm, Path(data.path), out)
+        return train_direct(method, settings, *args, cfg.reward.eval_fraction, seed=cfg.seed, data_cfg=cfg.data)
+
     params = {method: asdict(settings), "ppo": asdict(cfg.ppo)}
-    with stage_dir_lock(out), start_stage_run(method, parent_run_id, data, params) as run:
-        result = train_direct(
-            method,
-            settings,
-            cfg.ppo,
-            cfg.model,
-            sft_dir,
-            reward_dir if cfg.ppo.use_reward_model else None,
-            Path(data.path),
-            out,
-            eval_fraction=cfg.reward.eval_fraction,
-            seed=cfg.seed,
-            data_cfg=cfg.data,
-        )
-        log_curves(direct_curves(result.history, method), f"{method}_curves.png")
-        mlflow.set_tags({"policy_dir": result.policy_dir})
-        log_policy_result(method.upper(), method, result.metrics, result.policy_dir)
-        return StageOutput(result.policy_dir, run.info.run_id, result.metrics)
+    return critic_free_stage(
+        method, method.upper(), method, cfg, data, sft_dir, reward_dir, parent_run_id, params, train,
+        lambda history: direct_curves(history, method),
+    )  # fmt: skip
 
 
 @task(name="dpo", **RETRY, **CACHED)

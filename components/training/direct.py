@@ -64,6 +64,7 @@ from components.training.direct_math import (
     weighted_mean,
 )
 from components.training.ppo import (
+    PolicyCheckpoints,
     PPODivergence,
     build_policy_roles,
     evaluate_policy_vs_reference,
@@ -72,7 +73,6 @@ from components.training.ppo import (
 )
 from components.training.reward import binary_auc, index_comparisons
 
-POLICY = "policy"
 METHODS = {"dpo": "comparisons (data/preferences/)", "kto": "thumbs up/down (data/feedback/)"}
 
 
@@ -295,13 +295,10 @@ def train_direct(
     roles = build_policy_roles(ppo_cfg, model_cfg, sft_dir, reward_dir, device)
     params = [p for p in roles.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
-    history: list[dict[str, float]] = []
     ns = method
 
     final = out_dir / "final"
     shutil.rmtree(final, ignore_errors=True)  # never leave an older policy where this run's belongs
-    ckpt_root = out_dir / "checkpoints"
-    checkpoint.recover(ckpt_root)
     fp = checkpoint.fingerprint(
         {method: asdict(cfg), "ppo": asdict(ppo_cfg)},
         sft_dir=str(sft_dir),
@@ -310,17 +307,8 @@ def train_direct(
         n_train=len(train),
         model=model_cfg.name_or_path,
     )
-
-    def restore(ckpt: Path) -> None:
-        checkpoint.load_adapter_weights(roles.model, ckpt / "adapters" / POLICY, adapter_name=POLICY)
-
-    def save_checkpoint(d: Path) -> None:
-        roles.model.save_pretrained(str(d / "adapters"), selected_adapters=[POLICY], safe_serialization=True)
-        checkpoint.save_trainer_state(d, optimizer=optimizer, history=history, rng=checkpoint.rng_state())
-
-    start, state = checkpoint.resume(ckpt_root, fp, restore, optimizer=optimizer)
-    if state:
-        history = list(state["history"])
+    checkpoints = PolicyCheckpoints(roles, out_dir, fp, optimizer)
+    start, history = checkpoints.resume()
 
     batch_loss = dpo_batch if method == "dpo" else kto_batch
     roles.model.train()
@@ -345,7 +333,7 @@ def train_direct(
         log_to_active_run(row, step + 1)
         bar.set_postfix(loss=f"{row[f'{ns}/loss']:.3f}", acc=f"{row[f'{ns}/accuracy']:.2f}")
         if (step + 1) % cfg.save_every == 0 and step + 1 < steps:
-            checkpoint.save(ckpt_root, step + 1, fp, save_checkpoint)
+            checkpoints.save(step + 1, history)
     bar.close()
 
     # 6. held-out judgements and prompts, then the outputs -----------------------------------------
@@ -358,5 +346,5 @@ def train_direct(
     metrics.update({key.replace("ppo/", f"{ns}/", 1): v for key, v in held.items()})
     metrics[f"{ns}/resumed_from_step"] = float(start)
     log_to_active_run(metrics, steps)
-    checkpoint.save(ckpt_root, steps, fp, save_checkpoint)
+    checkpoints.save(steps, history)
     return DirectResult(write_policy_outputs(roles, final, method, metrics, history), metrics, history)

@@ -47,6 +47,7 @@ from components.models.roles import lora_merged
 from components.training import checkpoint
 from components.training.callbacks import log_table_to_active_run, log_to_active_run
 from components.training.ppo import (
+    PolicyCheckpoints,
     PPODivergence,
     build_policy_roles,
     evaluate_policy_vs_reference,
@@ -66,7 +67,6 @@ from components.training.ppo_math import (
 )
 from components.training.rejection_sampling import sample_round
 
-POLICY = "policy"
 ALGORITHMS = ("grpo", "rloo")
 
 
@@ -197,13 +197,10 @@ def train_group_rl(
     roles = build_policy_roles(ppo_cfg, model_cfg, sft_dir, reward_dir, device)
     params = [p for p in roles.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, eps=1e-5)
-    history: list[dict[str, float]] = []
     ns, k = algorithm, cfg.samples_per_prompt
 
     final = out_dir / "final"
     shutil.rmtree(final, ignore_errors=True)  # never leave an older policy where this run's belongs
-    ckpt_root = out_dir / "checkpoints"
-    checkpoint.recover(ckpt_root)
     fp = checkpoint.fingerprint(
         {algorithm: asdict(cfg), "ppo": asdict(ppo_cfg)},
         sft_dir=str(sft_dir),
@@ -213,17 +210,8 @@ def train_group_rl(
         n_prompts=len(prompts),
         model=model_cfg.name_or_path,
     )
-
-    def restore(ckpt: Path) -> None:
-        checkpoint.load_adapter_weights(roles.model, ckpt / "adapters" / POLICY, adapter_name=POLICY)
-
-    def save_checkpoint(d: Path) -> None:
-        roles.model.save_pretrained(str(d / "adapters"), selected_adapters=[POLICY], safe_serialization=True)
-        checkpoint.save_trainer_state(d, optimizer=optimizer, history=history, rng=checkpoint.rng_state())
-
-    start, state = checkpoint.resume(ckpt_root, fp, restore, optimizer=optimizer)
-    if state:
-        history = list(state["history"])
+    checkpoints = PolicyCheckpoints(roles, out_dir, fp, optimizer)
+    start, history = checkpoints.resume()
 
     bar = tqdm(range(start, cfg.steps), desc=algorithm.upper(), initial=start, total=cfg.steps, unit="step")
     for step in bar:
@@ -277,7 +265,7 @@ def train_group_rl(
                 f"{ns}/samples/step_{step + 1:04d}.json",
             )
         if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            checkpoint.save(ckpt_root, step + 1, fp, save_checkpoint)
+            checkpoints.save(step + 1, history)
     bar.close()
 
     # 6. evaluate on held-out prompts, write the outputs -----------------------------------------
@@ -290,5 +278,5 @@ def train_group_rl(
     metrics.update({key.replace("ppo/", f"{ns}/", 1): v for key, v in held_out.items()})
     metrics[f"{ns}/resumed_from_step"] = float(start)
     log_to_active_run(metrics, cfg.steps)
-    checkpoint.save(ckpt_root, cfg.steps, fp, save_checkpoint)
+    checkpoints.save(cfg.steps, history)
     return GroupRLResult(write_policy_outputs(roles, final, algorithm, metrics, history), metrics, history)

@@ -193,6 +193,32 @@ def write_policy_outputs(
     return str(final / "policy")
 
 
+class PolicyCheckpoints:
+    """A critic-free policy stage's checkpoints (rejection sampling, GRPO, RLOO, DPO, KTO) under
+    `out_dir/checkpoints`: the policy adapter and the trainer state (the optimizer if any, the history, the RNG),
+    resumed when the fingerprint matches."""
+
+    def __init__(self, roles: Roles, out_dir: Path, fp: str, optimizer: torch.optim.Optimizer | None = None):
+        self.roles, self.root, self.fp = roles, out_dir / "checkpoints", fp
+        self.stateful = {"optimizer": optimizer} if optimizer is not None else {}
+        checkpoint.recover(self.root)  # what a kill left mid-save, put right before anything reads a checkpoint
+
+    def resume(self) -> tuple[int, list[dict[str, float]]]:
+        """-> (the step to start from, the history so far); (0, []) without a checkpoint of this fingerprint."""
+        start, state = checkpoint.resume(self.root, self.fp, self._restore, **self.stateful)
+        return start, list(state.get("history", []))
+
+    def save(self, step: int, history: list[dict[str, float]]) -> None:
+        checkpoint.save(self.root, step, self.fp, lambda d: self._write(d, history))
+
+    def _restore(self, ckpt: Path) -> None:
+        checkpoint.load_adapter_weights(self.roles.model, ckpt / "adapters" / "policy", adapter_name="policy")
+
+    def _write(self, d: Path, history: list[dict[str, float]]) -> None:
+        self.roles.model.save_pretrained(str(d / "adapters"), selected_adapters=["policy"], safe_serialization=True)
+        checkpoint.save_trainer_state(d, **self.stateful, history=history, rng=checkpoint.rng_state())
+
+
 def kl_controller(cfg: PPOConfig) -> AdaptiveKLController | PIDKLController:
     """The KL coefficient's controller (`ppo.kl_controller`): pid | ziegler | fixed."""
     if cfg.kl_controller == "pid":

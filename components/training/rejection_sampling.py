@@ -42,6 +42,7 @@ from components.models.loading import resolve_device
 from components.training import checkpoint
 from components.training.callbacks import log_table_to_active_run, log_to_active_run
 from components.training.ppo import (
+    PolicyCheckpoints,
     build_policy_roles,
     evaluate_policy_vs_reference,
     penalise_missing_eos,
@@ -49,8 +50,6 @@ from components.training.ppo import (
     scores_for,
     write_policy_outputs,
 )
-
-POLICY = "policy"
 
 
 @dataclass
@@ -213,11 +212,9 @@ def train_rejection_sampling(
     device = resolve_device(model_cfg.device)
     torch.manual_seed(seed)  # peft's LoRA init draws from the global RNG
     roles = build_policy_roles(ppo_cfg, model_cfg, sft_dir, reward_dir, device)
-    history: list[dict[str, float]] = []
 
     final = out_dir / "final"
     shutil.rmtree(final, ignore_errors=True)  # never leave an older policy where this run's belongs
-    ckpt_root = out_dir / "checkpoints"
     fp = checkpoint.fingerprint(
         {"rs": asdict(cfg), "ppo": asdict(ppo_cfg)},
         sft_dir=str(sft_dir),
@@ -227,17 +224,8 @@ def train_rejection_sampling(
         n_prompts=len(prompts),
         model=model_cfg.name_or_path,
     )
-
-    def restore(ckpt: Path) -> None:
-        checkpoint.load_adapter_weights(roles.model, ckpt / "adapters" / POLICY, adapter_name=POLICY)
-
-    def save_checkpoint(d: Path) -> None:
-        roles.model.save_pretrained(str(d / "adapters"), selected_adapters=[POLICY], safe_serialization=True)
-        checkpoint.save_trainer_state(d, history=history, rng=checkpoint.rng_state())
-
-    start, state = checkpoint.resume(ckpt_root, fp, restore)
-    if state:
-        history = list(state["history"])
+    checkpoints = PolicyCheckpoints(roles, out_dir, fp)  # no optimizer: each round's fine-tune starts its own
+    start, history = checkpoints.resume()
 
     n = cfg.samples_per_prompt
     bar = tqdm(range(start, cfg.rounds), desc="rejection sampling", initial=start, total=cfg.rounds, unit="round")
@@ -297,7 +285,7 @@ def train_rejection_sampling(
             f"rs/kept/round_{rnd + 1:03d}.json",
         )
         if rnd + 1 < cfg.rounds:
-            checkpoint.save(ckpt_root, rnd + 1, fp, save_checkpoint)
+            checkpoints.save(rnd + 1, history)
     bar.close()
     shutil.rmtree(out_dir / "trainer", ignore_errors=True)
 
@@ -309,6 +297,6 @@ def train_rejection_sampling(
     metrics.update({k.replace("ppo/", "rs/", 1): v for k, v in held_out.items()})
     metrics["rs/resumed_from_round"] = float(start)
     log_to_active_run(metrics, cfg.rounds)
-    checkpoint.save(ckpt_root, cfg.rounds, fp, save_checkpoint)
+    checkpoints.save(cfg.rounds, history)
     policy_dir = write_policy_outputs(roles, final, "rejection-sampling", metrics, history)
     return RejectionSamplingResult(policy_dir, metrics, history)
