@@ -1,13 +1,14 @@
 """Does the `make run` champion buy its reward with degeneration, as a user sees it? (issue 30)
 
-The pipeline's defaults on the demo (SFT, reward model, PPO; seeds 0-2), then the SFT policy and the PPO policy
-sampled as the served model samples by default (temperature 0.7, 48 new tokens), on two prompt sets:
+The pipeline's defaults on the demo (SFT, reward model, PPO; seeds 0-2), and the same PPO without
+`ppo.repeated_word_penalty` (`ppo_unshaped`); then the SFT policy and the two PPO policies sampled as the served model
+samples by default (temperature 0.7, 48 new tokens), on two prompt sets:
   - `eval`: the demo's 100 frozen eval prompts (never trained on);
   - `unseen`: 30 prompts in a style the demo data never has ("Honestly, the hotel room", "What I think about ...").
 Measured: the independent judge, the share of answers repeating a word back to back, distinct-2, mean words; and at
 the gate's own sampling (temperature 1.0, 24 tokens) on `eval`, for comparison.
 
-    .venv/bin/python benchmarks/served_degeneration.py [--seeds 0 1 2]
+    .venv/bin/python benchmarks/served_degeneration.py [--seeds 0 1 2] [--set ppo.repeated_word_penalty=1]
 
 Writes benchmarks/results/served_degeneration.json and .md.
 """
@@ -32,7 +33,7 @@ UNSEEN = [f"Honestly, {s}" for s in SUBJECTS] + [f"What I think about {s}:" for 
 MEASURES = ("judge_mean", "repeated_word_share", "distinct_2", "mean_words")
 
 
-def one(seed: int, work: Path) -> dict:
+def one(seed: int, work: Path, overrides: list[str]) -> dict:
     from components.config import compose
     from components.data.demo import write_demo
     from components.data.readers import read_prompts
@@ -42,7 +43,7 @@ def one(seed: int, work: Path) -> dict:
     from components.training.reward import train_reward
     from components.training.sft import train_sft
 
-    cfg = compose([f"root={work}", f"seed={seed}"])  # `make run`'s settings
+    cfg = compose([f"root={work}", f"seed={seed}", *overrides])  # `make run`'s settings
     if not cfg.data_path.is_dir():
         write_demo(cfg.data, cfg.data_path)
     base = build_demo_base(cfg.model, cfg.data_path, "bench", work / "models")
@@ -50,7 +51,9 @@ def one(seed: int, work: Path) -> dict:
     sft = train_sft(cfg.sft, cfg.model, base.path, cfg.data_path, out / "sft", seed=seed).merged_dir
     rm = train_reward(cfg.reward, cfg.model, sft, cfg.data_path, out / "rm", seed=seed, data_cfg=cfg.data).head_dir
     ppo = train_ppo(cfg.ppo, cfg.model, sft, rm, cfg.data_path, out / "ppo", seed=seed).policy_dir
-    specs = [PolicySpec("sft", sft), PolicySpec("ppo", sft, ppo)]
+    unshaped = replace(cfg.ppo, repeated_word_penalty=0.0)  # the same PPO without the repeated-word penalty
+    plain = train_ppo(unshaped, cfg.model, sft, rm, cfg.data_path, out / "ppo_unshaped", seed=seed).policy_dir
+    specs = [PolicySpec("sft", sft), PolicySpec("ppo", sft, ppo), PolicySpec("ppo_unshaped", sft, plain)]
     served = replace(cfg.gate, max_new_tokens=48, temperature=0.7, seed=seed)
     rows = {}
     for name, prompts, gate in (
@@ -66,25 +69,29 @@ def one(seed: int, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--set", nargs="*", default=[], help="Hydra overrides on top of make run's settings")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="rlhf-served-degeneration-"))
-    runs = {seed: one(seed, work) for seed in args.seeds}
+    runs = {seed: one(seed, work, args.set) for seed in args.seeds}
     lines = [
         "# The `make run` champion as a user samples it (benchmarks/served_degeneration.py)\n",
         f"Mean over seeds {args.seeds} (per seed in the .json). Served sampling: temperature 0.7, 48 new tokens; "
-        "gate sampling: temperature 1.0, 24 tokens.\n",
+        "gate sampling: temperature 1.0, 24 tokens. ppo: `make run`'s champion"
+        f"{' with ' + ' '.join(args.set) if args.set else ''}; ppo_unshaped: the same without "
+        "ppo.repeated_word_penalty.\n",
         "| prompts, sampling | policy | judge | repeated word | distinct-2 | mean words |",
         "|---|---|---|---|---|---|",
     ]
     for setting in next(iter(runs.values())):
-        for policy in ("sft", "ppo"):
+        for policy in ("sft", "ppo", "ppo_unshaped"):
             mean = {m: statistics.mean(r[setting][policy][m] for r in runs.values()) for m in MEASURES}
             lines.append(
                 f"| {setting} | {policy} | {mean['judge_mean']:.3f} | {mean['repeated_word_share']:.3f} | "
                 f"{mean['distinct_2']:.3f} | {mean['mean_words']:.1f} |"
             )
     (RESULTS / "served_degeneration.md").write_text("\n".join(lines) + "\n")
-    write_results("served_degeneration", {"seeds": args.seeds, "runs": {str(s): r for s, r in runs.items()}})
+    body = {"seeds": args.seeds, "overrides": args.set, "runs": {str(s): r for s, r in runs.items()}}
+    write_results("served_degeneration", body)
     print("\n".join(lines))
     print("wrote benchmarks/results/served_degeneration.json and .md")
 

@@ -126,6 +126,12 @@ class RewardConfig:
     # beside Bradley-Terry on the comparisons: loss = BT + feedback_weight * BCE (each a mean over its examples)
     feedback_weight: float = 0.5
     feedback_batch_size: int = 16  # feedback rows per step, beside batch_size comparisons
+    # An ensemble of K reward models (LoRA adapter + head each) on the one SFT base: the first on all the data (the
+    # model ensemble=1 trains), the others each on its own bootstrap sample and seed; K x the stage's time, and K
+    # forwards per score. The score is their mean; their disagreement (the std of the members' scores, each
+    # standardised) is logged by every policy stage, gated (gate.max_disagreement_ratio) and can be penalised
+    # (ppo.uncertainty_penalty). Serving's best-of-n ranks with the first member. 1: no ensemble
+    ensemble: int = 1
 
 
 @dataclass
@@ -188,6 +194,9 @@ class PPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     missing_eos_penalty: Optional[float] = 1.0  # subtracted from the score of a response that never emits EOS
+    # subtracted from the score of a response with a word repeated back to back ("worth every every penny"): the
+    # cheapest reward hack of a small reward model, priced out where it is bought (the gate's guard measures it)
+    repeated_word_penalty: float = 0.0
     # the rollouts' KV cache: dynamic | static (preallocated: on CUDA transformers compiles the decode step into a
     # CUDA graph; the same samples either way, tested on CPU; not yet measured on a GPU, so not the default)
     generation_cache: str = "dynamic"
@@ -215,6 +224,9 @@ class PPOConfig:
     use_reward_model: bool = True
     reward_fn: Optional[str] = None  # "package.module:function", called as f(prompts, responses) -> list[float]
     reward_fn_weight: float = 1.0
+    # a conservative reward with an ensemble reward model (reward.ensemble > 1): the normalised score less this x
+    # the heads' disagreement (mean - lambda * std, Coste et al. 2023); also for rejection sampling, GRPO and RLOO
+    uncertainty_penalty: float = 0.0
     value_init: str = "reward"  # reward: value adapter + head start from the reward model (InstructGPT) | fresh
     # adapter: the value function is its own LoRA adapter + head (a second forward per minibatch, no coupling) |
     # shared: a head on the policy's own hidden states (one forward; the value loss also trains the policy's LoRA)
@@ -361,6 +373,9 @@ class GateConfig:
     max_repeated_word_gain: Optional[float] = 0.05  # share of answers repeating a word back to back, minus SFT's
     min_distinct_2_ratio: Optional[float] = 0.9  # distinct-2 over all answers, as a share of SFT's
     max_length_ratio: Optional[float] = None  # mean answer length in words, as a multiple of SFT's
+    # with an ensemble reward model: its heads' mean disagreement on the candidate's answers, as a multiple of
+    # their disagreement on SFT's (answers the reward model cannot judge reliably)
+    max_disagreement_ratio: Optional[float] = 2.0
     # evaluation
     judge: Optional[str] = "components.evaluation.judges:sentiment"  # f(prompts, responses) -> scores; not the RM
     max_prompts: int = 200

@@ -1,7 +1,8 @@
 """Degeneration measures of a set of answers: what a policy can buy reward with while its quality falls (reward
 hacking). Pure functions of the texts; words are whitespace-split, compared ignoring case.
 
-    repeated_word_share   share of answers with a word repeated back to back ("worth every every penny")
+    repeated_word_share   share of answers with a word repeated back to back ("worth every every penny");
+                          `repeats_a_word` for one answer (what ppo.repeated_word_penalty charges)
     repeated_ngram_share  share of answers in which some word n-gram (n = 3) occurs twice
     distinct_n            distinct word n-grams / all word n-grams over all answers (diversity; 1.0 = no repeats)
     mean_words            mean answer length in words (the length ratio to a baseline comes from it)
@@ -17,9 +18,14 @@ import re
 _REPEATED_WORD = re.compile(r"\b(\w+)\s+\1\b", re.IGNORECASE)
 
 
+def repeats_a_word(text: str) -> bool:
+    """Whether a word is repeated back to back: "worth every every penny" -> True, "a b a" -> False."""
+    return _REPEATED_WORD.search(text) is not None
+
+
 def repeated_word_share(texts: list[str]) -> float:
     """["a a b", "a b", "The the"] -> 2/3 (0 for no answers)."""
-    return sum(1 for t in texts if _REPEATED_WORD.search(t)) / len(texts) if texts else 0.0
+    return sum(1 for t in texts if repeats_a_word(t)) / len(texts) if texts else 0.0
 
 
 def _ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:

@@ -1,7 +1,8 @@
 """Evaluation on the frozen eval prompts: each policy samples responses (same seed), and one scorer
 - this run's reward model and SFT reference - measures them all.
 
-Per policy: mean reward (RM score normalised with the RM's statistics), the independent judge's
+Per policy: mean reward (RM score normalised with the RM's statistics; with an ensemble RM, also its heads' mean
+disagreement on the policy's answers), the independent judge's
 mean (a callable by import path that is not the RM), KL to the SFT reference (nats per response;
 only where the policy shares the reference's tokenizer), response length, EOS rate, and the degeneration measures
 (components/evaluation/degeneration.py: repeated words and 3-grams, distinct-1/2, mean words) the gate's guard reads.
@@ -11,7 +12,6 @@ Between two policies: the RM win rate (ties count half).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -19,7 +19,7 @@ from components.config import GateConfig, ModelConfig
 from components.evaluation.degeneration import degeneration, distinct_n  # noqa: F401  (distinct_n: its old home)
 from components.models.generation import sample
 from components.models.loading import load_causal_lm, load_tokenizer
-from components.models.roles import ScalarHead, position_ids, sequence_scores
+from components.models.roles import REWARD, RewardScale, ScalarHead, member_scores, position_ids, reward_members
 from components.models.scoring import encode, kl_k1, load_reward_fn, logprobs_of
 
 
@@ -59,8 +59,13 @@ def evaluate_policies(
     from peft import PeftModel
 
     prompts = [p for p in prompts[: cfg.max_prompts] for _ in range(cfg.samples_per_prompt)]
-    scorer = PeftModel.from_pretrained(load_causal_lm(sft_dir, model_cfg), str(Path(reward_dir) / "adapter")).eval()
-    head, meta = ScalarHead.load(Path(reward_dir), next(scorer.parameters()).device)
+    members = reward_members(reward_dir)  # one, or each member of an ensemble: adapter name -> its dir
+    scorer = PeftModel.from_pretrained(load_causal_lm(sft_dir, model_cfg), str(members[0][1] / "adapter"), REWARD)
+    for name, member in members[1:]:
+        scorer.load_adapter(str(member / "adapter"), adapter_name=name)
+    scorer.eval()
+    heads = {name: ScalarHead.load(member, ids_device(scorer))[0] for name, member in members}
+    scale = RewardScale.of(ScalarHead.load(members[0][1])[1])
     scorer_tok = load_tokenizer(sft_dir, model_cfg, padding_side="right")
     judge = load_reward_fn(cfg.judge)
     out = {}
@@ -69,10 +74,12 @@ def evaluate_policies(
         torch.manual_seed(cfg.seed)  # generate samples from the global RNG (it takes no generator): same draws each
         ro = sample(model, tok, prompts, cfg.max_new_tokens, cfg.temperature)
         ids, mask = encode(scorer_tok, prompts, ro.texts, 2 * cfg.max_new_tokens + 64, ids_device(scorer))
-        rewards = ((sequence_scores(scorer, head, ids, mask) - meta["reward_mean"]) / meta["reward_std"]).tolist()
+        score, spread = scale.normalise(member_scores(scorer, heads, ids, mask))
+        rewards = score.tolist()
         rmask = ro.response_mask.float()
         metrics = {
             "reward_mean": sum(rewards) / len(rewards),
+            **({"reward_disagreement": spread.mean().item()} if len(heads) > 1 else {}),
             "response_length": rmask.sum(1).mean().item(),
             "eos_rate": ro.ended.float().mean().item(),
             **degeneration(ro.texts),  # repeated words and n-grams, distinct-1/2, mean words: the guard's measures

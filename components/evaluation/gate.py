@@ -1,8 +1,9 @@
 """The gate: compare a candidate with the baseline (the champion, or the SFT policy when there is
 none) on the evaluation numbers and the thresholds in `conf/gate`. Pure: numbers in, verdict out.
 
-The reward-hacking guard is part of it: the candidate's degeneration (repeated words, distinct-2, length) against
-the SFT policy's on the same prompts, always SFT's, so a drift each generation of champions inherits is still
+The reward-hacking guard is part of it: the candidate's degeneration (repeated words, distinct-2, length) and,
+with an ensemble reward model, its heads' disagreement on the candidate's answers, against the SFT policy's on the
+same prompts, always SFT's, so a drift each generation of champions inherits is still
 caught; against the champion the same measures are reported, not gated. A refusal names the measure."""
 
 from __future__ import annotations
@@ -45,11 +46,17 @@ class Verdict:
 
 def degeneration_against(candidate: dict[str, float], other: dict[str, float], name: str) -> dict[str, float]:
     """The guard's measures of the candidate against another policy's evaluation (those both have):
-    repeated_word_gain_vs_<name> (difference of shares), distinct_2_ratio_vs_<name>, length_ratio_vs_<name>."""
+    repeated_word_gain_vs_<name> (difference of shares), distinct_2_ratio_vs_<name>, length_ratio_vs_<name>, and
+    with an ensemble reward model disagreement_ratio_vs_<name> (its heads' spread on the candidate's answers over
+    their spread on the other's)."""
     out = {}
     if "repeated_word_share" in candidate and "repeated_word_share" in other:
         out[f"repeated_word_gain_vs_{name}"] = candidate["repeated_word_share"] - other["repeated_word_share"]
-    for key, measure in (("distinct_2", "distinct_2_ratio"), ("mean_words", "length_ratio")):
+    for key, measure in (
+        ("distinct_2", "distinct_2_ratio"),
+        ("mean_words", "length_ratio"),
+        ("reward_disagreement", "disagreement_ratio"),
+    ):
         if key in candidate and other.get(key):
             out[f"{measure}_vs_{name}"] = candidate[key] / other[key]
     return out
@@ -78,6 +85,7 @@ def decide(
         ("repeated_word_gain_vs_sft", "max", cfg.max_repeated_word_gain),
         ("distinct_2_ratio_vs_sft", "min", cfg.min_distinct_2_ratio),
         ("length_ratio_vs_sft", "max", cfg.max_length_ratio),
+        ("disagreement_ratio_vs_sft", "max", cfg.max_disagreement_ratio),
     ):
         if limit is not None and measure in guard:
             checks.append((measure, guard[measure], op, limit))

@@ -6,6 +6,8 @@ All roles run through the same base weights (peft multi-adapter), so the base is
 memory once. This module holds the pieces every role shares:
 
 - `ScalarHead`: hidden state -> one number, saved as safetensors.
+- `reward_members`, `member_scores`, `RewardScale`: a reward model's members (one, or an ensemble's adapters and
+  heads), their scores, and how those become the normalised score and the ensemble's disagreement.
 - `hidden_states(model, ...)`: the backbone's last hidden states (no LM head, no vocab-size
   logits) for whichever adapter is active.
 - `last_token_index`: where a sequence ends, for left or right padding.
@@ -71,6 +73,47 @@ class ScalarHead(nn.Module):
         return head.to(device), meta
 
 
+ENSEMBLE = "ensemble"  # head.json of a reward ensemble's first member: the other members and the ensemble's statistics
+REWARD = "reward"  # the adapter name of a reward model's (first) member; the others are reward_1, reward_2, ...
+
+
+def reward_members(reward_dir: str | Path) -> list[tuple[str, Path]]:
+    """(adapter name, directory) of each member of a reward model: ("reward", reward_dir) for one model; with an
+    ensemble (`reward.ensemble` > 1) also ("reward_1", reward_dir/members/1), ... Each directory holds `adapter/`
+    and the head (the first member is a complete reward model on its own)."""
+    meta = json.loads((Path(reward_dir) / HEAD_META).read_text())
+    others = meta.get(ENSEMBLE, {}).get("members", [])
+    return [(REWARD, Path(reward_dir))] + [(f"{REWARD}_{i}", Path(reward_dir) / m) for i, m in enumerate(others, 1)]
+
+
+@dataclass(frozen=True)
+class RewardScale:
+    """How a reward model's raw scores become what the policy stages optimise. One member: its score normalised with
+    its training responses' mean and std. An ensemble: the members' mean score, normalised with that mean's
+    training statistics; and their disagreement: the std over the members of each one's score standardised by its
+    own training mean and std (members trained with Bradley-Terry agree only up to a shift and a scale, so their raw
+    spread would measure nothing). Both in units of one training-reward std."""
+
+    mean: float
+    std: float
+    member_mean: tuple[float, ...] = (0.0,)
+    member_std: tuple[float, ...] = (1.0,)
+
+    @classmethod
+    def of(cls, meta: dict) -> RewardScale:
+        """From the (first member's) head.json."""
+        stats = meta.get(ENSEMBLE, meta)
+        mean, std = stats["reward_mean"], stats["reward_std"]
+        return cls(mean, std, tuple(stats.get("member_mean", [mean])), tuple(stats.get("member_std", [std])))
+
+    def normalise(self, members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """members: (B, K) raw member scores -> the normalised score (B,) and the disagreement (B,) (0 for one)."""
+        score = (members.mean(-1) - self.mean) / self.std
+        m = torch.tensor(self.member_mean, device=members.device, dtype=members.dtype)
+        s = torch.tensor(self.member_std, device=members.device, dtype=members.dtype)
+        return score, ((members - m) / s).std(-1, correction=0)
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last attended token per row, for left or right padding.
 
@@ -128,6 +171,19 @@ def sequence_scores(
     h = hidden_states(model, input_ids, attention_mask)  # (B, T, H)
     idx = last_token_index(attention_mask)  # (B,)
     return head(h[torch.arange(h.shape[0], device=h.device), idx])
+
+
+def member_scores(
+    model: PeftModel, heads: dict[str, ScalarHead], input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Each reward member's score of the sequences, its adapter active in turn: (B, T) -> (B, K). For scoring, not
+    training: every adapter is frozen meanwhile, and the last member's stays active; the caller switches back
+    (`Roles.use` restores the active adapter and which ones train)."""
+    out = []
+    for name, head in heads.items():
+        activate(model, name)
+        out.append(sequence_scores(model, head, input_ids, attention_mask))
+    return torch.stack(out, -1)
 
 
 def activate(model, name: str, trainable: set[str] | frozenset[str] = frozenset()) -> None:
@@ -217,17 +273,22 @@ def lora_config(settings, model=None):
 class Roles:
     """One base model, several roles as peft adapters (+ scalar heads). PPO: policy (adapter "policy" + LM head),
     reference (adapters disabled), value (adapter "value" + `value_head`), reward (frozen adapter "reward" +
-    `reward_head`, normalised with `reward_mean`/`reward_std`), and an optional reward callable."""
+    `reward_heads`, normalised with `reward_scale`; an ensemble is one adapter + head per member: reward, reward_1,
+    ...), and an optional reward callable."""
 
     model: PeftModel  # PeftModelForCausalLM: SFT base + adapters policy, value[, reward]
     tok: PreTrainedTokenizerBase
     value_head: ScalarHead | None  # None: rejection sampling's roles, which have no critic
-    reward_head: ScalarHead | None
-    reward_mean: float
-    reward_std: float
+    reward_heads: dict[str, ScalarHead]  # adapter name -> head, per reward member ({}: no reward model)
+    reward_scale: RewardScale
     reward_fn: Callable[[list[str], list[str]], list[float]] | None
     trainable: frozenset[str] = frozenset({"policy", "value"})
     policy: str = "policy"  # the policy's adapter name
+
+    @property
+    def reward_members(self) -> int:
+        """The reward model's ensemble size (0: no reward model)."""
+        return len(self.reward_heads)
 
     @contextmanager
     def use(self, name: str) -> Iterator[PeftModel]:

@@ -65,9 +65,13 @@ def model_signature(with_score: bool):
 @contextmanager
 def policy_artifacts(base_dir: str, adapter_dir: str | None, reward_dir: str | None) -> Iterator[dict[str, str]]:
     """The pyfunc's artifacts: base, adapter and, from a reward stage's output, the reward adapter and its head
-    (head.safetensors + head.json only, not the stage's checkpoints, staged in a temporary dir)."""
+    (head.safetensors + head.json only, not the stage's checkpoints, staged in a temporary dir; of an ensemble, its
+    first member)."""
+    import json
     import shutil
     import tempfile
+
+    from components.models.roles import ENSEMBLE, HEAD_FILE, HEAD_META
 
     artifacts = {"base": base_dir, **({"adapter": adapter_dir} if adapter_dir else {})}
     staging = Path(tempfile.mkdtemp(prefix="rlhf-register-"))
@@ -75,8 +79,11 @@ def policy_artifacts(base_dir: str, adapter_dir: str | None, reward_dir: str | N
         if reward_dir:
             head = staging / "reward_head"
             head.mkdir()
-            for name in ("head.safetensors", "head.json"):
-                shutil.copy2(Path(reward_dir) / name, head / name)
+            shutil.copy2(Path(reward_dir) / HEAD_FILE, head / HEAD_FILE)
+            # an ensemble's first member alone (reward.ensemble > 1): best-of-n ranks with it, as its own model
+            meta = json.loads((Path(reward_dir) / HEAD_META).read_text())
+            meta.pop(ENSEMBLE, None)
+            (head / HEAD_META).write_text(json.dumps(meta, indent=2))
             artifacts |= {"reward_adapter": str(Path(reward_dir) / "adapter"), "reward_head": str(head)}
         yield artifacts
     finally:

@@ -107,9 +107,10 @@ def check_config(algorithm: str, cfg: GroupRLConfig) -> None:
 @torch.no_grad()
 def score_group(roles, ro: Rollout, rows: list[str], ppo_cfg: PPOConfig) -> dict[str, torch.Tensor]:
     """Step 2, in chunks of ppo.batch_size rows: the policy's (old) and the reference's log-probs [B, T], the raw RM
-    score and the optimised score (missing-EOS penalty applied) [B], and each response's k1 KL (summed) [B]."""
+    score and the optimised score (missing-EOS penalty applied) [B], the RM ensemble's disagreement [B] (0 with one
+    head), and each response's k1 KL (summed) [B]."""
     T = ppo_cfg.temperature
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("old", "ref", "raw", "score", "kl", "entropy")}
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("old", "ref", "raw", "score", "kl", "entropy", "spread")}
     for i in range(0, len(rows), ppo_cfg.batch_size):
         part = ro.select(torch.arange(i, min(i + ppo_cfg.batch_size, len(rows))))
         logits = policy_logits(roles, part.sequence, part.sequence_mask, part.query.shape[1])
@@ -119,10 +120,11 @@ def score_group(roles, ro: Rollout, rows: list[str], ppo_cfg: PPOConfig) -> dict
         mask = part.response_mask.float()
         out["entropy"].append((entropy_from_logits(logits, T) * mask).sum(1))
         ref = reference_logprobs(roles, part, T)
-        raw, score = scores_for(roles, part, rows[i : i + ppo_cfg.batch_size], ppo_cfg)
+        raw, score, disagreement = scores_for(roles, part, rows[i : i + ppo_cfg.batch_size], ppo_cfg)
         out["old"].append(old)
         out["ref"].append(ref)
         out["raw"].append(raw)
+        out["spread"].append(disagreement)
         out["score"].append(penalise_missing_eos(score, part.ended, ppo_cfg))
         out["kl"].append((kl_k1(old, ref) * mask).sum(1))
     width = ro.response.shape[1]  # chunks are as wide as the whole rollout (select keeps its columns)
@@ -252,6 +254,7 @@ def train_group_rl(
             f"{ns}/clipfrac": stats["clipfrac"],
             f"{ns}/response_length": mask.sum(1).mean().item(),
             f"{ns}/eos_rate": ro.ended.float().mean().item(),
+            **({f"{ns}/rm_disagreement": scored["spread"].mean().item()} if roles.reward_members > 1 else {}),
             f"{ns}/time_generate": t1 - t0,
             f"{ns}/time_score": t2 - t1,
             f"{ns}/time_train": t3 - t2,

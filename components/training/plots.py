@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+DEGENERATION = ("ppo/repeated_word_share", "ppo/distinct_2")
+ENSEMBLE = ("ppo/rm_disagreement",)  # only with an ensemble reward model (reward.ensemble > 1)
+
 
 def ppo_curves(history: list[dict[str, float]]):
     """The score PPO optimises (normalised RM + reward_fn, EOS penalty) and the raw reward-model score (zero
     without one), KL to the reference, the KL coefficient, and the batch's degeneration (the share of answers
-    repeating a word, distinct-2: where the reward keeps rising while these turn, it is being hacked) per PPO
-    iteration (one figure)."""
+    repeating a word, distinct-2, and with an ensemble reward model its heads' disagreement: where the reward keeps
+    rising while these turn, it is being hacked) per PPO iteration (one figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,9 +22,11 @@ def ppo_curves(history: list[dict[str, float]]):
         (axes[0], ("ppo/reward_mean", "ppo/score_mean"), "reward optimised (normalised) and raw RM score"),
         (axes[1], ("ppo/kl", "ppo/kl_k3"), "KL to the reference (per response)"),
         (axes[2], ("ppo/beta",), "KL coefficient beta"),
-        (axes[3], ("ppo/repeated_word_share", "ppo/distinct_2"), "degeneration: reward bought with quality?"),
+        (axes[3], DEGENERATION + ENSEMBLE, "degeneration: reward bought with quality?"),
     ):
         for k in keys:
+            if k in ENSEMBLE and k not in history[0]:
+                continue  # a single reward model: no disagreement to draw
             ax.plot(steps, [h.get(k, float("nan")) for h in history], label=k.split("/")[1])
         ax.set_title(title)
         ax.set_xlabel("iteration")

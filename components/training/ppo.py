@@ -56,6 +56,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.profiler import record_function
@@ -63,12 +64,14 @@ from tqdm.auto import tqdm
 
 from components.config import ModelConfig, PPOConfig
 from components.data.readers import read_prompts
-from components.evaluation.degeneration import distinct_n, repeated_word_share
+from components.evaluation.degeneration import distinct_n, repeated_word_share, repeats_a_word
 from components.models.generation import CACHES, Rollout, sample
 from components.models.guide import load_guide
 from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
 from components.models.roles import (
     REFERENCE,
+    REWARD,
+    RewardScale,
     Roles,
     ScalarHead,
     activate,
@@ -76,7 +79,8 @@ from components.models.roles import (
     lm_logits,
     lora_config,
     lora_merged,
-    sequence_scores,
+    member_scores,
+    reward_members,
 )
 from components.models.scoring import load_reward_fn
 from components.training import checkpoint, distributed, guided
@@ -130,14 +134,17 @@ def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir
     tok = load_tokenizer(sft_dir, model_cfg, padding_side="left")
     lora = lora_config(cfg.lora)
     model = get_peft_model(load_causal_lm(sft_dir, model_cfg, device), lora, adapter_name="policy")
-    reward_head, mean, std = None, 0.0, 1.0
+    reward_heads: dict[str, ScalarHead] = {}
+    scale = RewardScale(0.0, 1.0)
     if cfg.use_reward_model:
         assert reward_dir is not None  # checked above: the reward model needs its dir
-        rm_adapter = str(Path(reward_dir) / "adapter")
-        model.load_adapter(rm_adapter, adapter_name="reward", is_trainable=False)
-        reward_head, meta = ScalarHead.load(Path(reward_dir), device)
-        reward_head.requires_grad_(False)
-        mean, std = meta["reward_mean"], meta["reward_std"]
+        rm_adapter = str(Path(reward_dir) / "adapter")  # the first member's: the value function may start from it
+        for name, member in reward_members(reward_dir):  # one, or each member of an ensemble (reward.ensemble)
+            model.load_adapter(str(member / "adapter"), adapter_name=name, is_trainable=False)
+            reward_heads[name], meta = ScalarHead.load(member, device)
+            reward_heads[name].requires_grad_(False)
+            if name == REWARD:
+                scale = RewardScale.of(meta)
     if cfg.value_init not in ("reward", "fresh"):
         raise ValueError(f"ppo.value_init={cfg.value_init!r}: expected reward | fresh")
     if cfg.value_model not in ("adapter", "shared"):
@@ -152,12 +159,12 @@ def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir
             model.add_adapter("value", lora)
         trainable = frozenset({"policy", "value"})
     if cfg.value_init == "reward":
-        assert reward_head is not None  # checked above: value_init=reward needs the reward model
-        value_head = copy.deepcopy(reward_head).requires_grad_(True)
+        assert reward_heads  # checked above: value_init=reward needs the reward model
+        value_head = copy.deepcopy(reward_heads[REWARD]).requires_grad_(True)
     else:
         value_head = ScalarHead(model.config.hidden_size).to(device)
     activate(model, "policy", trainable)  # the policy is the resting role: `Roles.use` switches back to it
-    roles = Roles(model, tok, value_head, reward_head, mean, std, None, trainable)
+    roles = Roles(model, tok, value_head, reward_heads, scale, None, trainable)
     reward_fn = load_reward_fn(cfg.reward_fn)
     # a reward that needs the model (the self-evaluation reward's judge `reference`) is built on these roles
     if reward_fn is not None and hasattr(reward_fn, "build"):
@@ -264,26 +271,40 @@ def token_values(
 
 
 def rm_scores(roles: Roles, ro: Rollout) -> torch.Tensor:
-    """Raw reward-model score of prompt + response, read at the last token: -> (B,)."""
-    assert roles.reward_head is not None  # called only with a reward model (scores_for)
-    with roles.use("reward"):
-        return sequence_scores(roles.model, roles.reward_head, ro.sequence, ro.sequence_mask)
+    """Raw reward-model scores of prompt + response, read at the last token, one per ensemble member: -> (B, K)."""
+    assert roles.reward_heads  # called only with a reward model (scores_for)
+    with roles.use(REWARD):  # switches back to the active role after the members' turns
+        return member_scores(roles.model, roles.reward_heads, ro.sequence, ro.sequence_mask)
+
+
+class Scores(NamedTuple):
+    raw: torch.Tensor  # (B,) the reward model's raw score (its ensemble's mean; zeros without an RM)
+    score: torch.Tensor  # (B,) what the policy optimises
+    disagreement: torch.Tensor  # (B,) the ensemble's spread in training-reward stds (zeros with one member)
 
 
 @torch.no_grad()
-def scores_for(roles: Roles, ro: Rollout, prompts: list[str], cfg: PPOConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> raw RM score (B,) (zeros without an RM) and the score PPO optimises (B,): the RM score
-    normalised with the RM's training statistics, plus reward_fn_weight * reward_fn."""
+def scores_for(roles: Roles, ro: Rollout, prompts: list[str], cfg: PPOConfig) -> Scores:
+    """The score a policy stage optimises: the RM score normalised with the RM's training statistics, less
+    `ppo.uncertainty_penalty` x the ensemble's disagreement (a conservative reward: mean - lambda * std, Coste et
+    al. 2023), plus reward_fn_weight * reward_fn, less `ppo.repeated_word_penalty` for an answer repeating a word
+    back to back."""
     device = ro.response.device
     raw = torch.zeros(len(prompts), device=device)
     score = torch.zeros(len(prompts), device=device)
-    if roles.reward_head is not None:
-        raw = rm_scores(roles, ro)
-        score = (raw - roles.reward_mean) / roles.reward_std
+    disagreement = torch.zeros(len(prompts), device=device)
+    if roles.reward_heads:
+        members = rm_scores(roles, ro)  # (B, K)
+        raw = members.mean(-1)
+        score, disagreement = roles.reward_scale.normalise(members)
+        score = score - cfg.uncertainty_penalty * disagreement
     if roles.reward_fn is not None:
         extra = torch.tensor([float(x) for x in roles.reward_fn(prompts, ro.texts)], device=device)
         score = score + cfg.reward_fn_weight * extra
-    return raw, score
+    if cfg.repeated_word_penalty:
+        repeats = torch.tensor([repeats_a_word(t) for t in ro.texts], device=device, dtype=score.dtype)
+        score = score - cfg.repeated_word_penalty * repeats
+    return Scores(raw, score, disagreement)
 
 
 def penalise_missing_eos(score: torch.Tensor, ended: torch.Tensor, cfg: PPOConfig) -> torch.Tensor:
@@ -325,6 +346,7 @@ class Trajectory:
     entropy: float  # mean per-token entropy of the policy
     guidance: guided.Guidance | None = None  # what the guide did (None: no guide)
     guide_scores: torch.Tensor | None = None  # [R] RM scores of the guide's completions (roll-out rows)
+    disagreement: torch.Tensor | None = None  # [B] the RM ensemble's spread on each response (0 with one head)
 
     @property
     def kl_mean(self) -> float:
@@ -367,7 +389,7 @@ def score_rollout(
     ref_logprobs = reference_logprobs(roles, ro, T)
     values = token_values(roles, seq, smask, q_len, hidden) * mask
     del hidden
-    raw, score = scores_for(roles, ro, prompts, cfg)
+    raw, score, disagreement = scores_for(roles, ro, prompts, cfg)
     if cfg.whiten_scores:
         moments.update(distributed.gather_tensor(score))  # every rank's scores: the same moments on all
         score = (score - moments.mean) / moments.std
@@ -405,6 +427,7 @@ def score_rollout(
         entropy,
         guidance,
         guide_scores,
+        disagreement if roles.reward_members > 1 else None,
     )
 
 
@@ -451,7 +474,7 @@ def credit_rollouts(
     r, g = guidance.rows.to(mask.device), cfg.guide
     completed = guidance.completed
     assert completed is not None  # score_rollout credits a batch with roll-outs only
-    raw, score = scores_for(roles, completed, [prompts[i] for i in r.tolist()], cfg)
+    raw, score, _ = scores_for(roles, completed, [prompts[i] for i in r.tolist()], cfg)
     if cfg.whiten_scores:
         score = (score - moments.mean) / moments.std
     score = penalise_missing_eos(score, completed.ended, cfg)
@@ -569,6 +592,7 @@ def iteration_metrics(
         "ppo/eos_rate": ro.ended.float().mean().item(),
         "ppo/repeated_word_share": repeated_word_share(ro.texts),
         "ppo/distinct_2": distinct_n(ro.texts, 2),
+        **({"ppo/rm_disagreement": traj.disagreement.mean().item()} if traj.disagreement is not None else {}),
         "ppo/time_generate": t1 - t0,
         "ppo/time_score": t2 - t1,
         "ppo/time_train": t3 - t2,
@@ -796,10 +820,12 @@ def evaluate_policy_vs_reference(
             ro = sample(
                 roles.model, roles.tok, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.max_prompt_tokens
             )
-        raw, score = scores_for(roles, ro, prompts, cfg)
+        raw, score, disagreement = scores_for(roles, ro, prompts, cfg)
         mask = ro.response_mask.float()
         out[f"ppo/eval_score{tag}"] = raw.mean().item()
         out[f"ppo/eval_reward{tag}"] = score.mean().item()
+        if roles.reward_members > 1:
+            out[f"ppo/eval_rm_disagreement{tag}"] = disagreement.mean().item()
         out[f"ppo/eval_response_length{tag}"] = mask.sum(1).mean().item()
         out[f"ppo/eval_eos_rate{tag}"] = ro.ended.float().mean().item()
         if role == roles.policy:

@@ -148,7 +148,7 @@ def score_round(roles, ro: Rollout, rows: list[str], cfg: PPOConfig) -> tuple[to
     scores, kls = [], []
     for i in range(0, len(rows), cfg.batch_size):
         part = ro.select(torch.arange(i, min(i + cfg.batch_size, len(rows))))
-        _, score = scores_for(roles, part, rows[i : i + cfg.batch_size], cfg)
+        score = scores_for(roles, part, rows[i : i + cfg.batch_size], cfg).score
         scores.append(penalise_missing_eos(score, part.ended, cfg))
         kls.append(response_kl(roles, part, cfg.temperature))
     return torch.cat(scores), torch.cat(kls)

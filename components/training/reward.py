@@ -34,6 +34,7 @@ batch's gradient), and rank 0 alone evaluates, logs and writes checkpoints and o
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,7 +48,16 @@ from tqdm.auto import tqdm
 from components.config import DataConfig, ModelConfig, RewardConfig
 from components.data.readers import Feedback, Pair, read_feedback, read_preferences
 from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
-from components.models.roles import ScalarHead, lora_config, sequence_scores
+from components.models.roles import (
+    ENSEMBLE,
+    HEAD_META,
+    REWARD,
+    RewardScale,
+    ScalarHead,
+    lora_config,
+    member_scores,
+    sequence_scores,
+)
 from components.models.scoring import encode
 from components.training import checkpoint, distributed
 from components.training.callbacks import log_to_active_run
@@ -72,9 +82,9 @@ def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, weights
     """Weighted mean of -log sigmoid(r_chosen - r_rejected).
 
     r_chosen, r_rejected, weights: (P,) -> scalar. Normalised by sum(weights): the mean over
-    examples, where a ranking's pairs together weigh as much as one pairwise example.
+    examples, where a ranking's pairs together weigh as much as one pairwise example (all weights 0: loss 0).
     """
-    return -(weights * F.logsigmoid(r_chosen - r_rejected)).sum() / weights.sum()
+    return -(weights * F.logsigmoid(r_chosen - r_rejected)).sum() / weights.sum().clamp(min=1e-12)
 
 
 def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -83,11 +93,26 @@ def pairwise_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor, weights:
     return (weights * correct).sum() / weights.sum()
 
 
-def feedback_loss(scores: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def feedback_loss(
+    scores: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor, counts: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean binary cross-entropy of sigmoid(score + bias) against soft targets in [0, 1]:
     -(t log sigmoid(z) + (1 - t) log(1 - sigmoid(z))), z = score + bias. scores, targets: (F,); bias: () -> scalar.
+    counts (F,): each row's weight (an ensemble member's bootstrap count; None: 1 each) -> the weighted mean.
     """
-    return F.binary_cross_entropy_with_logits(scores + bias, targets)
+    if counts is None:
+        return F.binary_cross_entropy_with_logits(scores + bias, targets)
+    per_row = F.binary_cross_entropy_with_logits(scores + bias, targets, reduction="none")
+    return (counts * per_row).sum() / counts.sum().clamp(min=1e-12)
+
+
+def bootstrap_counts(n: int, seed: int) -> torch.Tensor:
+    """How often each of n training examples is drawn in a bootstrap sample (n draws with replacement): -> (n,)
+    float counts summing to n; about 37% of the examples are 0 (left out), the others 1, 2, ..."""
+    if n == 0:
+        return torch.zeros(0)
+    draws = torch.randint(0, n, (n,), generator=torch.Generator().manual_seed(seed))
+    return torch.bincount(draws, minlength=n).float()
 
 
 def binary_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -233,6 +258,13 @@ def evaluate_reward_model(model, head, tok, examples: list[list[Pair]], cfg: Rew
     }
 
 
+def distinct_texts(examples: list[list[Pair]], feedback: Sequence[Feedback] = ()) -> list[tuple[str, str]]:
+    """The distinct (prompt, response) pairs of the examples (compared ones first), then of the feedback rows."""
+    seen = dict.fromkeys((p.prompt, r) for ex in examples for p in ex for r in (p.chosen, p.rejected))
+    seen.update(dict.fromkeys((f.prompt, f.response) for f in feedback))
+    return list(seen)
+
+
 @torch.no_grad()
 def reward_stats(
     model, head, tok, examples: list[list[Pair]], cfg: RewardConfig, device, feedback: Sequence[Feedback] = ()
@@ -240,9 +272,7 @@ def reward_stats(
     """Mean and std of the reward over (up to stats_max_responses) distinct training responses (compared ones
     first, then those with feedback)."""
     model.eval()
-    seen = dict.fromkeys((p.prompt, r) for ex in examples for p in ex for r in (p.chosen, p.rejected))
-    seen.update(dict.fromkeys((f.prompt, f.response) for f in feedback))
-    texts = list(seen)[: cfg.stats_max_responses]
+    texts = distinct_texts(examples, feedback)[: cfg.stats_max_responses]
     s = score_texts(model, head, tok, [p for p, _ in texts], [r for _, r in texts], cfg, device)
     model.train()
     return s.mean().item(), s.std().clamp(min=1e-6).item()
@@ -301,7 +331,13 @@ def setup_reward_model(cfg: RewardConfig, model_cfg: ModelConfig, sft_dir: str, 
 
 
 def reward_step(
-    rm: RewardModel, examples: list[list[Pair]], cfg: RewardConfig, step: int, feedback: Sequence[Feedback] = ()
+    rm: RewardModel,
+    examples: list[list[Pair]],
+    cfg: RewardConfig,
+    step: int,
+    feedback: Sequence[Feedback] = (),
+    counts: torch.Tensor | None = None,
+    feedback_counts: torch.Tensor | None = None,
 ) -> tuple[float, float, int, float]:
     """One optimizer step on a batch of preference examples and of feedback rows: -> (weighted BT loss, weighted
     accuracy, tokens scored, feedback loss).
@@ -311,8 +347,13 @@ def reward_step(
     with at most `micro_batch_size` sequences keep memory bounded. Each group's loss is scaled by its share of the
     weight, so the accumulated gradient is exactly that of the whole batch. The feedback rows add
     feedback_weight * BCE (the BCE alone when there are no pairs).
+
+    `counts` (E,), `feedback_counts` (F,): each example's and feedback row's weight, an ensemble member's bootstrap
+    counts (None: 1 each); a pair weighs its own weight times its example's count.
     """
+    counts = torch.ones(len(examples)) if counts is None else counts
     total_w = sum(p.weight for ex in examples for p in ex)
+    total_counted = sum(c * sum(p.weight for p in ex) for c, ex in zip(counts.tolist(), examples, strict=True))
     rm.optimizer.zero_grad(set_to_none=True)
     loss, correct, tokens, fb_loss = 0.0, 0.0, 0, 0.0
     if feedback:
@@ -320,18 +361,23 @@ def reward_step(
             rm.tok, [f.prompt for f in feedback], [f.response for f in feedback], cfg.max_length, rm.device
         )
         targets = torch.tensor([f.target for f in feedback], device=rm.device)
-        term = feedback_loss(sequence_scores(rm.model, rm.head, ids, mask), rm.bias, targets)
+        fc = None if feedback_counts is None else feedback_counts.to(rm.device)
+        term = feedback_loss(sequence_scores(rm.model, rm.head, ids, mask), rm.bias, targets, fc)
         if not torch.isfinite(term):
             raise FloatingPointError(
                 f"reward model feedback loss is {term.item()} at step {step}: lower reward.learning_rate"
             )
         rm.scaler.backward(term * (cfg.feedback_weight if total_w else 1.0))
         fb_loss, tokens = term.item(), int(mask.sum())
+    first = 0  # the chunk's first example in `examples`
     for chunk in example_chunks(examples, cfg.micro_batch_size):
-        # rc, rr, w: (P,) each: the pairs of the chunk's examples
+        # rc, rr, w: (P,) each: the pairs of the chunk's examples; wc: (P,) w times the pair's example's count
         rc, rr, w, n_tokens = score_comparisons(rm.model, rm.head, rm.tok, chunk, cfg.max_length, rm.device)
         tokens += n_tokens
-        chunk_loss = bradley_terry_loss(rc, rr, w) * (w.sum() / total_w)
+        per_pair = torch.repeat_interleave(counts[first : first + len(chunk)], torch.tensor([len(ex) for ex in chunk]))
+        first += len(chunk)
+        wc = w * per_pair.to(rm.device)
+        chunk_loss = bradley_terry_loss(rc, rr, wc) * (wc.sum() / max(total_counted, 1e-12))
         if not torch.isfinite(chunk_loss):
             raise FloatingPointError(
                 f"reward model loss is {chunk_loss.item()} at step {step}: lower reward.learning_rate"
@@ -349,22 +395,38 @@ def reward_step(
     return loss, correct, tokens, fb_loss
 
 
-def log_running(running: dict[str, float], rm: RewardModel, done: int, bar) -> None:
+def log_running(running: dict[str, float], rm: RewardModel, done: int, bar, member: Member) -> None:
     """Log the mean loss/accuracy over the steps since the last log, and the learning rate."""
     n = running["n"]
-    log_to_active_run(
-        {
-            "rm/loss": running["loss"] / n,
-            "rm/accuracy": running["acc"] / n,
-            "rm/feedback_train_loss": running["fb"] / n,
-            "rm/learning_rate": float(rm.scheduler.get_last_lr()[0]),  # a float lr: torch types it float | Tensor
-        },
-        done,
-    )
+    row = {
+        "rm/loss": running["loss"] / n,
+        "rm/accuracy": running["acc"] / n,
+        "rm/feedback_train_loss": running["fb"] / n,
+        "rm/learning_rate": float(rm.scheduler.get_last_lr()[0]),  # a float lr: torch types it float | Tensor
+    }
+    log_to_active_run({member.name(k): v for k, v in row.items()}, done)
     bar.set_postfix(loss=f"{running['loss'] / n:.3f}", acc=f"{running['acc'] / n:.2f}")
 
 
 # ---------------------------------------------------------------------------- stage
+
+
+@dataclass(frozen=True)
+class Member:
+    """Which member of the reward ensemble a training run is. The first (index 0) trains on all the data with the
+    stage's seed: it is the reward model `reward.ensemble=1` trains, and the others' directories (`others`) go in
+    its head.json. Member k > 0 trains on its own bootstrap sample with seed + 1000 k (its own LoRA and head init,
+    batch order and sample), and logs as rm/member_k/*."""
+
+    index: int = 0
+    others: tuple[Path, ...] = ()
+
+    def seed(self, seed: int) -> int:
+        return seed + 1000 * self.index
+
+    def name(self, key: str) -> str:
+        """A metric's name for this member: rm/loss -> rm/member_2/loss."""
+        return key if self.index == 0 else key.replace("rm/", f"rm/member_{self.index}/", 1)
 
 
 def train_reward(
@@ -377,8 +439,35 @@ def train_reward(
     data_cfg: DataConfig | None = None,
 ) -> RewardResult:
     """Train the reward model on the preferences and feedback under `data_dir` (`data_cfg`: the feedback rating
-    range; default: DataConfig's), resuming from the last checkpoint
-    under `out_dir/checkpoints`; writes adapter, head and reward statistics to `out_dir`."""
+    range; default: DataConfig's), resuming from the last checkpoint under `out_dir/checkpoints`; writes adapter,
+    head and reward statistics to `out_dir`.
+
+    An ensemble (`reward.ensemble` = K > 1): members 1..K-1 first, each a whole reward model in
+    `out_dir/members/k` (resumed, or only re-evaluated when it finished), then the first member in `out_dir`; its
+    head.json then also lists the others and holds the ensemble's statistics, and `out_dir` is complete last."""
+    if cfg.ensemble < 1:
+        raise ValueError(
+            f"reward.ensemble={cfg.ensemble}: the reward model needs at least 1 member; use 1 (no ensemble)"
+        )
+    if distributed.world().main:
+        checkpoint.mark_incomplete(out_dir)  # not this run's outputs until the last member finishes
+    others = tuple(out_dir / "members" / str(k) for k in range(1, cfg.ensemble))
+    for k, member_dir in enumerate(others, 1):
+        train_member(cfg, model_cfg, sft_dir, data_dir, member_dir, seed, data_cfg, Member(k))
+    return train_member(cfg, model_cfg, sft_dir, data_dir, out_dir, seed, data_cfg, Member(0, others))
+
+
+def train_member(
+    cfg: RewardConfig,
+    model_cfg: ModelConfig,
+    sft_dir: str,
+    data_dir: Path,
+    out_dir: Path,
+    seed: int,
+    data_cfg: DataConfig | None,
+    member: Member,
+) -> RewardResult:
+    """One reward model (an ensemble's member) in `out_dir`: see train_reward."""
     # 1. inputs
     w = distributed.world()
     ckpt_root = out_dir / "checkpoints"
@@ -398,10 +487,14 @@ def train_reward(
             f"comparisons and {len(fb_train)}/{len(fb_evals)} feedback rows (train/held out)"
         )
     # 2. model and optimizer, restored from the last checkpoint if there is one
+    seed = member.seed(seed)
     rm = setup_reward_model(cfg, model_cfg, sft_dir, resolve_device(model_cfg.device), seed)
     fp = checkpoint.fingerprint(
         cfg, sft_dir=str(sft_dir), data=str(data_dir), seed=seed, n_train=len(train), n_feedback=len(fb_train)
     )
+    # a member k > 0 trains on its own bootstrap sample of the comparisons and of the feedback rows: (E,), (F,)
+    boot = bootstrap_counts(len(train), seed + 2) if member.index else torch.ones(len(train))
+    fb_boot = bootstrap_counts(len(fb_train), seed + 3) if member.index else None
     start, _ = checkpoint.resume(ckpt_root, fp, rm.restore, optimizer=rm.optimizer, scheduler=rm.scheduler)
 
     # 3. train: one step per batch of rankings, logging every log_steps, checkpoints every save_steps
@@ -410,17 +503,19 @@ def train_reward(
     tokens, started = 0, time.perf_counter()
     bar = tqdm(
         range(start, cfg.max_steps),
-        desc="reward model",
+        desc=f"reward model member {member.index + 1}/{cfg.ensemble}" if cfg.ensemble > 1 else "reward model",
         initial=start,
         total=cfg.max_steps,
         unit="step",
         disable=not w.main,
     )
     for step in bar:
-        examples = [train[i] for i in checkpoint.batch_for_step(len(train), cfg.batch_size, step, seed)]
-        fb = [fb_train[i] for i in checkpoint.batch_for_step(len(fb_train), cfg.feedback_batch_size, step, seed + 1)]
-        examples, fb = distributed.shard(examples, w)[:per_rank], distributed.shard(fb, w)[:fb_per_rank]  # this rank's
-        loss, correct, n_tokens, fb_loss = reward_step(rm, examples, cfg, step, fb)
+        picked = checkpoint.batch_for_step(len(train), cfg.batch_size, step, seed)
+        fb_picked = checkpoint.batch_for_step(len(fb_train), cfg.feedback_batch_size, step, seed + 1)
+        picked, fb_picked = distributed.shard(picked, w)[:per_rank], distributed.shard(fb_picked, w)[:fb_per_rank]
+        examples, fb = [train[i] for i in picked], [fb_train[i] for i in fb_picked]  # this rank's
+        fb_counts = None if fb_boot is None else fb_boot[fb_picked]
+        loss, correct, n_tokens, fb_loss = reward_step(rm, examples, cfg, step, fb, boot[picked], fb_counts)
         tokens += n_tokens
         running["loss"] += loss
         running["acc"] += correct
@@ -428,7 +523,7 @@ def train_reward(
         running["n"] += 1
         done = step + 1
         if done % cfg.log_steps == 0 or done == cfg.max_steps:
-            log_running(running, rm, done, bar)
+            log_running(running, rm, done, bar, member)
             running = {"loss": 0.0, "acc": 0.0, "fb": 0.0, "n": 0}
         if done % cfg.save_steps == 0 and done < cfg.max_steps and w.main:
             checkpoint.save(ckpt_root, done, fp, rm.write)
@@ -441,6 +536,12 @@ def train_reward(
 
     # 4. held-out metrics, reward statistics, outputs
     metrics = finish_reward(rm, cfg, (train, evals), (fb_train, fb_evals), sft_dir, out_dir, start, seconds, tokens)
+    if member.others:  # the ensemble's statistics, from every member's scores, into the first member's head.json
+        metrics |= finish_ensemble(
+            cfg, model_cfg, sft_dir, out_dir, member.others, (train, evals), (fb_train, fb_evals)
+        )
+    metrics = {member.name(k): v for k, v in metrics.items()}
+    log_to_active_run(metrics, cfg.max_steps)
     checkpoint.save(ckpt_root, cfg.max_steps, fp, rm.write)
     checkpoint.mark_complete(
         out_dir, {"stage": "reward", "outputs": ["adapter", "head.safetensors", "head.json"], "metrics": metrics}
@@ -460,7 +561,7 @@ def finish_reward(
     tokens: int,
 ) -> dict[str, float]:
     """Evaluate on the held-out comparisons and feedback (train, held out) each, measure the reward's mean/std on
-    training responses, log the metrics and write the adapter and the head (with the statistics) to `out_dir`."""
+    training responses and write the adapter and the head (with the statistics) to `out_dir`: -> the metrics."""
     (train, evals), (fb_train, fb_evals) = comparisons, feedback
     metrics = evaluate_reward_model(rm.model, rm.head, rm.tok, evals, cfg, rm.device)
     metrics.update(evaluate_feedback(rm.model, rm.head, rm.bias.detach(), rm.tok, fb_evals, cfg, rm.device))
@@ -478,7 +579,6 @@ def finish_reward(
             "rm/world_size": float(distributed.world().size),
         }
     )
-    log_to_active_run(metrics, cfg.max_steps)
     rm.model.save_pretrained(str(out_dir / "adapter"), safe_serialization=True)
     rm.head.save(
         out_dir,
@@ -489,3 +589,74 @@ def finish_reward(
         feedback_bias=rm.bias.item(),
     )
     return metrics
+
+
+@torch.no_grad()
+def finish_ensemble(
+    cfg: RewardConfig,
+    model_cfg: ModelConfig,
+    sft_dir: str,
+    first: Path,
+    others: tuple[Path, ...],
+    comparisons: tuple[list[list[Pair]], list[list[Pair]]],
+    feedback: tuple[list[Feedback], list[Feedback]],
+) -> dict[str, float]:
+    """Every member (the first in `first`, already written) scores the training and the held-out responses: the
+    ensemble's statistics (its mean's, each member's) and the others' directories go into the first member's
+    head.json (`RewardScale.of` reads them; `roles.reward_members` lists the members) -> the ensemble's metrics:
+    held-out accuracy of the mean score and the disagreement on held-out responses (the level on answers like its
+    data, against which a policy's is read)."""
+    from peft import PeftModel
+
+    (train, evals), (fb_train, fb_evals) = comparisons, feedback
+    device = resolve_device(model_cfg.device)
+    dirs = (first, *others)
+    names = [REWARD] + [f"{REWARD}_{k}" for k in range(1, len(dirs))]
+    scorer = PeftModel.from_pretrained(load_causal_lm(sft_dir, model_cfg, device), str(first / "adapter"), REWARD)
+    for name, d in zip(names[1:], others, strict=True):
+        scorer.load_adapter(str(d / "adapter"), adapter_name=name)
+    scorer.eval()
+    heads = {name: ScalarHead.load(d, device)[0] for name, d in zip(names, dirs, strict=True)}
+    tok = load_tokenizer(sft_dir, model_cfg, padding_side="right")
+
+    def members(texts: list[tuple[str, str]]) -> torch.Tensor:  # -> (N, K) raw scores
+        out = []
+        for i in range(0, len(texts), cfg.micro_batch_size):
+            part = texts[i : i + cfg.micro_batch_size]
+            ids, mask = encode(tok, [p for p, _ in part], [r for _, r in part], cfg.max_length, device)
+            out.append(member_scores(scorer, heads, ids, mask))
+        return torch.cat(out)
+
+    trained = members(distinct_texts(train, fb_train)[: cfg.stats_max_responses])
+    mean = trained.mean(-1)
+    scale = RewardScale(
+        mean.mean().item(),
+        mean.std().clamp(min=1e-6).item(),
+        tuple(trained.mean(0).tolist()),
+        tuple(trained.std(0).clamp(min=1e-6).tolist()),
+    )
+    meta = json.loads((first / HEAD_META).read_text())
+    meta[ENSEMBLE] = {
+        "members": [str(d.relative_to(first)) for d in others],
+        "reward_mean": scale.mean,
+        "reward_std": scale.std,
+        "member_mean": list(scale.member_mean),
+        "member_std": list(scale.member_std),
+    }
+    (first / HEAD_META).write_text(json.dumps(meta, indent=2))
+    held_out = distinct_texts(evals, fb_evals)
+    score, spread = scale.normalise(members(held_out))
+    out = {
+        "rm/ensemble": float(len(dirs)),
+        "rm/ensemble_reward_mean": scale.mean,
+        "rm/ensemble_reward_std": scale.std,
+        "rm/eval_disagreement": spread.mean().item(),
+        "rm/eval_disagreement_p90": spread.quantile(0.9).item(),
+    }
+    if evals:  # the held-out comparisons, ranked by the ensemble's mean score
+        index = {text: i for i, text in enumerate(held_out)}
+        c = index_comparisons(evals)
+        at = torch.tensor([index[t] for t in zip(c.prompts, c.responses, strict=True)])
+        s = score[at]
+        out["rm/ensemble_eval_accuracy"] = pairwise_accuracy(s[c.chosen], s[c.rejected], c.weights).item()
+    return out

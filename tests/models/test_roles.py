@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from components.config import LoraConfig as LoraSettings
-from components.models.roles import REFERENCE, Roles, ScalarHead, lora_config
+from components.models.roles import REFERENCE, RewardScale, Roles, ScalarHead, lora_config
 
 
 @pytest.fixture
@@ -31,7 +31,7 @@ def roles():
     for name, p in model.named_parameters():  # LoRA B starts at 0: make every adapter change the output
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.5)
-    r = Roles(model, None, ScalarHead(16), None, 0.0, 1.0, None)
+    r = Roles(model, None, ScalarHead(16), {}, RewardScale(0.0, 1.0), None)
     with r.use("policy"):
         pass
     return r

@@ -231,10 +231,11 @@ class _Saves:
 
 def test_ppo_marks_its_out_dir_complete_after_final_and_unmarks_it_at_start(tmp_path):
     from components.config import ModelConfig, PPOConfig
+    from components.models.roles import RewardScale
     from components.training.ppo import Roles, train_ppo, write_outputs
 
     out = tmp_path / "ppo"
-    roles = Roles(_Saves(), _Saves(), _Saves(), None, 0.0, 1.0, None)
+    roles = Roles(_Saves(), _Saves(), _Saves(), {}, RewardScale(0.0, 1.0), None)
     result = write_outputs(roles, out / "final", {"ppo/kl": 1.0}, [], merge=False)
     assert checkpoint.is_complete(out) and Path(result.policy_dir).is_dir()
     assert json.loads((out / checkpoint.COMPLETE).read_text())["outputs"] == ["final"]
