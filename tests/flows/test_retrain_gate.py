@@ -11,10 +11,12 @@ from flows.retrain import retrain
 from tests.conftest import FAST_STAGES, OPEN_GATE, make_project
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
+ENSEMBLE = "reward.ensemble=2"
 
 
 def test_passing_candidate_is_registered_and_promoted_then_a_failing_one_changes_nothing(tmp_path):
-    project = make_project(tmp_path / "proj", "tracking.registered_model_name=gate-test", *OPEN_GATE)
+    # a reward ensemble of 2: its disagreement reaches the evaluation and the gate; the champion bundles its first member
+    project = make_project(tmp_path / "proj", "tracking.registered_model_name=gate-test", ENSEMBLE, *OPEN_GATE)
     state = retrain(project, return_state=True)
     assert state.is_completed(), state.message
     s = state.result()
@@ -30,6 +32,8 @@ def test_passing_candidate_is_registered_and_promoted_then_a_failing_one_changes
         if c.data.tags.get("stage") == "evaluate"
     ][0]
     assert {"eval/candidate/reward_mean", "eval/sft/judge_mean", "gate/passed"} <= set(evaluate_run.data.metrics)
+    assert evaluate_run.data.metrics["eval/candidate/reward_disagreement"] > 0
+    assert "gate/disagreement_ratio_vs_sft" in evaluate_run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(evaluate_run.info.run_id)}
     assert {"eval_generations.json", "gate_verdict.txt"} <= artifacts
     # the champion bundles its reward model (registry.include_reward_model): PPO's policy adapter and the RM's
@@ -52,6 +56,7 @@ def test_passing_candidate_is_registered_and_promoted_then_a_failing_one_changes
             "data=demo_small",
             *FAST_STAGES,
             "tracking.registered_model_name=gate-test",
+            ENSEMBLE,
             *OPEN_GATE,
             "gate.min_win_rate=1.01",
         ]
