@@ -4,7 +4,8 @@ The pipeline's defaults on the demo (SFT, reward model, PPO; seeds 0-2), and the
 `ppo.repeated_word_penalty` (`ppo_unshaped`); then the SFT policy and the two PPO policies sampled as the served model
 samples by default (temperature 0.7, 48 new tokens), on two prompt sets:
   - `eval`: the demo's 100 frozen eval prompts (never trained on);
-  - `unseen`: 30 prompts in a style the demo data never has ("Honestly, the hotel room", "What I think about ...").
+  - `unseen`: 30 prompts in a style the demo data never has ("Honestly, the hotel room", "What I think about ..."),
+    8 samples each (240 answers per policy and seed: a share of a few percent needs that many to be read).
 Measured: the independent judge, the share of answers repeating a word back to back, distinct-2, mean words; and at
 the gate's own sampling (temperature 1.0, 24 tokens) on `eval`, for comparison.
 
@@ -30,6 +31,7 @@ SUBJECTS = (
     "our holiday", "the coffee shop", "this book", "the train ride", "the gym", "this jacket", "the park", "the dentist",
 )  # fmt: skip
 UNSEEN = [f"Honestly, {s}" for s in SUBJECTS] + [f"What I think about {s}:" for s in SUBJECTS]
+UNSEEN_SAMPLES = 8
 MEASURES = ("judge_mean", "repeated_word_share", "distinct_2", "mean_words")
 
 
@@ -58,7 +60,7 @@ def one(seed: int, work: Path, overrides: list[str]) -> dict:
     rows = {}
     for name, prompts, gate in (
         ("eval, served sampling", read_prompts(cfg.data_path, "eval"), served),
-        ("unseen, served sampling", UNSEEN, served),
+        ("unseen, served sampling", UNSEEN, replace(served, samples_per_prompt=UNSEEN_SAMPLES)),
         ("eval, gate sampling", read_prompts(cfg.data_path, "eval"), replace(cfg.gate, seed=seed)),
     ):
         evals = evaluate_policies(specs, sft, rm, prompts, gate, cfg.model)

@@ -307,6 +307,18 @@ class Tracer:
     """Each answered prompt as an MLflow trace (see the module docstring); never raises into a request."""
 
     EXPORT_LOGGERS = ("mlflow.tracing.export.mlflow_v3", "mlflow.tracing.export.async_export_queue")
+    # How long MLflow's background export may keep one trace against an unreachable tracking server, and how many
+    # it may hold. With MLflow's defaults (7 retries backing off 2 s .. 120 s, 120 s per attempt, 1000 queued), a
+    # stopping server with 2 traces queued and the tracking server down took 496 s to exit: the exit flushes the
+    # queue. With these, a trace that cannot be sent is dropped and counted after one retry 1 s later (5 s per
+    # attempt at most), and at most 100 wait. Set in the serving process only (nothing else there talks to the
+    # tracking server); an operator's own values win.
+    EXPORT_LIMITS = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+        "MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE": "100",
+    }
 
     def __init__(self, experiment_id: str, served: str):
         name, _, alias = served.partition("@")
@@ -325,7 +337,11 @@ class Tracer:
         """The tracer `rlhf model serve` asks for (RLHF_TRACE_EXPERIMENT_ID, RLHF_SERVED_MODEL="name/version@alias"),
         or None: no tracing."""
         experiment = os.environ.get("RLHF_TRACE_EXPERIMENT_ID")
-        return cls(experiment, os.environ.get("RLHF_SERVED_MODEL", "")) if experiment else None
+        if not experiment:
+            return None
+        for key, value in cls.EXPORT_LIMITS.items():
+            os.environ.setdefault(key, value)
+        return cls(experiment, os.environ.get("RLHF_SERVED_MODEL", ""))
 
     def dropped_one(self, why: str) -> None:
         with self.count_lock:
