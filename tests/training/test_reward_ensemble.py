@@ -14,7 +14,7 @@ from components.evaluation.gate import decide
 from components.models.roles import RewardScale, reward_members
 from components.training.reward import bootstrap_counts, feedback_loss, train_reward
 
-SHORT = {"max_steps": 100, "save_steps": 1000, "stats_max_responses": 256}
+SHORT = {"max_steps": 60, "save_steps": 1000, "stats_max_responses": 256}
 
 
 # ---------------------------------------------------------------------------- hand-computed
@@ -77,9 +77,9 @@ def test_the_gate_refuses_answers_the_ensemble_cannot_judge_and_names_the_measur
 
 @pytest.fixture(scope="module")
 def ensemble(stages, tmp_path_factory):
-    """Three members on the demo, 100 steps each."""
+    """Two members on the demo, 60 steps each."""
     cfg = stages.cfg
-    rm_cfg = replace(cfg.reward, ensemble=3, **SHORT)
+    rm_cfg = replace(cfg.reward, ensemble=2, **SHORT)
     out = tmp_path_factory.mktemp("ensemble") / "rm"
     return train_reward(rm_cfg, cfg.model, stages.sft_dir, cfg.data_path, out, seed=cfg.seed, data_cfg=cfg.data)
 
@@ -87,14 +87,14 @@ def ensemble(stages, tmp_path_factory):
 def test_an_ensemble_trains_its_members_and_records_their_statistics(ensemble):
     out = Path(ensemble.head_dir)
     members = reward_members(out)
-    assert [name for name, _ in members] == ["reward", "reward_1", "reward_2"]
-    assert [d for _, d in members] == [out, out / "members" / "1", out / "members" / "2"]
+    assert members == [("reward", out), ("reward_1", out / "members" / "1")]
     heads = [load_file(str(d / "head.safetensors"))["linear.weight"] for _, d in members]
-    assert not torch.equal(heads[0], heads[1]) and not torch.equal(heads[1], heads[2])  # own seed, own sample
+    assert not torch.equal(heads[0], heads[1])  # its own seed and bootstrap sample
     meta = json.loads((out / "head.json").read_text())["ensemble"]
-    assert len(meta["member_mean"]) == len(meta["member_std"]) == 3 and min(meta["member_std"]) > 0
+    assert meta["members"] == ["members/1"] and len(meta["member_mean"]) == len(meta["member_std"]) == 2
+    assert min(meta["member_std"]) > 0
     m = ensemble.metrics
-    assert m["rm/ensemble"] == 3 and m["rm/ensemble_eval_accuracy"] > 0.75, m
+    assert m["rm/ensemble"] == 2 and m["rm/ensemble_eval_accuracy"] > 0.7, m
     assert 0 < m["rm/eval_disagreement"] < m["rm/eval_disagreement_p90"] < 1.5, m  # in training-reward stds
     assert math.isfinite(m["rm/eval_accuracy"])  # the first member's own evaluation
 
@@ -124,7 +124,7 @@ def test_ppo_logs_the_disagreement_and_can_subtract_it(stages, ensemble, tmp_pat
     assert {line.get_label() for line in panel.get_lines()} == {"repeated_word_share", "distinct_2", "rm_disagreement"}
 
     roles = build_roles(ppo, cfg.model, stages.sft_dir, ensemble.head_dir, "cpu")
-    assert roles.reward_members == 3
+    assert roles.reward_members == 2
     prompts = read_prompts(cfg.data_path, "prompts")[:8]
     torch.manual_seed(0)
     ro = sample(roles.model, roles.tok, prompts, 12, 1.0)
