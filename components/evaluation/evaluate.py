@@ -19,7 +19,7 @@ from components.config import GateConfig, ModelConfig
 from components.evaluation.degeneration import degeneration, distinct_n  # noqa: F401  (distinct_n: its old home)
 from components.models.generation import sample
 from components.models.loading import load_causal_lm, load_tokenizer
-from components.models.roles import REWARD, RewardScale, ScalarHead, member_scores, position_ids, reward_members
+from components.models.roles import attach_reward_members, member_scores, position_ids, reward_members
 from components.models.scoring import encode, kl_k1, load_reward_fn, logprobs_of
 
 
@@ -56,16 +56,12 @@ def load_policy(spec: PolicySpec, model_cfg: ModelConfig):
 def evaluate_policies(
     specs: list[PolicySpec], sft_dir: str, reward_dir: str, prompts: list[str], cfg: GateConfig, model_cfg: ModelConfig
 ) -> dict[str, PolicyEval]:
-    from peft import PeftModel
 
     prompts = [p for p in prompts[: cfg.max_prompts] for _ in range(cfg.samples_per_prompt)]
-    members = reward_members(reward_dir)  # one, or each member of an ensemble: adapter name -> its dir
-    scorer = PeftModel.from_pretrained(load_causal_lm(sft_dir, model_cfg), str(members[0][1] / "adapter"), REWARD)
-    for name, member in members[1:]:
-        scorer.load_adapter(str(member / "adapter"), adapter_name=name)
+    base = load_causal_lm(sft_dir, model_cfg)
+    # one, or each member of an ensemble, on the SFT weights (its reference, adapters disabled)
+    scorer, heads, scale = attach_reward_members(base, reward_members(reward_dir), ids_device(base))
     scorer.eval()
-    heads = {name: ScalarHead.load(member, ids_device(scorer))[0] for name, member in members}
-    scale = RewardScale.of(ScalarHead.load(members[0][1])[1])
     scorer_tok = load_tokenizer(sft_dir, model_cfg, padding_side="right")
     judge = load_reward_fn(cfg.judge)
     out = {}

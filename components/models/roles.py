@@ -6,8 +6,8 @@ All roles run through the same base weights (peft multi-adapter), so the base is
 memory once. This module holds the pieces every role shares:
 
 - `ScalarHead`: hidden state -> one number, saved as safetensors.
-- `reward_members`, `member_scores`, `RewardScale`: a reward model's members (one, or an ensemble's adapters and
-  heads), their scores, and how those become the normalised score and the ensemble's disagreement.
+- `reward_members`, `attach_reward_members`, `member_scores`, `RewardScale`: a reward model's members (one, or an
+  ensemble's adapters and heads), loading them onto a model, their scores, and how those become the normalised score and the ensemble's disagreement.
 - `hidden_states(model, ...)`: the backbone's last hidden states (no LM head, no vocab-size
   logits) for whichever adapter is active.
 - `last_token_index`: where a sequence ends, for left or right padding.
@@ -84,6 +84,30 @@ def reward_members(reward_dir: str | Path) -> list[tuple[str, Path]]:
     meta = json.loads((Path(reward_dir) / HEAD_META).read_text())
     others = meta.get(ENSEMBLE, {}).get("members", [])
     return [(REWARD, Path(reward_dir))] + [(f"{REWARD}_{i}", Path(reward_dir) / m) for i, m in enumerate(others, 1)]
+
+
+def attach_reward_members(
+    model: PreTrainedModel | PeftModel, members: list[tuple[str, Path]], device: torch.device | str
+) -> tuple[PeftModel, dict[str, ScalarHead], RewardScale]:
+    """Each member's LoRA adapter onto `model`, frozen, under its name (`reward_members`), and its head on `device`:
+    -> the peft model (a plain model becomes one on the first member's adapter), the heads by adapter name, and the
+    scale of the first member's head.json (the ensemble's, once it is written there)."""
+    from peft import PeftModel
+
+    heads: dict[str, ScalarHead] = {}
+    scale = RewardScale(0.0, 1.0)
+    for name, member in members:
+        adapter = str(member / "adapter")
+        if isinstance(model, PeftModel):
+            model.load_adapter(adapter, adapter_name=name, is_trainable=False)
+        else:
+            model = PeftModel.from_pretrained(model, adapter, adapter_name=name)
+        heads[name], meta = ScalarHead.load(member, device)
+        heads[name].requires_grad_(False)
+        if name == REWARD:
+            scale = RewardScale.of(meta)
+    assert isinstance(model, PeftModel)  # members is never empty: reward_members lists the first
+    return model, heads, scale
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ from components.models.roles import (
     Roles,
     ScalarHead,
     activate,
+    attach_reward_members,
     hidden_states,
     lm_logits,
     lora_config,
@@ -139,12 +140,8 @@ def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir
     if cfg.use_reward_model:
         assert reward_dir is not None  # checked above: the reward model needs its dir
         rm_adapter = str(Path(reward_dir) / "adapter")  # the first member's: the value function may start from it
-        for name, member in reward_members(reward_dir):  # one, or each member of an ensemble (reward.ensemble)
-            model.load_adapter(str(member / "adapter"), adapter_name=name, is_trainable=False)
-            reward_heads[name], meta = ScalarHead.load(member, device)
-            reward_heads[name].requires_grad_(False)
-            if name == REWARD:
-                scale = RewardScale.of(meta)
+        # one, or each member of an ensemble (reward.ensemble), frozen beside the policy
+        model, reward_heads, scale = attach_reward_members(model, reward_members(reward_dir), device)
     if cfg.value_init not in ("reward", "fresh"):
         raise ValueError(f"ppo.value_init={cfg.value_init!r}: expected reward | fresh")
     if cfg.value_model not in ("adapter", "shared"):

@@ -54,6 +54,7 @@ from components.models.roles import (
     REWARD,
     RewardScale,
     ScalarHead,
+    attach_reward_members,
     lora_config,
     member_scores,
     sequence_scores,
@@ -606,17 +607,13 @@ def finish_ensemble(
     head.json (`RewardScale.of` reads them; `roles.reward_members` lists the members) -> the ensemble's metrics:
     held-out accuracy of the mean score and the disagreement on held-out responses (the level on answers like its
     data, against which a policy's is read)."""
-    from peft import PeftModel
-
     (train, evals), (fb_train, fb_evals) = comparisons, feedback
     device = resolve_device(model_cfg.device)
     dirs = (first, *others)
-    names = [REWARD] + [f"{REWARD}_{k}" for k in range(1, len(dirs))]
-    scorer = PeftModel.from_pretrained(load_causal_lm(sft_dir, model_cfg, device), str(first / "adapter"), REWARD)
-    for name, d in zip(names[1:], others, strict=True):
-        scorer.load_adapter(str(d / "adapter"), adapter_name=name)
+    names = [REWARD] + [f"{REWARD}_{k}" for k in range(1, len(dirs))]  # as roles.reward_members will list them
+    base = load_causal_lm(sft_dir, model_cfg, device)
+    scorer, heads, _ = attach_reward_members(base, list(zip(names, dirs, strict=True)), device)
     scorer.eval()
-    heads = {name: ScalarHead.load(d, device)[0] for name, d in zip(names, dirs, strict=True)}
     tok = load_tokenizer(sft_dir, model_cfg, padding_side="right")
 
     def members(texts: list[tuple[str, str]]) -> torch.Tensor:  # -> (N, K) raw scores
