@@ -225,7 +225,7 @@ class PPOConfig:
     reward_fn: Optional[str] = None  # "package.module:function", called as f(prompts, responses) -> list[float]
     reward_fn_weight: float = 1.0
     # a conservative reward with an ensemble reward model (reward.ensemble > 1): the normalised score less this x
-    # the heads' disagreement (mean - lambda * std, Coste et al. 2023); also for rejection sampling, GRPO and RLOO
+    # the members' disagreement (mean - lambda * std, Coste et al. 2023); also for rejection sampling, GRPO and RLOO
     uncertainty_penalty: float = 0.0
     value_init: str = "reward"  # reward: value adapter + head start from the reward model (InstructGPT) | fresh
     # adapter: the value function is its own LoRA adapter + head (a second forward per minibatch, no coupling) |
@@ -373,7 +373,7 @@ class GateConfig:
     max_repeated_word_gain: Optional[float] = 0.05  # share of answers repeating a word back to back, minus SFT's
     min_distinct_2_ratio: Optional[float] = 0.9  # distinct-2 over all answers, as a share of SFT's
     max_length_ratio: Optional[float] = None  # mean answer length in words, as a multiple of SFT's
-    # with an ensemble reward model: its heads' mean disagreement on the candidate's answers, as a multiple of
+    # with an ensemble reward model: its members' mean disagreement on the candidate's answers, as a multiple of
     # their disagreement on SFT's (answers the reward model cannot judge reliably)
     max_disagreement_ratio: Optional[float] = 2.0
     # evaluation

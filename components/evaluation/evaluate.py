@@ -1,7 +1,7 @@
 """Evaluation on the frozen eval prompts: each policy samples responses (same seed), and one scorer
 - this run's reward model and SFT reference - measures them all.
 
-Per policy: mean reward (RM score normalised with the RM's statistics; with an ensemble RM, also its heads' mean
+Per policy: mean reward (RM score normalised with the RM's statistics; with an ensemble RM, also its members' mean
 disagreement on the policy's answers), the independent judge's
 mean (a callable by import path that is not the RM), KL to the SFT reference (nats per response;
 only where the policy shares the reference's tokenizer), response length, EOS rate, and the degeneration measures

@@ -2,7 +2,7 @@
 none) on the evaluation numbers and the thresholds in `conf/gate`. Pure: numbers in, verdict out.
 
 The reward-hacking guard is part of it: the candidate's degeneration (repeated words, distinct-2, length) and,
-with an ensemble reward model, its heads' disagreement on the candidate's answers, against the SFT policy's on the
+with an ensemble reward model, its members' disagreement on the candidate's answers, against the SFT policy's on the
 same prompts, always SFT's, so a drift each generation of champions inherits is still
 caught; against the champion the same measures are reported, not gated. A refusal names the measure."""
 
@@ -47,7 +47,7 @@ class Verdict:
 def degeneration_against(candidate: dict[str, float], other: dict[str, float], name: str) -> dict[str, float]:
     """The guard's measures of the candidate against another policy's evaluation (those both have):
     repeated_word_gain_vs_<name> (difference of shares), distinct_2_ratio_vs_<name>, length_ratio_vs_<name>, and
-    with an ensemble reward model disagreement_ratio_vs_<name> (its heads' spread on the candidate's answers over
+    with an ensemble reward model disagreement_ratio_vs_<name> (its members' spread on the candidate's answers over
     their spread on the other's)."""
     out = {}
     if "repeated_word_share" in candidate and "repeated_word_share" in other:

@@ -108,7 +108,7 @@ def check_config(algorithm: str, cfg: GroupRLConfig) -> None:
 def score_group(roles, ro: Rollout, rows: list[str], ppo_cfg: PPOConfig) -> dict[str, torch.Tensor]:
     """Step 2, in chunks of ppo.batch_size rows: the policy's (old) and the reference's log-probs [B, T], the raw RM
     score and the optimised score (missing-EOS penalty applied) [B], the RM ensemble's disagreement [B] (0 with one
-    head), and each response's k1 KL (summed) [B]."""
+    member), and each response's k1 KL (summed) [B]."""
     T = ppo_cfg.temperature
     out: dict[str, list[torch.Tensor]] = {k: [] for k in ("old", "ref", "raw", "score", "kl", "entropy", "spread")}
     for i in range(0, len(rows), ppo_cfg.batch_size):

@@ -9,7 +9,7 @@ ENSEMBLE = ("ppo/rm_disagreement",)  # only with an ensemble reward model (rewar
 def ppo_curves(history: list[dict[str, float]]):
     """The score PPO optimises (normalised RM + reward_fn, EOS penalty) and the raw reward-model score (zero
     without one), KL to the reference, the KL coefficient, and the batch's degeneration (the share of answers
-    repeating a word, distinct-2, and with an ensemble reward model its heads' disagreement: where the reward keeps
+    repeating a word, distinct-2, and with an ensemble reward model its members' disagreement: where the reward keeps
     rising while these turn, it is being hacked) per PPO iteration (one figure)."""
     import matplotlib
 

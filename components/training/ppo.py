@@ -343,7 +343,7 @@ class Trajectory:
     entropy: float  # mean per-token entropy of the policy
     guidance: guided.Guidance | None = None  # what the guide did (None: no guide)
     guide_scores: torch.Tensor | None = None  # [R] RM scores of the guide's completions (roll-out rows)
-    disagreement: torch.Tensor | None = None  # [B] the RM ensemble's spread on each response (0 with one head)
+    disagreement: torch.Tensor | None = None  # [B] the RM ensemble's spread on each response (0 with one member)
 
     @property
     def kl_mean(self) -> float:
