@@ -21,7 +21,9 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/rlhf run $(ARGS)
 
+# our code compiled once: the suite's ~100 subprocesses then read it, even where PYTHONDONTWRITEBYTECODE is set
 test: $(STAMP)
+	@$(BIN)/python -m compileall -q components flows service cli > /dev/null
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # ruff (pyproject.toml [tool.ruff]): formatting and lint; mypy ([tool.mypy]): types of components/ and

@@ -224,6 +224,11 @@ class PPOConfig:
     use_reward_model: bool = True
     reward_fn: Optional[str] = None  # "package.module:function", called as f(prompts, responses) -> list[float]
     reward_fn_weight: float = 1.0
+    # PPO-ptx (InstructGPT, Ouyang et al. 2022, sec. 3.5): + ptx_coef x the policy's language-model loss on
+    # ptx_batch_size demonstrations (prompt + response tokens) per minibatch, which holds the policy to fluent text
+    # on every prompt, not only where PPO samples (the KL penalty's reach)
+    ptx_coef: float = 0.0
+    ptx_batch_size: int = 8
     # a conservative reward with an ensemble reward model (reward.ensemble > 1): the normalised score less this x
     # the members' disagreement (mean - lambda * std, Coste et al. 2023); also for rejection sampling, GRPO and RLOO
     uncertainty_penalty: float = 0.0

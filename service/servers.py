@@ -296,6 +296,9 @@ def start_prefect(layout: Layout, ports: Ports, creds: dict[str, str]) -> None:
         "PREFECT_SERVER_API_AUTH_STRING": creds["PREFECT_SERVER_API_AUTH_STRING"],
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "true",
+        # a worker whose heartbeats stopped is marked offline at the foreman's next check: every 5 s, not Prefect's
+        # 15, so a retrain retries a lost worker's stage sooner (flows/dispatch.wait_for_stage, infra.worker_lost_s)
+        "PREFECT_SERVER_SERVICES_FOREMAN_LOOP_SECONDS": "5",
     }
     _spawn(layout, "prefect", [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(ports.prefect)], env)
 

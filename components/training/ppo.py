@@ -63,7 +63,7 @@ from torch.profiler import record_function
 from tqdm.auto import tqdm
 
 from components.config import ModelConfig, PPOConfig
-from components.data.readers import read_prompts
+from components.data.readers import read_demonstrations, read_prompts
 from components.evaluation.degeneration import distinct_n, repeated_word_share, repeats_a_word
 from components.models.generation import CACHES, Rollout, sample
 from components.models.guide import load_guide
@@ -83,7 +83,7 @@ from components.models.roles import (
     member_scores,
     reward_members,
 )
-from components.models.scoring import load_reward_fn
+from components.models.scoring import encode, load_reward_fn
 from components.training import checkpoint, distributed, guided
 from components.training.callbacks import log_table_to_active_run, log_to_active_run
 from components.training.ppo_math import (
@@ -491,6 +491,50 @@ def credit_rollouts(
 # ---------------------------------------------------------------------------- 3. train: PPO epochs on a Trajectory
 
 
+@dataclass
+class Demonstrations:
+    """PPO-ptx's text: the demonstrations (prompt, response), encoded a batch at a time as the reward model encodes
+    a response (prompt + response + EOS, right-padded)."""
+
+    prompts: list[str]
+    responses: list[str]
+    tok: object
+    max_length: int
+
+    def __bool__(self) -> bool:
+        return bool(self.prompts)
+
+    def batch(self, n: int, generator: torch.Generator | None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """n demonstrations drawn without replacement (from `generator`): -> ids, mask (n, T)."""
+        picked = torch.randperm(len(self.prompts), generator=generator)[:n].tolist()
+        return encode(
+            self.tok, [self.prompts[i] for i in picked], [self.responses[i] for i in picked], self.max_length, device
+        )
+
+
+def load_demonstrations(cfg: PPOConfig, data_dir: Path, tok) -> Demonstrations:
+    """PPO-ptx's demonstrations, encoded with `tok`: every one under data_dir (SFT's held-out share included: PPO
+    is not scored on them), or a ValueError naming what is missing (`tok` None: only that check)."""
+    demos, _ = read_demonstrations(data_dir, 0.0)
+    if not demos:
+        raise ValueError(
+            f"ppo.ptx_coef={cfg.ptx_coef} mixes the language-model loss on demonstrations into PPO, but "
+            f"{data_dir}/demonstrations has none: ingest some (`rlhf ingest FILE --kind demonstrations`) or set "
+            "ppo.ptx_coef=0"
+        )
+    prompts, responses = [d["prompt"] for d in demos], [d["completion"].strip() for d in demos]
+    return Demonstrations(prompts, responses, tok, cfg.max_prompt_tokens + cfg.max_new_tokens)
+
+
+def language_model_loss(roles: Roles, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The active adapter's mean next-token NLL over the non-padding tokens of `ids`: (B, T) -> scalar."""
+    ids, mask = ids.to(roles.model.device), mask.to(roles.model.device)
+    logits = lm_logits(roles.model, hidden_states(roles.model, ids, mask)[:, :-1])  # (B, T-1, V)
+    nll = -logprobs_of(logits, ids[:, 1:])  # (B, T-1)
+    target = mask[:, 1:].to(nll.dtype)
+    return (nll * target).sum() / target.sum()
+
+
 def ppo_update(
     roles: Roles,
     traj: Trajectory,
@@ -500,15 +544,16 @@ def ppo_update(
     generator: torch.Generator | None = None,
     iteration: int | None = None,
     scaler: LossScaler | None = None,
+    ptx: Demonstrations | None = None,
 ) -> dict[str, float]:
     """Step 3: `cfg.ppo_epochs` passes over shuffled minibatches (order drawn from `generator`, a CPU
-    torch.Generator): clipped policy loss + vf_coef * clipped value loss, gradient clipping, early stop
-    once approx-KL exceeds `cfg.max_approx_kl`; `scaler`: loss scaling on an fp16 base (precision.LossScaler; none:
-    plain steps). -> the means of the losses and fractions, and the epochs run. Raises PPODivergence on a NaN/inf
-    loss."""
+    torch.Generator): clipped policy loss + vf_coef * clipped value loss (+ ptx_coef * the language-model loss on a
+    batch of `ptx`'s demonstrations, PPO-ptx), gradient clipping, early stop once approx-KL exceeds
+    `cfg.max_approx_kl`; `scaler`: loss scaling on an fp16 base (precision.LossScaler; none: plain steps). -> the
+    means of the losses and fractions, and the epochs run. Raises PPODivergence on a NaN/inf loss."""
     scaler = scaler or LossScaler("float32", "cpu")  # a pass-through
     ro, seq, smask, q_len = traj.rollout, traj.rollout.sequence, traj.rollout.sequence_mask, traj.rollout.query.shape[1]
-    stats: dict[str, list[torch.Tensor]] = {name: [] for name in STAT_NAMES}
+    stats: dict[str, list[torch.Tensor]] = {name: [] for name in STAT_NAMES + (("ptx_loss",) if ptx else ())}
     losses: list[torch.Tensor] = []  # without an approx-KL stop, checked once at the end (no per-minibatch sync)
     epochs = 0
     for _ in range(cfg.ppo_epochs):
@@ -524,6 +569,9 @@ def ppo_update(
             )
             vf, vf_clipfrac = value_loss(new_values, traj.values[mb], traj.returns[mb], mb_mask, cfg.cliprange_value)
             loss = pg + cfg.vf_coef * vf
+            if ptx:
+                ptx_loss = language_model_loss(roles, *ptx.batch(cfg.ptx_batch_size, generator))
+                loss = loss + cfg.ptx_coef * ptx_loss
             optimizer.zero_grad(set_to_none=True)
             scaler.backward(loss)
             # the ranks' mean gradient (in place); the loss and approx-KL ride along so every rank decides alike
@@ -534,7 +582,9 @@ def ppo_update(
             else:
                 losses.append(total_loss.detach())
             scaler.step(optimizer, params, cfg.max_grad_norm)
-            for k, v in zip(stats, (pg, vf, clipfrac, vf_clipfrac, approx_kl), strict=True):
+            for k, v in zip(
+                stats, (pg, vf, clipfrac, vf_clipfrac, approx_kl, *((ptx_loss,) if ptx else ())), strict=True
+            ):
                 stats[k].append(v.detach())
             if cfg.max_approx_kl is not None and kl_value > cfg.max_approx_kl:
                 stop = True
@@ -694,11 +744,18 @@ def train_ppo(
     device = resolve_device(model_cfg.device)
     torch.manual_seed(seed)  # peft's LoRA init and a fresh value head's init draw from the global RNG
     guided.check_config(cfg)
+    if cfg.ptx_coef < 0 or cfg.ptx_batch_size < 1:
+        raise ValueError(
+            f"ppo.ptx_coef={cfg.ptx_coef}, ppo.ptx_batch_size={cfg.ptx_batch_size}: the coefficient must be >= 0 "
+            "(0: no PPO-ptx) and the batch at least 1 demonstration"
+        )
     if cfg.generation_cache not in CACHES:
         raise ValueError(f"ppo.generation_cache={cfg.generation_cache!r}: expected one of {', '.join(CACHES)}")
+    demonstrations = load_demonstrations(cfg, data_dir, None) if cfg.ptx_coef else None  # before any model loads
     roles = build_roles(cfg, model_cfg, sft_dir, reward_dir, device)
     assert roles.value_head is not None  # build_roles gives PPO's roles a critic
     guide = load_guide(cfg.guide, roles, model_cfg, cfg.max_prompt_tokens + cfg.max_new_tokens)  # + a cut response
+    demonstrations = replace(demonstrations, tok=roles.tok) if demonstrations else None
     params = [p for n, p in roles.model.named_parameters() if p.requires_grad] + list(roles.value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, eps=1e-5)
     scaler = LossScaler(model_cfg.dtype, device)  # fp16: loss scaling; fp32/bf16: a pass-through
@@ -747,9 +804,7 @@ def train_ppo(
 
         # 3. train ------------------------------------------------------------------------------
         with record_function("ppo/train"):
-            stats = ppo_update(
-                roles, traj, optimizer, params, rank_cfg, generator=minibatch_order, iteration=it, scaler=scaler
-            )
+            stats = ppo_update(roles, traj, optimizer, params, rank_cfg, minibatch_order, it, scaler, demonstrations)
         t3 = time.perf_counter()
 
         # 4. adapt, log, checkpoint ------------------------------------------------------------

@@ -22,9 +22,10 @@ def versioned(project):
     return project
 
 
-def slow_ingest(cfg, file: Path, marker: Path, hold_s: float) -> subprocess.Popen:
+def slow_ingest(cfg, file: Path, marker: Path, hold_s: float, until: Path | None = None) -> subprocess.Popen:
     """`ingest` in its own process that, once it has validated and holds the lock, touches `marker` and
-    then takes `hold_s` longer before writing its shard (as a slow `dvc push` would)."""
+    then takes `hold_s` longer (or, with `until`, until that file exists) before writing its shard (as a slow
+    `dvc push` would)."""
     script = textwrap.dedent(f"""
         import pathlib, time
         from components.config import compose
@@ -35,6 +36,10 @@ def slow_ingest(cfg, file: Path, marker: Path, hold_s: float) -> subprocess.Pope
             if s == "write shard":
                 pathlib.Path({str(marker)!r}).touch()
                 time.sleep({hold_s})
+                until = {str(until) if until else None!r}
+                deadline = time.time() + 120
+                while until and not pathlib.Path(until).exists() and time.time() < deadline:
+                    time.sleep(0.05)
         try:
             r = ingest(cfg, {str(file)!r}, "preferences", on_step=step)
             print("INGESTED", r.n_good, r.version_after)
@@ -55,11 +60,19 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
 def test_two_ingests_of_the_same_ids_take_turns_and_only_one_lands(versioned, tmp_path):
     """Without the lock both would validate against the same data/ and commit the same ids twice."""
     cfg = versioned
-    marker = tmp_path / "first-holds-the-lock"
-    first = slow_ingest(cfg, batch(tmp_path, GOOD, "a.jsonl"), marker, hold_s=10)
+    marker, release = tmp_path / "first-holds-the-lock", tmp_path / "second-is-waiting"
+    first = slow_ingest(cfg, batch(tmp_path, GOOD, "a.jsonl"), marker, hold_s=0, until=release)
     wait_for(marker, first)
     second = slow_ingest(cfg, batch(tmp_path, GOOD, "b.jsonl"), tmp_path / "second", hold_s=0)
-    out2, err2 = second.communicate(timeout=300)
+    said = []  # the first holds the lock until the second says it waits for it
+    for line in second.stdout:
+        said.append(line)
+        if "waiting for data/" in line:
+            release.touch()
+            break
+    release.touch()  # (the second ended without waiting: the assertions below say so)
+    rest, err2 = second.communicate(timeout=300)
+    out2 = "".join(said) + rest
     out, err = first.communicate(timeout=300)
     assert "INGESTED 5" in out, out + err
     assert "waiting for data/" in out2 and "in use by ingest a.jsonl" in out2, out2 + err2
@@ -92,22 +105,8 @@ def test_a_retrain_reads_its_pinned_version_while_an_ingest_lands(versioned, tmp
     cfg = versioned
     pinned = pinned_data(cfg)
     rows_before = sum(1 for p in shard_files(Path(pinned.path) / "preferences") for _ in p.read_text().splitlines())
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cli.main",
-            "ingest",
-            str(batch(tmp_path, GOOD)),
-            "--kind",
-            "preferences",
-            f"root={cfg.root_path}",
-            "data=demo_small",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    out, err = slow_ingest(cfg, batch(tmp_path, GOOD), tmp_path / "landing", hold_s=0).communicate(timeout=300)
+    assert "INGESTED 5" in out, out + err  # in another process, as `rlhf ingest` (tests/data/test_ingest.py)
     assert data_version(cfg.root_path) != pinned.version
     rows_after = sum(1 for p in shard_files(Path(pinned.path) / "preferences") for _ in p.read_text().splitlines())
     assert rows_after == rows_before == pinned.rows["preferences"], "the snapshot did not change"

@@ -24,6 +24,7 @@ import threading
 import time
 import urllib.request
 from base64 import b64encode
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -183,10 +184,10 @@ def retrained(stack):
     orch = stack["root"] / "orchestrator"
     orch.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=orch, check=True)
-    # 100 SFT steps: the orphaned SFT is still training when the second run cancels it (measured: 13 steps after
-    # the kill at step 10; resumed, the rest take ~10 s)
+    # 50 SFT steps: the orphaned SFT is still training when the second run cancels it (measured: 13 steps after
+    # the kill at step 10), and the resumed one checkpoints again (at 20: PostgreSQL's restart waits for it)
     cmd = [RLHF, "run", "infra=server", "tracking=server", "data=demo_small", *FAST_STAGES, *OPEN_GATE]
-    cmd += ["sft.max_steps=100"]
+    cmd += ["sft.max_steps=50"]
     t0 = time.time()
     first_log = stack["root"] / "killed-run.log"
     with open(first_log, "wb") as log:
@@ -446,11 +447,19 @@ def test_no_secret_reaches_mlflow_prefect_or_the_logs(retrained, monkeypatch, tm
         monkeypatch.setenv(k, creds[k])
     client = mlflow.MlflowClient(tracking_uri=retrained["env"]["MLFLOW_TRACKING_URI"])
     seen = [retrained["stdout"], retrained["stderr"], retrained["worker_log"].read_text(errors="replace")]
+    texts = []  # (run id, artifact path) of every text artifact
     for run in client.search_runs([client.get_experiment_by_name("rlhf-ops").experiment_id]):
         seen += [json.dumps(run.data.params), json.dumps(run.data.tags)]
         for art in client.list_artifacts(run.info.run_id):
             if art.path.endswith((".yaml", ".json", ".txt", ".md")) and not art.is_dir:
-                seen.append(Path(client.download_artifacts(run.info.run_id, art.path, str(tmp_path))).read_text())
+                texts.append((run.info.run_id, art.path))
+
+    def read(run_artifact: tuple[str, str]) -> str:  # each into a directory of its own: names repeat across runs
+        run_id, path = run_artifact
+        return Path(client.download_artifacts(run_id, path, str(tmp_path / run_id))).read_text()
+
+    with ThreadPoolExecutor(4) as pool:  # one request each, through the artifact proxy: waiting, not computing
+        seen += list(pool.map(read, texts))
     seen += [json.dumps(r["parameters"]) for r in prefect_post(retrained["env"], "/flow_runs/filter", {"limit": 200})]
     text = "\n".join(seen)
     assert "infra:" in text and "tracking:" in text  # the parent's config.yaml was among what was searched
