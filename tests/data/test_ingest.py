@@ -75,7 +75,7 @@ def test_good_batch_changes_version_and_adds_shard(versioned, tmp_path):
     assert Dvc(cfg.root_path).status() == {}
 
 
-def test_feedback_ingests_through_the_cli_and_a_bad_batch_changes_nothing(versioned, tmp_path, capsys):
+def test_feedback_ingests_through_the_cli_and_a_bad_batch_changes_nothing(versioned, tmp_path, capsys, prefect_server):
     from cli.main import main
 
     cfg = versioned

@@ -373,14 +373,14 @@ def test_a_body_over_the_cap_gets_413_before_anything_parses_it(served):
     assert len(predictions(served, ask(["The film was"], max_new_tokens=4, seed=0))["predictions"]) == 1
 
 
-# 30 s in CI (the time budget); RLHF_LOAD_S=60 is the issue's full minute (measured: docs/operating.md, "Chaos")
-LOAD_CLIENTS, LOAD_S = 8, float(os.environ.get("RLHF_LOAD_S", "30"))
+# 15 s in CI (the time budget: ~2,500 requests); RLHF_LOAD_S=60 is the issue's full minute (measured: docs/operating.md, "Chaos")
+LOAD_CLIENTS, LOAD_S = 8, float(os.environ.get("RLHF_LOAD_S", "15"))
 RSS_BOUND_MB = 1024  # the serving process's resident memory, peak, under this load (measured: 582 -> 588 MB)
 RSS_GROWTH_MB = 150  # from the first quarter of the load to its end: bad requests leave nothing behind
 
 
 def test_under_load_the_server_stays_up_answers_bad_requests_in_one_sentence_and_holds_its_memory(served):
-    """Issue 28, chaos and load: 8 clients for 30 s (RLHF_LOAD_S=60: a minute), each sending in turn a good request, a bad
+    """Issue 28, chaos and load: 8 clients for 15 s (RLHF_LOAD_S=60: a minute), each sending in turn a good request, a bad
     parameter, an oversized body and a malformed one. The server stays up, every good request is answered, every
     bad one gets a 4xx in one sentence, and its resident memory stays under RSS_BOUND_MB without growing."""
     import http.client
