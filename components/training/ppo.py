@@ -25,7 +25,8 @@ benchmarks/ppo_bench.py call (as torchtune's PPO recipe does):
     2. score      `score_rollout` -> Trajectory: log-probs (policy, reference), values, sequence scores;
                   per-token rewards r_t = -beta * KL_t (+ score at the last token); GAE; whitened advantages
     3. train      `ppo_update` -> stats: PPO epochs over minibatches: clipped policy loss + vf_coef * clipped
-                  value loss, gradient clipping, early stop on approx-KL
+                  value loss + ptx_coef * the language-model loss on a few demonstrations (PPO-ptx), gradient
+                  clipping, early stop on approx-KL
     4. adapt      the KL coefficient (PID or Ziegler et al. 2019), log `ppo/*`, checkpoint every N, and
                   every `ppo.eval_every` iterations the held-out reward and KL (a curve against
                   `ppo/train_elapsed_seconds`, the training clock without the evals)

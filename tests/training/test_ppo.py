@@ -51,11 +51,13 @@ def assert_kl_holds_its_target(result, target: float) -> None:
 def test_ppo_raises_held_out_reward_with_kl_near_target(stages, ppo):
     result, _ = ppo
     m, target = result.metrics, stages.cfg.ppo.target_kl
-    # measured on held-out eval prompts (same sampling seed for both), reward in RM std units:
-    # SFT -0.04 -> PPO 0.62 at KL 7.0 for a target of 6 (the PID controller; Ziegler's: 0.25 at KL 2.5)
+    # measured on held-out eval prompts (same sampling seed for both), reward in RM std units: without PPO-ptx
+    # SFT -0.04 -> PPO 0.62 at KL 7.0 for a target of 6 (the PID controller; Ziegler's: 0.25 at KL 2.5). With the
+    # default ppo.ptx_coef=0.5 the demonstrations hold the KL under the target, a ceiling the controller then never
+    # needs (the controller at its target: the long run below, without ptx)
     assert m["ppo/eval_reward"] - m["ppo/eval_reward_ref"] > 0.15, m
     assert m["ppo/eval_score"] > m["ppo/eval_score_ref"], m
-    assert_kl_holds_its_target(result, target)  # 40 iterations, the default
+    assert 0.5 < m["ppo/eval_kl"] <= 1.3 * target, m  # the policy moved, within the KL budget (40 iterations)
     assert max(h["ppo/kl"] for h in result.history) < 2.5 * target
     first, last = result.history[:5], result.history[-5:]
     assert sum(h["ppo/score_mean"] for h in last) / 5 > sum(h["ppo/score_mean"] for h in first) / 5
@@ -172,7 +174,7 @@ def small(cfg, **kw):
 def test_the_kl_controller_holds_its_target_over_a_long_run(stages, reward):
     # 120 iterations: Ziegler et al.'s controller (kl_horizon 500) let the KL drift to 9.8 here, and 15.6 on
     # another seed; the PID controller (Stooke et al. 2020) holds it (held-out KL 6.5, 6.7 on seeds 0, 1)
-    cfg = replace(stages.cfg.ppo, steps=120, eval_max_prompts=100, sample_every=0, save_every=1000)
+    cfg = replace(stages.cfg.ppo, steps=120, eval_max_prompts=100, sample_every=0, save_every=1000, ptx_coef=0.0)
     result = train_ppo(
         cfg, stages.cfg.model, stages.sft_dir, reward.head_dir, stages.cfg.data_path, stages.root / "ppo-120", seed=0
     )

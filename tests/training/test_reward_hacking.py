@@ -23,7 +23,11 @@ def pays_for_repeats(prompts: list[str], responses: list[str]) -> list[float]:
 
 def test_the_gate_refuses_a_policy_that_hacked_its_reward_and_names_the_measure(stages, reward, tmp_path):
     cfg = stages.cfg
-    ppo = replace(cfg.ppo, steps=20, reward_fn=HACKABLE, reward_fn_weight=1.0, eval_max_prompts=8, save_every=1000)
+    # without PPO-ptx, whose demonstrations would pull against the hack: the policy must buy its reward for the
+    # guard to have something to refuse
+    ppo = replace(
+        cfg.ppo, steps=20, reward_fn=HACKABLE, reward_fn_weight=1.0, eval_max_prompts=8, save_every=1000, ptx_coef=0.0
+    )
     result = train_ppo(ppo, cfg.model, stages.sft_dir, reward.head_dir, cfg.data_path, tmp_path / "ppo", seed=0)
     first, last = result.history[:3], result.history[-3:]
     mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
