@@ -54,18 +54,18 @@ def write_results(name: str, body: dict) -> Path:
     return path
 
 
-def demo_sft(work: Path):
-    """Demo data, the tiny base and SFT with default settings (what `make run` trains), cached in `work`:
-    -> (the config, the merged SFT dir)."""
+def demo_sft(work: Path, seed: int | None = None, overrides: list[str] | tuple[str, ...] = ()):
+    """Demo data, the tiny base and SFT with default settings (what `make run` trains; with `seed`, that seed's, in
+    `work/seed<seed>/`; `overrides`: Hydra overrides on top), cached in `work`: -> (the config, the merged SFT dir)."""
     from components.config import compose
     from components.data.demo import write_demo
     from components.models.demo_base import build_demo_base
     from components.training.sft import train_sft
 
-    cfg = compose([f"root={work}"])
+    cfg = compose([f"root={work}", *([f"seed={seed}"] if seed is not None else []), *overrides])
     if not cfg.data_path.is_dir():
         write_demo(cfg.data, cfg.data_path)
-    sft_dir = work / "sft"
+    sft_dir = work / "sft" if seed is None else work / f"seed{seed}" / "sft"
     if not (sft_dir / "merged").is_dir():
         base = build_demo_base(cfg.model, cfg.data_path, "bench", work / "models")
         train_sft(cfg.sft, cfg.model, base.path, cfg.data_path, sft_dir, seed=cfg.seed)

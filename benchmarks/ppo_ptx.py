@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, demo_sft, write_results  # noqa: E402
 from served_degeneration import UNSEEN  # noqa: E402
 
 SAMPLES = {"eval": 2, "unseen": 16}  # per prompt
@@ -34,21 +34,13 @@ def name(coef: float) -> str:
 
 
 def one(seed: int, work: Path, coefs: list[float]) -> dict:
-    from components.config import compose
-    from components.data.demo import write_demo
     from components.data.readers import read_prompts
     from components.evaluation.evaluate import PolicySpec, evaluate_policies
-    from components.models.demo_base import build_demo_base
     from components.training.ppo import train_ppo
     from components.training.reward import train_reward
-    from components.training.sft import train_sft
 
-    cfg = compose([f"root={work}", f"seed={seed}"])  # `make run`'s settings
-    if not cfg.data_path.is_dir():
-        write_demo(cfg.data, cfg.data_path)
-    base = build_demo_base(cfg.model, cfg.data_path, "bench", work / "models")
+    cfg, sft = demo_sft(work, seed)  # `make run`'s settings
     out = work / f"seed{seed}"
-    sft = train_sft(cfg.sft, cfg.model, base.path, cfg.data_path, out / "sft", seed=seed).merged_dir
     rm = train_reward(cfg.reward, cfg.model, sft, cfg.data_path, out / "rm", seed=seed, data_cfg=cfg.data).head_dir
     specs, seconds = [PolicySpec("sft", sft)], {}
     for coef in coefs:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "training"))
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, demo_sft, write_results  # noqa: E402
 from served_degeneration import UNSEEN  # noqa: E402
 
 MEASURES = ("reward_mean", "reward_disagreement", "judge_mean", "kl", "repeated_word_share", "distinct_2")
@@ -36,21 +36,13 @@ POLICIES = ("sft", "ppo", "ppo_ens", "ppo_ens_pen1", "hacked")
 
 
 def one(seed: int, members: int, work: Path) -> dict:
-    from components.config import compose
-    from components.data.demo import write_demo
     from components.data.readers import read_prompts
     from components.evaluation.evaluate import PolicySpec, evaluate_policies
-    from components.models.demo_base import build_demo_base
     from components.training.ppo import train_ppo
     from components.training.reward import train_reward
-    from components.training.sft import train_sft
 
-    cfg = compose([f"root={work}", f"seed={seed}"])  # `make run`'s settings
-    if not cfg.data_path.is_dir():
-        write_demo(cfg.data, cfg.data_path)
-    base = build_demo_base(cfg.model, cfg.data_path, "bench", work / "models")
+    cfg, sft = demo_sft(work, seed)  # `make run`'s settings
     out = work / f"seed{seed}"
-    sft = train_sft(cfg.sft, cfg.model, base.path, cfg.data_path, out / "sft", seed=seed).merged_dir
     seconds = {}
     rms = {}
     for k in (1, members):

@@ -24,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, write_results  # noqa: E402
+from common import RESULTS, demo_sft, write_results  # noqa: E402
 
 SUBJECTS = (
     "the new phone", "this restaurant", "the hotel room", "my old car", "the concert", "this laptop", "the museum",
@@ -36,21 +36,13 @@ MEASURES = ("judge_mean", "repeated_word_share", "distinct_2", "mean_words")
 
 
 def one(seed: int, work: Path, overrides: list[str]) -> dict:
-    from components.config import compose
-    from components.data.demo import write_demo
     from components.data.readers import read_prompts
     from components.evaluation.evaluate import PolicySpec, evaluate_policies
-    from components.models.demo_base import build_demo_base
     from components.training.ppo import train_ppo
     from components.training.reward import train_reward
-    from components.training.sft import train_sft
 
-    cfg = compose([f"root={work}", f"seed={seed}", *overrides])  # `make run`'s settings
-    if not cfg.data_path.is_dir():
-        write_demo(cfg.data, cfg.data_path)
-    base = build_demo_base(cfg.model, cfg.data_path, "bench", work / "models")
+    cfg, sft = demo_sft(work, seed, overrides)  # `make run`'s settings
     out = work / f"seed{seed}"
-    sft = train_sft(cfg.sft, cfg.model, base.path, cfg.data_path, out / "sft", seed=seed).merged_dir
     rm = train_reward(cfg.reward, cfg.model, sft, cfg.data_path, out / "rm", seed=seed, data_cfg=cfg.data).head_dir
     ppo = train_ppo(cfg.ppo, cfg.model, sft, rm, cfg.data_path, out / "ppo", seed=seed).policy_dir
     unshaped = replace(cfg.ppo, repeated_word_penalty=0.0)  # the same PPO without the repeated-word penalty
