@@ -505,11 +505,12 @@ class Demonstrations:
     def __bool__(self) -> bool:
         return bool(self.prompts)
 
-    def batch(self, n: int, generator: torch.Generator | None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """n demonstrations drawn without replacement (from `generator`): -> ids, mask (n, T)."""
+    def batch(self, n: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """n demonstrations drawn without replacement (from `generator`): -> ids, mask (n, T) on the CPU
+        (language_model_loss moves them to the model)."""
         picked = torch.randperm(len(self.prompts), generator=generator)[:n].tolist()
         return encode(
-            self.tok, [self.prompts[i] for i in picked], [self.responses[i] for i in picked], self.max_length, device
+            self.tok, [self.prompts[i] for i in picked], [self.responses[i] for i in picked], self.max_length, "cpu"
         )
 
 
