@@ -109,6 +109,8 @@ def json_problem(body: bytes) -> str | None:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         return f"The request body is not valid JSON ({str(e).split(':')[0].lower()}): send {INPUT_FIELDS}."
+    except RecursionError:  # e.g. 400 KB of `[`: the parser recurses once per level, a 500 without this
+        return f"The request body nests JSON deeper than the server parses: send {INPUT_FIELDS}."
     if not isinstance(doc, dict):
         return f"The request body is a JSON {type(doc).__name__}, not an object: send {INPUT_FIELDS}."
     given = sorted(fields & doc.keys())
