@@ -98,26 +98,115 @@ def cmd_validate(args, overrides: list[str], positional: list[str]) -> int:
 
 
 def cmd_feedback(args, overrides: list[str], positional: list[str]) -> int:
-    """`rlhf feedback TRACE_ID up|down [--rating R] [--rater ID]`: a person's judgement of a served answer, as
-    MLflow's feedback assessment on its trace (components/registry/feedback.py)."""
+    """`rlhf feedback TRACE_ID up|down [--rating R] [--url URL] [--token T]`: a rater's judgement of a served answer,
+    sent to the served app's `POST /feedback` (service/feedback_api.py), which checks and records it: one code path
+    for the rules. The token is the rater's (`rlhf raters add NAME`), from --token or RLHF_RATER_TOKEN."""
+    import json
+    import urllib.error
+    import urllib.request
+
     if len(positional) != 2 or positional[1] not in ("up", "down"):
         print("rlhf feedback: expected TRACE_ID then up or down, e.g. `rlhf feedback tr-1a2b up`", file=sys.stderr)
         return 2
     trace_id, vote = positional
-    cfg = _load(overrides, prefect=False)
-    from components import tracking
-    from components.registry.feedback import BadFeedback, record_feedback
-
-    experiment_id = tracking.setup(cfg)
+    token = args.token or os.environ.get("RLHF_RATER_TOKEN")
+    if not token:
+        print(
+            "✗ feedback: no rater token: pass --token or set RLHF_RATER_TOKEN (the operator gives one with "
+            "`rlhf raters add NAME`)",
+            file=sys.stderr,
+        )
+        return 2
+    body = {"trace_id": trace_id, "value": vote == "up", **({"rating": args.rating} if args.rating is not None else {})}
+    url = args.url.rstrip("/") + "/feedback"
+    request = urllib.request.Request(
+        url,
+        json.dumps(body).encode(),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        method="POST",
+    )
     try:
-        with quiet("mlflow.tracing.fluent"):  # an unknown trace is our one sentence, not MLflow's warning too
-            record_feedback(trace_id, vote == "up", args.rating, args.rater, experiment_id, cfg.data)
-    except BadFeedback as e:
-        print(f"✗ feedback refused: {e}", file=sys.stderr)
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            doc = json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.loads(e.read()).get("message", "")
+        except ValueError:
+            message = ""
+        print(f"✗ feedback refused ({e.code}): {message or e.reason}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as e:
+        print(
+            f"✗ feedback: no served model answers at {url} ({e}): start `rlhf model serve` or pass --url",
+            file=sys.stderr,
+        )
         return 1
     rated = f", rating {args.rating:g}" if args.rating is not None else ""
-    print(f"✓ {args.rater}: thumbs {vote}{rated} on {trace_id}")
+    print(f"✓ {doc['rater']}: thumbs {vote}{rated} on {trace_id} (assessment {doc['assessment_id']})")
     print("  `rlhf ingest --from-traces` turns the judged answers into feedback rows for the next retrain")
+    return 0
+
+
+def cmd_raters(args, overrides: list[str]) -> int:
+    """`rlhf raters add NAME | list | revoke NAME`: who may judge served answers (service/raters.py)."""
+    import time
+
+    from service import raters
+
+    cfg = _load(overrides, prefect=False)
+    path = raters.raters_path(cfg)
+    try:
+        if args.action == "list":
+            known = raters.read(path)
+            if not known:
+                print(f"no raters in {path}: `rlhf raters add NAME` adds one")
+            for r in sorted(known.values(), key=lambda r: r.added):
+                when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r.added))
+                revoked = f", revoked {time.strftime('%Y-%m-%d %H:%M', time.gmtime(r.revoked))}" if r.revoked else ""
+                print(f"{r.name}: added {when} UTC{revoked}")
+            return 0
+        if not args.name:
+            raise raters.RaterError(f"`rlhf raters {args.action}` needs the rater's NAME")
+        if args.action == "revoke":
+            raters.revoke(path, args.name)
+            print(f"✓ revoked {args.name}: their token is refused from the next request on (raters file {path})")
+            return 0
+        token = raters.add(path, args.name)
+    except raters.RaterError as e:
+        print(f"✗ raters: {e}", file=sys.stderr)
+        return 1
+    print(f"✓ added rater {args.name} (raters file {path}); give them this token, shown once:")
+    print(token)
+    return 0
+
+
+def cmd_secret(args, overrides: list[str]) -> int:
+    """`rlhf secret list | rotate | retire KID`: the keys that sign served answers, votes and stage requests."""
+    import time
+
+    from service import keys
+
+    cfg = _load(overrides, prefect=False)
+    try:
+        ring = keys.load(cfg)
+        assert ring is not None
+        if args.action == "rotate":
+            key = ring.rotate()
+            print(
+                f"✓ {key.kid} signs from now on; older keys still verify until `rlhf secret retire KID` ({ring.path})"
+            )
+        elif args.action == "retire":
+            if not args.kid:
+                raise keys.KeyringError("`rlhf secret retire` needs the key id (`rlhf secret list` shows them)")
+            ring.retire(args.kid)
+            print(f"✓ {args.kid} retired: what it signed no longer counts ({ring.path})")
+        else:
+            for k in ring.keys:
+                state = "signs" if k.kid == ring.active else ("retired" if k.retired else "verifies")
+                print(f"{k.kid}: {state}, created {time.strftime('%Y-%m-%d %H:%M', time.gmtime(k.created))} UTC")
+    except keys.KeyringError as e:
+        print(f"✗ secret: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -165,23 +254,21 @@ def cmd_ingest(args, overrides: list[str], positional: list[str]) -> int:
     from flows.ingest import ingest_flow
 
     source: Path | None = None if args.from_traces else Path(positional[0]).resolve()
+    batch = None
     if args.from_traces:
-        from flows.ingest import traces_to_file
+        from flows.ingest import harvest_summary, traces_to_file
 
-        source, h = traces_to_file(cfg, since_ms(args.since))
-        print(
-            f"traces: {h.judged} judged answer(s) in experiment {cfg.tracking.experiment!r}; "
-            f"{h.known} already in the data, {h.ties} tied (left out), {len(h.rows)} new"
-        )
-        if h.empty or h.repeats:
-            print(
-                f"  left out: {h.empty} empty answer(s) (a feedback row needs a response), {h.repeats} repeat(s) of "
-                "an earlier judged answer (the data holds each once)"
-            )
+        batch = traces_to_file(cfg, since_ms(args.since))
+        print("\n".join(harvest_summary(batch.harvest, cfg.tracking.experiment)))
+        source = batch.path
         if source is None:
+            batch.landed(None)
             print("  nothing to ingest: the data and its version are unchanged")
             return 0
+        args.quarantine = True  # a row the suite refuses is set aside and remembered; the others land
     state = ingest_flow(cfg, str(source), args.kind, args.quarantine, return_state=True)
+    if batch is not None and state.is_completed():
+        batch.landed(state.result())
     if state.is_failed():
         print(f"\n{state.result(raise_on_failure=False)}", file=sys.stderr)
         print("  data/ and data.dvc are unchanged.", file=sys.stderr)

@@ -6,7 +6,9 @@
     rlhf validate  [PATH] [--kind K] [overrides]        Great Expectations checks, readable report
     rlhf ingest    FILE --kind K [--quarantine] [...]   validate + version a new batch, emit rlhf.data.updated
     rlhf ingest    --from-traces [--since T] [...]      the people's judgements of served answers, as feedback rows
-    rlhf feedback  TRACE_ID up|down [--rating R] [--rater ID]   judge a served answer (an MLflow assessment)
+    rlhf feedback  TRACE_ID up|down [--rating R] [--url U] [--token T]   judge a served answer (POST /feedback)
+    rlhf raters    add NAME | list | revoke NAME        who may judge served answers (bearer tokens)
+    rlhf secret    list | rotate | retire KID           the keys that sign answers, votes and stage requests
     rlhf data      [overrides]                          materialise data/ (dvc pull, else the demo) and show its version
     rlhf config    [--options] [overrides]              print the resolved config (or every group's options)
     rlhf status    [overrides]                          who holds the retrain slot; the last runs and outcomes
@@ -26,7 +28,7 @@ import os
 import sys
 from pathlib import Path
 
-from cli.commands import cmd_config, cmd_data, cmd_feedback, cmd_ingest, cmd_validate
+from cli.commands import cmd_config, cmd_data, cmd_feedback, cmd_ingest, cmd_raters, cmd_secret, cmd_validate
 from cli.service_commands import (
     cmd_approve,
     cmd_deploy,
@@ -129,8 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("rest", nargs="*", help="FILE then Hydra overrides")
     f = sub.add_parser("feedback", help="judge a served answer: thumbs up or down on its trace")
     f.add_argument("--rating", type=float, default=None, help="a graded score in data.min_rating..data.max_rating")
-    f.add_argument("--rater", default=os.environ.get("USER") or "unknown", help="who judges (default: $USER)")
+    f.add_argument("--url", default="http://127.0.0.1:5001", help="the served model (`rlhf model serve`)")
+    f.add_argument("--token", default=None, help="the rater's token (default: $RLHF_RATER_TOKEN)")
     f.add_argument("rest", nargs="*", help="TRACE_ID up|down, then Hydra overrides")
+    ra = sub.add_parser("raters", help="who may judge served answers: `rlhf raters add NAME | list | revoke NAME`")
+    ra.add_argument("action", choices=["add", "list", "revoke"])
+    ra.add_argument("name", nargs="?", default=None)
+    ra.add_argument("rest", **over)
+    se = sub.add_parser("secret", help="the signing keys: `rlhf secret list | rotate | retire KID`")
+    se.add_argument("action", choices=["list", "rotate", "retire"])
+    se.add_argument("kid", nargs="?", default=None)
+    se.add_argument("rest", **over)
     return p
 
 
@@ -164,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             "services": cmd_services,
             "deploy": cmd_deploy,
             "worker": cmd_worker,
+            "raters": cmd_raters,
+            "secret": cmd_secret,
         }[args.command](args, overrides)
     except ConfigError as e:
         print(f"✗ config error: {e}", file=sys.stderr)

@@ -114,7 +114,7 @@ def cmd_sweep(args, overrides: list[str]) -> int:
         print("  their policy curves in each variant's policy child run. Compare them: select the runs, Compare.")
         if args.promote_best:
             print(f"\npromote best: {summary.best_why}")
-            if reg := summary.registered:
+            if (reg := summary.registered) and not state.is_failed():  # a refusal is said once, below
                 print(f"{'✓' if reg.alias == 'champion' else '…'} {state.message}")
     if state.is_failed():
         print(f"\n✗ sweep: {state.message}", file=sys.stderr)
@@ -141,7 +141,16 @@ def cmd_model(args, overrides: list[str]) -> int:
 
         experiment_id = tracking.setup(cfg)
         version = args.alias if args.alias.isdigit() else registry.alias_version(name, args.alias)
-        tracing = {"RLHF_TRACE_EXPERIMENT_ID": experiment_id, "RLHF_SERVED_MODEL": f"{name}/{version}@{args.alias}"}
+        from service import keys, raters
+
+        ring = keys.load(cfg)  # the key its answers and votes are signed with (made on first use: local profile)
+        tracing = {
+            "RLHF_TRACE_EXPERIMENT_ID": experiment_id,
+            "RLHF_SERVED_MODEL": f"{name}/{version}@{args.alias}",
+            keys.KEYS_ENV: str(ring.path),
+            "RLHF_RATERS_FILE": str(raters.raters_path(cfg)),
+            "RLHF_RATING_RANGE": f"{cfg.data.min_rating}:{cfg.data.max_rating}",
+        }
     env = {
         **os.environ,
         "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -153,8 +162,9 @@ def cmd_model(args, overrides: list[str]) -> int:
     print(f"serving {uri} on http://{args.host}:{args.port}/invocations  (Ctrl-C stops)")
     if tracing:
         print(
-            f"  each answer is an MLflow trace in experiment {cfg.tracking.experiment!r} (its id in `trace_id`; "
-            "registry.trace_requests=false turns it off); judge one: rlhf feedback TRACE_ID up|down"
+            f"  each answer is an MLflow trace in experiment {cfg.tracking.experiment!r}, signed (its id in `trace_id`; "
+            "registry.trace_requests=false turns it off); a rater judges one with POST /feedback or "
+            "`rlhf feedback TRACE_ID up|down --token T` (tokens: `rlhf raters add NAME`)"
         )
     print(
         f"  try: curl -s {args.host}:{args.port}/invocations -H 'Content-Type: application/json' "
@@ -166,17 +176,34 @@ def cmd_model(args, overrides: list[str]) -> int:
 
 
 def cmd_rollback(args, overrides: list[str]) -> int:
-    cfg = _load(overrides, prefect=False)
+    """Move `champion` back, holding the retrain slot (so that no promotion interleaves) under its fence. A live
+    retrain holding the slot refuses it at once: its own promotion, compared with the champion of now, would be
+    refused after a rollback anyway."""
+    cfg = _load(overrides)
     from components import tracking
     from components.registry import registry
+    from service.slot import RetrainSlot, SlotBusy, SlotLost
 
     tracking.setup(cfg)
     name = cfg.tracking.registered_model_name
+    slot = RetrainSlot(cfg, lambda line: print(f"  {line}", file=sys.stderr), on_lost=lambda: None)
     try:
-        current, previous = registry.rollback(name, by=args.by, reason=args.reason)
-    except ValueError as e:
-        print(f"✗ rollback: {e}", file=sys.stderr)
+        slot.acquire(wait_s=0)
+    except SlotBusy as e:
+        print(
+            f"✗ rollback refused: {e}, and `{registry.CHAMPION}` moves only under that slot; run `rlhf rollback` again "
+            "once that run has ended (stop it with Ctrl-C or SIGTERM, or `rlhf approve ID --reject` if it waits for "
+            "approval)",
+            file=sys.stderr,
+        )
         return 1
+    try:
+        current, previous = registry.rollback(name, by=args.by, reason=args.reason, fence=slot.fence)
+    except (ValueError, SlotLost, registry.ChampionMoved) as e:
+        print(f"✗ rollback: {e}; `{registry.CHAMPION}` was not moved", file=sys.stderr)
+        return 1
+    finally:
+        slot.release()
     print(f"✓ {name}: alias {registry.CHAMPION} moved from v{current} back to v{previous}")
     print(
         f"  v{current} is tagged {registry.ROLLED_BACK}: a retrain on its data version and config will not promote it "
@@ -188,7 +215,9 @@ def cmd_rollback(args, overrides: list[str]) -> int:
 
 
 def cmd_approve(args, overrides: list[str], positional: list[str]) -> int:
-    """Answer a retrain paused for approval (gate.approval=manual)."""
+    """Answer a retrain paused for approval (gate.approval=manual), then say what it did. The retrain, which holds
+    the retrain slot, moves `champion` itself, under its fence and only if `champion` has not moved since its gate
+    (flows/retrain.promote): a refusal is its one sentence here, and the exit code 1."""
     from uuid import UUID
 
     if len(positional) != 1:
@@ -196,7 +225,7 @@ def cmd_approve(args, overrides: list[str], positional: list[str]) -> int:
         return 2
     # the environment (Prefect home / API URL) first: Prefect reads its settings when first imported
     cfg = _load(overrides)
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import NotPausedError, ObjectNotFound
     from prefect.flow_runs import resume_flow_run
 
     try:
@@ -211,8 +240,47 @@ def cmd_approve(args, overrides: list[str], positional: list[str]) -> int:
             file=sys.stderr,
         )
         return 1
-    print(f"✓ flow run {positional[0]}: {'rejected' if args.reject else 'approved'} by {args.approver}")
+    except NotPausedError:
+        state = _outcome(run_id, 0)
+        print(
+            f"✗ flow run {positional[0]} is not waiting for approval (it is {state.name if state else 'unknown'}"
+            + (f": {state.message.splitlines()[0]}" if state and state.message else "")
+            + "); nothing was answered",
+            file=sys.stderr,
+        )
+        return 1
+    answered = f"flow run {positional[0]}: {'rejected' if args.reject else 'approved'} by {args.approver}"
+    state = _outcome(run_id, APPROVE_OUTCOME_WAIT_S)
+    if state is None or not state.is_final():
+        print(f"✓ {answered}; the run goes on ({state.name if state else 'unknown'}): `rlhf status` shows its outcome")
+        return 0
+    message = (state.message or state.name).splitlines()[0]
+    if state.is_failed() or state.is_crashed():
+        print(f"✗ {answered}, but the retrain ended {state.name}: {message}", file=sys.stderr)
+        return 1
+    print(f"✓ {answered}; the retrain: {message}")
     return 0
+
+
+APPROVE_OUTCOME_WAIT_S = 60.0  # a resumed retrain notices within its pause's poll (5 s), then promotes in seconds
+
+
+def _outcome(run_id, wait_s: float):
+    """The flow run's state once it is final, or as it is after `wait_s` (None: unreadable)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    deadline = time.monotonic() + wait_s
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                state = client.read_flow_run(run_id).state
+            except Exception:  # noqa: BLE001 - the answer went through; only its outcome is unknown
+                return None
+            if state is None or state.is_final() or time.monotonic() >= deadline:
+                return state
+            time.sleep(1.0)
 
 
 def cmd_status(args, overrides: list[str]) -> int:

@@ -352,8 +352,22 @@ class PolicyConfig:
 
 
 @dataclass
+class FeedbackConfig:
+    """Who may put judgements into the data, and how much (service/raters.py, components/registry/feedback.py)."""
+
+    raters_file: Optional[str] = None  # None: <state dir>/raters.json (`rlhf raters add|list|revoke`)
+    votes_per_rater_per_day: int = 200  # a rater's votes that reach the data per UTC day; more wait for the next day
+    # no rater's share of one ingested batch above this, when the batch has at least min_raters raters (a project
+    # with one or two raters still ingests); the rows over it wait for a later harvest
+    max_rater_share: float = 0.5
+    min_raters: int = 3
+    window_days: float = 7.0  # votes on an answer count for this long after it was served
+    page_size: int = 500  # judged traces read per request to the tracking server
+
+
+@dataclass
 class RegistryConfig:
-    """What a registered model bundles (components/registry/registry.py)."""
+    """What a registered model bundles (components/registry/registry.py), and who may judge its answers."""
 
     # bundle the reward model (its adapter and head): the served model can then answer best-of-n
     # (params.n > 1: n samples per prompt, the one the reward model scores highest) and returns a `score` column
@@ -362,6 +376,7 @@ class RegistryConfig:
     # candidates and scores, model version), which `rlhf feedback` and `rlhf ingest --from-traces` build on. Prompts
     # are user data: false serves without recording them
     trace_requests: bool = True
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
 
 
 @dataclass
@@ -436,28 +451,13 @@ class InfraConfig:
     # a retrain slot holder on another host with no heartbeat (every 15 s) for this long is taken as crashed
     retrain_slot_stale_s: float = 120.0
     data_lock_timeout_s: float = 1800.0  # an ingest or retrain waits this long for another writer of data/
-    # What a triggered or remote run (a Prefect parameter, not the operator's command line) may override:
-    # fnmatch patterns of override keys (`ppo.*`). A group choice (`model=small`) is checked as the keys it
-    # changes in the serving config (`model.name_or_path`, ...), each against this list. Never, whatever
-    # matches: NEVER_REMOTE (import paths, trust_remote_code, the gate's approval, root, state_dir, this list).
-    # Not by default: gate.* (the operator's thresholds and how the candidate is measured), registry.*,
-    # data.dir (where the data lives).
-    remote_overrides: list[str] = field(
-        default_factory=lambda: [
-            *GROUPS,
-            # how to run the configured model and the demo base's size; not which weights (name_or_path)
-            "model.dtype",
-            "model.device",
-            "model.pretrain_*",
-            *(f"data.{name}" for name in DataConfig.__dataclass_fields__ if name != "dir"),
-            "sft.*",
-            "reward.*",
-            "ppo.*",
-            "policy.*",
-            "seed",
-            "tracking.run_name_prefix",
-        ]
-    )
+    # What a triggered or remote run (a Prefect parameter, not the operator's command line) may override: exact keys,
+    # deny by default. Each must have bounds in the schema (REMOTE_BOUNDS below: a bounded number, an enum, or a gate
+    # setting that may only be made stricter than the operator's); a key without bounds cannot be listed. A group
+    # choice (`policy=grpo`) is checked as the keys it changes. Never, whatever is listed: NEVER_REMOTE (code, weights,
+    # hosts, files, URIs, the guide, the approval). Not by default: gate.* (allowed only stricter when listed),
+    # registry.*, sft.* (it moves the SFT policy the degeneration guard compares against), data.*, model.*.
+    remote_overrides: list[str] = field(default_factory=lambda: list(DEFAULT_REMOTE))
 
 
 @dataclass
@@ -559,7 +559,130 @@ NEVER_REMOTE = {
     "infra.state_dir": "where the MLflow store, caches and Prefect home live",
     "infra.remote_overrides*": "the allow-list itself",
     "hydra*": "Hydra's own settings (config search path, output dirs)",
+    "ppo.guide*": "the guide: a model that is loaded (MLflow models unpickle: code) or a host the prompts are sent to",
+    "*name_or_path": "which weights are loaded",
+    "*.judge": "a model or import path the run would load",
+    "*uri": "a location: a host or a file",
+    "*url": "a location: a host or a file",
+    "*dir": "a location on this host",
+    "*_path": "a location on this host",
+    "*file": "a file on this host",
+    "*config": "a file on this host",
 }
+
+
+@dataclass(frozen=True)
+class Range:
+    """A number in lo..hi (an integer where `integer`)."""
+
+    lo: float
+    hi: float
+    integer: bool = False
+
+    def problem(self, value: Any, operator: Any) -> str | None:
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (self.integer and not isinstance(value, int))
+        ):
+            return f"must be {'an integer' if self.integer else 'a number'} in {self.lo:g}..{self.hi:g}"
+        return None if self.lo <= value <= self.hi else f"{value!r} is outside {self.lo:g}..{self.hi:g}"
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of a fixed set of names."""
+
+    options: tuple[str, ...]
+
+    def problem(self, value: Any, operator: Any) -> str | None:
+        return None if value in self.options else f"{value!r} is not one of {', '.join(self.options)}"
+
+
+@dataclass(frozen=True)
+class Stricter:
+    """A setting of the gate's evidence that a remote run may only make stronger than the operator's: a minimum
+    raised (`direction` min: at least the operator's value), a maximum lowered (max: at most it), an ensemble at
+    least as large; never switched off (null) where the operator has it on."""
+
+    direction: str  # min | max
+    lo: float
+    hi: float
+    integer: bool = False
+
+    def problem(self, value: Any, operator: Any) -> str | None:
+        if (bad := Range(self.lo, self.hi, self.integer).problem(value, None)) is not None:
+            return bad if value is not None or operator is None else "may not switch off the operator's check"
+        if operator is None:
+            return None
+        weaker = value < operator if self.direction == "min" else value > operator
+        return (
+            f"{value!r} is weaker than the operator's {operator!r} (a remote run may only make it "
+            f"{'larger' if self.direction == 'min' else 'smaller'})"
+            if weaker
+            else None
+        )
+
+
+Bound = Range | OneOf | Stricter
+_POLICIES = ("ppo", "rejection_sampling", "grpo", "rloo", "dpo", "kto")
+
+
+def _method_bounds(method: str, fields: dict[str, Bound]) -> dict[str, Bound]:
+    return {f"policy.{method}.{name}": bound for name, bound in fields.items()}
+
+
+_GROUP_RL = {
+    "steps": Range(1, 1000, True),
+    "prompts_per_step": Range(1, 256, True),
+    "samples_per_prompt": Range(2, 32, True),
+    "epochs": Range(1, 16, True),
+    "learning_rate": Range(1e-7, 0.1),
+    "kl_coef": Range(0.0, 10.0),
+}
+_DIRECT = {"steps": Range(1, 5000, True), "learning_rate": Range(1e-7, 0.1), "beta": Range(0.01, 100.0)}
+# The only keys a remote run can ever set (infra.remote_overrides picks among them), each with what it may be.
+REMOTE_BOUNDS: dict[str, Bound] = {
+    "seed": Range(0, 2**31 - 1, True),
+    "policy": OneOf(_POLICIES),  # the group choice: a packaged conf/policy option
+    "policy.algorithm": OneOf(_POLICIES),
+    "ppo": OneOf(("default",)),
+    "ppo.steps": Range(1, 1000, True),
+    "ppo.batch_size": Range(1, 1024, True),
+    "ppo.minibatch_size": Range(1, 1024, True),
+    "ppo.ppo_epochs": Range(1, 16, True),
+    "ppo.learning_rate": Range(1e-7, 0.1),
+    "ppo.max_new_tokens": Range(1, 512, True),
+    "ppo.temperature": Range(0.1, 2.0),
+    "ppo.top_p": Range(0.1, 1.0),
+    "ppo.init_kl_coef": Range(0.0, 10.0),
+    "ppo.target_kl": Range(0.1, 100.0),
+    "ppo.kl_controller": OneOf(("pid", "ziegler", "fixed")),
+    "ppo.ptx_coef": Range(0.0, 10.0),
+    "ppo.uncertainty_penalty": Range(0.0, 10.0),
+    "ppo.repeated_word_penalty": Range(0.0, 10.0),
+    "ppo.cliprange": Range(0.01, 1.0),
+    "ppo.lora.r": Range(1, 256, True),
+    "ppo.lora.alpha": Range(1, 512, True),
+    **_method_bounds("rejection_sampling", {"rounds": Range(1, 100, True), "learning_rate": Range(1e-7, 0.1)}),
+    **_method_bounds("grpo", _GROUP_RL),
+    **_method_bounds("rloo", _GROUP_RL),
+    **_method_bounds("dpo", _DIRECT),
+    **_method_bounds("kto", {**_DIRECT, "batch_size": Range(2, 1024, True)}),
+    "reward.ensemble": Stricter("min", 1, 8, True),  # more members: more evidence, never less than the operator's
+    # listable by an operator who wants runs to tighten the gate; never loosen it
+    "gate.min_reward_gain": Stricter("min", -10.0, 10.0),
+    "gate.min_win_rate": Stricter("min", 0.0, 1.0),
+    "gate.min_judge_gain": Stricter("min", -10.0, 10.0),
+    "gate.max_kl": Stricter("max", 0.0, 1000.0),
+    "gate.max_repeated_word_gain": Stricter("max", -1.0, 1.0),
+    "gate.min_distinct_2_ratio": Stricter("min", 0.0, 10.0),
+    "gate.max_length_ratio": Stricter("max", 0.0, 100.0),
+    "gate.max_disagreement_ratio": Stricter("max", 0.0, 100.0),
+    "gate.max_prompts": Stricter("min", 1, 100_000, True),  # more eval prompts: more evidence
+}
+# what `rlhf serve` lets a run change unless the operator says otherwise (infra.remote_overrides)
+DEFAULT_REMOTE = tuple(k for k in REMOTE_BOUNDS if not k.startswith("gate."))
 
 
 class OverrideNotAllowed(ValueError):
@@ -570,19 +693,21 @@ def check_remote_overrides(
     overrides: list[str] | tuple[str, ...], allowed: list[str], base: Config | None = None
 ) -> None:
     """Raise OverrideNotAllowed naming each refused override, the allow-list setting (infra.remote_overrides)
-    and what to do. Whoever can reach the Prefect API can set a run's parameters: an import path or
+    and what to do. Whoever can reach the Prefect API can set a run's parameters: an import path, a guide or
     `trust_remote_code` there would run their code on this host, `gate=default` would replace the operator's
-    `gate=manual`. With `base` (the config the run starts from), a group choice is checked as every key it
-    changes there; without, as its group name (a worker's check: it neither gates nor registers)."""
+    `gate=manual`, `reward.ensemble=1` would drop the operator's ensemble. Deny by default: a key must be listed in
+    `allowed` exactly and have bounds in REMOTE_BOUNDS, and its value must be within them. With `base` (the config
+    the run starts from), a group choice is checked as every key it changes there, and a `Stricter` bound against
+    the operator's value there."""
     refused = [f"  {o}: {why}" for o in overrides if (why := _refusal(o, allowed, base))]
     if refused:
         raise OverrideNotAllowed(
             "refused override(s) of a triggered or remote run:\n"
             + "\n".join(refused)
             + f"\n  allowed (infra.remote_overrides of the serving config): {allowed}\n  To change these, "
-            "pass them on the `rlhf serve` command line (the operator's overrides are trusted), or add a "
-            "pattern to infra.remote_overrides there; the never-list (" + ", ".join(NEVER_REMOTE) + ") "
-            "cannot be allowed."
+            "pass them on the `rlhf serve` command line (the operator's overrides are trusted), or list the key in "
+            "infra.remote_overrides there (only keys with bounds in the schema, components/config.py REMOTE_BOUNDS, "
+            "can be listed; the never-list (" + ", ".join(NEVER_REMOTE) + ") cannot)."
         )
 
 
@@ -602,20 +727,38 @@ def _refusal(override: str, allowed: list[str], base: Config | None = None) -> s
     if "${" in override.partition("=")[2]:
         return "an interpolation (`${...}`) would read this host's environment or config"
     key = parsed.key_or_group.replace("/", ".")
+    if parsed.is_delete():
+        denied = next((p for p in NEVER_REMOTE if fnmatchcase(key.lower(), p)), None)
+        why = f" (`{key}` matches `{denied}`: {NEVER_REMOTE[denied]})" if denied else ""
+        return f"a deletion (`~key`) drops the operator's value: never remote{why}"
     is_choice = parsed.key_or_group in (*GROUPS, *SUBGROUPS) and isinstance(parsed.value(), str)
-    keys = _changed_keys(base, override, key) if is_choice and base is not None else _leaf_keys(key, parsed.value())
-    for key in keys:
+    leaves = [(key, parsed.value())] if is_choice else _leaves(key, parsed.value())
+    if is_choice and base is not None:
+        leaves += _changed(base, override, key)
+    for key, value in leaves:
         denied = next((p for p in NEVER_REMOTE if fnmatchcase(key.lower(), p)), None)
         if denied:
             return f"`{key}` matches `{denied}`, which is never overridable remotely ({NEVER_REMOTE[denied]})"
-        if not any(fnmatchcase(key, p) for p in allowed):
-            return f"`{key}` matches no pattern in infra.remote_overrides"
+        if key not in allowed:
+            return f"`{key}` is not listed in infra.remote_overrides"
+        bound = REMOTE_BOUNDS.get(key)
+        if bound is None:
+            return f"`{key}` has no bounds in the schema (REMOTE_BOUNDS), so it is never remote even when listed"
+        if (problem := bound.problem(value, _value_at(base, key) if base is not None else None)) is not None:
+            return f"`{key}` {problem}"
     return None
 
 
-def _changed_keys(base: Config, override: str, group: str) -> list[str]:
-    """The leaf keys under `group` whose values a group choice changes in `base` (e.g. `gate=default` over
-    `gate=manual`: gate.approval): composed with and without it."""
+def _value_at(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part, None)
+    return node
+
+
+def _changed(base: Config, override: str, group: str) -> list[tuple[str, Any]]:
+    """The leaf keys under `group` whose values a group choice changes in `base`, with their new values (e.g.
+    `gate=default` over `gate=manual`: gate.approval): composed with and without it."""
 
     def flat(node: Any, prefix: str) -> dict[str, Any]:
         if isinstance(node, dict):
@@ -629,13 +772,13 @@ def _changed_keys(base: Config, override: str, group: str) -> list[str]:
         return flat(node, group)
 
     before, after = leaves(base), leaves(compose([*base.overrides, override]))
-    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    return sorted((k, after.get(k)) for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
-def _leaf_keys(key: str, value: Any) -> list[str]:
+def _leaves(key: str, value: Any) -> list[tuple[str, Any]]:
     if isinstance(value, dict) and value:
-        return [k for sub, v in value.items() for k in _leaf_keys(f"{key}.{sub}", v)]
-    return [key]
+        return [kv for sub, v in value.items() for kv in _leaves(f"{key}.{sub}", v)]
+    return [(key, value)]
 
 
 def group_options(config_dir: Path = CONF_DIR) -> dict[str, list[str]]:

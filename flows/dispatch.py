@@ -39,11 +39,12 @@ TRANSIENT_MARK = "[transient]"  # in a stage flow run's failure message: retry i
 # (a worker has its own infra and tracking settings; its stage runs join the parent run's experiment)
 LOCAL_ONLY = ("root", "infra.*", "tracking.*")
 SENT_ANYWAY = ("tracking.run_name_prefix",)
-# what a worker also takes from a request, beyond its infra.remote_overrides: the orchestrator's evaluation and gate
-# settings (the evaluate stage measures with them) and registry settings. A worker neither gates, approves nor
-# registers, and what it records reaches only the retrain that dispatched the run: the operator's decisions are
-# made on the orchestrator, which checks its triggered runs against its own list (flows/serve.py).
-WORKER_ALSO = ("gate.*", "registry.*")
+# A request the orchestrator signed (the deployment's signing key, service/keys.py: purpose `stage-request`) carries
+# the operator's config: the worker takes all of its overrides, the evaluation and gate settings the evaluate stage
+# measures with included. The orchestrator checked its own triggered runs against its list (flows/serve.py) before it
+# signed. A request without a valid signature (a direct Prefect call to a stage deployment) gets the worker's own
+# infra.remote_overrides alone, within their bounds.
+SIGNATURE = "signature"
 WORKER_LABEL = "prefect.worker.name"  # Prefect's label on a flow run: the worker that took it
 STAGES = ("base", "sft", "reward-model", "ppo", "rejection-sampling", "grpo", "rloo", "dpo", "kto", "evaluate")
 
@@ -64,9 +65,27 @@ class StageLost(ConnectionError):
     """A stage's flow run crashed or was cancelled with no record (a lost worker): transient, retried."""
 
 
-def worker_allows(cfg: Config) -> list[str]:
-    """The override patterns a worker with config `cfg` takes from a request."""
-    return [*cfg.infra.remote_overrides, *WORKER_ALSO]
+def sign_request(cfg: Config, request: dict[str, Any]) -> dict[str, Any]:
+    """`request` with the orchestrator's signature over all of it."""
+    from components.registry import provenance
+    from service import keys
+
+    ring = keys.load(cfg)
+    assert ring is not None
+    kid, secret = ring.signer()
+    return {**request, SIGNATURE: provenance.sign(kid, secret, provenance.STAGE_REQUEST, request)}
+
+
+def request_trust(request: dict[str, Any], local: Config) -> str:
+    """provenance.OK when this worker's keyring verifies the request's signature, else why not."""
+    from components.registry import provenance
+    from service import keys
+
+    ring = keys.load(local, create=False)
+    if ring is None:
+        return f"this worker has no signing keyring (set {keys.KEYS_ENV} to the deployment's)"
+    fields = {k: v for k, v in request.items() if k != SIGNATURE}
+    return provenance.verify(ring.verifying(), provenance.STAGE_REQUEST, fields, request.get(SIGNATURE))
 
 
 def worker_dir() -> Path:
@@ -127,18 +146,19 @@ def dispatch(
     if reuse_key and (earlier := _reusable(reuse_key)) is not None:
         log.info("%s: unchanged inputs, reusing %s", stage, earlier["result"]["dir"])
         return _decode(stage, earlier["result"])
-    from components.config import check_remote_overrides
     from components.tracking import redacted
 
-    check_remote_overrides(remote_overrides(cfg), worker_allows(cfg))  # as the worker will
-    request = {
-        "stage": stage,
-        "config": redacted(config_digest(cfg)),  # stored in Prefect: no secret in it
-        "overrides": remote_overrides(cfg),
-        "data_version": data.version,
-        "inputs": inputs,
-        "parent_run_id": parent_run_id,
-    }
+    request = sign_request(
+        cfg,
+        {
+            "stage": stage,
+            "config": redacted(config_digest(cfg)),  # stored in Prefect: no secret in it
+            "overrides": remote_overrides(cfg),
+            "data_version": data.version,
+            "inputs": inputs,
+            "parent_run_id": parent_run_id,
+        },
+    )
     log.info("%s: dispatched to work pool %r (deployment %s)", stage, pool, deployment_name(stage, pool))
     warn_if_no_worker(pool, log)
     run = run_deployment(
@@ -303,7 +323,11 @@ def _run_here(request: dict[str, Any], body: Callable[..., Any]) -> tuple[Any, s
 
     root = worker_dir()
     local = compose([f"root={root}"])
-    check_remote_overrides(request["overrides"], worker_allows(local))
+    if (trust := request_trust(request, local)) != "ok":  # not the orchestrator's: the remote list alone
+        from prefect import get_run_logger
+
+        get_run_logger().warning("stage request not signed by the orchestrator (%s): remote overrides only", trust)
+        check_remote_overrides(request["overrides"], local.infra.remote_overrides, base=local)
     cfg = compose([*request["overrides"], f"root={root}", "infra.training_pool=null"])  # run here, not dispatch
     if diff := config_differences(request["config"], cfg):
         raise ConfigMismatch(

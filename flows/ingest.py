@@ -8,6 +8,9 @@ judged served answers the data does not hold yet (components/registry/feedback.p
 from __future__ import annotations
 
 import hashlib
+import json
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefect import get_run_logger
@@ -17,34 +20,144 @@ from prefect.states import Completed, Failed
 from components.config import Config
 from components.data.ingest import IngestRefused, IngestResult, ingest
 from components.data.versioning import DataVersionError
-from components.registry.feedback import TraceHarvest, feedback_rows
+from components.registry.feedback import DAY_MS, TraceHarvest, day_of
 from service import lifecycle
 from service.redaction import config_flow
 
 DATA_UPDATED = "rlhf.data.updated"
 
 
-def traces_to_file(cfg: Config, since_ms: int | None = None) -> tuple[Path | None, TraceHarvest]:
-    """The judged served answers (since `since_ms`) whose trace ids the feedback data does not hold yet, as a
-    feedback JSONL under the state dir: -> (its path, or None when there are none; what was found)."""
-    import json
-    import time
+@dataclass
+class HarvestState:
+    """What `rlhf ingest --from-traces` remembers between harvests (<state dir>/traces/harvest.json): where the next
+    scan starts (answers older than the feedback window are settled), the rows deferred by a rater's limit (taken
+    again next time, whatever their age), the rows the data suite refused (with their rules: never retried, so one
+    bad row never stalls the scheduled ingest), and each rater's votes landed per day (the daily limit)."""
 
+    path: Path
+    settled_ms: int = 0
+    deferred: list[str] = field(default_factory=list)
+    refused: dict[str, list[str]] = field(default_factory=dict)
+    landed: dict[str, dict[str, int]] = field(default_factory=dict)  # UTC day -> rater -> votes
+
+    @classmethod
+    def load(cls, cfg: Config) -> HarvestState:
+        path = cfg.state_path / "traces" / "harvest.json"
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            return cls(path)
+        return cls(path, doc["settled_ms"], doc["deferred"], doc["refused"], doc["landed"])
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        doc = {k: getattr(self, k) for k in ("settled_ms", "deferred", "refused", "landed")}
+        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.replace(self.path)
+
+
+@dataclass
+class TraceBatch:
+    """A harvest written as a feedback batch, and what to remember once the ingest has taken it."""
+
+    path: Path | None
+    harvest: TraceHarvest
+    state: HarvestState
+    scanned_to_ms: int  # answers older than this minus the window are settled after this batch
+
+    def landed(self, result: IngestResult | None) -> None:
+        """After the ingest (None: there was nothing to ingest): count the rows that landed against their raters'
+        day, remember what the suite refused, keep the deferred rows for the next harvest."""
+        h, state = self.harvest, self.state
+        refused = _quarantined_ids(result.quarantine) if result is not None and result.quarantine else {}
+        state.refused.update(refused)
+        today = day_of()
+        if result is not None and result.n_good:
+            state.landed = {today: {r: n for r, n in h.ingested_today.items() if n}}
+            for row in h.rows:  # a refused row's votes did not land
+                if row["id"] in refused:
+                    for rater in h.raters.get(row["id"], []):
+                        state.landed[today][rater] -= 1
+        state.deferred = list(h.deferred)
+        state.settled_ms = max(state.settled_ms, self.scanned_to_ms)
+        state.save()
+
+
+def _quarantined_ids(quarantine: str) -> dict[str, list[str]]:
+    out = {}
+    for line in Path(quarantine).read_text().splitlines():
+        entry = json.loads(line)
+        try:
+            row_id = json.loads(entry.get("raw") or "{}").get("id")
+        except ValueError:
+            continue
+        if isinstance(row_id, str):
+            out[row_id] = list(entry.get("rules") or [])
+    return out
+
+
+def traces_to_file(cfg: Config, since_ms: int | None = None) -> TraceBatch:
+    """The judged served answers whose signatures verify and whose trace ids the feedback data does not hold yet, as
+    a feedback JSONL under the state dir. Scans from the stored watermark (or `since_ms`): the answers served within
+    the feedback window (registry.feedback.window_days), plus the rows deferred last time."""
     from components import tracking
     from components.data.schemas import read_jsonl, shard_files
     from components.data.versioning import ensure_data
+    from components.registry.feedback import Limits, harvest, scan
+    from service import keys
 
     ensure_data(cfg)
+    fb = cfg.registry.feedback
+    state = HarvestState.load(cfg)
     known = {
         row["id"] for shard in shard_files(cfg.data_path / "feedback") for _, row in read_jsonl(shard, "feedback").rows
     }
-    harvest = feedback_rows(tracking.setup(cfg), known, since_ms)
-    if not harvest.rows:
-        return None, harvest
-    path = cfg.state_path / "traces" / f"feedback-{time.strftime('%Y%m%d-%H%M%S')}-{len(harvest.rows)}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in harvest.rows))
-    return path, harvest
+    evals = {
+        row["prompt"] for shard in shard_files(cfg.data_path / "eval") for _, row in read_jsonl(shard, "eval").rows
+    }
+    now_ms = int(time.time() * 1000)
+    window_start = now_ms - int(fb.window_days * DAY_MS)
+    start = since_ms if since_ms is not None else max(state.settled_ms, window_start)
+    ring = keys.load(cfg)
+    judged, unsigned, skipped = scan(tracking.setup(cfg), ring.verifying(), start, fb.page_size, state.deferred)
+    limits = Limits(fb.votes_per_rater_per_day, fb.max_rater_share, fb.min_raters, cfg.data.max_prompt_chars)
+    h = harvest(judged, known | set(state.refused), evals, limits, state.landed.get(day_of(now_ms), {}))
+    h.unsigned, h.skipped_votes = unsigned, skipped
+    batch = TraceBatch(None, h, state, window_start)
+    if h.rows:
+        batch.path = cfg.state_path / "traces" / f"feedback-{time.strftime('%Y%m%d-%H%M%S')}-{len(h.rows)}.jsonl"
+        batch.path.parent.mkdir(parents=True, exist_ok=True)
+        batch.path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in h.rows))
+    return batch
+
+
+def harvest_summary(h: TraceHarvest, experiment: str) -> list[str]:
+    """What a harvest found, left out and deferred, and who contributed: lines for the CLI and the flow's log."""
+    lines = [
+        f"traces: {h.judged} judged answer(s) in experiment {experiment!r} with signatures that verify; "
+        f"{h.known} already in the data or refused before, {h.ties} tied (left out), {len(h.rows)} new"
+    ]
+    left = {
+        "empty answer(s)": h.empty,
+        "repeat(s) of an earlier judged answer": h.repeats,
+        "answer(s) to a frozen eval prompt": h.eval_prompts,
+        "prompt(s) over data.max_prompt_chars": h.too_long,
+    }
+    if any(left.values()):
+        lines.append("  left out: " + ", ".join(f"{n} {what}" for what, n in left.items() if n))
+    if h.unsigned:
+        lines.append("  answers not counted: " + ", ".join(f"{n} {why}" for why, n in sorted(h.unsigned.items())))
+    if h.skipped_votes:
+        lines.append("  votes not counted: " + ", ".join(f"{n} {why}" for why, n in sorted(h.skipped_votes.items())))
+    if h.deferred:
+        lines.append(
+            f"  deferred to a later harvest: {len(h.deferred)} row(s) over a rater's limit "
+            "(registry.feedback.votes_per_rater_per_day, max_rater_share)"
+        )
+    if h.contributors:
+        lines.append("  raters of the new rows: " + ", ".join(f"{r} {n}" for r, n in h.contributors.most_common()))
+    return lines
 
 
 def data_resource(cfg: Config) -> dict[str, str]:

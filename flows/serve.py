@@ -27,7 +27,7 @@ from prefect.states import Completed, Failed
 
 from components.config import Config, OverrideNotAllowed, check_remote_overrides, compose
 from components.tracking import redact_override
-from flows.ingest import DATA_UPDATED, data_resource, ingest_flow, traces_to_file
+from flows.ingest import DATA_UPDATED, data_resource, harvest_summary, ingest_flow, traces_to_file
 from flows.retrain import retrain
 from service import lifecycle
 from service.env import configure_environment
@@ -56,14 +56,21 @@ def retrain_service(overrides: list[str] | None = None):
 @flow(name="ingest-traces-service", validate_parameters=False)
 def ingest_traces_service():
     """`rlhf ingest --from-traces` on the operator's config (no parameters: nothing a caller of the Prefect API
-    could change): the judged served answers not in the data yet become a feedback batch through the usual ingest."""
+    could change): the judged served answers not in the data yet become a feedback batch through the usual ingest,
+    with quarantine: a row the data suite refuses is set aside with its rules and remembered, the rest land, and the
+    next tick goes on (issue 38: one refused row used to block every later tick)."""
     cfg = compose(json.loads(os.environ.get(SERVED_OVERRIDES, "[]")))
     configure_environment(cfg)
     lifecycle.claim_run(cfg)
-    path, harvest = traces_to_file(cfg)
-    if path is None:
-        return Completed(message=f"no new judged answers ({harvest.judged} judged, {harvest.known} in the data)")
-    return ingest_flow(cfg, str(path), "feedback", return_state=True)
+    batch = traces_to_file(cfg)
+    summary = "\n".join(harvest_summary(batch.harvest, cfg.tracking.experiment))
+    if batch.path is None:
+        batch.landed(None)
+        return Completed(message=f"nothing new to ingest\n{summary}")
+    state = ingest_flow(cfg, str(batch.path), "feedback", quarantine=True, return_state=True)
+    if state.is_completed():
+        batch.landed(state.result())
+    return state
 
 
 def allowed_overrides(served: list[str], requested: list[str], cfg: Config) -> list[str]:

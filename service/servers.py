@@ -126,6 +126,9 @@ def endpoints(layout: Layout, ports: Ports) -> dict[str, str]:
         "PREFECT_API_URL": f"http://127.0.0.1:{ports.prefect}/api",
         "RLHF_DVC_REMOTE": str(layout.dvc_remote),
         "RLHF_CREDENTIALS_FILE": str(layout.credentials),
+        # the deployment's signing keys (service/keys.py): the orchestrator signs stage requests, the serving
+        # processes sign answers and votes, workers and the ingest verify; one file beside the credentials
+        "RLHF_SIGNING_KEYS": str(layout.root / "signing-keys.json"),
     }
 
 
@@ -406,6 +409,9 @@ def up(layout: Layout, ports: Ports = Ports()) -> dict[str, str]:
             start(layout, ports, creds)
     wait_healthy(layout, ports, creds)
     env = endpoints(layout, ports)
+    from service import keys
+
+    keys.load(path=Path(env[keys.KEYS_ENV]))  # made once, mode 600
     layout.dvc_remote.mkdir(exist_ok=True)
     layout.endpoints.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     layout.ports.write_text(json.dumps(asdict(ports)))

@@ -65,27 +65,21 @@ def test_paths_derive_from_root(tmp_path):
     assert cfg.data_path == tmp_path / "data"
 
 
-# ---- what a triggered or remote run may override (issue 12) ----
+# ---- what a triggered or remote run may override (issues 12, 38: deny by default, bounded values) ----
 DEFAULT_ALLOWED = compose([]).infra.remote_overrides
 REMOTE_OK = [
-    "model=small",
-    "data=demo_small",
-    "gate=manual",
-    "tracking=server",
-    "infra=server",
     "ppo.steps=3",
     "+ppo.steps=3",
     "++ppo.steps=3",
-    "~ppo.max_approx_kl",
     "ppo.lora.r=4",
     "ppo.lora={r:4,alpha:8}",
     "ppo={steps:3}",
-    "ppo.reward_fn_weight=0.5",  # ends in `_fn_weight`, not `_fn`: a number
-    "sft.learning_rate=1e-3",
-    "reward.max_steps=10",
-    "data.n_preferences=100",
+    "ppo.ptx_coef=0.2",
+    "ppo.kl_controller=fixed",
+    "policy=grpo",
+    "policy.dpo.beta=0.5",
+    "reward.ensemble=2",
     "seed=7",
-    "tracking.run_name_prefix=nightly-",
 ]
 REMOTE_REFUSED = [
     ("ppo.reward_fn=os.system", "*_fn"),
@@ -103,14 +97,33 @@ REMOTE_REFUSED = [
     ("infra.remote_overrides=[*]", "infra.remote_overrides*"),
     ("+infra.remote_overrides=[*]", "infra.remote_overrides*"),
     ("hydra.searchpath=[file:///tmp]", "hydra*"),
-    ("model.name_or_path=evil/model", "no pattern"),
-    ("tracking.uri=http://evil:5000", "no pattern"),
-    ("infra.dvc_remote_url=s3://evil", "no pattern"),
-    # the operator's by default (issue 28): the gate's thresholds and measurement, the registry, where data lives
-    ("gate.min_win_rate=0", "no pattern"),
-    ("gate.max_prompts=1", "no pattern"),
-    ("registry.include_reward_model=false", "no pattern"),
-    ("data.dir=data/../../../tmp/x", "no pattern"),
+    # names weights, a host, a file or a URI: never (issue 38), the guide included
+    ("ppo.guide.model=http://127.0.0.1:9/guide", "ppo.guide*"),
+    ("ppo.guide.model='runs:/abc/model'", "ppo.guide*"),
+    ("ppo/guide=rollin", "ppo.guide*"),
+    ("ppo.guide={model:reference,rollin_prob:0.5}", "ppo.guide*"),
+    ("model.name_or_path=evil/model", "*name_or_path"),
+    ("tracking.uri=http://evil:5000", "*uri"),
+    ("infra.dvc_remote_url=s3://evil", "*url"),
+    ("data.dir=data/../../../tmp/x", "*dir"),
+    # not listed by default: the gate's thresholds and measurement, the registry, SFT (the guard's baseline), data
+    ("gate.min_win_rate=0", "not listed"),
+    ("gate.max_prompts=1", "not listed"),
+    ("registry.include_reward_model=false", "not listed"),
+    ("sft.learning_rate=1e-3", "not listed"),
+    ("data.n_preferences=100", "not listed"),
+    ("model=small", "not listed"),
+    ("ppo.reward_fn_weight=0.5", "not listed"),
+    ("tracking.run_name_prefix=nightly-", "not listed"),
+    # listed, but out of bounds or of the wrong type
+    ("ppo.steps=100000", "outside 1..1000"),
+    ("ppo.steps=3.5", "an integer"),
+    ("ppo.steps=true", "an integer"),
+    ("ppo.learning_rate=abc", "a number"),
+    ("ppo.kl_controller=evil", "not one of pid, ziegler, fixed"),
+    ("policy=evil", "not one of"),
+    ("reward.ensemble=0", "outside 1..8"),
+    ("~ppo.max_approx_kl", "a deletion"),
     ("tracking.run_name_prefix=${oc.env:AWS_SECRET_ACCESS_KEY}", "interpolation"),
     ("model@_global_=tiny", "package override"),
     ("not an override ]", "not a Hydra override"),
@@ -146,7 +159,7 @@ def test_the_never_list_beats_any_allow_list(override):
 
 
 def test_nothing_is_allowed_by_an_empty_allow_list():
-    with pytest.raises(OverrideNotAllowed, match="no pattern"):
+    with pytest.raises(OverrideNotAllowed, match="not listed"):
         check_remote_overrides(["seed=1"], [])
     check_remote_overrides([], [])
 
@@ -168,3 +181,36 @@ def test_the_default_allow_list_never_matches_an_import_path_setting():
             with pytest.raises(OverrideNotAllowed):
                 check_remote_overrides([override], cfg.infra.remote_overrides)
     assert set(NEVER_REMOTE) >= {"*_fn", "*trust_remote_code", "root", "infra.state_dir", "infra.remote_overrides*"}
+
+
+def test_a_remote_value_may_only_make_the_gates_evidence_stronger():
+    """Issue 38: a run may raise the operator's ensemble or tighten a gate threshold the operator lists, never the
+    reverse, and never switch a check off."""
+    operator = compose(["reward.ensemble=3", "gate.min_win_rate=0.6", "gate.max_kl=10"])
+    allowed = [*DEFAULT_ALLOWED, "gate.min_win_rate", "gate.max_kl", "gate.min_judge_gain"]
+    check_remote_overrides(["reward.ensemble=4", "gate.min_win_rate=0.7", "gate.max_kl=5"], allowed, base=operator)
+    for weaker, why in (
+        ("reward.ensemble=1", "weaker than the operator's 3"),
+        ("gate.min_win_rate=0.5", "weaker than the operator's 0.6"),
+        ("gate.max_kl=20", "weaker than the operator's 10"),
+        ("gate.min_judge_gain=null", "may not switch off the operator's check"),
+    ):
+        with pytest.raises(OverrideNotAllowed, match=why):
+            check_remote_overrides([weaker], allowed, base=operator)
+
+
+def test_the_allow_list_is_exact_keys_with_bounds():
+    """No wildcards: `ppo.*` in the list allows nothing; a listed key without bounds in the schema is still refused."""
+    with pytest.raises(OverrideNotAllowed, match="`ppo.steps` is not listed"):
+        check_remote_overrides(["ppo.steps=3"], ["ppo.*"])
+    with pytest.raises(OverrideNotAllowed, match="no bounds in the schema"):
+        check_remote_overrides(["sft.max_steps=3"], ["sft.max_steps"])
+
+
+def test_every_bounded_key_is_a_key_of_the_schema():
+    from components.config import REMOTE_BOUNDS, _value_at
+
+    cfg = compose([])
+    missing = [k for k in REMOTE_BOUNDS if k not in GROUPS and _value_at(cfg, k) is None and "gate." not in k]
+    assert not missing, missing
+    assert all(k in REMOTE_BOUNDS for k in DEFAULT_ALLOWED)

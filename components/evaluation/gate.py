@@ -70,9 +70,12 @@ def decide(
     cfg: GateConfig,
     sft: dict[str, float] | None = None,
     champion: dict[str, float] | None = None,
+    ensemble: int = 1,
 ) -> Verdict:
     """candidate/baseline: evaluation metrics (reward_mean, judge_mean, kl, the degeneration measures); win_rate:
-    candidate vs baseline; sft, champion: their evaluations, for the guard (against SFT) and the report."""
+    candidate vs baseline; sft, champion: their evaluations, for the guard (against SFT) and the report; ensemble: the
+    operator's reward.ensemble. With an ensemble configured and a disagreement check on, a missing measure fails
+    closed (`disagreement_measured` 0 < 1): evidence the operator asked for and did not get is not a pass."""
     checks = [
         ("reward_gain", candidate["reward_mean"] - baseline["reward_mean"], "min", cfg.min_reward_gain),
         ("win_rate", win_rate, "min", cfg.min_win_rate),
@@ -89,6 +92,8 @@ def decide(
     ):
         if limit is not None and measure in guard:
             checks.append((measure, guard[measure], op, limit))
+    if ensemble > 1 and cfg.max_disagreement_ratio is not None and "disagreement_ratio_vs_sft" not in guard:
+        checks.append(("disagreement_measured", 0.0, "min", 1.0))
     gated = {name for name, *_ in checks}
     info = {k: v for k, v in guard.items() if k not in gated}
     info |= degeneration_against(candidate, champion or {}, "champion")

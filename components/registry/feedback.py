@@ -1,24 +1,34 @@
 """People's judgements of served answers, as MLflow assessments on the answers' traces, and back into the data.
 
-    record_feedback(trace_id, up, rating, rater, experiment_id, data_cfg)   `rlhf feedback TRACE_ID up|down`
-    feedback_rows(experiment_id, known_ids, since_ms, data_cfg)             `rlhf ingest --from-traces`
+    POST /feedback on the served app (service/feedback_api.py)     a rater's vote, written and signed by the app
+    harvest(judged, ...)                                            `rlhf ingest --from-traces`: what becomes rows
+    scan(experiment_id, keys, ...)                                  the judged answers in MLflow, page by page
 
-The served model records each answer as a trace (components/registry/policy_model.Tracer). A judgement is MLflow's
-own feedback assessment on that trace (`mlflow.log_feedback`): name `thumbs`, value True (up) or False (down),
-source HUMAN with the rater's id, and the optional rating in its metadata, so the MLflow UI shows it beside the
-trace. A trace's judgements become one `feedback` row: its prompt and response, the majority label of its raters
-(a tie is left out until someone breaks it), the mean rating when every rater gave one, and the trace id as the
-row's id, which is how a second ingest knows the trace is already in the data.
+The served model records each answer as a trace and signs it (components/registry/policy_model.Tracer); the served
+app records each judgement as MLflow's own feedback assessment on that trace (name `thumbs`, value True (up) or
+False (down), source HUMAN with the rater's id, the optional rating in its metadata) and signs it too
+(components/registry/provenance.py). Only what verifies counts: an answer whose signature verifies, and per rater
+their latest signed vote whose value is a boolean and rating a number, not overridden as invalid. Anything else is
+skipped and counted by reason, never a crash. A trace's counted votes become one `feedback` row: its prompt and
+response, the majority label (a tie is left out until someone breaks it), the mean rating when every rater gave one,
+and the trace id as the row's id, which is how a later ingest knows the trace is in the data.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
 
 from components.config import DataConfig
+from components.registry import provenance
 
 FEEDBACK = "thumbs"  # the assessment's name
 SOURCE = "traces"  # the rows' `source`
+SIGNATURE = "rlhf.signature"  # an answer's root-span attribute; a vote's metadata key
+AT_MS = "rlhf.at_ms"  # a vote's metadata: when the app recorded it (the latest vote of a rater wins)
+DAY_MS = 86_400_000
 
 
 class BadFeedback(ValueError):
@@ -30,13 +40,13 @@ class Vote:
     rater: str
     up: bool
     rating: float | None
+    at_ms: int = 0
 
 
-def check_rating(up: bool, rating: float | None, cfg: DataConfig) -> None:
-    """The data suite's rule (components/data/validation.py): a rating in range, on the label's side of the middle."""
+def check_rating_range(up: bool, rating: float | None, lo: float, hi: float) -> None:
+    """The data suite's rule (components/data/validation.py): a rating in lo..hi, on the label's side of the middle."""
     if rating is None:
         return
-    lo, hi = cfg.min_rating, cfg.max_rating
     if not lo <= rating <= hi:
         raise BadFeedback(f"rating {rating:g} is outside {lo:g}..{hi:g}: give a rating in that range, or none")
     mid = (lo + hi) / 2
@@ -48,61 +58,78 @@ def check_rating(up: bool, rating: float | None, cfg: DataConfig) -> None:
         )
 
 
-def votes_of(trace) -> list[Vote]:
-    """The people's judgements on a trace (HUMAN feedback named `thumbs`), oldest first."""
-    out = []
-    for a in getattr(trace.info, "assessments", None) or []:
-        source = getattr(a, "source", None)
-        if a.name != FEEDBACK or source is None or str(source.source_type) != "HUMAN":
-            continue
-        value = getattr(a, "value", None)
-        if value is None:
-            value = getattr(getattr(a, "feedback", None), "value", None)
-        rating = (a.metadata or {}).get("rating")
-        out.append(Vote(source.source_id, bool(value), float(rating) if rating is not None else None))
-    return out
+def check_rating(up: bool, rating: float | None, cfg: DataConfig) -> None:
+    check_rating_range(up, rating, cfg.min_rating, cfg.max_rating)
+
+
+# ---------------------------------------------------------------------------------------------- one trace
+def _root(trace) -> Any:
+    spans = trace.data.spans if trace.data else []
+    return next((s for s in spans if s.parent_id is None), None)
 
 
 def answer_of(trace) -> tuple[str, str] | None:
-    """(prompt, response) of a served answer's trace, or None for a trace that is not one."""
-    spans = trace.data.spans if trace.data else []
-    root = next((s for s in spans if s.parent_id is None), None)
+    """(prompt, response) of a served answer's trace, or None for a trace that is not shaped like one."""
+    root = _root(trace)
     if root is None or not isinstance(root.inputs, dict) or not isinstance(root.outputs, dict):
         return None
     prompt, response = root.inputs.get("prompt"), root.outputs.get("response")
     return (prompt, response) if isinstance(prompt, str) and isinstance(response, str) else None
 
 
-def record_feedback(
-    trace_id: str, up: bool, rating: float | None, rater: str, experiment_id: str, cfg: DataConfig
-) -> str:
-    """Attach a person's judgement to a served answer's trace; -> the assessment id. BadFeedback, in one sentence,
-    for an unknown trace, a rating out of range or against the vote, and a rater's second vote on the trace."""
-    import mlflow
-    from mlflow.entities import AssessmentSource, AssessmentSourceType
-
-    if not rater.strip():
-        raise BadFeedback("the rater id is empty: pass --rater ID")
-    check_rating(up, rating, cfg)
-    try:
-        trace = mlflow.get_trace(trace_id)
-    except Exception:  # a malformed id, or a store that says so by raising
-        trace = None
-    if trace is None or trace.info.experiment_id != experiment_id or answer_of(trace) is None:
-        raise BadFeedback(
-            f"trace {trace_id!r} is not a served answer of this project: copy the trace_id of a response of "
-            "`rlhf model serve`"
-        )
-    if any(v.rater == rater for v in votes_of(trace)):
-        raise BadFeedback(f"{rater} has already judged trace {trace_id}: one vote per rater and answer")
-    assessment = mlflow.log_feedback(
-        trace_id=trace_id,
-        name=FEEDBACK,
-        value=up,
-        source=AssessmentSource(source_type=AssessmentSourceType.HUMAN, source_id=rater),
-        metadata={"rating": str(rating)} if rating is not None else None,
+def answer_status(trace, keys: dict[str, bytes]) -> str:
+    """provenance.OK when the trace is an answer the serving process signed, else why not (UNSIGNED, UNKNOWN_KEY,
+    BAD, or "not an answer")."""
+    answer = answer_of(trace)
+    if answer is None:
+        return "not an answer"
+    root = _root(trace)
+    fields = provenance.answer_fields(
+        trace.info.trace_id, *answer, (trace.info.tags or {}).get("rlhf.version", ""), root.inputs.get("params")
     )
-    return assessment.assessment_id
+    return provenance.verify(keys, provenance.ANSWER, fields, (root.attributes or {}).get(SIGNATURE))
+
+
+def votes_of(trace, keys: dict[str, bytes], skipped: Counter | None = None) -> list[Vote]:
+    """The counted judgements on a trace, one per rater (their latest signed vote), oldest first; what is left out
+    is counted in `skipped` by reason: not signed (before signing), a bad signature, invalid (overridden), a value
+    that is not a boolean, a rating that is not a number, a rater's earlier vote."""
+    skipped = skipped if skipped is not None else Counter()
+    latest: dict[str, Vote] = {}
+    for a in getattr(trace.info, "assessments", None) or []:
+        source = getattr(a, "source", None)
+        if a.name != FEEDBACK or source is None or str(source.source_type) != "HUMAN":
+            continue
+        if getattr(a, "valid", True) is False:
+            skipped["overridden (valid=False)"] += 1
+            continue
+        value = getattr(getattr(a, "feedback", None), "value", None)
+        meta = a.metadata or {}
+        if not isinstance(value, bool):
+            skipped["value not a boolean"] += 1
+            continue
+        try:
+            rating = None if meta.get("rating") is None else float(meta["rating"])
+            at_ms = int(meta.get(AT_MS, ""))
+        except (TypeError, ValueError):
+            skipped["rating not a number" if meta.get("rating") is not None else "unsigned (before signing)"] += 1
+            continue
+        if rating is not None and rating != rating:  # NaN
+            skipped["rating not a number"] += 1
+            continue
+        rater = str(source.source_id)
+        fields = provenance.vote_fields(trace.info.trace_id, rater, value, rating, at_ms)
+        status = provenance.verify(keys, provenance.VOTE, fields, meta.get(SIGNATURE))
+        if status != provenance.OK:
+            skipped["unsigned (before signing)" if status == provenance.UNSIGNED else f"vote: {status}"] += 1
+            continue
+        vote = Vote(rater, value, rating, at_ms)
+        if rater in latest:
+            skipped["a rater's earlier vote (the latest counts)"] += 1
+            if latest[rater].at_ms > at_ms:
+                continue
+        latest[rater] = vote
+    return sorted(latest.values(), key=lambda v: v.at_ms)
 
 
 def row_of(trace_id: str, prompt: str, response: str, votes: list[Vote]) -> dict | None:
@@ -119,51 +146,171 @@ def row_of(trace_id: str, prompt: str, response: str, votes: list[Vote]) -> dict
     return row
 
 
+# ---------------------------------------------------------------------------------------------- a harvest
+@dataclass(frozen=True)
+class Judged:
+    """A signed answer with its counted votes."""
+
+    trace_id: str
+    prompt: str
+    response: str
+    votes: list[Vote]
+    served_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one rater may put into the data (registry.feedback)."""
+
+    votes_per_rater_per_day: int = 200  # votes that reach the data per rater per UTC day (of the ingest)
+    max_rater_share: float = 0.5  # of one batch's rows, with at least min_raters raters in it
+    min_raters: int = 3
+    max_prompt_chars: int = 2000  # the data contract's (data.max_prompt_chars)
+
+
 @dataclass
 class TraceHarvest:
     rows: list[dict]  # new feedback rows, one per judged trace not in the data yet
-    judged: int = 0  # traces with at least one person's vote
-    known: int = 0  # of those, already in the data (skipped)
+    judged: int = 0  # signed answers with at least one counted vote
+    known: int = 0  # of those, already in the data or refused by an earlier ingest (skipped)
     ties: int = 0  # left out: as many ups as downs
     empty: int = 0  # left out: an empty answer (the feedback contract needs a response)
     repeats: int = 0  # left out: the same prompt and answer as an earlier judged trace (the data holds it once)
+    eval_prompts: int = 0  # left out: an answer to a frozen eval prompt (never training data)
+    too_long: int = 0  # left out: a prompt over the data contract's max_prompt_chars
+    deferred: list[str] = field(default_factory=list)  # over a rater's limit: a later harvest takes them
+    unsigned: Counter = field(default_factory=Counter)  # answers that do not verify, by reason
+    skipped_votes: Counter = field(default_factory=Counter)  # votes that do not count, by reason
+    contributors: Counter = field(default_factory=Counter)  # rater -> rows they voted on in this batch
+    ingested_today: dict[str, int] = field(default_factory=dict)  # rater -> votes landed today, this batch included
+    raters: dict[str, list[str]] = field(default_factory=dict)  # row id -> the raters whose votes made it
 
 
-def harvest(judged: list[tuple[str, str, str, list[Vote]]], known_ids: set[str]) -> TraceHarvest:
-    """Judged answers (trace id, prompt, response, votes), oldest first -> the rows the data does not hold yet, and
-    what was left out and why. Pure: the part of `feedback_rows` that decides."""
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def harvest(
+    judged: list[Judged],
+    known_ids: set[str],
+    eval_prompts: set[str] = frozenset(),  # type: ignore[assignment]
+    limits: Limits = Limits(),
+    ingested_today: dict[str, int] | None = None,
+) -> TraceHarvest:
+    """Judged answers, oldest first -> the rows the data does not hold yet, what was left out and why, and what was
+    deferred by the limits. Pure: the part of `rlhf ingest --from-traces` that decides.
+
+    Limits, in this order: a rater's votes landing per day (`ingested_today`: what earlier batches landed today), then,
+    when the batch has at least `min_raters` raters, no rater's share of its rows above `max_rater_share` (their
+    newest rows are deferred first). A deferred row is not dropped: it is not marked as ingested, so a later harvest
+    takes it."""
     out = TraceHarvest([])
     seen: set[tuple[str, str]] = set()
-    for trace_id, prompt, response, votes in judged:
+    evals = {_norm(p) for p in eval_prompts}
+    candidates: list[tuple[dict, list[str]]] = []
+    for j in judged:
         out.judged += 1
-        key = (" ".join(prompt.lower().split()), " ".join(response.lower().split()))  # as the data suite compares
-        if trace_id in known_ids:
+        key = (_norm(j.prompt), _norm(j.response))  # as the data suite compares
+        if j.trace_id in known_ids:
             out.known += 1
-        elif not response.strip():
+        elif not j.response.strip():
             out.empty += 1
+        elif key[0] in evals:
+            out.eval_prompts += 1
+        elif len(j.prompt) > limits.max_prompt_chars:
+            out.too_long += 1
         elif key in seen:
             out.repeats += 1
-        elif (row := row_of(trace_id, prompt, response, votes)) is None:
+        elif (row := row_of(j.trace_id, j.prompt, j.response, j.votes)) is None:
             out.ties += 1
         else:
-            out.rows.append(row)
+            candidates.append((row, sorted({v.rater for v in j.votes})))
         seen.add(key)
+    # a rater's votes per day
+    today = dict(ingested_today or {})
+    kept: list[tuple[dict, list[str]]] = []
+    for row, raters in candidates:
+        if any(today.get(r, 0) >= limits.votes_per_rater_per_day for r in raters):
+            out.deferred.append(row["id"])
+            continue
+        for r in raters:
+            today[r] = today.get(r, 0) + 1
+        kept.append((row, raters))
+    # a rater's share of the batch: drop the newest rows of the rater furthest over, until none is
+    while True:
+        counts = Counter(r for _, raters in kept for r in raters)
+        if len(counts) < limits.min_raters or not kept:
+            break
+        cap = max(1, int(limits.max_rater_share * len(kept)))
+        over = [r for r, c in counts.most_common() if c > cap]
+        if not over:
+            break
+        i = max(i for i, (_, raters) in enumerate(kept) if over[0] in raters)
+        row, raters = kept.pop(i)
+        out.deferred.append(row["id"])
+        for r in raters:
+            today[r] -= 1
+    out.rows = [row for row, _ in kept]
+    out.raters = {row["id"]: raters for row, raters in kept}
+    out.contributors = Counter(r for _, raters in kept for r in raters)
+    out.ingested_today = today
     return out
 
 
-def feedback_rows(experiment_id: str, known_ids: set[str], since_ms: int | None = None) -> TraceHarvest:
-    """The judged served answers of the experiment (since `since_ms`) that the data does not hold yet."""
+def scan(
+    experiment_id: str,
+    keys: dict[str, bytes],
+    since_ms: int,
+    page_size: int = 500,
+    extra_ids: list[str] = (),  # type: ignore[assignment]
+) -> tuple[list[Judged], Counter, Counter]:
+    """The signed, judged answers of the experiment served after `since_ms` (and the traces `extra_ids`, deferred
+    earlier), oldest first, read `page_size` traces at a time: only judged traces are read (MLflow's assessment
+    filter), and only their counted votes are kept, so memory grows with the judged answers, not with traffic.
+    -> (judged, answers left out by reason, votes left out by reason)."""
     import mlflow
 
-    traces = mlflow.search_traces(
-        locations=[experiment_id],
-        filter_string=f"trace.timestamp_ms > {since_ms}" if since_ms is not None else None,
-        return_type="list",
-        order_by=["timestamp_ms ASC"],
-    )
-    judged = []
-    for trace in traces:
-        votes, answer = votes_of(trace), answer_of(trace)
-        if votes and answer is not None:
-            judged.append((trace.info.trace_id, *answer, votes))
-    return harvest(judged, known_ids)
+    client = mlflow.MlflowClient()
+    unsigned: Counter = Counter()
+    skipped: Counter = Counter()
+    judged: dict[str, Judged] = {}
+
+    def take(trace) -> None:
+        status = answer_status(trace, keys)
+        if status != provenance.OK:
+            if any(a.name == FEEDBACK for a in getattr(trace.info, "assessments", None) or []):
+                unsigned["unsigned (before signing)" if status == provenance.UNSIGNED else status] += 1
+            return
+        votes = votes_of(trace, keys, skipped)
+        if votes:
+            prompt, response = answer_of(trace)  # type: ignore[misc]
+            judged[trace.info.trace_id] = Judged(trace.info.trace_id, prompt, response, votes, trace.info.timestamp_ms)
+
+    token = None
+    while True:
+        page = client.search_traces(
+            locations=[experiment_id],
+            filter_string=f"feedback.{FEEDBACK} IS NOT NULL AND trace.timestamp_ms > {int(since_ms)}",
+            max_results=page_size,
+            order_by=["timestamp_ms ASC"],
+            page_token=token,
+        )
+        for trace in page:
+            take(trace)
+        token = page.token
+        if not token:
+            break
+    for trace_id in extra_ids:
+        if trace_id not in judged:
+            try:
+                trace = mlflow.get_trace(trace_id)
+            except Exception:
+                trace = None
+            if trace is not None and trace.info.experiment_id == experiment_id:
+                take(trace)
+    order = sorted(judged.values(), key=lambda j: j.votes[0].at_ms if j.votes else 0)
+    return order, unsigned, skipped
+
+
+def day_of(ms: float | None = None) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime((ms if ms is not None else time.time() * 1000) / 1000))

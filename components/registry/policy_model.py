@@ -32,10 +32,15 @@ overrides, into the logged model's `model_config`).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
 import logging
 import os
+import re
 import threading
 import time
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -61,7 +66,9 @@ class Limits:
     max_prompt_tokens: int = 1024  # also held to the model's context less the request's max_new_tokens
     max_prompts: int = 16
     max_n: int = 8  # best-of-n: responses sampled per prompt (a request generates up to max_prompts * max_n)
-    max_prompt_chars: int = 8192  # checked before tokenizing: a longer prompt is never tokenized or padded
+    # checked before tokenizing: a longer prompt is never tokenized or padded. The data contract's data.max_prompt_chars
+    # (2000): `rlhf run` registers with it, so a served answer's prompt fits the feedback data it may become
+    max_prompt_chars: int = 2000
     # the request body, checked before MLflow's server parses it (`rlhf model serve`: service/serving.py); room for
     # max_prompts prompts of max_prompt_chars characters of up to 4 UTF-8 bytes each
     max_body_bytes: int = 1 << 20
@@ -320,7 +327,9 @@ class Tracer:
         "MLFLOW_ASYNC_TRACE_LOGGING_MAX_QUEUE_SIZE": "100",
     }
 
-    def __init__(self, experiment_id: str, served: str):
+    RECENT = 50_000  # trace ids of answers this process returned, remembered for `POST /feedback` (~5 MB)
+
+    def __init__(self, experiment_id: str, served: str, keys_file: str | None = None):
         name, _, alias = served.partition("@")
         self.model, _, self.version = name.partition("/")
         self.experiment_id, self.alias = experiment_id, alias
@@ -328,26 +337,28 @@ class Tracer:
         self.build_ns = 0  # time spent building traces inside requests (the cost a request pays)
         self.count_lock = threading.Lock()
         self.log = logging.getLogger("rlhf.tracing")
+        self.key = SigningKey(keys_file) if keys_file else None
+        self.recent: OrderedDict[str, None] = OrderedDict()
         handler = _Drops(self)
         for name in self.EXPORT_LOGGERS:
             logging.getLogger(name).addHandler(handler)
 
     @classmethod
     def from_env(cls) -> Tracer | None:
-        """The tracer `rlhf model serve` asks for (RLHF_TRACE_EXPERIMENT_ID, RLHF_SERVED_MODEL="name/version@alias"),
-        or None: no tracing."""
+        """The tracer `rlhf model serve` asks for (RLHF_TRACE_EXPERIMENT_ID, RLHF_SERVED_MODEL="name/version@alias",
+        RLHF_SIGNING_KEYS: the keyring its answers are signed with), or None: no tracing."""
         experiment = os.environ.get("RLHF_TRACE_EXPERIMENT_ID")
         if not experiment:
             return None
         for key, value in cls.EXPORT_LIMITS.items():
             os.environ.setdefault(key, value)
-        return cls(experiment, os.environ.get("RLHF_SERVED_MODEL", ""))
+        return cls(experiment, os.environ.get("RLHF_SERVED_MODEL", ""), os.environ.get("RLHF_SIGNING_KEYS"))
 
     def dropped_one(self, why: str) -> None:
         with self.count_lock:
             self.dropped += 1
             n = self.dropped
-        self.log.warning("trace dropped (%d so far); the request was answered: %s", n, why[:300])
+        self.log.warning("trace dropped (%d so far); the request was answered: %s", n, USERINFO.sub("//", why)[:300])
 
     def stats(self) -> dict:
         with self.count_lock:
@@ -356,17 +367,24 @@ class Tracer:
                 "experiment_id": self.experiment_id,
                 "traced": self.traced,
                 "dropped": self.dropped,
+                "signed": self.key is not None,
                 "build_ms_per_trace": self.build_ns / 1e6 / max(1, self.traced),
             }
+
+    def served(self, trace_id: str) -> bool:
+        """Whether this process returned the answer `trace_id` (recently: the last RECENT)."""
+        with self.count_lock:
+            return trace_id in self.recent
 
     def record(self, prompts: list[str], p: dict, texts, scores, out: pd.DataFrame, started_ns: int) -> list[str]:
         """One trace per prompt: -> its trace id ("" where it could not be built)."""
         t0 = time.time_ns()
         latency_ms = (t0 - started_ns) / 1e6
         ids = []
+        params = json.loads(json.dumps(p, default=str))  # as the trace stores them: what the signature covers
         for i, prompt in enumerate(prompts):
             try:
-                ids.append(self._one(i, prompt, p, texts, scores, out, started_ns, t0, latency_ms))
+                ids.append(self._one(i, prompt, params, texts, scores, out, started_ns, t0, latency_ms))
             except Exception as e:  # tracing never fails a request
                 self.dropped_one(f"{type(e).__name__}: {e}")
                 ids.append("")
@@ -391,10 +409,57 @@ class Tracer:
         )
         row = out.iloc[i]
         response = {"response": row["response"], **({"score": float(row["score"])} if "score" in row else {})}
+        if self.key is not None and (
+            signed := self.key.sign(ANSWER, answer_fields(span.trace_id, prompt, str(row["response"]), self.version, p))
+        ):
+            span.set_attribute(SIGNATURE, signed)
         span.end(outputs={**response, "candidates": candidates}, end_time_ns=ended_ns)
         with self.count_lock:
             self.traced += 1
+            self.recent[span.trace_id] = None
+            if len(self.recent) > self.RECENT:
+                self.recent.popitem(last=False)
         return span.trace_id
+
+
+# ---- provenance: components/registry/provenance.py, repeated (a models-from-code model carries only this file; a
+# test holds them equal)
+ANSWER = "answer"
+SIGNATURE = "rlhf.signature"  # the root span's attribute that carries an answer's signature
+USERINFO = re.compile(r"//[^/@\s]*@")
+
+
+def canonical(purpose: str, fields: dict) -> bytes:
+    return json.dumps([purpose, fields], sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def answer_fields(trace_id: str, prompt: str, response: str, version: str, params) -> dict:
+    return {"trace_id": trace_id, "prompt": prompt, "response": response, "version": version, "params": params}
+
+
+class SigningKey:
+    """The active key of the project's keyring file (service/keys.py), re-read when the file changes (a rotation
+    takes effect without a restart). A keyring that cannot be read signs nothing: the answers are traced, unsigned,
+    and the ingest leaves them out."""
+
+    def __init__(self, path: str):
+        self.path, self.stamp, self.kid, self.secret = path, None, "", b""
+        self.lock = threading.Lock()
+
+    def sign(self, purpose: str, fields: dict) -> str | None:
+        with self.lock:
+            try:
+                st = os.stat(self.path)
+                if (st.st_mtime_ns, st.st_size) != self.stamp:
+                    with open(self.path) as f:
+                        doc = json.load(f)
+                    key = next(k for k in doc["keys"] if k["kid"] == doc["active"])
+                    self.kid, self.secret = key["kid"], bytes.fromhex(key["secret"])
+                    self.stamp = (st.st_mtime_ns, st.st_size)
+            except (OSError, ValueError, KeyError, StopIteration):
+                return None
+            kid, secret = self.kid, self.secret
+        return f"{kid}:{hmac.new(secret, canonical(purpose, fields), hashlib.sha256).hexdigest()}"
 
 
 def render_prompt(tok, prompt: str) -> str:

@@ -70,6 +70,12 @@ def test_the_gate_refuses_answers_the_ensemble_cannot_judge_and_names_the_measur
     # a single reward model measures no disagreement: the check does not apply
     single = {k: v for k, v in cand.items() if k != "reward_disagreement"}
     assert decide(single, sft, 0.8, "sft", cfg, sft={**sft}).passed
+    # issue 38: the operator configured an ensemble and no disagreement was measured (a remote reward.ensemble=1, a
+    # member lost): the gate fails closed and says why, never a silent skip
+    unmeasured = decide(single, sft, 0.8, "sft", cfg, sft={**sft}, ensemble=3)
+    assert not unmeasured.passed and unmeasured.reasons == ["disagreement_measured 0.000 < 1"], unmeasured.summary()
+    assert decide(cand | {"reward_disagreement": 0.3}, sft, 0.8, "sft", cfg, sft=sft, ensemble=3).passed
+    assert decide(single, sft, 0.8, "sft", GateConfig(max_disagreement_ratio=None), sft=sft, ensemble=3).passed
 
 
 # ---------------------------------------------------------------------------- trained
