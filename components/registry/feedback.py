@@ -16,6 +16,7 @@ and the trace id as the row's id, which is how a later ingest knows the trace is
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -241,7 +242,7 @@ def harvest(
         counts = Counter(r for _, raters in kept for r in raters)
         if len(counts) < limits.min_raters or not kept:
             break
-        cap = max(1, int(limits.max_rater_share * len(kept)))
+        cap = max(1, math.ceil(limits.max_rater_share * len(kept)))
         over = [r for r, c in counts.most_common() if c > cap]
         if not over:
             break

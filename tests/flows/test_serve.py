@@ -46,10 +46,19 @@ def test_no_schedule_and_no_trigger_when_configured_off(tmp_path):
     assert d.schedules in (None, []) and d.triggers == []
 
 
-def test_the_traces_ingest_runs_on_its_own_schedule_on_the_operators_config(tmp_path, monkeypatch):
+def test_the_traces_ingest_runs_on_its_own_schedule_and_never_stalls(tmp_path, monkeypatch):
     """Issue 30: `infra.ingest_traces_cron` adds a deployment that runs `rlhf ingest --from-traces` with no parameters
-    (nothing a caller of the Prefect API could change); with no judged answers it changes nothing."""
+    (nothing a caller of the Prefect API could change). Issue 38: one tick with signed answers judged by honest raters,
+    three of which the data cannot take: votes up 4, up 4, up 4, down 1, down 1 (label 1, mean rating 2.8: the suite
+    refuses it), an answer to a frozen eval prompt, a prompt over the data contract's length. The good rows land; the
+    refused one is quarantined and remembered, the other two left out and counted; the next tick has nothing to do
+    (it used to refuse the whole batch again on every tick)."""
+    import mlflow
+
+    from components.data.schemas import read_jsonl, shard_files
+    from components.data.versioning import ensure_data
     from flows.serve import INGEST_TRACES, ingest_traces_deployment, ingest_traces_service
+    from tests.registry.signed_answers import serving_desk
 
     overrides = [f"root={tmp_path}", "data=demo_small"]
     assert ingest_traces_deployment(compose(overrides)) is None, "off by default"
@@ -57,8 +66,38 @@ def test_the_traces_ingest_runs_on_its_own_schedule_on_the_operators_config(tmp_
     assert d.name == INGEST_TRACES and [s.schedule.cron for s in d.schedules] == ["*/30 * * * *"]
     assert d.parameters == {} and d.concurrency_limit == 1
     monkeypatch.setenv(serve_module.SERVED_OVERRIDES, json.dumps(overrides))
+    cfg = compose(overrides)
+    ensure_data(cfg)
+    eval_prompt = next(iter(read_jsonl(shard_files(cfg.data_path / "eval")[0], "eval").rows))[1]["prompt"]
+    desk = serving_desk(cfg, ["r1", "r2", "r3", "r4", "r5"])
+    good1, good2, mixed, on_eval, too_long = desk.answer(
+        ["A served prompt", "Another served prompt", "A third served prompt", eval_prompt, "x" * 2500],
+        ["a fine answer", "a poor answer", "a mixed answer", "an answer to an eval prompt", "an answer"],
+    )
+    for rater, trace_id, up, rating in [
+        ("r1", good1, True, None),
+        ("r2", good2, False, None),
+        *[(f"r{i}", mixed, True, 4) for i in (1, 2, 3)],
+        *[(f"r{i}", mixed, False, 1) for i in (4, 5)],
+        ("r3", on_eval, True, None),
+        ("r4", too_long, True, None),
+    ]:
+        got = desk.vote(rater, trace_id, up, rating)
+        assert got.status == 200, got
+    mlflow.flush_trace_async_logging()
+
     state = ingest_traces_service(return_state=True)
-    assert state.is_completed() and state.message.startswith("no new judged answers (0 judged"), state.message
+    assert state.is_completed(), state.message
+    landed = {
+        row["id"] for shard in shard_files(cfg.data_path / "feedback") for _, row in read_jsonl(shard, "feedback").rows
+    }
+    assert {good1, good2} <= landed and not {mixed, on_eval, too_long} & landed
+    harvest = json.loads((cfg.state_path / "traces" / "harvest.json").read_text())
+    assert list(harvest["refused"]) == [mixed] and harvest["refused"][mixed], harvest  # with the rules it broke
+    again = ingest_traces_service(return_state=True)
+    assert again.is_completed() and again.message.startswith("nothing new to ingest"), again.message
+    assert "3 already in the data or refused before" in again.message, again.message
+    assert "1 answer(s) to a frozen eval prompt, 1 prompt(s) over data.max_prompt_chars" in again.message
 
 
 # ---- what a run of the deployment may change (issue 12) ----
