@@ -80,3 +80,4 @@ class RetrainSummary:
     gate: GateOutcome | None = None
     registered: Registration | None = None
     cached: list[str] = field(default_factory=list)  # stages reused from earlier runs
+    slot_generation: int | None = None  # the retrain slot's fencing token when it registered (tag `slot_generation`)

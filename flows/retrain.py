@@ -4,8 +4,13 @@
     -> reward model (LoRA + head) -> PPO (LoRA, one shared base) -> evaluate vs champion -> gate
     -> register (alias challenger) -> promote (alias champion: auto, or after a person approves)
 
-One retrain of a project at a time (service/lifecycle.py); SFT, RM and PPO are cached across runs
+One retrain of a project at a time (service/slot.py); SFT, RM and PPO are cached across runs
 (flows/caching.py). The flow returns a `RetrainSummary` (flows/contracts.py).
+
+Register and promote only under the fence (issue 38): right before each, the run checks that it still holds the
+retrain slot (`RetrainSlot.fence`, its generation recorded as the version's tag `slot_generation`) and that
+`champion` still points at the version the gate compared the candidate with (`registry.check_champion`; `promote`
+moves it by compare-and-set). Either failing ends the run Failed with one sentence, `champion` unchanged.
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ from flows.stages import (
 )
 from service import lifecycle
 from service.redaction import config_flow
-from service.slot import RetrainSlot
+from service.slot import RetrainSlot, SlotLost
+
+AGAIN = "rlhf run"  # what to run when a registration or promotion is refused
 
 
 @config_flow(
@@ -55,11 +62,12 @@ def retrain(cfg: Config):
     log = get_run_logger()
     lifecycle.claim_run(cfg)
     lifecycle.reap_orphans(cfg, log.warning)
-    with RetrainSlot(cfg, log.warning):
-        return pipeline(cfg)
+    with RetrainSlot(cfg, log.warning) as slot:
+        return pipeline(cfg, slot)
 
 
-def pipeline(cfg: Config) -> State:
+def pipeline(cfg: Config, slot: RetrainSlot | None = None) -> State:
+    """The stages, under `slot` (the retrain slot this run holds: without it nothing is registered or promoted)."""
     if cfg.infra.training_pool:  # the stage flows its stages dispatch to, deployed before the first one
         ensure_deployed(cfg.infra.training_pool)
     with mlflow.start_run(run_name=tracking.run_name(cfg, "retrain"), tags=lifecycle.mlflow_owner_tags()) as parent:
@@ -112,9 +120,12 @@ def pipeline(cfg: Config) -> State:
                 s, "not promoted", Completed(data=s, message="not promoted because " + "; ".join(s.gate.reasons))
             )
 
-        # 5. register (alias challenger), then promote: at once, or after a person approves
+        # 5. register (alias challenger), then promote: at once, or after a person approves; each under the fence
+        if stop := before_register(cfg, s, slot):
+            return stop
         s.registered = register(cfg, data, s.sft.dir, s.policy.dir, s.reward.dir, s.gate, run_id)
-        return promote(cfg, s)
+        registry.tag_version(s.registered.name, s.registered.version, {registry.SLOT_GENERATION: s.slot_generation})
+        return promote(cfg, s, slot)
 
 
 def nothing_to_do(cfg: Config, data: DataState, s: RetrainSummary) -> State | None:
@@ -167,7 +178,36 @@ def prune(cfg: Config, outputs: list[StageOutput]) -> None:
         )
 
 
-def promote(cfg: Config, s: RetrainSummary) -> State:
+def fence(slot: RetrainSlot | None) -> int:
+    """The slot's generation when this run still holds it (`RetrainSlot.fence`); SlotLost otherwise."""
+    if slot is None:
+        raise SlotLost("this run does not hold the retrain slot")
+    return slot.fence()
+
+
+def refused(s: RetrainSummary, not_done: str, e: Exception, again: str) -> State:
+    """A registration or promotion refused (the slot lost, or `champion` moved since the gate compared): Failed, with
+    one sentence saying what happened and what to do; the registry's `champion` is unchanged."""
+    moved = isinstance(e, registry.ChampionMoved)
+    todo = f"run `{again}` again" + (f" to compare against {e.against}" if moved else "")
+    why = "champion moved" if moved else "retrain slot lost"
+    return finish(s, f"{not_done} ({why})", Failed(message=f"{not_done}: {e}; {todo}", data=s))
+
+
+def before_register(cfg: Config, s: RetrainSummary, slot: RetrainSlot | None, again: str = AGAIN) -> State | None:
+    """Register only while this run holds the slot and `champion` is still the gate's baseline: a candidate compared
+    with an older champion is not registered at all. -> a final state when not; records the slot's generation."""
+    try:
+        s.slot_generation = fence(slot)
+        registry.check_champion(cfg.tracking.registered_model_name, s.gate.champion_version)
+    except (SlotLost, registry.ChampionMoved) as e:
+        return refused(s, "nothing registered", e, again)
+    return None
+
+
+def promote(cfg: Config, s: RetrainSummary, slot: RetrainSlot | None = None, again: str = AGAIN) -> State:
+    """Move `champion` to the registered candidate (at once, or once a person approves) by compare-and-set under the
+    slot's fence (`registry.promote`): refused when the run lost the slot or `champion` moved since the gate."""
     reg = s.registered
     if cfg.gate.approval == "auto":
         approver = "auto (gate passed)"
@@ -187,7 +227,12 @@ def promote(cfg: Config, s: RetrainSummary) -> State:
                 ),
             )
         approver = decision.approver
-    reg.previous_champion = registry.promote(reg.name, reg.version, approver=approver)
+    try:
+        reg.previous_champion = registry.promote(
+            reg.name, reg.version, approver=approver, compared=s.gate.champion_version, fence=lambda: fence(slot)
+        )
+    except (SlotLost, registry.ChampionMoved) as e:
+        return refused(s, f"v{reg.version} not promoted", e, again)
     reg.alias = registry.CHAMPION
     by = "" if cfg.gate.approval == "auto" else f" (approved by {approver})"
     reg.approver = None if cfg.gate.approval == "auto" else approver

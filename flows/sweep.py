@@ -12,7 +12,9 @@ the same seed, the same number of sampled responses (ppo.steps x ppo.batch_size)
 (`sweep/*` on the variant's run, `ppo/*` curves on its PPO child run), so they compare in the MLflow UI. Nothing
 is registered, unless `--promote-best`: then each variant is also gated (the sweep's own gate settings, against the
 champion, else the SFT policy), and of those that pass, the one with the highest win rate (then reward gain) is
-registered and promoted as a retrain's candidate is, with the same approval (`gate=manual` waits for a person). The
+registered and promoted as a retrain's candidate is, with the same approval (`gate=manual` waits for a person), under
+the project's retrain slot and its fence: it waits while a retrain holds the slot, and it is refused (one sentence,
+`champion` unchanged) when `champion` moved since that variant was compared with it. The
 sweep's run says which variant won and why (tags `sweep.best`, `sweep.best_why`). The table (held-out RM reward,
 independent-judge score, KL, wall time) goes on the sweep's run.
 """
@@ -29,6 +31,7 @@ from prefect.states import Completed, Failed
 from components import tracking
 from components.config import Config, compose
 from components.evaluation.evaluate import win_rate
+from components.registry import registry
 from flows.caching import run_stage
 from flows.contracts import GateOutcome, Registration, RetrainSummary, StageOutput, ValidationSummary
 from flows.pool import ensure_deployed
@@ -47,6 +50,7 @@ from flows.stages import (
 )
 from service import lifecycle
 from service.redaction import config_flow
+from service.slot import RetrainSlot
 
 DEFAULT_SWEEP = ["ppo/guide=none,rollin,aggrevated,d2lols"]
 POLICY_NAMESPACES = ("ppo", "rs", "grpo", "rloo", "dpo", "kto")  # each policy stage's metrics prefix
@@ -172,24 +176,36 @@ def sweep(cfg: Config, variants: list[list[str]], promote_best: bool = False):
 
 def promote_the_best(cfg: Config, data, checked: ValidationSummary, summary: SweepSummary):
     """Register the best variant that passed the gate (flows/stages.register) and promote it as a retrain does
-    (flows/retrain.promote: at once, or after a person approves). -> a final state when it was registered, else None
-    (the sweep ends as without --promote-best)."""
-    from flows.retrain import promote
-
+    (flows/retrain.promote: at once, or after a person approves), holding the retrain slot as a retrain does, under
+    its fence and by compare-and-set against the champion that variant was compared with. -> a final state when it
+    was registered or refused, else None (the sweep ends as without --promote-best)."""
     best, why = pick_best(summary.rows)
     summary.best, summary.best_why = (best.variant if best else None), why
     mlflow.set_tags({"sweep.best": summary.best or "none", "sweep.best_why": why[:5000]})
     get_run_logger().info("promote best: %s", why)
     if best is None or best.gate is None or best.outputs is None:
         return None
+    with RetrainSlot(cfg, get_run_logger().warning) as slot:
+        state = register_and_promote(cfg, data, checked, summary, best, slot)
+    state.data = summary
+    return state
+
+
+def register_and_promote(cfg: Config, data, checked: ValidationSummary, summary: SweepSummary, best, slot):
+    """The best variant registered and promoted under `slot` (flows/retrain.before_register, promote)."""
+    from flows.retrain import before_register, promote
+
+    again = "rlhf sweep --promote-best"
+    s = RetrainSummary(summary.run_id, data, checked, changed=f"sweep best: {best.variant}", gate=best.gate)
+    if stop := before_register(cfg, s, slot, again):
+        return stop
     sft_out, rm_out, policy_out = best.outputs
     vcfg = compose(best.overrides)
     reg = register(vcfg, data, sft_out.dir, policy_out.dir, rm_out.dir, best.gate, summary.run_id)
-    summary.registered = reg
-    s = RetrainSummary(summary.run_id, data, checked, changed=f"sweep best: {best.variant}", registered=reg)
-    state = promote(cfg, s)
+    registry.tag_version(reg.name, reg.version, {registry.SLOT_GENERATION: s.slot_generation})
+    summary.registered = s.registered = reg
+    state = promote(cfg, s, slot, again)
     summary.registered = s.registered
-    state.data = summary
     return state
 
 

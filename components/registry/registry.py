@@ -3,17 +3,24 @@
 Lifecycle (docs/architecture.md): a candidate that passes the gate becomes a registered version with
 alias `challenger`; approval moves `champion` to it (recording the previous champion on the
 version, so `rollback` can move `champion` back). Uses the active tracking URI; no setup here.
+
+Moving `champion` is a compare-and-set under a fence (issue 38): `promote` moves it only while it still points at
+the version the candidate was compared with, and only after the caller's fence (the retrain slot's, service/slot.py)
+confirmed that the caller still holds the slot, which everything that moves `champion` takes. MLflow has no
+compare-and-set on an alias: the slot makes the read and the move one step, as no one else moves it meanwhile.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 POLICY_MODEL_FILE = Path(__file__).with_name("policy_model.py")
 CHALLENGER, CHAMPION = "challenger", "champion"
+COMPARED, SLOT_GENERATION = "champion_compared", "slot_generation"  # version tags: the baseline, the fence
+_FROM_TAG = object()  # `promote`'s default baseline: the version's own `champion_compared` tag
 EXAMPLE_PROMPTS = ["The film was", "After a week with these headphones, I think"]
 
 
@@ -145,23 +152,77 @@ def alias_version(registered_name: str, alias: str) -> str | None:
         return None
 
 
-def promote(registered_name: str, version: str, approver: str) -> str | None:
-    """Move `champion` to `version`; returns the previous champion (recorded on the version for rollback)."""
+class ChampionMoved(Exception):
+    """`champion` no longer points at the version a candidate was compared with: promoting the candidate would
+    replace a model its gate never saw. The message says what happened; `against` names the new baseline."""
+
+    def __init__(self, registered_name: str, compared: str | None, current: str | None, since: str):
+        self.compared, self.current = compared, current
+        self.against = f"v{current}" if current else "the SFT policy (there is no champion now)"
+        was = f"v{compared}" if compared else "none"
+        super().__init__(
+            f"{registered_name}'s {CHAMPION} moved from {was} to {f'v{current}' if current else 'none'} {since}"
+        )
+
+
+def check_champion(
+    registered_name: str, compared: str | None, since: str = "since this candidate was compared"
+) -> str | None:
+    """-> the champion now, when it is still `compared` (None: there was none); ChampionMoved otherwise."""
+    current = alias_version(registered_name, CHAMPION)
+    if current != compared:
+        raise ChampionMoved(registered_name, compared, current, since)
+    return current
+
+
+def promote(
+    registered_name: str,
+    version: str,
+    approver: str,
+    compared=_FROM_TAG,
+    fence: Callable[[], int] | None = None,
+) -> str | None:
+    """Move `champion` to `version` only if it still points at `compared`, the version the candidate's gate compared it
+    with (None: there was no champion; by default the version's own `champion_compared` tag, and a version registered
+    without one, by hand, is not checked): else ChampionMoved, and `champion` stays where it is. `fence` runs right
+    before the check and the move (the retrain slot's: it raises when the caller no longer holds the slot); the
+    generation it returns is recorded as the tag `slot_generation`. -> the previous champion (recorded on the version
+    for rollback)."""
     import mlflow
 
     client = mlflow.MlflowClient()
-    previous = alias_version(registered_name, CHAMPION)
+    if compared is _FROM_TAG:
+        tag = client.get_model_version(registered_name, version).tags.get(COMPARED)
+        compared = _FROM_TAG if tag is None else (None if tag == "none" else tag)
+    generation = fence() if fence is not None else None
+    if compared is _FROM_TAG:
+        previous = alias_version(registered_name, CHAMPION)
+    else:
+        previous = check_champion(registered_name, compared, f"since v{version} was compared")
     if previous and previous != version:
         client.set_model_version_tag(registered_name, version, "previous_champion", previous)
     client.set_model_version_tag(registered_name, version, "approver", approver)
+    if generation is not None:
+        client.set_model_version_tag(registered_name, version, SLOT_GENERATION, str(generation))
     client.set_registered_model_alias(registered_name, CHAMPION, version)
     if ROLLED_BACK in client.get_model_version(registered_name, version).tags:  # promoted again on purpose
         client.delete_model_version_tag(registered_name, version, ROLLED_BACK)
     return previous
 
 
-def rollback(registered_name: str, by: str = "unknown", reason: str = "") -> tuple[str, str]:
-    """Move `champion` back to the version it replaced: -> (from, to). ValueError when there is none.
+def tag_version(registered_name: str, version: str, tags: dict[str, str]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(registered_name, version, key, str(value))
+
+
+def rollback(
+    registered_name: str, by: str = "unknown", reason: str = "", fence: Callable[[], int] | None = None
+) -> tuple[str, str]:
+    """Move `champion` back to the version it replaced: -> (from, to). ValueError when there is none. `fence` (the
+    retrain slot's) runs right before the move, as for `promote`.
 
     The version rolled back is tagged `rolled_back` (when, by whom, why) and its model card says so: a
     retrain on the same data version and config will not promote it again (`rolled_back_like`)."""
@@ -180,6 +241,10 @@ def rollback(registered_name: str, by: str = "unknown", reason: str = "") -> tup
             f"champion v{current} of {registered_name!r} replaced no earlier champion: nothing to roll back to"
         )
     note = f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} by {by}" + (f": {reason}" if reason else "")
+    if fence is not None:
+        generation = fence()
+        check_champion(registered_name, current, "while the rollback looked")
+        note += f" (slot generation {generation})"
     client.set_registered_model_alias(registered_name, CHAMPION, previous)
     client.set_model_version_tag(registered_name, current, ROLLED_BACK, note)
     client.update_model_version(
