@@ -324,9 +324,11 @@ def _run_here(request: dict[str, Any], body: Callable[..., Any]) -> tuple[Any, s
     root = worker_dir()
     local = compose([f"root={root}"])
     if (trust := request_trust(request, local)) != "ok":  # not the orchestrator's: the remote list alone
-        from prefect import get_run_logger
+        import logging
 
-        get_run_logger().warning("stage request not signed by the orchestrator (%s): remote overrides only", trust)
+        logging.getLogger("rlhf.worker").warning(
+            "stage request not signed by the orchestrator (%s): remote overrides only", trust
+        )
         check_remote_overrides(request["overrides"], local.infra.remote_overrides, base=local)
     cfg = compose([*request["overrides"], f"root={root}", "infra.training_pool=null"])  # run here, not dispatch
     if diff := config_differences(request["config"], cfg):

@@ -218,3 +218,35 @@ def test_a_stage_whose_worker_is_gone_is_crashed_and_retried_not_waited_for_fore
         with pytest.raises(StageLost, match=r"its worker 'gone-worker' has not been online for \d+ s"):
             wait_for_stage(third.id, pool, timeout_s=None, worker_lost_s=2)
         assert client.read_flow_run(third.id).state.is_crashed()
+
+
+def test_a_worker_trusts_a_request_the_orchestrator_signed_and_nothing_else(tmp_path, monkeypatch):
+    """Issue 38: stage parameters carry the orchestrator's HMAC (the deployment's keyring, RLHF_SIGNING_KEYS). A signed
+    request brings the operator's whole config (gate settings included); a direct Prefect call to a stage deployment,
+    unsigned or tampered with, gets the worker's remote list alone and is refused before anything is fetched."""
+    from components.config import OverrideNotAllowed
+    from flows import dispatch
+
+    monkeypatch.setenv("RLHF_SIGNING_KEYS", str(tmp_path / "deployment" / "signing-keys.json"))
+    monkeypatch.setenv("RLHF_WORKER_DIR", str(tmp_path / "worker"))
+    orch = compose([f"root={tmp_path / 'orch'}", "sft.max_steps=5", "gate.min_win_rate=0.7"])
+    request = {
+        "stage": "sft",
+        "config": {},
+        "overrides": ["sft.max_steps=5", "gate.min_win_rate=0.7"],
+        "data_version": "x.dir",
+        "inputs": {},
+        "parent_run_id": "r",
+    }
+    signed = dispatch.sign_request(orch, request)
+    local = compose([f"root={tmp_path / 'worker'}"])
+    assert dispatch.request_trust(signed, local) == "ok"
+    tampered = {**signed, "overrides": [*signed["overrides"], "ppo.guide.model=http://evil/guide"]}
+    assert dispatch.request_trust(tampered, local) == "bad signature"
+    assert dispatch.request_trust(request, local) == "unsigned"
+    for unsafe in (request, tampered):
+        with pytest.raises(OverrideNotAllowed, match="sft.max_steps=5: `sft.max_steps` is not listed"):
+            dispatch._run_here(unsafe, body=lambda *a, **k: pytest.fail("the stage ran"))
+    monkeypatch.setenv("RLHF_SIGNING_KEYS", str(tmp_path / "elsewhere.json"))  # a worker without the keyring
+    assert "no signing keyring" in dispatch.request_trust(signed, local)
+    assert not (tmp_path / "elsewhere.json").exists(), "a worker never makes a keyring"

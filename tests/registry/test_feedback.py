@@ -12,7 +12,7 @@ import time
 import pytest
 
 from components.config import DataConfig
-from components.registry.feedback import BadFeedback, Vote, check_rating, harvest, row_of
+from components.registry.feedback import BadFeedback, Judged, Vote, check_rating, harvest, row_of
 
 
 def test_a_traces_votes_become_one_row_by_majority():
@@ -35,12 +35,12 @@ def test_what_a_harvest_leaves_out_and_why():
     ignored, as the data suite compares), and two new rows."""
     up, down = Vote("a", True, None), Vote("b", False, None)
     judged = [
-        ("tr-1", "p", "old answer", [up]),
-        ("tr-2", "p", "  ", [down]),
-        ("tr-3", "p", "tied", [up, down]),
-        ("tr-4", "p", "Good  answer", [up]),
-        ("tr-5", "P", "good answer", [down]),
-        ("tr-6", "q", "good answer", [down]),
+        Judged("tr-1", "p", "old answer", [up]),
+        Judged("tr-2", "p", "  ", [down]),
+        Judged("tr-3", "p", "tied", [up, down]),
+        Judged("tr-4", "p", "Good  answer", [up]),
+        Judged("tr-5", "P", "good answer", [down]),
+        Judged("tr-6", "q", "good answer", [down]),
     ]
     h = harvest(judged, known_ids={"tr-1"})
     assert [r["id"] for r in h.rows] == ["tr-4", "tr-6"] and [r["label"] for r in h.rows] == [1, 0]
