@@ -390,6 +390,7 @@ def gate(cfg: Config, ev: Evaluation) -> GateOutcome:
         cfg.gate,
         sft=ev.eval.get("sft"),
         champion=ev.eval.get("champion"),
+        ensemble=cfg.reward.ensemble,
     )
     client = mlflow.MlflowClient()
     for key, value in tracking.finite(verdict.metrics()).items():
@@ -438,8 +439,13 @@ def register(
             if cfg.registry.include_reward_model:
                 wanted["reward"] = reward_dir
             with inputs_in_use(cfg, wanted) as local:
-                reg = registry.log_and_register(
-                    name, local["sft"], local["policy"], tags, reward_dir=local.get("reward")
+                reg = registry.log_and_register(  # serving's prompt cap is the data contract's (issue 38)
+                    name,
+                    local["sft"],
+                    local["policy"],
+                    tags,
+                    limits={"max_prompt_chars": cfg.data.max_prompt_chars},
+                    reward_dir=local.get("reward"),
                 )
         card = model_card(reg.name, cfg.model.name, data.version, git_commit(cfg.root_path), asdict(gate))
         mlflow.log_text(card, "model_card.md")

@@ -9,6 +9,7 @@ components/registry/policy_model.Limits) and answers 413 in one sentence past it
 that is not an object with one of MLflow's input fields gets a 400 in one sentence (MLflow's own answer has several,
 and a stack trace for some). What passes is replayed to MLflow's app unchanged. The model's own checks (characters before tokens) follow.
 
+`POST /feedback` takes a rater's judgement of an answer (service/feedback_api.py: bearer token, signed assessment).
 `GET /tracing` answers the served model's tracing counts: {"enabled", "experiment_id", "traced", "dropped",
 "build_ms_per_trace"} (components/registry/policy_model.Tracer), or {"enabled": false}.
 """
@@ -30,8 +31,10 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 class BodyCap:
     """Pure ASGI middleware: an HTTP request body over `max_bytes` gets a 413 before the app sees any of it."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, tracing: Callable[[], dict] | None = None):
-        self.app, self.max_bytes, self.tracing = app, max_bytes, tracing
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, tracing: Callable[[], dict] | None = None, feedback: Any | None = None
+    ):
+        self.app, self.max_bytes, self.tracing, self.feedback = app, max_bytes, tracing, feedback
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -54,6 +57,9 @@ class BodyCap:
             if len(body) > self.max_bytes:
                 await self.refuse(send, f"sent more than {self.max_bytes} bytes")
                 return
+        if scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == "/feedback":
+            await self.judge(scope, bytes(body), send)
+            return
         if scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == "/invocations":
             content_type = dict(scope.get("headers") or []).get(b"content-type", b"application/json")
             if content_type.split(b";")[0].strip() == b"application/json" and (problem := json_problem(bytes(body))):
@@ -69,6 +75,25 @@ class BodyCap:
             return {"type": "http.request", "body": bytes(body), "more_body": False}
 
         await self.app(scope, replay, send)
+
+    async def judge(self, scope: Scope, body: bytes, send: Send) -> None:
+        """`POST /feedback` (service/feedback_api.py), off the event loop: it talks to the tracking server."""
+        import asyncio
+
+        if self.feedback is None:
+            await self.answer(
+                send,
+                404,
+                {
+                    "error_code": "NOT_FOUND",
+                    "message": "This server does not trace its answers (registry.trace_requests=false), so they "
+                    "cannot be judged.",
+                },
+            )
+            return
+        authorization = dict(scope.get("headers") or []).get(b"authorization", b"").decode(errors="replace")
+        result = await asyncio.to_thread(self.feedback.handle, authorization, body)
+        await self.answer(send, result.status, result.doc)
 
     async def answer(self, send: Send, status: int, doc: dict) -> None:
         body = json.dumps(doc).encode()
@@ -130,7 +155,17 @@ def build(model_uri: str) -> BodyCap:
     model = scoring_server.load_model_with_mlflow_config(model_uri)
     limits = Limits.from_config({k: v for k, v in (model.model_config or {}).items() if k in Limits.names()})
     tracer = getattr(model.unwrap_python_model(), "tracer", None)  # a model logged before tracing has none
-    return BodyCap(scoring_server.init(model), limits.max_body_bytes, tracer.stats if tracer else None)
+    desk = None
+    if tracer is not None and os.environ.get("RLHF_RATERS_FILE") and os.environ.get("RLHF_SIGNING_KEYS"):
+        from pathlib import Path
+
+        from service.feedback_api import FeedbackDesk
+
+        lo, _, hi = os.environ.get("RLHF_RATING_RANGE", "1:5").partition(":")
+        desk = FeedbackDesk(
+            tracer, Path(os.environ["RLHF_RATERS_FILE"]), Path(os.environ["RLHF_SIGNING_KEYS"]), (float(lo), float(hi))
+        )
+    return BodyCap(scoring_server.init(model), limits.max_body_bytes, tracer.stats if tracer else None, desk)
 
 
 def __getattr__(name: str) -> Any:  # `uvicorn service.serving:app` builds the app on first access only
