@@ -176,7 +176,7 @@ class TraceHarvest:
     known: int = 0  # of those, already in the data or refused by an earlier ingest (skipped)
     ties: int = 0  # left out: as many ups as downs
     empty: int = 0  # left out: an empty answer (the feedback contract needs a response)
-    repeats: int = 0  # left out: the same prompt and answer as an earlier judged trace (the data holds it once)
+    repeats: int = 0  # pooled: the same prompt and answer as an earlier judged trace (one row, their votes together)
     eval_prompts: int = 0  # left out: an answer to a frozen eval prompt (never training data)
     too_long: int = 0  # left out: a prompt over the data contract's max_prompt_chars
     deferred: list[str] = field(default_factory=list)  # over a rater's limit: a later harvest takes them
@@ -189,6 +189,14 @@ class TraceHarvest:
 
 def _norm(text: str) -> str:
     return " ".join(text.lower().split())
+
+
+def _pooled(same: list[Judged]) -> list[Vote]:
+    """The votes on one answer served several times: each rater's latest."""
+    latest: dict[str, Vote] = {}
+    for vote in sorted((v for j in same for v in j.votes), key=lambda v: v.at_ms):
+        latest[vote.rater] = vote
+    return list(latest.values())
 
 
 def harvest(
@@ -206,27 +214,27 @@ def harvest(
     newest rows are deferred first). A deferred row is not dropped: it is not marked as ingested, so a later harvest
     takes it."""
     out = TraceHarvest([])
-    seen: set[tuple[str, str]] = set()
     evals = {_norm(p) for p in eval_prompts}
+    groups: dict[tuple[str, str], list[Judged]] = {}
+    for j in judged:  # the same prompt and answer served twice is one row: its votes pooled (as the suite compares)
+        groups.setdefault((_norm(j.prompt), _norm(j.response)), []).append(j)
     candidates: list[tuple[dict, list[str]]] = []
-    for j in judged:
-        out.judged += 1
-        key = (_norm(j.prompt), _norm(j.response))  # as the data suite compares
-        if j.trace_id in known_ids:
+    for (prompt_key, _), same in groups.items():
+        first = same[0]
+        out.judged += len(same)
+        out.repeats += len(same) - 1
+        if any(j.trace_id in known_ids for j in same):
             out.known += 1
-        elif not j.response.strip():
+        elif not first.response.strip():
             out.empty += 1
-        elif key[0] in evals:
+        elif prompt_key in evals:
             out.eval_prompts += 1
-        elif len(j.prompt) > limits.max_prompt_chars:
+        elif len(first.prompt) > limits.max_prompt_chars:
             out.too_long += 1
-        elif key in seen:
-            out.repeats += 1
-        elif (row := row_of(j.trace_id, j.prompt, j.response, j.votes)) is None:
+        elif (row := row_of(first.trace_id, first.prompt, first.response, _pooled(same))) is None:
             out.ties += 1
         else:
-            candidates.append((row, sorted({v.rater for v in j.votes})))
-        seen.add(key)
+            candidates.append((row, sorted({v.rater for j in same for v in j.votes})))
     # a rater's votes per day
     today = dict(ingested_today or {})
     kept: list[tuple[dict, list[str]]] = []

@@ -32,19 +32,25 @@ def test_a_traces_votes_become_one_row_by_majority():
 
 def test_what_a_harvest_leaves_out_and_why():
     """Oldest first: one already ingested, an empty answer, a tie, a repeat of an earlier answer (case and spaces
-    ignored, as the data suite compares), and two new rows."""
-    up, down = Vote("a", True, None), Vote("b", False, None)
+    ignored, as the data suite compares) whose votes are pooled with it, and a new row. Issue 38: a tied answer
+    served again and decided there is one row, its votes together; a rater's latest vote across the repeats counts."""
+    up, down = Vote("a", True, None, 1), Vote("b", False, None, 2)
     judged = [
         Judged("tr-1", "p", "old answer", [up]),
         Judged("tr-2", "p", "  ", [down]),
         Judged("tr-3", "p", "tied", [up, down]),
         Judged("tr-4", "p", "Good  answer", [up]),
-        Judged("tr-5", "P", "good answer", [down]),
+        Judged("tr-5", "P", "good answer", [Vote("c", True, None, 3)]),
         Judged("tr-6", "q", "good answer", [down]),
+        Judged("tr-7", "P", "TIED", [Vote("c", True, None, 4)]),  # breaks tr-3's tie
+        Judged("tr-8", "p", "old  answer", [down]),  # a repeat of what the data holds: known
     ]
     h = harvest(judged, known_ids={"tr-1"})
-    assert [r["id"] for r in h.rows] == ["tr-4", "tr-6"] and [r["label"] for r in h.rows] == [1, 0]
-    assert (h.judged, h.known, h.empty, h.ties, h.repeats) == (6, 1, 1, 1, 1)
+    assert [r["id"] for r in h.rows] == ["tr-3", "tr-4", "tr-6"] and [r["label"] for r in h.rows] == [1, 1, 0]
+    assert (h.judged, h.known, h.empty, h.ties, h.repeats) == (8, 1, 1, 0, 3)
+    assert h.raters == {"tr-3": ["a", "b", "c"], "tr-4": ["a", "c"], "tr-6": ["b"]}
+    flipped = harvest([*judged[2:3], Judged("tr-9", "p", "tied", [Vote("a", False, None, 9)])], set())
+    assert [(r["id"], r["label"]) for r in flipped.rows] == [("tr-3", 0)], "a's later down replaces her up"
 
 
 def test_a_rating_must_be_in_range_and_on_the_votes_side():
