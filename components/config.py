@@ -12,6 +12,7 @@ these dataclasses (or one of their fields), never raw dicts.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -457,7 +458,7 @@ class InfraConfig:
     # choice (`policy=grpo`) is checked as the keys it changes. Never, whatever is listed: NEVER_REMOTE (code, weights,
     # hosts, files, URIs, the guide, the approval). Not by default: gate.* (allowed only stricter when listed),
     # registry.*, sft.* (it moves the SFT policy the degeneration guard compares against), data.*, model.*.
-    remote_overrides: list[str] = field(default_factory=lambda: list(DEFAULT_REMOTE))
+    remote_overrides: list[str] = field(default_factory=lambda: default_remote())
 
 
 @dataclass
@@ -628,7 +629,7 @@ Bound = Range | OneOf | Stricter
 _POLICIES = ("ppo", "rejection_sampling", "grpo", "rloo", "dpo", "kto")
 
 
-def _method_bounds(method: str, fields: dict[str, Bound]) -> dict[str, Bound]:
+def _method_bounds(method: str, fields: Mapping[str, Bound]) -> dict[str, Bound]:
     return {f"policy.{method}.{name}": bound for name, bound in fields.items()}
 
 
@@ -681,8 +682,11 @@ REMOTE_BOUNDS: dict[str, Bound] = {
     "gate.max_disagreement_ratio": Stricter("max", 0.0, 100.0),
     "gate.max_prompts": Stricter("min", 1, 100_000, True),  # more eval prompts: more evidence
 }
-# what `rlhf serve` lets a run change unless the operator says otherwise (infra.remote_overrides)
-DEFAULT_REMOTE = tuple(k for k in REMOTE_BOUNDS if not k.startswith("gate."))
+
+
+def default_remote() -> list[str]:
+    """What `rlhf serve` lets a run change unless the operator says otherwise (infra.remote_overrides)."""
+    return [k for k in REMOTE_BOUNDS if not k.startswith("gate.")]
 
 
 class OverrideNotAllowed(ValueError):

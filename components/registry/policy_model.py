@@ -443,7 +443,8 @@ class SigningKey:
     and the ingest leaves them out."""
 
     def __init__(self, path: str):
-        self.path, self.stamp, self.kid, self.secret = path, None, "", b""
+        self.path, self.kid, self.secret = path, "", b""
+        self.stamp: tuple[int, int] | None = None
         self.lock = threading.Lock()
 
     def sign(self, purpose: str, fields: dict) -> str | None:
