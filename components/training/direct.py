@@ -25,7 +25,8 @@ One step reads top to bottom:
     1. batch     DPO: `batch_size` comparisons -> their distinct responses and the pairs between them;
                  KTO: `batch_size` feedback rows, and the same rows with each prompt given the previous row's
                  response (the mismatched pairs KTO's reference point z is estimated on)
-    2. log-probs each response's summed log-prob under the policy (with gradient) and the reference (without)
+    2. log-probs each response's summed log-prob under the policy (with gradient) and the reference (without),
+                 dropout off in both (`disable_dropout`, as TRL)
     3. loss      DPO: the weighted mean of the pairs' losses (`policy.dpo.loss_type`); KTO: the rows' mean
     4. step      gradient clipping, AdamW
     5. log       `dpo/*` or `kto/*`: loss, accuracy and margin of the implicit reward, the chosen's and rejected's
@@ -87,9 +88,13 @@ def check_config(method: str, cfg: DirectConfig) -> None:
     """Refuse settings that cannot work, before any model loads."""
     if method not in METHODS:
         raise ValueError(f"policy.algorithm={method!r}: expected one of {', '.join(METHODS)}")
+    # KTO's reference point z reads each row's prompt with the previous row's response (`feedback_logratios`): in a
+    # batch of one that is the row itself, and z would be the very log-ratio it is the baseline of
+    kto = isinstance(cfg, KTOConfig)
+    batch_rule = "at least 2 (KTO's reference point pairs each prompt with another row's response)" if kto else ""
     checks: list[tuple[str, object, bool, str]] = [
         ("steps", cfg.steps, cfg.steps >= 1, "at least 1"),
-        ("batch_size", cfg.batch_size, cfg.batch_size >= 1, "at least 1"),
+        ("batch_size", cfg.batch_size, cfg.batch_size >= (2 if kto else 1), batch_rule or "at least 1"),
         ("max_epochs", cfg.max_epochs, cfg.max_epochs > 0, "above 0"),
         ("learning_rate", cfg.learning_rate, cfg.learning_rate > 0, "above 0"),
         ("beta", cfg.beta, cfg.beta > 0, "above 0"),
@@ -134,6 +139,19 @@ def data_problem(method: str, rows: dict[str, int]) -> str | None:
 
 
 # ---------------------------------------------------------------------------- steps 1-2
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Every dropout rate in `model` set to 0, as TRL's DPO and KTO trainers do (`disable_dropout=True`): each
+    log-ratio is the difference of two forwards, the policy's and the reference's, and dropout would draw a different
+    mask in each, so the implicit reward the loss reads would be noise on top of the model's. The model stays in
+    training mode (gradient checkpointing runs only there). nn.Dropout covers LoRA's `lora.dropout` and GPT-2's
+    layers; Llama-style attention instead reads a float `attention_dropout` in training mode."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def planned_steps(cfg: DirectConfig, n_train: int) -> int:
@@ -238,6 +256,16 @@ def kto_batch(roles, rows: list[Feedback], cfg: DirectConfig, ppo_cfg: PPOConfig
     }
 
 
+def eval_batches(evals: list, batch_size: int) -> list[list]:
+    """The held-out judgements in batches of `batch_size`, a last batch of one joined to the one before: a KTO batch
+    of one row would pair its prompt with its own response for the reference point. 9 rows by 4 -> 4, 5."""
+    parts = [evals[i : i + batch_size] for i in range(0, len(evals), batch_size)]
+    if len(parts) > 1 and len(parts[-1]) == 1:
+        last = parts.pop()
+        parts[-1] = parts[-1] + last
+    return parts
+
+
 @torch.no_grad()
 def held_out(roles, method: str, evals: list, cfg: DirectConfig, ppo_cfg: PPOConfig) -> dict[str, float]:
     """The implicit reward on held-out judgements: DPO, the weighted share of pairs it orders as the people did and
@@ -247,7 +275,7 @@ def held_out(roles, method: str, evals: list, cfg: DirectConfig, ppo_cfg: PPOCon
     out: dict[str, float] = {f"{method}/eval_examples": float(len(evals))}
     if not evals:
         return out
-    parts = [evals[i : i + cfg.batch_size] for i in range(0, len(evals), cfg.batch_size)]
+    parts = eval_batches(evals, cfg.batch_size)
     if method == "dpo":
         stats = [(dpo_batch(roles, part, cfg, ppo_cfg)[1], len(part)) for part in parts]
         for key in ("accuracy", "margin"):
@@ -286,13 +314,17 @@ def train_direct(
         train, evals = read_preferences(data_dir, eval_fraction)
     else:
         train, evals = read_feedback(data_dir, eval_fraction, data_cfg.min_rating, data_cfg.max_rating)
-    if not train:
-        raise ValueError(f"policy={method} trains on {METHODS[method]}, and {data_dir} has none for training")
+    if len(train) < (need := 2 if method == "kto" else 1):  # KTO: a batch of one row has no mismatched pair
+        raise ValueError(
+            f"policy={method} trains on {METHODS[method]}, and {data_dir} has {len(train) or 'none'} for training "
+            f"(at least {need})"
+        )
     steps = planned_steps(cfg, len(train))
     eval_prompts = read_prompts(data_dir, "eval")
     device = resolve_device(model_cfg.device)
     torch.manual_seed(seed)  # peft's LoRA init draws from the global RNG
     roles = build_policy_roles(ppo_cfg, model_cfg, sft_dir, reward_dir, device)
+    disable_dropout(roles.model)
     params = [p for p in roles.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     ns = method
@@ -314,7 +346,7 @@ def train_direct(
     roles.model.train()
     bar = tqdm(range(start, steps), desc=method.upper(), initial=start, total=steps, unit="step")
     for step in bar:
-        torch.manual_seed(seed * 100_003 + step)  # LoRA dropout's draws: the same on resume
+        torch.manual_seed(seed * 100_003 + step)  # any draw a step makes: the same on resume
         t0 = time.perf_counter()
         # 1-3. batch, log-probs, loss --------------------------------------------------------------
         batch: list[Any] = [train[i] for i in checkpoint.batch_for_step(len(train), cfg.batch_size, step, seed)]
