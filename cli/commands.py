@@ -1,4 +1,4 @@
-"""`rlhf` commands on data and config (config, data, validate, ingest), and what every command shares:
+"""`rlhf` commands on data and config (config, data, validate, ingest, forget), and what every command shares:
 loading the config and the process environment, and where to look afterwards."""
 
 from __future__ import annotations
@@ -144,6 +144,32 @@ def cmd_feedback(args, overrides: list[str], positional: list[str]) -> int:
     rated = f", rating {args.rating:g}" if args.rating is not None else ""
     print(f"✓ {doc['rater']}: thumbs {vote}{rated} on {trace_id} (assessment {doc['assessment_id']})")
     print("  `rlhf ingest --from-traces` turns the judged answers into feedback rows for the next retrain")
+    return 0
+
+
+def cmd_forget(args, overrides: list[str]) -> int:
+    """`rlhf forget --rater ID | --trace ID [--trace ID ...] | --user ID [--purge] [--reason TEXT]` (flows/forget.py):
+    their feedback rows leave the data as a new data version, with a record under <state>/forget/ and in MLflow."""
+    from components.data.forget import BadSelector, selector
+
+    try:
+        selector(args.rater, args.trace, args.user)
+    except BadSelector as e:
+        print(f"✗ {e}", file=sys.stderr)
+        return 2
+    cfg = _load(overrides)
+    from flows.forget import forget_flow, summary
+
+    state = forget_flow(
+        cfg, args.rater, args.trace, args.user, args.purge, args.reason, os.environ.get("USER"), return_state=True
+    )
+    if state.is_failed():
+        print(f"✗ {state.result(raise_on_failure=False)}", file=sys.stderr)
+        return 1
+    result = state.result()
+    print("\n".join(summary(result)))
+    if result.changed:
+        print("  event: rlhf.data.updated emitted (a running `rlhf serve` retrains on the new data version)")
     return 0
 
 

@@ -7,6 +7,8 @@
     rlhf ingest    FILE --kind K [--quarantine] [...]   validate + version a new batch, emit rlhf.data.updated
     rlhf ingest    --from-traces [--since T] [...]      the people's judgements of served answers, as feedback rows
     rlhf feedback  TRACE_ID up|down [--rating R] [--url U] [--token T]   judge a served answer (POST /feedback)
+    rlhf forget    --rater ID | --trace ID [...] | --user ID [--purge] [--reason TEXT]   remove their rows as a new
+                                                        data version, with a record; --purge: votes and old versions too
     rlhf raters    add NAME | list | revoke NAME        who may judge served answers (bearer tokens)
     rlhf secret    list | rotate | retire KID           the keys that sign answers, votes and stage requests
     rlhf data      [overrides]                          materialise data/ (dvc pull, else the demo) and show its version
@@ -28,7 +30,16 @@ import os
 import sys
 from pathlib import Path
 
-from cli.commands import cmd_config, cmd_data, cmd_feedback, cmd_ingest, cmd_raters, cmd_secret, cmd_validate
+from cli.commands import (
+    cmd_config,
+    cmd_data,
+    cmd_feedback,
+    cmd_forget,
+    cmd_ingest,
+    cmd_raters,
+    cmd_secret,
+    cmd_validate,
+)
 from cli.service_commands import (
     cmd_approve,
     cmd_deploy,
@@ -134,6 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--url", default="http://127.0.0.1:5001", help="the served model (`rlhf model serve`)")
     f.add_argument("--token", default=None, help="the rater's token (default: $RLHF_RATER_TOKEN)")
     f.add_argument("rest", nargs="*", help="TRACE_ID up|down, then Hydra overrides")
+    fo = sub.add_parser(
+        "forget", help="remove a rater's, a trace's or a user's feedback rows as a new data version (docs/data.md)"
+    )
+    fo.add_argument("--rater", default=None, help="the rows of the traces this rater voted on (`thumbs`)")
+    fo.add_argument("--trace", action="append", default=None, help="the row of this trace id (repeatable)")
+    fo.add_argument("--user", default=None, help="the rows of the traces of this user (trace tag rlhf.user)")
+    fo.add_argument(
+        "--purge",
+        action="store_true",
+        help="also delete the votes, and the old shard objects from the DVC cache and remote (older versions lose them)",
+    )
+    fo.add_argument("--reason", default="", help="why (kept in the record)")
+    fo.add_argument("rest", **over)
     ra = sub.add_parser("raters", help="who may judge served answers: `rlhf raters add NAME | list | revoke NAME`")
     ra.add_argument("action", choices=["add", "list", "revoke"])
     ra.add_argument("name", nargs="?", default=None)
@@ -176,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             "deploy": cmd_deploy,
             "worker": cmd_worker,
             "raters": cmd_raters,
+            "forget": cmd_forget,
             "secret": cmd_secret,
         }[args.command](args, overrides)
     except ConfigError as e:
