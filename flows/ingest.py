@@ -50,11 +50,21 @@ class HarvestState:
         return cls(path, doc["settled_ms"], doc["deferred"], doc["refused"], doc["landed"])
 
     def save(self) -> None:
+        """Write it, merged with what another process saved since this one loaded it (a forget's refusals and a
+        harvest's may land at once): `refused` is their union, the rest is this one's. Under a file lock."""
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        doc = {k: getattr(self, k) for k in ("settled_ms", "deferred", "refused", "landed")}
-        tmp.write_text(json.dumps(doc, indent=1))
-        tmp.replace(self.path)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self.refused = {**json.loads(self.path.read_text())["refused"], **self.refused}
+            except FileNotFoundError:
+                pass
+            tmp = self.path.with_suffix(".tmp")
+            doc = {k: getattr(self, k) for k in ("settled_ms", "deferred", "refused", "landed")}
+            tmp.write_text(json.dumps(doc, indent=1))
+            tmp.replace(self.path)
 
 
 @dataclass

@@ -230,3 +230,25 @@ def test_answers_to_eval_prompts_and_over_long_prompts_are_left_out_and_counted(
     rows = [judged(0, ["a"], prompt="The Eval  prompt"), judged(1, ["a"], prompt="x" * 2001), judged(2, ["a"])]
     h = harvest(rows, set(), eval_prompts={"the eval prompt"}, limits=Limits(max_prompt_chars=2000))
     assert [r["id"] for r in h.rows] == ["tr-2"] and (h.eval_prompts, h.too_long) == (1, 1)
+
+
+def test_two_processes_saving_the_harvest_state_keep_both_refusals(tmp_path):
+    """A forget (its refused traces) and a harvest (the rows the suite refused) save at once: neither loses the
+    other's, which would let a forgotten trace back into the data."""
+    from flows.ingest import HarvestState
+
+    cfg = make_project(tmp_path / "proj")
+    harvest_view, forget_view = HarvestState.load(cfg), HarvestState.load(cfg)
+    forget_view.refused["tr-forgotten"] = ["forgotten"]
+    forget_view.save()
+    harvest_view.refused["tr-bad"] = ["label_matches_rating"]
+    harvest_view.save()
+    assert HarvestState.load(cfg).refused == {"tr-forgotten": ["forgotten"], "tr-bad": ["label_matches_rating"]}
+
+
+def test_a_dropped_traces_log_line_carries_no_credentials(caplog):
+    from components.registry.policy_model import Tracer
+
+    tracer = Tracer("1", "m/1@champion")
+    tracer.dropped_one("Failed to send trace to http://alice:s3cret@tracking.example:5000/api: refused")
+    assert "s3cret" not in caplog.text and "http://tracking.example:5000" in caplog.text
