@@ -71,8 +71,8 @@ class FeedbackDesk:
         import mlflow
 
         if not self.tracer.served(trace_id):
-            if (why := self.stored_answer_problem(trace_id)) is not None:
-                return refuse(404, why, "trace_id")
+            if (problem := self.stored_answer_problem(trace_id)) is not None:
+                return refuse(*problem, "trace_id")
         else:
             mlflow.flush_trace_async_logging()  # the answer's trace reaches the store before its assessment does
         ring = keyring.read(self.keys_file)
@@ -135,20 +135,32 @@ class FeedbackDesk:
         check_rating_range(up, rating, *self.rating_range)
         return trace_id, up, rating
 
-    def stored_answer_problem(self, trace_id: str) -> str | None:
-        """None when `trace_id` is a signed answer in the project's experiment (served by another process), else why
-        not, in one sentence."""
+    def stored_answer_problem(self, trace_id: str) -> tuple[int, str] | None:
+        """None when `trace_id` is a signed answer in the project's experiment (served by another process), else the
+        status and why not, in one sentence."""
         import mlflow
 
         not_ours = (
             f"trace {trace_id!r} is not an answer this project served: send the trace_id of a response of "
             "`rlhf model serve`."
         )
+        from mlflow.exceptions import MlflowException
+
         try:
-            trace = mlflow.get_trace(trace_id)
-        except Exception:
-            trace = None
+            trace = mlflow.MlflowClient().get_trace(trace_id)
+        except MlflowException as e:  # not found, or a malformed id: MLflow's own answer, so the store was reached
+            if e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND", "BAD_REQUEST"):
+                return 404, not_ours
+            return 503, (
+                f"The answer could not be looked up ({e.error_code}): the tracking server is unreachable or failing; "
+                "try again later."
+            )
+        except Exception as e:
+            return 503, (
+                f"The answer could not be looked up ({type(e).__name__}): the tracking server is unreachable or "
+                "failing; try again later."
+            )
         if trace is None or trace.info.experiment_id != self.tracer.experiment_id:
-            return not_ours
+            return 404, not_ours
         keys = keyring.read(self.keys_file).verifying()
-        return None if answer_status(trace, keys) == provenance.OK else not_ours
+        return None if answer_status(trace, keys) == provenance.OK else (404, not_ours)

@@ -75,7 +75,7 @@ def test_with_the_tracking_server_down_a_request_is_answered_and_its_trace_dropp
         dead = s.getsockname()[1]
     script = textwrap.dedent(
         """
-        import json, time
+        import json, sys, time
         import pandas as pd
         from components.registry.policy_model import Tracer
 
@@ -87,7 +87,18 @@ def test_with_the_tracking_server_down_a_request_is_answered_and_its_trace_dropp
         deadline = time.time() + 60
         while tracer.stats()["dropped"] < 2 and time.time() < deadline:
             time.sleep(0.2)
-        print("RESULT " + json.dumps({"ids": ids, "took": took, **tracer.stats()}))
+        # a rater judges one of the dropped answers: its trace_id names nothing in the store, and the served app says
+        # so in one sentence (503), never a traceback or a vote recorded against nothing
+        from pathlib import Path
+        from service import keys, raters
+        from service.feedback_api import FeedbackDesk
+        home = Path(sys.argv[1])
+        ring = keys.load(path=home / "keys.json")
+        token = raters.add(home / "raters.json", "alice")
+        desk = FeedbackDesk(tracer, home / "raters.json", ring.path, (1.0, 5.0))
+        tracer.recent.clear()  # as after a restart: the app looks the answer up in the store
+        got = desk.handle("Bearer " + token, json.dumps({"trace_id": ids[0], "value": True}).encode())
+        print("RESULT " + json.dumps({"ids": ids, "took": took, "feedback": [got.status, got.doc["message"]], **tracer.stats()}))
         """
     )
     env = {
@@ -98,13 +109,19 @@ def test_with_the_tracking_server_down_a_request_is_answered_and_its_trace_dropp
     }
     env = {k: v for k, v in env.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}  # the Tracer's own limits
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
     lived = time.monotonic() - started
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     assert line, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(line[len("RESULT ") :])
     assert result["took"] < 0.5, "recording never waits on the tracking server"
-    assert all(t.startswith("tr-") for t in result["ids"]), "the answer still carries its trace id"
+    # the trace id is returned before its export is known to fail (MLflow exports in the background); a vote on it is
+    # refused in one sentence: issue 38
+    assert all(t.startswith("tr-") for t in result["ids"])
+    status, message = result["feedback"]
+    assert status == 503 and "tracking server is unreachable" in message, result
     assert result["traced"] == 2 and result["dropped"] == 2, result
     assert "trace dropped (2 so far); the request was answered" in proc.stderr
     # and the process ends: MLflow flushes its export queue at exit, which with its own retry defaults held this
