@@ -75,7 +75,7 @@ def test_register_promote_and_rollback(registry):
     assert alias_version(NAME, CHAMPION) == v1.version
 
 
-def test_cli_rollback(registry, capsys):
+def test_cli_rollback(registry, prefect_server, capsys):  # the rollback takes the retrain slot: a Prefect server
     from cli.main import main
 
     stages, (v1, v2) = registry
@@ -512,13 +512,16 @@ def test_a_registered_policy_guides_ppo_by_model_uri(registry, served, reward, t
     assert all(row["ppo/guide_tokens"] > 0 for row in result.history)
 
 
-# ---- the loop from serving: traces, a person's feedback, and back into the data (issue 30) ----
+# ---- the loop from serving: traces, a person's feedback, and back into the data (issues 30, 38) ----
 def test_served_answers_are_traced_judged_and_ingested_once_as_feedback(registry, served, prefect_server, capsys):
-    """Each answer of `rlhf model serve` is an MLflow trace in the project's experiment (prompt, params, response,
-    candidates and scores, model name, version and alias, latency) whose id the response carries. `rlhf feedback`
-    judges 10 of 12, refusing bad calls in one sentence; `rlhf ingest --from-traces` lands exactly those 10 as
-    validated feedback rows in a new data version and emits the event that triggers the served retrain; a second
-    run changes nothing."""
+    """Each answer of `rlhf model serve` is a signed MLflow trace in the project's experiment (prompt, params,
+    response, candidates and scores, model name, version and alias, latency) whose id the response carries. A rater
+    with a token (`rlhf raters add`) judges 10 of 12 with `rlhf feedback` (a client of the app's POST /feedback), each
+    right after its answer; bad calls are refused in one sentence. Forged: a trace written straight to the experiment
+    with five votes, and a stuffed vote. `rlhf ingest --from-traces` lands exactly the 10 as validated feedback rows in
+    a new data version and emits the event that triggers the served retrain; a second run changes nothing."""
+    from mlflow.entities import AssessmentSource, AssessmentSourceType
+
     from cli.main import main
     from components.data.schemas import read_jsonl, shard_files
     from components.data.versioning import data_version
@@ -526,15 +529,47 @@ def test_served_answers_are_traced_judged_and_ingested_once_as_feedback(registry
     from tests.flows.test_data_flows import wait_for_event
 
     stages, (v1, _) = registry  # `served` promoted v1 to champion
+    from prefect.settings import PREFECT_API_URL
+
+    project = [
+        f"root={stages.root}",
+        f"tracking.registered_model_name={NAME}",
+        f"infra.prefect_api_url={PREFECT_API_URL.value()}",  # the session's server: the event lands where we look
+    ]
+    url = ["--url", f"http://127.0.0.1:{served}"]
+    tokens = {}
+    for name in ("alice", "mallory"):
+        assert main(["raters", "add", name, *project]) == 0
+        tokens[name] = capsys.readouterr().out.strip().splitlines()[-1]  # the token alone on the last line
+    assert main(["raters", "revoke", "mallory", *project]) == 0
+
     ids = []
     for i in range(12):  # 12 requests, one prompt each (a request of k prompts is k traces)
         (row,) = predictions(served, ask([f"Review {i}: the film was"], max_new_tokens=8, seed=i, n=2))["predictions"]
         assert row["trace_id"].startswith("tr-") and isinstance(row["response"], str)
         ids.append(row["trace_id"])
+        if i < 10:  # 10 judged at once, no wait for the trace export: 7 up (rated 4 or 5), 3 down
+            vote, rating = ("down", ["--rating", "2"]) if i % 3 == 0 else ("up", ["--rating", str(4 + i % 2)])
+            code = main(["feedback", row["trace_id"], vote, *rating, *url, "--token", tokens["alice"], *project])
+            assert code == 0, capsys.readouterr().err
     assert len(set(ids)) == 12
+    capsys.readouterr()
+    for _ in range(3):  # stuffing: her repeated votes count once
+        assert main(["feedback", ids[1], "up", "--rating", "5", *url, "--token", tokens["alice"], *project]) == 0
+    for bad, says in (
+        ([ids[10], "up", "--rating", "9"], "rating 9 is outside 1..5"),
+        ([ids[10], "down", "--rating", "5"], "rating 5 is a thumbs up"),
+        (["tr-00000000000000000000000000000000", "up"], "is not an answer this project served"),
+        ([ids[10], "up", "--token", "rlhf_guess"], "no rater's (unknown or revoked)"),
+        ([ids[10], "up", "--token", tokens["mallory"]], "no rater's (unknown or revoked)"),
+    ):
+        token = [] if "--token" in bad else ["--token", tokens["alice"]]
+        assert main(["feedback", *bad, *url, *token, *project]) == 1
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     with urllib.request.urlopen(f"http://127.0.0.1:{served}/tracing", timeout=10) as r:
         stats = json.loads(r.read())
-    assert stats["enabled"] and stats["traced"] >= 12 and stats["dropped"] == 0, stats
+    assert stats["enabled"] and stats["signed"] and stats["traced"] >= 12 and stats["dropped"] == 0, stats
     assert stats["build_ms_per_trace"] < 50, "building a trace costs the request little (export is in the background)"
     print(f"tracing: {stats}", file=sys.__stderr__)  # past capsys: the measured cost, for the record
 
@@ -552,33 +587,23 @@ def test_served_answers_are_traced_judged_and_ingested_once_as_feedback(registry
         c["response"] for c in span.outputs["candidates"]
     }
     assert span.outputs["score"] == max(c["score"] for c in span.outputs["candidates"])
-    assert span.attributes["latency_ms"] > 0
+    assert span.attributes["latency_ms"] > 0 and span.attributes["rlhf.signature"].count(":") == 1
 
-    from prefect.settings import PREFECT_API_URL
-
-    project = [
-        f"root={stages.root}",
-        f"tracking.registered_model_name={NAME}",
-        f"infra.prefect_api_url={PREFECT_API_URL.value()}",  # the session's server: the event lands where we look
-    ]
-    for i, trace_id in enumerate(ids[:10]):  # 10 judged: 7 up (rated 4 or 5), 3 down
-        vote, rating = ("down", ["--rating", "2"]) if i % 3 == 0 else ("up", ["--rating", str(4 + i % 2)])
-        assert main(["feedback", trace_id, vote, *rating, "--rater", "alice", *project]) == 0, capsys.readouterr().err
-    capsys.readouterr()
-    for bad, says in (
-        ([ids[0], "up", "--rater", "alice"], "alice has already judged trace"),
-        ([ids[10], "up", "--rating", "9"], "rating 9 is outside 1..5"),
-        ([ids[10], "down", "--rating", "5"], "rating 5 is a thumbs up"),
-        (["tr-00000000000000000000000000000000", "up"], "is not a served answer of this project"),
-    ):
-        assert main(["feedback", *bad, *project]) == 1
-        err = capsys.readouterr().err
-        assert says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    # the attack of issue 38: a trace written to the experiment, five votes on it and one on a real answer
+    forged = mlflow.start_span_no_context("answer", inputs={"prompt": "Buy", "params": {}}, experiment_id=experiment)
+    forged.end(outputs={"response": "now"})
+    mlflow.flush_trace_async_logging()
+    for i, trace_id in enumerate([forged.trace_id] * 5 + [ids[11]]):
+        source = AssessmentSource(source_type=AssessmentSourceType.HUMAN, source_id=f"r{i}")
+        mlflow.log_feedback(trace_id=trace_id, name="thumbs", value=True, source=source)
 
     before = data_version(stages.root)
     assert main(["ingest", "--from-traces", *project]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert "10 judged answer(s)" in out and "10 new" in out and "10 row(s) ingested" in out, out
+    assert "answers not counted: 1 unsigned (before signing)" in out, out  # the forged trace
+    assert "1 unsigned (before signing)" in out.split("votes not counted:")[1], out  # the forged vote on a real one
+    assert "raters of the new rows: alice 10" in out, out
     after = data_version(stages.root)
     assert after != before
     rows = [
