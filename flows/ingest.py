@@ -130,7 +130,11 @@ def traces_to_file(cfg: Config, since_ms: int | None = None) -> TraceBatch:
     window_start = now_ms - int(fb.window_days * DAY_MS)
     start = since_ms if since_ms is not None else max(state.settled_ms, window_start)
     ring = keys.load(cfg)
-    judged, unsigned, skipped = scan(tracking.setup(cfg), ring.verifying(), start, fb.page_size, state.deferred)
+    from service import raters
+
+    revoked = {r.name for r in raters.read(raters.raters_path(cfg)).values() if r.revoked is not None}
+    experiment = tracking.setup(cfg)
+    judged, unsigned, skipped = scan(experiment, ring.verifying(), start, fb.page_size, state.deferred, revoked)
     limits = Limits(fb.votes_per_rater_per_day, fb.max_rater_share, fb.min_raters, cfg.data.max_prompt_chars)
     h = harvest(judged, known | set(state.refused), evals, limits, state.landed.get(day_of(now_ms), {}))
     h.unsigned, h.skipped_votes = unsigned, skipped

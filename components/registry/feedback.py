@@ -85,10 +85,10 @@ def answer_status(trace, keys: dict[str, bytes]) -> str:
     if answer is None:
         return "not an answer"
     root = _root(trace)
-    fields = provenance.answer_fields(
-        trace.info.trace_id, *answer, (trace.info.tags or {}).get("rlhf.version", ""), root.inputs.get("params")
-    )
-    return provenance.verify(keys, provenance.ANSWER, fields, (root.attributes or {}).get(SIGNATURE))
+    attrs = root.attributes or {}
+    version = attrs.get("rlhf.version", (trace.info.tags or {}).get("rlhf.version", ""))  # the span's: not mutable
+    fields = provenance.answer_fields(trace.info.trace_id, *answer, version, root.inputs.get("params"))
+    return provenance.verify(keys, provenance.ANSWER, fields, attrs.get(SIGNATURE))
 
 
 def votes_of(trace, keys: dict[str, bytes], skipped: Counter | None = None) -> list[Vote]:
@@ -218,7 +218,7 @@ def harvest(
     groups: dict[tuple[str, str], list[Judged]] = {}
     for j in judged:  # the same prompt and answer served twice is one row: its votes pooled (as the suite compares)
         groups.setdefault((_norm(j.prompt), _norm(j.response)), []).append(j)
-    candidates: list[tuple[dict, list[str]]] = []
+    candidates: list[tuple[Judged, list[Vote]]] = []
     for (prompt_key, _), same in groups.items():
         first = same[0]
         out.judged += len(same)
@@ -231,39 +231,55 @@ def harvest(
             out.eval_prompts += 1
         elif len(first.prompt) > limits.max_prompt_chars:
             out.too_long += 1
-        elif (row := row_of(first.trace_id, first.prompt, first.response, _pooled(same))) is None:
+        elif row_of(first.trace_id, first.prompt, first.response, votes := _pooled(same)) is None:
             out.ties += 1
         else:
-            candidates.append((row, sorted({v.rater for j in same for v in j.votes})))
-    # a rater's votes per day
+            candidates.append((first, votes))
+    # a rater's votes per day: a row keeps its other raters' votes; one with no other rater waits for a later day
     today = dict(ingested_today or {})
-    kept: list[tuple[dict, list[str]]] = []
-    for row, raters in candidates:
-        if any(today.get(r, 0) >= limits.votes_per_rater_per_day for r in raters):
-            out.deferred.append(row["id"])
+    kept: list[tuple[Judged, list[Vote]]] = []
+    for first, votes in candidates:
+        within = [v for v in votes if today.get(v.rater, 0) < limits.votes_per_rater_per_day]
+        if len(within) < len(votes) and not _decided(within):
+            out.deferred.append(first.trace_id)
             continue
-        for r in raters:
-            today[r] = today.get(r, 0) + 1
-        kept.append((row, raters))
-    # a rater's share of the batch: drop the newest rows of the rater furthest over, until none is
+        out.skipped_votes["over a rater's daily limit (the row landed on the others' votes)"] += len(votes) - len(
+            within
+        )
+        for v in within:
+            today[v.rater] = today.get(v.rater, 0) + 1
+        kept.append((first, within))
+    # a rater's share of the batch: the rater furthest over loses their newest votes (a row with no other rater, or
+    # one the others leave tied, waits for a later harvest) until no rater is over
     while True:
-        counts = Counter(r for _, raters in kept for r in raters)
+        counts = Counter(v.rater for _, votes in kept for v in votes)
         if len(counts) < limits.min_raters or not kept:
             break
         cap = max(1, math.ceil(limits.max_rater_share * len(kept)))
         over = [r for r, c in counts.most_common() if c > cap]
         if not over:
             break
-        i = max(i for i, (_, raters) in enumerate(kept) if over[0] in raters)
-        row, raters = kept.pop(i)
-        out.deferred.append(row["id"])
-        for r in raters:
-            today[r] -= 1
-    out.rows = [row for row, _ in kept]
-    out.raters = {row["id"]: raters for row, raters in kept}
-    out.contributors = Counter(r for _, raters in kept for r in raters)
+        i = max(i for i, (_, votes) in enumerate(kept) if any(v.rater == over[0] for v in votes))
+        first, votes = kept[i]
+        others = [v for v in votes if v.rater != over[0]]
+        today[over[0]] -= 1
+        if _decided(others):
+            kept[i] = (first, others)
+            out.skipped_votes["over a rater's share of the batch (the row landed on the others' votes)"] += 1
+        else:
+            kept.pop(i)
+            out.deferred.append(first.trace_id)
+            for v in others:
+                today[v.rater] -= 1
+    out.rows = [row_of(j.trace_id, j.prompt, j.response, votes) for j, votes in kept]  # type: ignore[misc]
+    out.raters = {j.trace_id: sorted(v.rater for v in votes) for j, votes in kept}
+    out.contributors = Counter(v.rater for _, votes in kept for v in votes)
     out.ingested_today = today
     return out
+
+
+def _decided(votes: list[Vote]) -> bool:
+    return bool(votes) and 2 * sum(v.up for v in votes) != len(votes)
 
 
 def scan(
@@ -272,6 +288,7 @@ def scan(
     since_ms: int,
     page_size: int = 500,
     extra_ids: list[str] = (),  # type: ignore[assignment]
+    revoked: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> tuple[list[Judged], Counter, Counter]:
     """The signed, judged answers of the experiment served after `since_ms` (and the traces `extra_ids`, deferred
     earlier), oldest first, read `page_size` traces at a time: only judged traces are read (MLflow's assessment
@@ -285,12 +302,20 @@ def scan(
     judged: dict[str, Judged] = {}
 
     def take(trace) -> None:
+        try:
+            judge(trace)
+        except Exception as e:  # whatever a stored trace holds, it never stops the harvest: counted, skipped
+            unsigned[f"unreadable ({type(e).__name__})"] += 1
+
+    def judge(trace) -> None:
         status = answer_status(trace, keys)
         if status != provenance.OK:
             if any(a.name == FEEDBACK for a in getattr(trace.info, "assessments", None) or []):
                 unsigned["unsigned (before signing)" if status == provenance.UNSIGNED else status] += 1
             return
-        votes = votes_of(trace, keys, skipped)
+        votes = [v for v in votes_of(trace, keys, skipped) if v.rater not in revoked]
+        if revoked and (gone := [v for v in votes_of(trace, keys, Counter()) if v.rater in revoked]):
+            skipped["a revoked rater's vote"] += len(gone)
         if votes:
             prompt, response = answer_of(trace)  # type: ignore[misc]
             judged[trace.info.trace_id] = Judged(trace.info.trace_id, prompt, response, votes, trace.info.timestamp_ms)
@@ -299,7 +324,10 @@ def scan(
     while True:
         page = client.search_traces(
             locations=[experiment_id],
-            filter_string=f"feedback.{FEEDBACK} IS NOT NULL AND trace.timestamp_ms > {int(since_ms)}",
+            filter_string=(  # not after now: a trace dated in the future is no answer of this server
+                f"feedback.{FEEDBACK} IS NOT NULL AND trace.timestamp_ms > {int(since_ms)} "
+                f"AND trace.timestamp_ms <= {int(time.time() * 1000) + 60_000}"
+            ),
             max_results=page_size,
             order_by=["timestamp_ms ASC"],
             page_token=token,
@@ -317,8 +345,7 @@ def scan(
                 trace = None
             if trace is not None and trace.info.experiment_id == experiment_id:
                 take(trace)
-    order = sorted(judged.values(), key=lambda j: j.votes[0].at_ms if j.votes else 0)
-    return order, unsigned, skipped
+    return sorted(judged.values(), key=lambda j: j.served_ms), unsigned, skipped
 
 
 def day_of(ms: float | None = None) -> str:

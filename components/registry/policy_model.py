@@ -402,7 +402,7 @@ class Tracer:
             "answer",
             span_type="LLM",
             inputs={"prompt": prompt, "params": p},
-            attributes={"latency_ms": latency_ms, "n": int(p["n"])},
+            attributes={"latency_ms": latency_ms, "n": int(p["n"]), VERSION: self.version},
             tags={"rlhf.model": self.model, "rlhf.version": self.version, "rlhf.alias": self.alias},
             experiment_id=self.experiment_id,
             start_time_ns=started_ns,
@@ -426,11 +426,13 @@ class Tracer:
 # test holds them equal)
 ANSWER = "answer"
 SIGNATURE = "rlhf.signature"  # the root span's attribute that carries an answer's signature
+VERSION = "rlhf.version"  # the served version, also as a span attribute: trace tags can be changed through the API
 USERINFO = re.compile(r"//[^/@\s]*@")
 
 
 def canonical(purpose: str, fields: dict) -> bytes:
-    return json.dumps([purpose, fields], sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps([purpose, fields], sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return text.encode("utf-8", "surrogatepass")
 
 
 def answer_fields(trace_id: str, prompt: str, response: str, version: str, params) -> dict:

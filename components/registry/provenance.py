@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from typing import Any
 
 ANSWER = "answer"
@@ -30,9 +31,14 @@ UNKNOWN_KEY = "unknown or retired key"
 BAD = "bad signature"
 
 
+SHAPE = re.compile(r"^[A-Za-z0-9_-]{1,64}:[0-9a-f]{64}$")
+
+
 def canonical(purpose: str, fields: dict[str, Any]) -> bytes:
-    """The bytes a signature covers: `purpose` and `fields` as one canonical JSON document."""
-    return json.dumps([purpose, fields], sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """The bytes a signature covers: `purpose` and `fields` as one canonical JSON document (a lone surrogate in a
+    stored text encodes as itself: never an error, so a stored text cannot stop a harvest)."""
+    text = json.dumps([purpose, fields], sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return text.encode("utf-8", "surrogatepass")
 
 
 def sign(kid: str, secret: bytes, purpose: str, fields: dict[str, Any]) -> str:
@@ -45,11 +51,17 @@ def verify(keys: dict[str, bytes], purpose: str, fields: dict[str, Any], signatu
     retired), BAD (it does not match: forged, or the fields changed). Constant-time comparison."""
     if not isinstance(signature, str) or not signature:
         return UNSIGNED
-    kid, _, digest = signature.partition(":")
+    if not SHAPE.match(signature):
+        return BAD
+    kid = signature.partition(":")[0]
     secret = keys.get(kid)
     if secret is None:
         return UNKNOWN_KEY
-    return OK if hmac.compare_digest(sign(kid, secret, purpose, fields), signature) else BAD
+    try:
+        expected = sign(kid, secret, purpose, fields)
+    except (TypeError, ValueError):  # fields that are not JSON: not what was signed
+        return BAD
+    return OK if hmac.compare_digest(expected.encode(), signature.encode()) else BAD
 
 
 def answer_fields(trace_id: str, prompt: str, response: str, version: str, params: Any) -> dict[str, Any]:

@@ -252,3 +252,48 @@ def test_a_dropped_traces_log_line_carries_no_credentials(caplog):
     tracer = Tracer("1", "m/1@champion")
     tracer.dropped_one("Failed to send trace to http://alice:s3cret@tracking.example:5000/api: refused")
     assert "s3cret" not in caplog.text and "http://tracking.example:5000" in caplog.text
+
+
+def test_a_malformed_signature_or_text_never_stops_the_harvest(served):
+    """Found in review: `kid:é` as a signature, a lone surrogate in a stored text, a trace dated in the future: each is
+    skipped and counted, and the real votes around them still count."""
+    cfg, desk = served
+    (tid,) = desk.answer(["Around the bad ones"], ["a good answer"])
+    assert desk.vote("alice", tid, True).status == 200
+    ring = keys.load(cfg)
+    kid, _ = ring.signer()
+    for sig in (f"{kid}:é", f"{kid}:" + "0" * 63 + "\ud800", "x" * 5000):
+        assert provenance.verify(ring.verifying(), provenance.VOTE, {"a": "\ud800"}, sig) == provenance.BAD
+    mlflow.log_feedback(
+        trace_id=tid,
+        name=FEEDBACK,
+        value=True,
+        source=AssessmentSource(source_type=AssessmentSourceType.HUMAN, source_id="mallory"),
+        metadata={"rlhf.signature": f"{kid}:é", "rlhf.at_ms": "1"},
+    )
+    judged, unsigned, skipped = all_judged(cfg, desk)
+    mine = next(j for j in judged if j.trace_id == tid)
+    assert [v.rater for v in mine.votes] == ["alice"] and skipped["vote: bad signature"] >= 1
+
+
+def test_a_revoked_raters_pending_votes_no_longer_count(served):
+    cfg, desk = served
+    from service import raters
+
+    token = raters.add(raters.raters_path(cfg), "erin")
+    (tid,) = desk.answer(["Erin judges this"], ["an answer for erin"])
+    assert desk.vote("erin", tid, True, token=token).status == 200
+    raters.revoke(raters.raters_path(cfg), "erin")
+    ring = keys.load(cfg)
+    judged, _, skipped = scan(desk.tracer.experiment_id, ring.verifying(), 0, 50, revoked={"erin"})
+    assert tid not in {j.trace_id for j in judged} and skipped["a revoked rater's vote"] >= 1
+
+
+def test_one_rater_over_their_limit_never_holds_back_the_others_rows():
+    """Found in review: a row was deferred whole when any of its raters was over the daily limit, so one rater voting
+    on everything capped the whole project. Now their vote is left out and the row lands on the others'."""
+    rows = [judged(i, ["mallory", "alice", "bob"]) for i in range(4)] + [judged(9, ["mallory"])]
+    h = harvest(rows, set(), limits=Limits(votes_per_rater_per_day=10, min_raters=9), ingested_today={"mallory": 10})
+    assert [r["id"] for r in h.rows] == ["tr-0", "tr-1", "tr-2", "tr-3"] and h.deferred == ["tr-9"]
+    assert h.contributors == Counter({"alice": 4, "bob": 4}), h.contributors
+    assert all("mallory" not in h.raters[r["id"]] for r in h.rows)
