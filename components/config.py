@@ -736,6 +736,8 @@ def _refusal(override: str, allowed: list[str], base: Config | None = None) -> s
         why = f" (`{key}` matches `{denied}`: {NEVER_REMOTE[denied]})" if denied else ""
         return f"a deletion (`~key`) drops the operator's value: never remote{why}"
     is_choice = parsed.key_or_group in (*GROUPS, *SUBGROUPS) and isinstance(parsed.value(), str)
+    if is_choice and parsed.value() not in group_options().get(parsed.key_or_group, []):
+        return f"`{parsed.value()}` is not an option of the group `{parsed.key_or_group}` (`rlhf config --options`)"
     leaves = [(key, parsed.value())] if is_choice else _leaves(key, parsed.value())
     if is_choice and base is not None:
         leaves += _changed(base, override, key)

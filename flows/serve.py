@@ -25,7 +25,7 @@ import os
 from prefect import flow
 from prefect.states import Completed, Failed
 
-from components.config import Config, OverrideNotAllowed, check_remote_overrides, compose
+from components.config import Config, ConfigError, OverrideNotAllowed, check_remote_overrides, compose
 from components.tracking import redact_override
 from flows.ingest import DATA_UPDATED, data_resource, harvest_summary, ingest_flow, traces_to_file
 from flows.retrain import retrain
@@ -48,6 +48,8 @@ def retrain_service(overrides: list[str] | None = None):
         cfg = compose(allowed_overrides(served, list(overrides or []), compose(served)))
     except OverrideNotAllowed as e:
         return Failed(message=str(e))
+    except ConfigError:  # what it says may name this host's files or values: not for a remote caller
+        return Failed(message="the run's overrides do not compose with the serving config: nothing ran")
     configure_environment(cfg)
     lifecycle.claim_run(cfg)  # if this process dies, the next `rlhf serve` or retrain ends this run as Crashed
     return retrain(cfg, return_state=True)

@@ -121,7 +121,8 @@ REMOTE_REFUSED = [
     ("ppo.steps=true", "an integer"),
     ("ppo.learning_rate=abc", "a number"),
     ("ppo.kl_controller=evil", "not one of pid, ziegler, fixed"),
-    ("policy=evil", "not one of"),
+    ("policy=evil", "not an option of the group `policy`"),
+    ("model=../../../../tmp/x", "not an option of the group `model`"),  # found in review: composed a host's file
     ("reward.ensemble=0", "outside 1..8"),
     ("~ppo.max_approx_kl", "a deletion"),
     ("tracking.run_name_prefix=${oc.env:AWS_SECRET_ACCESS_KEY}", "interpolation"),
