@@ -45,6 +45,7 @@ SENT_ANYWAY = ("tracking.run_name_prefix",)
 # signed. A request without a valid signature (a direct Prefect call to a stage deployment) gets the worker's own
 # infra.remote_overrides alone, within their bounds.
 SIGNATURE = "signature"
+REUSE_SIGNATURE = "reuse_signature"
 WORKER_LABEL = "prefect.worker.name"  # Prefect's label on a flow run: the worker that took it
 STAGES = ("base", "sft", "reward-model", "ppo", "rejection-sampling", "grpo", "rloo", "dpo", "kto", "evaluate")
 
@@ -143,7 +144,7 @@ def dispatch(
 
     log = get_run_logger()
     pool = cfg.infra.training_pool
-    if reuse_key and (earlier := _reusable(reuse_key)) is not None:
+    if reuse_key and (earlier := _reusable(cfg, reuse_key)) is not None:
         log.info("%s: unchanged inputs, reusing %s", stage, earlier["result"]["dir"])
         return _decode(stage, earlier["result"])
     from components.tracking import redacted
@@ -157,6 +158,7 @@ def dispatch(
             "data_version": data.version,
             "inputs": inputs,
             "parent_run_id": parent_run_id,
+            "issued_at": time.time(),  # a signed request is good for infra.stage_timeout_s: no replay months later
         },
     )
     log.info("%s: dispatched to work pool %r (deployment %s)", stage, pool, deployment_name(stage, pool))
@@ -169,7 +171,7 @@ def dispatch(
         tags=["rlhf", f"stage:{stage}"],
     )
     run = wait_for_stage(run.id, pool, cfg.infra.stage_timeout_s, cfg.infra.worker_lost_s)
-    record = _read_record(run.id, parent_run_id)
+    record = _read_record(cfg, run.id, parent_run_id, request[SIGNATURE])
     state = run.state
     if record and "error" not in record and state is not None and state.is_completed():
         log.info("%s: done on %s (flow run %s)", stage, pool, run.name)
@@ -265,25 +267,44 @@ def warn_if_no_worker(pool: str, log) -> None:
         log.warning("no worker is polling work pool %r: start one with `rlhf worker --pool %s`", pool, pool)
 
 
-def _read_record(flow_run_id, parent_run_id: str) -> dict | None:
-    """The stage's record, from the MLflow child run its flow run made (tag rlhf.flow_run_id)."""
-    return _first_record(f"tags.`rlhf.flow_run_id` = '{flow_run_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'")
+def _read_record(cfg: Config, flow_run_id, parent_run_id: str, request_signature: str) -> dict | None:
+    """The stage's record, from the MLflow child run its flow run made (tag rlhf.flow_run_id), only if the worker
+    signed it for this request and flow run: both ids are visible to any Prefect API caller, and a run with a forged
+    `stage_output.json` (a passing evaluation, another policy dir) would otherwise be taken."""
+    binding = {"flow_run_id": str(flow_run_id), "parent_run_id": parent_run_id, "request": request_signature}
+    return _first_record(
+        cfg,
+        f"tags.`rlhf.flow_run_id` = '{flow_run_id}' and tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        binding,
+    )
 
 
-def _reusable(reuse_key: str) -> dict | None:
-    record = _first_record(f"tags.`{REUSE_TAG}` = '{reuse_key}' and attributes.status = 'FINISHED'")
+def _reusable(cfg: Config, reuse_key: str) -> dict | None:
+    record = _first_record(
+        cfg, f"tags.`{REUSE_TAG}` = '{reuse_key}' and attributes.status = 'FINISHED'", {"reuse_key": reuse_key}
+    )
     return record if record and "result" in record and available(record["result"]["dir"]) else None
 
 
-def _first_record(filter_string: str) -> dict | None:
+def _first_record(cfg: Config, filter_string: str, binding: dict[str, Any]) -> dict | None:
+    """The first record among the matching runs whose worker signature verifies for `binding`."""
     import mlflow
 
+    from components.registry import provenance
+    from service import keys
+
+    ring = keys.load(cfg)
+    assert ring is not None
     runs = mlflow.search_runs(filter_string=filter_string, output_format="list", search_all_experiments=True)
     for run in runs:
         try:
-            return json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{RECORD}"))
+            record = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/{RECORD}"))
         except Exception:  # that run has no record: killed before it wrote one
             continue
+        fields = {"record": {k: v for k, v in record.items() if k not in (SIGNATURE, REUSE_SIGNATURE)}, **binding}
+        signature = record.get(REUSE_SIGNATURE if "reuse_key" in binding else SIGNATURE)
+        if provenance.verify(ring.verifying(), provenance.STAGE_RESULT, fields, signature) == "ok":
+            return record
     return None
 
 
@@ -299,15 +320,22 @@ def run_request(request: dict[str, Any], body: Callable[..., Any]) -> dict:
     stage), its outputs logged as artifacts of its MLflow run, and the record the orchestrator reads.
     Any error is recorded with whether it is transient; before the stage's MLflow run exists, the flow run's
     failure message carries it (TRANSIENT_MARK)."""
+    from prefect.runtime import flow_run
+
+    binding = {
+        "flow_run_id": str(flow_run.id),
+        "parent_run_id": str(request.get("parent_run_id", "")),
+        "request": str(request.get(SIGNATURE, "")),
+    }
     try:
         out = _run_here(request, body)
     except Exception as e:
         record = {"error": type(e).__name__, "message": str(e), "transient": is_transient(e)}
-        if not _write_record(record) and record["transient"]:
+        if not _write_record(record, binding) and record["transient"]:
             raise RuntimeError(f"{TRANSIENT_MARK} {type(e).__name__}: {e}") from e
         raise
     out, key = out
-    _write_record({"result": asdict(out)}, key)
+    _write_record({"result": asdict(out)}, binding, key)
     return {"result": asdict(out)}
 
 
@@ -323,7 +351,10 @@ def _run_here(request: dict[str, Any], body: Callable[..., Any]) -> tuple[Any, s
 
     root = worker_dir()
     local = compose([f"root={root}"])
-    if (trust := request_trust(request, local)) != "ok":  # not the orchestrator's: the remote list alone
+    trust = request_trust(request, local)
+    if trust == "ok" and (stale := _replayed(request, local)):
+        trust = stale
+    if trust != "ok":  # not the orchestrator's (or not now, not for this stage): the remote list alone
         import logging
 
         logging.getLogger("rlhf.worker").warning(
@@ -361,6 +392,21 @@ def _run_here(request: dict[str, Any], body: Callable[..., Any]) -> tuple[Any, s
     return out, None
 
 
+def _replayed(request: dict[str, Any], local: Config) -> str | None:
+    """Why a request the orchestrator signed is not for this run, or None: it names another stage than this flow's,
+    or was issued longer ago than infra.stage_timeout_s (a replay of an old request through the Prefect API)."""
+    from prefect.runtime import flow_run
+
+    flow = str(flow_run.flow_name or "")
+    if flow.startswith("stage-") and request.get("stage") != flow[len("stage-") :]:
+        return f"signed for stage {request.get('stage')!r}, sent to {flow}"
+    limit = local.infra.stage_timeout_s or 86400.0
+    issued = request.get("issued_at")
+    if not isinstance(issued, (int, float)) or time.time() - issued > limit:
+        return f"issued {'at an unknown time' if not isinstance(issued, (int, float)) else f'{time.time() - issued:.0f} s ago'} (a signed request is good for {limit:g} s)"
+    return None
+
+
 def is_transient(e: BaseException) -> bool:
     """What may succeed on a second try: network and timeouts, real I/O errors (they carry an errno; library
     errors subclassing OSError do not). Never bad data, a bad config or a diverged PPO run."""
@@ -393,15 +439,33 @@ def _publish(root: Path, out: Path, run_id: str | None = None) -> str:
     return f"runs:/{run_id}/{OUTPUT}" + ("" if rel == "." else f"/{rel}")
 
 
-def _write_record(record: dict, reuse_key: str | None = None) -> bool:
-    """On the stage's MLflow run (this flow run's process started exactly one); False when there is none."""
+def _write_record(record: dict, binding: dict[str, Any], reuse_key: str | None = None) -> bool:
+    """On the stage's MLflow run (this flow run's process started exactly one), signed with the deployment's keyring
+    for `binding` (this request and flow run), or for `reuse_key` when the result may be reused; False when there is
+    no run. A worker without the keyring writes it unsigned: the orchestrator then does not take it."""
     import mlflow
+
+    from components.registry import provenance
+    from service import keys
 
     run = mlflow.last_active_run()
     if run is None:
         return False
+    try:
+        ring = keys.load(compose([f"root={worker_dir()}"]), create=False)
+    except keys.KeyringError:
+        ring = None
+    signed = json.loads(json.dumps(record, default=str))  # what the orchestrator will read back
+    if ring is not None:
+        kid, secret = ring.signer()
+        body = {"record": dict(signed)}
+        signed[SIGNATURE] = provenance.sign(kid, secret, provenance.STAGE_RESULT, {**body, **binding})
+        if reuse_key:  # a later retrain may reuse it (the demo base): signed for that key too
+            signed[REUSE_SIGNATURE] = provenance.sign(
+                kid, secret, provenance.STAGE_RESULT, {**body, "reuse_key": reuse_key}
+            )
     client = mlflow.MlflowClient()
-    client.log_text(run.info.run_id, json.dumps(record, default=str), RECORD)
+    client.log_text(run.info.run_id, json.dumps(signed, default=str), RECORD)
     if reuse_key:  # last: a run with the tag has its record
         client.set_tag(run.info.run_id, REUSE_TAG, reuse_key)
     return True

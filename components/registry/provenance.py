@@ -24,6 +24,7 @@ from typing import Any
 ANSWER = "answer"
 VOTE = "vote"
 STAGE_REQUEST = "stage-request"
+STAGE_RESULT = "stage-result"  # a worker's record of what a stage produced, bound to the request and its flow run
 
 OK = "ok"
 UNSIGNED = "unsigned"

@@ -250,3 +250,51 @@ def test_a_worker_trusts_a_request_the_orchestrator_signed_and_nothing_else(tmp_
     monkeypatch.setenv("RLHF_SIGNING_KEYS", str(tmp_path / "elsewhere.json"))  # a worker without the keyring
     assert "no signing keyring" in dispatch.request_trust(signed, local)
     assert not (tmp_path / "elsewhere.json").exists(), "a worker never makes a keyring"
+
+
+def test_the_orchestrator_takes_only_a_stage_record_its_worker_signed(tmp_path, monkeypatch):
+    """Found in review: a run tagged with a stage's flow-run and parent ids (both visible through the Prefect API) and a
+    forged `stage_output.json` (a passing evaluation, another policy dir) was taken as the stage's result. Now the
+    worker signs its record for the request and flow run; a forged or re-bound record is skipped."""
+    import json
+
+    import mlflow
+
+    from components import tracking
+    from flows import dispatch
+
+    monkeypatch.setenv("RLHF_SIGNING_KEYS", str(tmp_path / "deployment" / "signing-keys.json"))
+    monkeypatch.setenv("RLHF_WORKER_DIR", str(tmp_path / "worker"))
+    cfg = compose([f"root={tmp_path / 'orch'}"])
+    tracking.setup(cfg)
+    with mlflow.start_run() as parent:
+        pass
+    binding = {"flow_run_id": "fr-1", "parent_run_id": parent.info.run_id, "request": "k:sig"}
+    tags = {"rlhf.flow_run_id": "fr-1", "mlflow.parentRunId": parent.info.run_id}
+    with mlflow.start_run(tags=tags) as forged:
+        mlflow.log_text(json.dumps({"result": {"dir": "/home/op/.aws"}}), dispatch.RECORD)
+    assert dispatch._read_record(cfg, "fr-1", parent.info.run_id, "k:sig") is None
+    with mlflow.start_run(tags=tags):
+        assert dispatch._write_record({"result": {"dir": "runs:/x/output"}}, binding, reuse_key="base-key")
+    got = dispatch._read_record(cfg, "fr-1", parent.info.run_id, "k:sig")
+    assert got is not None and got["result"]["dir"] == "runs:/x/output"
+    assert dispatch._read_record(cfg, "fr-1", parent.info.run_id, "k:other-request") is None, "bound to its request"
+    assert forged.info.run_id  # the forged run is still there: skipped, not trusted
+    reused = dispatch._first_record(cfg, f"tags.`{dispatch.REUSE_TAG}` = 'base-key'", {"reuse_key": "base-key"})
+    assert reused is not None and reused["result"]["dir"] == "runs:/x/output"  # the real one, signed for its key
+    with mlflow.start_run(tags={dispatch.REUSE_TAG: "other-key"}):  # a forged reusable base
+        mlflow.log_text(json.dumps({"result": {"dir": str(tmp_path)}}), dispatch.RECORD)
+    assert dispatch._first_record(cfg, f"tags.`{dispatch.REUSE_TAG}` = 'other-key'", {"reuse_key": "other-key"}) is None
+
+
+def test_a_signed_request_is_not_replayed_for_another_stage_or_months_later(tmp_path, monkeypatch):
+    from unittest import mock
+
+    from flows import dispatch
+
+    local = compose([f"root={tmp_path}", "infra.stage_timeout_s=60"])
+    now = __import__("time").time()
+    with mock.patch("prefect.runtime.flow_run.flow_name", "stage-sft"):
+        assert dispatch._replayed({"stage": "sft", "issued_at": now}, local) is None
+        assert "signed for stage 'ppo'" in dispatch._replayed({"stage": "ppo", "issued_at": now}, local)
+        assert "s ago" in dispatch._replayed({"stage": "sft", "issued_at": now - 3600}, local)
