@@ -88,26 +88,38 @@ STAGE_FLOWS = {
 }
 
 
-def ensure_pool(pool: str) -> None:
-    """The work pool, as a `process` pool when it does not exist yet (an existing pool of any type is kept:
-    docker and kubernetes pools are set up by their operators)."""
+# The process pool's job template, locked: Prefect's default lets every flow run set `command`, `env` and
+# `working_dir` through job variables, so any caller of the Prefect API could run a shell command on a worker, or point
+# it at their own keyring (RLHF_SIGNING_KEYS) or tracking server. Here no variable exists and nothing is templated:
+# the worker runs Prefect's engine with its own environment, whatever a run asks for.
+LOCKED_TEMPLATE: dict = {
+    "job_configuration": {"stream_output": True},
+    "variables": {"type": "object", "properties": {}},
+}
+
+
+def ensure_pool(pool: str) -> str | None:
+    """The work pool, as a `process` pool with LOCKED_TEMPLATE when it does not exist yet. An existing process pool
+    still on Prefect's default template (made by an earlier version) is locked; one with a template of the operator's,
+    and docker and kubernetes pools, are kept as their operators set them up. -> what was done, or None."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
     from prefect.workers.process import ProcessWorker
 
     with get_client(sync_client=True) as client:
         try:
-            client.read_work_pool(pool)
+            existing = client.read_work_pool(pool)
         except ObjectNotFound:
             try:
-                client.create_work_pool(
-                    WorkPoolCreate(
-                        name=pool, type="process", base_job_template=ProcessWorker.get_default_base_job_template()
-                    )
-                )
+                client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=LOCKED_TEMPLATE))
+                return f"created work pool {pool!r} (process, job variables locked)"
             except ObjectAlreadyExists:  # another process created it meanwhile
-                pass
+                return None
+        if existing.type == "process" and existing.base_job_template == ProcessWorker.get_default_base_job_template():
+            client.update_work_pool(pool, WorkPoolUpdate(base_job_template=LOCKED_TEMPLATE))
+            return f"locked the job variables of work pool {pool!r} (Prefect's default let a run set its command)"
+    return None
 
 
 @functools.cache  # once per process: deployments are upserted, a worker may run older code until restarted
