@@ -12,6 +12,7 @@ remote allow-list alone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -52,13 +53,21 @@ class Keyring:
         return {k.kid: bytes.fromhex(k.secret) for k in self.keys if k.retired is None}
 
     def rotate(self) -> Key:
-        key = new_key()
-        self.keys.append(key)
-        self.active = key.kid
-        self.save()
+        with _locked(self.path):
+            self.keys = read(self.path).keys  # as it is now: a rotation elsewhere is kept
+            key = new_key()
+            self.keys.append(key)
+            self.active = key.kid
+            self.save()
         return key
 
     def retire(self, kid: str) -> None:
+        with _locked(self.path):
+            fresh = read(self.path)
+            self.keys, self.active = fresh.keys, fresh.active
+            self._retire(kid)
+
+    def _retire(self, kid: str) -> None:
         key = next((k for k in self.keys if k.kid == kid), None)
         if key is None:
             raise KeyringError(f"no key {kid!r} in {self.path}: `rlhf secret list` shows the key ids")
@@ -71,6 +80,15 @@ class Keyring:
         write_private(self.path, json.dumps({"active": self.active, "keys": [asdict(k) for k in self.keys]}, indent=1))
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    import fcntl
+
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def new_key() -> Key:
     return Key(
         f"k{time.strftime('%Y%m%d%H%M%S', time.gmtime())}-{secrets.token_hex(3)}", secrets.token_hex(32), time.time()
@@ -78,15 +96,21 @@ def new_key() -> Key:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write `text` to `path` atomically, readable by its owner alone."""
+    """Write `text` to `path` atomically, readable by its owner alone (a fresh temporary file of a random name,
+    created exclusively: never a file or link someone placed there)."""
+    import tempfile
+
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # O_EXCL, mode 600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def keyring_path(cfg: Config | None = None) -> Path:
@@ -121,7 +145,7 @@ def load(cfg: Config | None = None, create: bool = True, path: Path | None = Non
         if not create:
             return None
     key = new_key()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.new")
     write_private(tmp, json.dumps({"active": key.kid, "keys": [asdict(key)]}, indent=1))
     try:
         os.link(tmp, path)  # atomic and exclusive: two first uses at once end with one keyring
