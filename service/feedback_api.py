@@ -16,6 +16,7 @@ served answer of this project), 503 (the answer's trace was dropped, or the trac
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,41 @@ from service import keys as keyring
 from service.raters import Directory
 
 MAX_TRACE_ID = 64
+
+
+class MlflowUsers:
+    """The server profile's other way to name a rater: the caller's MLflow user (`Authorization: Basic`), checked by
+    the tracking server itself (its users/get for that user, with those credentials), remembered for CACHE_S. Only
+    when the tracking server is remote (http/https: `rlhf services up` gives it authentication)."""
+
+    CACHE_S = 60.0
+
+    def __init__(self, tracking_uri: str):
+        self.uri = tracking_uri.rstrip("/")
+        self.enabled = self.uri.startswith(("http://", "https://"))
+        self.seen: dict[str, tuple[str, float]] = {}
+
+    def user(self, credentials: str) -> str | None:
+        import base64
+        import hashlib
+        import urllib.parse
+
+        from service.credentials import http_status
+
+        key = hashlib.sha256(credentials.encode()).hexdigest()
+        if (hit := self.seen.get(key)) and time.monotonic() - hit[1] < self.CACHE_S:
+            return hit[0]
+        try:
+            user, _, password = base64.b64decode(credentials, validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return None
+        if not user or not password:
+            return None
+        url = f"{self.uri}/api/2.0/mlflow/users/get?username={urllib.parse.quote(user)}"
+        if http_status(url, f"{user}:{password}", timeout=10) != 200:
+            return None
+        self.seen[key] = (user, time.monotonic())
+        return user
 
 
 @dataclass
@@ -52,16 +88,24 @@ class FeedbackDesk:
     def __init__(self, tracer, raters_file: Path, keys_file: Path, rating_range: tuple[float, float]):
         self.tracer, self.raters = tracer, Directory(raters_file)
         self.keys_file, self.rating_range = keys_file, rating_range
+        self.mlflow_users = MlflowUsers(os.environ.get("MLFLOW_TRACKING_URI", ""))
 
     def handle(self, authorization: str | None, body: bytes) -> Answer:
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        if scheme.lower() == "basic" and token.strip() and self.mlflow_users.enabled:
+            rater = self.mlflow_users.user(token.strip())
+            if rater is None:
+                return refuse(
+                    401, "The tracking server does not know these MLflow credentials: check the user and password."
+                )
+        elif scheme.lower() != "bearer" or not token.strip():
             return refuse(
                 401,
                 "POST /feedback needs `Authorization: Bearer TOKEN` with a rater's token (the operator gives one with "
-                "`rlhf raters add NAME`).",
+                "`rlhf raters add NAME`), or, in the server profile, the rater's MLflow user and password (Basic).",
             )
-        rater = self.raters.rater(token.strip())
+        else:
+            rater = self.raters.rater(token.strip())
         if rater is None:
             return refuse(401, "The bearer token is no rater's (unknown or revoked): ask the operator for a token.")
         try:

@@ -295,6 +295,30 @@ def test_the_champion_serves_from_the_tracking_servers_registry(retrained):
         wait_until_serving(proc, port)
         out = predictions(port, {"inputs": ["The film was"], "params": {"max_new_tokens": 6, "seed": 0}})
         assert out["predictions"] and isinstance(out["predictions"][0], (str, dict))
+        # issue 38: in the server profile a rater may also be the caller's MLflow user, checked by the tracking server
+        import base64
+        import urllib.error
+        import urllib.request
+
+        creds = services.read_env_file(Path(retrained["env"]["RLHF_CREDENTIALS_FILE"]))
+        user, password = creds["MLFLOW_TRACKING_USERNAME"], creds["MLFLOW_TRACKING_PASSWORD"]
+
+        def judge(secret: str) -> tuple[int, dict]:
+            body = json.dumps({"trace_id": out["predictions"][0]["trace_id"], "value": True}).encode()
+            auth = "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode()
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/feedback", body, {"Authorization": auth}, method="POST"
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=60) as r:
+                    return r.status, json.loads(r.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        status, doc = judge(password)
+        assert status == 200 and doc["rater"] == user, doc
+        status, doc = judge("wrong-password")
+        assert status == 401 and "does not know these MLflow credentials" in doc["message"], doc
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
