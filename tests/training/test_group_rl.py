@@ -1,8 +1,8 @@
 """GRPO and RLOO (components/training/group_rl.py): the group advantages and the loss by hand; on the demo the
-policy's held-out reward rises over SFT's with the KL bounded, only its LoRA adapter trains, the outputs take PPO's
-layout, and a resumed run continues from its checkpoint with the same draws."""
+policy's held-out reward rises over SFT's with the KL bounded, only its LoRA adapter trains against the SFT model as
+the reference, the outputs take PPO's layout, and a run killed and resumed ends where an uninterrupted one does, with
+the same draws."""
 
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,9 +11,12 @@ import torch
 from safetensors.torch import load_file
 
 from components.config import GroupRLConfig
-from components.training import checkpoint
+from components.training import checkpoint, group_rl
+from components.training.direct import device_of, encode_responses
 from components.training.group_rl import check_config, train_group_rl
-from components.training.ppo_math import group_policy_loss, grpo_advantages, rloo_advantages
+from components.training.ppo import policy_logits, reference_logprobs
+from components.training.ppo_math import group_policy_loss, grpo_advantages, logprobs_of, rloo_advantages
+from tests.training.test_direct import Killed, keeping_roles, killed_at, untimed
 
 
 # ---- the math, by hand
@@ -69,12 +72,17 @@ def trained(request, stages, reward, tmp_path_factory):
     settings = replace(getattr(cfg.policy, algorithm), **SETTINGS)
     out = tmp_path_factory.mktemp(algorithm)
     ppo = replace(cfg.ppo, eval_max_prompts=32)
-    result = train_group_rl(algorithm, settings, ppo, cfg.model, stages.sft_dir, reward.head_dir, cfg.data_path, out)
-    return algorithm, out, result
+    built: list = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(group_rl, "build_policy_roles", keeping_roles(group_rl, built))
+        result = train_group_rl(
+            algorithm, settings, ppo, cfg.model, stages.sft_dir, reward.head_dir, cfg.data_path, out
+        )
+    return algorithm, out, result, built[0]
 
 
 def test_the_held_out_reward_rises_over_sft_with_the_kl_bounded(trained):
-    algorithm, _, result = trained
+    algorithm, _, result, _ = trained
     m = result.metrics
     assert len(result.history) == SETTINGS["steps"]
     first, last = result.history[0], result.history[-1]
@@ -84,30 +92,64 @@ def test_the_held_out_reward_rises_over_sft_with_the_kl_bounded(trained):
     assert m[f"{algorithm}/samples"] == 16 * 8 * 4
 
 
-def test_only_the_policy_adapter_trains_and_the_outputs_take_ppos_layout(stages, trained):
-    _, out, result = trained
+def test_only_the_policy_adapter_trains_against_the_sft_model_and_the_outputs_take_ppos_layout(stages, trained):
+    """On the model the stage trained: its trainable parameters are exactly the policy adapter it saved, every base
+    weight is still the SFT file's, and the reference's log-probs are those of the SFT model loaded on its own, from
+    which the policy has moved."""
+    _, out, result, roles = trained
     assert checkpoint.is_complete(out) and Path(result.policy_dir) == out / "final" / "policy"
-    adapter = load_file(str(Path(result.policy_dir) / "adapter_model.safetensors"))
-    assert adapter and all("lora_" in k for k in adapter)
-    assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k), "LoRA B starts at zero: it must move"
     assert (Path(result.policy_dir) / "tokenizer.json").exists() and not (out / "final" / "value").exists()
+    adapter = load_file(str(Path(result.policy_dir) / "adapter_model.safetensors"))
+    trainable = {n.replace(".policy.", "."): p for n, p in roles.model.named_parameters() if p.requires_grad}
+    assert adapter and trainable.keys() == adapter.keys() and all("lora_" in k for k in adapter)
+    assert all(torch.equal(p.detach().cpu(), adapter[k]) for k, p in trainable.items()), "the trained adapter, saved"
+    assert all(v.abs().sum() > 0 for k, v in adapter.items() if "lora_B" in k), "LoRA B starts at zero: it must move"
     sft = load_file(str(Path(stages.sft_dir) / "model.safetensors"))
+    base = {
+        n.replace(".base_layer", ""): p for n, p in roles.model.get_base_model().named_parameters() if "lora_" not in n
+    }
+    assert base.keys() == sft.keys()
+    # to float rounding: each step samples with the LoRA folded into the base and out again (`lora_merged`), which
+    # leaves fp32 weights within a few ulp; a training step would move them by ~ the learning rate
+    changed = [k for k, p in base.items() if not torch.allclose(p.detach().cpu(), sft[k], rtol=0, atol=1e-6)]
+    assert not changed, f"SFT weights changed in training: {changed}"
+
     from components.models.loading import load_causal_lm
 
-    for k, v in load_causal_lm(stages.sft_dir, stages.cfg.model).state_dict().items():
-        assert torch.equal(v, sft.get(k, v)), f"SFT weight {k} changed"
+    device, T = device_of(roles), stages.cfg.ppo.temperature
+    ro = encode_responses(roles.tok, ["The film was", "The kettle"], ["great fun", "broke"], 64, 16, device)
+    q_len = ro.query.shape[1]
+    with torch.no_grad():
+        reference = reference_logprobs(roles, ro, T)
+        policy = logprobs_of(policy_logits(roles, ro.sequence, ro.sequence_mask, q_len), ro.response, T)
+        sft_model = load_causal_lm(stages.sft_dir, stages.cfg.model, device).eval()
+        sft_logits = sft_model(input_ids=ro.sequence, attention_mask=ro.sequence_mask).logits[:, q_len - 1 : -1]
+    mask = ro.response_mask.bool()
+    assert torch.allclose(reference[mask], logprobs_of(sft_logits, ro.response, T)[mask], atol=1e-4), "the SFT model"
+    assert (policy[mask] - reference[mask]).abs().max() > 0.05, "the policy moved from the reference"
 
 
-def test_a_resumed_run_continues_from_its_checkpoint(stages, reward, tmp_path):
+def test_a_run_killed_and_resumed_ends_where_an_uninterrupted_run_does(stages, reward, tmp_path, monkeypatch):
+    """A run killed in its second step, run again in its dir, resumes from its own step-1 checkpoint and ends where an
+    uninterrupted run does: the same history (times aside) and adapter, so the same draws. Each run computes its own
+    steps, so the first row is compared between two runs, not copied from one into the other."""
     cfg = stages.cfg
     short = replace(cfg.policy.grpo, steps=2, prompts_per_step=4, samples_per_prompt=2, minibatch_size=8, save_every=1)
-    ppo = replace(cfg.ppo, eval_max_prompts=4)
+    ppo = replace(cfg.ppo, eval_max_prompts=0)  # no held-out sampling: the adapters compared say more, in less time
     args = ("grpo", short, ppo, cfg.model, stages.sft_dir, reward.head_dir, cfg.data_path)
     full = train_group_rl(*args, tmp_path / "full", seed=1)
-    ckpt = tmp_path / "full" / "checkpoints" / "step-0000001"
-    assert ckpt.is_dir()
-    shutil.copytree(ckpt, tmp_path / "resumed" / "checkpoints" / ckpt.name)
-    resumed = train_group_rl(*args, tmp_path / "resumed", seed=1)
+    with monkeypatch.context() as m:
+        killed_at(m, group_rl, "update", call=2)
+        with pytest.raises(Killed):
+            train_group_rl(*args, tmp_path / "run", seed=1)
+    assert (tmp_path / "run" / "checkpoints" / "step-0000001").is_dir() and not checkpoint.is_complete(tmp_path / "run")
+    resumed = train_group_rl(*args, tmp_path / "run", seed=1)
     assert resumed.metrics["grpo/resumed_from_step"] == 1 and full.metrics["grpo/resumed_from_step"] == 0
-    assert resumed.history[0] == full.history[0]
-    assert resumed.history[1]["grpo/score_mean"] == pytest.approx(full.history[1]["grpo/score_mean"], abs=1e-4)
+    assert len(resumed.history) == len(full.history) == 2
+    for got, want in zip(untimed(resumed.history), untimed(full.history), strict=True):
+        assert got == pytest.approx(want, abs=1e-4, nan_ok=True)
+    (got,), (want,) = (untimed([{k: v for k, v in r.metrics.items() if "resumed" not in k}]) for r in (resumed, full))
+    assert got == pytest.approx(want, abs=1e-4, nan_ok=True)
+    adapters = [load_file(str(Path(r.policy_dir) / "adapter_model.safetensors")) for r in (resumed, full)]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(torch.allclose(adapters[0][k], adapters[1][k], atol=1e-6) for k in adapters[0]), "the same adapter"
