@@ -236,24 +236,6 @@ def cmd_secret(args, overrides: list[str]) -> int:
     return 0
 
 
-def quiet(logger: str):
-    """A context in which `logger` says nothing below ERROR."""
-    import contextlib
-    import logging
-
-    @contextlib.contextmanager
-    def block():
-        log = logging.getLogger(logger)
-        level = log.level
-        log.setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            log.setLevel(level)
-
-    return block()
-
-
 def since_ms(text: str | None) -> int | None:
     """--since as epoch milliseconds (an ISO 8601 date or time; UTC when it names no zone)."""
     if text is None:

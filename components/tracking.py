@@ -5,6 +5,8 @@ Flows call `setup` once; components only log to the active run (never set up tra
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import re
 import time
@@ -193,3 +195,15 @@ def log_data_input(data_path: Path, version: str, rows: dict[str, int], remote: 
         **{f"rows_{k}": str(v) for k, v in rows.items()},
     }
     mlflow.log_input(dataset, context="training", tags=tags)
+
+
+@contextlib.contextmanager
+def quiet(logger: str):
+    """A block in which `logger` says nothing below ERROR (MLflow's warning beside our own one sentence)."""
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

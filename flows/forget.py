@@ -33,18 +33,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from prefect import get_run_logger
-from prefect.events import emit_event
 from prefect.states import Completed, Failed
 
 from components import tracking
@@ -67,10 +64,10 @@ from components.data.versioning import (
     DVC_FILE,
     DataVersionError,
     Dvc,
-    _dvc_target,
     _journal,
     _rollback,
     _write_durably,
+    add_and_push,
     data_lock,
     data_version,
     open_repo,
@@ -78,7 +75,7 @@ from components.data.versioning import (
 )
 from components.owner import Owner
 from components.registry.feedback import FEEDBACK, SOURCE
-from flows.ingest import DATA_UPDATED, HarvestState, data_resource
+from flows.ingest import DATA_UPDATED, HarvestState, announce
 from service import lifecycle
 from service.redaction import config_flow
 
@@ -157,17 +154,6 @@ class ForgetResult:
 
 
 # ---------------------------------------------------------------------------------------------- MLflow
-@contextmanager
-def _quiet(name: str):
-    log = logging.getLogger(name)
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
-
-
 def _thumbs(trace, rater: str | None = None) -> list[str]:
     """The ids of the trace's `thumbs` votes (source HUMAN), only `rater`'s when given."""
     out = []
@@ -203,7 +189,7 @@ def find_traces(experiment_id: str, sel: Selector) -> tuple[dict[str, list[str]]
     if sel.kind == "trace":
         found = {}
         for trace_id in sel.values:
-            with _quiet("mlflow.tracing.fluent"):
+            with tracking.quiet("mlflow.tracing.fluent"):
                 try:
                     trace = mlflow.get_trace(trace_id)
                 except Exception:  # an id MLflow refuses to look up is not one of its traces
@@ -312,11 +298,7 @@ def _commit(cfg: Config, dvc: Dvc, edits: list[ShardEdit], on_step) -> str:
                 (folder / e.name).unlink()
             else:
                 _write_durably(folder / e.name, e.kept)
-        on_step("dvc add")
-        dvc.add(_dvc_target(cfg))
-        if cfg.infra.dvc_push:
-            on_step("dvc push")
-            dvc.push(cfg.infra.dvc_remote_name)
+        add_and_push(cfg, dvc, on_step)
     except BaseException:
         _rollback(cfg, entry)
         dvc("checkout", "--force", DVC_FILE, check=False)
@@ -608,17 +590,6 @@ def forget_flow(
         result.record,
     )
     if result.changed:
-        emit_event(
-            event=DATA_UPDATED,
-            resource=data_resource(cfg),
-            payload={
-                "data_version": result.version_after,
-                "previous_version": result.version_before,
-                "kind": KIND,
-                "shard": None,
-                "rows": 0,
-                "forgotten": len(result.removed),
-            },
-        )
+        announce(cfg, result.version_before, result.version_after, KIND, None, 0, forgotten=len(result.removed))
         log.info("emitted %s (data version %s)", DATA_UPDATED, result.version_after)
     return Completed(data=result, message=f"forgot {len(result.removed)} row(s) of {result.selector.describe()}")

@@ -174,6 +174,12 @@ def harvest_summary(h: TraceHarvest, experiment: str) -> list[str]:
     return lines
 
 
+def announce(cfg: Config, before: str, after: str, kind: str, shard: str | None, rows: int, **extra) -> None:
+    """The Prefect event `rlhf.data.updated` for a new data version of this project (what triggers the retrain)."""
+    payload = {"data_version": after, "previous_version": before, "kind": kind, "shard": shard, "rows": rows, **extra}
+    emit_event(event=DATA_UPDATED, resource=data_resource(cfg), payload=payload)
+
+
 def data_resource(cfg: Config) -> dict[str, str]:
     """The project's data as a Prefect event resource; the id is unique per data dir (name + path hash)."""
     digest = hashlib.sha256(str(cfg.data_path.resolve()).encode()).hexdigest()[:8]
@@ -196,16 +202,6 @@ def ingest_flow(cfg: Config, file: str, kind: str, quarantine: bool = False):
     if result.quarantine:
         log.warning("%d bad row(s) quarantined to %s\n%s", result.n_bad, result.quarantine, result.report)
     if result.changed:
-        emit_event(
-            event=DATA_UPDATED,
-            resource=data_resource(cfg),
-            payload={
-                "data_version": result.version_after,
-                "previous_version": result.version_before,
-                "kind": kind,
-                "shard": result.shard,
-                "rows": result.n_good,
-            },
-        )
+        announce(cfg, result.version_before, result.version_after, kind, result.shard, result.n_good)
         log.info("emitted %s (data version %s)", DATA_UPDATED, result.version_after)
     return Completed(data=result, message=f"ingested {result.n_good} row(s), quarantined {result.n_bad}")

@@ -378,16 +378,21 @@ def commit_shard(cfg: Config, dvc: Dvc, staged: Path, dest: Path, on_step=lambda
         on_step("write shard")
         dest.parent.mkdir(parents=True, exist_ok=True)
         _move_into(staged, dest)
-        on_step("dvc add")
-        dvc.add(_dvc_target(cfg))
-        if cfg.infra.dvc_push:
-            on_step("dvc push")
-            dvc.push(cfg.infra.dvc_remote_name)
+        add_and_push(cfg, dvc, on_step)
     except BaseException:
         _rollback(cfg, entry)
         raise
     journal.unlink()
     return data_version(cfg.root_path) or ""
+
+
+def add_and_push(cfg: Config, dvc: Dvc, on_step=lambda step: None) -> None:
+    """Version data/ as it now is (`dvc add`) and push it to the remote (unless infra.dvc_push is off)."""
+    on_step("dvc add")
+    dvc.add(_dvc_target(cfg))
+    if cfg.infra.dvc_push:
+        on_step("dvc push")
+        dvc.push(cfg.infra.dvc_remote_name)
 
 
 def _rollback(cfg: Config, entry: dict) -> None:
