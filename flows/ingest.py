@@ -95,15 +95,13 @@ class TraceBatch:
 
 
 def _quarantined_ids(quarantine: str) -> dict[str, list[str]]:
+    """Row id -> the rules it broke, for each row of a quarantine file with an id."""
+    from components.data.forget import quarantined_id
+
     out = {}
     for line in Path(quarantine).read_text().splitlines():
-        entry = json.loads(line)
-        try:
-            row_id = json.loads(entry.get("raw") or "{}").get("id")
-        except ValueError:
-            continue
-        if isinstance(row_id, str):
-            out[row_id] = list(entry.get("rules") or [])
+        if (row_id := quarantined_id(line)) is not None:
+            out[row_id] = list(json.loads(line).get("rules") or [])
     return out
 
 

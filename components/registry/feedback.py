@@ -313,9 +313,10 @@ def scan(
             if any(a.name == FEEDBACK for a in getattr(trace.info, "assessments", None) or []):
                 unsigned["unsigned (before signing)" if status == provenance.UNSIGNED else status] += 1
             return
-        votes = [v for v in votes_of(trace, keys, skipped) if v.rater not in revoked]
-        if revoked and (gone := [v for v in votes_of(trace, keys, Counter()) if v.rater in revoked]):
-            skipped["a revoked rater's vote"] += len(gone)
+        counted = votes_of(trace, keys, skipped)
+        votes = [v for v in counted if v.rater not in revoked]
+        if len(votes) < len(counted):
+            skipped["a revoked rater's vote"] += len(counted) - len(votes)
         if votes:
             prompt, response = answer_of(trace)  # type: ignore[misc]
             judged[trace.info.trace_id] = Judged(trace.info.trace_id, prompt, response, votes, trace.info.timestamp_ms)
