@@ -130,6 +130,9 @@ class RetrainSlot:
         self._written = 0.0  # monotonic time just before this holder's last heartbeat write that succeeded
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
+        # taking the slot (record, then heartbeat) and releasing it never interleave: a release from another thread
+        # while the taker is between the two would join a heartbeat not yet started, or leave one beating
+        self._turn = threading.RLock()
 
     @property
     def stale_s(self) -> float:
@@ -150,10 +153,15 @@ class RetrainSlot:
         while True:
             now = time.time()
             holder = Holder(uuid.uuid4().hex, run_id, run_name, str(Owner.me()), now, now, self._next_generation())
-            if self._create(holder):
+            with self._turn:
+                if self._create(holder):
+                    self._start_heartbeat()
+                    taken = True
+                else:
+                    taken = False
+            if taken:
                 if now - waiting_since > POLL_S:
                     self.say(f"took the retrain slot after waiting {now - waiting_since:.0f} s")
-                self._start_heartbeat()
                 return
             current = self.read()
             if current is None:
@@ -171,14 +179,15 @@ class RetrainSlot:
             time.sleep(POLL_S)  # in the main thread: SIGTERM / Ctrl-C stop the wait at once
 
     def release(self) -> None:
-        self._stop.set()
-        if self._beat is not None:
-            self._beat.join(timeout=5)
-        if self.mine is not None:
-            record = self._record()
-            if record is not None and record[1] == self._var_id and record[0].token == self.mine.token:
-                self._delete(self._var_id)  # by id: never a record another holder created since
-            self.mine = None
+        with self._turn:
+            self._stop.set()
+            if self._beat is not None and self._beat.is_alive():
+                self._beat.join(timeout=5)
+            if self.mine is not None:
+                record = self._record()
+                if record is not None and record[1] == self._var_id and record[0].token == self.mine.token:
+                    self._delete(self._var_id)  # by id: never a record another holder created since
+                self.mine = None
 
     def fence(self) -> int:
         """Right before registering or moving an alias: is this process still the holder? Not lost, its heartbeat

@@ -72,3 +72,45 @@ def test_a_holder_whose_heartbeat_cannot_be_written_for_the_stale_limit_is_lost(
         slot.fence()
     slot.release()
     assert slot.read() is None
+
+
+def test_a_release_from_another_thread_while_the_slot_is_being_taken_waits_for_it(tmp_path):
+    """CI race (issue 38's chaos test): a release from one thread while another is between creating the slot's
+    record and starting its heartbeat joined a thread not yet started, or left a heartbeat beating on a slot
+    already released. Taking and releasing now take turns: the release waits, then ends the heartbeat too."""
+    project = make_project(tmp_path / "proj")
+    lost: list[bool] = []
+    slot = RetrainSlot(project, lambda m: None, on_lost=lambda: lost.append(True))
+    slot.heartbeat_s = 0.1
+    between, go_on = threading.Event(), threading.Event()
+    count = slot._count_generation
+
+    def count_then_pause(generation: int) -> None:
+        count(generation)
+        between.set()  # the record is created and `mine` is set; the heartbeat is not started yet
+        go_on.wait(10)
+
+    slot._count_generation = count_then_pause
+    taker = threading.Thread(target=slot.acquire)
+    taker.start()
+    assert between.wait(30)
+    assert slot.mine is not None
+    errors: list[BaseException] = []
+
+    def release() -> None:
+        try:
+            slot.release()
+        except BaseException as e:  # noqa: BLE001 - what the racer saw: RuntimeError from join
+            errors.append(e)
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    releaser.join(0.5)
+    assert releaser.is_alive(), "the release waits while the slot is being taken"
+    go_on.set()
+    taker.join(30)
+    releaser.join(30)
+    assert not errors, errors
+    assert slot.mine is None and slot.read() is None, "released: no record left"
+    assert slot._beat is not None and not slot._beat.is_alive(), "and no heartbeat left beating"
+    assert not lost
