@@ -7,12 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-from components.config import Config, compose, group_options
+from components.config import Config, compose_project, group_options
 
 
 def _load(overrides: list[str], prefect: bool = True) -> Config:
     """The config, and the process environment set from it (before Prefect is imported)."""
-    cfg = compose(overrides)
+    cfg = compose_project(overrides)  # the project's rlhf.yaml first, then the command line
     from service.env import configure_environment, temporary_server_notice
 
     configure_environment(cfg)
@@ -46,6 +46,36 @@ def _where(cfg: Config) -> str:
     return f"MLflow UI: {tracking.ui_command(cfg)}"
 
 
+def cmd_init(args) -> int:
+    """`rlhf init [DIR] [--model M] [--demo]`: service/project.py makes the project; this says what to do next."""
+    from components.config import ConfigError
+    from service.project import ProjectExists, init_project
+
+    try:
+        project = init_project(Path(args.dir), args.model, args.demo)
+    except ProjectExists as e:
+        print(f"✗ {e}", file=sys.stderr)
+        return 1
+    except ConfigError as e:
+        print(f"✗ rlhf init: {e}", file=sys.stderr)
+        return 2
+    if args.model is not None:
+        from components.models.fit import check_model_fits
+
+        cfg = compose_project([f"root={project.root}"])
+        if problems := check_model_fits(cfg):
+            print(f"! {project.root / 'rlhf.yaml'}: the model does not fit these settings yet:", file=sys.stderr)
+            for p in problems:
+                print(f"  - {p}", file=sys.stderr)
+    here = "" if project.root == Path.cwd().resolve() else f"cd {project.root} && "
+    print(f"✓ project in {project.root}")
+    for f in project.files:
+        print(f"  {f.relative_to(project.root)}{'/' if f.is_dir() else ''}")
+    first = "rlhf run" if args.demo else "rlhf ingest FILE --kind demonstrations   (then preferences, prompts, eval)"
+    print(f"  next: {here}{first}; the walk-through: docs/quickstart.md")
+    return 0
+
+
 def cmd_config(args, overrides: list[str]) -> int:
     if args.options:
         for group, options in group_options().items():
@@ -53,7 +83,7 @@ def cmd_config(args, overrides: list[str]) -> int:
         return 0
     from components.tracking import redacted_yaml
 
-    print(redacted_yaml(compose(overrides)), end="")  # pasted into issues and chats: no credentials
+    print(redacted_yaml(compose_project(overrides)), end="")  # pasted into issues and chats: no credentials
     return 0
 
 
@@ -287,7 +317,10 @@ def cmd_ingest(args, overrides: list[str], positional: list[str]) -> int:
     )
     if r.shard:
         print(f"  new shard: {r.shard}")
-        print(f"  data version: {r.version_before} -> {r.version_after}  (commit data.dvc to record it in git)")
+        print(
+            f"  data version: {r.version_before or '(none: this batch starts the data set)'} -> {r.version_after}  "
+            "(commit data.dvc to record it in git)"
+        )
         print("  event: rlhf.data.updated emitted (triggers the retrain deployment when `rlhf serve` runs)")
     if r.quarantine:
         print(f"  quarantined rows with reasons: {r.quarantine}")

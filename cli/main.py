@@ -1,5 +1,6 @@
 """The `rlhf` command. Every subcommand accepts Hydra overrides: `rlhf run model=tiny ppo.steps=20`.
 
+    rlhf init      [DIR] [--model DIR_OR_ID] [--demo]   a project of your own: data/, DVC, rlhf.yaml (docs/quickstart.md)
     rlhf run       [overrides]                          the pipeline on the configured data
     rlhf sweep     [overrides, a=1,2 sweeps]            PPO variants side by side (default: plain, PPO++,
                                                         AggreVaTeD, D2LOLS), one MLflow run each
@@ -36,6 +37,7 @@ from cli.commands import (
     cmd_feedback,
     cmd_forget,
     cmd_ingest,
+    cmd_init,
     cmd_raters,
     cmd_secret,
     cmd_validate,
@@ -53,7 +55,7 @@ from cli.service_commands import (
     cmd_worker,
 )
 from components.config import ConfigError
-from components.data.schemas import INGESTIBLE_KINDS, KINDS
+from components.data.schemas import KINDS
 from service.credentials import Unauthorised
 
 
@@ -75,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rlhf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     over = {"nargs": "*", "help": "Hydra overrides, e.g. model=tiny data.seed=7"}
+    ini = sub.add_parser("init", help="make a project directory of your own (data/, DVC, rlhf.yaml, README)")
+    ini.add_argument("dir", nargs="?", default=".", help="the project directory (default: here)")
+    ini.add_argument("--model", default=None, help="your base model: a local directory or a hub id in the local cache")
+    ini.add_argument("--demo", action="store_true", help="the demo data set (data=demo_small) instead of your own")
     sub.add_parser("run", help="run the pipeline").add_argument("rest", **over)
     sw = sub.add_parser(
         "sweep", help="variants side by side (Hydra sweep syntax: policy=ppo,grpo,rloo ppo/guide=none,rollin)"
@@ -131,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--kind", choices=list(KINDS))
     v.add_argument("rest", nargs="*", help="[PATH] then Hydra overrides")
     i = sub.add_parser("ingest", help="validate and add a batch of new examples")
-    i.add_argument("--kind", choices=list(INGESTIBLE_KINDS))
+    i.add_argument("--kind", choices=list(KINDS), help="eval: only the first batch (the eval prompts are then frozen)")
     i.add_argument("--quarantine", action="store_true", help="ingest the good rows; write bad rows with reasons aside")
     i.add_argument(
         "--from-traces",
@@ -175,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in extra if t.startswith("-") and "=" not in t]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "init":
+        if extra:
+            parser.error(f"rlhf init takes DIR, --model and --demo only; got {' '.join(extra)}")
+        return cmd_init(args)
     overrides, positional = _split(args.rest + [t for t in extra if t not in unknown])
     try:
         if args.command in ("validate", "ingest", "approve", "feedback"):

@@ -76,10 +76,12 @@ def cmd_run(args, overrides: list[str]) -> int:
 
 def cmd_sweep(args, overrides: list[str]) -> int:
     """`rlhf sweep`: PPO variants side by side (flows/sweep.py); Hydra sweep syntax (`a=1,2`) multiplies out."""
+    from components.config import project_overrides, project_root
     from flows.sweep import expand
 
+    project = project_overrides(project_root(overrides))  # each variant composes over the project's own file
     try:
-        variants = expand(overrides)
+        variants = [[*project, *v] for v in expand(overrides)]
     except Exception as e:  # hydra's OverrideParseException: say which override and how sweeps are written
         from components.config import ConfigError
 
@@ -104,7 +106,7 @@ def cmd_sweep(args, overrides: list[str]) -> int:
     _sigterm_unwinds()
     print(f"sweep of {len(variants)} variant(s) on the same data, SFT and reward model:")
     for v in variants:
-        print("  " + " ".join(o for o in v if o not in base))
+        print("  " + " ".join(o for o in v if o not in base and o not in project))
     state = sweep(cfg, variants, promote_best=args.promote_best, return_state=True)
     summary = state.result(raise_on_failure=False)
     if hasattr(summary, "table"):

@@ -6,12 +6,16 @@ infra) has a dataclass here, registered in Hydra's ConfigStore as
 ``defaults: [schema]`` so it is type-checked against the dataclass and only
 states what differs from the defaults.
 
-``compose(overrides, root)`` returns a typed ``Config`` instance; components take
-these dataclasses (or one of their fields), never raw dicts.
+``compose(overrides)`` returns a typed ``Config`` instance; components take
+these dataclasses (or one of their fields), never raw dicts. ``compose_project(overrides)``
+first reads the project's own file (``<root>/rlhf.yaml``, written by ``rlhf init``): its
+values become the first overrides, so ``cfg.overrides`` carries them to every process that
+composes the same config again (stage workers, sweeps, the served deployment).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -21,7 +25,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # packaged beside the code (pyproject: conf*)
+PROJECT_FILE = "rlhf.yaml"  # a project's own settings, on top of the packaged defaults (`rlhf init`)
 GROUPS = ("model", "data", "sft", "reward", "ppo", "policy", "gate", "registry", "tracking", "infra")
 SUBGROUPS = ("ppo/guide",)  # groups inside a group: `ppo/guide=rollin` sets ppo.guide
 
@@ -61,6 +66,9 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dir: str = "data"  # relative to `root`; tracked by DVC through <root>/data.dvc
+    # true (data=demo, data=demo_small): an empty data/ is filled by the demo generator below. false (data=own, what
+    # `rlhf init` sets): the data is the project's own, started and grown by `rlhf ingest`; nothing is ever generated
+    demo: bool = False
     # Demo generator (deterministic for a given seed and sizes).
     seed: int = 1234
     n_demonstrations: int = 2000
@@ -538,6 +546,80 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_dir: Path = CONF
         raise ConfigError(
             f"{e}{cause}\n  (config dir: {config_dir}; options per group: `rlhf config --options`)"
         ) from None
+
+
+def project_root(overrides: list[str] | tuple[str, ...]) -> Path:
+    """The project the command addresses: the last `root=` override, else the working directory."""
+    roots = [o.split("=", 1)[1] for o in overrides if o.startswith("root=")]
+    return Path(roots[-1] if roots else ".").expanduser().resolve()
+
+
+def project_overrides(root: Path) -> list[str]:
+    """`<root>/rlhf.yaml` as Hydra overrides, group choices first: [] when the project has no such file.
+
+    The file is what `rlhf init` writes: a `defaults:` list of group choices (`- data: own`), then values as nested
+    YAML (`model: {name_or_path: /models/mine}`). ConfigError, naming the file, for anything else."""
+    import yaml
+
+    path = root / PROJECT_FILE
+    if not path.is_file():
+        return []
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the file") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: must be a mapping of config groups (model:, data:, gate:, ...), got {doc!r}")
+    out = []
+    for choice in doc.pop("defaults", None) or []:
+        if not (isinstance(choice, dict) and len(choice) == 1):
+            raise ConfigError(
+                f"{path}: each `defaults:` entry is one `group: option` (e.g. `- data: own`), got {choice!r}"
+            )
+        ((group, option),) = choice.items()
+        out.append(f"{group}={option}")
+    for key, value in doc.items():
+        if key in ("root", "overrides", "hydra"):
+            raise ConfigError(f"{path}: `{key}` cannot be set in the project file (the project is where the file is)")
+        out += [f"{k}={_hydra_value(v)}" for k, v in _leaves(str(key), value)]
+    return out
+
+
+def _hydra_value(value: Any) -> str:
+    """A YAML value in Hydra's override grammar: strings quoted (paths, URLs, any character), lists and numbers as is."""
+    if isinstance(value, str):
+        # Hydra reads a backslash literally unless it precedes a quote or ends the string: double only those
+        doubled = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value)
+        return "'" + doubled.replace("'", "\\'") + "'"
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def compose_project(overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """`compose` with the project's file (`project_overrides`) first: what every `rlhf` command of the operator
+    composes. A bad value in the file is named with the file."""
+    root = project_root(overrides)
+    project = project_overrides(root)
+    if list(overrides[: len(project)]) == project:  # composed from a config that already has them (a sweep variant)
+        project = []
+    try:
+        return compose([*project, *overrides])
+    except ConfigError as e:
+        if project:
+            try:
+                compose(project)
+            except ConfigError as bad:
+                raise ConfigError(f"in {root / PROJECT_FILE}: {bad}") from None
+        raise e from None
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

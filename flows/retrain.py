@@ -23,6 +23,7 @@ from prefect.states import Completed, Failed, State
 
 from components import tracking
 from components.config import Config
+from components.data.needs import missing
 from components.data.versioning import DataState, DataVersionError
 from components.registry import registry
 from components.training.direct import data_problem
@@ -82,6 +83,8 @@ def pipeline(cfg: Config, slot: RetrainSlot | None = None) -> State:
             return finish(None, "data unavailable", Failed(message=f"data unavailable: {e}"))
         mlflow.set_tag("data_version", data.version)
         tracking.log_data_input(cfg.data_path, data.version, data.rows, data.remote)
+        if lacking := missing(cfg.policy.algorithm, data.rows):  # before any model loads
+            return finish(None, "data incomplete", Failed(message=f"data {data.version}: " + "; ".join(lacking)))
 
         # 2. validate; stop when there is nothing to do
         s = RetrainSummary(run_id, data, validate(cfg, data, run_id), changed=what_changed(cfg, data))

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from components.config import Config
 from components.data.demo import write_jsonl
-from components.data.schemas import INGESTIBLE_KINDS
+from components.data.schemas import INGESTIBLE_KINDS, KINDS
 from components.data.validation import ValidationReport, validate_batch
-from components.data.versioning import commit_shard, data_lock, open_repo, require_clean
+from components.data.versioning import commit_shard, count_rows, data_lock, open_repo, require_clean
 
 
 class IngestRefused(Exception):
@@ -47,11 +47,8 @@ class IngestResult:
 
 
 def ingest(cfg: Config, file: Path, kind: str, quarantine: bool = False, on_step=lambda step: None) -> IngestResult:
-    if kind not in INGESTIBLE_KINDS:
-        raise IngestRefused(
-            f"--kind must be one of {', '.join(INGESTIBLE_KINDS)} (eval prompts are frozen: "
-            f"they are never ingested or trained on), got {kind!r}"
-        )
+    if kind not in KINDS:
+        raise IngestRefused(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
     file = Path(file).expanduser().resolve()
     # one writer at a time: a second ingest waits here, then validates against what the first one added
     with data_lock(cfg, f"ingest {file.name}", say=on_step):
@@ -62,6 +59,11 @@ def _ingest(cfg: Config, file: Path, kind: str, quarantine: bool, on_step) -> In
     on_step("check data/ matches data.dvc")
     dvc = open_repo(cfg)
     before = require_clean(cfg, dvc)
+    if kind not in INGESTIBLE_KINDS and (held := count_rows(cfg.data_path)[kind]):
+        raise IngestRefused(
+            f"eval prompts are frozen: {cfg.data_path / kind} already holds {held}, and the gate compares every "
+            "candidate with the champion on the same ones; the eval set is set once, by the first --kind eval batch"
+        )
 
     on_step("validate batch")
     report, parsed = validate_batch(file, kind, cfg.data, cfg.state_path / "gx", cfg.data_path)

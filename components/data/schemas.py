@@ -19,7 +19,7 @@ from typing import Any
 KINDS = ("demonstrations", "preferences", "prompts", "eval", "feedback")
 TRAINING_KINDS = ("demonstrations", "preferences", "prompts", "feedback")
 OPTIONAL_KINDS = ("feedback",)  # a data dir may have none (the reward model needs preferences or feedback)
-INGESTIBLE_KINDS = TRAINING_KINDS  # eval prompts are frozen: never ingested, never trained on
+INGESTIBLE_KINDS = TRAINING_KINDS  # grow with every batch; eval prompts are frozen: one batch starts them, never trained on
 
 # The frames Great Expectations validates: preferences split by shape.
 FRAMES = ("demonstrations", "preferences_pairwise", "preferences_ranked", "prompts", "eval", "feedback")

@@ -1,8 +1,11 @@
 """DVC versioning of data/: the data version is the directory md5 recorded in <root>/data.dvc.
 
 `ensure_data` materialises data/ on any machine (dvc pull when the remote has the
-recorded version, else the deterministic demo generator) and refuses to go on when
-data/ and data.dvc disagree. `commit_shard` adds a shard all-or-nothing: a journal
+recorded version, else, for a demo config only, the deterministic demo generator) and refuses to go on when
+data/ and data.dvc disagree. The demo never writes beside anything: it fills an empty data/, or replaces a
+version that is the demo and nothing else (data.dvc's `meta.rlhf.demo` says which demo it is; the first
+ingest or forget into it removes that mark). A project's own data (`data=own`) is never generated: the first
+`rlhf ingest` starts it. `commit_shard` adds a shard all-or-nothing: a journal
 records what is about to change, so a crash at any point (between writing the shard
 and `dvc add`, during `dvc push`) is rolled back by the next command - a half-ingested
 state is never trusted. DVC is driven through its CLI (`python -m dvc`), its stable interface.
@@ -34,7 +37,7 @@ from pathlib import Path
 import yaml
 
 from components.config import Config
-from components.data.demo import write_demo
+from components.data.demo import DEMO_SHARD, write_demo
 from components.data.schemas import KINDS, shard_files
 from components.owner import Owner
 from components.tracking import redact_url
@@ -53,7 +56,7 @@ class DataVersionError(Exception):
 @dataclass
 class DataState:
     version: str  # md5 of data/ recorded in data.dvc
-    origin: str  # present | pulled | generated
+    origin: str  # present | pulled | generated | switched (another demo set generated in place of the pure demo)
     rows: dict[str, int]
     remote: str  # where it is pushed, for display: credentials redacted (the DVC config has the real one)
     path: str = ""  # where to read this version: data/ itself, or a retrain's pinned snapshot of it
@@ -278,28 +281,139 @@ def _prune_snapshots(root: Path, dest: Path, keep: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def demo_mark(root: Path) -> dict | None:
+    """Which demo data set data.dvc's version is, when it is one and nothing else (its generator settings); None."""
+    f = root / DVC_FILE
+    if not f.exists():
+        return None
+    mark = ((yaml.safe_load(f.read_text()) or {}).get("meta") or {}).get("rlhf", {}).get("demo")
+    return mark if isinstance(mark, dict) else None
+
+
+def demo_settings(cfg: Config) -> dict:
+    """What the demo generator's output depends on: the demo mark of the version it writes."""
+    d = cfg.data
+    keys = (
+        "seed",
+        "n_demonstrations",
+        "n_preferences",
+        "ranked_fraction",
+        "max_rank_k",
+        "n_prompts",
+        "n_eval",
+        "n_feedback",
+        "feedback_rating_fraction",
+        "annotator_temperature",
+    )
+    return {k: getattr(d, k) for k in keys}
+
+
+def _set_demo_mark(root: Path, mark: dict | None) -> None:
+    """Write (or, with None, remove) data.dvc's demo mark; DVC keeps `meta` as it is across `dvc add`."""
+    f = root / DVC_FILE
+    doc = yaml.safe_load(f.read_text()) or {}
+    meta = doc.pop("meta", None) or {}
+    rlhf = {k: v for k, v in (meta.pop("rlhf", None) or {}).items() if k != "demo"}
+    if mark is not None:
+        rlhf["demo"] = mark
+    if rlhf:
+        meta["rlhf"] = rlhf
+    if meta:
+        doc = {"meta": meta, **doc}
+    _write_durably(f, yaml.safe_dump(doc, sort_keys=False))
+
+
+def user_files(data_dir: Path) -> list[Path]:
+    """Every file under data/ but hidden ones (DVC's, ours): what a demo would be written beside."""
+    if not data_dir.is_dir():
+        return []
+    return sorted(
+        p for p in data_dir.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(data_dir).parts)
+    )
+
+
+def _is_this_demo(cfg: Config, found: list[Path]) -> bool:
+    """Whether `found` (the files in data/) are exactly what the demo generator with this config writes, byte for
+    byte (a demo written by `write_demo` but not versioned yet): then generating it again changes nothing."""
+    import tempfile
+
+    if any(p.name != DEMO_SHARD for p in found):
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        write_demo(cfg.data, Path(tmp))
+        fresh = {p.relative_to(tmp): p.read_bytes() for p in user_files(Path(tmp))}
+    return {p.relative_to(cfg.data_path): p.read_bytes() for p in found} == fresh
+
+
+def _named(files: list[Path], root: Path, most: int = 5) -> str:
+    shown = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in files[:most]]
+    return ", ".join(shown) + (f" and {len(files) - most} more" if len(files) > most else "")
+
+
 def _ensure_data(cfg: Config) -> DataState:
     remote, target = cfg.infra.dvc_remote_name, _dvc_target(cfg)  # refused before DVC touches anything
     dvc = open_repo(cfg)
-    recorded = data_version(cfg.root_path)
+    root = cfg.root_path
+    recorded, mark = data_version(root), demo_mark(root)
+    want = demo_settings(cfg) if cfg.data.demo else None
+    switch = want is not None and mark is not None and mark != want  # data.dvc pins another demo set, pure
     if recorded is not None:
         if not dvc.status():
-            return DataState(recorded, "present", count_rows(cfg.data_path), shown_remote(cfg), str(cfg.data_path))
-        if _has_shards(cfg.data_path):
+            if not switch:
+                return DataState(recorded, "present", count_rows(cfg.data_path), shown_remote(cfg), str(cfg.data_path))
+        elif _has_shards(cfg.data_path):
             raise DataVersionError(
                 f"{cfg.data_path} differs from {DVC_FILE} ({json.dumps(dvc.status())}).\n"
                 f"  To keep the changes: add new examples with `rlhf ingest FILE --kind K` (validated), "
                 f"or version them as they are with `dvc add {target}`.\n"
                 f"  To discard them: `dvc checkout --force {DVC_FILE}`."
             )
-        if dvc.pull(remote) and not dvc.status():
+        elif not switch and dvc.pull(remote) and not dvc.status():
             return DataState(recorded, "pulled", count_rows(cfg.data_path), shown_remote(cfg), str(cfg.data_path))
-    backup = (cfg.root_path / DVC_FILE).read_text() if recorded else None
+    if want is None:  # the project's own data: never generated
+        if recorded is not None:
+            raise DataVersionError(
+                f"{DVC_FILE} records data version {recorded}, which neither {cfg.data_path} nor the DVC remote "
+                f"({shown_remote(cfg)}) has: point infra.dvc_remote_url (or RLHF_DVC_REMOTE) at the remote that has "
+                "it, then run again"
+            )
+        if found := user_files(cfg.data_path):
+            raise DataVersionError(
+                f"{cfg.data_path} holds files no data version has ({_named(found, root)}): nothing was read or "
+                "written; add each with `rlhf ingest FILE --kind K` (validated, then versioned) from outside data/"
+            )
+        raise DataVersionError(
+            f"no data yet in {cfg.data_path}: start it with `rlhf ingest FILE --kind demonstrations` (then "
+            "preferences, prompts, eval; docs/quickstart.md), or run the demo with data=demo"
+        )
+    if recorded is not None and mark is None:
+        raise DataVersionError(
+            f"{DVC_FILE} records data version {recorded}, which is not the demo alone (ingested or your own data) and "
+            f"which neither {cfg.data_path} nor the DVC remote ({shown_remote(cfg)}) has: get it from the remote "
+            "that has it (infra.dvc_remote_url=...), or start a demo elsewhere (`rlhf init DIR --demo`)"
+        )
+    if switch and (found := user_files(cfg.data_path)):
+        demo_files = [p for p in found if p.name == DEMO_SHARD]
+        if demo_files != found:  # only the generator's shards may be replaced
+            raise DataVersionError(
+                f"{cfg.data_path} holds files besides the demo's ({_named([p for p in found if p not in demo_files], root)}): "
+                "nothing was replaced; move them out of data/ and add them with `rlhf ingest FILE --kind K`"
+            )
+        for p in demo_files:
+            p.unlink()
+    elif (found := user_files(cfg.data_path)) and not _is_this_demo(cfg, found):
+        raise DataVersionError(
+            f"{cfg.data_path} holds files no data version has ({_named(found, root)}): the demo is never written "
+            "beside other data, and nothing was written; start a project of your own with `rlhf init DIR` and add "
+            "them with `rlhf ingest FILE --kind K`, or move them out of data/ to run the demo"
+        )
+    backup = (root / DVC_FILE).read_text() if recorded else None
     write_demo(cfg.data, cfg.data_path)
     dvc.add(target)
-    version = data_version(cfg.root_path)
-    if recorded is not None and version != recorded:
-        (cfg.root_path / DVC_FILE).write_text(backup or "")
+    _set_demo_mark(root, want)
+    version = data_version(root)
+    if recorded is not None and not switch and version != recorded:
+        (root / DVC_FILE).write_text(backup or "")
         shutil.rmtree(cfg.data_path, ignore_errors=True)
         raise DataVersionError(
             f"{DVC_FILE} records data version {recorded}, which the DVC remote ({shown_remote(cfg)}) does not have, "
@@ -309,10 +423,20 @@ def _ensure_data(cfg: Config) -> DataState:
         )
     if cfg.infra.dvc_push:
         dvc.push(remote)
-    return DataState(version or "", "generated", count_rows(cfg.data_path), shown_remote(cfg), str(cfg.data_path))
+    origin = "switched" if switch else "generated"
+    return DataState(version or "", origin, count_rows(cfg.data_path), shown_remote(cfg), str(cfg.data_path))
 
 
 def require_clean(cfg: Config, dvc: Dvc) -> str:
+    """data/'s version when it matches data.dvc; "" when there is no data.dvc yet and data/ holds nothing (the first
+    ingest starts the data set). DataVersionError otherwise."""
+    if not (cfg.root_path / DVC_FILE).exists():
+        if found := user_files(cfg.data_path):
+            raise DataVersionError(
+                f"{cfg.data_path} holds files no data version has ({_named(found, cfg.root_path)}): nothing was "
+                "ingested; move them out of data/ and add each with `rlhf ingest FILE --kind K`"
+            )
+        return ""
     status = dvc.status()
     if status:
         raise DataVersionError(
@@ -390,6 +514,8 @@ def add_and_push(cfg: Config, dvc: Dvc, on_step=lambda step: None) -> None:
     """Version data/ as it now is (`dvc add`) and push it to the remote (unless infra.dvc_push is off)."""
     on_step("dvc add")
     dvc.add(_dvc_target(cfg))
+    if demo_mark(cfg.root_path) is not None:
+        _set_demo_mark(cfg.root_path, None)  # no longer the demo alone: never replaced by another demo set
     if cfg.infra.dvc_push:
         on_step("dvc push")
         dvc.push(cfg.infra.dvc_remote_name)

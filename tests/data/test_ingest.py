@@ -104,8 +104,8 @@ def test_bad_batch_changes_nothing(versioned, tmp_path):
         ingest(cfg, batch(tmp_path, bad), "preferences")
     assert "no_duplicates" in str(e.value) and "line 5" in str(e.value)
     assert snapshot(cfg) == before
-    with pytest.raises(IngestRefused):
-        ingest(cfg, batch(tmp_path, GOOD), "eval")  # eval prompts are frozen
+    with pytest.raises(IngestRefused, match="eval prompts are frozen"):
+        ingest(cfg, batch(tmp_path, GOOD), "eval")  # the data set has its eval prompts: one batch starts them
     assert snapshot(cfg) == before
 
 
