@@ -93,6 +93,8 @@ def cmd_data(args, overrides: list[str]) -> int:
     cfg = _load(overrides, prefect=False)
     state = ensure_data(cfg)
     print(f"✓ data version {state.version} ({state.origin}) in {cfg.data_path}")
+    if state.origin == "switched":
+        print("  data.dvc pinned another demo data set (the demo alone): it now pins this one; nothing else changed")
     print("  rows: " + ", ".join(f"{k}={v}" for k, v in state.rows.items()))
     print(f"  DVC remote: {state.remote}   (dvc status: clean)")
     return 0

@@ -88,7 +88,7 @@ Your data, your model, retrained as feedback arrives. The walk-through: docs/qui
 | which of two answers is better               | preferences     | {{"id", "prompt", "chosen", "rejected"}}           |
 | prompts the policy practises on              | prompts         | {{"id", "prompt"}}                                 |
 | prompts the gate compares models on (frozen) | eval            | {{"id", "prompt"}} (one batch: then frozen)        |
-| thumbs on answers (also from serving)        | feedback        | {{"id", "prompt", "response", "label": "up"/"down"}} |
+| thumbs on answers (also from serving)        | feedback        | {{"id", "prompt", "response", "label": 1 or 0}}    |
 
 `rlhf ingest` validates each batch (the rules: docs/data.md) and versions it in `data.dvc`; never write into
 `data/` by hand. Then `rlhf run` trains, gates and promotes; `rlhf model serve` serves the champion.

@@ -350,8 +350,29 @@ def _named(files: list[Path], root: Path, most: int = 5) -> str:
     return ", ".join(shown) + (f" and {len(files) - most} more" if len(files) > most else "")
 
 
+def _unversioned(cfg: Config) -> DataVersionError | None:
+    """Why data/ cannot be prepared when no data version exists yet and data/ holds files (None when it can): they
+    are never versioned as they are (unvalidated) and never written beside."""
+    found = user_files(cfg.data_path)
+    if not found or (cfg.data.demo and _is_this_demo(cfg, found)):
+        return None
+    named = _named(found, cfg.root_path)
+    if not cfg.data.demo:
+        return DataVersionError(
+            f"{cfg.data_path} holds files no data version has ({named}): nothing was read or written; add each with "
+            "`rlhf ingest FILE --kind K` (validated, then versioned) from outside data/"
+        )
+    return DataVersionError(
+        f"{cfg.data_path} holds files no data version has ({named}): the demo is never written beside other data, "
+        "and nothing was written; start a project of your own with `rlhf init DIR` and add them with "
+        "`rlhf ingest FILE --kind K`, or move them out of data/ to run the demo"
+    )
+
+
 def _ensure_data(cfg: Config) -> DataState:
     remote, target = cfg.infra.dvc_remote_name, _dvc_target(cfg)  # refused before DVC touches anything
+    if not (cfg.root_path / DVC_FILE).exists() and not _journal(cfg).exists() and (e := _unversioned(cfg)):
+        raise e  # before `dvc init`: a directory of the user's own is left as it was
     dvc = open_repo(cfg)
     root = cfg.root_path
     recorded, mark = data_version(root), demo_mark(root)
@@ -377,11 +398,8 @@ def _ensure_data(cfg: Config) -> DataState:
                 f"({shown_remote(cfg)}) has: point infra.dvc_remote_url (or RLHF_DVC_REMOTE) at the remote that has "
                 "it, then run again"
             )
-        if found := user_files(cfg.data_path):
-            raise DataVersionError(
-                f"{cfg.data_path} holds files no data version has ({_named(found, root)}): nothing was read or "
-                "written; add each with `rlhf ingest FILE --kind K` (validated, then versioned) from outside data/"
-            )
+        if e := _unversioned(cfg):
+            raise e
         raise DataVersionError(
             f"no data yet in {cfg.data_path}: start it with `rlhf ingest FILE --kind demonstrations` (then "
             "preferences, prompts, eval; docs/quickstart.md), or run the demo with data=demo"
@@ -401,12 +419,8 @@ def _ensure_data(cfg: Config) -> DataState:
             )
         for p in demo_files:
             p.unlink()
-    elif (found := user_files(cfg.data_path)) and not _is_this_demo(cfg, found):
-        raise DataVersionError(
-            f"{cfg.data_path} holds files no data version has ({_named(found, root)}): the demo is never written "
-            "beside other data, and nothing was written; start a project of your own with `rlhf init DIR` and add "
-            "them with `rlhf ingest FILE --kind K`, or move them out of data/ to run the demo"
-        )
+    elif e := _unversioned(cfg):
+        raise e
     backup = (root / DVC_FILE).read_text() if recorded else None
     write_demo(cfg.data, cfg.data_path)
     dvc.add(target)
