@@ -67,6 +67,10 @@ def cmd_init(args) -> int:
             print(f"! {project.root / 'rlhf.yaml'}: the model does not fit these settings yet:", file=sys.stderr)
             for p in problems:
                 print(f"  - {p}", file=sys.stderr)
+            print(
+                "  put the settings it names into rlhf.yaml (e.g. `sft:` / `max_length: 64`); `rlhf run` refuses until then",
+                file=sys.stderr,
+            )
     here = "" if project.root == Path.cwd().resolve() else f"cd {project.root} && "
     print(f"✓ project in {project.root}")
     for f in project.files:

@@ -25,6 +25,7 @@ from components import tracking
 from components.config import Config
 from components.data.needs import missing
 from components.data.versioning import DataState, DataVersionError
+from components.models.fit import check_model_fits
 from components.registry import registry
 from components.training.direct import data_problem
 from components.training.ppo import PPODivergence
@@ -85,6 +86,9 @@ def pipeline(cfg: Config, slot: RetrainSlot | None = None) -> State:
         tracking.log_data_input(cfg.data_path, data.version, data.rows, data.remote)
         if lacking := missing(cfg.policy.algorithm, data.rows):  # before any model loads
             return finish(None, "data incomplete", Failed(message=f"data {data.version}: " + "; ".join(lacking)))
+        # the model against the configured lengths (config and tokenizer only); with a pool the weights are the workers'
+        if not cfg.infra.training_pool and (misfit := check_model_fits(cfg)):
+            return finish(None, "model does not fit", Failed(message="; ".join(misfit) + "; no training ran"))
 
         # 2. validate; stop when there is nothing to do
         s = RetrainSummary(run_id, data, validate(cfg, data, run_id), changed=what_changed(cfg, data))

@@ -136,6 +136,18 @@ class Dvc:
         self("config", "core.autostage", "false")
 
     def set_remote(self, name: str, url: str) -> None:
+        """`name` at `url` as the default remote, in .dvc/config.local; read first (DVC's own config reader), so that
+        a repo already set up costs no `dvc` process (every ingest and retrain opens the repo)."""
+        from configobj import ConfigObj
+
+        local = self.root / ".dvc" / "config.local"
+        if local.exists():
+            try:
+                conf = ConfigObj(str(local))
+                if conf.get("core", {}).get("remote") == name and conf.get(f'remote "{name}"', {}).get("url") == url:
+                    return
+            except Exception:  # unreadable: let DVC write it anew
+                pass
         self("remote", "add", "--local", "-d", "-f", name, url)
 
     def status(self) -> dict:
