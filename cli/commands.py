@@ -48,17 +48,13 @@ def _where(cfg: Config) -> str:
 
 def cmd_init(args) -> int:
     """`rlhf init [DIR] [--model M] [--demo]`: service/project.py makes the project; this says what to do next."""
-    from components.config import ConfigError
-    from service.project import ProjectExists, init_project
+    from service.project import InitRefused, init_project
 
     try:
         project = init_project(Path(args.dir), args.model, args.demo)
-    except ProjectExists as e:
-        print(f"✗ {e}", file=sys.stderr)
-        return 1
-    except ConfigError as e:
+    except InitRefused as e:
         print(f"✗ rlhf init: {e}", file=sys.stderr)
-        return 2
+        return 1
     if args.model is not None:
         from components.models.fit import check_model_fits
 
@@ -68,7 +64,8 @@ def cmd_init(args) -> int:
             for p in problems:
                 print(f"  - {p}", file=sys.stderr)
             print(
-                "  put the settings it names into rlhf.yaml (e.g. `sft:` / `max_length: 64`); `rlhf run` refuses until then",
+                "  fix what each line names (a setting: in rlhf.yaml, e.g. `sft:` then `  max_length: 64`; the model: "
+                "its directory); `rlhf run` refuses until then",
                 file=sys.stderr,
             )
     here = "" if project.root == Path.cwd().resolve() else f"cd {project.root} && "

@@ -181,12 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in extra if t.startswith("-") and "=" not in t]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command == "init":
-        if extra:
-            parser.error(f"rlhf init takes DIR, --model and --demo only; got {' '.join(extra)}")
-        return cmd_init(args)
-    overrides, positional = _split(args.rest + [t for t in extra if t not in unknown])
+    if args.command == "init" and extra:
+        parser.error(f"rlhf init takes DIR, --model and --demo only; got {' '.join(extra)}")
+    overrides, positional = _split(getattr(args, "rest", []) + [t for t in extra if t not in unknown])
     try:
+        if args.command == "init":
+            return cmd_init(args)
         if args.command in ("validate", "ingest", "approve", "feedback"):
             return {"validate": cmd_validate, "ingest": cmd_ingest, "approve": cmd_approve, "feedback": cmd_feedback}[
                 args.command

@@ -320,7 +320,7 @@ def cmd_serve(args, overrides: list[str]) -> int:
             "ingest` in other processes do not reach it.\n  For the event trigger run `prefect server start` and "
             "pass infra.prefect_api_url=http://127.0.0.1:4200/api to both commands."
         )
-    serve(cfg, overrides)
+    serve(cfg, cfg.overrides)  # the project's rlhf.yaml first: every served run composes what this one did
     print(f"stopped serving retrain-service/{DEPLOYMENT} (its schedule is paused until the next `rlhf serve`)")
     print(f"  {_where(cfg)}")
     return 0

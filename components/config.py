@@ -564,8 +564,20 @@ def project_overrides(root: Path) -> list[str]:
     path = root / PROJECT_FILE
     if not path.is_file():
         return []
+
+    class Strict(yaml.SafeLoader):
+        """A key given twice is refused (PyYAML keeps the last one: a second `gate:` would drop the first)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if (key := self.construct_object(key_node, deep=deep)) in seen:
+                    raise yaml.constructor.ConstructorError(None, None, f"`{key}` is given twice", key_node.start_mark)
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
+        doc = yaml.load(path.read_text(), Loader=Strict) or {}  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

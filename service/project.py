@@ -7,16 +7,21 @@ remote, `rlhf.yaml` (the project's settings on top of the packaged defaults: com
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import shutil
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from components.config import PROJECT_FILE, ConfigError, compose_project
+from components.config import PROJECT_FILE, compose_project
 from components.data.schemas import KINDS
 
 MARKERS = (PROJECT_FILE, "data.dvc", ".dvc")  # what makes a directory a project already
 
 
-class ProjectExists(Exception):
+class InitRefused(Exception):
+    """The project cannot be made there, or with that model; nothing was left behind."""
+
+
+class ProjectExists(InitRefused):
     """The directory already holds a project (or its DVC repo)."""
 
 
@@ -102,32 +107,55 @@ GITIGNORE = "/.rlhf/\n/data\n__pycache__/\n"
 
 
 def init_project(root: Path, model: str | None = None, demo: bool = False) -> Project:
-    """Make `root` a project. ProjectExists when it already is one; ConfigError when the file would not compose."""
+    """Make `root` a project. InitRefused (ProjectExists) when it already is one or the model is not there;
+    ConfigError when the file would not compose. On any failure, what it wrote is removed again."""
+    from components.config import compose
+    from components.models.fit import model_dir
+
     root = root.expanduser().resolve()
     if root.is_file():
-        raise ProjectExists(f"{root} is a file: name a new or empty directory for the project")
+        raise InitRefused(f"{root} is a file: name a new or empty directory for the project")
     if found := [m for m in MARKERS if (root / m).exists()]:
         raise ProjectExists(
             f"{root} already holds a project ({', '.join(found)}): use it as it is, or name another directory"
         )
-    if model is not None and Path(model).expanduser().exists():
-        model = str(Path(model).expanduser().resolve())
+    if model is not None:
+        if Path(model).expanduser().exists():
+            model = str(Path(model).expanduser().resolve())
+        _, problem = model_dir(replace(compose([]).model, name_or_path=model, build_demo_base=False))
+        if problem:
+            raise InitRefused(f"--model: {problem}")
+    made_root = not root.exists()
+    before = {p.name for p in root.iterdir()} if root.exists() else set()
+    try:
+        return _init(root, model, demo)
+    except BaseException:
+        if made_root:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            for p in root.iterdir():
+                if p.name not in before:
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        raise
+
+
+def _init(root: Path, model: str | None, demo: bool) -> Project:
     root.mkdir(parents=True, exist_ok=True)
     written = []
     for path, text in (
         (root / PROJECT_FILE, rlhf_yaml(root.name, model, demo)),
         (root / "README.md", README.format(name=root.name)),
-        (root / ".gitignore", GITIGNORE),
     ):
-        if path.exists():  # a README or .gitignore of the user's own: kept
+        if path.exists():  # a README of the user's own: kept
             continue
         path.write_text(text)
         written.append(path)
-    try:
-        cfg = compose_project([f"root={root}"])
-    except ConfigError:
-        (root / PROJECT_FILE).unlink()
-        raise
+    ignore = root / ".gitignore"
+    have = ignore.read_text().splitlines() if ignore.exists() else []
+    if lacking := [line for line in GITIGNORE.splitlines() if line not in have]:  # state and secrets never in git
+        ignore.write_text("".join(f"{line}\n" for line in [*have, *lacking]))
+        written.append(ignore)
+    cfg = compose_project([f"root={root}"])
     for kind in KINDS:
         (cfg.data_path / kind).mkdir(parents=True, exist_ok=True)
     from components.data.versioning import open_repo

@@ -18,7 +18,7 @@ from components.config import Config
 from components.data.demo import write_jsonl
 from components.data.schemas import INGESTIBLE_KINDS, KINDS
 from components.data.validation import ValidationReport, validate_batch
-from components.data.versioning import commit_shard, count_rows, data_lock, open_repo, require_clean
+from components.data.versioning import commit_shard, count_rows, data_lock, demo_mark, open_repo, require_clean
 
 
 class IngestRefused(Exception):
@@ -59,6 +59,11 @@ def _ingest(cfg: Config, file: Path, kind: str, quarantine: bool, on_step) -> In
     on_step("check data/ matches data.dvc")
     dvc = open_repo(cfg)
     before = require_clean(cfg, dvc)
+    if not cfg.data.demo and demo_mark(cfg.root_path) is not None:
+        raise IngestRefused(
+            f"{cfg.root_path / 'data.dvc'} pins the generated demo data set, and a project's own rows are never mixed "
+            "with the demo's: start your data in a project of its own (`rlhf init DIR`), or grow the demo with data=demo"
+        )
     if kind not in INGESTIBLE_KINDS and (held := count_rows(cfg.data_path)[kind]):
         raise IngestRefused(
             f"eval prompts are frozen: {cfg.data_path / kind} already holds {held}, and the gate compares every "

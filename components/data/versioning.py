@@ -294,12 +294,17 @@ def _prune_snapshots(root: Path, dest: Path, keep: int | None) -> None:
 
 
 def demo_mark(root: Path) -> dict | None:
-    """Which demo data set data.dvc's version is, when it is one and nothing else (its generator settings); None."""
+    """Which demo data set data.dvc's version is, when it is one and nothing else (its generator settings); None.
+    The mark names the version it was written for: after a `dvc add` by hand (DVC keeps `meta` as it is), or a kill
+    between `dvc add` and the mark, the version differs and the mark counts for nothing."""
     f = root / DVC_FILE
     if not f.exists():
         return None
-    mark = ((yaml.safe_load(f.read_text()) or {}).get("meta") or {}).get("rlhf", {}).get("demo")
-    return mark if isinstance(mark, dict) else None
+    doc = yaml.safe_load(f.read_text()) or {}
+    mark = ((doc.get("meta") or {}).get("rlhf") or {}).get("demo")
+    if not isinstance(mark, dict) or mark.get("version") != ((doc.get("outs") or [{}])[0] or {}).get("md5"):
+        return None
+    return {k: v for k, v in mark.items() if k != "version"}
 
 
 def demo_settings(cfg: Config) -> dict:
@@ -327,7 +332,7 @@ def _set_demo_mark(root: Path, mark: dict | None) -> None:
     meta = doc.pop("meta", None) or {}
     rlhf = {k: v for k, v in (meta.pop("rlhf", None) or {}).items() if k != "demo"}
     if mark is not None:
-        rlhf["demo"] = mark
+        rlhf["demo"] = {"version": ((doc.get("outs") or [{}])[0] or {}).get("md5"), **mark}
     if rlhf:
         meta["rlhf"] = rlhf
     if meta:
@@ -345,16 +350,18 @@ def user_files(data_dir: Path) -> list[Path]:
 
 
 def _is_this_demo(cfg: Config, found: list[Path]) -> bool:
-    """Whether `found` (the files in data/) are exactly what the demo generator with this config writes, byte for
-    byte (a demo written by `write_demo` but not versioned yet): then generating it again changes nothing."""
+    """Whether `found` (the files in data/) are all part of what the demo generator with this config writes, byte for
+    byte (a demo written by `write_demo` but not versioned yet, or one whose writing was killed half-way, with its
+    leftover temporary files): then generating it again loses nothing."""
     import tempfile
 
-    if any(p.name != DEMO_SHARD for p in found):
+    if any(p.name not in (DEMO_SHARD, f"{DEMO_SHARD}.tmp") for p in found):
         return False
     with tempfile.TemporaryDirectory() as tmp:
         write_demo(cfg.data, Path(tmp))
         fresh = {p.relative_to(tmp): p.read_bytes() for p in user_files(Path(tmp))}
-    return {p.relative_to(cfg.data_path): p.read_bytes() for p in found} == fresh
+    shards = [p for p in found if p.name == DEMO_SHARD]
+    return all(fresh.get(p.relative_to(cfg.data_path)) == p.read_bytes() for p in shards)
 
 
 def _named(files: list[Path], root: Path, most: int = 5) -> str:
@@ -381,6 +388,22 @@ def _unversioned(cfg: Config) -> DataVersionError | None:
     )
 
 
+def _write_demo_over(cfg: Config, old: list[Path]) -> None:
+    """The demo into data/ in place of `old` (demo shards only): written beside data/ first, then each shard renamed
+    into place, so a kill leaves data/ holding whole shards of the old demo or of this one (the next run writes it
+    again: `_is_this_demo`), never a half-written file."""
+    staged = cfg.state_path / "demo-staging"
+    shutil.rmtree(staged, ignore_errors=True)
+    write_demo(cfg.data, staged)
+    for p in old:
+        p.unlink(missing_ok=True)
+    for p in user_files(staged):
+        dest = cfg.data_path / p.relative_to(staged)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _move_into(p, dest)
+    shutil.rmtree(staged, ignore_errors=True)
+
+
 def _ensure_data(cfg: Config) -> DataState:
     remote, target = cfg.infra.dvc_remote_name, _dvc_target(cfg)  # refused before DVC touches anything
     if not (cfg.root_path / DVC_FILE).exists() and not _journal(cfg).exists() and (e := _unversioned(cfg)):
@@ -394,7 +417,9 @@ def _ensure_data(cfg: Config) -> DataState:
         if not dvc.status():
             if not switch:
                 return DataState(recorded, "present", count_rows(cfg.data_path), shown_remote(cfg), str(cfg.data_path))
-        elif _has_shards(cfg.data_path):
+        elif _has_shards(cfg.data_path) and not (
+            want is not None and mark is not None and _is_this_demo(cfg, user_files(cfg.data_path))
+        ):  # (a demo's writing or switch that was killed half-way is written again, below)
             raise DataVersionError(
                 f"{cfg.data_path} differs from {DVC_FILE} ({json.dumps(dvc.status())}).\n"
                 f"  To keep the changes: add new examples with `rlhf ingest FILE --kind K` (validated), "
@@ -414,7 +439,7 @@ def _ensure_data(cfg: Config) -> DataState:
             raise e
         raise DataVersionError(
             f"no data yet in {cfg.data_path}: start it with `rlhf ingest FILE --kind demonstrations` (then "
-            "preferences, prompts, eval; docs/quickstart.md), or run the demo with data=demo"
+            "preferences, prompts, eval; docs/quickstart.md); the demo has projects of its own: `rlhf init DIR --demo`"
         )
     if recorded is not None and mark is None:
         raise DataVersionError(
@@ -422,19 +447,18 @@ def _ensure_data(cfg: Config) -> DataState:
             f"which neither {cfg.data_path} nor the DVC remote ({shown_remote(cfg)}) has: get it from the remote "
             "that has it (infra.dvc_remote_url=...), or start a demo elsewhere (`rlhf init DIR --demo`)"
         )
-    if switch and (found := user_files(cfg.data_path)):
-        demo_files = [p for p in found if p.name == DEMO_SHARD]
-        if demo_files != found:  # only the generator's shards may be replaced
+    found = user_files(cfg.data_path)
+    if switch or (recorded is not None and mark is not None):  # data/ holds the pinned demo, or part of this one
+        others = [p for p in found if p.name not in (DEMO_SHARD, f"{DEMO_SHARD}.tmp")]
+        if others:  # only the generator's shards may be replaced
             raise DataVersionError(
-                f"{cfg.data_path} holds files besides the demo's ({_named([p for p in found if p not in demo_files], root)}): "
-                "nothing was replaced; move them out of data/ and add them with `rlhf ingest FILE --kind K`"
+                f"{cfg.data_path} holds files besides the demo's ({_named(others, root)}): nothing was replaced; "
+                "move them out of data/ and add them with `rlhf ingest FILE --kind K`"
             )
-        for p in demo_files:
-            p.unlink()
     elif e := _unversioned(cfg):
         raise e
     backup = (root / DVC_FILE).read_text() if recorded else None
-    write_demo(cfg.data, cfg.data_path)
+    _write_demo_over(cfg, found)
     dvc.add(target)
     _set_demo_mark(root, want)
     version = data_version(root)

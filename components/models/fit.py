@@ -262,6 +262,9 @@ def model_dir(m: ModelConfig) -> tuple[Path | None, str | None]:
             f"(HF_HOME), and nothing is downloaded (HF_HUB_OFFLINE=1): download it once with `HF_HUB_OFFLINE=0 hf "
             f"download {name}`, or set model.name_or_path to the model's directory"
         )
+    except Exception as e:  # huggingface_hub's HFValidationError for a name that is no repo id (`a--b`, `a/.b`)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        return None, f"model.name_or_path={name}: no such directory, and not a hub id ({first})"
 
 
 def check_model_fits(cfg: Config) -> list[str]:

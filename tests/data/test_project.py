@@ -18,7 +18,7 @@ from components.config import ConfigError, compose_project, project_overrides
 from components.data.ingest import IngestRefused, ingest
 from components.data.needs import missing
 from components.data.versioning import DataVersionError, data_version, demo_mark, ensure_data
-from service.project import ProjectExists, init_project
+from service.project import InitRefused, ProjectExists, init_project
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = {
@@ -174,3 +174,52 @@ def test_the_project_file_is_read_on_top_of_the_defaults_and_a_bad_one_is_named(
         [sys.executable, "-m", "cli.main", "config"], cwd=root, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2 and "rlhf.yaml" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_init_refuses_a_missing_model_and_leaves_nothing_and_keeps_a_gitignore_of_ones_own(tmp_path):
+    with pytest.raises(InitRefused, match=r"--model: model.name_or_path=.*nowhere: no such directory"):
+        init_project(tmp_path / "p", model=str(tmp_path / "nowhere"))
+    assert not (tmp_path / "p").exists(), "nothing left behind"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / ".gitignore").write_text("*.pyc\n")
+    init_project(mine)
+    assert (mine / ".gitignore").read_text().splitlines() == ["*.pyc", "/.rlhf/", "/data", "__pycache__/"], (
+        "the state dir (signing keys, MLflow store) is never committed"
+    )
+    (mine / "rlhf.yaml").write_text("gate:\n  min_win_rate: 0.6\ngate:\n  max_kl: 5\n")
+    with pytest.raises(ConfigError, match=r"rlhf.yaml line 3: not valid YAML \(`gate` is given twice\)"):
+        compose_project([f"root={mine}"])
+
+
+def test_the_demo_mark_holds_only_for_its_version_and_a_killed_demo_write_is_finished(tmp_path):
+    """A pinned demo edited and versioned by hand (`dvc add`: DVC keeps the mark) is no longer the demo alone: another
+    demo set never replaces it. A demo whose writing was killed half-way (a kind missing, a temporary file left) is
+    written again. A project of one's own never ingests into a data set that is the demo."""
+    root = tmp_path / "clone"
+    root.mkdir()
+    cfg = compose_project([f"root={root}", "data=demo_small"])
+    ensure_data(cfg)
+    assert demo_mark(root) is not None
+    shard = root / "data" / "prompts" / "demo-000.jsonl"
+    shard.write_text(shard.read_text() + json.dumps({"id": "mine", "prompt": "my own prompt"}) + "\n")
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", "data"], cwd=root, check=True)
+    assert demo_mark(root) is None, "the mark names the version it was written for"
+    again = ensure_data(compose_project([f"root={root}", "data=demo_small", "data.seed=7"]))
+    assert again.origin == "present" and "my own prompt" in shard.read_text()
+
+    fresh = tmp_path / "killed"
+    fresh.mkdir()
+    cfg = compose_project([f"root={fresh}", "data=demo_small"])
+    from components.data.demo import write_demo
+
+    write_demo(cfg.data, cfg.data_path)  # killed after some kinds: one missing, one left as its temporary file
+    (cfg.data_path / "eval" / "demo-000.jsonl").unlink()
+    (cfg.data_path / "prompts" / "demo-000.jsonl").rename(cfg.data_path / "prompts" / "demo-000.jsonl.tmp")
+    state = ensure_data(cfg)
+    assert state.origin == "generated" and state.rows["eval"] == 40 and state.rows["prompts"] == 100
+    assert not list(cfg.data_path.rglob("*.tmp"))
+
+    own = compose_project([f"root={fresh}", "data=own"])
+    with pytest.raises(IngestRefused, match="pins the generated demo data set"):
+        ingest(own, batch(tmp_path, "demonstrations"), "demonstrations")

@@ -106,7 +106,13 @@ def free_port() -> int:
 
 
 def run(script: str, cwd: Path, env: dict, timeout: int) -> str:
-    proc = subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(["bash", "-c", script], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # what it printed so far says where it stopped
+        out = f"{e.stdout or ''}{e.stderr or ''}"
+        raise AssertionError(
+            f"timed out after {timeout} s in {cwd}:\n{script}\n--- output ---\n{out[-8000:]}"
+        ) from None
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"exit {proc.returncode} in {cwd}:\n{script}\n--- output ---\n{out[-8000:]}"
     return out
@@ -142,8 +148,11 @@ def test_the_quickstart_runs_from_an_empty_directory(tmp_path):
     assert "does not fit" not in out, out
     settings = yaml.safe_load((project / "rlhf.yaml").read_text())
     assert settings["model"]["name_or_path"] == str(model) and {"data": "own"} in settings["defaults"]
-    with (project / "rlhf.yaml").open("a") as f:
-        f.write("# test sizes (tests/flows/test_quickstart.py)\n" + yaml.safe_dump(TEST_SIZES))
+    for group, values in TEST_SIZES.items():  # into the file's own groups: a key given twice is refused
+        settings[group] = {**settings.get(group, {}), **values}
+    (project / "rlhf.yaml").write_text(
+        "# with test sizes (tests/flows/test_quickstart.py)\n" + yaml.safe_dump(settings)
+    )
 
     # each command's start time into trace.log (bash's xtrace on its own descriptor): what each step costs
     timed = f"exec 9>{tmp_path / 'trace.log'}; BASH_XTRACEFD=9; PS4='+ $EPOCHREALTIME '; set -x\n"

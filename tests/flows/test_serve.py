@@ -227,6 +227,7 @@ def test_an_ingest_event_runs_the_served_deployment_and_a_sigkilled_serve_does_n
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.settings import PREFECT_API_URL
 
+    from components.config import project_overrides
     from components.data.versioning import data_version, ensure_data
     from components.registry.registry import CHAMPION, alias_version
     from components.tracking import tracking_uri
@@ -242,10 +243,12 @@ def test_an_ingest_event_runs_the_served_deployment_and_a_sigkilled_serve_does_n
         "ppo.save_every=1",
         "infra.retrain_cron=null",
         f"infra.prefect_api_url={PREFECT_API_URL.value()}",
-        "tracking.registered_model_name=served-test",
         *OPEN_GATE,
     ]
-    project = make_project(root, *overrides[1:])
+    project = make_project(root, *overrides[1:], "tracking.registered_model_name=served-test")
+    # the project's own file (issue 39): the served deployment's runs compose it too, so they register under its name
+    (root / "rlhf.yaml").write_text("tracking:\n  registered_model_name: served-test\n")
+    served = [*project_overrides(root), *overrides]  # what `rlhf serve` composes and serves: the file first
     ensure_data(project)  # `rlhf data`: the demo data, versioned
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_HOME")}
 
@@ -269,7 +272,7 @@ def test_an_ingest_event_runs_the_served_deployment_and_a_sigkilled_serve_does_n
     try:
         with get_client(sync_client=True) as client:
             dep = client.read_deployment_by_name(f"retrain-service/{DEPLOYMENT}")
-            assert dep.parameters == {"overrides": overrides}
+            assert dep.parameters == {"overrides": served}
             deadline = time.time() + 60
             while not client.read_automations_by_name("retrain on new data"):
                 assert time.time() < deadline, log1.read_text()[-3000:]
@@ -302,7 +305,7 @@ def test_an_ingest_event_runs_the_served_deployment_and_a_sigkilled_serve_does_n
             os.killpg(first.pid, signal.SIGKILL)  # the service and the run it was executing
             first.wait()
             (run,) = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])))
-            assert run.parameters == {"overrides": overrides}  # the event was the only thing that started it
+            assert run.parameters == {"overrides": served}  # the event was the only thing that started it
             assert client.read_flow_run(run.id).state.is_running(), "a SIGKILLed run stays Running on the server"
     finally:
         if first.poll() is None:
