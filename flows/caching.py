@@ -91,6 +91,16 @@ def _built_from(stage: str, cfg: Config, data: DataState) -> dict[str, Any]:
     }
 
 
+def validation_key(cfg: Config, data: DataState) -> str:
+    """What a data version's validation result depends on: its content (the version is its md5), the data config (the
+    rules' parameters), the validation code (components/) and Great Expectations' version."""
+    from importlib.metadata import version
+
+    return _key(
+        "validate", data=data.version, code=code_version(), rules=asdict(cfg.data), gx=version("great_expectations")
+    )
+
+
 def _key(stage: str, **blob: Any) -> str:
     body = json.dumps({"stage": stage, **blob}, sort_keys=True, default=str).encode()
     return f"{stage}-{hashlib.sha256(body).hexdigest()[:16]}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 import os
 import subprocess
 from dataclasses import asdict, replace
@@ -34,7 +35,15 @@ from components.training.plots import direct_curves, group_rl_curves, ppo_curves
 from components.training.ppo import PPODivergence
 from components.training.rejection_sampling import train_rejection_sampling
 from flows import dispatch
-from flows.caching import CACHED, config_hash, prune_stage_outputs, reuse_key_of, stage_dir, stage_dir_lock
+from flows.caching import (
+    CACHED,
+    config_hash,
+    prune_stage_outputs,
+    reuse_key_of,
+    stage_dir,
+    stage_dir_lock,
+    validation_key,
+)
 from flows.contracts import Evaluation, GateOutcome, Registration, StageOutput, ValidationSummary
 from flows.locations import inputs_in_use
 from service import launch, lifecycle
@@ -112,8 +121,20 @@ def prepare_data(cfg: Config) -> DataState:
 
 @task(name="validate", **RETRY)
 def validate(cfg: Config, data: DataState, parent_run_id: str) -> ValidationSummary:
+    """The data suite on the pinned version; a version that passed before under the same rules (data config,
+    validation code, GX) is not read again: its report is reused and the run says whose it was (issue 40)."""
     log = get_run_logger()
+    record = cfg.state_path / "validations" / f"{validation_key(cfg, data)}.json"
     with start_stage_run("validate", parent_run_id, data, {}) as run:
+        if (passed := _passed_before(record)) is not None:
+            mlflow.log_metrics(
+                {"data/rows_" + k: v for k, v in passed["rows"].items()} | {"data/problems": 0, "data/valid": 1.0}
+            )
+            mlflow.set_tag("validation_reused_from", passed["run_id"])
+            text = f"{passed['report']}\n  (validated by run {passed['run_id']}: same data version and rules, reused)"
+            mlflow.log_text(text, "validation_report.txt")
+            log.info("%s", text)
+            return ValidationSummary(True, passed["rows"], 0, text, passed["docs_index"], run.info.run_id)
         report = validate_dataset(Path(data.path), cfg.data, cfg.state_path / "gx")
         mlflow.log_metrics(
             {"data/rows_" + k: v for k, v in report.rows.items()}
@@ -124,14 +145,21 @@ def validate(cfg: Config, data: DataState, parent_run_id: str) -> ValidationSumm
         for page in report.docs_pages.values():  # this run's result pages, not the whole site's history
             mlflow.log_artifact(str(page), artifact_path="data_docs")
         (log.info if report.ok else log.error)("%s", text)
-        return ValidationSummary(
-            report.ok,
-            report.rows,
-            len(report.findings),
-            text,
-            str(report.docs_index) if report.docs_index else None,
-            run.info.run_id,
-        )
+        docs = str(report.docs_index) if report.docs_index else None
+        if report.ok:  # a refused version is checked afresh each time: its report is what the user reads
+            record.parent.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_suffix(f".tmp-{os.getpid()}")
+            body = {"rows": report.rows, "report": text, "docs_index": docs, "run_id": run.info.run_id}
+            tmp.write_text(json.dumps(body))
+            os.replace(tmp, record)
+        return ValidationSummary(report.ok, report.rows, len(report.findings), text, docs, run.info.run_id)
+
+
+def _passed_before(record: Path) -> dict | None:
+    try:
+        return json.loads(record.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 @task(name="base-model", **RETRY)

@@ -58,6 +58,10 @@ def test_unchanged_stages_are_cached_and_changes_recompute_downstream(tmp_path):
     assert tags["cached.sft"] == children["sft"] and tags["cached.ppo"] == children["ppo"]
     assert (again.sft.dir, again.reward.dir, again.policy.dir) == (first.sft.dir, first.reward.dir, first.policy.dir)
     assert again.policy.metrics == first.policy.metrics and again.cached == ["sft", "reward-model", "ppo"]
+    # the version passed before under the same rules: its validation is reused, and says whose it was (issue 40)
+    assert mlflow.get_run(children2["validate"]).data.tags["validation_reused_from"] == children["validate"]
+    assert again.validation.ok and again.validation.rows == first.validation.rows
+    assert "validation_reused_from" not in mlflow.get_run(children["validate"]).data.tags
 
     # a PPO setting changed: SFT and RM reused, PPO recomputed into a new dir
     ppo_changed, states, _ = run(tmp_path, "ppo.learning_rate=5e-4")
@@ -163,3 +167,16 @@ def test_one_writer_per_stage_dir_and_a_killed_writer_leaves_no_lock(tmp_path):
         except StageDirBusy:
             assert time.time() < deadline
             time.sleep(0.1)
+
+
+def test_a_validation_is_reused_only_for_the_same_version_and_rules(tmp_path):
+    from components.config import compose
+    from components.data.versioning import DataState
+    from flows.caching import validation_key
+
+    cfg = compose([f"root={tmp_path}", "data=demo_small"])
+    data = DataState("a" * 32 + ".dir", "present", {}, "")
+    key = validation_key(cfg, data)
+    assert validation_key(compose([f"root={tmp_path}", "data=demo_small", "sft.max_steps=3"]), data) == key
+    assert validation_key(cfg, DataState("b" * 32 + ".dir", "present", {}, "")) != key
+    assert validation_key(compose([f"root={tmp_path}", "data=demo_small", "data.max_prompt_chars=50"]), data) != key
