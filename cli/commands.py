@@ -122,7 +122,9 @@ def cmd_validate(args, overrides: list[str], positional: list[str]) -> int:
             print(f"✗ {path}: cannot tell the data kind; pass --kind {{{','.join(KINDS)}}}", file=sys.stderr)
             return 2
         inside = path.is_relative_to(cfg.data_path)
-        report, _ = validate_batch(path, kind, cfg.data, gx_root, None if inside else cfg.data_path)
+        report, _ = validate_batch(
+            path, kind, cfg.data, gx_root, None if inside else cfg.data_path, index_dir=cfg.state_path / "index"
+        )
         title = f"{path} ({kind}{'' if args.kind else ', inferred'}{'' if inside else ', checked against ' + str(cfg.data_path)})"
     print(report.format(title, cfg.data.report_max_examples))
     if report.docs_index:

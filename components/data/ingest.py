@@ -71,7 +71,9 @@ def _ingest(cfg: Config, file: Path, kind: str, quarantine: bool, on_step) -> In
         )
 
     on_step("validate batch")
-    report, parsed = validate_batch(file, kind, cfg.data, cfg.state_path / "gx", cfg.data_path)
+    report, parsed = validate_batch(
+        file, kind, cfg.data, cfg.state_path / "gx", cfg.data_path, index_dir=cfg.state_path / "index"
+    )
     title = f"{file} ({kind})"
     file_level = [f for f in report.findings if not f.locations]
     if file_level or (not report.ok and not quarantine):

@@ -27,6 +27,7 @@ from urllib.parse import unquote
 import pandas as pd
 
 from components.config import DataConfig
+from components.data.index import Existing, existing
 from components.data.schemas import (
     FRAMES,
     KINDS,
@@ -109,6 +110,12 @@ def _feedback_columns(obj: dict[str, Any], cfg: DataConfig) -> dict[str, Any]:
     }
 
 
+def _content_key(frame: str, obj: dict[str, Any]) -> str:
+    """The key duplicates are found by: the row's content fields (all required fields but the id), normalised."""
+    content = [obj.get(f) for f in REQUIRED_FIELDS[frame][1:]]
+    return content_key(*[c if isinstance(c, (str, list)) else json.dumps(c, default=str) for c in content])
+
+
 def build_frame(frame: str, rows: Iterable[tuple[str, int, dict[str, Any]]], cfg: DataConfig) -> pd.DataFrame:
     """rows: (file, line, object). Required fields always exist as columns (missing -> None)."""
     records = []
@@ -118,8 +125,7 @@ def build_frame(frame: str, rows: Iterable[tuple[str, int, dict[str, Any]]], cfg
         rec["_id_key"] = _id_key(obj.get("id"))
         prompt = obj.get("prompt")
         rec["_prompt_norm"] = normalise_text(prompt) if isinstance(prompt, str) else None
-        content = [obj.get(f) for f in REQUIRED_FIELDS[frame][1:]]
-        rec["_key"] = content_key(*[c if isinstance(c, (str, list)) else json.dumps(c, default=str) for c in content])
+        rec["_key"] = _content_key(frame, obj)
         if frame == "preferences_ranked":
             rs = obj.get("responses")
             if isinstance(rs, list):
@@ -646,25 +652,25 @@ def _run_suites(
 
 
 def validate_batch(
-    path: Path, kind: str, cfg: DataConfig, gx_root: Path, data_dir: Path | None
+    path: Path, kind: str, cfg: DataConfig, gx_root: Path, data_dir: Path | None, index_dir: Path | None = None
 ) -> tuple[ValidationReport, ParsedFile]:
-    """Validate a new batch on its own and against the data already in `data_dir` (duplicates, ids, eval leakage)."""
+    """Validate a new batch on its own and against the data already in `data_dir` (duplicates, ids, eval leakage):
+    its keys from the per-shard index under `index_dir` (components/data/index.py; None: read every shard)."""
     pf = read_jsonl(path, kind)
     report = ValidationReport(files=[str(path)], findings=list(pf.findings))
-    existing = load_dataset(data_dir) if data_dir is not None and data_dir.is_dir() else {k: [] for k in KINDS}
-    eval_prompts = _prompts(existing["eval"])
-    training_prompts = set().union(*(_prompts(existing[k]) for k in TRAINING_KINDS))
+    old = (
+        existing(data_dir, kind, index_dir, _id_key, _content_key)
+        if data_dir is not None and data_dir.is_dir()
+        else Existing()
+    )
     frames = _frames_from([(kind, pf)])
-    existing_frames = _frames_from((kind, e) for e in existing[kind])
-    existing_ids = {_id_key(o.get("id")) for e in existing[kind] for _, o in e.rows} - {None}
 
     def params(frame: str) -> dict[str, set]:
-        old = build_frame(frame, existing_frames[frame], cfg)
         return {
-            "existing_ids": existing_ids,
-            "existing_keys": set(old["_key"]) if len(old) else set(),
-            "eval_prompts": eval_prompts,
-            "training_prompts": training_prompts,
+            "existing_ids": old.ids,
+            "existing_keys": old.keys.get(frame, set()),
+            "eval_prompts": old.eval_prompts,
+            "training_prompts": old.training_prompts,
         }
 
     _run_suites(report, frames, cfg, gx_root, params=params, source=lambda frame: str(path))

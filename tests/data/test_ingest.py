@@ -194,3 +194,44 @@ def test_local_edits_to_data_are_refused(versioned, tmp_path):
         ingest(cfg, batch(tmp_path, GOOD), "preferences")
     with pytest.raises(DataVersionError, match="differs from data.dvc"):
         ensure_data(cfg)
+
+
+def test_the_ingest_index_stays_right_after_a_refusal_a_quarantine_and_a_checkout(versioned, tmp_path):
+    """Issue 40: an ingest checks its batch against the per-shard index (components/data/index.py), not the data
+    read again; at each step its findings are those of the same check reading every shard (index_dir=None)."""
+    from components.data.validation import validate_batch
+
+    cfg = versioned
+    index = cfg.state_path / "index"
+
+    def rules(path: Path, kind: str = "preferences") -> tuple[dict, dict]:
+        with_index, _ = validate_batch(path, kind, cfg.data, cfg.state_path / "gx", cfg.data_path, index)
+        reading_all, _ = validate_batch(path, kind, cfg.data, cfg.state_path / "gx", cfg.data_path, None)
+        return ({f.rule: f.count for f in with_index.findings}, {f.rule: f.count for f in reading_all.findings})
+
+    before = (cfg.root_path / DVC_FILE).read_text()
+    first = batch(tmp_path, GOOD[:3], "first.jsonl")
+    ingest(cfg, first, "preferences")
+    indexed, read = rules(first)
+    assert indexed == read and indexed == {"id_new": 3, "not_already_in_data": 3}, indexed
+    assert {p.name for p in (index / "preferences").iterdir()} == {
+        f"{p.name}.json" for p in (cfg.data_path / "preferences").glob("*.jsonl")
+    }, "one entry per shard, the new one's made when it is first read"
+
+    with pytest.raises(IngestRefused):  # refused: nothing lands, nothing in the index goes stale
+        ingest(cfg, batch(tmp_path, [GOOD[0], "{broken"], "refused.jsonl"), "preferences")
+    fresh = batch(tmp_path, GOOD[3:], "fresh.jsonl")
+    assert rules(fresh) == ({}, {})
+
+    mixed = batch(tmp_path, [*GOOD[3:], {**GOOD[0], "id": "other-id"}], "mixed.jsonl")
+    assert ingest(cfg, mixed, "preferences", quarantine=True).n_good == 2  # the duplicate of a landed row set aside
+    indexed, read = rules(fresh)
+    assert indexed == read == {"id_new": 2, "not_already_in_data": 2}, indexed
+
+    (cfg.root_path / DVC_FILE).write_text(before)  # back to the version before both ingests
+    subprocess.run([sys.executable, "-m", "dvc", "checkout", "-q", "--force", DVC_FILE], cwd=cfg.root_path, check=True)
+    assert rules(first) == ({}, {}), "the rows of a version checked out away are no longer duplicates"
+    assert ingest(cfg, first, "preferences").n_good == 3
+    (shard,) = [p for p in (cfg.data_path / "preferences").glob("ingest-*.jsonl")]
+    shard.write_text("".join(ln + "\n" for ln in shard.read_text().splitlines() if GOOD[0]["id"] not in ln))
+    assert rules(batch(tmp_path, [GOOD[0]], "again.jsonl")) == ({}, {}), "a shard rewritten in place is read again"
