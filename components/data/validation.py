@@ -5,7 +5,9 @@ preference shard may hold both shapes; rows are split by shape). Every expectati
 carries `meta = {rule, message, fix}` so a failed one becomes a `Finding` naming the
 rule, the rows (file and line, from the `_file`/`_line` columns), the values, and
 what to do. Checks against data outside the frame (ids and pairs already in data/,
-eval leakage) use suite parameters (`$PARAMETER`) filled at run time.
+eval leakage) are membership columns computed in pandas before the suite runs (`MEMBERSHIP`): GX copies an
+expectation's value set every time it reads its configuration, so a value set of the data set's keys made the
+check grow with the data (a 1k batch against 100k rows: 4.6 minutes in GX alone).
 
 Data Docs HTML are written under <state_dir>/gx/uncommitted/data_docs/local_site: the site
 (index.html) lists every past result; `ValidationReport.docs_pages` are this run's own result
@@ -66,8 +68,18 @@ _SHOWN = {
     "_rating_ok": ("rating",),
     "_rating_num": ("rating",),
     "_label_agrees": ("label", "rating"),
+    "_id_in_data": ("id",),
+    "_key_in_data": ("prompt",),
+    "_prompt_in_eval": ("prompt",),
+    "_prompt_in_training": ("prompt",),
 }
-PARAMETERS = ("existing_ids", "existing_keys", "eval_prompts", "training_prompts")
+# what a frame is checked against from outside it -> (the column looked up, the boolean column the suite checks)
+MEMBERSHIP = {
+    "existing_ids": ("_id_key", "_id_in_data"),
+    "existing_keys": ("_key", "_key_in_data"),
+    "eval_prompts": ("_prompt_norm", "_prompt_in_eval"),
+    "training_prompts": ("_prompt_norm", "_prompt_in_training"),
+}
 
 
 # ----------------------------------------------------------------------------------------
@@ -198,12 +210,12 @@ def _id_expectations() -> list:
             column="_id_key",
         ),
         _e(
-            gxe.ExpectColumnValuesToNotBeInSet,
+            gxe.ExpectColumnValuesToBeInSet,
             "id_new",
             "'id' already exists in data/",
             "ids must be new: rename them, or drop rows that are already ingested",
-            column="_id_key",
-            value_set={"$PARAMETER": "existing_ids"},
+            column="_id_in_data",
+            value_set=[False],
         ),
     ]
 
@@ -391,12 +403,12 @@ def _duplicate_expectations(frame: str) -> list:
             column="_key",
         ),
         _e(
-            gxe.ExpectColumnValuesToNotBeInSet,
+            gxe.ExpectColumnValuesToBeInSet,
             "not_already_in_data",
             dup.replace("duplicate", "already in data/:"),
             "drop rows that are already ingested",
-            column="_key",
-            value_set={"$PARAMETER": "existing_keys"},
+            column="_key_in_data",
+            value_set=[False],
         ),
     ]
 
@@ -408,22 +420,22 @@ def _eval_split_expectations(frame: str) -> list:
     if frame == "eval":
         return [
             _e(
-                gxe.ExpectColumnValuesToNotBeInSet,
+                gxe.ExpectColumnValuesToBeInSet,
                 "eval_disjoint",
                 "eval prompt also appears in training data",
                 "eval prompts must never be trained on: remove the prompt from training data or from eval",
-                column="_prompt_norm",
-                value_set={"$PARAMETER": "training_prompts"},
+                column="_prompt_in_training",
+                value_set=[False],
             )
         ]
     return [
         _e(
-            gxe.ExpectColumnValuesToNotBeInSet,
+            gxe.ExpectColumnValuesToBeInSet,
             "no_eval_leakage",
             "prompt is one of the frozen eval prompts",
             "never train on eval prompts: drop these rows",
-            column="_prompt_norm",
-            value_set={"$PARAMETER": "eval_prompts"},
+            column="_prompt_in_eval",
+            value_set=[False],
         )
     ]
 
@@ -472,8 +484,9 @@ class GXValidator:
                 result_format={"result_format": "COMPLETE", "unexpected_index_column_names": ["_file", "_line"]},
             )
         )
-        full = {p: sorted(params.get(p, [])) for p in PARAMETERS}
-        result = checkpoint.run(batch_parameters={"dataframe": df}, expectation_parameters=full)
+        for param, (looked_up, column) in MEMBERSHIP.items():
+            df[column] = df[looked_up].isin(params.get(param) or ())
+        result = checkpoint.run(batch_parameters={"dataframe": df})
         findings = []
         for run in result.run_results.values():
             for er in run.results:
