@@ -33,7 +33,9 @@ class Existing:
 
 def shard_entry(path: Path, kind: str, id_key, content_key_of) -> dict[str, Any]:
     """One shard's keys: its rows' id keys, content keys per frame and normalised prompts."""
-    ids, keys, prompts = [], {}, []
+    ids: list[str] = []
+    keys: dict[str, list[str]] = {}
+    prompts: list[str] = []
     for _, obj in read_jsonl(path, kind).rows:
         if (k := id_key(obj.get("id"))) is not None:
             ids.append(k)
