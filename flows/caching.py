@@ -93,12 +93,11 @@ def _built_from(stage: str, cfg: Config, data: DataState) -> dict[str, Any]:
 
 def validation_key(cfg: Config, data: DataState) -> str:
     """What a data version's validation result depends on: its content (the version is its md5), the data config (the
-    rules' parameters), the validation code (components/) and Great Expectations' version."""
+    rules' parameters), the validation code (components/) and the versions of Great Expectations and pandas."""
     from importlib.metadata import version
 
-    return _key(
-        "validate", data=data.version, code=code_version(), rules=asdict(cfg.data), gx=version("great_expectations")
-    )
+    libs = {lib: version(lib) for lib in ("great_expectations", "pandas")}  # the checks run in both
+    return _key("validate", data=data.version, code=code_version(), rules=asdict(cfg.data), libs=libs)
 
 
 def _key(stage: str, **blob: Any) -> str:

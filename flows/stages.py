@@ -134,7 +134,7 @@ def validate(cfg: Config, data: DataState, parent_run_id: str) -> ValidationSumm
             text = f"{passed['report']}\n  (validated by run {passed['run_id']}: same data version and rules, reused)"
             mlflow.log_text(text, "validation_report.txt")
             log.info("%s", text)
-            return ValidationSummary(True, passed["rows"], 0, text, passed["docs_index"], run.info.run_id)
+            return ValidationSummary(True, passed["rows"], 0, text, passed.get("docs_index"), run.info.run_id)
         report = validate_dataset(Path(data.path), cfg.data, cfg.state_path / "gx")
         mlflow.log_metrics(
             {"data/rows_" + k: v for k, v in report.rows.items()}
@@ -156,10 +156,15 @@ def validate(cfg: Config, data: DataState, parent_run_id: str) -> ValidationSumm
 
 
 def _passed_before(record: Path) -> dict | None:
+    """The record of a validation that passed, or None (none, or one this code cannot read: validated afresh)."""
     try:
-        return json.loads(record.read_text())
+        doc = json.loads(record.read_text())
     except (FileNotFoundError, ValueError):
         return None
+    fields = {"rows": dict, "report": str, "run_id": str}
+    if not isinstance(doc, dict) or any(not isinstance(doc.get(k), t) for k, t in fields.items()):
+        return None
+    return doc
 
 
 @task(name="base-model", **RETRY)

@@ -3,7 +3,7 @@
 A batch is validated against the data already there: ids and content keys of its kind (duplicates), the eval prompts
 (leakage into training) and the training prompts (leakage into eval). Those come from a per-shard index under
 `<state>/index/`: one JSON file per shard, written the first time the shard is read and trusted only while the shard
-is the same file (size, mtime, inode: a shard is written once; `dvc checkout` of another version, a forget or a
+is the same file made by the same key code (size, mtime, ctime, inode: a shard is written once; `dvc checkout` of another version, a forget or a
 hand edit gives it another stamp, and the index of it is built again). So an ingest reads the shards that are new
 since the last one, not every row ever collected, and a refused batch leaves nothing behind to go stale.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 from components.data.schemas import KINDS, TRAINING_KINDS, frame_of, normalise_text, read_jsonl, shard_files
 
-INDEX_VERSION = 1  # bumped when what an entry holds changes: older entries are rebuilt
+INDEX_VERSION = 2  # bumped when what an entry holds changes (the key code is in every stamp too: key_code)
 
 
 @dataclass
@@ -46,34 +46,51 @@ def shard_entry(path: Path, kind: str, id_key, content_key_of) -> dict[str, Any]
     return {"ids": ids, "keys": keys, "prompts": prompts}
 
 
-def _stamp(path: Path) -> list[int]:
+def key_code(*functions) -> str:
+    """A hash of the code keys are computed by (this module, schemas.py's normalisation and `functions`): an entry
+    made by other code is made again, whoever forgot to bump INDEX_VERSION."""
+    import hashlib
+    import inspect
+    import sys
+
+    from components.data import schemas
+
+    h = hashlib.sha256(str(INDEX_VERSION).encode())
+    for source in (inspect.getsource(sys.modules[__name__]), inspect.getsource(schemas), *map(inspect.getsource, functions)):
+        h.update(source.encode())
+    return h.hexdigest()[:12]
+
+
+def _stamp(path: Path, code: str) -> list:
+    """The shard as a file: its size, mtime, ctime (which no tool sets back) and inode, and the key code."""
     st = path.stat()
-    return [INDEX_VERSION, st.st_size, st.st_mtime_ns, st.st_ino]
+    return [code, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
 def existing(data_dir: Path, kind: str, index_dir: Path | None, id_key, content_key_of) -> Existing:
     """The keys of every shard under `data_dir` that a batch of `kind` is checked against, from the index under
     `index_dir` (built for the shards it lacks or that changed; None: read every shard, keep nothing)."""
     out = Existing()
+    code = key_code(id_key, content_key_of)
     for shard_kind in KINDS:
         for shard in shard_files(data_dir / shard_kind):
-            entry = _entry(shard, shard_kind, index_dir, id_key, content_key_of)
+            entry = _entry(shard, shard_kind, index_dir, id_key, content_key_of, code)
             if shard_kind == kind:
                 out.ids.update(entry["ids"])
                 for frame, keys in entry["keys"].items():
                     out.keys.setdefault(frame, set()).update(keys)
             if shard_kind == "eval":
                 out.eval_prompts.update(entry["prompts"])
-            elif shard_kind in TRAINING_KINDS:
+            elif shard_kind in TRAINING_KINDS and kind == "eval":  # only an eval batch is checked against them
                 out.training_prompts.update(entry["prompts"])
     return out
 
 
-def _entry(shard: Path, kind: str, index_dir: Path | None, id_key, content_key_of) -> dict[str, Any]:
+def _entry(shard: Path, kind: str, index_dir: Path | None, id_key, content_key_of, code: str) -> dict[str, Any]:
     if index_dir is None:
         return shard_entry(shard, kind, id_key, content_key_of)
     at = index_dir / kind / f"{shard.name}.json"
-    stamp = _stamp(shard)
+    stamp = _stamp(shard, code)
     try:
         doc = json.loads(at.read_text())
         if doc["stamp"] == stamp:
@@ -81,9 +98,12 @@ def _entry(shard: Path, kind: str, index_dir: Path | None, id_key, content_key_o
     except (FileNotFoundError, ValueError, KeyError, TypeError):
         pass
     doc = {"stamp": stamp, **shard_entry(shard, kind, id_key, content_key_of)}
-    if _stamp(shard) == stamp:  # not rewritten while it was read
-        at.parent.mkdir(parents=True, exist_ok=True)
-        tmp = at.with_name(f".{at.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(doc))
-        os.replace(tmp, at)
+    if _stamp(shard, code) == stamp:  # not rewritten while it was read
+        try:
+            at.parent.mkdir(parents=True, exist_ok=True)
+            tmp = at.with_name(f".{at.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, at)
+        except OSError:  # a cache: a state dir that cannot be written costs the next ingest a read, nothing else
+            pass
     return doc

@@ -235,3 +235,23 @@ def test_the_ingest_index_stays_right_after_a_refusal_a_quarantine_and_a_checkou
     (shard,) = [p for p in (cfg.data_path / "preferences").glob("ingest-*.jsonl")]
     shard.write_text("".join(ln + "\n" for ln in shard.read_text().splitlines() if GOOD[0]["id"] not in ln))
     assert rules(batch(tmp_path, [GOOD[0]], "again.jsonl")) == ({}, {}), "a shard rewritten in place is read again"
+
+
+def test_an_index_entry_made_by_other_key_code_is_made_again(tmp_path):
+    """The key code is in every entry's stamp: a change to how keys are computed never checks a batch against keys of
+    the old kind (duplicates and eval leakage would pass the ingest, and every retrain's full validation refuse it)."""
+    from components.data.index import existing
+    from components.data.validation import _content_key, _id_key
+
+    data, index = tmp_path / "data", tmp_path / "index"
+    (data / "preferences").mkdir(parents=True)
+    (data / "preferences" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+    first = existing(data, "preferences", index, _id_key, _content_key)
+    assert first.ids == {r["id"] for r in GOOD} and len(first.keys["preferences_pairwise"]) == 5
+
+    def other_key(frame, obj):  # what a later version might compute
+        return "v2-" + _content_key(frame, obj)
+
+    again = existing(data, "preferences", index, _id_key, other_key)
+    assert all(k.startswith("v2-") for k in again.keys["preferences_pairwise"]), "made again, not read back"
+    assert existing(data, "preferences", index, _id_key, _content_key).keys == first.keys
