@@ -58,8 +58,7 @@ def cmd_init(args) -> int:
     if args.model is not None:
         from components.models.fit import check_model_fits
 
-        cfg = compose_project([f"root={project.root}"])
-        if problems := check_model_fits(cfg):
+        if problems := check_model_fits(project.cfg):
             print(f"! {project.root / 'rlhf.yaml'}: the model does not fit these settings yet:", file=sys.stderr)
             for p in problems:
                 print(f"  - {p}", file=sys.stderr)

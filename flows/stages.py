@@ -29,6 +29,7 @@ from components.evaluation.gate import decide
 from components.models.demo_base import build_demo_base
 from components.registry import registry
 from components.registry.model_card import model_card
+from components.training.checkpoint import write_json_durable
 from components.training.direct import train_direct
 from components.training.group_rl import train_group_rl
 from components.training.plots import direct_curves, group_rl_curves, ppo_curves, rs_curves
@@ -148,10 +149,8 @@ def validate(cfg: Config, data: DataState, parent_run_id: str) -> ValidationSumm
         docs = str(report.docs_index) if report.docs_index else None
         if report.ok:  # a refused version is checked afresh each time: its report is what the user reads
             record.parent.mkdir(parents=True, exist_ok=True)
-            tmp = record.with_suffix(f".tmp-{os.getpid()}")
             body = {"rows": report.rows, "report": text, "docs_index": docs, "run_id": run.info.run_id}
-            tmp.write_text(json.dumps(body))
-            os.replace(tmp, record)
+            write_json_durable(record, body)
         return ValidationSummary(report.ok, report.rows, len(report.findings), text, docs, run.info.run_id)
 
 

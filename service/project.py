@@ -11,7 +11,7 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from components.config import PROJECT_FILE, compose_project
+from components.config import PROJECT_FILE, Config, compose_project
 from components.data.schemas import KINDS
 
 MARKERS = (PROJECT_FILE, "data.dvc", ".dvc")  # what makes a directory a project already
@@ -29,6 +29,7 @@ class ProjectExists(InitRefused):
 class Project:
     root: Path
     files: list[Path]  # what init wrote, for the command to show
+    cfg: Config  # the project's config, composed with its rlhf.yaml
 
 
 def rlhf_yaml(name: str, model: Path | str | None, demo: bool) -> str:
@@ -161,4 +162,4 @@ def _init(root: Path, model: str | None, demo: bool) -> Project:
     from components.data.versioning import open_repo
 
     open_repo(cfg)  # `dvc init` and the remote (<state>/dvc-remote unless infra.dvc_remote_url says otherwise)
-    return Project(root, [*written, cfg.data_path, root / ".dvc"])
+    return Project(root, [*written, cfg.data_path, root / ".dvc"], cfg)

@@ -11,7 +11,6 @@ since the last one, not every row ever collected, and a refused batch leaves not
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,11 +98,11 @@ def _entry(shard: Path, kind: str, index_dir: Path | None, id_key, content_key_o
         pass
     doc = {"stamp": stamp, **shard_entry(shard, kind, id_key, content_key_of)}
     if _stamp(shard, code) == stamp:  # not rewritten while it was read
+        from components.data.versioning import _write_durably
+
         try:
             at.parent.mkdir(parents=True, exist_ok=True)
-            tmp = at.with_name(f".{at.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(doc))
-            os.replace(tmp, at)
+            _write_durably(at, json.dumps(doc))
         except OSError:  # a cache: a state dir that cannot be written costs the next ingest a read, nothing else
             pass
     return doc

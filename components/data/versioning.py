@@ -47,6 +47,7 @@ JOURNAL = "ingest-journal.json"
 LOCK = "data.lock"
 SNAPSHOT_DONE = ".snapshot-complete"
 LOCK_SAY_EVERY_S = 30.0
+DEMO_FILES = (DEMO_SHARD, f"{DEMO_SHARD}.tmp")  # what the demo generator leaves in data/, whole or killed mid-write
 
 
 class DataVersionError(Exception):
@@ -179,10 +180,12 @@ def shown_remote(cfg: Config) -> str:
 
 def data_version(root: Path) -> str | None:
     f = root / DVC_FILE
-    if not f.exists():
-        return None
-    outs = (yaml.safe_load(f.read_text()) or {}).get("outs") or [{}]
-    return outs[0].get("md5")
+    return _recorded(yaml.safe_load(f.read_text()) or {}) if f.exists() else None
+
+
+def _recorded(doc: dict) -> str | None:
+    """The version a parsed data.dvc records: its output's md5."""
+    return ((doc.get("outs") or [{}])[0] or {}).get("md5")
 
 
 def count_rows(data_dir: Path) -> dict[str, int]:
@@ -302,7 +305,7 @@ def demo_mark(root: Path) -> dict | None:
         return None
     doc = yaml.safe_load(f.read_text()) or {}
     mark = ((doc.get("meta") or {}).get("rlhf") or {}).get("demo")
-    if not isinstance(mark, dict) or mark.get("version") != ((doc.get("outs") or [{}])[0] or {}).get("md5"):
+    if not isinstance(mark, dict) or mark.get("version") != _recorded(doc):
         return None
     return {k: v for k, v in mark.items() if k != "version"}
 
@@ -332,7 +335,7 @@ def _set_demo_mark(root: Path, mark: dict | None) -> None:
     meta = doc.pop("meta", None) or {}
     rlhf = {k: v for k, v in (meta.pop("rlhf", None) or {}).items() if k != "demo"}
     if mark is not None:
-        rlhf["demo"] = {"version": ((doc.get("outs") or [{}])[0] or {}).get("md5"), **mark}
+        rlhf["demo"] = {"version": _recorded(doc), **mark}
     if rlhf:
         meta["rlhf"] = rlhf
     if meta:
@@ -355,7 +358,7 @@ def _is_this_demo(cfg: Config, found: list[Path]) -> bool:
     leftover temporary files): then generating it again loses nothing."""
     import tempfile
 
-    if any(p.name not in (DEMO_SHARD, f"{DEMO_SHARD}.tmp") for p in found):
+    if any(p.name not in DEMO_FILES for p in found):
         return False
     with tempfile.TemporaryDirectory() as tmp:
         write_demo(cfg.data, Path(tmp))
@@ -449,7 +452,7 @@ def _ensure_data(cfg: Config) -> DataState:
         )
     found = user_files(cfg.data_path)
     if switch or (recorded is not None and mark is not None):  # data/ holds the pinned demo, or part of this one
-        others = [p for p in found if p.name not in (DEMO_SHARD, f"{DEMO_SHARD}.tmp")]
+        others = [p for p in found if p.name not in DEMO_FILES]
         if others:  # only the generator's shards may be replaced
             raise DataVersionError(
                 f"{cfg.data_path} holds files besides the demo's ({_named(others, root)}): nothing was replaced; "
