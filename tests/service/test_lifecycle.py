@@ -252,11 +252,15 @@ def test_rlhf_run_waiting_for_the_slot_says_who_holds_it_and_stops_on_a_signal(t
     from pathlib import Path
 
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterExpectedStartTime
+    from prefect.client.schemas.sorting import FlowRunSort
     from prefect.settings import PREFECT_API_URL
+    from prefect.types import DateTime
 
     project = make_project(tmp_path / "proj")
     holder = RetrainSlot(project, print)
     holder.acquire()
+    began = time.time() - 1
     log_path = tmp_path / "run.log"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PYTHONFAULTHANDLER": "1"}
     try:
@@ -298,10 +302,13 @@ def test_rlhf_run_waiting_for_the_slot_says_who_holds_it_and_stops_on_a_signal(t
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         holder.release()
-    with get_client(sync_client=True) as client:  # the waiting run did not stay Running
+    # the waiting run did not stay Running. Only runs that began after this test's start: the server's default
+    # order is by (random, uuid4) id, so a plain `limit=` returned an arbitrary sample of the session's runs
+    with get_client(sync_client=True) as client:
+        after = FlowRunFilter(expected_start_time=FlowRunFilterExpectedStartTime(after_=DateTime.fromtimestamp(began)))
         runs = [
             r
-            for r in client.read_flow_runs(limit=50)
+            for r in client.read_flow_runs(flow_run_filter=after, sort=FlowRunSort.EXPECTED_START_TIME_DESC)
             if r.labels.get(lifecycle.PROJECT_LABEL) == lifecycle.project_id(project)
         ]
     assert runs and all(r.state.is_final() for r in runs), [(r.name, r.state_name) for r in runs]
