@@ -44,6 +44,7 @@ def cmd_run(args, overrides: list[str]) -> int:
         print(f"  {state.message}: no stage ran, the registry is unchanged")
         print(f"  {_where(cfg)}")
         return 0
+    print(f"  {s.mode} retrain: {s.mode_reason}")
     if s.cached:
         print(f"  reused from earlier runs (unchanged inputs, Prefect cache): {', '.join(s.cached)}")
     m = s.policy.metrics

@@ -141,6 +141,11 @@ class RewardConfig:
     # standardised) is logged by every policy stage, gated (gate.max_disagreement_ratio) and can be penalised
     # (ppo.uncertainty_penalty). Serving's best-of-n ranks with the first member. 1: no ensemble
     ensemble: int = 1
+    # an incremental retrain (retrain.mode): the champion's reward model (every member) trains on for this many steps
+    # (at most max_steps) on the rows new since the champion's data, plus `replay_ratio` earlier rows per new row
+    # drawn at random from the champion's data, so that what it learned before is rehearsed, not forgotten
+    incremental_steps: int = 80
+    replay_ratio: float = 1.0
 
 
 @dataclass
@@ -192,6 +197,7 @@ class PPOConfig:
     # at almost its reward per sample, and the shortest time to a reward level. Most samples/s (1.5x TRL RLOO's, a
     # lower reward per sample): ppo.batch_size=64 ppo.minibatch_size=32.
     steps: int = 40  # PPO iterations (rollout batch -> update): 1280 rollouts
+    incremental_steps: int = 8  # an incremental retrain: the champion's policy and value go on this many iterations
     batch_size: int = 32  # rollouts per iteration
     minibatch_size: int = 16
     ppo_epochs: int = 2
@@ -276,6 +282,7 @@ class RejectionSamplingConfig:
     keep_fraction: float = 0.25  # of each prompt's samples, the best round(keep_fraction * n) (at least 1)
     min_score: Optional[float] = None  # also drop kept samples scoring below this (normalised reward units)
     train_epochs: float = 2.0  # passes over a round's kept samples
+    incremental_rounds: int = 1  # an incremental retrain: rounds from the champion's policy
     batch_size: int = 8
     # demo/tiny, seed 0, held-out RM reward / judge / KL: lr 1e-3: 0.12 / 0.01 / 0.9; 3e-3: 0.16 / 0.12 / 1.7;
     # 5e-3: 0.31 / 0.07 / 5.9; 3e-3 x 4 epochs: 0.37 / 0.12 / 6.8; 8 rounds x 40 prompts: 0.22 / 0.10 / 3.8
@@ -293,6 +300,7 @@ class GroupRLConfig:
     responses as PPO's (40 x 8 x 4 = 1280)."""
 
     steps: int = 40
+    incremental_steps: int = 8  # an incremental retrain: steps from the champion's policy
     prompts_per_step: int = 8
     samples_per_prompt: int = 4
     epochs: int = 2
@@ -315,6 +323,7 @@ class DirectConfig:
     # ~20-token responses drift (KL 30-55 nats, held-out RM reward below SFT's); DPO beta 2 and KTO beta 1 at lr 1e-3
     # for 200 steps raised it by 0.28 and 0.35 with KL 1.0 and 1.1 (benchmarks/results/methods.md: 3 seeds).
     steps: int = 200
+    incremental_steps: int = 40  # an incremental retrain: steps from the champion's policy
     # ... and at most this many passes over the training judgements: on 90 comparisons (small data, seed 0) DPO's
     # judge gain was 0.19 at 3 passes (17 steps), 0.43 at 9 (50 steps), 0.32 at 36 (200 steps, KL 7.6: overfit)
     max_epochs: float = 10.0
@@ -408,6 +417,13 @@ class GateConfig:
     # with an ensemble reward model: its members' mean disagreement on the candidate's answers, as a multiple of
     # their disagreement on SFT's (answers the reward model cannot judge reliably)
     max_disagreement_ratio: Optional[float] = 2.0
+    # an incremental candidate (retrain.mode) is its champion trained on a little further: a win rate of 0.52 against
+    # its own parent is rarely reached. It must be non-inferior instead - win rate >= 0.5 - margin, reward and judge
+    # gains >= their minimum - margin - and better on what is new: its reward model's accuracy on the held-out new
+    # comparisons at least min_new_accuracy_gain above the champion's reward model's on the same comparisons. The
+    # degeneration guard against SFT is the same as for any candidate
+    incremental_margin: float = 0.05
+    min_new_accuracy_gain: Optional[float] = 0.0  # null: not gated
     # evaluation
     judge: Optional[str] = "components.evaluation.judges:sentiment"  # f(prompts, responses) -> scores; not the RM
     max_prompts: int = 200
@@ -470,6 +486,17 @@ class InfraConfig:
 
 
 @dataclass
+class RetrainConfig:
+    """Full or incremental retraining (flows/retrain.py, components/data/lineage.py). incremental: the champion's
+    reward model and policy train on from where they are, on the data new since the champion's (its SFT model, and
+    so the KL anchor, unchanged). full: every stage from scratch. auto: incremental when the champion's data is
+    contained in today's (every shard of it unchanged) and the config is otherwise the same, full otherwise; the
+    run's log says which and why."""
+
+    mode: str = "auto"  # auto | incremental | full
+
+
+@dataclass
 class Config:
     root: str = "."  # project root: data/, data.dvc and the state dir live here
     overrides: list[str] = field(default_factory=list)  # set by `compose`: what this config was composed from
@@ -484,6 +511,7 @@ class Config:
     registry: RegistryConfig = MISSING
     tracking: TrackingConfig = MISSING
     infra: InfraConfig = MISSING
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
     # Derived paths (not config: computed from the fields above).
     @property

@@ -107,7 +107,8 @@ def _key(stage: str, **blob: Any) -> str:
 
 def stage_cache_key(context, parameters: dict[str, Any]) -> str:
     """Prefect `cache_key_fn`: a task whose key has a stored result is not run again (state Cached)."""
-    upstream = {k: v for k, v in parameters.items() if k not in ("cfg", "data", "parent_run_id")}
+    # an input left None (a full retrain's `warm_from`) is not one: the keys stay what they were before it existed
+    upstream = {k: v for k, v in parameters.items() if k not in ("cfg", "data", "parent_run_id") and v is not None}
     return stage_key(context.task.name, parameters["cfg"], parameters["data"], **upstream)
 
 
@@ -202,8 +203,9 @@ def prune_stage_outputs(stages: Path, keep: int | None, in_use: set[Path]) -> li
 
 
 def config_hash(cfg: Config) -> str:
-    """What the pipeline trains from, besides the data: the resolved config minus where results go."""
-    body = {k: v for k, v in to_dict(cfg).items() if k not in ("tracking", "infra", "root", "overrides")}
+    """What the pipeline trains from, besides the data: the resolved config minus where results go and how
+    (`retrain.mode`: a full and an incremental retrain of one config are the same config)."""
+    body = {k: v for k, v in to_dict(cfg).items() if k not in ("tracking", "infra", "root", "overrides", "retrain")}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -220,12 +222,12 @@ def output_available(cfg: Config, location: str) -> bool:
     return Path(location).exists() and is_complete(stage_root(cfg, location))
 
 
-def run_stage(stage_task, cfg: Config, *args: Any) -> StageOutput:
+def run_stage(stage_task, cfg: Config, *args: Any, **kwargs: Any) -> StageOutput:
     """Run a cached stage task. A cache hit adds no child run: the parent run gets the tag
     `cached.<stage>` = the run that computed it. A hit whose output is gone (pruned) or incomplete (a killed
     recompute into the same dir) is recomputed there, resuming from its checkpoints."""
     args = (cfg, *args)
-    state = stage_task(*args, return_state=True)
+    state = stage_task(*args, **kwargs, return_state=True)
     out: StageOutput = state.result()  # raises the task's exception (e.g. PPODivergence) on failure
     out.cached = state.name == "Cached"
     if out.cached and not output_available(cfg, out.dir):
@@ -234,7 +236,7 @@ def run_stage(stage_task, cfg: Config, *args: Any) -> StageOutput:
             stage_task.name,
             out.dir,
         )
-        out = stage_task.with_options(refresh_cache=True)(*args)
+        out = stage_task.with_options(refresh_cache=True)(*args, **kwargs)
     if out.cached:
         get_run_logger().info("%s: unchanged inputs, reusing run %s (%s)", stage_task.name, out.run_id, out.dir)
         mlflow.set_tag(f"cached.{stage_task.name}", out.run_id)

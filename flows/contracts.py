@@ -80,4 +80,7 @@ class RetrainSummary:
     gate: GateOutcome | None = None
     registered: Registration | None = None
     cached: list[str] = field(default_factory=list)  # stages reused from earlier runs
+    mode: str = ""  # full | incremental (retrain.mode, decided against the champion: components/data/lineage.py)
+    mode_reason: str = ""  # why, in one sentence
+    parent: str | None = None  # incremental: the champion version its reward model and policy continue from
     slot_generation: int | None = None  # the retrain slot's fencing token when it registered (tag `slot_generation`)

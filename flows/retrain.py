@@ -7,6 +7,11 @@
 One retrain of a project at a time (service/slot.py); SFT, RM and PPO are cached across runs
 (flows/caching.py). The flow returns a `RetrainSummary` (flows/contracts.py).
 
+Full or incremental (`retrain.mode`, flows/incremental.py): when today's data only adds comparisons, thumbs or
+prompts to the champion's and the config is the same, the champion's SFT model is kept and its reward model and
+policy train on from its registered warm-start bundle, on the new rows (and a replay sample of the earlier ones);
+the gate then asks non-inferiority to the champion and a gain on the new data (components/evaluation/gate.py).
+
 Register and promote only under the fence (issue 38): right before each, the run checks that it still holds the
 retrain slot (`RetrainSlot.fence`, its generation recorded as the version's tag `slot_generation`) and that
 `champion` still points at the version the gate compared the candidate with (`registry.check_champion`; `promote`
@@ -29,6 +34,7 @@ from components.models.fit import check_model_fits
 from components.registry import registry
 from components.training.direct import data_problem
 from components.training.ppo import PPODivergence
+from flows import incremental
 from flows.approval import await_approval
 from flows.caching import config_hash, log_on_parent, prune_stage_outputs, run_stage, stage_root
 from flows.contracts import RetrainSummary, StageOutput
@@ -106,20 +112,41 @@ def pipeline(cfg: Config, slot: RetrainSlot | None = None) -> State:
         if stop := nothing_to_do(cfg, data, s):
             return stop
 
-        # 3. train: base -> SFT -> reward model -> policy (PPO or rejection sampling; unchanged stages: cached)
-        s.base = base_model(cfg, data, run_id)
-        s.sft = run_stage(sft, cfg, data, s.base, run_id)
-        s.reward = run_stage(reward_model, cfg, data, s.sft.dir, run_id)
+        # 3. full or incremental (retrain.mode): does today's data only add to the champion's?
         try:
-            s.policy = run_stage(policy_stage(cfg), pin_guide(cfg), data, s.sft.dir, s.reward.dir, run_id)
+            p = incremental.plan(cfg, data)
+        except incremental.IncrementalRefused as e:
+            return finish(s, "incremental refused", Failed(message=f"{e}; no training ran", data=s))
+        s.mode, s.mode_reason, s.parent = p.mode, p.decision.reason, (p.parent if p.incremental else None)
+        mlflow.set_tags({"retrain_mode": p.mode, "retrain_mode_reason": p.decision.reason[:500]})
+        if p.incremental:
+            mlflow.set_tag("incremental_parent", f"v{p.parent}")
+        get_run_logger().info("%s retrain: %s", p.mode, p.decision.reason)
+
+        # 4. train: base -> SFT -> reward model -> policy (unchanged stages: cached). Incremental: the champion's SFT
+        # model, its reward model and policy trained on with the new data
+        try:
+            if p.incremental:
+                assert p.sft_dir is not None and p.warm_from is not None
+                s.sft = StageOutput(p.sft_dir, "", {}, cached=True)
+                train_cfg = incremental.incremental_config(cfg)
+                s.reward = run_stage(reward_model, train_cfg, data, s.sft.dir, run_id, warm_from=p.warm_from)
+                policy_args = (pin_guide(train_cfg), data, s.sft.dir, s.reward.dir, run_id)
+                s.policy = run_stage(policy_stage(cfg), *policy_args, warm_from=p.warm_from)
+            else:
+                s.base = base_model(cfg, data, run_id)
+                s.sft = run_stage(sft, cfg, data, s.base, run_id)
+                s.reward = run_stage(reward_model, cfg, data, s.sft.dir, run_id)
+                s.policy = run_stage(policy_stage(cfg), pin_guide(cfg), data, s.sft.dir, s.reward.dir, run_id)
         except PPODivergence as e:
             return finish(s, "PPO diverged", Failed(message=str(e), data=s))
         trained = (("sft", s.sft), ("reward-model", s.reward), (policy_stage(cfg).name, s.policy))
-        s.cached = [name for name, out in trained if out.cached]
-        prune(cfg, [s.sft, s.reward, s.policy])
+        s.cached = [name for name, out in trained if out.cached and not (p.incremental and name == "sft")]
+        prune(cfg, [s.reward, s.policy] if p.incremental else [s.sft, s.reward, s.policy])
 
-        # 4. evaluate against the champion and gate
-        s.gate = gate(cfg, evaluate(cfg, data, s.sft.dir, s.reward.dir, s.policy.dir, run_id))
+        # 5. evaluate against the champion and gate (an incremental candidate: non-inferior, and better on what is new)
+        new_data = incremental.new_data_measures(s.reward.metrics) if p.incremental else None
+        s.gate = gate(cfg, evaluate(cfg, data, s.sft.dir, s.reward.dir, s.policy.dir, run_id), new_data)
         log_on_parent(s.gate.gate_metrics | {f"eval/{p}/{k}": v for p, m in s.gate.eval.items() for k, v in m.items()})
         mlflow.set_tag("champion_compared", s.gate.champion_version or "none")
         if not s.gate.passed:
@@ -127,10 +154,11 @@ def pipeline(cfg: Config, slot: RetrainSlot | None = None) -> State:
                 s, "not promoted", Completed(data=s, message="not promoted because " + "; ".join(s.gate.reasons))
             )
 
-        # 5. register (alias challenger), then promote: at once, or after a person approves; each under the fence
+        # 6. register (alias challenger), then promote: at once, or after a person approves; each under the fence
         if stop := before_register(cfg, s, slot):
             return stop
-        s.registered = register(cfg, data, s.sft.dir, s.policy.dir, s.reward.dir, s.gate, run_id)
+        lineage = incremental.lineage_of(p, cfg, data)
+        s.registered = register(cfg, data, s.sft.dir, s.policy.dir, s.reward.dir, s.gate, run_id, lineage)
         registry.tag_version(s.registered.name, s.registered.version, {registry.SLOT_GENERATION: s.slot_generation})
         return promote(cfg, s, slot)
 

@@ -77,7 +77,8 @@ def on_pool(stage: str):
     that pool's workers (flows/dispatch.py), its upstream locations passed as URIs."""
 
     def wrap(body):
-        params = list(inspect.signature(body).parameters)  # cfg, data, <upstream locations...>, parent_run_id
+        # cfg, data, <upstream locations...>, parent_run_id[, warm_from]
+        params = [p for p in inspect.signature(body).parameters if p not in ("parent_run_id", "warm_from")]
 
         @functools.wraps(body)
         def run(*args, **kwargs):
@@ -85,7 +86,9 @@ def on_pool(stage: str):
             cfg = bound["cfg"]
             if not cfg.infra.training_pool:
                 return body(**bound)
-            inputs = {k: bound[k] for k in params[2:-1]}
+            if bound.get("warm_from"):  # lineage.decide never picks incremental with a pool
+                raise ValueError(f"{stage}: a warm start runs in this process only, not on infra.training_pool")
+            inputs = {k: bound[k] for k in params[2:]}
             reuse = reuse_key_of(stage, cfg, bound["data"]) if stage == "base" else None  # the others: Prefect cache
             return dispatch.dispatch(stage, cfg, bound["data"], bound["parent_run_id"], inputs, reuse)
 
@@ -208,17 +211,62 @@ def sft(cfg: Config, data: DataState, base_path: str, parent_run_id: str) -> Sta
 
 @task(name="reward-model", **RETRY, **CACHED)
 @on_pool("reward-model")
-def reward_model(cfg: Config, data: DataState, sft_dir: str, parent_run_id: str) -> StageOutput:
-    out = stage_dir(cfg, "reward-model", data, sft_dir=sft_dir)
+def reward_model(
+    cfg: Config, data: DataState, sft_dir: str, parent_run_id: str, warm_from: str | None = None
+) -> StageOutput:
+    """The reward model: from scratch, or (`warm_from`: the champion's warm-start bundle) the champion's trained on
+    with the new rows and a replay sample of the earlier ones."""
+    out = stage_dir(cfg, "reward-model", data, sft_dir=sft_dir, **warm(warm_from))
     with stage_dir_lock(out), start_stage_run("reward", parent_run_id, data, asdict(cfg.reward)) as run:
-        result = launch.run("reward", cfg, sft_dir=sft_dir, data_dir=data.path, out_dir=str(out))
+        tag_lineage(warm_from, data)
+        result = launch.run("reward", cfg, sft_dir=sft_dir, data_dir=data.path, out_dir=str(out), warm_from=warm_from)
         mlflow.set_tags({"adapter_dir": result.adapter_dir, "head_dir": result.head_dir})
         get_run_logger().info(
             "reward model: held-out pairwise accuracy %.3f, margin %.2f",
             result.metrics["rm/eval_accuracy"],
             result.metrics["rm/eval_margin"],
         )
+        if warm_from:
+            m = result.metrics
+            held = [
+                f"{what} {m[f'rm/{key}_{part}']:.3f}" + (f" (the champion's: {m[before]:.3f})" if before in m else "")
+                for key, kind in (("eval_accuracy", "comparisons"), ("feedback_accuracy", "thumbs"))
+                for part, what in (("new", f"new {kind}"), ("old", f"earlier {kind}"))
+                if f"rm/{key}_{part}" in m
+                for before in [f"rm/{key}_{part}_parent"]
+            ]
+            get_run_logger().info(
+                "reward model (incremental): %d new rows + %d replayed; held-out accuracy: %s",
+                m.get("rm/new_rows", 0),
+                m.get("rm/replayed_rows", 0),
+                ", ".join(held) or "none held out",
+            )
         return StageOutput(result.head_dir, run.info.run_id, result.metrics)
+
+
+def warm(warm_from: str | None) -> dict[str, str]:
+    """A stage's upstream input `warm_from`, when there is one (a full retrain's keys stay what they were)."""
+    return {"warm_from": warm_from} if warm_from else {}
+
+
+def tag_lineage(warm_from: str | None, data: DataState) -> None:
+    """An incremental stage's lineage on its MLflow run: the champion it continues from, the data versions before
+    (the champion's) and after (this run's); the reward model's replay sample is its metrics rm/new_rows and
+    rm/replayed_rows (reward.replay_ratio among its params)."""
+    if not warm_from:
+        mlflow.set_tag("retrain_mode", "full")
+        return
+    from components.models.warm_start import lineage
+
+    parent = lineage(warm_from)
+    mlflow.set_tags(
+        {
+            "retrain_mode": "incremental",
+            "incremental_parent": f"v{parent['version']}",
+            "data_version_before": parent["data_version"],
+            "data_version_after": data.version,
+        }
+    )
 
 
 def pin_guide(cfg: Config) -> Config:
@@ -240,9 +288,12 @@ def pin_guide(cfg: Config) -> Config:
 
 @task(name="ppo", **RETRY, **CACHED)
 @on_pool("ppo")
-def ppo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str) -> StageOutput:
-    out = stage_dir(cfg, "ppo", data, sft_dir=sft_dir, reward_dir=reward_dir)
+def ppo(
+    cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str, warm_from: str | None = None
+) -> StageOutput:
+    out = stage_dir(cfg, "ppo", data, sft_dir=sft_dir, reward_dir=reward_dir, **warm(warm_from))
     with stage_dir_lock(out), start_stage_run("ppo", parent_run_id, data, asdict(cfg.ppo)) as run:
+        tag_lineage(warm_from, data)
         try:
             result = launch.run(
                 "ppo",
@@ -251,6 +302,7 @@ def ppo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_
                 reward_dir=reward_dir if cfg.ppo.use_reward_model else None,
                 data_dir=data.path,
                 out_dir=str(out),
+                warm_from=warm_from,
             )
         except PPODivergence:
             mlflow.set_tag("outcome", "diverged")
@@ -275,14 +327,16 @@ def log_policy_result(name: str, namespace: str, m: dict[str, float], policy_dir
 
 def critic_free_stage(
     stage: str, label: str, ns: str, cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str,
-    params: dict[str, Any], train, curves,
+    params: dict[str, Any], train, curves, warm_from: str | None = None,
 ) -> StageOutput:  # fmt: skip
     """A critic-free policy stage (rejection sampling, GRPO, RLOO, DPO, KTO) in PPO's place in the pipeline: its
-    stage dir, its MLflow run with `params`, `train(out_dir, reward_dir)` (the reward model unless
-    ppo.use_reward_model=false), the curves plot `<ns>_curves.png` from `curves(history)`, the policy's line."""
-    out = stage_dir(cfg, stage, data, sft_dir=sft_dir, reward_dir=reward_dir)
+    stage dir, its MLflow run with `params`, `train(out_dir, reward_dir, warm_from)` (the reward model unless
+    ppo.use_reward_model=false; the champion's warm-start bundle or None), the curves plot `<ns>_curves.png` from
+    `curves(history)`, the policy's line."""
+    out = stage_dir(cfg, stage, data, sft_dir=sft_dir, reward_dir=reward_dir, **warm(warm_from))
     with stage_dir_lock(out), start_stage_run(stage, parent_run_id, data, params) as run:
-        result = train(out, reward_dir if cfg.ppo.use_reward_model else None)
+        tag_lineage(warm_from, data)
+        result = train(out, reward_dir if cfg.ppo.use_reward_model else None, warm_from)
         log_curves(curves(result.history), f"{ns}_curves.png")
         mlflow.set_tags({"policy_dir": result.policy_dir})
         log_policy_result(label, ns, result.metrics, result.policy_dir)
@@ -291,76 +345,93 @@ def critic_free_stage(
 
 @task(name="rejection-sampling", **RETRY, **CACHED)
 @on_pool("rejection-sampling")
-def rejection_sampling(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str) -> StageOutput:
+def rejection_sampling(
+    cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str, warm_from: str | None = None
+) -> StageOutput:
     """The policy stage by rejection-sampling fine-tuning (`policy=rejection_sampling`)."""
     settings = cfg.policy.rejection_sampling
 
-    def train(out: Path, rm: str | None):
-        return train_rejection_sampling(settings, cfg.ppo, cfg.model, sft_dir, rm, Path(data.path), out, seed=cfg.seed)
+    def train(out: Path, rm: str | None, warm_from: str | None):
+        args = (settings, cfg.ppo, cfg.model, sft_dir, rm, Path(data.path), out)
+        return train_rejection_sampling(*args, seed=cfg.seed, warm_from=warm_from)
 
     params = {"rejection_sampling": asdict(settings), "ppo": asdict(cfg.ppo)}
     return critic_free_stage(
         "rejection-sampling", "rejection sampling", "rs", cfg, data, sft_dir, reward_dir, parent_run_id, params, train,
-        rs_curves,
+        rs_curves, warm_from,
     )  # fmt: skip
 
 
-def _group_rl(algorithm: str, cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str):
+def _group_rl(
+    algorithm: str, cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str,
+    warm_from: str | None,
+):  # fmt: skip
     """GRPO or RLOO (`policy=grpo`, `policy=rloo`)."""
     settings = getattr(cfg.policy, algorithm)
 
-    def train(out: Path, rm: str | None):
+    def train(out: Path, rm: str | None, warm_from: str | None):
         args = (cfg.ppo, cfg.model, sft_dir, rm, Path(data.path), out)
-        return train_group_rl(algorithm, settings, *args, seed=cfg.seed)
+        return train_group_rl(algorithm, settings, *args, seed=cfg.seed, warm_from=warm_from)
 
     params = {algorithm: asdict(settings), "ppo": asdict(cfg.ppo)}
     return critic_free_stage(
         algorithm, algorithm.upper(), algorithm, cfg, data, sft_dir, reward_dir, parent_run_id, params, train,
-        lambda history: group_rl_curves(history, algorithm),
+        lambda history: group_rl_curves(history, algorithm), warm_from,
     )  # fmt: skip
 
 
 @task(name="grpo", **RETRY, **CACHED)
 @on_pool("grpo")
-def grpo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str) -> StageOutput:
+def grpo(
+    cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str, warm_from: str | None = None
+) -> StageOutput:
     """The policy stage by GRPO (components/training/group_rl.py)."""
-    return _group_rl("grpo", cfg, data, sft_dir, reward_dir, parent_run_id)
+    return _group_rl("grpo", cfg, data, sft_dir, reward_dir, parent_run_id, warm_from)
 
 
 @task(name="rloo", **RETRY, **CACHED)
 @on_pool("rloo")
-def rloo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str) -> StageOutput:
+def rloo(
+    cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str, warm_from: str | None = None
+) -> StageOutput:
     """The policy stage by RLOO (components/training/group_rl.py)."""
-    return _group_rl("rloo", cfg, data, sft_dir, reward_dir, parent_run_id)
+    return _group_rl("rloo", cfg, data, sft_dir, reward_dir, parent_run_id, warm_from)
 
 
-def _direct(method: str, cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str):
+def _direct(
+    method: str, cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str,
+    warm_from: str | None,
+):  # fmt: skip
     """DPO or KTO (`policy=dpo`, `policy=kto`); the reward model only for the held-out evaluation."""
     settings = getattr(cfg.policy, method)
 
-    def train(out: Path, rm: str | None):
-        args = (cfg.ppo, cfg.model, sft_dir, rm, Path(data.path), out)
-        return train_direct(method, settings, *args, cfg.reward.eval_fraction, seed=cfg.seed, data_cfg=cfg.data)
+    def train(out: Path, rm: str | None, warm_from: str | None):
+        args = (cfg.ppo, cfg.model, sft_dir, rm, Path(data.path), out, cfg.reward.eval_fraction)
+        return train_direct(method, settings, *args, seed=cfg.seed, warm_from=warm_from, data_cfg=cfg.data)
 
     params = {method: asdict(settings), "ppo": asdict(cfg.ppo)}
     return critic_free_stage(
         method, method.upper(), method, cfg, data, sft_dir, reward_dir, parent_run_id, params, train,
-        lambda history: direct_curves(history, method),
+        lambda history: direct_curves(history, method), warm_from,
     )  # fmt: skip
 
 
 @task(name="dpo", **RETRY, **CACHED)
 @on_pool("dpo")
-def dpo(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str) -> StageOutput:
+def dpo(
+    cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str, warm_from: str | None = None
+) -> StageOutput:
     """The policy stage by DPO on the comparisons (components/training/direct.py)."""
-    return _direct("dpo", cfg, data, sft_dir, reward_dir, parent_run_id)
+    return _direct("dpo", cfg, data, sft_dir, reward_dir, parent_run_id, warm_from)
 
 
 @task(name="kto", **RETRY, **CACHED)
 @on_pool("kto")
-def kto(cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str) -> StageOutput:
+def kto(
+    cfg: Config, data: DataState, sft_dir: str, reward_dir: str, parent_run_id: str, warm_from: str | None = None
+) -> StageOutput:
     """The policy stage by KTO on the thumbs (components/training/direct.py)."""
-    return _direct("kto", cfg, data, sft_dir, reward_dir, parent_run_id)
+    return _direct("kto", cfg, data, sft_dir, reward_dir, parent_run_id, warm_from)
 
 
 POLICY_STAGES = {
@@ -410,19 +481,22 @@ def evaluate(
 
 
 @task(name="gate", **RETRY)
-def gate(cfg: Config, ev: Evaluation) -> GateOutcome:
+def gate(cfg: Config, ev: Evaluation, new_data: dict[str, float] | None = None) -> GateOutcome:
     """The gate, always on the orchestrator: candidate vs the champion (vs the SFT policy when there is none).
-    The verdict goes on the evaluation's MLflow run (wherever that ran)."""
+    `new_data`: an incremental candidate's evidence on the new rows (flows/incremental.new_data_measures), which
+    makes it the incremental gate. The verdict goes on the evaluation's MLflow run (wherever that ran)."""
     baseline = "champion" if ev.champion_version else "sft"
     verdict = decide(
         ev.eval["candidate"],
         ev.eval[baseline],
         win_rate(ev.rewards["candidate"], ev.rewards[baseline]),
-        f"champion v{ev.champion_version}" if ev.champion_version else "the SFT policy",
+        (f"champion v{ev.champion_version}" if ev.champion_version else "the SFT policy")
+        + (" (incremental gate: non-inferior, better on the new rows)" if new_data is not None else ""),
         cfg.gate,
         sft=ev.eval.get("sft"),
         champion=ev.eval.get("champion"),
         ensemble=cfg.reward.ensemble,
+        new_data=new_data,
     )
     client = mlflow.MlflowClient()
     for key, value in tracking.finite(verdict.metrics()).items():
@@ -445,6 +519,7 @@ def register(
     reward_dir: str,
     gate: GateOutcome,
     parent_run_id: str,
+    lineage: dict | None = None,
 ) -> Registration:
     """Log and register the candidate once: a retry (transient error) finishes the version an earlier try
     of this pipeline run created instead of registering a second one. With `registry.include_reward_model`
@@ -458,6 +533,11 @@ def register(
         "champion_compared": gate.champion_version or "none",
         "pipeline_run_id": parent_run_id,
         **{k: f"{v:.4f}" for k, v in gate.gate_metrics.items()},
+        **(
+            {"retrain_mode": lineage["mode"], "incremental_parent": lineage["parent"] or "none"}
+            if lineage is not None
+            else {}
+        ),
     }
     earlier = tracking.child_run_ids(parent_run_id, stage="register")
     with start_stage_run("register", parent_run_id, data, {}):
@@ -467,9 +547,7 @@ def register(
             )
             reg = registry.finish_registration(name, version, tags)
         else:
-            wanted = {"sft": sft_dir, "policy": policy_dir}
-            if cfg.registry.include_reward_model:
-                wanted["reward"] = reward_dir
+            wanted = {"sft": sft_dir, "policy": policy_dir, "reward": reward_dir}  # the bundle has it in any case
             with inputs_in_use(cfg, wanted) as local:
                 reg = registry.log_and_register(  # serving's prompt cap is the data contract's (issue 38)
                     name,
@@ -477,9 +555,13 @@ def register(
                     local["policy"],
                     tags,
                     limits={"max_prompt_chars": cfg.data.max_prompt_chars},
-                    reward_dir=local.get("reward"),
+                    reward_dir=local["reward"] if cfg.registry.include_reward_model else None,
+                    lineage=lineage,
+                    warm_reward_dir=local["reward"],
                 )
-        card = model_card(reg.name, cfg.model.name, data.version, git_commit(cfg.root_path), asdict(gate))
+        card = model_card(
+            reg.name, cfg.model.name, data.version, git_commit(cfg.root_path), asdict(gate), lineage=lineage
+        )
         mlflow.log_text(card, "model_card.md")
         registry.describe(reg.name, reg.version, card)
         get_run_logger().info("registered %s version %s (alias %s)", reg.name, reg.version, registry.CHALLENGER)

@@ -32,6 +32,7 @@ from components import tracking
 from components.config import Config, compose
 from components.evaluation.evaluate import win_rate
 from components.registry import registry
+from flows import incremental
 from flows.caching import run_stage
 from flows.contracts import GateOutcome, Registration, RetrainSummary, StageOutput, ValidationSummary
 from flows.pool import ensure_deployed
@@ -201,7 +202,8 @@ def register_and_promote(cfg: Config, data, checked: ValidationSummary, summary:
         return stop
     sft_out, rm_out, policy_out = best.outputs
     vcfg = compose(best.overrides)
-    reg = register(vcfg, data, sft_out.dir, policy_out.dir, rm_out.dir, best.gate, summary.run_id)
+    lineage = incremental.full_lineage(vcfg, data)  # a later retrain may continue from it
+    reg = register(vcfg, data, sft_out.dir, policy_out.dir, rm_out.dir, best.gate, summary.run_id, lineage)
     registry.tag_version(reg.name, reg.version, {registry.SLOT_GENERATION: s.slot_generation})
     summary.registered = s.registered = reg
     state = promote(cfg, s, slot, again)

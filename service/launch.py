@@ -51,7 +51,14 @@ def _reward(cfg: Config, a: dict[str, str]):
     from components.training.reward import train_reward
 
     return train_reward(
-        cfg.reward, cfg.model, a["sft_dir"], Path(a["data_dir"]), Path(a["out_dir"]), seed=cfg.seed, data_cfg=cfg.data
+        cfg.reward,
+        cfg.model,
+        a["sft_dir"],
+        Path(a["data_dir"]),
+        Path(a["out_dir"]),
+        seed=cfg.seed,
+        data_cfg=cfg.data,
+        warm_from=a.get("warm_from"),
     )
 
 
@@ -59,7 +66,14 @@ def _ppo(cfg: Config, a: dict[str, str]):
     from components.training.ppo import train_ppo
 
     return train_ppo(
-        cfg.ppo, cfg.model, a["sft_dir"], a.get("reward_dir"), Path(a["data_dir"]), Path(a["out_dir"]), seed=cfg.seed
+        cfg.ppo,
+        cfg.model,
+        a["sft_dir"],
+        a.get("reward_dir"),
+        Path(a["data_dir"]),
+        Path(a["out_dir"]),
+        seed=cfg.seed,
+        warm_from=a.get("warm_from"),
     )
 
 

@@ -45,6 +45,7 @@ OPEN_GATE = (
     "gate.max_repeated_word_gain=null",  # the guard on 8 prompts: one answer is 0.125 of the share
     "gate.min_distinct_2_ratio=null",
     "gate.max_disagreement_ratio=null",
+    "gate.min_new_accuracy_gain=null",
 )
 
 

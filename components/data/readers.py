@@ -13,6 +13,7 @@ one ranking counts as one example (InstructGPT, Ouyang et al. 2022, sec. 3.5): `
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,11 +59,16 @@ def read_demonstrations(data_dir: Path, eval_fraction: float) -> tuple[list[dict
     return train, evals
 
 
-def read_preferences(data_dir: Path, eval_fraction: float) -> tuple[list[list[Pair]], list[list[Pair]]]:
-    """Preference rows as lists of pairs (one list per example), split train / held out by id."""
+def read_preferences(
+    data_dir: Path, eval_fraction: float, shards: Callable[[str], bool] = lambda _: True
+) -> tuple[list[list[Pair]], list[list[Pair]]]:
+    """Preference rows as lists of pairs (one list per example), split train / held out by id; of the shards whose
+    `preferences/<name>` `shards` keeps (an incremental retrain's new ones, or its earlier ones)."""
     train: list[list[Pair]] = []
     evals: list[list[Pair]] = []
     for shard in shard_files(data_dir / "preferences"):
+        if not shards(f"preferences/{shard.name}"):
+            continue
         for _, row in read_jsonl(shard, "preferences").rows:
             if "responses" in row:
                 triples = ranking_to_pairs(row["responses"])
@@ -95,12 +101,19 @@ def feedback_target(row: dict, min_rating: float, max_rating: float) -> float:
 
 
 def read_feedback(
-    data_dir: Path, eval_fraction: float, min_rating: float, max_rating: float
+    data_dir: Path,
+    eval_fraction: float,
+    min_rating: float,
+    max_rating: float,
+    shards: Callable[[str], bool] = lambda _: True,
 ) -> tuple[list[Feedback], list[Feedback]]:
-    """Feedback rows (thumbs up/down on a response), split train / held out by id; none when there are none."""
+    """Feedback rows (thumbs up/down on a response), split train / held out by id; none when there are none. Of the
+    shards `shards` keeps, as read_preferences."""
     train: list[Feedback] = []
     evals: list[Feedback] = []
     for shard in shard_files(data_dir / "feedback"):
+        if not shards(f"feedback/{shard.name}"):
+            continue
         for _, row in read_jsonl(shard, "feedback").rows:
             fb = Feedback(
                 row["prompt"], row["response"], int(row["label"]), feedback_target(row, min_rating, max_rating)

@@ -71,18 +71,31 @@ def decide(
     sft: dict[str, float] | None = None,
     champion: dict[str, float] | None = None,
     ensemble: int = 1,
+    new_data: dict[str, float] | None = None,
 ) -> Verdict:
     """candidate/baseline: evaluation metrics (reward_mean, judge_mean, kl, the degeneration measures); win_rate:
     candidate vs baseline; sft, champion: their evaluations, for the guard (against SFT) and the report; ensemble: the
     operator's reward.ensemble. With an ensemble configured and a disagreement check on, a missing measure fails
-    closed (`disagreement_measured` 0 < 1): evidence the operator asked for and did not get is not a pass."""
+    closed (`disagreement_measured` 0 < 1): evidence the operator asked for and did not get is not a pass.
+
+    new_data: an incremental candidate's reward-model accuracy on the held-out new rows and its champion's on the same
+    rows ({"new_accuracy", "new_accuracy_parent"}; {} when none was held out): the incremental gate. Against its own
+    parent the candidate must be non-inferior - win rate >= min(min_win_rate, 0.5 - incremental_margin), reward and
+    judge gains >= their minimum - incremental_margin - and better on the new rows (new_accuracy_gain >=
+    min_new_accuracy_gain). The guard against SFT is the same."""
+    margin = cfg.incremental_margin if new_data is not None else 0.0
+    min_win = min(cfg.min_win_rate, 0.5 - margin) if new_data is not None else cfg.min_win_rate
     checks = [
-        ("reward_gain", candidate["reward_mean"] - baseline["reward_mean"], "min", cfg.min_reward_gain),
-        ("win_rate", win_rate, "min", cfg.min_win_rate),
+        ("reward_gain", candidate["reward_mean"] - baseline["reward_mean"], "min", cfg.min_reward_gain - margin),
+        ("win_rate", win_rate, "min", min_win),
         ("kl", candidate["kl"], "max", cfg.max_kl),
     ]
     if cfg.min_judge_gain is not None and "judge_mean" in candidate and "judge_mean" in baseline:
-        checks.append(("judge_gain", candidate["judge_mean"] - baseline["judge_mean"], "min", cfg.min_judge_gain))
+        judge_gain = candidate["judge_mean"] - baseline["judge_mean"]
+        checks.append(("judge_gain", judge_gain, "min", cfg.min_judge_gain - margin))
+    if new_data and cfg.min_new_accuracy_gain is not None:
+        gain = new_data["new_accuracy"] - new_data["new_accuracy_parent"]
+        checks.append(("new_accuracy_gain", gain, "min", cfg.min_new_accuracy_gain))
     guard = degeneration_against(candidate, sft or {}, "sft")
     for measure, op, limit in (
         ("repeated_word_gain_vs_sft", "max", cfg.max_repeated_word_gain),
@@ -97,5 +110,6 @@ def decide(
     gated = {name for name, *_ in checks}
     info = {k: v for k, v in guard.items() if k not in gated}
     info |= degeneration_against(candidate, champion or {}, "champion")
+    info |= new_data or {}
     rows = [(n, v, op, t, (v >= t) if op == "min" else (v <= t)) for n, v, op, t in checks]
     return Verdict(all(ok for *_, ok in rows), baseline_name, rows, info)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 
-def model_card(name: str, model: str, data_version: str, git_commit: str, gate: dict[str, Any]) -> str:
+def model_card(
+    name: str, model: str, data_version: str, git_commit: str, gate: dict[str, Any], lineage: dict | None = None
+) -> str:
     evals = gate.get("eval", {})
     rows = ["| policy | reward (RM std) | judge | KL to SFT | length | distinct-2 |", "|---|---|---|---|---|---|"]
     for policy, m in evals.items():
@@ -23,6 +25,7 @@ def model_card(name: str, model: str, data_version: str, git_commit: str, gate: 
             f"- data version (DVC md5 of data/): `{data_version}`",
             f"- code: git `{git_commit}`",
             f"- compared against: {('champion v' + gate['champion_version']) if gate.get('champion_version') else 'the SFT policy'}",
+            *lineage_lines(lineage),
             "",
             "## Evaluation on the frozen eval prompts",
             "",
@@ -42,3 +45,20 @@ def model_card(name: str, model: str, data_version: str, git_commit: str, gate: 
             "",
         ]
     )
+
+
+def lineage_lines(lineage: dict | None) -> list[str]:
+    """How it was trained: full, or incremental from its parent, and the chain of incremental parents back to the last
+    full retrain (flows/incremental.lineage_of)."""
+    if not lineage:
+        return []
+    if lineage.get("mode") != "incremental":
+        return ["- trained: full retrain (every stage from scratch)"]
+    chain = " -> ".join(
+        f"v{c['version']} ({c.get('mode', 'full')}, data `{str(c.get('data_version'))[:8]}`)" for c in lineage["chain"]
+    )
+    return [
+        f"- trained: incremental from champion v{lineage['parent']} (its SFT model, reward model and policy trained on "
+        "with the data new since its own)",
+        f"- lineage: {chain} -> this version (data `{str(lineage.get('data_version'))[:8]}`)",
+    ]

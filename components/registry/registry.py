@@ -12,6 +12,7 @@ compare-and-set on an alias: the slot makes the read and the move one step, as n
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ def log_and_register(
     tags: dict[str, str],
     limits: dict | None = None,
     reward_dir: str | None = None,
+    lineage: dict | None = None,
+    warm_reward_dir: str | None = None,
 ) -> Registered:
     """Log the pyfunc (base + adapter + tokenizer) to the active run, register it, alias `challenger`.
 
@@ -45,8 +48,11 @@ def log_and_register(
     into the logged model's `model_config`, so the served model states the caps it enforces.
     `reward_dir`: the reward stage's output (adapter/, head.safetensors, head.json), bundled so the served
     model answers best-of-n (`params.n`) and returns each response's `score`.
+    `lineage`: what the candidate was trained on (components/data/lineage.py); with it and an adapter, the version
+    carries the warm-start bundle an incremental retrain continues from (components/models/warm_start.py), with the
+    reward model of `warm_reward_dir` (default: `reward_dir`; the bundle has it even when serving does not).
     """
-    with policy_artifacts(base_dir, adapter_dir, reward_dir) as artifacts:
+    with policy_artifacts(base_dir, adapter_dir, reward_dir, lineage, warm_reward_dir or reward_dir) as artifacts:
         info = _log_model(registered_name, artifacts, model_signature(reward_dir is not None), limits)
     return finish_registration(registered_name, str(info.registered_model_version), tags)
 
@@ -70,10 +76,16 @@ def model_signature(with_score: bool):
 
 
 @contextmanager
-def policy_artifacts(base_dir: str, adapter_dir: str | None, reward_dir: str | None) -> Iterator[dict[str, str]]:
+def policy_artifacts(
+    base_dir: str,
+    adapter_dir: str | None,
+    reward_dir: str | None,
+    lineage: dict | None = None,
+    warm_reward_dir: str | None = None,
+) -> Iterator[dict[str, str]]:
     """The pyfunc's artifacts: base, adapter and, from a reward stage's output, the reward adapter and its head
     (head.safetensors + head.json only, not the stage's checkpoints, staged in a temporary dir; of an ensemble, its
-    first member)."""
+    first member); with `lineage`, the warm-start bundle (every member, the value function, the lineage)."""
     import json
     import shutil
     import tempfile
@@ -92,6 +104,11 @@ def policy_artifacts(base_dir: str, adapter_dir: str | None, reward_dir: str | N
             meta.pop(ENSEMBLE, None)
             (head / HEAD_META).write_text(json.dumps(meta, indent=2))
             artifacts |= {"reward_adapter": str(Path(reward_dir) / "adapter"), "reward_head": str(head)}
+        if lineage is not None and adapter_dir:
+            from components.models import warm_start
+
+            bundle = warm_start.stage(staging / "warm_start", warm_reward_dir, adapter_dir, lineage)
+            artifacts["warm_start"] = str(bundle)
         yield artifacts
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -294,6 +311,33 @@ def describe(registered_name: str, version: str, text: str) -> None:
     import mlflow
 
     mlflow.MlflowClient().update_model_version(registered_name, version, description=text)
+
+
+def fetch_version(registered_name: str, version: str, root: Path) -> dict[str, str]:
+    """A registered version's artifacts in `root/<name>-v<version>/` (downloaded once: a later call reads them there;
+    a download cut short is never taken for one), with `registered.json` naming the version in its warm-start
+    bundle, if it has one."""
+    import json
+    import shutil
+
+    import mlflow
+
+    dest = root / f"{registered_name}-v{version}"
+    if not dest.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".{dest.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        mlflow.artifacts.download_artifacts(f"models:/{registered_name}/{version}", dst_path=str(tmp))
+        try:
+            tmp.rename(dest)
+        except OSError:  # another process fetched it meanwhile: theirs is as good
+            shutil.rmtree(tmp, ignore_errors=True)
+    paths = artifact_paths(dest)
+    if "warm_start" in paths:
+        (Path(paths["warm_start"]) / "registered.json").write_text(
+            json.dumps({"name": registered_name, "version": version})
+        )
+    return paths
 
 
 def download_version(registered_name: str, version: str) -> dict[str, str]:

@@ -303,6 +303,7 @@ def train_direct(
     out_dir: Path,
     eval_fraction: float = 0.1,
     seed: int = 0,
+    warm_from: str | None = None,
     data_cfg: DataConfig | None = None,
 ) -> DirectResult:
     checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
@@ -323,7 +324,7 @@ def train_direct(
     eval_prompts = read_prompts(data_dir, "eval")
     device = resolve_device(model_cfg.device)
     torch.manual_seed(seed)  # peft's LoRA init draws from the global RNG
-    roles = build_policy_roles(ppo_cfg, model_cfg, sft_dir, reward_dir, device)
+    roles = build_policy_roles(ppo_cfg, model_cfg, sft_dir, reward_dir, device, warm_from)
     disable_dropout(roles.model)
     params = [p for p in roles.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
@@ -338,6 +339,7 @@ def train_direct(
         seed=seed,
         n_train=len(train),
         model=model_cfg.name_or_path,
+        **({"warm_from": str(warm_from)} if warm_from else {}),
     )
     checkpoints = PolicyCheckpoints(roles, out_dir, fp, optimizer)
     start, history = checkpoints.resume()

@@ -188,6 +188,7 @@ def train_group_rl(
     data_dir: Path,
     out_dir: Path,
     seed: int = 0,
+    warm_from: str | None = None,
 ) -> GroupRLResult:
     checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
     check_config(algorithm, cfg)
@@ -196,7 +197,7 @@ def train_group_rl(
         raise ValueError(f"{algorithm} needs prompts under {data_dir}/prompts")
     device = resolve_device(model_cfg.device)
     torch.manual_seed(seed)  # peft's LoRA init draws from the global RNG
-    roles = build_policy_roles(ppo_cfg, model_cfg, sft_dir, reward_dir, device)
+    roles = build_policy_roles(ppo_cfg, model_cfg, sft_dir, reward_dir, device, warm_from)
     params = [p for p in roles.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, eps=1e-5)
     ns, k = algorithm, cfg.samples_per_prompt
@@ -211,6 +212,7 @@ def train_group_rl(
         seed=seed,
         n_prompts=len(prompts),
         model=model_cfg.name_or_path,
+        **({"warm_from": str(warm_from)} if warm_from else {}),
     )
     checkpoints = PolicyCheckpoints(roles, out_dir, fp, optimizer)
     start, history = checkpoints.resume()

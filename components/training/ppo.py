@@ -70,6 +70,7 @@ from components.models.generation import CACHES, Rollout, sample
 from components.models.guide import load_guide
 from components.models.loading import load_causal_lm, load_tokenizer, resolve_device
 from components.models.roles import (
+    HEAD_FILE,
     REFERENCE,
     REWARD,
     RewardScale,
@@ -124,7 +125,12 @@ class PPOResult:
 # ---------------------------------------------------------------------------- the four roles
 
 
-def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: str | None, device) -> Roles:
+def build_roles(
+    cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: str | None, device, warm_from: str | None = None
+) -> Roles:
+    """The policy (a LoRA adapter on the SFT model), the reference (the adapters disabled), the reward model's members
+    (frozen) and the value function. `warm_from`: a champion's warm-start bundle (components/models/warm_start.py):
+    the policy starts as the champion's and, when the bundle has one, the value function as the champion's."""
     from peft import get_peft_model
 
     if cfg.use_reward_model and not reward_dir:
@@ -161,6 +167,13 @@ def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir
         value_head = copy.deepcopy(reward_heads[REWARD]).requires_grad_(True)
     else:
         value_head = ScalarHead(model.config.hidden_size).to(device)
+    if warm_from is not None:
+        warm = Path(warm_from)
+        checkpoint.load_adapter_weights(model, warm / "policy", adapter_name="policy")
+        if (warm / "value" / HEAD_FILE).is_file():
+            value_head.load_state_dict(ScalarHead.load(warm / "value", device)[0].state_dict())
+        if "value" in trainable and (warm / "value" / "adapter_model.safetensors").is_file():
+            checkpoint.load_adapter_weights(model, warm / "value", adapter_name="value")
     activate(model, "policy", trainable)  # the policy is the resting role: `Roles.use` switches back to it
     roles = Roles(model, tok, value_head, reward_heads, scale, None, trainable)
     reward_fn = load_reward_fn(cfg.reward_fn)
@@ -172,10 +185,14 @@ def build_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir
     return roles
 
 
-def build_policy_roles(cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: str | None, device) -> Roles:
-    """PPO's roles without a critic, for the policy stages that need none (rejection sampling, GRPO, RLOO): the
-    policy adapter (trainable, active), the reward model, the reference as the adapters disabled."""
-    roles = build_roles(replace(cfg, value_init="fresh", value_model="adapter"), model_cfg, sft_dir, reward_dir, device)
+def build_policy_roles(
+    cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: str | None, device, warm_from: str | None = None
+) -> Roles:
+    """PPO's roles without a critic, for the policy stages that need none (rejection sampling, GRPO, RLOO, DPO, KTO):
+    the policy adapter (trainable, active; the champion's with `warm_from`), the reward model, the reference as the
+    adapters disabled."""
+    critic_free = replace(cfg, value_init="fresh", value_model="adapter")
+    roles = build_roles(critic_free, model_cfg, sft_dir, reward_dir, device, warm_from)
     roles.model.delete_adapter("value")
     roles.value_head, roles.trainable = None, frozenset({"policy"})  # in place: a reward built on roles keeps them
     roles.model.set_adapter("policy")
@@ -724,6 +741,7 @@ def train_ppo(
     data_dir: Path,
     out_dir: Path,
     seed: int = 0,
+    warm_from: str | None = None,
 ) -> PPOResult:
     w = distributed.world()
     final = out_dir / "final"
@@ -754,7 +772,7 @@ def train_ppo(
     if cfg.generation_cache not in CACHES:
         raise ValueError(f"ppo.generation_cache={cfg.generation_cache!r}: expected one of {', '.join(CACHES)}")
     demonstrations = load_demonstrations(cfg, data_dir, None) if cfg.ptx_coef else None  # before any model loads
-    roles = build_roles(cfg, model_cfg, sft_dir, reward_dir, device)
+    roles = build_roles(cfg, model_cfg, sft_dir, reward_dir, device, warm_from)  # the champion's policy, if warm
     assert roles.value_head is not None  # build_roles gives PPO's roles a critic
     guide = load_guide(cfg.guide, roles, model_cfg, cfg.max_prompt_tokens + cfg.max_new_tokens)  # + a cut response
     demonstrations = replace(demonstrations, tok=roles.tok) if demonstrations else None
@@ -773,6 +791,7 @@ def train_ppo(
         seed=seed,
         n_prompts=len(prompts),
         model=model_cfg.name_or_path,
+        **({"warm_from": str(warm_from)} if warm_from else {}),
     )
     start, state = checkpoint.resume(ckpt_root, fp, lambda ckpt: restore(ckpt, roles), optimizer=optimizer)
     if state:

@@ -203,6 +203,7 @@ def train_rejection_sampling(
     data_dir: Path,
     out_dir: Path,
     seed: int = 0,
+    warm_from: str | None = None,
 ) -> RejectionSamplingResult:
     checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
     check_config(cfg)
@@ -211,7 +212,7 @@ def train_rejection_sampling(
         raise ValueError(f"rejection sampling needs prompts under {data_dir}/prompts")
     device = resolve_device(model_cfg.device)
     torch.manual_seed(seed)  # peft's LoRA init draws from the global RNG
-    roles = build_policy_roles(ppo_cfg, model_cfg, sft_dir, reward_dir, device)
+    roles = build_policy_roles(ppo_cfg, model_cfg, sft_dir, reward_dir, device, warm_from)
 
     final = out_dir / "final"
     shutil.rmtree(final, ignore_errors=True)  # never leave an older policy where this run's belongs
@@ -223,6 +224,7 @@ def train_rejection_sampling(
         seed=seed,
         n_prompts=len(prompts),
         model=model_cfg.name_or_path,
+        **({"warm_from": str(warm_from)} if warm_from else {}),
     )
     checkpoints = PolicyCheckpoints(roles, out_dir, fp)  # no optimizer: each round's fine-tune starts its own
     start, history = checkpoints.resume()

@@ -438,6 +438,7 @@ def train_reward(
     out_dir: Path,
     seed: int = 0,
     data_cfg: DataConfig | None = None,
+    warm_from: str | None = None,
 ) -> RewardResult:
     """Train the reward model on the preferences and feedback under `data_dir` (`data_cfg`: the feedback rating
     range; default: DataConfig's), resuming from the last checkpoint under `out_dir/checkpoints`; writes adapter,
@@ -445,7 +446,12 @@ def train_reward(
 
     An ensemble (`reward.ensemble` = K > 1): members 1..K-1 first, each a whole reward model in
     `out_dir/members/k` (resumed, or only re-evaluated when it finished), then the first member in `out_dir`; its
-    head.json then also lists the others and holds the ensemble's statistics, and `out_dir` is complete last."""
+    head.json then also lists the others and holds the ensemble's statistics, and `out_dir` is complete last.
+
+    `warm_from`: a champion's warm-start bundle (components/models/warm_start.py): each member starts from the
+    champion's, and trains on the rows new since the champion's data plus a replay sample of the earlier ones
+    (`Increment`); its held-out metrics also come split into new and earlier rows, and the champion's own accuracy
+    on the new ones (`rm/eval_accuracy_new_parent`) is measured first."""
     if cfg.ensemble < 1:
         raise ValueError(
             f"reward.ensemble={cfg.ensemble}: the reward model needs at least 1 member; use 1 (no ensemble)"
@@ -454,8 +460,60 @@ def train_reward(
         checkpoint.mark_incomplete(out_dir)  # not this run's outputs until the last member finishes
     others = tuple(out_dir / "members" / str(k) for k in range(1, cfg.ensemble))
     for k, member_dir in enumerate(others, 1):
-        train_member(cfg, model_cfg, sft_dir, data_dir, member_dir, seed, data_cfg, Member(k))
-    return train_member(cfg, model_cfg, sft_dir, data_dir, out_dir, seed, data_cfg, Member(0, others))
+        train_member(cfg, model_cfg, sft_dir, data_dir, member_dir, seed, data_cfg, Member(k), warm_from)
+    return train_member(cfg, model_cfg, sft_dir, data_dir, out_dir, seed, data_cfg, Member(0, others), warm_from)
+
+
+@dataclass
+class Increment:
+    """An incremental retrain's reward data (`train_reward(warm_from=...)`): the rows of the shards new since the
+    champion's data, and of the earlier ones a replay sample, `replay_ratio` rows per new row (of either kind, so
+    that new thumbs alone still rehearse the comparisons), drawn with the member's seed. Held out: all of them, as a
+    full retrain holds them out, and split into new and earlier to show learning and forgetting."""
+
+    train: list[list[Pair]]  # new + replayed comparisons
+    fb_train: list[Feedback]
+    evals_new: list[list[Pair]]
+    evals_old: list[list[Pair]]
+    fb_evals_new: list[Feedback]
+    fb_evals_old: list[Feedback]
+    new_rows: int  # training rows new since the champion's data, both kinds
+    replayed: int
+
+    @classmethod
+    def read(cls, data_dir: Path, warm_from: str, cfg: RewardConfig, data_cfg: DataConfig, seed: int) -> Increment:
+        import random
+
+        from components.models.warm_start import lineage
+
+        parent = set(lineage(warm_from)["manifest"])
+        old, new = (lambda shard: shard in parent), (lambda shard: shard not in parent)
+        train_old, evals_old = read_preferences(data_dir, cfg.eval_fraction, old)
+        train_new, evals_new = read_preferences(data_dir, cfg.eval_fraction, new)
+        rating = (data_cfg.min_rating, data_cfg.max_rating)
+        fb_old, fb_evals_old = read_feedback(data_dir, cfg.eval_fraction, *rating, old)
+        fb_new, fb_evals_new = read_feedback(data_dir, cfg.eval_fraction, *rating, new)
+        n_new = len(train_new) + len(fb_new)
+        rng = random.Random(seed + 4)
+        replay = rng.sample(train_old, min(len(train_old), round(cfg.replay_ratio * n_new)))
+        fb_replay = rng.sample(fb_old, min(len(fb_old), round(cfg.replay_ratio * n_new)))
+        return cls(
+            train_new + replay, fb_new + fb_replay, evals_new, evals_old, fb_evals_new, fb_evals_old, n_new,
+            len(replay) + len(fb_replay),
+        )  # fmt: skip
+
+    def metrics(self, rm: RewardModel, cfg: RewardConfig, suffix: str) -> dict[str, float]:
+        """Held-out accuracy on the new comparisons (and thumbs) and on the earlier ones: rm/eval_accuracy_new<suffix>,
+        rm/eval_accuracy_old<suffix>, rm/feedback_accuracy_new<suffix>, ..."""
+        out: dict[str, float] = {}
+        for part, evals, fb in (("new", self.evals_new, self.fb_evals_new), ("old", self.evals_old, self.fb_evals_old)):
+            if evals:
+                m = evaluate_reward_model(rm.model, rm.head, rm.tok, evals, cfg, rm.device)
+                out[f"rm/eval_accuracy_{part}{suffix}"] = m["rm/eval_accuracy"]
+            if fb:
+                m = evaluate_feedback(rm.model, rm.head, rm.bias.detach(), rm.tok, fb, cfg, rm.device)
+                out[f"rm/feedback_accuracy_{part}{suffix}"] = m["rm/feedback_accuracy"]
+        return out
 
 
 def train_member(
@@ -467,6 +525,7 @@ def train_member(
     seed: int,
     data_cfg: DataConfig | None,
     member: Member,
+    warm_from: str | None = None,
 ) -> RewardResult:
     """One reward model (an ensemble's member) in `out_dir`: see train_reward."""
     # 1. inputs
@@ -478,9 +537,15 @@ def train_member(
     distributed.barrier()
     per_rank = distributed.per_rank(cfg.batch_size, "reward.batch_size", w)
     fb_per_rank = distributed.per_rank(cfg.feedback_batch_size, "reward.feedback_batch_size", w)
-    train, evals = read_preferences(data_dir, cfg.eval_fraction)
     data_cfg = data_cfg or DataConfig()
-    fb_train, fb_evals = read_feedback(data_dir, cfg.eval_fraction, data_cfg.min_rating, data_cfg.max_rating)
+    increment = None
+    if warm_from is None:
+        train, evals = read_preferences(data_dir, cfg.eval_fraction)
+        fb_train, fb_evals = read_feedback(data_dir, cfg.eval_fraction, data_cfg.min_rating, data_cfg.max_rating)
+    else:
+        increment = Increment.read(data_dir, warm_from, cfg, data_cfg, member.seed(seed))
+        train, fb_train = increment.train, increment.fb_train
+        evals, fb_evals = increment.evals_new + increment.evals_old, increment.fb_evals_new + increment.fb_evals_old
     if not (train and evals) and not (fb_train and fb_evals):
         raise ValueError(
             f"the reward model needs preferences ({data_dir}/preferences) or feedback ({data_dir}/feedback) with rows "
@@ -490,8 +555,20 @@ def train_member(
     # 2. model and optimizer, restored from the last checkpoint if there is one
     seed = member.seed(seed)
     rm = setup_reward_model(cfg, model_cfg, sft_dir, resolve_device(model_cfg.device), seed)
+    before: dict[str, float] = {}
+    if warm_from is not None and increment is not None:  # the champion's member, measured on the new rows first
+        from components.models.warm_start import reward_member
+
+        rm.restore(reward_member(warm_from, member.index))
+        before = increment.metrics(rm, cfg, "_parent") if w.main else {}
     fp = checkpoint.fingerprint(
-        cfg, sft_dir=str(sft_dir), data=str(data_dir), seed=seed, n_train=len(train), n_feedback=len(fb_train)
+        cfg,
+        sft_dir=str(sft_dir),
+        data=str(data_dir),
+        seed=seed,
+        n_train=len(train),
+        n_feedback=len(fb_train),
+        **({"warm_from": str(warm_from)} if warm_from else {}),
     )
     # a member k > 0 trains on its own bootstrap sample of the comparisons and of the feedback rows: (E,), (F,)
     boot = bootstrap_counts(len(train), seed + 2) if member.index else torch.ones(len(train))
@@ -537,6 +614,9 @@ def train_member(
 
     # 4. held-out metrics, reward statistics, outputs
     metrics = finish_reward(rm, cfg, (train, evals), (fb_train, fb_evals), sft_dir, out_dir, start, seconds, tokens)
+    if increment is not None:
+        metrics |= before | increment.metrics(rm, cfg, "")
+        metrics |= {"rm/new_rows": float(increment.new_rows), "rm/replayed_rows": float(increment.replayed)}
     if member.others:  # the ensemble's statistics, from every member's scores, into the first member's head.json
         metrics |= finish_ensemble(
             cfg, model_cfg, sft_dir, out_dir, member.others, (train, evals), (fb_train, fb_evals)

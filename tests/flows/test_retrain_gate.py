@@ -102,8 +102,23 @@ def test_thumbs_on_served_answers_train_again_and_compare_against_the_champion(t
     assert s.gate.champion_version == "1"  # ... and was compared with the champion,
     assert "champion" in s.gate.eval  # loaded from its own registered model (its own base and tokenizer)
     assert s.registered.version == "2" and s.registered.previous_champion == "1"
-    rm_run = mlflow.get_run(s.reward.run_id).data.metrics  # the reward model learned from the new thumbs too
-    assert rm_run["rm/train_feedback_rows"] + rm_run["rm/eval_feedback_rows"] == project.data.n_feedback + 6
+    # ... incrementally (retrain.mode=auto): new thumbs on the champion's data, the same config. The champion's SFT
+    # model is kept (no base, no SFT stage ran), its reward model learned the new thumbs with a replay sample of the
+    # earlier rows, and every incremental stage and the new version record the lineage
+    assert (s.mode, s.parent) == ("incremental", "1") and s.base is None, s.mode_reason
+    assert "champion v1's data is contained in today's; 1 new shard(s): feedback/" in s.mode_reason
+    rm_run = mlflow.get_run(s.reward.run_id).data
+    new_rows = rm_run.metrics["rm/new_rows"]
+    assert 1 <= new_rows <= 6 and rm_run.metrics["rm/replayed_rows"] == 2 * new_rows  # one per new row, of each kind
+    assert rm_run.metrics["rm/train_feedback_rows"] == new_rows + new_rows
+    for stage_run in (rm_run, mlflow.get_run(s.policy.run_id).data):
+        assert stage_run.tags["retrain_mode"] == "incremental" and stage_run.tags["incremental_parent"] == "v1"
+        assert (stage_run.tags["data_version_before"], stage_run.tags["data_version_after"]) == (before, s.data.version)
+    assert mlflow.get_run(s.run_id).data.tags["incremental_parent"] == "v1"
+    v2 = mlflow.MlflowClient().get_model_version("ingest-test", "2")
+    assert (v2.tags["retrain_mode"], v2.tags["incremental_parent"]) == ("incremental", "1")
+    assert "incremental from champion v1" in v2.description and "lineage: v1 (full, data" in v2.description
+    assert "incremental gate" in s.gate.summary
 
     # a retried register (a transient error after the version was created) finishes that version
     from prefect import flow
