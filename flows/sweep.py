@@ -203,7 +203,7 @@ def register_and_promote(cfg: Config, data, checked: ValidationSummary, summary:
     sft_out, rm_out, policy_out = best.outputs
     vcfg = compose(best.overrides)
     lineage = incremental.full_lineage(vcfg, data)  # a later retrain may continue from it
-    reg = register(vcfg, data, sft_out.dir, policy_out.dir, rm_out.dir, best.gate, summary.run_id, lineage)
+    reg = register(vcfg, data, sft_out.dir, policy_out.dir, rm_out.dir, best.gate, summary.run_id, lineage=lineage)
     registry.tag_version(reg.name, reg.version, {registry.SLOT_GENERATION: s.slot_generation})
     summary.registered = s.registered = reg
     state = promote(cfg, s, slot, again)

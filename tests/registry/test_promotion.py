@@ -96,7 +96,7 @@ def test_the_sweep_cannot_promote_over_a_newer_champion(project, monkeypatch):
     v1 = new_version(name)
     registry.promote(name, v1, approver="auto")
 
-    def register(cfg, data, sft_dir, policy_dir, reward_dir, gate, parent_run_id):
+    def register(cfg, data, sft_dir, policy_dir, reward_dir, gate, parent_run_id, lineage=None):
         version = new_version(name, compared=gate.champion_version)
         if moves:  # another promotion lands meanwhile
             registry.promote(name, new_version(name, compared=moves.pop()), approver="someone")
