@@ -50,12 +50,17 @@ TRAINING = ("base", "sft", "reward", "ppo")
 
 
 def new_comparisons(cfg, n: int, seed: int, out: Path) -> Path:
-    """n comparisons from the demo generator with another seed, with ids of their own."""
+    """n comparisons from the demo generator with another seed, with ids of their own; none on a frozen eval prompt
+    (the ingest refuses eval leakage)."""
     from components.data.demo import write_demo
+    from components.data.readers import read_prompts
+    from components.data.schemas import normalise_text
 
+    evals = {normalise_text(p) for p in read_prompts(cfg.data_path, "eval")}
     tmp = Path(tempfile.mkdtemp(prefix="rlhf-grow-"))
-    write_demo(replace(cfg.data, seed=seed, n_preferences=n, n_feedback=0), tmp)
+    write_demo(replace(cfg.data, seed=seed, n_preferences=2 * n, n_feedback=0), tmp)
     rows = [json.loads(line) for shard in sorted((tmp / "preferences").glob("*.jsonl")) for line in shard.open()]
+    rows = [r for r in rows if normalise_text(r["prompt"]) not in evals][:n]
     out.write_text("".join(json.dumps(r | {"id": f"grow-{seed}-{i}"}) + "\n" for i, r in enumerate(rows)))
     shutil.rmtree(tmp)
     return out
@@ -92,7 +97,10 @@ def head_to_head(cfg, inc, full) -> dict[str, float]:
     specs = [PolicySpec("incremental", inc.sft.dir, inc.policy.dir), PolicySpec("full", full.sft.dir, full.policy.dir)]
     prompts = read_prompts(Path(full.data.path), "eval")
     evals = evaluate_policies(specs, full.sft.dir, full.reward.dir, prompts, cfg.gate, cfg.model)
-    return {"win_rate_vs_full": win_rate(evals["incremental"].rewards, evals["full"].rewards)}
+    return {
+        "win_rate_vs_full": win_rate(evals["incremental"].rewards, evals["full"].rewards),
+        **{f"{p}/{k}_same_scorer": evals[p].metrics[k] for p in evals for k in ("reward_mean", "judge_mean")},
+    }
 
 
 def measure(cfg, s, old: set[str]) -> dict:
@@ -130,23 +138,33 @@ def one_seed(seed: int, growth: list[float], keep: Path | None) -> dict:
     first = run(inc_cfg)
     old = set(manifest(Path(first.data.path)))
     out: dict = {"first": {"stages_s": stage_seconds(first.run_id)}, "steps": []}
+    parent = first
     n_demo = inc_cfg.data.n_preferences
     for step, fraction in enumerate(growth, 1):
         batch = new_comparisons(inc_cfg, round(fraction * n_demo), 1000 * seed + step, root / f"grow-{step}.jsonl")
         ingested = ingest_flow(inc_cfg, str(batch), "preferences", return_state=True)
         assert ingested.is_completed(), ingested.message
+        # the champion the incremental line continues from, on the grown data (before a later run prunes its dirs)
+        grown = Path(inc_cfg.data_path)
+        before = {
+            "rm_accuracy_old": rm_accuracy(inc_cfg, parent.sft.dir, parent.reward.dir, grown, lambda sh: sh in old),
+            "rm_accuracy_new": rm_accuracy(inc_cfg, parent.sft.dir, parent.reward.dir, grown, lambda sh: sh not in old),
+            "judge_mean": parent.gate.eval["candidate"].get("judge_mean"),
+        }
         inc, full = run(inc_cfg), run(full_cfg)
         assert inc.mode == "incremental" and full.mode == "full", (inc.mode_reason, full.mode_reason)
         row = {
             "step": step,
             "fraction": fraction,
             "ingest": ingested.message,
+            "parent": before,
             "incremental": measure(inc_cfg, inc, old),
             "full": measure(full_cfg, full, old),
             **head_to_head(full_cfg, inc, full),
         }
         out["steps"].append(row)
         print(json.dumps(row, indent=1))
+        parent = inc
     if keep is None:
         shutil.rmtree(root, ignore_errors=True)
     return out
@@ -167,7 +185,10 @@ def summarise(per_seed: dict[int, dict]) -> list[dict]:
             for line in ("incremental", "full"):
                 vals = [r[line][key] for r in rows if key in r[line]]
                 entry[f"{line}/{key}"] = stats(vals)
-        entry["win_rate_vs_full"] = stats([r["win_rate_vs_full"] for r in rows])
+        for key in ("rm_accuracy_old", "rm_accuracy_new", "judge_mean"):
+            entry[f"parent/{key}"] = stats([r["parent"][key] for r in rows if r["parent"].get(key) is not None])
+        for key in ("incremental/judge_mean_same_scorer", "full/judge_mean_same_scorer", "win_rate_vs_full"):
+            entry[key] = stats([r[key] for r in rows])
         inc_t = [training_seconds(r["incremental"]["stages_s"]) for r in rows]
         full_t = [training_seconds(r["full"]["stages_s"]) for r in rows]
         entry["incremental/training_s"], entry["full/training_s"] = stats(inc_t), stats(full_t)

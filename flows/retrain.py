@@ -165,7 +165,8 @@ def pipeline(cfg: Config, slot: RetrainSlot | None = None) -> State:
 
 def nothing_to_do(cfg: Config, data: DataState, s: RetrainSummary) -> State | None:
     """A final state when this data and config were trained before: the champion has them ("nothing
-    new"), or a rolled-back version has them (a rollback holds until the data or config change)."""
+    new"), or a rolled-back version has them (a rollback holds until the data or config change). A champion trained
+    incrementally does not make `retrain.mode=full` on its data "nothing new": a full retrain is what was asked."""
     name = cfg.tracking.registered_model_name
     if (held := registry.rolled_back_like(name, data.version, config_hash(cfg))) is not None:
         s.held_by_rollback = str(held.version)
@@ -182,6 +183,8 @@ def nothing_to_do(cfg: Config, data: DataState, s: RetrainSummary) -> State | No
         )
     champion = registry.alias_version(name, registry.CHAMPION)
     tags = registry.version_tags(name, champion) if champion else {}
+    if tags.get("retrain_mode") == "incremental" and cfg.retrain.mode == "full":
+        return None  # the weekly full retrain beside nightly incremental ones: the same data, trained from scratch
     if tags.get("data_version") == data.version and tags.get("config_hash") == config_hash(cfg):
         s.nothing_new = champion
         return finish(
@@ -196,9 +199,11 @@ def nothing_to_do(cfg: Config, data: DataState, s: RetrainSummary) -> State | No
 
 def prune(cfg: Config, outputs: list[StageOutput]) -> None:
     """Mark this run's stage dirs recently used, and prune the others beyond `infra.keep_stage_outputs`; the same
-    for the inputs downloaded from other machines (flows/locations.prune_inputs)."""
+    for the inputs downloaded from other machines (flows/locations.prune_inputs) and the fetched champions."""
     if removed := prune_inputs(cfg):
         get_run_logger().info("pruned %d downloaded input(s) beyond the most recently used", len(removed))
+    # the champions fetched for evaluation and warm starts (<state>/champions/<name>-v<N>): the most recently used
+    prune_stage_outputs(cfg.state_path / "champions", cfg.infra.keep_stage_outputs, set())
     if cfg.infra.training_pool:  # the outputs are on the workers (each prunes its own)
         return
     in_use = {stage_root(cfg, out.dir).resolve() for out in outputs}

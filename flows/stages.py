@@ -463,7 +463,7 @@ def evaluate(
         champion_version = registry.alias_version(name, registry.CHAMPION)
         specs = [PolicySpec("sft", sft_dir), PolicySpec("candidate", sft_dir, policy_dir)]
         if champion_version is not None:  # the champion's own base + adapter, from its self-contained model
-            paths = registry.download_version(name, champion_version)
+            paths = registry.fetch_version(name, champion_version, cfg.state_path / "champions")  # once per version
             specs.append(PolicySpec("champion", paths["base"], paths.get("adapter")))
         evals = evaluate_policies(
             specs, sft_dir, reward_dir, read_prompts(Path(data.path), "eval"), cfg.gate, cfg.model

@@ -332,20 +332,13 @@ def fetch_version(registered_name: str, version: str, root: Path) -> dict[str, s
             tmp.rename(dest)
         except OSError:  # another process fetched it meanwhile: theirs is as good
             shutil.rmtree(tmp, ignore_errors=True)
+    os.utime(dest)  # recently used: kept by the pruning of `<state>/champions` (flows/retrain.prune)
     paths = artifact_paths(dest)
     if "warm_start" in paths:
         (Path(paths["warm_start"]) / "registered.json").write_text(
             json.dumps({"name": registered_name, "version": version})
         )
     return paths
-
-
-def download_version(registered_name: str, version: str) -> dict[str, str]:
-    """A registered version's artifacts on local disk: {"base": ..., "adapter": ...}."""
-    import mlflow
-
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{registered_name}/{version}"))
-    return artifact_paths(local)
 
 
 def artifact_paths(model_dir: Path) -> dict[str, str]:

@@ -14,7 +14,7 @@ Why not TRL's DPOTrainer / KTOTrainer (both would fit the loss):
   - a ranking of K responses is C(K,2) pairs weighted 1/C(K,2), so one ranking counts as one example, as in the
     reward model; DPOTrainer has no per-pair weight, and it encodes each pair's two sequences, 2 * C(K,2) forwards
     for a ranking, where this stage encodes each distinct response once (K forwards; `reward.index_comparisons`);
-  - the roles on one base as every policy stage has them (`ppo.build_policy_roles`: the reference is the adapters
+  - the roles on one base as every policy stage has them (`policy_run.build_policy_roles`: the reference is the adapters
     disabled, which TRL does too with peft, and the reward model a frozen adapter for the held-out evaluation),
     the same checkpoints and resume, the same held-out evaluation and PPO's output layout, so the flow caches,
     resumes, gates, registers and serves the result unchanged;
@@ -38,7 +38,6 @@ policy vs reference as PPO reports them (`<method>/eval_reward`, `eval_kl`, ...)
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,7 +50,6 @@ from components.config import DataConfig, DirectConfig, DPOConfig, KTOConfig, Mo
 from components.data.readers import Feedback, Pair, read_feedback, read_preferences, read_prompts
 from components.models.chat import prompt_and_response, render_prompt
 from components.models.generation import Rollout, left_pad
-from components.models.loading import resolve_device
 from components.models.roles import REFERENCE
 from components.models.scoring import logprobs_of
 from components.training import checkpoint
@@ -64,13 +62,11 @@ from components.training.direct_math import (
     sequence_logprob,
     weighted_mean,
 )
+from components.training.policy_run import start_policy_run, write_policy_outputs
 from components.training.ppo import (
-    PolicyCheckpoints,
     PPODivergence,
-    build_policy_roles,
     evaluate_policy_vs_reference,
     policy_logits,
-    write_policy_outputs,
 )
 from components.training.reward import binary_auc, index_comparisons
 
@@ -322,27 +318,14 @@ def train_direct(
         )
     steps = planned_steps(cfg, len(train))
     eval_prompts = read_prompts(data_dir, "eval")
-    device = resolve_device(model_cfg.device)
-    torch.manual_seed(seed)  # peft's LoRA init draws from the global RNG
-    roles = build_policy_roles(ppo_cfg, model_cfg, sft_dir, reward_dir, device, warm_from)
-    disable_dropout(roles.model)
-    params = [p for p in roles.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+    run = start_policy_run(
+        {method: asdict(cfg)}, ppo_cfg, model_cfg, sft_dir, reward_dir, data_dir, out_dir, seed, warm_from,
+        cfg.learning_rate, {"n_train": len(train)}, prepare=lambda roles: disable_dropout(roles.model),
+    )  # fmt: skip
+    roles, params, optimizer, final, checkpoints = run.roles, run.params, run.optimizer, run.final, run.checkpoints
+    assert optimizer is not None  # a learning rate was given
+    start, history = run.start, run.history
     ns = method
-
-    final = out_dir / "final"
-    shutil.rmtree(final, ignore_errors=True)  # never leave an older policy where this run's belongs
-    fp = checkpoint.fingerprint(
-        {method: asdict(cfg), "ppo": asdict(ppo_cfg)},
-        sft_dir=str(sft_dir),
-        data=str(data_dir),
-        seed=seed,
-        n_train=len(train),
-        model=model_cfg.name_or_path,
-        **({"warm_from": str(warm_from)} if warm_from else {}),
-    )
-    checkpoints = PolicyCheckpoints(roles, out_dir, fp, optimizer)
-    start, history = checkpoints.resume()
 
     batch_loss = dpo_batch if method == "dpo" else kto_batch
     roles.model.train()

@@ -31,7 +31,6 @@ PPO's layout (`final/policy`).
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,20 +41,17 @@ from tqdm.auto import tqdm
 from components.config import GroupRLConfig, ModelConfig, PPOConfig
 from components.data.readers import read_prompts
 from components.models.generation import Rollout
-from components.models.loading import resolve_device
 from components.models.roles import lora_merged
 from components.training import checkpoint
 from components.training.callbacks import log_table_to_active_run, log_to_active_run
+from components.training.policy_run import start_policy_run, write_policy_outputs
 from components.training.ppo import (
-    PolicyCheckpoints,
     PPODivergence,
-    build_policy_roles,
     evaluate_policy_vs_reference,
     penalise_missing_eos,
     policy_logits,
     reference_logprobs,
     scores_for,
-    write_policy_outputs,
 )
 from components.training.ppo_math import (
     entropy_from_logits,
@@ -195,27 +191,14 @@ def train_group_rl(
     prompts, eval_prompts = read_prompts(data_dir, "prompts"), read_prompts(data_dir, "eval")
     if not prompts:
         raise ValueError(f"{algorithm} needs prompts under {data_dir}/prompts")
-    device = resolve_device(model_cfg.device)
-    torch.manual_seed(seed)  # peft's LoRA init draws from the global RNG
-    roles = build_policy_roles(ppo_cfg, model_cfg, sft_dir, reward_dir, device, warm_from)
-    params = [p for p in roles.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, eps=1e-5)
+    run = start_policy_run(
+        {algorithm: asdict(cfg)}, ppo_cfg, model_cfg, sft_dir, reward_dir, data_dir, out_dir, seed, warm_from,
+        cfg.learning_rate, {"reward_dir": str(reward_dir), "n_prompts": len(prompts)}, adam_eps=1e-5,
+    )  # fmt: skip
+    roles, params, optimizer, final, checkpoints = run.roles, run.params, run.optimizer, run.final, run.checkpoints
+    assert optimizer is not None  # a learning rate was given
+    start, history = run.start, run.history
     ns, k = algorithm, cfg.samples_per_prompt
-
-    final = out_dir / "final"
-    shutil.rmtree(final, ignore_errors=True)  # never leave an older policy where this run's belongs
-    fp = checkpoint.fingerprint(
-        {algorithm: asdict(cfg), "ppo": asdict(ppo_cfg)},
-        sft_dir=str(sft_dir),
-        reward_dir=str(reward_dir),
-        data=str(data_dir),
-        seed=seed,
-        n_prompts=len(prompts),
-        model=model_cfg.name_or_path,
-        **({"warm_from": str(warm_from)} if warm_from else {}),
-    )
-    checkpoints = PolicyCheckpoints(roles, out_dir, fp, optimizer)
-    start, history = checkpoints.resume()
 
     bar = tqdm(range(start, cfg.steps), desc=algorithm.upper(), initial=start, total=cfg.steps, unit="step")
     for step in bar:

@@ -185,62 +185,6 @@ def build_roles(
     return roles
 
 
-def build_policy_roles(
-    cfg: PPOConfig, model_cfg: ModelConfig, sft_dir: str, reward_dir: str | None, device, warm_from: str | None = None
-) -> Roles:
-    """PPO's roles without a critic, for the policy stages that need none (rejection sampling, GRPO, RLOO, DPO, KTO):
-    the policy adapter (trainable, active; the champion's with `warm_from`), the reward model, the reference as the
-    adapters disabled."""
-    critic_free = replace(cfg, value_init="fresh", value_model="adapter")
-    roles = build_roles(critic_free, model_cfg, sft_dir, reward_dir, device, warm_from)
-    roles.model.delete_adapter("value")
-    roles.value_head, roles.trainable = None, frozenset({"policy"})  # in place: a reward built on roles keeps them
-    roles.model.set_adapter("policy")
-    return roles
-
-
-def write_policy_outputs(
-    roles: Roles, final: Path, stage: str, metrics: dict[str, float], history: list[dict[str, float]]
-) -> str:
-    """A critic-free policy stage's outputs in PPO's layout: everything to a tmp dir, one rename to `final/`, then
-    `COMPLETE.json` in the stage's out_dir. -> the policy adapter's dir (`final/policy`)."""
-    tmp = final.with_name(".final-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    roles.model.save_pretrained(tmp, selected_adapters=["policy"], safe_serialization=True)  # tmp/policy
-    roles.tok.save_pretrained(tmp / "policy")
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (tmp / "history.json").write_text(json.dumps(history))
-    tmp.rename(final)
-    checkpoint.mark_complete(final.parent, {"stage": stage, "outputs": [final.name], "metrics": metrics})
-    return str(final / "policy")
-
-
-class PolicyCheckpoints:
-    """A critic-free policy stage's checkpoints (rejection sampling, GRPO, RLOO, DPO, KTO) under
-    `out_dir/checkpoints`: the policy adapter and the trainer state (the optimizer if any, the history, the RNG),
-    resumed when the fingerprint matches."""
-
-    def __init__(self, roles: Roles, out_dir: Path, fp: str, optimizer: torch.optim.Optimizer | None = None):
-        self.roles, self.root, self.fp = roles, out_dir / "checkpoints", fp
-        self.stateful = {"optimizer": optimizer} if optimizer is not None else {}
-        checkpoint.recover(self.root)  # what a kill left mid-save, put right before anything reads a checkpoint
-
-    def resume(self) -> tuple[int, list[dict[str, float]]]:
-        """-> (the step to start from, the history so far); (0, []) without a checkpoint of this fingerprint."""
-        start, state = checkpoint.resume(self.root, self.fp, self._restore, **self.stateful)
-        return start, list(state.get("history", []))
-
-    def save(self, step: int, history: list[dict[str, float]]) -> None:
-        checkpoint.save(self.root, step, self.fp, lambda d: self._write(d, history))
-
-    def _restore(self, ckpt: Path) -> None:
-        checkpoint.load_adapter_weights(self.roles.model, ckpt / "adapters" / "policy", adapter_name="policy")
-
-    def _write(self, d: Path, history: list[dict[str, float]]) -> None:
-        self.roles.model.save_pretrained(str(d / "adapters"), selected_adapters=["policy"], safe_serialization=True)
-        checkpoint.save_trainer_state(d, **self.stateful, history=history, rng=checkpoint.rng_state())
-
-
 def kl_controller(cfg: PPOConfig) -> AdaptiveKLController | PIDKLController:
     """The KL coefficient's controller (`ppo.kl_controller`): pid | ziegler | fixed."""
     if cfg.kl_controller == "pid":

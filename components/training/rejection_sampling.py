@@ -38,17 +38,14 @@ from components.config import ModelConfig, PPOConfig, RejectionSamplingConfig
 from components.data.readers import read_prompts
 from components.models import chat
 from components.models.generation import Rollout, sample
-from components.models.loading import resolve_device
 from components.training import checkpoint
 from components.training.callbacks import log_table_to_active_run, log_to_active_run
+from components.training.policy_run import start_policy_run, write_policy_outputs
 from components.training.ppo import (
-    PolicyCheckpoints,
-    build_policy_roles,
     evaluate_policy_vs_reference,
     penalise_missing_eos,
     response_kl,
     scores_for,
-    write_policy_outputs,
 )
 
 
@@ -210,24 +207,11 @@ def train_rejection_sampling(
     prompts, eval_prompts = read_prompts(data_dir, "prompts"), read_prompts(data_dir, "eval")
     if not prompts:
         raise ValueError(f"rejection sampling needs prompts under {data_dir}/prompts")
-    device = resolve_device(model_cfg.device)
-    torch.manual_seed(seed)  # peft's LoRA init draws from the global RNG
-    roles = build_policy_roles(ppo_cfg, model_cfg, sft_dir, reward_dir, device, warm_from)
-
-    final = out_dir / "final"
-    shutil.rmtree(final, ignore_errors=True)  # never leave an older policy where this run's belongs
-    fp = checkpoint.fingerprint(
-        {"rs": asdict(cfg), "ppo": asdict(ppo_cfg)},
-        sft_dir=str(sft_dir),
-        reward_dir=str(reward_dir),
-        data=str(data_dir),
-        seed=seed,
-        n_prompts=len(prompts),
-        model=model_cfg.name_or_path,
-        **({"warm_from": str(warm_from)} if warm_from else {}),
-    )
-    checkpoints = PolicyCheckpoints(roles, out_dir, fp)  # no optimizer: each round's fine-tune starts its own
-    start, history = checkpoints.resume()
+    run = start_policy_run(  # no optimizer: each round's fine-tune starts its own
+        {"rs": asdict(cfg)}, ppo_cfg, model_cfg, sft_dir, reward_dir, data_dir, out_dir, seed, warm_from, None,
+        {"reward_dir": str(reward_dir), "n_prompts": len(prompts)},
+    )  # fmt: skip
+    roles, final, checkpoints, start, history = run.roles, run.final, run.checkpoints, run.start, run.history
 
     n = cfg.samples_per_prompt
     bar = tqdm(range(start, cfg.rounds), desc="rejection sampling", initial=start, total=cfg.rounds, unit="round")

@@ -85,3 +85,23 @@ def test_against_the_champion_the_guard_reports_and_sft_stays_the_anchor():
     v = decide(drifted, champion, 0.6, "champion v3", GateConfig(), sft=SFT, champion=champion)
     assert v.reasons == ["repeated_word_gain_vs_sft 0.220 > 0.05", "distinct_2_ratio_vs_sft 0.825 < 0.9"]
     assert v.metrics()["gate/repeated_word_gain_vs_champion"] == pytest.approx(0.02)
+
+
+def test_an_incremental_candidate_is_held_to_non_inferiority_and_a_gain_on_the_new_rows():
+    cfg = GateConfig()  # min_reward_gain 0, min_win_rate 0.52, min_judge_gain 0, incremental_margin 0.05
+    close = {"reward_mean": 0.08, "judge_mean": 0.02, "kl": 3.0}  # a little under its parent on every measure
+    learned = {"new_accuracy": 0.80, "new_accuracy_parent": 0.70}
+    # against its parent as a full candidate: refused (win rate 0.48 < 0.52, reward -0.02 < 0, judge -0.03 < 0)
+    assert len(decide(close, BASE, 0.48, "champion v1", cfg).reasons) == 3
+    # incremental: within the margin on each (0.48 >= 0.45, -0.02 >= -0.05, -0.03 >= -0.05) and better on the new rows
+    v = decide(close, BASE, 0.48, "champion v1", cfg, new_data=learned)
+    assert v.passed, v.reasons
+    assert v.metrics()["gate/new_accuracy_gain"] == pytest.approx(0.10) and v.info["new_accuracy_parent"] == 0.70
+    assert "needs >= 0.45" in v.summary() and "needs >= -0.05" in v.summary()
+    # beyond the margin, or nothing learned on the new rows: refused, naming the measure
+    assert decide(close, BASE, 0.44, "x", cfg, new_data=learned).reasons == ["win_rate 0.440 < 0.45"]
+    unlearned = {"new_accuracy": 0.65, "new_accuracy_parent": 0.70}
+    assert decide(close, BASE, 0.48, "x", cfg, new_data=unlearned).reasons == ["new_accuracy_gain -0.050 < 0"]
+    # nothing new held out ({}): the non-inferiority checks alone; an operator's lower win-rate bar still holds
+    assert decide(close, BASE, 0.48, "x", cfg, new_data={}).passed
+    assert decide(close, BASE, 0.2, "x", GateConfig(min_win_rate=0.1), new_data={}).reasons == []

@@ -135,6 +135,17 @@ def test_thumbs_on_served_answers_train_again_and_compare_against_the_champion(t
         "2",
     ]
 
+    # retrain.mode=incremental where the champion cannot be continued from (another config): one sentence, no training
+    from components.config import compose
+
+    refused = retrain(
+        compose([*project.overrides, "retrain.mode=incremental", "ppo.temperature=0.9"]), return_state=True
+    )
+    assert refused.is_failed() and refused.message == (
+        "retrain.mode=incremental: the config differs from champion v2's; run `rlhf run retrain.mode=full` (or "
+        "retrain.mode=auto, which decides per run); no training ran"
+    )
+
     # rollback holds: the same data and config do not promote the rolled-back policy again
     from cli.main import main
 

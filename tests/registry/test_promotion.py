@@ -153,3 +153,27 @@ def test_rlhf_rollback_moves_champion_only_under_the_retrain_slot(project, capsy
     assert main(argv) == 0, capsys.readouterr().err
     assert f"moved from v{v2} back to v{v1}" in capsys.readouterr().out
     assert alias_version(name, CHAMPION) == v1 and "slot generation" in registry.version_tags(name, v2)["rolled_back"]
+
+
+def test_a_full_retrain_on_an_incremental_champions_data_is_not_nothing_new(project):
+    """The weekly `retrain.mode=full` beside nightly incremental ones: on the data an incremental champion was trained
+    on it trains from scratch; on a full champion's data and config it is "nothing new", as any retrain."""
+    from dataclasses import replace
+
+    from flows.caching import config_hash
+    from flows.retrain import nothing_to_do
+
+    name = "full-after-incremental"
+    cfg = replace(project, tracking=replace(project.tracking, registered_model_name=name))
+    full = replace(cfg, retrain=replace(cfg.retrain, mode="full"))
+    assert config_hash(full) == config_hash(cfg)  # the mode is not the config
+    v1 = new_version(name)
+    registry.promote(name, v1, approver="auto")
+    s = summary(cfg, None)
+    registry.tag_version(name, v1, {"data_version": s.data.version, "config_hash": config_hash(cfg)})
+    with mlflow.start_run():
+        registry.tag_version(name, v1, {"retrain_mode": "incremental"})
+        assert nothing_to_do(cfg, s.data, s).message.startswith(f"nothing new: champion v{v1}")  # auto
+        assert nothing_to_do(full, s.data, s) is None
+        registry.tag_version(name, v1, {"retrain_mode": "full"})
+        assert nothing_to_do(full, s.data, s).message.startswith(f"nothing new: champion v{v1}")

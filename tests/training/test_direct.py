@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from components.config import DPOConfig, KTOConfig, ModelConfig, PPOConfig
 from components.models.roles import REFERENCE
 from components.models.scoring import logprobs_of
-from components.training import checkpoint, direct
+from components.training import checkpoint, direct, policy_run
 from components.training.direct import (
     check_config,
     data_problem,
@@ -171,7 +171,7 @@ def trained(request, stages, reward, tmp_path_factory):
     ppo = replace(cfg.ppo, eval_max_prompts=32)
     built: list = []
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(direct, "build_policy_roles", keeping_roles(direct, built))
+        m.setattr(policy_run, "build_policy_roles", keeping_roles(policy_run, built))
         result = train_direct(
             method,
             settings,

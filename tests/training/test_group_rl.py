@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from components.config import GroupRLConfig
-from components.training import checkpoint, group_rl
+from components.training import checkpoint, group_rl, policy_run
 from components.training.direct import device_of, encode_responses
 from components.training.group_rl import check_config, train_group_rl
 from components.training.ppo import policy_logits, reference_logprobs
@@ -74,7 +74,7 @@ def trained(request, stages, reward, tmp_path_factory):
     ppo = replace(cfg.ppo, eval_max_prompts=32)
     built: list = []
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(group_rl, "build_policy_roles", keeping_roles(group_rl, built))
+        m.setattr(policy_run, "build_policy_roles", keeping_roles(policy_run, built))
         result = train_group_rl(
             algorithm, settings, ppo, cfg.model, stages.sft_dir, reward.head_dir, cfg.data_path, out
         )

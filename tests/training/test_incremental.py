@@ -15,7 +15,8 @@ from components.data.lineage import manifest
 from components.data.readers import read_preferences
 from components.models import warm_start
 from components.models.roles import ScalarHead
-from components.training.ppo import build_policy_roles, build_roles
+from components.training.policy_run import build_policy_roles
+from components.training.ppo import build_roles
 from components.training.reward import train_reward
 
 
