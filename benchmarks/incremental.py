@@ -69,7 +69,10 @@ def new_comparisons(cfg, n: int, seed: int, out: Path) -> Path:
 def stage_seconds(run_id: str) -> dict[str, float]:
     import mlflow
 
-    children = mlflow.search_runs(filter_string=f"tags.mlflow.parentRunId = '{run_id}'", output_format="list")
+    experiment = mlflow.get_run(run_id).info.experiment_id
+    children = mlflow.search_runs(
+        [experiment], filter_string=f"tags.mlflow.parentRunId = '{run_id}'", output_format="list"
+    )
     return {c.data.tags["stage"]: (c.info.end_time - c.info.start_time) / 1000 for c in children}
 
 

@@ -418,12 +418,14 @@ class GateConfig:
     # their disagreement on SFT's (answers the reward model cannot judge reliably)
     max_disagreement_ratio: Optional[float] = 2.0
     # an incremental candidate (retrain.mode) is its champion trained on a little further: a win rate of 0.52 against
-    # its own parent is rarely reached. It must be non-inferior instead - win rate >= 0.5 - margin, reward and judge
-    # gains >= their minimum - margin - and better on what is new: its reward model's accuracy on the held-out new
-    # comparisons at least min_new_accuracy_gain above the champion's reward model's on the same comparisons. The
-    # degeneration guard against SFT is the same as for any candidate
+    # its own parent is rarely reached. It must be non-inferior instead - win rate >= 0.5 - margin, judge gain >= its
+    # minimum - margin, reward gain >= its minimum - max(margin, 2 standard errors of the per-prompt difference) - and
+    # hold what is new: its reward model's accuracy on the held-out new comparisons at most -min_new_accuracy_gain
+    # under the champion's reward model's on the same comparisons (on the demo's 20 held-out new comparisons per 200
+    # the accuracy's standard error is ~0.07; the champion's already scores them 0.88). The degeneration guard against
+    # SFT is the same as for any candidate
     incremental_margin: float = 0.05
-    min_new_accuracy_gain: Optional[float] = 0.0  # null: not gated
+    min_new_accuracy_gain: Optional[float] = -0.05  # null: not gated
     # evaluation
     judge: Optional[str] = "components.evaluation.judges:sentiment"  # f(prompts, responses) -> scores; not the RM
     max_prompts: int = 200

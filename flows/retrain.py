@@ -114,25 +114,25 @@ def pipeline(cfg: Config, slot: RetrainSlot | None = None) -> State:
 
         # 3. full or incremental (retrain.mode): does today's data only add to the champion's?
         try:
-            p = incremental.plan(cfg, data)
+            plan = incremental.plan(cfg, data)
         except incremental.IncrementalRefused as e:
             return finish(s, "incremental refused", Failed(message=f"{e}; no training ran", data=s))
-        s.mode, s.mode_reason, s.parent = p.mode, p.decision.reason, (p.parent if p.incremental else None)
-        mlflow.set_tags({"retrain_mode": p.mode, "retrain_mode_reason": p.decision.reason[:500]})
-        if p.incremental:
-            mlflow.set_tag("incremental_parent", f"v{p.parent}")
-        get_run_logger().info("%s retrain: %s", p.mode, p.decision.reason)
+        s.mode, s.mode_reason, s.parent = plan.mode, plan.decision.reason, (plan.parent if plan.incremental else None)
+        mlflow.set_tags({"retrain_mode": plan.mode, "retrain_mode_reason": plan.decision.reason[:500]})
+        if plan.incremental:
+            mlflow.set_tag("incremental_parent", f"v{plan.parent}")
+        get_run_logger().info("%s retrain: %s", plan.mode, plan.decision.reason)
 
         # 4. train: base -> SFT -> reward model -> policy (unchanged stages: cached). Incremental: the champion's SFT
         # model, its reward model and policy trained on with the new data
         try:
-            if p.incremental:
-                assert p.sft_dir is not None and p.warm_from is not None
-                s.sft = StageOutput(p.sft_dir, "", {}, cached=True)
+            if plan.incremental:
+                assert plan.sft_dir is not None and plan.warm_from is not None
+                s.sft = StageOutput(plan.sft_dir, "", {}, cached=True)
                 train_cfg = incremental.incremental_config(cfg)
-                s.reward = run_stage(reward_model, train_cfg, data, s.sft.dir, run_id, warm_from=p.warm_from)
+                s.reward = run_stage(reward_model, train_cfg, data, s.sft.dir, run_id, warm_from=plan.warm_from)
                 policy_args = (pin_guide(train_cfg), data, s.sft.dir, s.reward.dir, run_id)
-                s.policy = run_stage(policy_stage(cfg), *policy_args, warm_from=p.warm_from)
+                s.policy = run_stage(policy_stage(cfg), *policy_args, warm_from=plan.warm_from)
             else:
                 s.base = base_model(cfg, data, run_id)
                 s.sft = run_stage(sft, cfg, data, s.base, run_id)
@@ -141,13 +141,15 @@ def pipeline(cfg: Config, slot: RetrainSlot | None = None) -> State:
         except PPODivergence as e:
             return finish(s, "PPO diverged", Failed(message=str(e), data=s))
         trained = (("sft", s.sft), ("reward-model", s.reward), (policy_stage(cfg).name, s.policy))
-        s.cached = [name for name, out in trained if out.cached and not (p.incremental and name == "sft")]
-        prune(cfg, [s.reward, s.policy] if p.incremental else [s.sft, s.reward, s.policy])
+        s.cached = [name for name, out in trained if out.cached and not (plan.incremental and name == "sft")]
+        prune(cfg, [s.reward, s.policy] if plan.incremental else [s.sft, s.reward, s.policy])
 
         # 5. evaluate against the champion and gate (an incremental candidate: non-inferior, and better on what is new)
-        new_data = incremental.new_data_measures(s.reward.metrics) if p.incremental else None
+        new_data = incremental.new_data_measures(s.reward.metrics) if plan.incremental else None
         s.gate = gate(cfg, evaluate(cfg, data, s.sft.dir, s.reward.dir, s.policy.dir, run_id), new_data)
-        log_on_parent(s.gate.gate_metrics | {f"eval/{p}/{k}": v for p, m in s.gate.eval.items() for k, v in m.items()})
+        log_on_parent(
+            s.gate.gate_metrics | {f"eval/{who}/{k}": v for who, m in s.gate.eval.items() for k, v in m.items()}
+        )
         mlflow.set_tag("champion_compared", s.gate.champion_version or "none")
         if not s.gate.passed:
             return finish(
@@ -157,7 +159,7 @@ def pipeline(cfg: Config, slot: RetrainSlot | None = None) -> State:
         # 6. register (alias challenger), then promote: at once, or after a person approves; each under the fence
         if stop := before_register(cfg, s, slot):
             return stop
-        lineage = incremental.lineage_of(p, cfg, data)
+        lineage = incremental.lineage_of(plan, cfg, data)
         s.registered = register(cfg, data, s.sft.dir, s.policy.dir, s.reward.dir, s.gate, run_id, lineage)
         registry.tag_version(s.registered.name, s.registered.version, {registry.SLOT_GENERATION: s.slot_generation})
         return promote(cfg, s, slot)

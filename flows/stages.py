@@ -24,7 +24,7 @@ from components.config import Config
 from components.data.readers import read_prompts
 from components.data.validation import validate_dataset
 from components.data.versioning import DataState, pinned_data
-from components.evaluation.evaluate import PolicySpec, evaluate_policies, generations_table, win_rate
+from components.evaluation.evaluate import PolicySpec, evaluate_policies, generations_table, paired_se, win_rate
 from components.evaluation.gate import decide
 from components.models.demo_base import build_demo_base
 from components.registry import registry
@@ -486,12 +486,14 @@ def gate(cfg: Config, ev: Evaluation, new_data: dict[str, float] | None = None) 
     `new_data`: an incremental candidate's evidence on the new rows (flows/incremental.new_data_measures), which
     makes it the incremental gate. The verdict goes on the evaluation's MLflow run (wherever that ran)."""
     baseline = "champion" if ev.champion_version else "sft"
+    if new_data is not None and baseline == "champion":  # the noise of the mean reward gain, per prompt
+        new_data = new_data | {"reward_gain_se": paired_se(ev.rewards["candidate"], ev.rewards["champion"])}
     verdict = decide(
         ev.eval["candidate"],
         ev.eval[baseline],
         win_rate(ev.rewards["candidate"], ev.rewards[baseline]),
         (f"champion v{ev.champion_version}" if ev.champion_version else "the SFT policy")
-        + (" (incremental gate: non-inferior, better on the new rows)" if new_data is not None else ""),
+        + (" (incremental gate: non-inferior, holds the new rows)" if new_data is not None else ""),
         cfg.gate,
         sft=ev.eval.get("sft"),
         champion=ev.eval.get("champion"),

@@ -43,6 +43,17 @@ def win_rate(a: list[float], b: list[float]) -> float:
     return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)) / max(1, len(a))
 
 
+def paired_se(a: list[float], b: list[float]) -> float:
+    """The standard error of mean(a) - mean(b) over paired samples (the same prompts): std(a - b) / sqrt(n).
+
+    a = [1, 2, 3], b = [0, 2, 2]: differences 1, 0, 1, std (n - 1) = 0.5774, / sqrt(3) = 0.3333
+    """
+    import statistics
+
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    return statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+
+
 def load_policy(spec: PolicySpec, model_cfg: ModelConfig):
     from peft import PeftModel
 

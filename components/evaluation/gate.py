@@ -78,22 +78,27 @@ def decide(
     operator's reward.ensemble. With an ensemble configured and a disagreement check on, a missing measure fails
     closed (`disagreement_measured` 0 < 1): evidence the operator asked for and did not get is not a pass.
 
-    new_data: an incremental candidate's reward-model accuracy on the held-out new rows and its champion's on the same
-    rows ({"new_accuracy", "new_accuracy_parent"}; {} when none was held out): the incremental gate. Against its own
-    parent the candidate must be non-inferior - win rate >= min(min_win_rate, 0.5 - incremental_margin), reward and
-    judge gains >= their minimum - incremental_margin - and better on the new rows (new_accuracy_gain >=
-    min_new_accuracy_gain). The guard against SFT is the same."""
-    margin = cfg.incremental_margin if new_data is not None else 0.0
-    min_win = min(cfg.min_win_rate, 0.5 - margin) if new_data is not None else cfg.min_win_rate
+    new_data: an incremental candidate's evidence (flows/incremental.new_data_measures and the gate task): its reward
+    model's accuracy on the held-out new rows and its champion's on the same rows ("new_accuracy",
+    "new_accuracy_parent"; absent when none was held out) and the standard error of the per-prompt reward difference
+    against the champion ("reward_gain_se"): the incremental gate. Against its own parent the candidate must be
+    non-inferior - win rate >= min(min_win_rate, 0.5 - incremental_margin), judge gain >= min_judge_gain -
+    incremental_margin, reward gain >= min_reward_gain - max(incremental_margin, 2 x reward_gain_se) - and hold the new
+    rows (new_accuracy_gain >= min_new_accuracy_gain). The guard against SFT is the same."""
+    incremental = new_data is not None
+    new_data = {k: v for k, v in (new_data or {}).items()}
+    margin = cfg.incremental_margin if incremental else 0.0
+    min_win = min(cfg.min_win_rate, 0.5 - margin) if incremental else cfg.min_win_rate
+    reward_margin = max(margin, 2 * new_data.get("reward_gain_se", 0.0)) if incremental else 0.0
     checks = [
-        ("reward_gain", candidate["reward_mean"] - baseline["reward_mean"], "min", cfg.min_reward_gain - margin),
+        ("reward_gain", candidate["reward_mean"] - baseline["reward_mean"], "min", cfg.min_reward_gain - reward_margin),
         ("win_rate", win_rate, "min", min_win),
         ("kl", candidate["kl"], "max", cfg.max_kl),
     ]
     if cfg.min_judge_gain is not None and "judge_mean" in candidate and "judge_mean" in baseline:
         judge_gain = candidate["judge_mean"] - baseline["judge_mean"]
         checks.append(("judge_gain", judge_gain, "min", cfg.min_judge_gain - margin))
-    if new_data and cfg.min_new_accuracy_gain is not None:
+    if "new_accuracy" in new_data and cfg.min_new_accuracy_gain is not None:
         gain = new_data["new_accuracy"] - new_data["new_accuracy_parent"]
         checks.append(("new_accuracy_gain", gain, "min", cfg.min_new_accuracy_gain))
     guard = degeneration_against(candidate, sft or {}, "sft")
@@ -110,6 +115,6 @@ def decide(
     gated = {name for name, *_ in checks}
     info = {k: v for k, v in guard.items() if k not in gated}
     info |= degeneration_against(candidate, champion or {}, "champion")
-    info |= new_data or {}
+    info |= new_data
     rows = [(n, v, op, t, (v >= t) if op == "min" else (v <= t)) for n, v, op, t in checks]
     return Verdict(all(ok for *_, ok in rows), baseline_name, rows, info)

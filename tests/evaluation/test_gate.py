@@ -87,21 +87,35 @@ def test_against_the_champion_the_guard_reports_and_sft_stays_the_anchor():
     assert v.metrics()["gate/repeated_word_gain_vs_champion"] == pytest.approx(0.02)
 
 
-def test_an_incremental_candidate_is_held_to_non_inferiority_and_a_gain_on_the_new_rows():
-    cfg = GateConfig()  # min_reward_gain 0, min_win_rate 0.52, min_judge_gain 0, incremental_margin 0.05
+def test_an_incremental_candidate_is_held_to_non_inferiority_within_its_noise_and_on_the_new_rows():
+    cfg = (
+        GateConfig()
+    )  # min_reward_gain 0, min_win_rate 0.52, min_judge_gain 0, margin 0.05, min_new_accuracy_gain -0.05
     close = {"reward_mean": 0.08, "judge_mean": 0.02, "kl": 3.0}  # a little under its parent on every measure
     learned = {"new_accuracy": 0.80, "new_accuracy_parent": 0.70}
     # against its parent as a full candidate: refused (win rate 0.48 < 0.52, reward -0.02 < 0, judge -0.03 < 0)
     assert len(decide(close, BASE, 0.48, "champion v1", cfg).reasons) == 3
-    # incremental: within the margin on each (0.48 >= 0.45, -0.02 >= -0.05, -0.03 >= -0.05) and better on the new rows
+    # incremental: within the margin on each (0.48 >= 0.45, -0.02 >= -0.05, -0.03 >= -0.05) and holds the new rows
     v = decide(close, BASE, 0.48, "champion v1", cfg, new_data=learned)
     assert v.passed, v.reasons
     assert v.metrics()["gate/new_accuracy_gain"] == pytest.approx(0.10) and v.info["new_accuracy_parent"] == 0.70
     assert "needs >= 0.45" in v.summary() and "needs >= -0.05" in v.summary()
-    # beyond the margin, or nothing learned on the new rows: refused, naming the measure
+    # beyond the margin, or the new rows lost: refused, naming the measure
     assert decide(close, BASE, 0.44, "x", cfg, new_data=learned).reasons == ["win_rate 0.440 < 0.45"]
-    unlearned = {"new_accuracy": 0.65, "new_accuracy_parent": 0.70}
-    assert decide(close, BASE, 0.48, "x", cfg, new_data=unlearned).reasons == ["new_accuracy_gain -0.050 < 0"]
-    # nothing new held out ({}): the non-inferiority checks alone; an operator's lower win-rate bar still holds
+    lost = {"new_accuracy": 0.60, "new_accuracy_parent": 0.70}
+    assert decide(close, BASE, 0.48, "x", cfg, new_data=lost).reasons == ["new_accuracy_gain -0.100 < -0.05"]
+    # the mean reward's margin is at least 2 standard errors of the per-prompt difference: -0.15 against 2 x 0.1
+    worse = {**close, "reward_mean": -0.05}
+    assert decide(worse, BASE, 0.48, "x", cfg, new_data=learned).reasons == ["reward_gain -0.150 < -0.05"]
+    assert decide(worse, BASE, 0.48, "x", cfg, new_data=learned | {"reward_gain_se": 0.1}).passed
+    # nothing new held out: the non-inferiority checks alone; an operator's lower win-rate bar still holds
     assert decide(close, BASE, 0.48, "x", cfg, new_data={}).passed
     assert decide(close, BASE, 0.2, "x", GateConfig(min_win_rate=0.1), new_data={}).reasons == []
+
+
+def test_the_standard_error_of_a_paired_difference_by_hand():
+    from components.evaluation.evaluate import paired_se
+
+    # differences 1, 0, 1: mean 2/3, sample std sqrt(1/3) = 0.57735, / sqrt(3) = 0.33333
+    assert paired_se([1.0, 2.0, 3.0], [0.0, 2.0, 2.0]) == pytest.approx(1 / 3)
+    assert paired_se([1.0], [0.0]) == 0.0
