@@ -1,7 +1,7 @@
 """Full or incremental retraining (`retrain.mode`, issue 40): the plan a retrain follows, against the champion.
 
     plan(cfg, data)             fetch the champion's warm-start bundle, decide (components/data/lineage.py)
-    incremental_config(cfg)     the stages' step counts for continuing: reward.incremental_steps, ppo.incremental_steps, ...
+    incremental_config(cfg)     the stages' steps and rates for continuing: reward.incremental_steps, ppo.incremental_steps, ...
     lineage_of(plan, cfg, data) what the new version's bundle records: today's shards, its parents
     new_data_measures(metrics)  the reward model's accuracy on the new held-out rows, now and the champion's
 
@@ -68,12 +68,17 @@ def plan(cfg: Config, data: DataState) -> Plan:
 
 
 def incremental_config(cfg: Config) -> Config:
-    """`cfg` with the trained stages' step counts for continuing from the champion (never more than a full run's),
-    also as overrides: a multi-process stage composes the same config from them."""
+    """`cfg` with the trained stages' step counts for continuing from the champion (never more than a full run's) and
+    the reward model's and PPO's learning rates for it, also as overrides: a multi-process stage composes the same
+    config from them."""
     alg, p = cfg.policy.algorithm, cfg.policy
-    values: dict[str, int] = {"reward.max_steps": min(cfg.reward.incremental_steps, cfg.reward.max_steps)}
+    values: dict[str, int | float] = {
+        "reward.max_steps": min(cfg.reward.incremental_steps, cfg.reward.max_steps),
+        "reward.learning_rate": cfg.reward.incremental_learning_rate,
+    }
     if alg == "ppo":
         values["ppo.steps"] = min(cfg.ppo.incremental_steps, cfg.ppo.steps)
+        values["ppo.learning_rate"] = cfg.ppo.incremental_learning_rate
     elif alg == "rejection_sampling":
         values["policy.rejection_sampling.rounds"] = min(
             p.rejection_sampling.incremental_rounds, p.rejection_sampling.rounds
