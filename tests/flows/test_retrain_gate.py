@@ -109,8 +109,9 @@ def test_thumbs_on_served_answers_train_again_and_compare_against_the_champion(t
     assert "champion v1's data is contained in today's; 1 new shard(s): feedback/" in s.mode_reason
     rm_run = mlflow.get_run(s.reward.run_id).data
     new_rows = rm_run.metrics["rm/new_rows"]
-    assert 1 <= new_rows <= 6 and rm_run.metrics["rm/replayed_rows"] == 2 * new_rows  # one per new row, of each kind
-    assert rm_run.metrics["rm/train_feedback_rows"] == new_rows + new_rows
+    # replayed: of each kind enough that its 10 steps x 16 rows pass over new + replayed rows at most twice (80 rows)
+    assert 1 <= new_rows <= 6 and rm_run.metrics["rm/replayed_rows"] == 80 + (80 - new_rows)
+    assert rm_run.metrics["rm/train_feedback_rows"] == 80 and rm_run.metrics["rm/train_examples"] == 80
     for stage_run in (rm_run, mlflow.get_run(s.policy.run_id).data):
         assert stage_run.tags["retrain_mode"] == "incremental" and stage_run.tags["incremental_parent"] == "v1"
         assert (stage_run.tags["data_version_before"], stage_run.tags["data_version_after"]) == (before, s.data.version)

@@ -17,7 +17,7 @@ from components.models import warm_start
 from components.models.roles import ScalarHead
 from components.training.policy_run import build_policy_roles
 from components.training.ppo import build_roles
-from components.training.reward import train_reward
+from components.training.reward import replay_size, train_reward
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,11 @@ def test_every_policy_method_starts_from_the_champions_policy_and_ppo_from_its_v
     assert torch.equal(ppo.value_head.linear.weight, value.linear.weight)  # not the reward head's copy
     cold = build_policy_roles(cfg.ppo, cfg.model, stages.sft_dir, reward.head_dir, "cpu")
     assert not all(torch.equal(p, policy_weights(roles)[n]) for n, p in policy_weights(cold).items())
+
+
+def test_the_replay_sample_by_hand():
+    # one earlier row per new row (of both kinds), and at least enough for two passes of the run's draws
+    assert replay_size(1.0, 20, 18, 80 * 16) == 640 - 18  # a few new rows are not fitted on their own
+    assert replay_size(1.0, 200, 182, 20 * 16) == 200
+    assert replay_size(0.5, 200, 0, 10 * 16) == 100  # new thumbs only: the comparisons are still rehearsed
+    assert replay_size(0.0, 5, 5, 8) == 0
