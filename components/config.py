@@ -143,7 +143,8 @@ class RewardConfig:
     ensemble: int = 1
     # an incremental retrain (retrain.mode): the champion's reward model (every member) trains on for this many steps
     # (at most max_steps) on the rows new since the champion's data, plus `replay_ratio` earlier rows per new row
-    # drawn at random from the champion's data, so that what it learned is rehearsed, not forgotten. At 5e-3 (a full
+    # drawn at random from the champion's data (and at least what two passes of its steps need: reward.replay_size),
+    # so that what it learned is rehearsed, not forgotten. At 5e-3 (a full
     # run's rate) it lost more of what it knew: demo + 200 comparisons, seed 0, held-out accuracy old/new 0.874/0.857
     # (its champion's 0.904/0.878); at 1e-3 0.886/0.881
     incremental_steps: int = 80

@@ -479,7 +479,7 @@ class Increment:
     """An incremental retrain's reward data (`train_reward(warm_from=...)`): the rows of the shards new since the
     champion's data, and of the earlier ones a replay sample drawn with the member's seed: of each kind `replay_ratio`
     rows per new row (of either kind, so that new thumbs alone still rehearse the comparisons), and at least enough
-    that the run's steps pass over that kind's training rows at most twice (`replay_floor`). A few new rows are then
+    that the run's steps pass over that kind's training rows at most twice (`replay_size`). A few new rows are then
     not fitted for 80 steps on their own: demo + 20 comparisons (seed 0), one replayed row per new row, held the old
     comparisons at 0.818 against a full retrain's 0.910. Held out: all rows, as a full retrain holds them out, and
     split into new and earlier to show learning and forgetting."""
