@@ -209,6 +209,21 @@ def config_hash(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def training_hash(cfg: Config) -> str:
+    """What the stages train from: `config_hash` without the gate and the settings of an incremental retrain itself
+    (`*incremental_*`, `reward.replay_ratio`). A champion can be continued from (flows/incremental.py) while this is
+    its own: a gate threshold or an incremental step count changed since does not force a full retrain."""
+
+    def strip(node: Any) -> Any:
+        if not isinstance(node, dict):
+            return node
+        return {k: strip(v) for k, v in node.items() if not (k.startswith("incremental_") or k == "replay_ratio")}
+
+    skip = ("tracking", "infra", "root", "overrides", "retrain", "gate")
+    body = strip({k: v for k, v in to_dict(cfg).items() if k not in skip})
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def log_on_parent(metrics: dict[str, float]) -> None:
     """The stages' final metrics also go on the parent run (cached or not), so that retrains of different
     data versions and configs compare side by side in the MLflow UI's run table."""

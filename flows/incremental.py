@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from components.config import Config
-from components.data.lineage import Decision, Parent, decide, manifest
+from components.data.lineage import MODES, Decision, Parent, decide, manifest
 from components.data.versioning import DataState
 from components.models.warm_start import lineage
 from components.registry import registry
-from flows.caching import config_hash
+from flows.caching import config_hash, training_hash
 
 
 class IncrementalRefused(ValueError):
@@ -46,7 +46,10 @@ class Plan:
 
 
 def plan(cfg: Config, data: DataState) -> Plan:
-    """Decide full or incremental; `retrain.mode=incremental` that cannot be is refused (IncrementalRefused)."""
+    """Decide full or incremental; `retrain.mode=incremental` that cannot be, or a mode that is not one, is refused
+    (IncrementalRefused)."""
+    if cfg.retrain.mode not in MODES:
+        raise IncrementalRefused(f"retrain.mode={cfg.retrain.mode!r}: expected {' | '.join(MODES)}")
     today = manifest(Path(data.path))
     name = cfg.tracking.registered_model_name
     champion = registry.alias_version(name, registry.CHAMPION)
@@ -56,7 +59,7 @@ def plan(cfg: Config, data: DataState) -> Plan:
     parent = (
         None if champion is None else Parent(champion, lineage(paths["warm_start"]) if "warm_start" in paths else None)
     )
-    d = decide(cfg.retrain.mode, parent, today, config_hash(cfg), pool=bool(cfg.infra.training_pool))
+    d = decide(cfg.retrain.mode, parent, today, training_hash(cfg), pool=bool(cfg.infra.training_pool))
     if cfg.retrain.mode == "incremental" and not d.incremental:
         raise IncrementalRefused(
             f"retrain.mode=incremental: {d.reason}; run `rlhf run retrain.mode=full` (or retrain.mode=auto, which "
@@ -108,6 +111,7 @@ def lineage_of(p: Plan, cfg: Config, data: DataState) -> dict:
         "manifest": p.manifest,
         "data_version": data.version,
         "config_hash": config_hash(cfg),
+        "training_hash": training_hash(cfg),
         "mode": p.mode,
         "parent": p.parent if p.incremental else None,
         "chain": chain,

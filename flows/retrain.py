@@ -21,6 +21,7 @@ moves it by compare-and-set). Either failing ends the run Failed with one senten
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import mlflow
 from prefect import get_run_logger
@@ -142,11 +143,15 @@ def pipeline(cfg: Config, slot: RetrainSlot | None = None) -> State:
             return finish(s, "PPO diverged", Failed(message=str(e), data=s))
         trained = (("sft", s.sft), ("reward-model", s.reward), (policy_stage(cfg).name, s.policy))
         s.cached = [name for name, out in trained if out.cached and not (plan.incremental and name == "sft")]
-        prune(cfg, [s.reward, s.policy] if plan.incremental else [s.sft, s.reward, s.policy])
+        if plan.incremental:  # the champion continued from stays fetched: its SFT model is this run's
+            prune(cfg, [s.reward, s.policy], Path(s.sft.dir).parent.parent)
+        else:
+            prune(cfg, [s.sft, s.reward, s.policy])
 
         # 5. evaluate against the champion and gate (an incremental candidate: non-inferior, and better on what is new)
-        new_data = incremental.new_data_measures(s.reward.metrics) if plan.incremental else None
-        s.gate = gate(cfg, evaluate(cfg, data, s.sft.dir, s.reward.dir, s.policy.dir, run_id), new_data)
+        ev = evaluate(cfg, data, s.sft.dir, s.reward.dir, s.policy.dir, run_id)
+        continued = plan.incremental and ev.champion_version == plan.parent  # not if champion moved since the plan
+        s.gate = gate(cfg, ev, incremental.new_data_measures(s.reward.metrics) if continued else None)
         log_on_parent(
             s.gate.gate_metrics | {f"eval/{who}/{k}": v for who, m in s.gate.eval.items() for k, v in m.items()}
         )
@@ -199,13 +204,14 @@ def nothing_to_do(cfg: Config, data: DataState, s: RetrainSummary) -> State | No
     return None
 
 
-def prune(cfg: Config, outputs: list[StageOutput]) -> None:
+def prune(cfg: Config, outputs: list[StageOutput], champion: Path | None = None) -> None:
     """Mark this run's stage dirs recently used, and prune the others beyond `infra.keep_stage_outputs`; the same
     for the inputs downloaded from other machines (flows/locations.prune_inputs) and the fetched champions."""
     if removed := prune_inputs(cfg):
         get_run_logger().info("pruned %d downloaded input(s) beyond the most recently used", len(removed))
     # the champions fetched for evaluation and warm starts (<state>/champions/<name>-v<N>): the most recently used
-    prune_stage_outputs(cfg.state_path / "champions", cfg.infra.keep_stage_outputs, set())
+    in_use = {champion.resolve()} if champion else set()
+    prune_stage_outputs(cfg.state_path / "champions", cfg.infra.keep_stage_outputs, in_use)
     if cfg.infra.training_pool:  # the outputs are on the workers (each prunes its own)
         return
     in_use = {stage_root(cfg, out.dir).resolve() for out in outputs}

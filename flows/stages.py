@@ -536,7 +536,10 @@ def register(
         "pipeline_run_id": parent_run_id,
         **{k: f"{v:.4f}" for k, v in gate.gate_metrics.items()},
         **(
-            {"retrain_mode": lineage["mode"], "incremental_parent": lineage["parent"] or "none"}
+            {
+                "retrain_mode": lineage["mode"],
+                "incremental_parent": f"v{lineage['parent']}" if lineage["parent"] else "none",
+            }
             if lineage is not None
             else {}
         ),

@@ -1,13 +1,12 @@
 """Incremental retraining's lineage: what a champion was trained on, and whether today's data only adds to it.
 
 A registered model carries a warm-start bundle (`warm_start/` among its artifacts, components/models/warm_start.py)
-whose `lineage.json` records the shards of the data version it was trained on, each with its md5, its config hash
-and its chain of parents. DVC md5s have no parent link and a project may have no git history, so "today's data
+whose `lineage.json` records the shards of the data version it was trained on, each with its md5, the hash of the
+config it trained from and its chain of parents. DVC md5s have no parent link and a project may have no git history, so "today's data
 contains the champion's" is decided on these shard sets: every shard of the champion's is in today's, unchanged.
 
     manifest(data_dir)                      {"preferences/00001.jsonl": md5, ...}
     decide(mode, parent, manifest, hash)    -> Decision: incremental or full, and the one sentence why
-    new_shards(parent_manifest, data_dir)   the shards a warm start trains on (today's, not the parent's)
 
 Pure apart from reading files: no MLflow, no Prefect.
 """
@@ -36,12 +35,6 @@ def manifest(data_dir: Path) -> dict[str, str]:
     return out
 
 
-def new_shards(parent: dict[str, str], data_dir: Path) -> set[str]:
-    """The shards under `data_dir` that are not the parent's (`<kind>/<name>`); the flow has checked that every
-    shard of the parent's is there unchanged (`decide`), so names tell them apart."""
-    return {f"{kind}/{p.name}" for kind in KINDS for p in shard_files(data_dir / kind)} - set(parent)
-
-
 @dataclass
 class Parent:
     """The champion an incremental retrain would continue from: its version and its bundle's lineage.json (None: it
@@ -58,9 +51,11 @@ class Decision:
     new: list[str] = field(default_factory=list)  # incremental: the shards new since the parent's data
 
 
-def decide(mode: str, parent: Parent | None, today: dict[str, str], config_hash: str, pool: bool = False) -> Decision:
+def decide(mode: str, parent: Parent | None, today: dict[str, str], training_hash: str, pool: bool = False) -> Decision:
     """`retrain.mode` against the champion: incremental when asked for (or `auto`) and possible, full otherwise. A
-    Decision whose reason says why; `mode=incremental` when it is not possible is the caller's to refuse."""
+    Decision whose reason says why; `mode=incremental` when it is not possible is the caller's to refuse.
+    `training_hash`: what the stages train from (flows/caching.training_hash: the config without the gate, the
+    incremental settings and where results go), compared with the champion's."""
     if mode not in MODES:
         raise ValueError(f"retrain.mode={mode!r}: expected {' | '.join(MODES)}")
     if mode == "full":
@@ -68,11 +63,11 @@ def decide(mode: str, parent: Parent | None, today: dict[str, str], config_hash:
     if parent is None:
         return Decision(False, "no champion to continue from")
     v = f"champion v{parent.version}"
-    if parent.lineage is None:
-        return Decision(False, f"{v} has no warm-start bundle (registered before incremental retraining)")
     if pool:
         return Decision(False, "incremental retraining runs stages in this process only (infra.training_pool is set)")
-    if parent.lineage.get("config_hash") != config_hash:
+    if parent.lineage is None:
+        return Decision(False, f"{v} has no warm-start bundle (registered before incremental retraining)")
+    if parent.lineage.get("training_hash") != training_hash:
         return Decision(False, f"the config differs from {v}'s")
     theirs: dict[str, str] = parent.lineage.get("manifest", {})
     gone = sorted(s for s in theirs if s not in today)

@@ -299,8 +299,8 @@ def train_direct(
     out_dir: Path,
     eval_fraction: float = 0.1,
     seed: int = 0,
-    warm_from: str | None = None,
     data_cfg: DataConfig | None = None,
+    warm_from: str | None = None,
 ) -> DirectResult:
     checkpoint.mark_incomplete(out_dir)  # outputs of an earlier run here are not this run's until it finishes
     check_config(method, cfg)

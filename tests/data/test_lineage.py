@@ -3,13 +3,13 @@ today's data, unchanged, the config is the same and nothing new needs a full ret
 
 import pytest
 
-from components.data.lineage import Parent, decide, manifest, new_shards
+from components.data.lineage import Parent, decide, manifest
 
 CHAMPION = {"preferences/a.jsonl": "1", "demonstrations/a.jsonl": "2", "eval/a.jsonl": "3", "prompts/a.jsonl": "4"}
 
 
 def parent(shards=CHAMPION, config="c1", version="3"):
-    return Parent(version, {"manifest": dict(shards), "config_hash": config, "data_version": "d1"})
+    return Parent(version, {"manifest": dict(shards), "training_hash": config, "data_version": "d1"})
 
 
 def test_new_judgements_on_the_champions_data_are_incremental():
@@ -54,7 +54,7 @@ def test_a_pool_and_an_unknown_mode():
         decide("sometimes", None, {}, "c1")
 
 
-def test_the_manifest_hashes_each_shard_and_new_shards_are_named_by_kind(tmp_path):
+def test_the_manifest_names_each_shard_by_kind_with_the_md5_of_its_bytes(tmp_path):
     (tmp_path / "preferences").mkdir()
     (tmp_path / "preferences" / "a.jsonl").write_text('{"id": 1}\n')
     (tmp_path / "feedback").mkdir()
@@ -65,4 +65,15 @@ def test_the_manifest_hashes_each_shard_and_new_shards_are_named_by_kind(tmp_pat
         "preferences/a.jsonl": "c894a41c29657d70e0cc42a6e2ac7cba",
         "feedback/b.jsonl": "d41d8cd98f00b204e9800998ecf8427e",
     }
-    assert new_shards({"preferences/a.jsonl": "x"}, tmp_path) == {"feedback/b.jsonl"}
+
+
+def test_the_training_hash_leaves_out_the_gate_and_the_incremental_settings():
+    from components.config import compose
+    from flows.caching import config_hash, training_hash
+
+    base = ["data=demo_small"]
+    h = training_hash(compose(base))
+    for same in ("gate.min_win_rate=0.6", "reward.incremental_steps=5", "reward.replay_ratio=2", "retrain.mode=full"):
+        assert training_hash(compose([*base, same])) == h, same
+    assert training_hash(compose([*base, "ppo.learning_rate=1e-4"])) != h
+    assert config_hash(compose([*base, "gate.min_win_rate=0.6"])) != config_hash(compose(base))  # "nothing new" sees it

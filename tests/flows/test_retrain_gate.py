@@ -117,7 +117,7 @@ def test_thumbs_on_served_answers_train_again_and_compare_against_the_champion(t
         assert (stage_run.tags["data_version_before"], stage_run.tags["data_version_after"]) == (before, s.data.version)
     assert mlflow.get_run(s.run_id).data.tags["incremental_parent"] == "v1"
     v2 = mlflow.MlflowClient().get_model_version("ingest-test", "2")
-    assert (v2.tags["retrain_mode"], v2.tags["incremental_parent"]) == ("incremental", "1")
+    assert (v2.tags["retrain_mode"], v2.tags["incremental_parent"]) == ("incremental", "v1")
     assert "incremental from champion v1" in v2.description and "lineage: v1 (full, data" in v2.description
     assert "incremental gate" in s.gate.summary
 
