@@ -205,7 +205,13 @@ def prune_stage_outputs(stages: Path, keep: int | None, in_use: set[Path]) -> li
 def config_hash(cfg: Config) -> str:
     """What the pipeline trains from, besides the data: the resolved config minus where results go and how
     (`retrain.mode`: a full and an incremental retrain of one config are the same config)."""
-    body = {k: v for k, v in to_dict(cfg).items() if k not in ("tracking", "infra", "root", "overrides", "retrain")}
+    return _digest({k: v for k, v in to_dict(cfg).items() if k not in WHERE_AND_HOW})
+
+
+WHERE_AND_HOW = ("tracking", "infra", "root", "overrides", "retrain")  # not what a model is trained from
+
+
+def _digest(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -219,9 +225,7 @@ def training_hash(cfg: Config) -> str:
             return node
         return {k: strip(v) for k, v in node.items() if not (k.startswith("incremental_") or k == "replay_ratio")}
 
-    skip = ("tracking", "infra", "root", "overrides", "retrain", "gate")
-    body = strip({k: v for k, v in to_dict(cfg).items() if k not in skip})
-    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return _digest(strip({k: v for k, v in to_dict(cfg).items() if k not in (*WHERE_AND_HOW, "gate")}))
 
 
 def log_on_parent(metrics: dict[str, float]) -> None:
