@@ -391,6 +391,35 @@ class FeedbackConfig:
 
 
 @dataclass
+class CanaryConfig:
+    """The canary (`registry.promotion=canary`, or `rlhf model serve --challenger`): the challenger takes a share of the
+    traffic, a sequential test on the users' trusted thumbs decides (components/evaluation/sequential.py), and the
+    guardrails take it out at once (components/evaluation/guardrails.py). docs/service.md: the life of a candidate."""
+
+    share: float = 0.1  # of the users (sticky: a user is hashed to an arm) who get the challenger
+    shadow: bool = False  # the challenger answers every prompt too, traced, never shown: guardrails only
+    # the sequential test: P(promote | the challenger's thumbs-up rate is not above the champion's), and
+    # P(retire | it is at least min_improvement above)
+    false_promotion_rate: float = 0.05
+    futility_rate: float = 0.05
+    min_improvement: float = 0.02  # the smallest rise of the thumbs-up rate worth promoting
+    min_judged: int = 50  # judged answers of each arm before any verdict
+    deadline_h: float = 72.0  # no verdict by then: the challenger is retired
+    # guardrails, per window of `window` challenger answers against the champion's answers of the same time
+    # (in shadow: of the same prompts); after `max_failed_windows` failed windows the challenger leaves traffic
+    window: int = 50
+    max_failed_windows: int = 2
+    max_error_rate_gain: float = 0.02  # the challenger's share of failed answers minus the champion's
+    max_latency_ratio: float = 1.5  # the challenger's p95 latency as a multiple of the champion's
+    max_repeated_word_gain: Optional[float] = 0.05  # share of answers repeating a word, minus the champion's
+    min_distinct_2_ratio: Optional[float] = 0.9  # distinct-2 as a share of the champion's
+    max_length_ratio: Optional[float] = 2.0  # mean answer length in words, as a multiple of the champion's
+    min_length_ratio: Optional[float] = 0.5
+    max_reward_drop: Optional[float] = 0.5  # the champion's reward model's mean score, champion minus challenger
+    poll_s: float = 10.0  # the serving process re-reads the champion and challenger aliases this often
+
+
+@dataclass
 class RegistryConfig:
     """What a registered model bundles (components/registry/registry.py), and who may judge its answers."""
 
@@ -402,6 +431,7 @@ class RegistryConfig:
     # are user data: false serves without recording them
     trace_requests: bool = True
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    canary: CanaryConfig = field(default_factory=CanaryConfig)
 
 
 @dataclass
