@@ -97,7 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     ).add_argument("rest", **over)
     m = sub.add_parser("model", help="serve a registered model: `rlhf model serve [--alias champion] [--port 5001]`")
     m.add_argument("action", choices=["serve"])
-    m.add_argument("--alias", default="champion", help="alias (champion, challenger) or version number")
+    m.add_argument("--alias", default="champion", help="alias (champion, candidate, challenger) or version number")
+    m.add_argument(
+        "--challenger",
+        default="challenger",
+        help='the canary\'s alias: while a version has it, it answers --share of the users ("": no canary)',
+    )
+    m.add_argument("--share", type=float, default=None, help="the challenger's share of users (registry.canary.share)")
+    m.add_argument("--shadow", action="store_true", help="the challenger answers in shadow: traced, never shown")
     m.add_argument("--host", default="127.0.0.1")
     m.add_argument("--port", type=int, default=5001)
     m.add_argument("rest", **over)

@@ -154,8 +154,24 @@ def cmd_model(args, overrides: list[str]) -> int:
             "RLHF_RATERS_FILE": str(raters.raters_path(cfg)),
             "RLHF_RATING_RANGE": f"{cfg.data.min_rating}:{cfg.data.max_rating}",
         }
+    canary = cfg.registry.canary
+    share = canary.share if args.share is None else args.share
+    if not 0 <= share <= 1:
+        print(f"✗ --share must be in 0..1 (the share of users the challenger answers), got {share}", file=sys.stderr)
+        return 2
+    shadow = canary.shadow or args.shadow
+    challenger = "" if args.challenger == args.alias or args.alias.isdigit() else args.challenger
+    arms = {  # service/arms.py: the champion and, during a canary, the challenger, re-read every poll_s
+        "RLHF_MODEL_NAME": name,
+        "RLHF_CHAMPION_ALIAS": args.alias,
+        "RLHF_CHALLENGER_ALIAS": challenger,
+        "RLHF_CANARY_SHARE": str(share),
+        "RLHF_CANARY_SHADOW": "1" if shadow else "0",
+        "RLHF_ALIAS_POLL_S": str(canary.poll_s),
+    }
     env = {
         **os.environ,
+        **arms,
         "PATH": f"{venv}{os.pathsep}{os.environ.get('PATH', '')}",
         "MLFLOW_TRACKING_URI": tracking.tracking_uri(cfg),
         "__pyfunc_model_path__": uri,  # scoring_server._SERVER_MODEL_PATH: what service/serving.py loads
@@ -163,6 +179,12 @@ def cmd_model(args, overrides: list[str]) -> int:
         **tracing,
     }
     print(f"serving {uri} on http://{args.host}:{args.port}/invocations  (Ctrl-C stops)")
+    if challenger:
+        how = "answers every prompt in shadow (never shown)" if shadow else f"answers {share:.0%} of users (sticky)"
+        print(
+            f"  canary: while a version has the alias {challenger!r}, it {how}; the aliases are re-read every "
+            f"{canary.poll_s:g} s (`rlhf canary status` says how it goes)"
+        )
     if tracing:
         print(
             f"  each answer is an MLflow trace in experiment {cfg.tracking.experiment!r}, signed (its id in `trace_id`; "

@@ -58,7 +58,7 @@ class GateOutcome:
 class Registration:
     name: str
     version: str
-    alias: str = "challenger"
+    alias: str = "candidate"
     previous_champion: str | None = None
     approver: str | None = None
 

@@ -2,7 +2,7 @@
 
     prepare data (pinned snapshot) -> validate (Great Expectations) -> [demo base] -> SFT (LoRA)
     -> reward model (LoRA + head) -> PPO (LoRA, one shared base) -> evaluate vs champion -> gate
-    -> register (alias challenger) -> promote (alias champion: auto, or after a person approves)
+    -> register (alias candidate) -> promote (alias champion: auto, or after a person approves)
 
 One retrain of a project at a time (service/slot.py); SFT, RM and PPO are cached across runs
 (flows/caching.py). The flow returns a `RetrainSummary` (flows/contracts.py).
@@ -161,7 +161,7 @@ def pipeline(cfg: Config, slot: RetrainSlot | None = None) -> State:
                 s, "not promoted", Completed(data=s, message="not promoted because " + "; ".join(s.gate.reasons))
             )
 
-        # 6. register (alias challenger), then promote: at once, or after a person approves; each under the fence
+        # 6. register (alias candidate), then promote: at once, or after a person approves; each under the fence
         if stop := before_register(cfg, s, slot):
             return stop
         lineage = incremental.lineage_of(plan, cfg, data)
@@ -271,7 +271,7 @@ def promote(cfg: Config, s: RetrainSummary, slot: RetrainSlot | None = None, aga
                 s,
                 f"v{reg.version} not promoted ({why})",
                 Completed(
-                    data=s, message=f"not promoted because {why}; {reg.name} v{reg.version} stays {registry.CHALLENGER}"
+                    data=s, message=f"not promoted because {why}; {reg.name} v{reg.version} stays {registry.CANDIDATE}"
                 ),
             )
         approver = decision.approver

@@ -569,5 +569,5 @@ def register(
         )
         mlflow.log_text(card, "model_card.md")
         registry.describe(reg.name, reg.version, card)
-        get_run_logger().info("registered %s version %s (alias %s)", reg.name, reg.version, registry.CHALLENGER)
+        get_run_logger().info("registered %s version %s (alias %s)", reg.name, reg.version, registry.CANDIDATE)
         return Registration(reg.name, reg.version)

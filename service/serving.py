@@ -32,9 +32,15 @@ class BodyCap:
     """Pure ASGI middleware: an HTTP request body over `max_bytes` gets a 413 before the app sees any of it."""
 
     def __init__(
-        self, app: ASGIApp, max_bytes: int, tracing: Callable[[], dict] | None = None, feedback: Any | None = None
+        self,
+        app: ASGIApp | None,
+        max_bytes: int,
+        tracing: Callable[[], dict] | None = None,
+        feedback: Any | None = None,
+        router: Any | None = None,
     ):
         self.app, self.max_bytes, self.tracing, self.feedback = app, max_bytes, tracing, feedback
+        self.router = router  # a Router: the request goes to the champion or the challenger (a canary)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -65,6 +71,12 @@ class BodyCap:
             if content_type.split(b";")[0].strip() == b"application/json" and (problem := json_problem(bytes(body))):
                 await self.refuse(send, problem, status=400)
                 return
+        if self.router is not None:
+            problem = await self.router(scope, bytes(body), receive, send)
+            if problem:
+                await self.refuse(send, problem, status=400)
+            return
+        assert self.app is not None
         replayed = False
 
         async def replay() -> Message:
@@ -147,25 +159,187 @@ def json_problem(body: bytes) -> str | None:
 
 def build(model_uri: str) -> BodyCap:
     """MLflow's scoring app for `model_uri` (its serving limits applied, MLFLOW_PYFUNC_INFERENCE_CONFIG included),
-    behind the body cap those limits name."""
+    behind the body cap those limits name; under `rlhf model serve` (RLHF_MODEL_NAME set), the champion and, during
+    a canary, the challenger, re-read on a poll (service/arms.py), each request routed to one of them (Router)."""
     from mlflow.pyfunc import scoring_server
 
     from components.registry.policy_model import Limits
 
+    if os.environ.get("RLHF_MODEL_NAME"):
+        from service.arms import Arms
+
+        arms = Arms.from_env()
+        arms.start()
+        champion, _ = arms.current()
+        tracers = Tracers(arms)
+        desk = feedback_desk(tracers) if champion.tracer is not None else None
+        return BodyCap(None, champion.max_body_bytes, tracers.stats, desk, Router(arms, desk))
     model = scoring_server.load_model_with_mlflow_config(model_uri)
     limits = Limits.from_config({k: v for k, v in (model.model_config or {}).items() if k in Limits.names()})
     tracer = getattr(model.unwrap_python_model(), "tracer", None)  # a model logged before tracing has none
-    desk = None
-    if tracer is not None and os.environ.get("RLHF_RATERS_FILE") and os.environ.get("RLHF_SIGNING_KEYS"):
-        from pathlib import Path
-
-        from service.feedback_api import FeedbackDesk
-
-        lo, _, hi = os.environ.get("RLHF_RATING_RANGE", "1:5").partition(":")
-        desk = FeedbackDesk(
-            tracer, Path(os.environ["RLHF_RATERS_FILE"]), Path(os.environ["RLHF_SIGNING_KEYS"]), (float(lo), float(hi))
-        )
+    desk = feedback_desk(tracer) if tracer is not None else None
     return BodyCap(scoring_server.init(model), limits.max_body_bytes, tracer.stats if tracer else None, desk)
+
+
+def feedback_desk(tracer) -> Any | None:
+    """`POST /feedback`'s desk (service/feedback_api.py) when the process knows its raters and keys, else None."""
+    if not (os.environ.get("RLHF_RATERS_FILE") and os.environ.get("RLHF_SIGNING_KEYS")):
+        return None
+    from pathlib import Path
+
+    from service.feedback_api import FeedbackDesk
+
+    lo, _, hi = os.environ.get("RLHF_RATING_RANGE", "1:5").partition(":")
+    return FeedbackDesk(
+        tracer, Path(os.environ["RLHF_RATERS_FILE"]), Path(os.environ["RLHF_SIGNING_KEYS"]), (float(lo), float(hi))
+    )
+
+
+class Tracers:
+    """The arms' tracers as one, for `POST /feedback` (an answer either arm returned) and `GET /tracing`."""
+
+    def __init__(self, arms):
+        self.arms = arms
+        self.seen: list[Any] = []  # every tracer an arm ever had: an answer of a replaced arm can still be judged
+
+    def _all(self) -> list[Any]:
+        for arm in self.arms.current():
+            if arm is not None and arm.tracer is not None and all(arm.tracer is not t for t in self.seen):
+                self.seen.append(arm.tracer)
+        return self.seen
+
+    @property
+    def experiment_id(self) -> str:
+        return self._all()[0].experiment_id
+
+    def served(self, trace_id: str) -> bool:
+        return any(t.served(trace_id) for t in self._all())
+
+    def stats(self) -> dict:
+        tracers = self._all()
+        if not tracers:
+            return {"enabled": False}
+        each = [t.stats() for t in tracers]
+        traced = sum(e["traced"] for e in each)
+        return {
+            **each[0],
+            "traced": traced,
+            "dropped": sum(e["dropped"] for e in each),
+            "build_ms_per_trace": sum(e["build_ms_per_trace"] * e["traced"] for e in each) / max(1, traced),
+            "arms": {f"{t.arm} v{t.version}": e["traced"] for t, e in zip(tracers, each, strict=True)},
+        }
+
+
+class Router:
+    """Sends an `/invocations` request to the champion or the challenger (components/registry/routing.py: sticky on
+    the rater of a bearer token, else on `"user"` in the body or the X-User header, else random), adds `arm` and
+    `version` to each prediction, and in shadow mode has the challenger answer the same body unseen."""
+
+    def __init__(self, arms, desk=None):
+        self.arms, self.desk = arms, desk
+        self.background: set[Any] = set()
+
+    def user_of(self, scope: Scope, body: bytes) -> tuple[str | None, bytes, str | None]:
+        """-> (the routing key, the body MLflow gets, a one-sentence problem or None)."""
+        from components.registry.routing import MAX_USER_CHARS
+
+        headers = dict(scope.get("headers") or [])
+        key = None
+        scheme, _, token = headers.get(b"authorization", b"").decode(errors="replace").partition(" ")
+        if scheme.lower() == "bearer" and token.strip() and self.desk is not None:
+            rater = self.desk.raters.rater(token.strip())
+            key = f"rater:{rater}" if rater else None
+        try:
+            doc = json.loads(body) if body else None
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            doc = None
+        if isinstance(doc, dict) and "user" in doc:
+            user = doc.pop("user")
+            if not isinstance(user, str) or not 0 < len(user) <= MAX_USER_CHARS:
+                return None, body, f"user must be the app's end-user id, a string of 1..{MAX_USER_CHARS} characters."
+            body = json.dumps(doc).encode()
+            key = key or f"user:{user}"
+        header = headers.get(b"x-user", b"").decode(errors="replace")
+        if key is None and 0 < len(header) <= MAX_USER_CHARS:
+            key = f"user:{header}"
+        return key, body, None
+
+    async def __call__(self, scope: Scope, body: bytes, receive: Receive, send: Send) -> str | None:
+        import asyncio
+
+        from components.registry.routing import CHALLENGER, arm
+
+        champion, challenger = self.arms.current()  # this request's arms, whatever a poll changes meanwhile
+        invocation = scope.get("method") == "POST" and scope.get("path", "").rstrip("/") == "/invocations"
+        chosen = champion
+        if invocation:
+            key, body, problem = self.user_of(scope, body)
+            if problem:
+                return problem
+            if challenger is not None and not self.arms.shadow:
+                if arm(key, self.arms.share, f"v{challenger.version}") == CHALLENGER:
+                    chosen = challenger
+        await call(chosen.app, scope, body, labelled(send, chosen) if invocation else send, receive)
+        if invocation and challenger is not None and self.arms.shadow:
+            task = asyncio.create_task(call(challenger.app, scope, body, discard))
+            self.background.add(task)
+            task.add_done_callback(self.background.discard)
+        return None
+
+
+async def call(app: ASGIApp, scope: Scope, body: bytes, send: Send, receive: Receive | None = None) -> None:
+    """Run an ASGI app on a body read already; after it, `receive` (the client's: a disconnect) or nothing."""
+    import asyncio
+
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            if receive is not None:
+                return await receive()
+            await asyncio.Event().wait()  # a shadow call has no client: nothing more ever comes
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    await app(scope, replay, send)
+
+
+async def discard(message: Message) -> None:
+    return None
+
+
+def labelled(send: Send, arm) -> Send:
+    """`send`, with `arm` and `version` added to each prediction of a JSON answer of 200."""
+    start: Message | None = None
+    chunks = bytearray()
+
+    async def wrapped(message: Message) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+            return
+        if message["type"] != "http.response.body" or start is None:
+            await send(message)
+            return
+        chunks.extend(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        payload = bytes(chunks)
+        if start.get("status") == 200:
+            try:
+                doc = json.loads(payload)
+                for row in doc.get("predictions", []):
+                    if isinstance(row, dict):
+                        row.update(arm=arm.name, version=arm.version)
+                payload = json.dumps(doc).encode()
+            except (ValueError, AttributeError, TypeError):
+                pass
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        await send({**start, "headers": [*headers, (b"content-length", str(len(payload)).encode())]})
+        await send({"type": "http.response.body", "body": payload})
+
+    return wrapped
 
 
 def __getattr__(name: str) -> Any:  # `uvicorn service.serving:app` builds the app on first access only

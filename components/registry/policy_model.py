@@ -18,7 +18,7 @@ sample n responses per prompt, answer the one the reward model scores highest; 1
 Tracing (`Tracer`): when the serving process names an experiment in RLHF_TRACE_EXPERIMENT_ID (`rlhf model serve` does,
 unless `registry.trace_requests=false`), each answered prompt is an MLflow trace in that experiment: the prompt, the
 params, the response, the n candidates with their scores, the model's name, version and alias (RLHF_SERVED_MODEL),
-and the request's latency; the output gets a `trace_id` column, which `rlhf feedback` attaches a person's judgement
+the arm that answered (champion or, in a canary, challenger: RLHF_SERVED_ARM) and the request's latency; the output gets a `trace_id` column, which `rlhf feedback` attaches a person's judgement
 to. MLflow exports traces from a background queue, so a request never waits on the tracking server; building them
 costs the request about 5 ms per prompt on a 2-core CPU (measured in tests/registry/test_registry.py; docs/service.md). A trace that cannot be built or sent is
 dropped and counted (`Tracer.stats`, logged, and `GET /tracing` under `rlhf model serve`); the request succeeds.
@@ -333,6 +333,7 @@ class Tracer:
         name, _, alias = served.partition("@")
         self.model, _, self.version = name.partition("/")
         self.experiment_id, self.alias = experiment_id, alias
+        self.arm = os.environ.get("RLHF_SERVED_ARM", "champion")  # champion | challenger (a canary: service/arms.py)
         self.traced = self.dropped = 0
         self.build_ns = 0  # time spent building traces inside requests (the cost a request pays)
         self.count_lock = threading.Lock()
@@ -402,8 +403,13 @@ class Tracer:
             "answer",
             span_type="LLM",
             inputs={"prompt": prompt, "params": p},
-            attributes={"latency_ms": latency_ms, "n": int(p["n"]), VERSION: self.version},
-            tags={"rlhf.model": self.model, "rlhf.version": self.version, "rlhf.alias": self.alias},
+            attributes={"latency_ms": latency_ms, "n": int(p["n"]), VERSION: self.version, "rlhf.arm": self.arm},
+            tags={
+                "rlhf.model": self.model,
+                "rlhf.version": self.version,
+                "rlhf.alias": self.alias,
+                "rlhf.arm": self.arm,
+            },
             experiment_id=self.experiment_id,
             start_time_ns=started_ns,
         )

@@ -1,7 +1,7 @@
 """The model registry: log a policy as a self-contained pyfunc, register it, move aliases.
 
 Lifecycle (docs/architecture.md): a candidate that passes the gate becomes a registered version with
-alias `challenger`; approval moves `champion` to it (recording the previous champion on the
+alias `candidate`; approval moves `champion` to it (recording the previous champion on the
 version, so `rollback` can move `champion` back). Uses the active tracking URI; no setup here.
 
 Moving `champion` is a compare-and-set under a fence (issue 38): `promote` moves it only while it still points at
@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 POLICY_MODEL_FILE = Path(__file__).with_name("policy_model.py")
-CHALLENGER, CHAMPION = "challenger", "champion"
+# candidate: the newest registered version; challenger: the version in a canary against the champion (issue 41)
+CANDIDATE, CHALLENGER, CHAMPION = "candidate", "challenger", "champion"
 COMPARED, SLOT_GENERATION = "champion_compared", "slot_generation"  # version tags: the baseline, the fence
 _FROM_TAG = object()  # `promote`'s default baseline: the version's own `champion_compared` tag
 EXAMPLE_PROMPTS = ["The film was", "After a week with these headphones, I think"]
@@ -42,7 +43,7 @@ def log_and_register(
     lineage: dict | None = None,
     warm_reward_dir: str | None = None,
 ) -> Registered:
-    """Log the pyfunc (base + adapter + tokenizer) to the active run, register it, alias `challenger`.
+    """Log the pyfunc (base + adapter + tokenizer) to the active run, register it, alias `candidate`.
 
     `limits`: overrides of the serving caps (policy_model.Limits); all caps, defaults included, are written
     into the logged model's `model_config`, so the served model states the caps it enforces.
@@ -149,13 +150,13 @@ def _version(package: str) -> str:
 
 
 def finish_registration(registered_name: str, version: str, tags: dict[str, str]) -> Registered:
-    """Tag a registered version and alias it `challenger` (idempotent: a retry may run it again)."""
+    """Tag a registered version and alias it `candidate` (idempotent: a retry may run it again)."""
     import mlflow
 
     client = mlflow.MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(registered_name, version, key, str(value))
-    client.set_registered_model_alias(registered_name, CHALLENGER, version)
+    client.set_registered_model_alias(registered_name, CANDIDATE, version)
     return Registered(registered_name, version, f"models:/{registered_name}/{version}")
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from components.registry.registry import CHALLENGER, CHAMPION, alias_version
+from components.registry.registry import CANDIDATE, CHAMPION, alias_version
 from flows.approval import Approval
 from flows.retrain import retrain
 from tests.conftest import OPEN_GATE, make_project
@@ -93,7 +93,7 @@ def test_no_approval_before_the_timeout_promotes_nothing(tmp_path):
     state = retrain(project, return_state=True)
     assert state.is_completed() and "no approval within 3s" in state.message, state.message
     assert alias_version("timeout-test", CHAMPION) is None
-    assert alias_version("timeout-test", CHALLENGER) == "1"
+    assert alias_version("timeout-test", CANDIDATE) == "1"
 
 
 def test_the_approval_form_defaults_to_not_approving():

@@ -13,7 +13,7 @@ from prefect import flow
 from components import tracking
 from components.data.versioning import DataState
 from components.registry import registry
-from components.registry.registry import CHALLENGER, CHAMPION, ChampionMoved, alias_version
+from components.registry.registry import CANDIDATE, CHAMPION, ChampionMoved, alias_version
 from flows.contracts import GateOutcome, Registration, RetrainSummary, StageOutput, ValidationSummary
 from service.slot import RetrainSlot
 from tests.conftest import make_project
@@ -35,7 +35,7 @@ def new_version(name: str, compared: str | None = None) -> str:
         client.create_registered_model(name)
     tags = {registry.COMPARED: compared or "none"}
     version = str(client.create_model_version(name, "file:///nowhere", tags=tags).version)
-    client.set_registered_model_alias(name, CHALLENGER, version)
+    client.set_registered_model_alias(name, CANDIDATE, version)
     return version
 
 
@@ -55,7 +55,7 @@ def test_the_registry_refuses_a_candidate_compared_with_a_champion_replaced_sinc
         registry.promote(name, v3, approver="auto")  # the baseline from its `champion_compared` tag
     with pytest.raises(ChampionMoved):
         registry.promote(name, v3, approver="auto", compared=v1)
-    assert alias_version(name, CHAMPION) == v2 and alias_version(name, CHALLENGER) == v3
+    assert alias_version(name, CHAMPION) == v2 and alias_version(name, CANDIDATE) == v3
     assert not {"approver", "previous_champion"} & registry.version_tags(name, v3).keys(), "nothing written"
 
 
@@ -128,7 +128,7 @@ def test_the_sweep_cannot_promote_over_a_newer_champion(project, monkeypatch):
 
     moves.append("2")  # compared with v2, registered as v3; v4 is promoted during the registration
     state, best = promote_best("2")
-    assert state.is_failed() and best.registered.version == "3" and best.registered.alias == CHALLENGER
+    assert state.is_failed() and best.registered.version == "3" and best.registered.alias == CANDIDATE
     assert "v3 not promoted: cas-sweep's champion moved from v2 to v4 since v3 was compared" in state.message
     assert alias_version(name, CHAMPION) == "4"
 

@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 
 from components import tracking
 from components.registry.policy_model import Limits
-from components.registry.registry import CHALLENGER, CHAMPION, alias_version, log_and_register, promote, rollback
+from components.registry.registry import CANDIDATE, CHAMPION, alias_version, log_and_register, promote, rollback
 
 NAME = "test-policy"
 V1_LIMITS = {"max_prompt_tokens": 24, "max_prompts": 4}  # v1 is logged with these caps; v2 with the defaults
@@ -62,7 +62,7 @@ def registry(stages, reward, tmp_path_factory):
 
 def test_register_promote_and_rollback(registry):
     _, (v1, v2) = registry
-    assert alias_version(NAME, CHALLENGER) == v2.version  # the newest registered version is the challenger
+    assert alias_version(NAME, CANDIDATE) == v2.version  # the newest registered version is the candidate
     assert alias_version(NAME, CHAMPION) is None
     with pytest.raises(ValueError, match="no champion"):
         rollback(NAME)
