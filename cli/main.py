@@ -16,6 +16,7 @@
     rlhf config    [--options] [overrides]              print the resolved config (or every group's options)
     rlhf status    [overrides]                          who holds the retrain slot; the last runs and outcomes
     rlhf model serve [--alias champion] [--port 5001]   serve a registered version (MLflow scoring server)
+    rlhf canary    status | check | start VERSION | stop   the canary: its arms, test and guardrails; decide and act
     rlhf services up|down|status [--dir D]              PostgreSQL + MLflow + Prefect servers (auth) on this machine
     rlhf deploy    [--pool gpu]                         the work pool and the stage deployments (infra=server)
     rlhf worker    [--pool gpu] [--dir D]               a Prefect process worker that runs training stages
@@ -44,6 +45,7 @@ from cli.commands import (
 )
 from cli.service_commands import (
     cmd_approve,
+    cmd_canary,
     cmd_deploy,
     cmd_model,
     cmd_rollback,
@@ -175,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     ra.add_argument("action", choices=["add", "list", "revoke"])
     ra.add_argument("name", nargs="?", default=None)
     ra.add_argument("rest", **over)
+    ca = sub.add_parser("canary", help="the canary: `rlhf canary status | check | start VERSION | stop`")
+    ca.add_argument("action", choices=["status", "check", "start", "stop"])
+    ca.add_argument("version", nargs="?", default=None)
+    ca.add_argument("rest", **over)
     se = sub.add_parser("secret", help="the signing keys: `rlhf secret list | rotate | retire KID`")
     se.add_argument("action", choices=["list", "rotate", "retire"])
     se.add_argument("kid", nargs="?", default=None)
@@ -191,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "init" and extra:
         parser.error(f"rlhf init takes DIR, --model and --demo only; got {' '.join(extra)}")
     overrides, positional = _split(getattr(args, "rest", []) + [t for t in extra if t not in unknown])
+    for optional in ("name", "kid", "version"):  # `rlhf canary status root=X`: the override is not the VERSION
+        if isinstance(value := getattr(args, optional, None), str) and "=" in value:
+            overrides.insert(0, value)
+            setattr(args, optional, None)
     try:
         if args.command == "init":
             return cmd_init(args)
@@ -219,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             "raters": cmd_raters,
             "forget": cmd_forget,
             "secret": cmd_secret,
+            "canary": cmd_canary,
         }[args.command](args, overrides)
     except ConfigError as e:
         print(f"✗ config error: {e}", file=sys.stderr)

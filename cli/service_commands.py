@@ -200,6 +200,82 @@ def cmd_model(args, overrides: list[str]) -> int:
     os.execvpe(uvicorn, [uvicorn, "--host", args.host, "--port", str(args.port), "service.serving:app"], env)
 
 
+def cmd_canary(args, overrides: list[str]) -> int:
+    """`rlhf canary status | check | start VERSION | stop`: the canary of flows/canary.py. `start` gives VERSION the
+    alias `challenger` (a serving process starts its canary at its next poll); `stop` retires it now; `check` decides
+    and acts once (`rlhf serve` runs it on a schedule); `status` only prints."""
+    cfg = _load(overrides, prefect=args.action == "check")
+    import time as clock
+
+    from components import tracking
+    from components.registry import canary as observed
+    from components.registry import registry
+    from flows.canary import canary_check, status
+
+    tracking.setup(cfg)
+    name = cfg.tracking.registered_model_name
+    if args.action == "start":
+        if not args.version or not args.version.isdigit():
+            print("usage: rlhf canary start VERSION (a registered version number)", file=sys.stderr)
+            return 2
+        champion = registry.alias_version(name, registry.CHAMPION)
+        if champion is None or champion == args.version:
+            print(
+                f"✗ v{args.version} cannot be a challenger: the champion is {f'v{champion}' if champion else 'none'}"
+                "; promote a first champion with `rlhf run`",
+                file=sys.stderr,
+            )
+            return 1
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        try:
+            registry.tag_version(name, args.version, {observed.STARTED: str(int(clock.time() * 1000))})
+            mlflow.MlflowClient().set_registered_model_alias(name, registry.CHALLENGER, args.version)
+        except MlflowException:
+            print(f"✗ {name} has no version {args.version}: see the registry in the MLflow UI", file=sys.stderr)
+            return 1
+        print(f"✓ {name} v{args.version} is the challenger against champion v{champion}")
+        print(
+            "  a running `rlhf model serve` routes its share of users to it at its next alias poll; "
+            "`rlhf canary status` shows how it goes"
+        )
+        return 0
+    s = status(cfg)
+    if s is None:
+        print(
+            f"no canary: no version of {name} other than the champion has the alias {registry.CHALLENGER!r} "
+            "(`rlhf canary start VERSION` starts one)"
+        )
+        return 0
+    if args.action == "stop":
+        from flows.canary import retire
+
+        s.guard.failures.clear()
+        s.decision = replace_reason(s.decision, "retired by the operator (`rlhf canary stop`)")
+        retire(s)
+        print(
+            f"✓ v{s.challenger} retired: the champion v{s.champion} keeps all traffic at the serving process's next poll"
+        )
+        return 0
+    if args.action == "status":
+        print(s.table())
+        print(f"  {_where(cfg)}")
+        return 0
+    checked = canary_check(cfg)
+    print(checked.table() if checked else "no canary")
+    if checked is not None:
+        print(f"  {checked.outcome}")
+    print(f"  {_where(cfg)}")
+    return 0
+
+
+def replace_reason(decision, reason: str):
+    from dataclasses import replace
+
+    return replace(decision, verdict="retire", reason=reason)
+
+
 def cmd_rollback(args, overrides: list[str]) -> int:
     """Move `champion` back, holding the retrain slot (so that no promotion interleaves) under its fence. A live
     retrain holding the slot refuses it at once: its own promotion, compared with the champion of now, would be

@@ -417,6 +417,9 @@ class CanaryConfig:
     min_length_ratio: Optional[float] = 0.5
     max_reward_drop: Optional[float] = 0.5  # the champion's reward model's mean score, champion minus challenger
     poll_s: float = 10.0  # the serving process re-reads the champion and challenger aliases this often
+    webhook: Optional[str] = (
+        None  # verdicts, rollbacks and guardrail trips are POSTed here as JSON (and Prefect events)
+    )
 
 
 @dataclass

@@ -157,6 +157,7 @@ class Judged:
     response: str
     votes: list[Vote]
     served_ms: int = 0
+    version: str = ""  # the version that answered, as signed (the root span's attribute)
 
 
 @dataclass(frozen=True)
@@ -319,7 +320,10 @@ def scan(
             skipped["a revoked rater's vote"] += len(counted) - len(votes)
         if votes:
             prompt, response = answer_of(trace)  # type: ignore[misc]
-            judged[trace.info.trace_id] = Judged(trace.info.trace_id, prompt, response, votes, trace.info.timestamp_ms)
+            version = str((_root(trace).attributes or {}).get("rlhf.version", ""))
+            judged[trace.info.trace_id] = Judged(
+                trace.info.trace_id, prompt, response, votes, trace.info.timestamp_ms, version
+            )
 
     token = None
     while True:

@@ -111,3 +111,28 @@ def direct_curves(history: list[dict[str, float]], method: str):
     fig.suptitle(method.upper())
     fig.tight_layout()
     return fig
+
+
+def canary_curves(curves: dict[str, list[tuple[int, float]]], intervals: dict[str, tuple[float, float]]):
+    """Each arm's running thumbs-up rate against its judged answers, its final anytime-valid interval as a band at
+    the end (one figure): the canary's decision as a person reads it (flows/canary.py)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for arm, colour in (("champion", "tab:blue"), ("challenger", "tab:orange")):
+        points = curves.get(arm) or []
+        if not points:
+            continue
+        ax.plot([n for n, _ in points], [r for _, r in points], color=colour, label=arm)
+        lo, hi = intervals[arm]
+        ax.errorbar([points[-1][0]], [points[-1][1]], yerr=[[points[-1][1] - lo], [hi - points[-1][1]]], color=colour)
+    ax.set_xlabel("judged answers of the arm")
+    ax.set_ylabel("thumbs-up rate")
+    ax.set_ylim(0, 1)
+    ax.set_title("canary: thumbs-up rate per arm (bars: anytime-valid interval)")
+    ax.legend()
+    fig.tight_layout()
+    return fig

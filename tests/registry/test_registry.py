@@ -266,8 +266,11 @@ def served(registry, tmp_path_factory):
             CHAMPION,
             "--port",
             str(port),
+            "--share",
+            "0.5",
             f"root={stages.root}",
             f"tracking.registered_model_name={NAME}",
+            "registry.canary.poll_s=1",  # the canary test's alias changes reach the server within a second
         ],
         env=env,
         stdout=log,  # a file: a pipe nobody reads would fill with access lines and stall the server under load
@@ -624,3 +627,74 @@ def test_served_answers_are_traced_judged_and_ingested_once_as_feedback(registry
     out = capsys.readouterr().out
     assert "10 already in the data" in out and "0 new" in out and "nothing to ingest" in out
     assert data_version(stages.root) == after
+
+
+def test_a_canary_routes_sticky_users_to_the_challenger_and_counts_their_trusted_votes(registry, served, capsys):
+    """`rlhf canary start 2` makes v2 the challenger of the running server (no restart): half the users (--share 0.5)
+    get it, each user always the same arm (by "user" in the body or X-User), each prediction names its arm and
+    version, and so does its trace. A rater's votes on one answer of each arm are what `rlhf canary status` counts;
+    `rlhf canary stop` takes the challenger out of traffic at the next poll."""
+    from cli.main import main
+
+    stages, (v1, v2) = registry
+    project = [f"root={stages.root}", f"tracking.registered_model_name={NAME}"]
+    assert main(["raters", "add", "carol", *project]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(["canary", "start", v2.version, *project]) == 0, capsys.readouterr().err
+    assert f"v{v2.version} is the challenger against champion v{v1.version}" in capsys.readouterr().out
+
+    def answer(user: str, header: bool = False) -> dict:
+        body = {"inputs": ["The film was"], "params": {"max_new_tokens": 4, "seed": 0}}
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{served}/invocations",
+            data=json.dumps(body if header else {**body, "user": user}).encode(),
+            headers={"Content-Type": "application/json", **({"X-User": user} if header else {})},
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            (row,) = json.loads(r.read())["predictions"]
+        return row
+
+    users = [f"user-{i}" for i in range(24)]
+    deadline = time.time() + 30
+    while (first := {u: answer(u) for u in users[:6]}) and all(r["arm"] == CHAMPION for r in first.values()):
+        assert time.time() < deadline, "the challenger never took traffic: the server did not re-read its aliases"
+        time.sleep(0.5)
+    rows = {u: answer(u) for u in users}
+    assert all((r["arm"], r["version"]) in {(CHAMPION, v1.version), ("challenger", v2.version)} for r in rows.values())
+    on_challenger = [u for u, r in rows.items() if r["arm"] == "challenger"]
+    assert 3 <= len(on_challenger) <= 21, on_challenger  # half of 24 users, give or take
+    for u in users[:8]:  # sticky, by body or by header
+        assert answer(u)["arm"] == answer(u, header=True)["arm"] == rows[u]["arm"]
+    status, text = post(served, {"inputs": ["The film was"], "user": 7})
+    assert status == 400 and "user must be the app's end-user id" in text, text
+
+    def vote(trace_id: str, up: bool) -> None:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{served}/feedback",
+            data=json.dumps({"trace_id": trace_id, "value": up}).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.status == 200
+
+    champion_user = next(u for u in users if rows[u]["arm"] == CHAMPION)
+    vote(rows[on_challenger[0]]["trace_id"], True)
+    vote(rows[champion_user]["trace_id"], False)
+    mlflow.set_tracking_uri(tracking.tracking_uri(stages.cfg))
+    trace = mlflow.get_trace(rows[on_challenger[0]]["trace_id"])
+    assert trace.info.tags["rlhf.arm"] == "challenger" and trace.data.spans[0].attributes["rlhf.version"] == v2.version
+    assert main(["canary", "status", *project]) == 0
+    out = capsys.readouterr().out
+    assert f"challenger v{v2.version} against champion v{v1.version}" in out, out
+    challenger_line = next(line for line in out.splitlines() if line.strip().startswith("challenger "))
+    champion_line = next(line for line in out.splitlines() if line.strip().startswith("champion "))
+    assert challenger_line.split()[3:5] == ["1", "1.000"] and champion_line.split()[3:5] == ["1", "0.000"], out
+    assert "decision: continue: waiting for 50 judged answers per arm" in out, out
+
+    assert main(["canary", "stop", *project]) == 0
+    assert "retired" in capsys.readouterr().out
+    deadline = time.time() + 30
+    while answer(on_challenger[0])["arm"] != CHAMPION:
+        assert time.time() < deadline, "the retired challenger still answers"
+        time.sleep(0.5)
+    assert all(answer(u)["arm"] == CHAMPION for u in on_challenger)

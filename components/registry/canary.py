@@ -1,0 +1,101 @@
+"""What a canary's arms did, read from MLflow: the served answers of each version since the canary started, and the
+users' trusted votes on them (issue 41). The decision is components/evaluation/sequential.py's, the guardrails
+components/evaluation/guardrails.py's; acting on them is flows/canary.py's.
+
+Only what the loop trusts counts (components/registry/feedback.scan): answers the serving process signed, and per
+answer the latest signed vote of each rater who is not revoked. An answer's arm comes from its signed version, never
+from a tag (tags can be changed through the API). An answer with several raters counts once, by its majority (a tie
+is left out).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from components.evaluation.guardrails import Answer
+from components.registry import provenance
+from components.registry.feedback import answer_of, answer_status, scan
+
+STARTED = "canary_started_ms"  # the challenger version's tag: when its canary started
+VERDICT = "canary_verdict"  # the challenger version's tag once decided: promote | retire
+
+
+@dataclass
+class Arms:
+    """A canary's two versions and when it started."""
+
+    champion: str
+    challenger: str
+    started_ms: int
+
+    def arm_of(self, version: str) -> str | None:
+        return {self.champion: "champion", self.challenger: "challenger"}.get(version)
+
+
+@dataclass
+class Observed:
+    votes: list[tuple[str, bool, int]] = field(default_factory=list)  # (arm, thumbs up, served ms), oldest first
+    served: dict[str, list[tuple[int, Answer]]] = field(default_factory=dict)  # arm -> (served ms, answer)
+    skipped: dict[str, int] = field(default_factory=dict)  # votes and answers left out, by reason
+
+
+def started_ms(registered_name: str, version: str) -> int:
+    """When `version`'s canary started: its tag, else when the version was registered."""
+    import mlflow
+
+    v = mlflow.MlflowClient().get_model_version(registered_name, version)
+    try:
+        return int(v.tags.get(STARTED, ""))
+    except ValueError:
+        return int(v.creation_timestamp)
+
+
+def votes(arms: Arms, experiment_id: str, keys: dict[str, bytes], revoked: set[str]) -> Observed:
+    """The trusted judged answers of both arms since the canary started, one vote each (the majority of its raters)."""
+    judged, unsigned, skipped = scan(experiment_id, keys, arms.started_ms, revoked=revoked)
+    out = Observed(skipped={**unsigned, **skipped})
+    for j in judged:
+        arm = arms.arm_of(j.version)
+        ups = sum(v.up for v in j.votes)
+        if arm is None or 2 * ups == len(j.votes):
+            continue
+        out.votes.append((arm, 2 * ups > len(j.votes), j.served_ms))
+    return out
+
+
+def served(arms: Arms, experiment_id: str, keys: dict[str, bytes], page_size: int = 500) -> dict[str, list]:
+    """Every signed answer of both arms since the canary started, oldest first: arm -> [(served ms, Answer)] (shadow
+    answers count as the challenger's)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    out: dict[str, list[tuple[int, Answer]]] = {"champion": [], "challenger": []}
+    token = None
+    while True:
+        page = client.search_traces(
+            locations=[experiment_id],
+            filter_string=(
+                f"trace.timestamp_ms > {arms.started_ms} AND trace.timestamp_ms <= {int(time.time() * 1000) + 60_000}"
+            ),
+            max_results=page_size,
+            order_by=["timestamp_ms ASC"],
+            page_token=token,
+        )
+        for trace in page:
+            try:
+                if answer_status(trace, keys) != provenance.OK:
+                    continue
+                root = next(s for s in trace.data.spans if s.parent_id is None)
+                arm = arms.arm_of(str((root.attributes or {}).get("rlhf.version", "")))
+                answer = answer_of(trace)
+                if arm is None or answer is None:
+                    continue
+                latency = float((root.attributes or {}).get("latency_ms", 0.0))
+                out[arm].append((trace.info.timestamp_ms, Answer(answer[1], latency)))
+            except Exception:  # whatever a stored trace holds, it never stops the reading: skipped
+                continue
+        token = page.token
+        if not token:
+            break
+    return out
