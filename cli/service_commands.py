@@ -310,7 +310,10 @@ def cmd_rollback(args, overrides: list[str]) -> int:
         f"  v{current} is tagged {registry.ROLLED_BACK}: a retrain on its data version and config will not promote it "
         "again (new data or a changed config will)"
     )
-    print(f"  a running `mlflow models serve -m models:/{name}@{registry.CHAMPION}` picks it up on restart")
+    print(
+        f"  a running `rlhf model serve` answers with v{previous} within registry.canary.poll_s "
+        f"({cfg.registry.canary.poll_s:g} s), no restart"
+    )
     print(f"  {_where(cfg)}")
     return 0
 

@@ -54,6 +54,7 @@ class Limits:
 
     max_error_rate_gain: float = 0.02
     max_latency_ratio: float | None = 1.5
+    latency_floor_ms: float = 50.0  # a p95 this much above the champion's at least fails: sub-ms noise never does
     max_repeated_word_gain: float | None = 0.05
     min_distinct_2_ratio: float | None = 0.9
     max_length_ratio: float | None = 2.0
@@ -62,7 +63,7 @@ class Limits:
 
     @classmethod
     def of(cls, canary) -> Limits:
-        return cls(**{name: getattr(canary, name) for name in cls.__dataclass_fields__})
+        return cls(**{name: getattr(canary, name) for name in cls.__dataclass_fields__ if hasattr(canary, name)})
 
 
 def check(challenger: list[Answer], champion: list[Answer], limits: Limits) -> list[str]:
@@ -72,7 +73,8 @@ def check(challenger: list[Answer], champion: list[Answer], limits: Limits) -> l
     if c["error_rate"] - b["error_rate"] > limits.max_error_rate_gain:
         failed.append(f"error rate {c['error_rate']:.3f} vs the champion's {b['error_rate']:.3f}")
     if limits.max_latency_ratio is not None and b["p95_latency_ms"] > 0:
-        if c["p95_latency_ms"] > limits.max_latency_ratio * b["p95_latency_ms"]:
+        slow = c["p95_latency_ms"] > limits.max_latency_ratio * b["p95_latency_ms"]
+        if slow and c["p95_latency_ms"] - b["p95_latency_ms"] > limits.latency_floor_ms:
             failed.append(
                 f"p95 latency {c['p95_latency_ms']:.0f} ms vs the champion's {b['p95_latency_ms']:.0f} ms "
                 f"(at most {limits.max_latency_ratio:g}x)"
