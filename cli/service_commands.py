@@ -68,7 +68,10 @@ def cmd_run(args, overrides: list[str]) -> int:
             f"\n✓ registered {reg.name} version {reg.version}, alias {reg.alias}"
             + (f" (previous champion v{reg.previous_champion})" if reg.previous_champion else "")
         )
-        print(f"  serve it: rlhf model serve --alias {reg.alias}   (then curl: it prints the command)")
+        if reg.alias == "champion":
+            print(f"  serve it: rlhf model serve --alias {reg.alias}   (then curl: it prints the command)")
+        else:
+            print(f"  {state.message}")
     else:
         print(f"\n✗ not promoted because {'; '.join(s.gate.reasons)} (the registry is unchanged)")
     print(f"  {_where(cfg)}")
@@ -205,8 +208,6 @@ def cmd_canary(args, overrides: list[str]) -> int:
     alias `challenger` (a serving process starts its canary at its next poll); `stop` retires it now; `check` decides
     and acts once (`rlhf serve` runs it on a schedule); `status` only prints."""
     cfg = _load(overrides, prefect=args.action == "check")
-    import time as clock
-
     from components import tracking
     from components.registry import canary as observed
     from components.registry import registry
@@ -226,12 +227,10 @@ def cmd_canary(args, overrides: list[str]) -> int:
                 file=sys.stderr,
             )
             return 1
-        import mlflow
         from mlflow.exceptions import MlflowException
 
         try:
-            registry.tag_version(name, args.version, {observed.STARTED: str(int(clock.time() * 1000))})
-            mlflow.MlflowClient().set_registered_model_alias(name, registry.CHALLENGER, args.version)
+            observed.start(name, args.version, shadow_first=cfg.registry.canary.shadow_answers > 0)
         except MlflowException:
             print(f"✗ {name} has no version {args.version}: see the registry in the MLflow UI", file=sys.stderr)
             return 1

@@ -397,7 +397,14 @@ class CanaryConfig:
     guardrails take it out at once (components/evaluation/guardrails.py). docs/service.md: the life of a candidate."""
 
     share: float = 0.1  # of the users (sticky: a user is hashed to an arm) who get the challenger
-    shadow: bool = False  # the challenger answers every prompt too, traced, never shown: guardrails only
+    shadow: bool = False  # the challenger only ever answers in shadow: every prompt, traced, never shown (guardrails)
+    # > 0: a canary starts in shadow, and moves to its share once this many challenger answers passed the guardrails
+    shadow_answers: int = 0
+    on_new_candidate: str = (
+        "queue"  # a candidate passing the gate while a canary runs: queue | replace (the running one)
+    )
+    # with promotion=canary, `rlhf serve` decides the canary this often (null: only `rlhf canary check` decides)
+    check_every_s: Optional[int] = 300
     # the sequential test: P(promote | the challenger's thumbs-up rate is not above the champion's), and
     # P(retire | it is at least min_improvement above)
     false_promotion_rate: float = 0.05
@@ -434,7 +441,14 @@ class RegistryConfig:
     # are user data: false serves without recording them
     trace_requests: bool = True
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    # what a retrain does with a candidate that passes the gate: direct (move `champion` to it) or canary (make it the
+    # `challenger` of the running server, promoted or retired on the users' votes: flows/canary.py)
+    promotion: str = "direct"
     canary: CanaryConfig = field(default_factory=CanaryConfig)
+
+    def __post_init__(self):
+        if self.promotion not in ("direct", "canary"):
+            raise ValueError(f"registry.promotion must be direct or canary, got {self.promotion!r}")
 
 
 @dataclass

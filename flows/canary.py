@@ -46,6 +46,8 @@ class Status:
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # arm -> (judged answers, rate)
     deadline_passed: bool = False
     outcome: str = ""  # what the check did
+    phase: str = "traffic"  # shadow | traffic
+    queued: list[str] = field(default_factory=list)  # versions waiting for a canary
 
     @property
     def verdict(self) -> str:
@@ -70,6 +72,10 @@ class Status:
                 f"[{lo:.3f}, {hi:.3f}]"
             )
         lines.append(f"  guardrails: {self.guard.reason()} ({self.guard.windows} windows checked)")
+        if self.phase == "shadow":
+            lines.append("  phase: shadow (the challenger answers every prompt unseen; no votes can decide yet)")
+        if self.queued:
+            lines.append(f"  queued for a canary next: {', '.join('v' + v for v in self.queued)}")
         lines.append(f"  decision: {self.verdict}: {self.reason}")
         return "\n".join(lines)
 
@@ -121,6 +127,8 @@ def status(cfg: Config) -> Status | None:
         intervals,
         curves,
         deadline_passed,
+        phase=registry.version_tags(name, challenger).get(observed.PHASE, "traffic"),
+        queued=observed.queued(name),
     )
 
 
@@ -133,6 +141,15 @@ def canary_check(cfg: Config) -> Status | None:
         logger.info("no canary: no version of %s has the alias %s", cfg.tracking.registered_model_name, "challenger")
         return None
     logger.info("%s", s.table())
+    c = cfg.registry.canary
+    if s.phase == "shadow" and not s.guard.tripped:
+        if s.served["challenger"] >= c.shadow_answers and not s.guard.failures:
+            registry.tag_version(s.name, s.challenger, {observed.PHASE: "traffic"})
+            s.outcome = f"v{s.challenger} passed {s.served['challenger']} answers in shadow: it now answers {c.share:.0%} of users"
+        else:
+            s.outcome = f"in shadow: {s.served['challenger']} of {c.shadow_answers} answers so far"
+        logger.info("canary: %s", s.outcome)
+        return s
     if s.verdict == "continue":
         s.outcome = "no verdict yet: the canary goes on"
         return s
@@ -144,7 +161,24 @@ def canary_check(cfg: Config) -> Status | None:
     logger.warning("canary %s: %s; %s", s.verdict, s.reason, s.outcome)
     record(cfg, s)
     announce(cfg, s)
+    if registry.alias_version(s.name, registry.CHALLENGER) is None and (nxt := next_in_queue(cfg, s.name)):
+        s.outcome += f"; {nxt}"
+        logger.warning("canary: %s", nxt)
     return s
+
+
+def next_in_queue(cfg: Config, name: str) -> str | None:
+    """Start the canary of the newest queued candidate (older ones are superseded by it): -> what happened."""
+    waiting = observed.queued(name)
+    if not waiting:
+        return None
+    newest, older = waiting[-1], waiting[:-1]
+    for v in older:
+        registry.tag_version(name, v, {observed.VERDICT: "superseded", "canary_reason": f"v{newest} was queued later"})
+    if newest == registry.alias_version(name, registry.CHAMPION):
+        return None
+    observed.start(name, newest, shadow_first=cfg.registry.canary.shadow_answers > 0)
+    return f"v{newest}, queued, is the challenger now" + (f" (v{', v'.join(older)} superseded)" if older else "")
 
 
 def retire(s: Status) -> None:

@@ -21,6 +21,7 @@ moves it by compare-and-set). Either failing ends the run Failed with one senten
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import mlflow
@@ -167,6 +168,8 @@ def pipeline(cfg: Config, slot: RetrainSlot | None = None) -> State:
         lineage = incremental.lineage_of(plan, cfg, data)
         s.registered = register(cfg, data, s.sft.dir, s.policy.dir, s.reward.dir, s.gate, run_id, lineage)
         registry.tag_version(s.registered.name, s.registered.version, {registry.SLOT_GENERATION: s.slot_generation})
+        if cfg.registry.promotion == "canary" and s.gate.champion_version is not None:
+            return enter_canary(cfg, s, slot)  # the users decide (flows/canary.py); a first model has no one to face
         return promote(cfg, s, slot)
 
 
@@ -288,6 +291,50 @@ def promote(cfg: Config, s: RetrainSummary, slot: RetrainSlot | None = None, aga
         s,
         f"promoted v{reg.version}{by}",
         Completed(data=s, message=f"promoted {reg.name} v{reg.version} to {registry.CHAMPION}{by}"),
+    )
+
+
+def enter_canary(cfg: Config, s: RetrainSummary, slot: RetrainSlot | None = None, again: str = AGAIN) -> State:
+    """registry.promotion=canary: the candidate becomes the `challenger` of the running server under the slot's fence,
+    while `champion` is still its gate's baseline; while another canary runs it is queued (on_new_candidate=queue:
+    started when that canary ends) or replaces it (replace: the running one is retired)."""
+    from components.registry import canary
+
+    reg, c = s.registered, cfg.registry.canary
+    assert reg is not None
+    try:
+        fence(slot)
+        registry.check_champion(reg.name, s.gate.champion_version, f"since v{reg.version} was compared")
+        running = registry.alias_version(reg.name, registry.CHALLENGER)
+        if running is not None and running != s.gate.champion_version:
+            if c.on_new_candidate == "queue":
+                registry.tag_version(reg.name, reg.version, {canary.QUEUED: str(int(time.time() * 1000))})
+                return finish(
+                    s,
+                    f"v{reg.version} queued for a canary",
+                    Completed(
+                        data=s,
+                        message=f"v{reg.version} passed the gate and waits for the canary of v{running} to end "
+                        "(registry.canary.on_new_candidate=queue); `rlhf canary status` shows it",
+                    ),
+                )
+            registry.tag_version(
+                reg.name, running, {canary.VERDICT: "superseded", "canary_reason": f"replaced by v{reg.version}"}
+            )
+        canary.start(reg.name, reg.version, shadow_first=c.shadow_answers > 0)
+    except (SlotLost, registry.ChampionMoved) as e:
+        return refused(s, f"v{reg.version} not made the challenger", e, again)
+    reg.alias = registry.CHALLENGER
+    how = f"in shadow for {c.shadow_answers} answers, then for" if c.shadow_answers > 0 else "for"
+    return finish(
+        s,
+        f"v{reg.version} in canary",
+        Completed(
+            data=s,
+            message=f"v{reg.version} passed the gate and is the challenger of champion v{s.gate.champion_version}: a "
+            f"running `rlhf model serve` answers {how} {c.share:.0%} of users with it; `rlhf canary status` shows how "
+            "it goes",
+        ),
     )
 
 

@@ -4,6 +4,8 @@
 - trigger: every `rlhf.data.updated` event that `rlhf ingest` emits for this project's data
   (`infra.retrain_on_new_data`);
 - at most one retrain at a time (deployment concurrency limit 1; later runs queue);
+- with `registry.promotion=canary`, a third deployment every `registry.canary.check_every_s` (300): `rlhf canary check` on that interval (the
+  canary's decision, flows/canary.py; nothing to do without a challenger). No parameters either.
 - with `infra.ingest_traces_cron`, a second deployment: `rlhf ingest --from-traces` on that schedule (the judged
   served answers become feedback rows; their `rlhf.data.updated` event then triggers the retrain). It takes no
   parameters: it runs on the operator's config alone.
@@ -34,6 +36,7 @@ from service.env import configure_environment
 
 DEPLOYMENT = "rlhf-retrain"
 INGEST_TRACES = "rlhf-ingest-traces"
+CANARY_CHECK = "rlhf-canary-check"
 # the operator's `rlhf serve` overrides, for the flow runs the runner starts (subprocesses: they inherit
 # the environment, not the serving process's variables)
 SERVED_OVERRIDES = "RLHF_SERVED_OVERRIDES"
@@ -73,6 +76,17 @@ def ingest_traces_service():
     if state.is_completed():
         batch.landed(state.result())
     return state
+
+
+@flow(name="canary-check-service", validate_parameters=False)
+def canary_check_service():
+    """`rlhf canary check` on the operator's config (no parameters): decide the canary, act on a verdict."""
+    from flows.canary import canary_check
+
+    cfg = compose(json.loads(os.environ.get(SERVED_OVERRIDES, "[]")))
+    configure_environment(cfg)
+    s = canary_check(cfg)
+    return Completed(message=s.outcome if s is not None else "no canary")
 
 
 def allowed_overrides(served: list[str], requested: list[str], cfg: Config) -> list[str]:
@@ -133,6 +147,20 @@ def ingest_traces_deployment(cfg: Config):
     )
 
 
+def canary_check_deployment(cfg: Config):
+    """The canary's decision every `registry.canary.check_every_s` with registry.promotion=canary (else None): no
+    parameters, one at a time."""
+    if cfg.registry.promotion != "canary" or not cfg.registry.canary.check_every_s:
+        return None
+    return canary_check_service.to_deployment(
+        name=CANARY_CHECK,
+        interval=cfg.registry.canary.check_every_s,
+        concurrency_limit=1,
+        description="the canary: the sequential test on the users' votes and the guardrails; promote or retire",
+        tags=["rlhf"],
+    )
+
+
 # SIGTERM/SIGINT -> runner stopped: at most this; then Prefect stops its temporary server (if any; up to
 # 5 s, then it kills it), so the process exits within 10 s of the signal
 STOP_GRACE_S = 3.0
@@ -166,6 +194,8 @@ def serve(cfg: Config, overrides: list[str]) -> None:
     runner.add_deployment(deployment(cfg, overrides))
     if (ingest := ingest_traces_deployment(cfg)) is not None:
         runner.add_deployment(ingest)
+    if (check := canary_check_deployment(cfg)) is not None:
+        runner.add_deployment(check)
 
     async def main() -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -130,6 +130,16 @@ class Arms:
             log.warning("canary: %s", line)
         return changes
 
+    def phase(self, version: str) -> str:
+        """The canary's phase, from the challenger version's tag (components/registry/canary.PHASE)."""
+        from components.registry.registry import version_tags
+
+        return version_tags(self.name, version).get("canary_phase", "traffic")
+
+    @property
+    def in_shadow(self) -> bool:
+        return self.challenger is not None and self.challenger.name == SHADOW
+
     def start(self) -> None:
         """Load the arms now, then re-read the aliases every poll_s in a daemon thread (a failed read or load is
         logged and tried again at the next poll: serving goes on with the arms it has)."""

@@ -276,11 +276,11 @@ class Router:
             key, body, problem = self.user_of(scope, body)
             if problem:
                 return problem
-            if challenger is not None and not self.arms.shadow:
+            if challenger is not None and challenger.name != "shadow":
                 if arm(key, self.arms.share, f"v{challenger.version}") == CHALLENGER:
                     chosen = challenger
         await call(chosen.app, scope, body, labelled(send, chosen) if invocation else send, receive)
-        if invocation and challenger is not None and self.arms.shadow:
+        if invocation and challenger is not None and challenger.name == "shadow":
             task = asyncio.create_task(call(challenger.app, scope, body, discard))
             self.background.add(task)
             task.add_done_callback(self.background.discard)

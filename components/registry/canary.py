@@ -18,7 +18,30 @@ from components.registry import provenance
 from components.registry.feedback import answer_of, answer_status, scan
 
 STARTED = "canary_started_ms"  # the challenger version's tag: when its canary started
-VERDICT = "canary_verdict"  # the challenger version's tag once decided: promote | retire
+VERDICT = "canary_verdict"  # the challenger version's tag once decided: promote | retire | guardrail | superseded
+PHASE = "canary_phase"  # shadow (answers every prompt, unseen) | traffic (its share of users)
+QUEUED = "canary_queued_ms"  # a candidate that passed the gate while another canary ran: when it was queued
+
+
+def start(registered_name: str, version: str, shadow_first: bool) -> None:
+    """Make `version` the challenger: its start time and phase as tags first, then the alias (a serving process that
+    sees the alias finds the tags)."""
+    import mlflow
+
+    from components.registry.registry import CHALLENGER, tag_version
+
+    tags = {STARTED: str(int(time.time() * 1000)), PHASE: "shadow" if shadow_first else "traffic"}
+    tag_version(registered_name, version, tags)
+    mlflow.MlflowClient().set_registered_model_alias(registered_name, CHALLENGER, version)
+
+
+def queued(registered_name: str) -> list[str]:
+    """The versions waiting for a canary, oldest first (queued and not decided)."""
+    import mlflow
+
+    found = mlflow.MlflowClient().search_model_versions(f"name = '{registered_name}'")
+    waiting = [v for v in found if QUEUED in (v.tags or {}) and VERDICT not in (v.tags or {})]
+    return [str(v.version) for v in sorted(waiting, key=lambda v: int(v.version))]
 
 
 @dataclass

@@ -128,3 +128,32 @@ def _event(name: str, version: str, timeout: float = 30.0) -> dict:
                 return e
         time.sleep(1.0)
     raise AssertionError(f"no {name} event for v{version}")
+
+
+def test_a_retrain_with_promotion_canary_makes_its_candidate_the_challenger_and_queues_the_next(project):
+    """registry.promotion=canary: a candidate that passed its gate becomes the challenger under the retrain slot; the
+    next one, while that canary runs, is queued (on_new_candidate=queue) and becomes the challenger when the first is
+    decided (here: retired at its deadline, no votes)."""
+    from pathlib import Path
+
+    from flows.contracts import Registration
+    from flows.retrain import enter_canary
+    from service.slot import RetrainSlot
+    from tests.registry.test_promotion import summary
+
+    cfg = make_project(Path(project.root), f"tracking.registered_model_name={NAME}", "registry.promotion=canary")
+    champion = alias_version(NAME, CHAMPION)
+    first, second = new_version(NAME, compared=champion), new_version(NAME, compared=champion)
+    with RetrainSlot(cfg, print, on_lost=lambda: None) as slot, mlflow.start_run():
+        state = enter_canary(cfg, summary(cfg, champion, Registration(NAME, first)), slot)
+        assert state.is_completed() and f"v{first} passed the gate and is the challenger" in state.message
+        assert alias_version(NAME, CHALLENGER) == first and alias_version(NAME, CHAMPION) == champion
+        state = enter_canary(cfg, summary(cfg, champion, Registration(NAME, second)), slot)
+        assert state.is_completed() and f"waits for the canary of v{first} to end" in state.message, state.message
+        assert alias_version(NAME, CHALLENGER) == first
+    late = make_project(Path(project.root), f"tracking.registered_model_name={NAME}", "registry.canary.deadline_h=0")
+    s = canary_check(late)
+    assert s.verdict == "retire" and "deadline passed" in s.reason, s.table()
+    assert f"v{second}, queued, is the challenger now" in s.outcome, s.outcome
+    assert alias_version(NAME, CHALLENGER) == second
+    assert registry.version_tags(NAME, first)["canary_verdict"] == "retire"
