@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -279,9 +280,16 @@ class Router:
             if challenger is not None and challenger.name != "shadow":
                 if arm(key, self.arms.share, f"v{challenger.version}") == CHALLENGER:
                     chosen = challenger
-        await call(chosen.app, scope, body, labelled(send, chosen) if invocation else send, receive)
+        started = time.time_ns()
+
+        def done(arm):
+            return lambda status, payload: failure(arm, body, status, payload, started)
+
+        await call(chosen.app, scope, body, labelled(send, chosen, done(chosen)) if invocation else send, receive)
         if invocation and challenger is not None and challenger.name == "shadow":
-            task = asyncio.create_task(call(challenger.app, scope, body, discard))
+            task = asyncio.create_task(
+                call(challenger.app, scope, body, labelled(discard, challenger, done(challenger)))
+            )
             self.background.add(task)
             task.add_done_callback(self.background.discard)
         return None
@@ -309,8 +317,67 @@ async def discard(message: Message) -> None:
     return None
 
 
-def labelled(send: Send, arm) -> Send:
-    """`send`, with `arm` and `version` added to each prediction of a JSON answer of 200."""
+def failed(status: int, payload: bytes) -> bool:
+    """Whether an answer of the scoring app is the model failing a valid request: a 5xx, or MLflow's generic 400 for
+    an unexpected exception in predict (it carries a stack trace). A request the model refused as invalid
+    (INVALID_PARAMETER_VALUE, one sentence) or a malformed body is the client's, not a failure."""
+    if status >= 500:
+        return True
+    if status != 400:
+        return False
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(doc, dict) and "stack_trace" in doc and doc.get("error_code") != "INVALID_PARAMETER_VALUE"
+
+
+def failure(arm, body: bytes, status: int, payload: bytes, started_ns: int) -> None:
+    """A failed answer as a signed trace of its arm (the canary's error-rate guardrail counts it: components/registry/
+    canary.served): the first prompt, an empty response, `error` in its outputs. Never raises into a request."""
+    tracer = arm.tracer
+    if not failed(status, payload) or tracer is None or getattr(tracer, "key", None) is None:
+        return
+    try:
+        import mlflow
+
+        from components.registry.policy_model import ANSWER, SIGNATURE, VERSION, answer_fields
+
+        try:
+            doc = json.loads(body)
+            inputs = doc.get("inputs") or doc.get("instances") or []
+            prompt = inputs[0] if isinstance(inputs, list) and inputs and isinstance(inputs[0], str) else ""
+        except (ValueError, AttributeError, TypeError):
+            prompt = ""
+        params = {"error": status}
+        span = mlflow.start_span_no_context(
+            "answer",
+            span_type="LLM",
+            inputs={"prompt": prompt, "params": params},
+            attributes={
+                "latency_ms": (time.time_ns() - started_ns) / 1e6,
+                VERSION: tracer.version,
+                "rlhf.arm": arm.name,
+            },
+            tags={
+                "rlhf.model": tracer.model,
+                "rlhf.version": tracer.version,
+                "rlhf.arm": arm.name,
+                "rlhf.error": str(status),
+            },
+            experiment_id=tracer.experiment_id,
+            start_time_ns=started_ns,
+        )
+        if signed := tracer.key.sign(ANSWER, answer_fields(span.trace_id, prompt, "", tracer.version, params)):
+            span.set_attribute(SIGNATURE, signed)
+        span.end(outputs={"response": "", "error": status})
+    except Exception as e:  # tracing never fails a request
+        tracer.dropped_one(f"failure trace: {type(e).__name__}: {e}")
+
+
+def labelled(send: Send, arm, on_done: Callable[[int, bytes], None] | None = None) -> Send:
+    """`send`, with `arm` and `version` added to each prediction of a JSON answer of 200; `on_done(status, body)`
+    sees the app's answer first."""
     start: Message | None = None
     chunks = bytearray()
 
@@ -326,6 +393,8 @@ def labelled(send: Send, arm) -> Send:
         if message.get("more_body"):
             return
         payload = bytes(chunks)
+        if on_done is not None:
+            on_done(int(start.get("status", 500)), payload)
         if start.get("status") == 200:
             try:
                 doc = json.loads(payload)

@@ -115,7 +115,8 @@ def served(arms: Arms, experiment_id: str, keys: dict[str, bytes], page_size: in
                 if arm is None or answer is None:
                     continue
                 latency = float((root.attributes or {}).get("latency_ms", 0.0))
-                out[arm].append((trace.info.timestamp_ms, Answer(answer[1], latency)))
+                failed = isinstance(root.outputs, dict) and "error" in root.outputs  # service/serving.failure
+                out[arm].append((trace.info.timestamp_ms, Answer(answer[1], latency, failed=failed)))
             except Exception:  # whatever a stored trace holds, it never stops the reading: skipped
                 continue
         token = page.token

@@ -157,3 +157,27 @@ def test_a_retrain_with_promotion_canary_makes_its_candidate_the_challenger_and_
     assert f"v{second}, queued, is the challenger now" in s.outcome, s.outcome
     assert alias_version(NAME, CHALLENGER) == second
     assert registry.version_tags(NAME, first)["canary_verdict"] == "retire"
+
+
+def test_failed_answers_are_signed_traces_that_trip_the_error_rate_guardrail(project):
+    """A failed answer of an arm (a 5xx, or MLflow's generic 400 with a stack trace; not a request refused as
+    invalid) is a signed trace of that arm (service/serving.failure); the challenger failing where the champion does
+    not is retired on its error rate."""
+    from types import SimpleNamespace
+
+    from service.serving import failed, failure
+
+    assert failed(500, b"") and failed(400, b'{"error_code": "BAD_REQUEST", "stack_trace": "..."}')
+    assert not failed(400, b'{"error_code": "INVALID_PARAMETER_VALUE", "message": "n must be in 1..8"}')
+    assert not failed(413, b"") and not failed(200, b"{}")
+    champion_v, challenger_v = alias_version(NAME, CHAMPION), alias_version(NAME, CHALLENGER)
+    champion = serving_desk(project, ["di"], version=champion_v)
+    challenger = arm_desk(project, challenger_v, CHALLENGER, champion)
+    arm = SimpleNamespace(name=CHALLENGER, tracer=challenger.tracer)
+    for i in range(40):
+        failure(arm, b'{"inputs": ["Q"]}', 500, b"", time.time_ns())
+        champion.tracer.record([f"Q {i}"], {"n": 1}, [[GOOD[i % 4]]], None, _frame(GOOD[i % 4]), time.time_ns())
+    mlflow.flush_trace_async_logging()
+    s = canary_check(project)
+    assert s.verdict == "guardrail" and "error rate 1.000 vs the champion's 0.000" in s.reason, s.table()
+    assert alias_version(NAME, CHALLENGER) is None
