@@ -107,10 +107,14 @@ def status(cfg: Config) -> Status | None:
     decision = test.decision(deadline_passed)
     guard = guardrails.Guard(c.max_failed_windows)
     challenger_answers = answers["challenger"]
+    # the champion's reward model scores both arms (a fixed yardstick): only with registry.canary.max_reward_drop
+    scorer = observed.champion_scorer(name, champion) if c.max_reward_drop is not None else None
     for mine, theirs in guardrails.windows(
         [a for _, a in challenger_answers], answers["champion"], [t for t, _ in challenger_answers], c.window
     ):
         if theirs:
+            if scorer is not None:
+                mine, theirs = observed.scored(scorer, mine), observed.scored(scorer, theirs)
             guard.add(guardrails.check(mine, theirs, guardrails.Limits.of(c)))
     intervals = {
         arm: sequential.rate_interval(decision.ups[arm], decision.judged[arm], c.false_promotion_rate)

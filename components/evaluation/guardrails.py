@@ -25,6 +25,7 @@ class Answer:
     latency_ms: float
     failed: bool = False
     reward: float | None = None  # the champion's reward model's score, when it scored it
+    prompt: str = ""
 
 
 def p95(values: list[float]) -> float:

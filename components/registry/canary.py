@@ -116,10 +116,42 @@ def served(arms: Arms, experiment_id: str, keys: dict[str, bytes], page_size: in
                     continue
                 latency = float((root.attributes or {}).get("latency_ms", 0.0))
                 failed = isinstance(root.outputs, dict) and "error" in root.outputs  # service/serving.failure
-                out[arm].append((trace.info.timestamp_ms, Answer(answer[1], latency, failed=failed)))
+                out[arm].append((trace.info.timestamp_ms, Answer(answer[1], latency, failed=failed, prompt=answer[0])))
             except Exception:  # whatever a stored trace holds, it never stops the reading: skipped
                 continue
         token = page.token
         if not token:
             break
+    return out
+
+
+_SCORERS: dict[tuple[str, str], object] = {}
+
+
+def champion_scorer(registered_name: str, version: str):
+    """The reward model bundled with `version` (its pyfunc's RewardScorer: components/registry/policy_model.py), or
+    None when it was registered without one or cannot be loaded; loaded once per process."""
+    key = (registered_name, version)
+    if key not in _SCORERS:
+        import mlflow
+
+        try:
+            model = mlflow.pyfunc.load_model(f"models:/{registered_name}/{version}")
+            _SCORERS[key] = getattr(model.unwrap_python_model(), "scorer", None)
+        except Exception:
+            _SCORERS[key] = None
+    return _SCORERS[key]
+
+
+def scored(scorer, answers: list[Answer], batch: int = 16) -> list[Answer]:
+    """The answers with `reward` from the champion's reward model (failed answers are left as they are)."""
+    from dataclasses import replace
+
+    ok = [i for i, a in enumerate(answers) if not a.failed]
+    out = list(answers)
+    for start in range(0, len(ok), batch):
+        idx = ok[start : start + batch]
+        rewards = scorer.scores([answers[i].prompt for i in idx], [answers[i].response for i in idx])
+        for i, r in zip(idx, rewards, strict=True):
+            out[i] = replace(answers[i], reward=float(r))
     return out

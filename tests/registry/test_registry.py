@@ -698,3 +698,23 @@ def test_a_canary_routes_sticky_users_to_the_challenger_and_counts_their_trusted
         assert time.time() < deadline, "the retired challenger still answers"
         time.sleep(0.5)
     assert all(answer(u)["arm"] == CHAMPION for u in on_challenger)
+
+
+def test_the_canary_scores_both_arms_with_the_champions_reward_model(registry):
+    """The reward guardrail's yardstick: the champion's bundled reward model (v1 has one, v2 none), loaded from the
+    registry once, scores any arm's answers as the champion scores its own (its `score` column); a failed answer is
+    left unscored."""
+    from components.evaluation.guardrails import Answer
+    from components.registry.canary import champion_scorer, scored
+
+    stages, (v1, v2) = registry
+    mlflow.set_tracking_uri(tracking.tracking_uri(stages.cfg))
+    assert champion_scorer(NAME, v2.version) is None
+    scorer = champion_scorer(NAME, v1.version)
+    assert champion_scorer(NAME, v1.version) is scorer, "loaded once"
+    own = mlflow.pyfunc.load_model(f"models:/{NAME}/{v1.version}").predict(
+        ["The film was", "My new kettle"], params={"max_new_tokens": 8, "seed": 3}
+    )
+    answers = [Answer(r, 10.0, prompt=p) for p, r in zip(["The film was", "My new kettle"], own["response"])]
+    rewards = [a.reward for a in scored(scorer, [*answers, Answer("", 10.0, failed=True, prompt="x")])]
+    assert rewards[:2] == pytest.approx(own["score"].tolist(), abs=1e-4) and rewards[2] is None
