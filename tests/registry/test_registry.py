@@ -715,6 +715,8 @@ def test_the_canary_scores_both_arms_with_the_champions_reward_model(registry):
     own = mlflow.pyfunc.load_model(f"models:/{NAME}/{v1.version}").predict(
         ["The film was", "My new kettle"], params={"max_new_tokens": 8, "seed": 3}
     )
-    answers = [Answer(r, 10.0, prompt=p) for p, r in zip(["The film was", "My new kettle"], own["response"])]
+    answers = [
+        Answer(r, 10.0, prompt=p) for p, r in zip(["The film was", "My new kettle"], own["response"], strict=True)
+    ]
     rewards = [a.reward for a in scored(scorer, [*answers, Answer("", 10.0, failed=True, prompt="x")])]
     assert rewards[:2] == pytest.approx(own["score"].tolist(), abs=1e-4) and rewards[2] is None
