@@ -298,10 +298,11 @@ def cmd_ingest(args, overrides: list[str], positional: list[str]) -> int:
     source: Path | None = None if args.from_traces else Path(positional[0]).resolve()
     batch = None
     if args.from_traces:
+        from components import tracking
         from flows.ingest import harvest_summary, traces_to_file
 
         batch = traces_to_file(cfg, since_ms(args.since))
-        print("\n".join(harvest_summary(batch.harvest, cfg.tracking.experiment)))
+        print("\n".join(harvest_summary(batch.harvest, cfg.tracking.experiment + tracking.SERVING_SUFFIX)))
         source = batch.path
         if source is None:
             batch.landed(None)

@@ -145,7 +145,7 @@ def cmd_model(args, overrides: list[str]) -> int:
     if cfg.registry.trace_requests:  # where the served model records its answers (components/registry/policy_model.py)
         from components.registry import registry
 
-        experiment_id = tracking.setup(cfg)
+        experiment_id = tracking.serving_experiment(cfg)  # the served answers' own experiment: traces, canaries
         version = args.alias if args.alias.isdigit() else registry.alias_version(name, args.alias)
         from service import keys, raters
 
@@ -190,7 +190,7 @@ def cmd_model(args, overrides: list[str]) -> int:
         )
     if tracing:
         print(
-            f"  each answer is an MLflow trace in experiment {cfg.tracking.experiment!r}, signed (its id in `trace_id`; "
+            f"  each answer is an MLflow trace in experiment {cfg.tracking.experiment + tracking.SERVING_SUFFIX!r}, signed (its id in `trace_id`; "
             "registry.trace_requests=false turns it off); a rater judges one with POST /feedback or "
             "`rlhf feedback TRACE_ID up|down --token T` (tokens: `rlhf raters add NAME`)"
         )

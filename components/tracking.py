@@ -27,7 +27,8 @@ _SECRET_KEY = re.compile(
     re.I,
 )
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
-EXPERIMENT_KIND, TRAINING = "mlflow.experimentKind", "custom_model_development"
+EXPERIMENT_KIND, TRAINING, GENAI = "mlflow.experimentKind", "custom_model_development", "genai_development"
+SERVING_SUFFIX = "-serving"  # the served answers' traces and the canaries live in `<experiment>-serving`
 # a URL in longer text: up to whitespace or a quote, less trailing punctuation (`see http://h/x?t=1.`)
 _URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+?(?=[.,:;!)\]}]*(?:[\s'\"<>]|$))", re.I)
 # userinfo: `user:password@` (the password may hold `/`: `u:pa/ss@`; the user may be empty: `:pw@`) or a
@@ -63,6 +64,26 @@ def setup(cfg: Config) -> str:
         mlflow.MlflowClient().set_experiment_tag(exp_id, EXPERIMENT_KIND, TRAINING)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def serving_experiment(cfg: Config) -> str:
+    """The experiment of the served answers (traces, feedback) and the canaries' runs: `<tracking.experiment>-serving`,
+    apart from the training runs so that each opens on what it holds in the MLflow UI (traces there, runs here).
+    Points MLflow at the store (as `setup`) without changing the active experiment. -> its id."""
+    import mlflow
+
+    setup(cfg)
+    name = cfg.tracking.experiment + SERVING_SUFFIX
+    exp = mlflow.get_experiment_by_name(name)
+    exp_id = exp.experiment_id if exp else mlflow.create_experiment(name, artifact_location=artifact_root(cfg))
+    if exp is None or exp.tags.get(EXPERIMENT_KIND) != GENAI:
+        mlflow.MlflowClient().set_experiment_tag(exp_id, EXPERIMENT_KIND, GENAI)
+    return exp_id
+
+
+def trace_experiments(cfg: Config) -> list[str]:
+    """Where served answers are: the serving experiment, and the training one (traces from before they were apart)."""
+    return [serving_experiment(cfg), setup(cfg)]
 
 
 def run_name(cfg: Config, stage: str) -> str:

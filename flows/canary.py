@@ -86,7 +86,7 @@ def status(cfg: Config) -> Status | None:
     from service import raters
 
     name = cfg.tracking.registered_model_name
-    experiment_id = tracking.setup(cfg)
+    experiment_id = tracking.serving_experiment(cfg)
     champion = registry.alias_version(name, registry.CHAMPION)
     challenger = registry.alias_version(name, registry.CHALLENGER)
     if champion is None or challenger is None or challenger == champion:
@@ -230,8 +230,9 @@ def record(cfg: Config, s: Status) -> None:
 
     from components.training.plots import canary_curves
 
-    tracking.setup(cfg)
-    with mlflow.start_run(run_name=f"canary v{s.challenger} vs v{s.champion}: {s.verdict}"):
+    with mlflow.start_run(
+        run_name=f"canary v{s.challenger} vs v{s.champion}: {s.verdict}", experiment_id=tracking.serving_experiment(cfg)
+    ):
         mlflow.set_tags(
             {"rlhf.kind": "canary", "verdict": s.verdict, "challenger": s.challenger, "champion": s.champion}
         )
@@ -250,6 +251,21 @@ def record(cfg: Config, s: Status) -> None:
             }
         )
         mlflow.log_text(f"{s.table()}\n\noutcome: {s.outcome}\n", "canary.md")
+        canary_run = mlflow.active_run().info
+    # the retrain that produced the challenger carries the verdict too (its summary page links here)
+    retrain = registry.version_tags(s.name, s.challenger).get("pipeline_run_id")
+    if retrain:
+        client = mlflow.MlflowClient()
+        try:
+            client.set_tag(retrain, "canary_verdict", s.verdict)
+            client.log_text(
+                retrain,
+                f"# canary: {s.verdict}\n\n{s.reason}\n\n{s.outcome}\n\n[the canary run](#/experiments/"
+                f"{canary_run.experiment_id}/runs/{canary_run.run_id})\n",
+                "canary.md",
+            )
+        except Exception as e:  # the retrain's run may be gone (deleted by hand): the verdict stands
+            get_run_logger().warning("the verdict could not be added to retrain run %s (%s)", retrain, e)
         if any(s.curves.values()):
             mlflow.log_figure(canary_curves(s.curves, s.intervals), "canary_curves.png")
 

@@ -166,14 +166,17 @@ def _thumbs(trace, rater: str | None = None) -> list[str]:
     return out
 
 
-def _search(experiment_id: str, filter_string: str) -> Iterator:
+def _search(experiment_id: str | list[str], filter_string: str) -> Iterator:
     """The experiment's traces that match, `PAGE` at a time (only what the caller keeps of each stays in memory)."""
     import mlflow
 
     client, token = mlflow.MlflowClient(), None
     while True:
         page = client.search_traces(
-            locations=[experiment_id], filter_string=filter_string, max_results=PAGE, page_token=token
+            locations=[experiment_id] if isinstance(experiment_id, str) else list(experiment_id),
+            filter_string=filter_string,
+            max_results=PAGE,
+            page_token=token,
         )
         yield from page
         token = page.token
@@ -181,8 +184,8 @@ def _search(experiment_id: str, filter_string: str) -> Iterator:
             return
 
 
-def find_traces(experiment_id: str, sel: Selector) -> tuple[dict[str, list[str]], set[str]]:
-    """The traces of the experiment the selector names -> (trace id -> the votes a purge deletes, every judged trace
+def find_traces(experiment_id: str | list[str], sel: Selector) -> tuple[dict[str, list[str]], set[str]]:
+    """The traces of the experiment(s) the selector names -> (trace id -> the votes a purge deletes, every judged trace
     id seen: for --rater, a row whose trace is not among them cannot be decided)."""
     import mlflow
 
@@ -194,7 +197,8 @@ def find_traces(experiment_id: str, sel: Selector) -> tuple[dict[str, list[str]]
                     trace = mlflow.get_trace(trace_id)
                 except Exception:  # an id MLflow refuses to look up is not one of its traces
                     trace = None
-            if trace is not None and trace.info.experiment_id == experiment_id:
+            ids = [experiment_id] if isinstance(experiment_id, str) else experiment_id
+            if trace is not None and trace.info.experiment_id in ids:
                 found[trace_id] = _thumbs(trace)
         return found, set(found)
     if sel.kind == "user":
@@ -361,7 +365,7 @@ def forget(
         cfg.tracking.experiment,
     )
     on_step(f"find the traces of {sel.describe()} in MLflow")
-    traces, seen = find_traces(experiment_id, sel)
+    traces, seen = find_traces(tracking.trace_experiments(cfg), sel)
     if sel.kind == "rater":
         result.undecidable = _undecidable(cfg, seen)
     # a trace forgotten before (maybe gone from MLflow since) may still be purged from the history

@@ -131,8 +131,8 @@ def traces_to_file(cfg: Config, since_ms: int | None = None) -> TraceBatch:
     from service import raters
 
     revoked = {r.name for r in raters.read(raters.raters_path(cfg)).values() if r.revoked is not None}
-    experiment = tracking.setup(cfg)
-    judged, unsigned, skipped = scan(experiment, ring.verifying(), start, fb.page_size, state.deferred, revoked)
+    experiments = tracking.trace_experiments(cfg)  # the serving experiment, and the training one's older traces
+    judged, unsigned, skipped = scan(experiments, ring.verifying(), start, fb.page_size, state.deferred, revoked)
     limits = Limits(fb.votes_per_rater_per_day, fb.max_rater_share, fb.min_raters, cfg.data.max_prompt_chars)
     h = harvest(judged, known | set(state.refused), evals, limits, state.landed.get(day_of(now_ms), {}))
     h.unsigned, h.skipped_votes = unsigned, skipped

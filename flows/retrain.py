@@ -347,7 +347,51 @@ def finish(s: RetrainSummary | None, outcome: str, state: State) -> State:
             "mlflow.runName",
             f"{mlflow.active_run().info.run_name.split(' ')[0]} {s.data.version[:8]} ({s.changed}): {outcome}",
         )
+        try:
+            summarise(s, outcome, state.message or "")
+        except Exception as e:  # the summary is for people: a failure to write it never changes the outcome
+            get_run_logger().warning("the run's summary.md could not be written (%s: %s)", type(e).__name__, e)
     return state
+
+
+def summarise(s: RetrainSummary, outcome: str, message: str) -> None:
+    """The parent run's one page (`summary.md`) and its stages' curves (`curves/<stage>_<figure>.png`), and each stage
+    run named and tagged with the version this retrain registered: what a person reads in the MLflow UI."""
+    import tempfile
+
+    client = mlflow.MlflowClient()
+    parent = mlflow.active_run().info
+    retrain = parent.run_name.split(" ")[0]
+    version = s.registered.version if s.registered else None
+    children = client.search_runs([parent.experiment_id], f"tags.mlflow.parentRunId = '{parent.run_id}'")
+    lines = [
+        f"# {retrain}: {outcome}",
+        "",
+        message,
+        "",
+        f"- data version `{s.data.version}` ({s.changed or 'first run'}); {s.mode or 'full'} retrain"
+        + (f": {s.mode_reason}" if s.mode_reason else ""),
+    ]
+    if s.registered:
+        lines.append(f"- registered `{s.registered.name}` v{s.registered.version}, alias `{s.registered.alias}`")
+    if s.gate:
+        lines += ["", "## Gate", "", "```", s.gate.summary, "```"]
+    lines += ["", "## Stages", ""]
+    with tempfile.TemporaryDirectory() as tmp:
+        for child in sorted(children, key=lambda r: r.info.start_time or 0):
+            stage = child.data.tags.get("stage", child.info.run_name.split(" ")[0])
+            if version:
+                client.set_tag(child.info.run_id, "registered_version", version)
+                client.set_tag(child.info.run_id, "mlflow.runName", f"{stage} · {retrain} → v{version}")
+            lines.append(f"- [{stage}](#/experiments/{parent.experiment_id}/runs/{child.info.run_id})")
+            for art in client.list_artifacts(child.info.run_id):
+                if art.path.endswith(".png"):
+                    local = client.download_artifacts(child.info.run_id, art.path, tmp)
+                    target = Path(tmp) / f"{stage}_{Path(art.path).name}"
+                    Path(local).rename(target)
+                    mlflow.log_artifact(str(target), "curves")
+                    lines.append(f"  - curves: `curves/{target.name}`")
+    mlflow.log_text("\n".join(lines) + "\n", "summary.md")
 
 
 def what_changed(cfg: Config, data: DataState) -> str:

@@ -28,7 +28,7 @@ from prefect import flow
 from prefect.states import Completed, Failed
 
 from components.config import Config, ConfigError, OverrideNotAllowed, check_remote_overrides, compose
-from components.tracking import redact_override
+from components.tracking import SERVING_SUFFIX, redact_override
 from flows.ingest import DATA_UPDATED, data_resource, harvest_summary, ingest_flow, traces_to_file
 from flows.retrain import retrain
 from service import lifecycle
@@ -68,7 +68,7 @@ def ingest_traces_service():
     configure_environment(cfg)
     lifecycle.claim_run(cfg)
     batch = traces_to_file(cfg)
-    summary = "\n".join(harvest_summary(batch.harvest, cfg.tracking.experiment))
+    summary = "\n".join(harvest_summary(batch.harvest, cfg.tracking.experiment + SERVING_SUFFIX))
     if batch.path is None:
         batch.landed(None)
         return Completed(message=f"nothing new to ingest\n{summary}")

@@ -108,7 +108,12 @@ def log_curves(fig, name: str) -> None:
 
 def start_stage_run(stage: str, parent_run_id: str, data: DataState, params: dict[str, Any]):
     """A child run of the pipeline's parent run, owned by this process (lifecycle), with its params."""
-    run = mlflow.start_run(run_name=stage, nested=True, parent_run_id=parent_run_id, tags=lifecycle.mlflow_owner_tags())
+    # named by its retrain, so that a compare view of six PPO runs tells them apart (renamed with the version the
+    # retrain registered when it finishes: flows/retrain.summarise)
+    retrain = mlflow.get_run(parent_run_id).info.run_name.split(" ")[0]
+    run = mlflow.start_run(
+        run_name=f"{stage} · {retrain}", nested=True, parent_run_id=parent_run_id, tags=lifecycle.mlflow_owner_tags()
+    )
     mlflow.set_tags({"stage": stage, "data_version": data.version})
     tracking.log_params(tracking.flatten(params, prefix=f"{stage}."))
     return run
@@ -568,6 +573,12 @@ def register(
             reg.name, cfg.model.name, data.version, git_commit(cfg.root_path), asdict(gate), lineage=lineage
         )
         mlflow.log_text(card, "model_card.md")
-        registry.describe(reg.name, reg.version, card)
+        # the version page's "Source Run" is this register run: its description links the retrain that made it
+        parent = mlflow.get_run(parent_run_id)
+        link = (
+            f"Trained by the retrain run [{parent.info.run_name}](#/experiments/{parent.info.experiment_id}/runs/"
+            f"{parent_run_id}) (its summary.md: gate table, curves).\n\n"
+        )
+        registry.describe(reg.name, reg.version, link + card)
         get_run_logger().info("registered %s version %s (alias %s)", reg.name, reg.version, registry.CANDIDATE)
         return Registration(reg.name, reg.version)

@@ -284,20 +284,21 @@ def _decided(votes: list[Vote]) -> bool:
 
 
 def scan(
-    experiment_id: str,
+    experiment_id: str | list[str],
     keys: dict[str, bytes],
     since_ms: int,
     page_size: int = 500,
     extra_ids: list[str] = (),  # type: ignore[assignment]
     revoked: set[str] = frozenset(),  # type: ignore[assignment]
 ) -> tuple[list[Judged], Counter, Counter]:
-    """The signed, judged answers of the experiment served after `since_ms` (and the traces `extra_ids`, deferred
+    """The signed, judged answers of the experiment(s) served after `since_ms` (and the traces `extra_ids`, deferred
     earlier), oldest first, read `page_size` traces at a time: only judged traces are read (MLflow's assessment
     filter), and only their counted votes are kept, so memory grows with the judged answers, not with traffic.
     -> (judged, answers left out by reason, votes left out by reason)."""
     import mlflow
 
     client = mlflow.MlflowClient()
+    ids = [experiment_id] if isinstance(experiment_id, str) else list(experiment_id)
     unsigned: Counter = Counter()
     skipped: Counter = Counter()
     judged: dict[str, Judged] = {}
@@ -328,7 +329,7 @@ def scan(
     token = None
     while True:
         page = client.search_traces(
-            locations=[experiment_id],
+            locations=ids,
             filter_string=(  # not after now: a trace dated in the future is no answer of this server
                 f"feedback.{FEEDBACK} IS NOT NULL AND trace.timestamp_ms > {int(since_ms)} "
                 f"AND trace.timestamp_ms <= {int(time.time() * 1000) + 60_000}"
@@ -348,7 +349,7 @@ def scan(
                 trace = mlflow.get_trace(trace_id)
             except Exception:
                 trace = None
-            if trace is not None and trace.info.experiment_id == experiment_id:
+            if trace is not None and trace.info.experiment_id in ids:
                 take(trace)
     return sorted(judged.values(), key=lambda j: j.served_ms), unsigned, skipped
 

@@ -57,6 +57,22 @@ def test_retrain_records_a_validation_run_in_mlflow(project):
     assert stages["ppo"].data.params["ppo.steps"] == "2"
     assert "ppo_curves.png" in {a.path for a in mlflow.MlflowClient().list_artifacts(stages["ppo"].info.run_id)}
     assert (project.root_path / summary.policy.dir / "adapter_model.safetensors").is_file()
+    # what a person reads in the MLflow UI (issue 41): each stage run named by its retrain and the version it made,
+    # the parent's one page with the gate table and the stages' curves, the version linked to its retrain
+    retrain_name = parent.info.run_name.split(" ")[0]
+    if (reg := summary.registered) is not None:
+        ppo = mlflow.get_run(stages["ppo"].info.run_id)
+        assert ppo.info.run_name == f"ppo · {retrain_name} → v{reg.version}", ppo.info.run_name
+        assert ppo.data.tags["registered_version"] == reg.version
+        description = mlflow.MlflowClient().get_model_version(reg.name, reg.version).description
+        assert f"Trained by the retrain run [{retrain_name}" in description and summary.run_id in description
+    page = mlflow.artifacts.load_text(f"runs:/{summary.run_id}/summary.md")
+    assert (
+        page.startswith(f"# {retrain_name}: ") and "## Gate\n\n```\ngate " in page and "- [ppo](#/experiments/" in page
+    )
+    assert "curves/ppo_ppo_curves.png" in {
+        a.path for a in mlflow.MlflowClient().list_artifacts(summary.run_id, "curves")
+    }
 
 
 def test_ppo_divergence_fails_the_run_with_the_reason(tmp_path):

@@ -33,6 +33,11 @@ def test_passing_candidate_is_registered_and_promoted_then_a_failing_one_changes
     ][0]
     assert {"eval/candidate/reward_mean", "eval/sft/judge_mean", "gate/passed"} <= set(evaluate_run.data.metrics)
     assert evaluate_run.data.metrics["eval/candidate/reward_disagreement"] > 0
+    # the MLflow UI (issue 41): stage runs named by their retrain and the version it registered, which links back
+    retrain_name = mlflow.get_run(s.run_id).info.run_name.split(" ")[0]
+    ppo = [c for c in mlflow.search_runs(filter_string="tags.registered_version = '1'", output_format="list")]
+    assert f"ppo · {retrain_name} → v1" in {c.info.run_name for c in ppo}, [c.info.run_name for c in ppo]
+    assert f"Trained by the retrain run [{retrain_name}" in version.description and s.run_id in version.description
     assert "gate/disagreement_ratio_vs_sft" in evaluate_run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(evaluate_run.info.run_id)}
     assert {"eval_generations.json", "gate_verdict.txt"} <= artifacts

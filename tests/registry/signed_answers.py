@@ -37,7 +37,7 @@ class Desk:
 
 def serving_desk(cfg: Config, rater_names: list[str], version: str = "1") -> Desk:
     """A tracer and a feedback desk on `cfg`'s tracking store and keyring, with a token per rater."""
-    experiment_id = tracking.setup(cfg)
+    experiment_id = tracking.serving_experiment(cfg)
     ring = keys.load(cfg)
     path = raters.raters_path(cfg)
     tokens = {name: raters.add(path, name) for name in rater_names}
