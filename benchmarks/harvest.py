@@ -46,7 +46,7 @@ if sys.argv[2] == "harvest":
     batch = traces_to_file(cfg)
     out = {"rows": len(batch.harvest.rows), "judged": batch.harvest.judged}
 else:
-    traces = mlflow.search_traces(locations=[tracking.setup(cfg)], return_type="list")
+    traces = mlflow.search_traces(locations=[tracking.serving_experiment(cfg)], return_type="list")
     out = {"traces": len(traces)}
 out["seconds"] = time.perf_counter() - t0
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

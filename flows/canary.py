@@ -251,6 +251,12 @@ def record(cfg: Config, s: Status) -> None:
             }
         )
         mlflow.log_text(f"{s.table()}\n\noutcome: {s.outcome}\n", "canary.md")
+        if any(s.curves.values()):
+            import matplotlib.pyplot as plt
+
+            fig = canary_curves(s.curves, s.intervals)
+            mlflow.log_figure(fig, "canary_curves.png")
+            plt.close(fig)
         canary_run = mlflow.active_run().info
     # the retrain that produced the challenger carries the verdict too (its summary page links here)
     retrain = registry.version_tags(s.name, s.challenger).get("pipeline_run_id")
@@ -266,8 +272,6 @@ def record(cfg: Config, s: Status) -> None:
             )
         except Exception as e:  # the retrain's run may be gone (deleted by hand): the verdict stands
             get_run_logger().warning("the verdict could not be added to retrain run %s (%s)", retrain, e)
-        if any(s.curves.values()):
-            mlflow.log_figure(canary_curves(s.curves, s.intervals), "canary_curves.png")
 
 
 def announce(cfg: Config, s: Status) -> None:

@@ -110,7 +110,7 @@ def start_stage_run(stage: str, parent_run_id: str, data: DataState, params: dic
     """A child run of the pipeline's parent run, owned by this process (lifecycle), with its params."""
     # named by its retrain, so that a compare view of six PPO runs tells them apart (renamed with the version the
     # retrain registered when it finishes: flows/retrain.summarise)
-    retrain = mlflow.get_run(parent_run_id).info.run_name.split(" ")[0]
+    retrain = mlflow.get_run(parent_run_id).info.run_name  # "retrain-tiny-20261207-211500", or "sweep policy=grpo"
     run = mlflow.start_run(
         run_name=f"{stage} · {retrain}", nested=True, parent_run_id=parent_run_id, tags=lifecycle.mlflow_owner_tags()
     )

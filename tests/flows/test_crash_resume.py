@@ -123,13 +123,13 @@ def test_sigkilled_runs_never_block_the_next_and_it_resumes(tmp_path):
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"], "no RUNNING run left behind"
     killed = [r for r in runs if r.info.status == "KILLED"]
     assert killed and all("ended without finishing" in r.data.tags["rlhf.ended_because"] for r in killed)
-    assert {r.info.run_name for r in killed} >= {"ppo"}
+    assert {r.data.tags.get("stage") for r in killed} >= {"ppo"}
 
     def metric(stage: str, key: str) -> list[float]:
         return [
             r.data.metrics[key]
             for r in runs
-            if r.info.run_name == stage and r.info.status == "FINISHED" and key in r.data.metrics
+            if r.data.tags.get("stage") == stage and r.info.status == "FINISHED" and key in r.data.metrics
         ]
 
     assert max(metric("ppo", "ppo/resumed_from_iteration")) > 0

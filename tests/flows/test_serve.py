@@ -360,9 +360,7 @@ def test_an_ingest_event_runs_the_served_deployment_and_a_sigkilled_serve_does_n
     mlflow.set_tracking_uri(tracking_uri(project))
     assert alias_version("served-test", CHAMPION) == "1"
     assert mlflow.MlflowClient().get_model_version("served-test", "1").tags["data_version"] == version
-    ppo_runs = mlflow.search_runs(
-        search_all_experiments=True, filter_string="attributes.run_name = 'ppo'", output_format="list"
-    )
+    ppo_runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.stage = 'ppo'", output_format="list")
     assert max(r.data.metrics.get("ppo/resumed_from_iteration", 0) for r in ppo_runs) > 0, "PPO resumed its checkpoint"
     assert not [
         r for r in mlflow.search_runs(search_all_experiments=True, output_format="list") if r.info.status == "RUNNING"

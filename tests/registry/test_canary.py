@@ -76,7 +76,7 @@ def test_a_challenger_its_users_like_better_is_promoted_and_the_decision_recorde
     assert alias_version(NAME, CHAMPION) == v2 and alias_version(NAME, CHALLENGER) is None
     assert registry.version_tags(NAME, v2)["canary_verdict"] == "promote"
     (run,) = mlflow.search_runs(
-        [tracking.setup(project)], filter_string="tags.`rlhf.kind` = 'canary'", output_format="list"
+        [tracking.serving_experiment(project)], filter_string="tags.`rlhf.kind` = 'canary'", output_format="list"
     )
     assert run.info.run_name == f"canary v{v2} vs v{v1}: promote" and run.data.metrics["canary/difference"] == 1.0
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
