@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from components.registry.routing import CHALLENGER, CHAMPION
@@ -51,6 +51,7 @@ def load_arm(name: str, version: str, alias: str, arm: str) -> Arm:
 
     os.environ["RLHF_SERVED_MODEL"] = f"{name}/{version}@{alias}"  # read by the model's Tracer as it loads
     os.environ["RLHF_SERVED_ARM"] = arm
+    os.environ["RLHF_SHARE_BASE"] = "1"  # two versions on one base (a canary of an incremental retrain): loaded once
     model = scoring_server.load_model_with_mlflow_config(f"models:/{name}/{version}")
     tracer = getattr(model.unwrap_python_model(), "tracer", None)
     if tracer is not None:
@@ -109,8 +110,14 @@ class Arms:
             if champion is None and self.champion is None:
                 raise LookupError(f"no version of {self.name} has the alias {self.champion_alias!r}")
             if champion is not None and (self.champion is None or self.champion.version != champion):
-                loaded = self.load(self.name, champion, self.champion_alias, CHAMPION)
+                if self.challenger is not None and self.challenger.version == champion:  # promoted: already loaded
+                    loaded, self.challenger = replace(self.challenger, name=CHAMPION), None
+                    if (tracer := loaded.tracer) is not None:
+                        tracer.arm, tracer.alias = CHAMPION, self.champion_alias
+                else:
+                    loaded = self.load(self.name, champion, self.champion_alias, CHAMPION)
                 before, self.champion = self.champion, loaded
+                self.release_later(before)
                 changes.append(
                     f"{CHAMPION} is v{champion}" + (f" (was v{before.version})" if before is not None else "")
                 )
@@ -119,6 +126,7 @@ class Arms:
                 wanted = None  # the challenger was promoted: one arm again
             if wanted is None and self.challenger is not None:
                 changes.append(f"{CHALLENGER} v{self.challenger.version} left traffic")
+                self.release_later(self.challenger)
                 self.challenger = None
             elif wanted is not None and (self.challenger is None or self.challenger.version != wanted):
                 self.challenger = self.load(
@@ -129,6 +137,18 @@ class Arms:
         for line in changes:
             log.warning("canary: %s", line)
         return changes
+
+    RELEASE_AFTER_S = 60.0  # a request that took an arm just before it left still finishes on it
+
+    def release_later(self, arm: Arm | None) -> None:
+        """An arm that left: its adapters come off a shared base once requests that hold it are done."""
+        if arm is None:
+            return
+        release = getattr(arm.model.unwrap_python_model(), "release", None)
+        if release is not None:
+            timer = threading.Timer(self.RELEASE_AFTER_S, release)
+            timer.daemon = True
+            timer.start()
 
     def phase(self, version: str) -> str:
         """The canary's phase, from the challenger version's tag (components/registry/canary.PHASE)."""

@@ -211,22 +211,85 @@ class PolicyModel(PythonModel):
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         # Any: the base, or peft's model over it (the reward and policy adapters, or the policy merged in), and only
         # self.scorer tells generate() which: it calls the adapter methods where there are adapters
-        model: Any = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True, trust_remote_code=False)
+        self.scorer, self.shared_key = None, None
+        self.reward_name, self.policy_name = "reward", "policy"
+        # The scoring server runs predict in worker threads; one generation at a time keeps a seeded
+        # request's draws from the global RNG its own (a shared base: one lock for every model on it).
+        self.lock = threading.Lock()
+        model: Any
+        if "reward_adapter" in context.artifacts and os.environ.get("RLHF_SHARE_BASE") == "1":
+            model = self._on_shared_base(base, adapter, context.artifacts["reward_adapter"])
+            self.scorer = RewardScorer(
+                model, context.artifacts["reward_head"], self.tok, self.device, adapter_name=self.reward_name
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True, trust_remote_code=False)
+            if "reward_adapter" in context.artifacts:  # policy and reward model as two adapters on one base
+                model = PeftModel.from_pretrained(model, context.artifacts["reward_adapter"], adapter_name="reward")
+                if adapter:
+                    model.load_adapter(adapter, adapter_name="policy")
+                self.scorer = RewardScorer(model, context.artifacts["reward_head"], self.tok, self.device)
+            elif adapter:
+                model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         self.context_tokens = getattr(model.config, "max_position_embeddings", None)
-        self.scorer = None
-        if "reward_adapter" in context.artifacts:  # policy and reward model as two adapters on one base
-            model = PeftModel.from_pretrained(model, context.artifacts["reward_adapter"], adapter_name="reward")
-            if adapter:
-                model.load_adapter(adapter, adapter_name="policy")
-            self.scorer = RewardScorer(model, context.artifacts["reward_head"], self.tok, self.device)
-        elif adapter:
-            model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         self.has_policy_adapter = bool(adapter) and self.scorer is not None
         self.model = model.to(self.device).eval()
-        # The scoring server runs predict in worker threads; one generation at a time keeps a seeded
-        # request's draws from the global RNG its own.
-        self.lock = threading.Lock()
         self.tracer = Tracer.from_env()
+
+    def _on_shared_base(self, base: str, adapter: str | None, reward_adapter: str):
+        """RLHF_SHARE_BASE=1 (a canary's serving process: service/arms.py): the base weights are loaded once per
+        process per content (sha256 of the weight files), and this model's reward and policy adapters are added to
+        it under names of their own; every model on that base shares its lock. -> the shared peft model."""
+        import sys
+        import types
+        import uuid
+        from pathlib import Path
+
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        digest = hashlib.sha256()
+        for f in sorted(Path(base).glob("*.safetensors")) + [Path(base) / "config.json"]:
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    digest.update(block)
+        # process-wide, whatever copy of this file a model loaded (each model carries its own: models-from-code)
+        bases = sys.modules.setdefault("rlhf_shared_bases", types.ModuleType("rlhf_shared_bases"))
+        shared = bases.__dict__.setdefault("by_digest", {})
+        tag = uuid.uuid4().hex[:8]
+        self.reward_name, self.policy_name = f"reward-{tag}", f"policy-{tag}"
+        entry = shared.get(digest.hexdigest())
+        if entry is None:
+            model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True, trust_remote_code=False)
+            model = PeftModel.from_pretrained(model, reward_adapter, adapter_name=self.reward_name)
+            entry = shared[digest.hexdigest()] = {"model": model, "lock": self.lock, "models": 0}
+        else:
+            entry["model"].load_adapter(reward_adapter, adapter_name=self.reward_name)
+        if adapter:
+            entry["model"].load_adapter(adapter, adapter_name=self.policy_name)
+        entry["models"] += 1
+        self.lock, self.shared_key = entry["lock"], digest.hexdigest()
+        return entry["model"]
+
+    def release(self) -> None:
+        """Take this model's adapters off a shared base (service/arms.py, when its arm leaves traffic); the base goes
+        with its last model. A model on a base of its own has nothing to release."""
+        import sys
+
+        if self.shared_key is None:
+            return
+        shared = sys.modules["rlhf_shared_bases"].__dict__["by_digest"]
+        entry = shared.get(self.shared_key)
+        if entry is None:
+            return
+        with self.lock:
+            for name in (self.reward_name, self.policy_name):
+                if name in entry["model"].peft_config:
+                    entry["model"].delete_adapter(name)
+            entry["models"] -= 1
+            if entry["models"] <= 0:
+                del shared[self.shared_key]
+        self.shared_key = None
 
     @torch.no_grad()
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
@@ -278,7 +341,7 @@ class PolicyModel(PythonModel):
         if self.scorer is None:
             return self._generate(batch, p)
         if self.has_policy_adapter:
-            self.model.set_adapter("policy")
+            self.model.set_adapter(self.policy_name)
             return self._generate(batch, p)
         with self.model.disable_adapter():  # no policy adapter: the base (SFT) policy itself
             return self._generate(batch, p)
@@ -490,7 +553,7 @@ class RewardScorer:
     responses. The same computation as components.models.scoring.encode + roles.sequence_scores (a test holds
     them equal); repeated here because a models-from-code model carries only this file."""
 
-    def __init__(self, model, head_dir: str, tok, device: str):
+    def __init__(self, model, head_dir: str, tok, device: str, adapter_name: str = "reward"):
         import json
         from pathlib import Path
 
@@ -500,7 +563,7 @@ class RewardScorer:
         weights = load_file(str(Path(head_dir) / "head.safetensors"))
         self.weight, self.bias = weights["linear.weight"].to(device), weights["linear.bias"].to(device)  # (1, H), (1,)
         self.mean, self.std, self.max_length = meta["reward_mean"], meta["reward_std"], meta["max_length"]
-        self.model, self.tok, self.device = model, tok, device
+        self.model, self.tok, self.device, self.adapter_name = model, tok, device, adapter_name
 
     @torch.no_grad()
     def scores(self, prompts: list[str], responses: list[str]) -> list[float]:
@@ -518,7 +581,7 @@ class RewardScorer:
         for i, x in enumerate(ids):  # right padding: positions start at 0 on the first token
             input_ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
         input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        self.model.set_adapter("reward")
+        self.model.set_adapter(self.adapter_name)
         decoder = self.model.get_base_model().get_decoder()
         hidden = decoder(
             input_ids=input_ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False

@@ -720,3 +720,28 @@ def test_the_canary_scores_both_arms_with_the_champions_reward_model(registry):
     ]
     rewards = [a.reward for a in scored(scorer, [*answers, Answer("", 10.0, failed=True, prompt="x")])]
     assert rewards[:2] == pytest.approx(own["score"].tolist(), abs=1e-4) and rewards[2] is None
+
+
+def test_two_models_on_one_base_load_it_once_and_answer_as_alone(registry, monkeypatch):
+    """RLHF_SHARE_BASE=1 (a canary's serving process): a second model whose base weights are the same content adds
+    its adapters to the first one's base instead of loading another copy, and answers exactly as it does alone (seeded
+    sampling and best-of-n scores); released, its adapters leave the base and the other model goes on."""
+    stages, (v1, _) = registry
+    mlflow.set_tracking_uri(tracking.tracking_uri(stages.cfg))
+    uri = f"models:/{NAME}/{v1.version}"
+    params = {"max_new_tokens": 8, "seed": 5, "n": 2}
+    unshared = mlflow.pyfunc.load_model(uri)
+    alone = unshared.predict(["The film was", "My new kettle"], params=params)
+    alone_one = unshared.predict(["The film was"], params=params)
+    monkeypatch.setenv("RLHF_SHARE_BASE", "1")
+    a, b = mlflow.pyfunc.load_model(uri), mlflow.pyfunc.load_model(uri)
+    pa, pb = a.unwrap_python_model(), b.unwrap_python_model()
+    assert pa.model is pb.model and pa.lock is pb.lock and pa.reward_name != pb.reward_name
+    for model in (b, a):
+        got = model.predict(["The film was", "My new kettle"], params=params)
+        assert got["response"].tolist() == alone["response"].tolist()
+        assert got["score"].tolist() == pytest.approx(alone["score"].tolist(), abs=1e-5)
+    pb.release()
+    assert pb.reward_name not in pa.model.peft_config and pa.reward_name in pa.model.peft_config
+    assert a.predict(["The film was"], params=params)["response"].tolist() == alone_one["response"].tolist()
+    pa.release()
