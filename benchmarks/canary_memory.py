@@ -67,8 +67,8 @@ def main() -> None:
     if version is None:
         sys.exit(f"no champion of {name} in {args.root}: run `make run` first")
     uri = f"models:/{name}/{version}"
-    base = Path(mlflow.artifacts.download_artifacts(f"{uri}/artifacts/base"))
-    base_mb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 2**20
+    local = Path(mlflow.artifacts.download_artifacts(uri))
+    base_mb = max((f.stat().st_size for f in local.rglob("*.safetensors")), default=0) / 2**20  # the largest: the base
     one = child(uri_tracking, uri, 1, share=False)
     copies = child(uri_tracking, uri, 2, share=False)
     shared = child(uri_tracking, uri, 2, share=True)

@@ -194,6 +194,7 @@ def cmd_model(args, overrides: list[str]) -> int:
             "registry.trace_requests=false turns it off); a rater judges one with POST /feedback or "
             "`rlhf feedback TRACE_ID up|down --token T` (tokens: `rlhf raters add NAME`)"
         )
+        print(f"  the traces in the MLflow UI: {tracking.ui_command(cfg, serving=True)}")
     print(
         f"  try: curl -s {args.host}:{args.port}/invocations -H 'Content-Type: application/json' "
         '-d \'{"inputs": ["The film was"], "params": {"max_new_tokens": 24, "temperature": 0.7, "seed": 0}}\'',
@@ -259,7 +260,7 @@ def cmd_canary(args, overrides: list[str]) -> int:
         return 0
     if args.action == "status":
         print(s.table())
-        print(f"  {_where(cfg)}")
+        print(f"  the served answers and canary runs: MLflow UI {tracking.ui_command(cfg, serving=True)}")
         return 0
     checked = canary_check(cfg)
     print(checked.table() if checked else "no canary")

@@ -192,12 +192,36 @@ def child_run_ids(parent_run_id: str, stage: str) -> list[str]:
     return [r.info.run_id for r in runs]
 
 
-def ui_command(cfg: Config) -> str:
+def ui_page(cfg: Config, serving: bool = False) -> str:
+    """The UI page of the training runs (or of the served answers' traces) as a hash route, for a local store that
+    has the experiment ("" otherwise: a remote server is not contacted just to print a link). MLflow 3.17 opens an
+    experiment on the tab of its global "GenAI | Model training" switch (GenAI by default: its Overview), so the
+    route names the workflow and the tab."""
+    uri = tracking_uri(cfg)
+    if not uri.startswith("sqlite:///") or not Path(uri.removeprefix("sqlite:///")).is_file():
+        return ""
+    import mlflow
+
+    with quiet("mlflow.store.db.utils"):
+        name = cfg.tracking.experiment + (SERVING_SUFFIX if serving else "")
+        exp = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    if exp is None:
+        return ""
+    if serving:
+        return f"#/experiments/{exp.experiment_id}/traces?workflowType=genai"
+    return f"#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+
+
+def ui_command(cfg: Config, serving: bool = False) -> str:
     """Where to see the runs, said once: the command that serves a local store and the page it opens, or the
     tracking server's address. Printed, so credentials in the tracking URI are redacted."""
     uri = redact_url(tracking_uri(cfg))
     if uri.startswith("sqlite"):
-        return f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000"
+        try:
+            page = ui_page(cfg, serving)
+        except Exception:  # the store cannot be read now: the address alone still says where to look
+            page = ""
+        return f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000" + (f"/{page}" if page else "")
     return f"open {uri}"
 
 

@@ -47,7 +47,12 @@ class Status:
     deadline_passed: bool = False
     outcome: str = ""  # what the check did
     phase: str = "traffic"  # shadow | traffic
+    judged: dict[str, int] = field(default_factory=dict)  # every trusted judged answer per arm (the decision's counts
+    ups: dict[str, int] = field(default_factory=dict)  # stop at its verdict: decision.judged)
     queued: list[str] = field(default_factory=list)  # versions waiting for a canary
+
+    def rate(self, arm: str) -> float:
+        return self.ups[arm] / self.judged[arm] if self.judged.get(arm) else 0.0
 
     @property
     def verdict(self) -> str:
@@ -59,7 +64,6 @@ class Status:
         return self.guard.reason() if self.guard.tripped else self.decision.reason
 
     def table(self) -> str:
-        d = self.decision
         lines = [
             f"canary of {self.name}: challenger v{self.challenger} against champion v{self.champion}, started "
             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(self.started_ms / 1000))}",
@@ -68,7 +72,7 @@ class Status:
         for arm, version in (("champion", self.champion), ("challenger", self.challenger)):
             lo, hi = self.intervals[arm]
             lines.append(
-                f"  {arm:<11} {'v' + version:>7} {self.served[arm]:>8} {d.judged[arm]:>7} {d.rate(arm):>10.3f}  "
+                f"  {arm:<11} {'v' + version:>7} {self.served[arm]:>8} {self.judged[arm]:>7} {self.rate(arm):>10.3f}  "
                 f"[{lo:.3f}, {hi:.3f}]"
             )
         lines.append(f"  guardrails: {self.guard.reason()} ({self.guard.windows} windows checked)")
@@ -100,9 +104,13 @@ def status(cfg: Config) -> Status | None:
     rule = sequential.Rule(c.false_promotion_rate, c.futility_rate, c.min_improvement, c.min_judged)
     test = sequential.Canary(rule)
     curves: dict[str, list[tuple[int, float]]] = {"champion": [], "challenger": []}
+    judged = {"champion": 0, "challenger": 0}  # every trusted vote (the test stops counting at its verdict)
+    ups = {"champion": 0, "challenger": 0}
     for arm, up, _ in seen.votes:
         test.add(arm, up)
-        curves[arm].append((test.judged[arm], test.ups[arm] / test.judged[arm]))
+        judged[arm] += 1
+        ups[arm] += up
+        curves[arm].append((judged[arm], ups[arm] / judged[arm]))
     deadline_passed = time.time() * 1000 - arms.started_ms > c.deadline_h * 3_600_000
     decision = test.decision(deadline_passed)
     guard = guardrails.Guard(c.max_failed_windows)
@@ -117,7 +125,7 @@ def status(cfg: Config) -> Status | None:
                 mine, theirs = observed.scored(scorer, mine), observed.scored(scorer, theirs)
             guard.add(guardrails.check(mine, theirs, guardrails.Limits.of(c)))
     intervals = {
-        arm: sequential.rate_interval(decision.ups[arm], decision.judged[arm], c.false_promotion_rate)
+        arm: sequential.rate_interval(ups[arm], judged[arm], c.false_promotion_rate)
         for arm in ("champion", "challenger")
     }
     return Status(
@@ -132,6 +140,8 @@ def status(cfg: Config) -> Status | None:
         curves,
         deadline_passed,
         phase=registry.version_tags(name, challenger).get(observed.PHASE, "traffic"),
+        judged=judged,
+        ups=ups,
         queued=observed.queued(name),
     )
 
@@ -240,8 +250,8 @@ def record(cfg: Config, s: Status) -> None:
         d = s.decision
         mlflow.log_metrics(
             {
-                **{f"canary/{arm}_judged": float(d.judged[arm]) for arm in d.judged},
-                **{f"canary/{arm}_thumbs_up_rate": d.rate(arm) for arm in d.judged},
+                **{f"canary/{arm}_judged": float(s.judged[arm]) for arm in s.judged},
+                **{f"canary/{arm}_thumbs_up_rate": s.rate(arm) for arm in s.judged},
                 **{f"canary/{arm}_answers": float(n) for arm, n in s.served.items()},
                 "canary/pairs": float(d.pairs.n),
                 "canary/difference": d.pairs.mean,

@@ -194,6 +194,12 @@ def test_ui_command_redacts_the_tracking_uri(tmp_path):
     local = compose([f"root={tmp_path}"])
     uri = tracking.tracking_uri(local)
     assert tracking.ui_command(local) == f"mlflow ui --backend-store-uri {uri}, then open http://127.0.0.1:5000"
+    # with the store made: the page of the training runs, and of the served answers (MLflow 3.17 opens an experiment
+    # on its global GenAI overview unless the route names the workflow: issue 41)
+    runs = tracking.setup(local)
+    serving = tracking.serving_experiment(local)
+    assert tracking.ui_command(local).endswith(f":5000/#/experiments/{runs}/runs?workflowType=machine_learning")
+    assert tracking.ui_command(local, serving=True).endswith(f"/#/experiments/{serving}/traces?workflowType=genai")
 
 
 @pytest.mark.parametrize(

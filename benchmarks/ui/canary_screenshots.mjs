@@ -3,14 +3,14 @@
 // traces filtered by arm. Prints what each page shows, so a run can be checked without opening the images.
 import chromium from "@sparticuz/chromium";
 import puppeteer from "puppeteer-core";
-const [base, project, out] = process.argv.slice(2);
+const [base, experiment, out] = process.argv.slice(2);
 const api = async (path, body) => (await fetch(`${base}/api/2.0/mlflow/${path}`, body ? {
   method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) } : {})).json();
-const training = (await api("experiments/get-by-name?experiment_name=rlhf-ops")).experiment.experiment_id;
-const serving = (await api("experiments/get-by-name?experiment_name=rlhf-ops-serving")).experiment.experiment_id;
+const training = (await api(`experiments/get-by-name?experiment_name=${experiment}`)).experiment.experiment_id;
+const serving = (await api(`experiments/get-by-name?experiment_name=${experiment}-serving`)).experiment.experiment_id;
 const ppo = (await api("runs/search", { experiment_ids: [training], filter: "tags.stage = 'ppo'", max_results: 10 })).runs || [];
 const canary = ((await api("runs/search", { experiment_ids: [serving], filter: "tags.`rlhf.kind` = 'canary'" })).runs || [])[0];
-const browser = await puppeteer.launch({ executablePath: await chromium.executablePath(), args: chromium.args,
+const browser = await puppeteer.launch({ executablePath: await chromium.executablePath(), args: [...chromium.args, "--lang=en-US"],
   headless: true, defaultViewport: { width: 1800, height: 1000 } });
 const page = await browser.newPage();
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -31,13 +31,14 @@ const shot = async (url, name, wait = 4000) => {
   const text = await page.evaluate(() => document.body.innerText);
   console.log(`== ${name}: ${page.url()}\n${text.slice(0, 1200).replace(/\n+/g, " | ")}\n`);
 };
-await shot(`#/experiments/${training}`, "mlflow_training_runs");
+// the link `rlhf run` prints: MLflow 3.17 opens an experiment on its global GenAI overview unless the route says
+await shot(`#/experiments/${training}?workflowType=machine_learning`, "mlflow_training_runs");
 const ids = ppo.map(r => r.info.run_id);
-await shot(`#/compare-runs?runs=${encodeURIComponent(JSON.stringify(ids))}&experiments=${encodeURIComponent(JSON.stringify([training]))}`, "mlflow_compare_ppo");
+await shot(`#/compare-runs?runs=${encodeURIComponent(JSON.stringify(ids))}&experiments=${encodeURIComponent(JSON.stringify([training]))}&workflowType=machine_learning`, "mlflow_compare_ppo");
 if (canary) {
-  await shot(`#/experiments/${serving}/runs/${canary.info.run_id}/artifacts/canary_curves.png`, "mlflow_canary_run");
+  await shot(`#/experiments/${serving}/runs/${canary.info.run_id}/artifacts/canary_curves.png?workflowType=machine_learning`, "mlflow_canary_run");
 }
-await shot(`#/experiments/${serving}/traces`, "mlflow_traces_by_arm_all", 5000);
+await shot(`#/experiments/${serving}/traces?workflowType=genai`, "mlflow_traces_by_arm_all", 5000);
 // the search box of the traces table: filter on the arm tag
 const typed = await page.evaluate(() => {
   const input = Array.from(document.querySelectorAll("input")).find(i => /search|filter/i.test(i.placeholder || ""));

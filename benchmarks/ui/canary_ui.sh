@@ -51,4 +51,5 @@ kill $SERVE
 MLF=$!
 for _ in $(seq 60); do curl -sf localhost:5077/health >/dev/null && break; sleep 1; done
 mkdir -p "$OUT"
-node benchmarks/ui/canary_screenshots.mjs http://127.0.0.1:5077 "$P" "$OUT"
+EXPERIMENT=$("$BIN/rlhf" config "${R[@]}" | awk '/^  experiment:/ {print $2; exit}')
+LANG=en_US.UTF-8 node benchmarks/ui/canary_screenshots.mjs http://127.0.0.1:5077 "$EXPERIMENT" "$OUT"
