@@ -20,7 +20,6 @@ Writes benchmarks/results/canary.json (under --tag, default "latest") and prints
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import statistics
@@ -30,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS  # noqa: E402
+from common import write_tagged  # noqa: E402
 
 from components.evaluation.sequential import CHALLENGER, CHAMPION, Canary, Rule, z_quantile  # noqa: E402
 
@@ -133,11 +132,8 @@ def main() -> None:
                 flush=True,
             )
     result["seconds"] = round(time.time() - started, 1)
-    path = RESULTS / "canary.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results[args.tag] = result
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"\nwrote {path} (tag {args.tag!r}); answers are judged answers of both arms at the verdict")
+    write_tagged("canary", args.tag, result)
+    print("answers are judged answers of both arms at the verdict")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import RESULTS  # noqa: E402
+from common import write_tagged  # noqa: E402
 
 CHILD = r"""
 import json, os, resource, sys
@@ -82,11 +82,7 @@ def main() -> None:
         "shared": shared["shared"],
     }
     print(json.dumps(row, indent=1))
-    path = RESULTS / "canary_memory.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    results[args.tag] = row
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {path} (tag {args.tag!r})")
+    write_tagged("canary_memory", args.tag, row)
 
 
 if __name__ == "__main__":

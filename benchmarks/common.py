@@ -54,6 +54,16 @@ def write_results(name: str, body: dict) -> Path:
     return path
 
 
+def write_tagged(name: str, tag: str, row: dict) -> Path:
+    """`row` under `tag` in benchmarks/results/<name>.json, next to the file's other tags (earlier runs kept)."""
+    path = RESULTS / f"{name}.json"
+    results = json.loads(path.read_text()) if path.is_file() else {}
+    results[tag] = row
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {path} (tag {tag!r})")
+    return path
+
+
 def demo_sft(work: Path, seed: int | None = None, overrides: list[str] | tuple[str, ...] = ()):
     """Demo data, the tiny base and SFT with default settings (what `make run` trains; with `seed`, that seed's, in
     `work/seed<seed>/`; `overrides`: Hydra overrides on top), cached in `work`: -> (the config, the merged SFT dir)."""

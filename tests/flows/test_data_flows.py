@@ -23,14 +23,15 @@ async def _events(name: str) -> list[dict]:
         return r.json()["events"]
 
 
-def wait_for_event(name: str, version: str, timeout: float = 30.0) -> dict:
+def wait_for_event(name: str, version: str, timeout: float = 30.0, key=lambda e: e["payload"].get("data_version")):
+    """The first `name` event whose key (by default its payload's data_version) is `version`, waiting up to timeout."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         for e in asyncio.run(_events(name)):
-            if e["payload"].get("data_version") == version:
+            if key(e) == version:
                 return e
         time.sleep(1.0)
-    raise AssertionError(f"no {name} event with data_version={version}")
+    raise AssertionError(f"no {name} event for {version}")
 
 
 def test_retrain_records_a_validation_run_in_mlflow(project):
