@@ -19,12 +19,16 @@ from collections.abc import Callable
 
 from components.owner import HOST
 
-GRACE_S = 8.0  # SIGINT, then this long before SIGKILL: the whole stop stays within 10 s
+# SIGINT, then this long before SIGKILL. The whole stop stays within 10 s: up to 0.5 s to notice the signal, the
+# grace, the kill, and marking the stages' runs Crashed (its Prefect client imported before, not during, the stop:
+# importing it on a loaded 2-core machine took over a second, and 8 s of grace then ended at 10.1 s in CI)
+GRACE_S = 6.0
 
 
 def supervise(argv: list[str], say: Callable[[str], None], grace_s: float = GRACE_S) -> int:
     """Run `argv` (Prefect's worker) until it exits or this process is asked to stop. -> its exit code."""
     import psutil
+    from prefect.client.orchestration import get_client  # noqa: F401 (imported now: a stop has no time for it)
 
     proc = subprocess.Popen(argv, start_new_session=True)
     asked = threading.Event()
