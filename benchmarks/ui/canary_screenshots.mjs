@@ -39,18 +39,23 @@ if (canary) {
   await shot(`#/experiments/${serving}/runs/${canary.info.run_id}/artifacts/canary_curves.png?workflowType=machine_learning`, "mlflow_canary_run");
 }
 await shot(`#/experiments/${serving}/traces?workflowType=genai`, "mlflow_traces_by_arm_all", 5000);
-// the search box of the traces table: filter on the arm tag
-const typed = await page.evaluate(() => {
-  const input = Array.from(document.querySelectorAll("input")).find(i => /search|filter/i.test(i.placeholder || ""));
-  if (!input) return null; input.focus(); return input.placeholder;
-});
-console.log("traces search box:", typed);
-if (typed !== null) {
-  await page.keyboard.type("tags.`rlhf.arm` = 'challenger'");
-  await page.keyboard.press("Enter");
-  await sleep(4000);
-  await page.screenshot({ path: `${out}/mlflow_traces_by_arm.png` });
-  const text = await page.evaluate(() => document.body.innerText);
-  console.log(`== traces filtered by arm\n${text.slice(0, 1500).replace(/\n+/g, " | ")}`);
-}
+// the traces table's Filters panel: field Tag, key rlhf.arm, value challenger (the search box matches ids, inputs
+// and outputs only)
+await page.evaluate(() => { const g = Array.from(document.querySelectorAll("button")).find(e => e.textContent.trim() === "Got it"); if (g) g.click(); });
+await sleep(800);
+await page.evaluate(() => { const el = Array.from(document.querySelectorAll("button, [role=button]")).find(e => (e.textContent.trim() || e.getAttribute("aria-label") || "").startsWith("Filters")); if (el) el.click(); });
+await sleep(1500);
+await page.click('button[aria-label="Filter field"]');
+await sleep(1000);
+await page.evaluate(() => { const el = Array.from(document.querySelectorAll("[role=option]")).find(e => e.textContent.trim() === "Tag"); if (el) el.click(); });
+await sleep(1000);
+await page.type('input[aria-label="Filter key"]', "rlhf.arm");
+await page.type('input[aria-label="Filter value"]', "challenger");
+await page.evaluate(() => { const el = Array.from(document.querySelectorAll("button")).find(e => e.textContent.trim() === "Apply filters"); if (el) el.click(); });
+await sleep(4000);
+await page.keyboard.press("Escape");
+await sleep(1000);
+await page.screenshot({ path: `${out}/mlflow_traces_by_arm.png` });
+const filtered = await page.evaluate(() => document.body.innerText);
+console.log(`== traces filtered by arm\n${filtered.slice(0, 1500).replace(/\n+/g, " | ")}`);
 await browser.close();
