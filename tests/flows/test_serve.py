@@ -421,3 +421,18 @@ def test_serve_stops_within_10s_on_sigterm_and_sigint(quiet_project, tmp_path, s
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_the_canary_is_decided_on_its_interval_only_with_promotion_canary(tmp_path):
+    """`rlhf serve` adds the canary check (flows/canary.py) with registry.promotion=canary: every check_every_s, no
+    parameters a caller of the Prefect API could change, one at a time; a promotion mode that is not one is refused."""
+    from components.config import ConfigError
+    from flows.serve import CANARY_CHECK, canary_check_deployment
+
+    overrides = [f"root={tmp_path}"]
+    assert canary_check_deployment(compose(overrides)) is None, "direct promotion: no canary to decide"
+    d = canary_check_deployment(compose([*overrides, "registry.promotion=canary", "registry.canary.check_every_s=60"]))
+    assert d.name == CANARY_CHECK and d.parameters == {} and d.concurrency_limit == 1
+    assert [s.schedule.interval.total_seconds() for s in d.schedules] == [60.0]
+    with pytest.raises(ConfigError, match="registry.promotion must be direct or canary"):
+        compose([*overrides, "registry.promotion=sideways"])
