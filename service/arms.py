@@ -128,12 +128,19 @@ class Arms:
                 changes.append(f"{CHALLENGER} v{self.challenger.version} left traffic")
                 self.release_later(self.challenger)
                 self.challenger = None
-            elif wanted is not None and (self.challenger is None or self.challenger.version != wanted):
-                self.challenger = self.load(
-                    self.name, wanted, self.challenger_alias, SHADOW if self.shadow else CHALLENGER
-                )
-                how = "in shadow" if self.shadow else f"for {self.share:.0%} of users"
-                changes.append(f"{CHALLENGER} v{wanted} answers {how}")
+            elif wanted is not None:
+                # shadow: the process's --shadow, or the canary's phase (flows/canary.py moves it on to traffic)
+                label = SHADOW if self.shadow or self.phase(wanted) == SHADOW else CHALLENGER
+                how = "in shadow" if label == SHADOW else f"for {self.share:.0%} of users"
+                if self.challenger is None or self.challenger.version != wanted:
+                    self.release_later(self.challenger)
+                    self.challenger = self.load(self.name, wanted, self.challenger_alias, label)
+                    changes.append(f"{CHALLENGER} v{wanted} answers {how}")
+                elif self.challenger.name != label:  # shadow passed: the same loaded model, now shown to users
+                    if (tracer := self.challenger.tracer) is not None:
+                        tracer.arm = label
+                    self.challenger = replace(self.challenger, name=label)
+                    changes.append(f"{CHALLENGER} v{wanted} answers {how}")
         for line in changes:
             log.warning("canary: %s", line)
         return changes
@@ -152,13 +159,10 @@ class Arms:
 
     def phase(self, version: str) -> str:
         """The canary's phase, from the challenger version's tag (components/registry/canary.PHASE)."""
+        from components.registry.canary import PHASE
         from components.registry.registry import version_tags
 
-        return version_tags(self.name, version).get("canary_phase", "traffic")
-
-    @property
-    def in_shadow(self) -> bool:
-        return self.challenger is not None and self.challenger.name == SHADOW
+        return version_tags(self.name, version).get(PHASE, "traffic")
 
     def start(self) -> None:
         """Load the arms now, then re-read the aliases every poll_s in a daemon thread (a failed read or load is
