@@ -129,3 +129,115 @@ def _event(name: str, version: str) -> dict:
     from tests.flows.test_data_flows import wait_for_event
 
     return wait_for_event(name, version, key=lambda e: e["resource"].get("rlhf.version"))
+
+
+def test_the_server_follows_the_canarys_phase_from_shadow_to_traffic_without_loading_again(project):
+    """The serving process's arms (service/arms.py) against the real registry: a canary started in shadow
+    (registry.canary.shadow_answers) is loaded as the shadow arm; once the check moves its phase on, the next poll shows
+    the same loaded model to its share of users; its alias removed, it leaves. (The loader is the one stand-in: the
+    versions here have no model files.)"""
+    from types import SimpleNamespace
+
+    from components.registry import canary as observed
+    from service.arms import Arm, Arms
+
+    loads: list[tuple[str, str]] = []
+
+    def load(name, version, alias, arm):
+        loads.append((version, arm))
+        model = SimpleNamespace(unwrap_python_model=lambda: SimpleNamespace(tracer=None))
+        return Arm(arm, version, None, model, 1 << 20)
+
+    champion_v = alias_version(NAME, CHAMPION)
+    v = new_version(NAME, compared=champion_v)
+    observed.start(NAME, v, shadow_first=True)
+    arms = Arms(NAME, CHAMPION, CHALLENGER, share=0.1, poll_s=0, load=load)
+    arms.refresh()
+    assert arms.current()[1].name == "shadow" and loads[-1] == (v, "shadow")
+    registry.tag_version(NAME, v, {observed.PHASE: "traffic"})
+    assert arms.refresh() == [f"challenger v{v} answers for 10% of users"]
+    assert arms.current()[1].name == CHALLENGER and len(loads) == 2, "the loaded model is shown, not loaded again"
+    mlflow.MlflowClient().delete_registered_model_alias(NAME, CHALLENGER)
+    assert arms.refresh() == [f"challenger v{v} left traffic"] and arms.current()[1] is None
+
+
+def test_a_retrain_with_promotion_canary_makes_its_candidate_the_challenger_and_queues_the_next(project):
+    """registry.promotion=canary: a candidate that passed its gate becomes the challenger under the retrain slot; the
+    next one, while that canary runs, is queued (on_new_candidate=queue) and becomes the challenger when the first is
+    decided (here: retired at its deadline, no votes)."""
+    from pathlib import Path
+
+    from flows.contracts import Registration
+    from flows.retrain import enter_canary
+    from service.slot import RetrainSlot
+    from tests.registry.test_promotion import summary
+
+    cfg = make_project(Path(project.root), f"tracking.registered_model_name={NAME}", "registry.promotion=canary")
+    champion = alias_version(NAME, CHAMPION)
+    first, second = new_version(NAME, compared=champion), new_version(NAME, compared=champion)
+    with RetrainSlot(cfg, print, on_lost=lambda: None) as slot, mlflow.start_run():
+        state = enter_canary(cfg, summary(cfg, champion, Registration(NAME, first)), slot)
+        assert state.is_completed() and f"v{first} passed the gate and is the challenger" in state.message
+        assert alias_version(NAME, CHALLENGER) == first and alias_version(NAME, CHAMPION) == champion
+        state = enter_canary(cfg, summary(cfg, champion, Registration(NAME, second)), slot)
+        assert state.is_completed() and f"waits for the canary of v{first} to end" in state.message, state.message
+        assert alias_version(NAME, CHALLENGER) == first
+    late = make_project(Path(project.root), f"tracking.registered_model_name={NAME}", "registry.canary.deadline_h=0")
+    s = canary_check(late)
+    assert s.verdict == "retire" and "deadline passed" in s.reason, s.table()
+    assert f"v{second}, queued, is the challenger now" in s.outcome, s.outcome
+    assert alias_version(NAME, CHALLENGER) == second
+    assert registry.version_tags(NAME, first)["canary_verdict"] == "retire"
+
+
+def test_failed_answers_are_signed_traces_that_trip_the_error_rate_guardrail(project):
+    """A failed answer of an arm (a 5xx, or MLflow's generic 400 with a stack trace; not a request refused as
+    invalid) is a signed trace of that arm (service/serving.failure); the challenger failing where the champion does
+    not is retired on its error rate."""
+    from types import SimpleNamespace
+
+    from service.serving import failed, failure
+
+    assert failed(500, b"") and failed(400, b'{"error_code": "BAD_REQUEST", "stack_trace": "..."}')
+    assert not failed(400, b'{"error_code": "INVALID_PARAMETER_VALUE", "message": "n must be in 1..8"}')
+    assert not failed(413, b"") and not failed(200, b"{}")
+    champion_v, challenger_v = alias_version(NAME, CHAMPION), alias_version(NAME, CHALLENGER)
+    champion = serving_desk(project, ["di"], version=champion_v)
+    challenger = arm_desk(project, challenger_v, CHALLENGER, champion)
+    arm = SimpleNamespace(name=CHALLENGER, tracer=challenger.tracer)
+    for i in range(40):
+        failure(arm, b'{"inputs": ["Q"]}', 500, b"", time.time_ns())
+        champion.tracer.record([f"Q {i}"], {"n": 1}, [[GOOD[i % 4]]], None, _frame(GOOD[i % 4]), time.time_ns())
+    mlflow.flush_trace_async_logging()
+    import http.server
+    import json
+    import threading
+    from pathlib import Path
+
+    posted: list[dict] = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            posted.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    hook = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    cfg = make_project(
+        Path(project.root),
+        f"tracking.registered_model_name={NAME}",
+        "registry.canary.window=20",
+        f"registry.canary.webhook=http://127.0.0.1:{hook.server_port}/canary",
+    )
+    try:
+        s = canary_check(cfg)
+    finally:
+        hook.shutdown()
+    assert s.verdict == "guardrail" and "error rate 1.000 vs the champion's 0.000" in s.reason, s.table()
+    assert alias_version(NAME, CHALLENGER) is None
+    (sent,) = posted  # the operator's webhook hears the verdict
+    assert sent["verdict"] == "guardrail" and sent["challenger"] == challenger_v and "error rate" in sent["reason"]
