@@ -29,6 +29,7 @@ from components.config import Config
 from components.evaluation import guardrails, sequential
 from components.registry import canary as observed
 from components.registry import registry
+from components.registry.feedback import Limits
 
 EVENTS = {"promote": "rlhf.canary.promoted", "retire": "rlhf.canary.retired", "guardrail": "rlhf.canary.guardrail"}
 
@@ -50,6 +51,7 @@ class Status:
     judged: dict[str, int] = field(default_factory=dict)  # every trusted judged answer per arm (the decision's counts
     ups: dict[str, int] = field(default_factory=dict)  # stop at its verdict: decision.judged)
     queued: list[str] = field(default_factory=list)  # versions waiting for a canary
+    skipped: dict[str, int] = field(default_factory=dict)  # answers and votes left out, by reason (trust, limits)
 
     def rate(self, arm: str) -> float:
         return self.ups[arm] / self.judged[arm] if self.judged.get(arm) else 0.0
@@ -78,6 +80,8 @@ class Status:
         lines.append(f"  guardrails: {self.guard.reason()} ({self.guard.windows} windows checked)")
         if self.phase == "shadow":
             lines.append("  phase: shadow (the challenger answers every prompt unseen; no votes can decide yet)")
+        for why, n in sorted(self.skipped.items()):
+            lines.append(f"  left out: {n} ({why})")
         if self.queued:
             lines.append(f"  queued for a canary next: {', '.join('v' + v for v in self.queued)}")
         lines.append(f"  decision: {self.verdict}: {self.reason}")
@@ -99,7 +103,9 @@ def status(cfg: Config) -> Status | None:
     arms = observed.Arms(champion, challenger, observed.started_ms(name, challenger))
     keys = keyring.load(cfg).verifying()
     revoked = {r.name for r in raters.read(raters.raters_path(cfg)).values() if r.revoked is not None}
-    seen = observed.votes(arms, experiment_id, keys, revoked)
+    fb = cfg.registry.feedback
+    limits = Limits(fb.votes_per_rater_per_day, fb.max_rater_share, fb.min_raters)
+    seen = observed.votes(arms, experiment_id, keys, revoked, limits)
     answers = observed.served(arms, experiment_id, keys)
     rule = sequential.Rule(c.false_promotion_rate, c.futility_rate, c.min_improvement, c.min_judged)
     test = sequential.Canary(rule)
@@ -143,6 +149,7 @@ def status(cfg: Config) -> Status | None:
         judged=judged,
         ups=ups,
         queued=observed.queued(name),
+        skipped=dict(seen.skipped),
     )
 
 

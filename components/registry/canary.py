@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from components.evaluation.guardrails import Answer
 from components.registry import provenance
-from components.registry.feedback import answer_of, answer_status, scan
+from components.registry.feedback import Limits, answer_of, answer_status, canary_votes, scan
 
 STARTED = "canary_started_ms"  # the challenger version's tag: when its canary started
 VERDICT = "canary_verdict"  # the challenger version's tag once decided: promote | retire | guardrail | superseded
@@ -74,10 +74,12 @@ def started_ms(registered_name: str, version: str) -> int:
         return int(v.creation_timestamp)
 
 
-def votes(arms: Arms, experiment_id: str, keys: dict[str, bytes], revoked: set[str]) -> Observed:
-    """The trusted judged answers of both arms since the canary started, one vote each (the majority of its raters)."""
+def votes(arms: Arms, experiment_id: str, keys: dict[str, bytes], revoked: set[str], limits: Limits) -> Observed:
+    """The trusted judged answers of both arms since the canary started, one vote each (the majority of its counted
+    raters' votes: feedback.canary_votes applies the per-rater limits)."""
     judged, unsigned, skipped = scan(experiment_id, keys, arms.started_ms, revoked=revoked)
-    out = Observed(skipped={**unsigned, **skipped})
+    judged, over = canary_votes(judged, limits, lambda j: arms.arm_of(j.version))
+    out = Observed(skipped={**unsigned, **skipped, **over})
     for j in judged:
         arm = arms.arm_of(j.version)
         ups = sum(v.up for v in j.votes)

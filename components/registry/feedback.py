@@ -19,7 +19,8 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from components.config import DataConfig
@@ -277,6 +278,42 @@ def harvest(
     out.contributors = Counter(v.rater for _, votes in kept for v in votes)
     out.ingested_today = today
     return out
+
+
+def canary_votes(
+    judged: list[Judged], limits: Limits, arm_of: Callable[[Judged], str | None] = lambda j: None
+) -> tuple[list[Judged], Counter]:
+    """The votes a canary counts, under the same Limits as the harvest: judged answers in, the same answers with only
+    their counted votes out (answers left with none dropped), and the votes left out by reason. Pure.
+
+    Votes are taken in the order they were cast. A vote counts while its rater
+    - has fewer than `votes_per_rater_per_day` counted votes that UTC day, and
+    - would hold at most `max_rater_share` of its arm's counted votes with it (`arm_of`; rounded up; a rater's first
+      vote counts),
+    so one rater, or a few, cannot carry an arm. Each vote is decided once, on what came before it: a later vote
+    never changes an earlier one's, and the stream the sequential test reads only grows."""
+    order = sorted(((v.at_ms, i, k) for i, j in enumerate(judged) for k, v in enumerate(j.votes)))
+    counted: dict[int, list[Vote]] = {}
+    per_day: Counter = Counter()
+    per_rater: Counter = Counter()  # (arm, rater) -> counted votes
+    total: Counter = Counter()  # arm -> counted votes
+    skipped: Counter = Counter()
+    for at_ms, i, k in order:
+        vote = judged[i].votes[k]
+        day, arm = (vote.rater, at_ms // 86_400_000), arm_of(judged[i])
+        if per_day[day] >= limits.votes_per_rater_per_day:
+            skipped["over a rater's daily limit (registry.feedback.votes_per_rater_per_day)"] += 1
+            continue
+        mine = per_rater[arm, vote.rater]
+        if mine and mine + 1 > math.ceil(limits.max_rater_share * (total[arm] + 1)):
+            skipped["over a rater's share of the canary's votes (registry.feedback.max_rater_share)"] += 1
+            continue
+        per_day[day] += 1
+        per_rater[arm, vote.rater] += 1
+        total[arm] += 1
+        counted.setdefault(i, []).append(vote)
+    kept = [replace(j, votes=counted[i]) for i, j in enumerate(judged) if i in counted]
+    return kept, skipped
 
 
 def _decided(votes: list[Vote]) -> bool:

@@ -3,6 +3,8 @@ serving process's Tracer and FeedbackDesk, without a server), and the real retra
 `canary_check` promotes a challenger its users like better, and retires one that starts repeating words on its
 guardrails before the test has its sample."""
 
+import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -70,18 +72,28 @@ def test_a_challenger_its_users_like_better_is_promoted_and_the_decision_recorde
     # the votes come later, as from another replica: the desk finds each signed answer in the store (a vote right
     # after its answer makes the desk flush MLflow's export queue first, ~1 s each: tests/registry/test_registry.py)
     mlflow.flush_trace_async_logging()
-    for desk, trace_id, up in answers:
-        desk.tracer.recent.clear()
-        assert desk.handle(f"Bearer {champion.tokens['ann']}", _vote(trace_id, up)).status == 200
+    for k, (desk, trace_id, up) in enumerate(answers):  # two raters, taking turns on each arm: within the limits of
+        desk.tracer.recent.clear()  # one rater's share of an arm's votes (registry.feedback.max_rater_share)
+        rater = ("ann", "bob")[k // 2 % 2]
+        assert desk.handle(f"Bearer {champion.tokens[rater]}", _vote(trace_id, up)).status == 200
     assert main(["canary", "status", *overrides(project)]) == 0
     assert "decision: promote: the challenger's thumbs-up rate is above the champion's" in capsys.readouterr().out
 
-    # every pair +1: the evidence passes 1/0.05 at the 8th pair (tests/evaluation/test_sequential.py, by hand)
-    s = canary_check(
-        make_project(Path(project.root), f"tracking.registered_model_name={NAME}", "registry.canary.min_judged=8")
+    # every pair +1: the evidence passes 1/0.05 at the 8th pair (tests/evaluation/test_sequential.py, by hand);
+    # gate.approval=manual: the promotion waits for a person, who answers with `rlhf approve`
+    manual = make_project(
+        Path(project.root),
+        f"tracking.registered_model_name={NAME}",
+        "registry.canary.min_judged=8",
+        "gate.approval=manual",
+        "gate.approval_timeout_s=120",
     )
+    person = approve_when_paused(["--approver", "alice", f"root={project.root}"])
+    s = canary_check(manual)
+    person.join(timeout=10)
+    assert person.answer == [0], person.answer
     assert s.verdict == "promote" and s.decision.judged == {"champion": 8, "challenger": 8}, s.table()
-    assert "promoted to champion" in s.outcome, s.outcome
+    assert f"v{v2} promoted to champion (was v{v1}), approved by alice" == s.outcome, s.outcome
     assert alias_version(NAME, CHAMPION) == v2 and alias_version(NAME, CHALLENGER) is None
     assert registry.version_tags(NAME, v2)["canary_verdict"] == "promote"
     (run,) = mlflow.search_runs(
@@ -111,6 +123,25 @@ def test_a_challenger_that_repeats_words_is_retired_by_its_guardrails_before_the
     assert registry.version_tags(NAME, v3)["canary_verdict"] == "guardrail"
     assert "repeated-word share" in registry.version_tags(NAME, v3)["canary_reason"]
     assert _event("rlhf.canary.guardrail", v3)["payload"]["outcome"].startswith(f"v{v3} retired")
+
+
+def approve_when_paused(argv_tail: list[str], timeout: float = 120) -> threading.Thread:
+    """A person who runs `rlhf approve RUN_ID ...` as soon as a flow run pauses (in this process: the command's own
+    start-up is tests/flows/test_approval.py's)."""
+    from tests.flows.test_approval import _paused_runs
+
+    def run():
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if runs := asyncio.run(_paused_runs()):
+                t.answer.append(main(["approve", str(runs[0].id), *argv_tail]))
+                return
+            time.sleep(0.5)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.answer = []  # type: ignore[attr-defined]
+    t.start()
+    return t
 
 
 def _frame(text: str):
@@ -164,7 +195,8 @@ def test_the_server_follows_the_canarys_phase_from_shadow_to_traffic_without_loa
 def test_a_retrain_with_promotion_canary_makes_its_candidate_the_challenger_and_queues_the_next(project):
     """registry.promotion=canary: a candidate that passed its gate becomes the challenger under the retrain slot; the
     next one, while that canary runs, is queued (on_new_candidate=queue) and becomes the challenger when the first is
-    decided (here: retired at its deadline, no votes)."""
+    decided (here: retired at its deadline, no votes). With on_new_candidate=replace, the next one takes the running
+    canary's place at once."""
     from pathlib import Path
 
     from flows.contracts import Registration
@@ -188,6 +220,21 @@ def test_a_retrain_with_promotion_canary_makes_its_candidate_the_challenger_and_
     assert f"v{second}, queued, is the challenger now" in s.outcome, s.outcome
     assert alias_version(NAME, CHALLENGER) == second
     assert registry.version_tags(NAME, first)["canary_verdict"] == "retire"
+
+    # on_new_candidate=replace: a candidate that passes while a canary runs takes its place at once
+    replacing = make_project(
+        Path(project.root),
+        f"tracking.registered_model_name={NAME}",
+        "registry.promotion=canary",
+        "registry.canary.on_new_candidate=replace",
+    )
+    third = new_version(NAME, compared=champion)
+    with RetrainSlot(replacing, print, on_lost=lambda: None) as slot, mlflow.start_run():
+        state = enter_canary(replacing, summary(replacing, champion, Registration(NAME, third)), slot)
+    assert state.is_completed() and f"v{third} passed the gate and is the challenger" in state.message, state.message
+    assert alias_version(NAME, CHALLENGER) == third and alias_version(NAME, CHAMPION) == champion
+    assert registry.version_tags(NAME, second)["canary_verdict"] == "superseded"
+    assert registry.version_tags(NAME, second)["canary_reason"] == f"replaced by v{third}"
 
 
 def test_failed_answers_are_signed_traces_that_trip_the_error_rate_guardrail(project):

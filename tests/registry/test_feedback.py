@@ -12,7 +12,7 @@ import time
 import pytest
 
 from components.config import DataConfig
-from components.registry.feedback import BadFeedback, Judged, Vote, check_rating, harvest, row_of
+from components.registry.feedback import BadFeedback, Judged, Limits, Vote, canary_votes, check_rating, harvest, row_of
 
 
 def test_a_traces_votes_become_one_row_by_majority():
@@ -51,6 +51,33 @@ def test_what_a_harvest_leaves_out_and_why():
     assert h.raters == {"tr-3": ["a", "b", "c"], "tr-4": ["a", "c"], "tr-6": ["b"]}
     flipped = harvest([*judged[2:3], Judged("tr-9", "p", "tied", [Vote("a", False, None, 9)])], set())
     assert [(r["id"], r["label"]) for r in flipped.rows] == [("tr-3", 0)], "a's later down replaces her up"
+
+
+def test_the_canary_counts_a_raters_votes_within_the_harvests_limits():
+    """By hand, max_rater_share 0.5 of an arm's counted votes (rounded up; a first vote counts), 3 votes per rater per
+    day. Challenger arm, in order: z1 (1 of 1), z2 (2 > ceil(0.5*2)=1: out), y1 (1), z3 (2 <= ceil(0.5*3)=2), x1 (1),
+    z4 (3 <= ceil(0.5*5)=3: counts, z's 3rd that day), z5 the next day (4 > ceil(0.5*6)=3: out). The champion's arm
+    is counted apart: c1 (1 of 1), c's 2nd (2 > ceil(0.5*2)=1: out), w on the same answer (1)."""
+    day = 86_400_000
+    challenger = [
+        ("z", 1),
+        ("z", 2),
+        ("y", 3),
+        ("z", 4),
+        ("x", 5),
+        ("z", 6),
+        ("z", day + 7),
+    ]
+    judged = [Judged(f"t{i}", "p", "r", [Vote(r, True, None, at)], version="2") for i, (r, at) in enumerate(challenger)]
+    judged += [Judged("c1", "p", "r", [Vote("c", False, None, 1)], version="1")]
+    judged += [Judged("c2", "p", "r", [Vote("c", False, None, 2), Vote("w", True, None, 8)], version="1")]
+    limits = Limits(votes_per_rater_per_day=3, max_rater_share=0.5)
+    kept, skipped = canary_votes(judged, limits, lambda j: {"2": "challenger", "1": "champion"}[j.version])
+    assert [j.trace_id for j in kept] == ["t0", "t2", "t3", "t4", "t5", "c1", "c2"]
+    assert [v.rater for v in kept[-1].votes] == ["w"], "c2 keeps w's vote, not c's 2nd"
+    assert skipped == {"over a rater's share of the canary's votes (registry.feedback.max_rater_share)": 3}
+    daily = canary_votes(judged[:7], Limits(votes_per_rater_per_day=2, max_rater_share=1.0))[1]
+    assert daily == {"over a rater's daily limit (registry.feedback.votes_per_rater_per_day)": 2}, "z's 3rd, 4th"
 
 
 def test_a_rating_must_be_in_range_and_on_the_votes_side():

@@ -633,7 +633,8 @@ def test_a_canary_routes_sticky_users_to_the_challenger_and_counts_their_trusted
     """`rlhf canary start 2` makes v2 the challenger of the running server (no restart): half the users (--share 0.5)
     get it, each user always the same arm (by "user" in the body or X-User), each prediction names its arm and
     version, and so does its trace. A rater's votes on one answer of each arm are what `rlhf canary status` counts;
-    `rlhf canary stop` takes the challenger out of traffic at the next poll."""
+    Moved to shadow, the challenger answers the same bodies unseen in traces of its own. `rlhf canary stop` takes the
+    challenger out of traffic at the next poll."""
     from cli.main import main
 
     stages, (v1, v2) = registry
@@ -690,6 +691,36 @@ def test_a_canary_routes_sticky_users_to_the_challenger_and_counts_their_trusted
     champion_line = next(line for line in out.splitlines() if line.strip().startswith("champion "))
     assert challenger_line.split()[3:5] == ["1", "1.000"] and champion_line.split()[3:5] == ["1", "0.000"], out
     assert "decision: continue: waiting for 50 judged answers per arm" in out, out
+
+    # shadow (the canary's phase tag, read at the next poll): every user gets the champion's answer, and the
+    # challenger answers the same body unseen, in a trace of its own
+    from components.registry import canary as observed
+    from components.registry.registry import tag_version
+
+    tag_version(NAME, v2.version, {observed.PHASE: "shadow"})
+    deadline = time.time() + 30
+    while answer(on_challenger[0])["arm"] != CHAMPION:
+        assert time.time() < deadline, "the server did not move the challenger to shadow"
+        time.sleep(0.5)
+    since_ms = int(time.time() * 1000)
+    shown = answer(on_challenger[0])
+    assert (shown["arm"], shown["version"]) == (CHAMPION, v1.version)
+    deadline = time.time() + 30
+    while not (
+        shadows := [
+            t
+            for t in mlflow.search_traces(
+                locations=[tracking.serving_experiment(stages.cfg)],
+                filter_string=f"trace.timestamp_ms >= {since_ms}",
+                return_type="list",
+            )
+            if t.info.tags.get("rlhf.arm") == "shadow"
+        ]
+    ):
+        assert time.time() < deadline, "the challenger's shadow answer was never traced"
+        time.sleep(0.5)
+    assert shadows[0].data.spans[0].attributes["rlhf.version"] == v2.version
+    assert shadows[0].info.trace_id != shown["trace_id"]
 
     assert main(["canary", "stop", *project]) == 0
     assert "retired" in capsys.readouterr().out
