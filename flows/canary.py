@@ -157,6 +157,8 @@ def status(cfg: Config) -> Status | None:
 def canary_check(cfg: Config) -> Status | None:
     """Decide the canary and act on a verdict (module docstring); None when there is no canary."""
     logger = get_run_logger()
+    if done := finish_interrupted(cfg.tracking.registered_model_name):
+        logger.warning("canary: %s", done)
     s = status(cfg)
     if s is None:
         logger.info("no canary: no version of %s has the alias %s", cfg.tracking.registered_model_name, "challenger")
@@ -186,6 +188,28 @@ def canary_check(cfg: Config) -> Status | None:
         s.outcome += f"; {nxt}"
         logger.warning("canary: %s", nxt)
     return s
+
+
+def finish_interrupted(name: str) -> str | None:
+    """A check stopped between moving `champion` to the challenger and its last step (the verdict tag, the alias
+    removed) left `challenger` on the champion: finish it -> what was done, or None when nothing was left."""
+    challenger = registry.alias_version(name, registry.CHALLENGER)
+    if challenger is None or challenger != registry.alias_version(name, registry.CHAMPION):
+        return None
+    if observed.VERDICT not in registry.version_tags(name, challenger):
+        registry.tag_version(
+            name,
+            challenger,
+            {
+                observed.VERDICT: "promote",
+                "canary_reason": "promoted; the check that promoted it stopped before it "
+                "recorded its verdict (no run or event was made for it)",
+            },
+        )
+    import mlflow
+
+    mlflow.MlflowClient().delete_registered_model_alias(name, registry.CHALLENGER)
+    return f"v{challenger} is the champion and still had the alias challenger (a check stopped mid-promotion): removed"
 
 
 def next_in_queue(cfg: Config, name: str) -> str | None:

@@ -236,6 +236,12 @@ def test_a_retrain_with_promotion_canary_makes_its_candidate_the_challenger_and_
     assert registry.version_tags(NAME, second)["canary_verdict"] == "superseded"
     assert registry.version_tags(NAME, second)["canary_reason"] == f"replaced by v{third}"
 
+    # a check killed after `champion` moved and before its verdict: the next check finishes the promotion's record
+    registry.promote(NAME, third, approver="test", compared=champion)
+    assert alias_version(NAME, CHALLENGER) == alias_version(NAME, CHAMPION) == third
+    assert canary_check(project) is None and alias_version(NAME, CHALLENGER) is None
+    assert registry.version_tags(NAME, third)["canary_verdict"] == "promote"
+
 
 def test_failed_answers_are_signed_traces_that_trip_the_error_rate_guardrail(project):
     """A failed answer of an arm (a 5xx, or MLflow's generic 400 with a stack trace; not a request refused as
@@ -248,7 +254,9 @@ def test_failed_answers_are_signed_traces_that_trip_the_error_rate_guardrail(pro
     assert failed(500, b"") and failed(400, b'{"error_code": "BAD_REQUEST", "stack_trace": "..."}')
     assert not failed(400, b'{"error_code": "INVALID_PARAMETER_VALUE", "message": "n must be in 1..8"}')
     assert not failed(413, b"") and not failed(200, b"{}")
-    champion_v, challenger_v = alias_version(NAME, CHAMPION), alias_version(NAME, CHALLENGER)
+    champion_v = alias_version(NAME, CHAMPION)
+    challenger_v = new_version(NAME, compared=champion_v)
+    assert main(["canary", "start", challenger_v, *overrides(project)]) == 0
     champion = serving_desk(project, ["di"], version=champion_v)
     challenger = arm_desk(project, challenger_v, CHALLENGER, champion)
     arm = SimpleNamespace(name=CHALLENGER, tracer=challenger.tracer)
