@@ -378,7 +378,8 @@ class PolicyConfig:
 
 @dataclass
 class FeedbackConfig:
-    """Who may put judgements into the data, and how much (service/raters.py, components/registry/feedback.py)."""
+    """Who may put judgements into the data, and how much (service/raters.py, components/registry/feedback.py). The
+    per-rater limits hold for a canary's votes too (feedback.canary_votes: per UTC day, and a share of an arm's)."""
 
     raters_file: Optional[str] = None  # None: <state dir>/raters.json (`rlhf raters add|list|revoke`)
     votes_per_rater_per_day: int = 200  # a rater's votes that reach the data per UTC day; more wait for the next day
