@@ -186,13 +186,13 @@ def one(setting: str, seed: int, work: Path, only: list[str] | None = None) -> d
             rm_cfg, base_cfg.model, sft, base_cfg.data_path, out / f"rm{k}", seed, base_cfg.data
         ).head_dir
         seconds[f"reward ensemble {k}"] = time.perf_counter() - t0
-    specs, cfgs = [PolicySpec("sft", sft)], {}
+    specs = [PolicySpec("sft", sft)]
     points = [p for p in POINTS if only is None or p[0] in only]
     for point in points:
         name, _, overrides, _ = point
         if point[1] == BEST:
             continue
-        cfgs[name] = cfg = compose([f"root={root}", f"seed={seed}", *SETTINGS[setting], *overrides])
+        cfg = compose([f"root={root}", f"seed={seed}", *SETTINGS[setting], *overrides])
         t0 = time.perf_counter()
         specs.append(PolicySpec(name, sft, train(point, cfg, sft, rms, out / name.replace(" ", "_"), seed)))
         seconds[name] = time.perf_counter() - t0
@@ -370,13 +370,9 @@ def plots(results: list[dict], chosen: str) -> None:
 
 
 def write_gate(thresholds: dict) -> None:
-    """The guard's thresholds into every gate option of conf/gate (default, manual: computed once here, never per
-    retrain)."""
-    for path in sorted((REPO / "conf" / "gate").glob("*.yaml")):
-        write_thresholds(path, thresholds)
-
-
-def write_thresholds(path: Path, thresholds: dict) -> None:
+    """The guard's thresholds into conf/gate/default.yaml (computed once here, never per retrain; the other gate
+    options start from it)."""
+    path = REPO / "conf" / "gate" / "default.yaml"
     lines = [line for line in path.read_text().splitlines() if not line.startswith(("max_repeated_word_gain",
              "min_distinct_2_ratio", "# degeneration guard", "# docs/training.md): repeated"))]  # fmt: skip
     r, d = thresholds["sft_repeated_word_share"], thresholds["sft_distinct_2"]

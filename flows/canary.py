@@ -196,19 +196,12 @@ def finish_interrupted(name: str) -> str | None:
     challenger = registry.alias_version(name, registry.CHALLENGER)
     if challenger is None or challenger != registry.alias_version(name, registry.CHAMPION):
         return None
-    if observed.VERDICT not in registry.version_tags(name, challenger):
-        registry.tag_version(
-            name,
-            challenger,
-            {
-                observed.VERDICT: "promote",
-                "canary_reason": "promoted; the check that promoted it stopped before it "
-                "recorded its verdict (no run or event was made for it)",
-            },
-        )
-    import mlflow
-
-    mlflow.MlflowClient().delete_registered_model_alias(name, registry.CHALLENGER)
+    recorded = observed.VERDICT in registry.version_tags(name, challenger)
+    end_canary(name, challenger, {} if recorded else {
+        observed.VERDICT: "promote",
+        "canary_reason": "promoted; the check that promoted it stopped before it recorded its verdict (no run or "
+        "event was made for it)",
+    })  # fmt: skip
     return f"v{challenger} is the champion and still had the alias challenger (a check stopped mid-promotion): removed"
 
 
@@ -227,12 +220,16 @@ def next_in_queue(cfg: Config, name: str) -> str | None:
 
 
 def retire(s: Status) -> None:
+    end_canary(s.name, s.challenger, {observed.VERDICT: s.verdict, "canary_reason": s.reason[:4000]})
+
+
+def end_canary(name: str, version: str, tags: dict[str, str]) -> None:
+    """`tags` on the version, and the `challenger` alias removed if it still points at it."""
     import mlflow
 
-    client = mlflow.MlflowClient()
-    registry.tag_version(s.name, s.challenger, {observed.VERDICT: s.verdict, "canary_reason": s.reason[:4000]})
-    if registry.alias_version(s.name, registry.CHALLENGER) == s.challenger:
-        client.delete_registered_model_alias(s.name, registry.CHALLENGER)
+    registry.tag_version(name, version, tags)
+    if registry.alias_version(name, registry.CHALLENGER) == version:
+        mlflow.MlflowClient().delete_registered_model_alias(name, registry.CHALLENGER)
 
 
 def promote(cfg: Config, s: Status) -> str:
